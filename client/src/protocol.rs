@@ -1,0 +1,142 @@
+//! The client protocol, `aspen/client/1`: one request and one response per QUIC bi-stream.
+//!
+//! Every message is one frame (see [`crate::wire`]). Enum variants are only ever appended;
+//! golden-bytes tests pin the encoding.
+
+use serde::{Deserialize, Serialize};
+
+use aspen_kv::api::{Command, CommandResult, LimitError, RangeRequest, RangeResponse, ReadError};
+use aspen_kv::NodeId;
+
+use crate::ticket::NodeTicket;
+
+/// ALPN of the client protocol.
+pub const CLIENT_ALPN: &[u8] = b"aspen/client/1";
+/// Largest client request or response frame: one maximal value plus generous overhead, or a
+/// full page of a range read.
+pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
+
+/// How a read is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Consistency {
+    /// Linearizable: confirmed with the leader (ReadIndex) before reading. The default.
+    #[default]
+    Linearizable,
+    /// Serializable: the contacted node's local state, possibly stale, never torn.
+    Serializable,
+}
+
+/// A client request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Writes; any node accepts them and forwards to the leader.
+    Write { commands: Vec<Command> },
+    /// A read of a key or a range.
+    Range { request: RangeRequest, consistency: Consistency },
+    /// The contacted node's view of the cluster.
+    Status,
+    /// Make the contacted (uninitialized) node a one-member cluster.
+    InitCluster,
+    /// Add a node as a learner, then promote it to voter. Leader only.
+    AddMember { node: NodeTicket },
+    /// Remove a node from the cluster. Leader only.
+    RemoveMember { node_id: NodeId },
+}
+
+/// A response; `Error` can answer any request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Write { results: Vec<CommandResult> },
+    Range(RangeResponse),
+    Status(ClusterStatus),
+    Error(RpcError),
+    Done,
+}
+
+/// One member, as reported by `Status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node_id: NodeId,
+    pub node: NodeTicket,
+    pub voter: bool,
+}
+
+/// The contacted node's view of its cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub initialized: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub revision: u64,
+    pub compacted_revision: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// An error the server reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RpcError {
+    /// This node cannot serve the request; the leader (if known) can.
+    #[error("not the leader (leader: {})", leader.as_ref().map(|l| format!("{:016x}", l.node_id())).unwrap_or_else(|| "unknown".into()))]
+    NotLeader { leader: Option<NodeTicket> },
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("this node is not part of a cluster yet (run `aspen cluster init` or `aspen cluster add`)")]
+    NotInitialized,
+    #[error("this node is already part of a cluster")]
+    AlreadyInitialized,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("membership change failed: {0}")]
+    Membership(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RpcError {
+    /// Worth retrying elsewhere or later (leader change, election in progress).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RpcError::NotLeader { .. } | RpcError::Unavailable(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aspen_kv::api::{Session, WriteOp};
+    use proptest::prelude::*;
+
+    /// The wire encoding is stable: these bytes must never change for these messages.
+    #[test]
+    fn golden_bytes() {
+        let put = ClientRequest::Write {
+            commands: vec![Command {
+                session: Some(Session { client_id: 1, seq: 2, acked_below: 1 }),
+                op: WriteOp::Put { key: b"k".to_vec(), value: b"v".to_vec(), prev_kv: false },
+            }],
+        };
+        assert_eq!(postcard::to_allocvec(&put).unwrap(), [0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0]);
+        let get = ClientRequest::Range { request: RangeRequest::key(b"k".to_vec()), consistency: Consistency::Serializable };
+        assert_eq!(postcard::to_allocvec(&get).unwrap(), [1, 1, b'k', 0, 0, 0, 1]);
+        assert_eq!(postcard::to_allocvec(&ClientRequest::Status).unwrap(), [2]);
+        assert_eq!(postcard::to_allocvec(&ClientRequest::RemoveMember { node_id: 5 }).unwrap(), [5, 5]);
+        let err = ClientResponse::Error(RpcError::NotLeader { leader: None });
+        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 0, 0]);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::wire::decode_body::<ClientRequest>(&bytes);
+            let _ = crate::wire::decode_body::<ClientResponse>(&bytes);
+        }
+    }
+}

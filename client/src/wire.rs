@@ -1,0 +1,86 @@
+//! Framing shared by every Aspen protocol: a 4-byte big-endian length, then postcard bytes.
+//!
+//! The length is checked against the protocol's maximum BEFORE the buffer is allocated, so a
+//! peer cannot make us allocate more than the limit.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("stream ended before a complete frame")]
+    Truncated,
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("stream read failed: {0}")]
+    Read(String),
+    #[error("stream write failed: {0}")]
+    Write(String),
+}
+
+/// Encodes a value as one frame (length prefix included).
+pub fn encode_frame<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_allocvec(value)?;
+    if body.len() > max {
+        return Err(FrameError::TooLarge { len: body.len(), max });
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decodes a frame body (without its length prefix), refusing trailing bytes.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let (value, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Decode(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(value)
+}
+
+/// Writes one frame to an iroh stream.
+pub async fn write_frame<T: Serialize>(send: &mut iroh::endpoint::SendStream, value: &T, max: usize) -> Result<(), FrameError> {
+    let frame = encode_frame(value, max)?;
+    send.write_all(&frame).await.map_err(|e| FrameError::Write(e.to_string()))
+}
+
+/// Reads one frame from an iroh stream, checking the length before allocating.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut iroh::endpoint::RecvStream, max: usize) -> Result<T, FrameError> {
+    use iroh::endpoint::ReadExactError;
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        ReadExactError::ReadError(e) => FrameError::Read(e.to_string()),
+    })?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        ReadExactError::ReadError(e) => FrameError::Read(e.to_string()),
+    })?;
+    decode_body(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_limits_hold() {
+        let v = (1u32, "hello".to_string(), vec![1u8, 2, 3]);
+        let f = encode_frame(&v, 1024).unwrap();
+        assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+        let back: (u32, String, Vec<u8>) = decode_body(&f[4..]).unwrap();
+        assert_eq!(back, v);
+        assert!(matches!(encode_frame(&vec![0u8; 100], 10), Err(FrameError::TooLarge { .. })));
+        let mut trailing = f[4..].to_vec();
+        trailing.push(0);
+        assert!(decode_body::<(u32, String, Vec<u8>)>(&trailing).is_err());
+    }
+}

@@ -1,0 +1,346 @@
+//! The store's request and response types: what a client can ask for and what it gets back.
+//!
+//! Writes are [`Command`]s; the leader groups concurrent commands into one [`Batch`], which is
+//! one Raft entry and therefore one fsync. Reads never go through the log.
+//!
+//! These types are encoded with postcard on the wire and in the log: enum variants may only be
+//! added at the end, never reordered (golden-bytes tests in `tests/golden.rs`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::*;
+
+/// A key, as raw bytes (not UTF-8).
+pub type Key = Vec<u8>;
+/// A store revision: increases by one with every committed write that changes state.
+pub type Revision = u64;
+
+/// One Raft log entry's worth of client commands, stamped by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Batch {
+    /// Wall-clock time at the leader when it proposed the batch (ms since the Unix epoch).
+    /// Apply uses this, never a local clock, so every replica computes the same state.
+    pub proposed_at_ms: u64,
+    pub commands: Vec<Command>,
+}
+
+/// One client write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Idempotency session; `None` for writes that need no retry protection.
+    pub session: Option<Session>,
+    pub op: WriteOp,
+}
+
+/// Identifies a client request so that a retried write is applied at most once.
+///
+/// `acked_below` is the client's promise that it will never retry a sequence number below it,
+/// which lets the state machine forget those results (bounded memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub client_id: u64,
+    pub seq: u64,
+    pub acked_below: u64,
+}
+
+/// A mutation of the key space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOp {
+    /// Set `key` to `value`.
+    Put {
+        key: Key,
+        value: Vec<u8>,
+        prev_kv: bool,
+    },
+    /// Delete the keys in `[start, end)`; `end == None` deletes just `start`.
+    Delete {
+        start: Key,
+        end: Option<Key>,
+        prev_kv: bool,
+    },
+    /// Forget history below `revision` (reads at older revisions then fail with `Compacted`).
+    Compact { revision: Revision },
+}
+
+impl WriteOp {
+    /// Key and value bytes this op carries (for batch sizing).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            WriteOp::Put { key, value, .. } => key.len() + value.len(),
+            WriteOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
+            WriteOp::Compact { .. } => 8,
+        }
+    }
+
+    /// Checks the op against the store's limits.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            WriteOp::Put { key, value, .. } => {
+                check_key(key)?;
+                if value.len() > MAX_VALUE_BYTES {
+                    return Err(LimitError::ValueTooLarge {
+                        len: value.len(),
+                        max: MAX_VALUE_BYTES,
+                    });
+                }
+            }
+            WriteOp::Delete { start, end, .. } => {
+                check_key(start)?;
+                if let Some(end) = end {
+                    if end.len() > MAX_KEY_BYTES {
+                        return Err(LimitError::KeyTooLarge {
+                            len: end.len(),
+                            max: MAX_KEY_BYTES,
+                        });
+                    }
+                }
+            }
+            WriteOp::Compact { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), LimitError> {
+    if key.is_empty() {
+        return Err(LimitError::EmptyKey);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(LimitError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// A limit violation. Checked by clients, by the node before proposing, and again at apply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum LimitError {
+    #[error("key is empty")]
+    EmptyKey,
+    #[error("key is {len} bytes, the limit is {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value is {len} bytes, the limit is {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("range limit {limit} exceeds the maximum {max}")]
+    RangeLimitTooLarge { limit: u64, max: u64 },
+    #[error("batch of {len} commands exceeds the limit of {max}")]
+    TooManyCommands { len: usize, max: usize },
+}
+
+/// A key and its metadata, as stored at some revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: Key,
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key (since its last delete).
+    pub create_revision: Revision,
+    /// Revision of the last write to the key.
+    pub mod_revision: Revision,
+    /// Number of writes since the key was created (1 after creation).
+    pub version: u64,
+    /// Lease the key is attached to (0: none). Reserved for leases.
+    pub lease: u64,
+}
+
+/// What one command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteOutcome {
+    Put {
+        revision: Revision,
+        prev: Option<KeyValue>,
+    },
+    Delete {
+        revision: Revision,
+        deleted: u64,
+        prev: Vec<KeyValue>,
+    },
+    Compact {
+        revision: Revision,
+    },
+}
+
+impl WriteOutcome {
+    /// Store revision after this write.
+    pub fn revision(&self) -> Revision {
+        match self {
+            WriteOutcome::Put { revision, .. }
+            | WriteOutcome::Delete { revision, .. }
+            | WriteOutcome::Compact { revision } => *revision,
+        }
+    }
+}
+
+/// Why the state machine refused a command. Deterministic: every replica refuses alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(
+        "request {seq} of client {client_id:016x} was already acknowledged; it cannot be retried"
+    )]
+    StaleSequence { client_id: u64, seq: u64 },
+    #[error("client {client_id:016x} has more than {max} unacknowledged requests")]
+    SessionWindowFull { client_id: u64, max: u64 },
+    #[error("revision {requested} is already compacted (compacted up to {compacted})")]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    #[error("revision {requested} is in the future (current revision {current})")]
+    FutureRevision {
+        requested: Revision,
+        current: Revision,
+    },
+}
+
+/// The result of one command in a batch.
+pub type CommandResult = Result<WriteOutcome, ApplyError>;
+
+/// The state machine's response to one batch: one result per command, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BatchResponse {
+    pub results: Vec<CommandResult>,
+}
+
+/// A range read: keys in `[start, end)`, or the single key `start` when `end` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    pub start: Key,
+    /// Exclusive end. `None`: only `start`. An empty vector means "to the end of the key space".
+    pub end: Option<Key>,
+    /// Most keys to return (0: [`MAX_RANGE_LIMIT`]).
+    pub limit: u64,
+    /// Read as of this revision (0: the current revision).
+    pub revision: Revision,
+}
+
+impl RangeRequest {
+    /// A read of one key.
+    pub fn key(key: impl Into<Key>) -> Self {
+        RangeRequest {
+            start: key.into(),
+            end: None,
+            limit: 0,
+            revision: 0,
+        }
+    }
+
+    /// A read of every key that starts with `prefix`.
+    pub fn prefix(prefix: impl Into<Key>) -> Self {
+        let start = prefix.into();
+        let end = prefix_end(&start);
+        RangeRequest {
+            start,
+            end: Some(end),
+            limit: 0,
+            revision: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), LimitError> {
+        if self.start.len() > MAX_KEY_BYTES {
+            return Err(LimitError::KeyTooLarge {
+                len: self.start.len(),
+                max: MAX_KEY_BYTES,
+            });
+        }
+        if let Some(end) = &self.end {
+            if end.len() > MAX_KEY_BYTES {
+                return Err(LimitError::KeyTooLarge {
+                    len: end.len(),
+                    max: MAX_KEY_BYTES,
+                });
+            }
+        }
+        if self.limit > MAX_RANGE_LIMIT {
+            return Err(LimitError::RangeLimitTooLarge {
+                limit: self.limit,
+                max: MAX_RANGE_LIMIT,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`; empty means "no end".
+pub fn prefix_end(prefix: &[u8]) -> Key {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// The answer to a [`RangeRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResponse {
+    pub kvs: Vec<KeyValue>,
+    /// More keys remain in the range: continue from the last returned key plus a zero byte,
+    /// at the same `revision`.
+    pub more: bool,
+    /// The revision the read was served at (pass it back to continue consistently).
+    pub revision: Revision,
+}
+
+/// A read refused by the state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error("revision {requested} is already compacted (compacted up to {compacted})")]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    #[error("revision {requested} is in the future (current revision {current})")]
+    FutureRevision {
+        requested: Revision,
+        current: Revision,
+    },
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end(b"ab"), b"ac".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), Vec::<u8>::new());
+        assert_eq!(prefix_end(b""), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let big = vec![0u8; MAX_KEY_BYTES + 1];
+        let op = WriteOp::Put {
+            key: big,
+            value: vec![],
+            prev_kv: false,
+        };
+        assert!(matches!(op.validate(), Err(LimitError::KeyTooLarge { .. })));
+        let op = WriteOp::Put {
+            key: b"k".to_vec(),
+            value: vec![0; MAX_VALUE_BYTES + 1],
+            prev_kv: false,
+        };
+        assert!(matches!(
+            op.validate(),
+            Err(LimitError::ValueTooLarge { .. })
+        ));
+        let op = WriteOp::Put {
+            key: vec![],
+            value: vec![],
+            prev_kv: false,
+        };
+        assert_eq!(op.validate(), Err(LimitError::EmptyKey));
+    }
+}

@@ -1,0 +1,22 @@
+//! Every size limit of the store, as named constants.
+//!
+//! Limits are checked before anything is allocated or proposed; a violation is a typed
+//! [`crate::api::LimitError`], never a panic and never a silent truncation. The state machine
+//! checks them again at apply time so that a buggy or malicious proposer cannot make replicas
+//! diverge.
+
+/// Largest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 4 * 1024;
+/// Largest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Most commands one Raft entry (a batch) may carry.
+pub const MAX_BATCH_COMMANDS: usize = 1024;
+/// Most key and value bytes one Raft entry (a batch) may carry. A single command may exceed
+/// this on its own (one maximal value); it then forms a batch by itself.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most key-values one range read returns; larger scans continue with `more`.
+pub const MAX_RANGE_LIMIT: u64 = 10_000;
+/// Requests one client may have applied but not yet acknowledged (its idempotency window).
+pub const MAX_SESSION_WINDOW: u64 = 100_000;
+/// Largest encoded row in a snapshot file.
+pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;

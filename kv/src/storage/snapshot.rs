@@ -1,0 +1,462 @@
+//! Snapshot files: every table of the state machine, streamed row by row.
+//!
+//! Format (all integers little-endian):
+//! ```text
+//! magic "ASPENSNAP\x01"
+//! repeated: u32 length, postcard(SnapshotRow)     -- Meta first, End last
+//! ```
+//! The first row is the metadata (exactly the applied log id and membership the rows contain),
+//! so the current snapshot's metadata is read without reading the rest. The last row counts
+//! the rows, so a truncated file is detected. openraft sends the file to followers in chunks.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+
+use super::{encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SM_META};
+use crate::limits::MAX_SNAPSHOT_ROW_BYTES;
+use crate::raft_types::{LogId, SnapshotMeta, StoredMembership};
+
+const MAGIC: &[u8; 10] = b"ASPENSNAP\x01";
+const CURRENT: &str = "current.snap";
+
+/// One row of a snapshot file. Variants are only ever appended.
+#[derive(Debug, Serialize, Deserialize)]
+enum SnapshotRow {
+    Meta {
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+        snapshot_id: String,
+    },
+    SmMeta {
+        key: String,
+        value: Vec<u8>,
+    },
+    Kv {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    History {
+        key: Vec<u8>,
+        revision: u64,
+        value: Vec<u8>,
+    },
+    Session {
+        client_id: u64,
+        seq: u64,
+        result: Vec<u8>,
+    },
+    SessionFloor {
+        client_id: u64,
+        floor: u64,
+    },
+    End {
+        rows: u64,
+    },
+}
+
+/// Why a snapshot could not be built, read or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("snapshot database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("snapshot is malformed: {0}")]
+    Malformed(String),
+}
+
+impl From<redb::TransactionError> for SnapshotError {
+    fn from(e: redb::TransactionError) -> Self {
+        SnapshotError::Db(e.into())
+    }
+}
+impl From<redb::TableError> for SnapshotError {
+    fn from(e: redb::TableError) -> Self {
+        SnapshotError::Db(e.into())
+    }
+}
+impl From<redb::StorageError> for SnapshotError {
+    fn from(e: redb::StorageError) -> Self {
+        SnapshotError::Db(e.into())
+    }
+}
+impl From<redb::CommitError> for SnapshotError {
+    fn from(e: redb::CommitError) -> Self {
+        SnapshotError::Db(e.into())
+    }
+}
+impl From<redb::SetDurabilityError> for SnapshotError {
+    fn from(e: redb::SetDurabilityError) -> Self {
+        SnapshotError::Db(e.into())
+    }
+}
+
+fn write_row(w: &mut impl Write, row: &SnapshotRow) -> std::io::Result<()> {
+    let bytes = encode(row);
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(&bytes)
+}
+
+fn read_row(r: &mut impl Read) -> Result<SnapshotRow, SnapshotError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .map_err(|e| SnapshotError::Malformed(format!("truncated row header: {e}")))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_SNAPSHOT_ROW_BYTES {
+        return Err(SnapshotError::Malformed(format!(
+            "row of {len} bytes exceeds {MAX_SNAPSHOT_ROW_BYTES}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)
+        .map_err(|e| SnapshotError::Malformed(format!("truncated row: {e}")))?;
+    postcard::from_bytes(&buf)
+        .map_err(|e| SnapshotError::Malformed(format!("undecodable row: {e}")))
+}
+
+fn read_magic(r: &mut impl Read) -> Result<(), SnapshotError> {
+    let mut magic = [0u8; MAGIC.len()];
+    r.read_exact(&mut magic)
+        .map_err(|e| SnapshotError::Malformed(format!("missing header: {e}")))?;
+    if &magic != MAGIC {
+        return Err(SnapshotError::Malformed(
+            "not an Aspen snapshot (bad magic)".into(),
+        ));
+    }
+    Ok(())
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{nanos}-{}.snap",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes a snapshot of the state machine as of one read transaction, makes it the current
+/// snapshot, and returns its metadata and path.
+pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf), SnapshotError> {
+    let txn = db.begin_read()?;
+    let meta_table = txn.open_table(SM_META)?;
+    let get = |k: &str| -> Result<Option<Vec<u8>>, SnapshotError> {
+        Ok(meta_table.get(k)?.map(|v| v.value().to_vec()))
+    };
+    let decode_err =
+        |e: postcard::Error| SnapshotError::Malformed(format!("state machine metadata: {e}"));
+    let last_applied: Option<LogId> = match get("last_applied")? {
+        Some(b) => postcard::from_bytes(&b).map_err(decode_err)?,
+        None => None,
+    };
+    let membership: StoredMembership = match get("membership")? {
+        Some(b) => postcard::from_bytes(&b).map_err(decode_err)?,
+        None => StoredMembership::default(),
+    };
+    let snapshot_id = match &last_applied {
+        Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, unique_name("s")),
+        None => unique_name("empty"),
+    };
+    let tmp = dir.join(unique_name("building"));
+    let file = std::fs::File::create(&tmp)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(MAGIC)?;
+    let mut rows = 0u64;
+    let mut put = |w: &mut BufWriter<std::fs::File>, row: SnapshotRow| -> std::io::Result<()> {
+        rows += 1;
+        write_row(w, &row)
+    };
+    put(
+        &mut w,
+        SnapshotRow::Meta {
+            last_applied,
+            membership: membership.clone(),
+            snapshot_id: snapshot_id.clone(),
+        },
+    )?;
+    for item in meta_table.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::SmMeta {
+                key: k.value().to_string(),
+                value: v.value().to_vec(),
+            },
+        )?;
+    }
+    for item in txn.open_table(KV)?.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::Kv {
+                key: k.value().to_vec(),
+                value: v.value().to_vec(),
+            },
+        )?;
+    }
+    for item in txn.open_table(HISTORY)?.iter()? {
+        let (k, v) = item?;
+        let (key, revision) = k.value();
+        put(
+            &mut w,
+            SnapshotRow::History {
+                key: key.to_vec(),
+                revision,
+                value: v.value().to_vec(),
+            },
+        )?;
+    }
+    for item in txn.open_table(SESSIONS)?.iter()? {
+        let (k, v) = item?;
+        let (client_id, seq) = k.value();
+        put(
+            &mut w,
+            SnapshotRow::Session {
+                client_id,
+                seq,
+                result: v.value().to_vec(),
+            },
+        )?;
+    }
+    for item in txn.open_table(SESSION_FLOORS)?.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::SessionFloor {
+                client_id: k.value(),
+                floor: v.value(),
+            },
+        )?;
+    }
+    let total = rows + 1;
+    write_row(&mut w, &SnapshotRow::End { rows: total })?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    let path = make_current(dir, &tmp)?;
+    Ok((
+        SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        },
+        path,
+    ))
+}
+
+/// Atomically makes `path` the current snapshot and removes older files.
+pub(super) fn make_current(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    let current = dir.join(CURRENT);
+    std::fs::rename(path, &current)?;
+    sync_dir(dir)?;
+    // Leftovers of interrupted builds or receives.
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("building-") && entry.path() != current {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(current)
+}
+
+/// The current snapshot's metadata and path, if there is one.
+pub(super) fn read_current_meta(
+    dir: &Path,
+) -> Result<Option<(SnapshotMeta, PathBuf)>, SnapshotError> {
+    let path = dir.join(CURRENT);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut r = BufReader::new(file);
+    read_magic(&mut r)?;
+    match read_row(&mut r)? {
+        SnapshotRow::Meta {
+            last_applied,
+            membership,
+            snapshot_id,
+        } => Ok(Some((
+            SnapshotMeta {
+                last_log_id: last_applied,
+                last_membership: membership,
+                snapshot_id,
+            },
+            path,
+        ))),
+        _ => Err(SnapshotError::Malformed(
+            "first row is not the metadata".into(),
+        )),
+    }
+}
+
+/// Replaces the whole state machine with the snapshot at `path`, in one durable transaction.
+pub(super) fn install(
+    db: &Database,
+    path: &Path,
+    meta: &SnapshotMeta,
+) -> Result<(), SnapshotError> {
+    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    read_magic(&mut r)?;
+    match read_row(&mut r)? {
+        SnapshotRow::Meta { last_applied, .. } if last_applied == meta.last_log_id => {}
+        SnapshotRow::Meta { last_applied, .. } => {
+            return Err(SnapshotError::Malformed(format!(
+                "snapshot contains {last_applied:?} but was announced as {:?}",
+                meta.last_log_id
+            )))
+        }
+        _ => {
+            return Err(SnapshotError::Malformed(
+                "first row is not the metadata".into(),
+            ))
+        }
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    {
+        let mut sm_meta = txn.open_table(SM_META)?;
+        let mut kv = txn.open_table(KV)?;
+        let mut history = txn.open_table(HISTORY)?;
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let mut floors = txn.open_table(SESSION_FLOORS)?;
+        sm_meta.retain(|_, _| false)?;
+        kv.retain(|_, _| false)?;
+        history.retain(|_, _| false)?;
+        sessions.retain(|_, _| false)?;
+        floors.retain(|_, _| false)?;
+        let mut rows = 1u64;
+        loop {
+            let row = read_row(&mut r)?;
+            rows += 1;
+            match row {
+                SnapshotRow::Meta { .. } => {
+                    return Err(SnapshotError::Malformed("second metadata row".into()))
+                }
+                SnapshotRow::SmMeta { key, value } => {
+                    sm_meta.insert(key.as_str(), value.as_slice())?;
+                }
+                SnapshotRow::Kv { key, value } => {
+                    kv.insert(key.as_slice(), value.as_slice())?;
+                }
+                SnapshotRow::History {
+                    key,
+                    revision,
+                    value,
+                } => {
+                    history.insert((key.as_slice(), revision), value.as_slice())?;
+                }
+                SnapshotRow::Session {
+                    client_id,
+                    seq,
+                    result,
+                } => {
+                    sessions.insert((client_id, seq), result.as_slice())?;
+                }
+                SnapshotRow::SessionFloor { client_id, floor } => {
+                    floors.insert(client_id, floor)?;
+                }
+                SnapshotRow::End { rows: expected } => {
+                    if expected != rows {
+                        return Err(SnapshotError::Malformed(format!(
+                            "{rows} rows, trailer says {expected}"
+                        )));
+                    }
+                    break;
+                }
+            }
+        }
+        // The snapshot's own metadata is authoritative for what was applied.
+        sm_meta.insert("last_applied", encode(&meta.last_log_id).as_slice())?;
+        sm_meta.insert("membership", encode(&meta.last_membership).as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// A snapshot file being written (received) or read (sent). openraft reads and writes it in
+/// chunks; the path lets `install_snapshot` move a received file into place.
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: tokio::fs::File,
+}
+
+impl SnapshotFile {
+    pub(super) async fn create_receiving(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join(unique_name("receiving"));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
+        Ok(SnapshotFile { path, file })
+    }
+
+    pub(super) async fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = tokio::fs::File::open(&path).await?;
+        Ok(SnapshotFile { path, file })
+    }
+
+    /// Flushes and fsyncs a received file before it is read back.
+    pub(super) async fn finish(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.file.flush().await?;
+        self.file.sync_all().await
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsyncRead for SnapshotFile {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SnapshotFile {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.file).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
+    }
+}
+
+impl AsyncSeek for SnapshotFile {
+    fn start_seek(mut self: Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
+        Pin::new(&mut self.file).start_seek(position)
+    }
+    fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
+        Pin::new(&mut self.file).poll_complete(cx)
+    }
+}

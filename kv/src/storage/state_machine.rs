@@ -1,0 +1,629 @@
+//! The state machine: applies committed batches to the MVCC key space, serves reads, builds and
+//! installs snapshots.
+//!
+//! Apply is deterministic: it reads only the entry (including the leader's timestamp) and the
+//! tables, never a clock or an RNG. Applies commit with `Durability::None` (see the module docs
+//! of `storage` for why that is safe).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::snapshot::{self, SnapshotFile};
+use super::{any, blocking, encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SM_META};
+use crate::api::*;
+use crate::limits::{MAX_BATCH_COMMANDS, MAX_RANGE_LIMIT, MAX_SESSION_WINDOW};
+use crate::raft_types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// A key's value and metadata as stored in the `kv` and `kv_history` tables.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredKv {
+    pub value: Vec<u8>,
+    pub create_revision: Revision,
+    pub mod_revision: Revision,
+    pub version: u64,
+    pub lease: u64,
+}
+
+impl StoredKv {
+    fn into_kv(self, key: Key) -> KeyValue {
+        KeyValue {
+            key,
+            value: self.value,
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            lease: self.lease,
+        }
+    }
+}
+
+/// A summary of the state machine, for `cluster status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub last_applied: Option<LogId>,
+    pub revision: Revision,
+    pub compacted: Revision,
+}
+
+/// The state machine store. Cheap to clone: openraft owns one clone, the node keeps another
+/// for reads.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    snapshot_dir: PathBuf,
+}
+
+type SmResult<T> = Result<T, redb::Error>;
+
+fn meta_get<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> SmResult<Option<T>> {
+    match table.get(key)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(postcard::from_bytes(v.value()).map_err(corrupt)?)),
+    }
+}
+
+fn corrupt(e: postcard::Error) -> redb::Error {
+    redb::Error::Corrupted(format!("undecodable stored value: {e}"))
+}
+
+impl StateMachineStore {
+    pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf) -> Self {
+        StateMachineStore { db, snapshot_dir }
+    }
+
+    /// Revision, compaction point and last applied log id.
+    pub async fn status(&self) -> Result<StoreStatus, ReadError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> SmResult<StoreStatus> {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(SM_META)?;
+            Ok(StoreStatus {
+                last_applied: meta_get(&meta, "last_applied")?.flatten(),
+                revision: meta_get(&meta, "revision")?.unwrap_or(0),
+                compacted: meta_get(&meta, "compacted")?.unwrap_or(0),
+            })
+        })
+        .await
+        .map_err(|e| ReadError::Storage(e.to_string()))?
+        .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Reads a key or a range of keys, at the current or a past revision.
+    ///
+    /// This reads local state: linearizability is the caller's job (wait until the applied index
+    /// reaches the leader's read index first).
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ReadError> {
+        req.validate()?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || range_blocking(&db, &req))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    }
+
+    /// Reads one key (see [`Self::range`]).
+    pub async fn get(&self, key: Key, revision: Revision) -> Result<Option<KeyValue>, ReadError> {
+        let mut req = RangeRequest::key(key);
+        req.revision = revision;
+        Ok(self.range(req).await?.kvs.pop())
+    }
+
+    /// A BLAKE3-free, order-sensitive digest of the current key space (for comparing replicas in
+    /// tests): (revision, number of keys, FNV-1a over keys, values and metadata).
+    pub async fn state_digest(&self) -> Result<(Revision, u64, u64), ReadError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> SmResult<(Revision, u64, u64)> {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(SM_META)?;
+            let revision = meta_get(&meta, "revision")?.unwrap_or(0);
+            let kv = txn.open_table(KV)?;
+            let mut hash: u64 = 0xcbf29ce484222325;
+            let mut n = 0;
+            for item in kv.iter()? {
+                let (k, v) = item?;
+                for b in k.value().iter().chain(v.value()) {
+                    hash ^= u64::from(*b);
+                    hash = hash.wrapping_mul(0x100000001b3);
+                }
+                n += 1;
+            }
+            Ok((revision, n, hash))
+        })
+        .await
+        .map_err(|e| ReadError::Storage(e.to_string()))?
+        .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+}
+
+fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, ReadError> {
+    let storage = |e: redb::Error| ReadError::Storage(e.to_string());
+    let txn = db.begin_read().map_err(|e| storage(e.into()))?;
+    let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
+    let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
+    let compacted: Revision = meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
+    let revision = if req.revision == 0 {
+        current
+    } else {
+        req.revision
+    };
+    if revision > current {
+        return Err(ReadError::FutureRevision {
+            requested: revision,
+            current,
+        });
+    }
+    if revision < compacted {
+        return Err(ReadError::Compacted {
+            requested: revision,
+            compacted,
+        });
+    }
+    let limit = if req.limit == 0 {
+        MAX_RANGE_LIMIT
+    } else {
+        req.limit
+    } as usize;
+    let mut kvs = Vec::new();
+    let mut more = false;
+    let start = req.start.as_slice();
+    let end: Option<&[u8]> = req.end.as_deref();
+    if matches!(end, Some(e) if !e.is_empty() && e <= start) {
+        return Ok(RangeResponse {
+            kvs,
+            more,
+            revision,
+        });
+    }
+    if revision == current {
+        let table = txn.open_table(KV).map_err(|e| storage(e.into()))?;
+        match end {
+            None => {
+                if let Some(v) = table.get(start).map_err(|e| storage(e.into()))? {
+                    let stored: StoredKv =
+                        postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
+                    kvs.push(stored.into_kv(start.to_vec()));
+                }
+            }
+            Some(end) => {
+                let iter = if end.is_empty() {
+                    table.range(start..)
+                } else {
+                    table.range(start..end)
+                }
+                .map_err(|e| storage(e.into()))?;
+                for item in iter {
+                    let (k, v) = item.map_err(|e| storage(e.into()))?;
+                    if kvs.len() == limit {
+                        more = true;
+                        break;
+                    }
+                    let stored: StoredKv =
+                        postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
+                    kvs.push(stored.into_kv(k.value().to_vec()));
+                }
+            }
+        }
+    } else {
+        // Historical read: for each key, the newest history record at or below `revision`.
+        let table = txn.open_table(HISTORY).map_err(|e| storage(e.into()))?;
+        let iter = match end {
+            None => table.range((start, 0u64)..=(start, u64::MAX)),
+            Some(e) if e.is_empty() => table.range((start, 0u64)..),
+            Some(e) => table.range((start, 0u64)..(e, 0u64)),
+        }
+        .map_err(|e| storage(e.into()))?;
+        let mut pending: Option<(Key, Option<StoredKv>)> = None;
+        let flush =
+            |pending: &mut Option<(Key, Option<StoredKv>)>, kvs: &mut Vec<KeyValue>| -> bool {
+                if let Some((k, Some(stored))) = pending.take() {
+                    if kvs.len() == limit {
+                        return true;
+                    }
+                    kvs.push(stored.into_kv(k));
+                }
+                false
+            };
+        for item in iter {
+            let (k, v) = item.map_err(|e| storage(e.into()))?;
+            let (key, rev) = k.value();
+            if pending.as_ref().is_some_and(|(pk, _)| pk.as_slice() != key)
+                && flush(&mut pending, &mut kvs)
+            {
+                more = true;
+                break;
+            }
+            if rev <= revision {
+                let record: Option<StoredKv> =
+                    postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
+                pending = Some((key.to_vec(), record));
+            } else if pending.as_ref().is_none_or(|(pk, _)| pk.as_slice() != key) {
+                // Key created after `revision`: keep a marker so the group boundary is seen.
+                pending = Some((key.to_vec(), None));
+            }
+        }
+        if !more && flush(&mut pending, &mut kvs) {
+            more = true;
+        }
+    }
+    Ok(RangeResponse {
+        kvs,
+        more,
+        revision,
+    })
+}
+
+/// Applies committed batches inside one write transaction.
+struct Applier<'t> {
+    txn: &'t WriteTransaction,
+    revision: Revision,
+    compacted: Revision,
+}
+
+impl Applier<'_> {
+    fn apply_command(&mut self, cmd: &Command) -> SmResult<CommandResult> {
+        let Some(s) = cmd.session else {
+            return self.apply_op(&cmd.op);
+        };
+        let mut floors = self.txn.open_table(SESSION_FLOORS)?;
+        let mut sessions = self.txn.open_table(SESSIONS)?;
+        let mut floor = floors.get(s.client_id)?.map(|v| v.value()).unwrap_or(0);
+        if s.acked_below > floor {
+            sessions.retain_in(
+                (s.client_id, floor)..(s.client_id, s.acked_below),
+                |_, _| false,
+            )?;
+            floors.insert(s.client_id, s.acked_below)?;
+            floor = s.acked_below;
+        }
+        if s.seq < floor {
+            return Ok(Err(ApplyError::StaleSequence {
+                client_id: s.client_id,
+                seq: s.seq,
+            }));
+        }
+        if let Some(prev) = sessions.get((s.client_id, s.seq))? {
+            // A retry of a request that was already applied: answer as the first time.
+            return Ok(postcard::from_bytes(prev.value()).map_err(corrupt)?);
+        }
+        if s.seq - floor >= MAX_SESSION_WINDOW {
+            return Ok(Err(ApplyError::SessionWindowFull {
+                client_id: s.client_id,
+                max: MAX_SESSION_WINDOW,
+            }));
+        }
+        drop((floors, sessions));
+        let result = self.apply_op(&cmd.op)?;
+        self.txn
+            .open_table(SESSIONS)?
+            .insert((s.client_id, s.seq), encode(&result).as_slice())?;
+        Ok(result)
+    }
+
+    fn apply_op(&mut self, op: &WriteOp) -> SmResult<CommandResult> {
+        if let Err(e) = op.validate() {
+            return Ok(Err(e.into()));
+        }
+        let mut kv = self.txn.open_table(KV)?;
+        let mut history = self.txn.open_table(HISTORY)?;
+        match op {
+            WriteOp::Put {
+                key,
+                value,
+                prev_kv,
+            } => {
+                let revision = self.revision + 1;
+                let prev: Option<StoredKv> = match kv.get(key.as_slice())? {
+                    Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
+                    None => None,
+                };
+                let (create_revision, version) = match &prev {
+                    Some(p) => (p.create_revision, p.version + 1),
+                    None => (revision, 1),
+                };
+                let stored = StoredKv {
+                    value: value.clone(),
+                    create_revision,
+                    mod_revision: revision,
+                    version,
+                    lease: 0,
+                };
+                let bytes = encode(&stored);
+                kv.insert(key.as_slice(), bytes.as_slice())?;
+                history.insert(
+                    (key.as_slice(), revision),
+                    encode(&Some(&stored)).as_slice(),
+                )?;
+                self.revision = revision;
+                let prev = if *prev_kv {
+                    prev.map(|p| p.into_kv(key.clone()))
+                } else {
+                    None
+                };
+                Ok(Ok(WriteOutcome::Put { revision, prev }))
+            }
+            WriteOp::Delete {
+                start,
+                end,
+                prev_kv,
+            } => {
+                let mut doomed: Vec<(Key, Option<StoredKv>)> = Vec::new();
+                {
+                    let mut collect = |k: &[u8], v: &[u8]| -> SmResult<()> {
+                        let prev = if *prev_kv {
+                            Some(postcard::from_bytes(v).map_err(corrupt)?)
+                        } else {
+                            None
+                        };
+                        doomed.push((k.to_vec(), prev));
+                        Ok(())
+                    };
+                    match end {
+                        None => {
+                            if let Some(v) = kv.get(start.as_slice())? {
+                                collect(start, v.value())?;
+                            }
+                        }
+                        Some(e) if !e.is_empty() && e.as_slice() <= start.as_slice() => {}
+                        Some(e) => {
+                            let iter = if e.is_empty() {
+                                kv.range(start.as_slice()..)?
+                            } else {
+                                kv.range(start.as_slice()..e.as_slice())?
+                            };
+                            for item in iter {
+                                let (k, v) = item?;
+                                collect(k.value(), v.value())?;
+                            }
+                        }
+                    }
+                }
+                if doomed.is_empty() {
+                    return Ok(Ok(WriteOutcome::Delete {
+                        revision: self.revision,
+                        deleted: 0,
+                        prev: vec![],
+                    }));
+                }
+                let revision = self.revision + 1;
+                let tombstone = encode(&None::<StoredKv>);
+                let mut prev = Vec::new();
+                for (k, p) in &doomed {
+                    kv.remove(k.as_slice())?;
+                    history.insert((k.as_slice(), revision), tombstone.as_slice())?;
+                    if let Some(p) = p {
+                        prev.push(p.clone().into_kv(k.clone()));
+                    }
+                }
+                self.revision = revision;
+                Ok(Ok(WriteOutcome::Delete {
+                    revision,
+                    deleted: doomed.len() as u64,
+                    prev,
+                }))
+            }
+            WriteOp::Compact { revision } => {
+                let revision = *revision;
+                if revision <= self.compacted {
+                    return Ok(Err(ApplyError::Compacted {
+                        requested: revision,
+                        compacted: self.compacted,
+                    }));
+                }
+                if revision > self.revision {
+                    return Ok(Err(ApplyError::FutureRevision {
+                        requested: revision,
+                        current: self.revision,
+                    }));
+                }
+                // Keep, per key, every record at or above `revision` plus the newest one below
+                // it (unless that one is a delete): reads at >= `revision` stay exact.
+                let mut doomed: Vec<(Key, u64)> = Vec::new();
+                let mut last_below: Option<(Key, u64, bool)> = None; // (key, rev, is_delete)
+                for item in history.iter()? {
+                    let (k, v) = item?;
+                    let (key, rev) = k.value();
+                    if let Some((lk, lrev, ldel)) = &last_below {
+                        if lk.as_slice() != key || rev < revision {
+                            // The previous record is superseded (same key, also below) or the
+                            // last below for its key (then only a delete may go).
+                            if lk.as_slice() == key || *ldel {
+                                doomed.push((lk.clone(), *lrev));
+                            }
+                            last_below = None;
+                        }
+                    }
+                    if rev < revision {
+                        let is_delete = v.value() == encode(&None::<StoredKv>).as_slice();
+                        last_below = Some((key.to_vec(), rev, is_delete));
+                    }
+                }
+                if let Some((lk, lrev, true)) = last_below {
+                    doomed.push((lk, lrev));
+                }
+                for (k, rev) in &doomed {
+                    history.remove((k.as_slice(), *rev))?;
+                }
+                self.compacted = revision;
+                Ok(Ok(WriteOutcome::Compact {
+                    revision: self.revision,
+                }))
+            }
+        }
+    }
+}
+
+fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchResponse>> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::None)?;
+    let mut responses = Vec::with_capacity(entries.len());
+    {
+        let (revision, compacted) = {
+            let meta = txn.open_table(SM_META)?;
+            (
+                meta_get(&meta, "revision")?.unwrap_or(0),
+                meta_get(&meta, "compacted")?.unwrap_or(0),
+            )
+        };
+        let mut applier = Applier {
+            txn: &txn,
+            revision,
+            compacted,
+        };
+        let mut last_applied = None;
+        let mut membership = None;
+        for entry in &entries {
+            last_applied = Some(entry.log_id);
+            match &entry.payload {
+                EntryPayload::Blank => responses.push(BatchResponse::default()),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    responses.push(BatchResponse::default());
+                }
+                EntryPayload::Normal(batch) => {
+                    let mut results = Vec::with_capacity(batch.commands.len());
+                    for (i, cmd) in batch.commands.iter().enumerate() {
+                        // A batch over the limit is refused command by command, deterministically.
+                        if i >= MAX_BATCH_COMMANDS {
+                            results.push(Err(ApplyError::Limit(LimitError::TooManyCommands {
+                                len: batch.commands.len(),
+                                max: MAX_BATCH_COMMANDS,
+                            })));
+                            continue;
+                        }
+                        results.push(applier.apply_command(cmd)?);
+                    }
+                    responses.push(BatchResponse { results });
+                }
+            }
+        }
+        let mut meta = txn.open_table(SM_META)?;
+        meta.insert("last_applied", encode(&last_applied).as_slice())?;
+        meta.insert("revision", encode(&applier.revision).as_slice())?;
+        meta.insert("compacted", encode(&applier.compacted).as_slice())?;
+        if let Some(m) = membership {
+            meta.insert("membership", encode(&m).as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(responses)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let r: SmResult<_> = (|| {
+                let txn = db.begin_read()?;
+                let meta = txn.open_table(SM_META)?;
+                let applied: Option<LogId> = meta_get(&meta, "last_applied")?.flatten();
+                let membership: StoredMembership =
+                    meta_get(&meta, "membership")?.unwrap_or_default();
+                Ok((applied, membership))
+            })();
+            r.map_err(|e| StorageIOError::read_state_machine(any(e)).into())
+        })
+        .await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let db = self.db.clone();
+        blocking(move || {
+            apply_entries(&db, entries)
+                .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let file = SnapshotFile::create_receiving(&self.snapshot_dir)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<SnapshotFile>,
+    ) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        let dir = self.snapshot_dir.clone();
+        let meta = meta.clone();
+        let sig = meta.signature();
+        let mut snapshot = snapshot;
+        snapshot
+            .finish()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
+        let path = snapshot.path().to_path_buf();
+        drop(snapshot);
+        blocking(move || {
+            snapshot::install(&db, &path, &meta)
+                .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
+            snapshot::make_current(&dir, &path)
+                .map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let dir = self.snapshot_dir.clone();
+        let found = blocking(move || {
+            snapshot::read_current_meta(&dir)
+                .map_err(|e| StorageIOError::read_snapshot(None, any(e)).into())
+        })
+        .await?;
+        match found {
+            None => Ok(None),
+            Some((meta, path)) => {
+                let file = SnapshotFile::open(path)
+                    .await
+                    .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(file),
+                }))
+            }
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let db = self.db.clone();
+        let dir = self.snapshot_dir.clone();
+        let (meta, path) = blocking(move || {
+            snapshot::build(&db, &dir)
+                .map_err(|e| StorageIOError::write_snapshot(None, any(e)).into())
+        })
+        .await?;
+        let file = SnapshotFile::open(path)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}

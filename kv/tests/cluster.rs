@@ -1,0 +1,581 @@
+//! Multi-node tests of the store over the in-memory network, with real redb files.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aspen_kv::api::*;
+use aspen_kv::testing::MemRouter;
+use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Node {
+    raft: Raft,
+    sm: StateMachineStore,
+}
+
+struct Cluster {
+    router: MemRouter,
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, Node>,
+    snapshot_every: u64,
+}
+
+fn member(id: NodeId) -> Member {
+    let mut endpoint_id = [0u8; 32];
+    endpoint_id[..8].copy_from_slice(&id.to_be_bytes());
+    Member {
+        endpoint_id,
+        addrs: vec![],
+    }
+}
+
+impl Cluster {
+    fn new(snapshot_every: u64) -> Self {
+        Cluster {
+            router: MemRouter::new(),
+            dir: tempfile::tempdir().unwrap(),
+            nodes: BTreeMap::new(),
+            snapshot_every,
+        }
+    }
+
+    fn node_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    async fn start(&mut self, id: NodeId) {
+        let (log, sm) = aspen_kv::open(&self.node_dir(id)).unwrap();
+        let raft = Raft::new(
+            id,
+            aspen_kv::raft_config(self.snapshot_every),
+            self.router.network(id),
+            log,
+            sm.clone(),
+        )
+        .await
+        .unwrap();
+        self.router.register(id, raft.clone());
+        self.nodes.insert(id, Node { raft, sm });
+    }
+
+    /// Stops a node abruptly: its Raft task ends and nothing more is written.
+    async fn stop(&mut self, id: NodeId) {
+        self.router.unregister(id);
+        let node = self.nodes.remove(&id).unwrap();
+        node.raft.shutdown().await.unwrap();
+    }
+
+    /// The leader, once every running node that knows a leader agrees on it (with `all`:
+    /// once every running node knows it).
+    async fn leader(&self) -> NodeId {
+        self.agreed_leader(false).await
+    }
+
+    async fn agreed_leader(&self, all: bool) -> NodeId {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let views: Vec<Option<NodeId>> = self
+                .nodes
+                .values()
+                .map(|n| n.raft.metrics().borrow().current_leader)
+                .collect();
+            let known: Vec<NodeId> = views.iter().flatten().copied().collect();
+            if let Some(l) = known.first() {
+                let agreed = known.iter().all(|v| v == l) && (!all || known.len() == views.len());
+                let self_view = self
+                    .nodes
+                    .get(l)
+                    .map(|n| n.raft.metrics().borrow().state.is_leader());
+                if agreed && self_view == Some(true) {
+                    return *l;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader: {views:?}"
+            );
+            // Wake on any metrics change of the first node, or re-check shortly.
+            let mut rx = self.nodes.values().next().unwrap().raft.metrics();
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(50), rx.changed()).await;
+        }
+    }
+
+    async fn form(&mut self, ids: &[NodeId]) {
+        for id in ids {
+            self.start(*id).await;
+        }
+        let first = ids[0];
+        let mut members = BTreeMap::new();
+        members.insert(first, member(first));
+        self.nodes[&first].raft.initialize(members).await.unwrap();
+        self.leader().await;
+        for id in &ids[1..] {
+            self.add(*id).await;
+        }
+    }
+
+    async fn add(&mut self, id: NodeId) {
+        let leader = self.leader().await;
+        let raft = &self.nodes[&leader].raft;
+        raft.add_learner(id, member(id), true).await.unwrap();
+        let voters: std::collections::BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .chain([id])
+            .collect();
+        raft.change_membership(voters, false).await.unwrap();
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> Vec<CommandResult> {
+        let leader = self.leader().await;
+        let commands = ops
+            .into_iter()
+            .map(|op| Command { session: None, op })
+            .collect();
+        let batch = Batch {
+            proposed_at_ms: 1,
+            commands,
+        };
+        self.nodes[&leader]
+            .raft
+            .client_write(batch)
+            .await
+            .unwrap()
+            .data
+            .results
+    }
+
+    async fn put(&self, k: &str, v: &str) -> Revision {
+        let r = self
+            .write(vec![WriteOp::Put {
+                key: k.into(),
+                value: v.into(),
+                prev_kv: false,
+            }])
+            .await;
+        r[0].as_ref().unwrap().revision()
+    }
+
+    /// Waits until every running node has applied everything the leader has.
+    async fn converge(&self) {
+        let leader = self.agreed_leader(true).await;
+        let target = self.nodes[&leader]
+            .raft
+            .metrics()
+            .borrow()
+            .last_log_index
+            .unwrap();
+        for node in self.nodes.values() {
+            node.raft
+                .wait(Some(TIMEOUT))
+                .applied_index_at_least(Some(target), "converge")
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn put(k: &str, v: &str) -> WriteOp {
+    WriteOp::Put {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_and_agree() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1, 2, 3]).await;
+    for i in 0..50 {
+        c.put(&format!("k{i:03}"), &format!("v{i}")).await;
+    }
+    c.converge().await;
+    let digests: Vec<_> = futures_digests(&c).await;
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "replicas differ: {digests:?}"
+    );
+    assert_eq!(digests[0].1, 50);
+    for node in c.nodes.values() {
+        let kv = node.sm.get(b"k007".to_vec(), 0).await.unwrap().unwrap();
+        assert_eq!(kv.value, b"v7");
+    }
+}
+
+async fn futures_digests(c: &Cluster) -> Vec<(Revision, u64, u64)> {
+    let mut out = Vec::new();
+    for node in c.nodes.values() {
+        out.push(node.sm.state_digest().await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mvcc_revisions_history_and_compaction() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let r1 = c.put("a", "1").await;
+    let r2 = c.put("a", "2").await;
+    let r3 = c.put("b", "x").await;
+    assert_eq!((r2, r3), (r1 + 1, r1 + 2));
+    let sm = &c.nodes[&1].sm;
+    let now = sm.get(b"a".to_vec(), 0).await.unwrap().unwrap();
+    assert_eq!(
+        (now.create_revision, now.mod_revision, now.version),
+        (r1, r2, 2)
+    );
+    assert_eq!(
+        sm.get(b"a".to_vec(), r1).await.unwrap().unwrap().value,
+        b"1"
+    );
+    assert_eq!(
+        sm.get(b"b".to_vec(), r1).await.unwrap(),
+        None,
+        "b did not exist at r1"
+    );
+
+    // Delete leaves a tombstone in history: gone now, present before.
+    let del = c
+        .write(vec![WriteOp::Delete {
+            start: b"a".to_vec(),
+            end: None,
+            prev_kv: true,
+        }])
+        .await;
+    let WriteOutcome::Delete {
+        revision: r4,
+        deleted: 1,
+        prev,
+    } = del[0].clone().unwrap()
+    else {
+        panic!("{del:?}")
+    };
+    assert_eq!(prev[0].value, b"2");
+    assert_eq!(sm.get(b"a".to_vec(), 0).await.unwrap(), None);
+    assert_eq!(
+        sm.get(b"a".to_vec(), r4 - 1).await.unwrap().unwrap().value,
+        b"2"
+    );
+    // Re-created key starts a new life.
+    let r5 = c.put("a", "3").await;
+    let again = sm.get(b"a".to_vec(), 0).await.unwrap().unwrap();
+    assert_eq!((again.create_revision, again.version), (r5, 1));
+    // Deleting a missing key does not bump the revision.
+    let none = c
+        .write(vec![WriteOp::Delete {
+            start: b"zz".to_vec(),
+            end: None,
+            prev_kv: false,
+        }])
+        .await;
+    assert_eq!(none[0].as_ref().unwrap().revision(), r5);
+
+    // Historical range scans see the state as of that revision.
+    let old = sm
+        .range(RangeRequest {
+            start: vec![],
+            end: Some(vec![]),
+            limit: 0,
+            revision: r3,
+        })
+        .await
+        .unwrap();
+    let keys: Vec<_> = old
+        .kvs
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (b"a".to_vec(), b"2".to_vec()),
+            (b"b".to_vec(), b"x".to_vec())
+        ]
+    );
+
+    // Compaction: older revisions become unreadable, newer ones stay exact.
+    let out = c.write(vec![WriteOp::Compact { revision: r4 }]).await;
+    assert!(out[0].is_ok(), "{out:?}");
+    assert!(matches!(
+        sm.get(b"a".to_vec(), r3).await,
+        Err(ReadError::Compacted { .. })
+    ));
+    assert_eq!(
+        sm.get(b"b".to_vec(), r4).await.unwrap().unwrap().value,
+        b"x"
+    );
+    assert_eq!(sm.get(b"a".to_vec(), r4).await.unwrap(), None);
+    assert_eq!(
+        sm.get(b"a".to_vec(), r5).await.unwrap().unwrap().value,
+        b"3"
+    );
+    let again = c.write(vec![WriteOp::Compact { revision: r4 }]).await;
+    assert!(matches!(again[0], Err(ApplyError::Compacted { .. })));
+    assert!(matches!(
+        sm.get(b"a".to_vec(), r5 + 10).await,
+        Err(ReadError::FutureRevision { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_scans_with_limit_and_continuation() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let ops: Vec<_> = (0..25u8)
+        .map(|i| put(&format!("p/{i:02}"), "v"))
+        .chain([put("q", "v"), put("p", "v")])
+        .collect();
+    c.write(ops).await;
+    let sm = &c.nodes[&1].sm;
+    let mut req = RangeRequest::prefix(b"p/".to_vec());
+    req.limit = 10;
+    let mut seen = Vec::new();
+    loop {
+        let page = sm.range(req.clone()).await.unwrap();
+        seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        if !page.more {
+            break;
+        }
+        let mut next = page.kvs.last().unwrap().key.clone();
+        next.push(0);
+        req.start = next;
+        req.revision = page.revision;
+    }
+    let expected: Vec<Vec<u8>> = (0..25u8)
+        .map(|i| format!("p/{i:02}").into_bytes())
+        .collect();
+    assert_eq!(seen, expected);
+    // Binary keys work, including 0xff bytes.
+    c.write(vec![
+        put("\u{0}", "zero"),
+        WriteOp::Put {
+            key: vec![0xff, 0xff],
+            value: vec![1],
+            prev_kv: false,
+        },
+    ])
+    .await;
+    let all = sm
+        .range(RangeRequest {
+            start: vec![0xff],
+            end: Some(vec![]),
+            limit: 0,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.kvs.len(), 1);
+    // Delete a range.
+    let del = c
+        .write(vec![WriteOp::Delete {
+            start: b"p/".to_vec(),
+            end: Some(prefix_end(b"p/")),
+            prev_kv: false,
+        }])
+        .await;
+    assert!(matches!(
+        del[0],
+        Ok(WriteOutcome::Delete { deleted: 25, .. })
+    ));
+    assert!(sm
+        .range(RangeRequest::prefix(b"p/".to_vec()))
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+    assert!(sm.get(b"p".to_vec(), 0).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_commands_apply_once() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let leader = &c.nodes[&1].raft;
+    let cmd = |seq, acked_below, v: &str| Command {
+        session: Some(Session {
+            client_id: 42,
+            seq,
+            acked_below,
+        }),
+        op: WriteOp::Put {
+            key: b"k".to_vec(),
+            value: v.into(),
+            prev_kv: false,
+        },
+    };
+    let first = leader
+        .client_write(Batch {
+            proposed_at_ms: 1,
+            commands: vec![cmd(1, 1, "a")],
+        })
+        .await
+        .unwrap();
+    // The same request again (a retry after a lost reply) returns the first answer.
+    let retry = leader
+        .client_write(Batch {
+            proposed_at_ms: 2,
+            commands: vec![cmd(1, 1, "a")],
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.data, retry.data);
+    let kv = c.nodes[&1].sm.get(b"k".to_vec(), 0).await.unwrap().unwrap();
+    assert_eq!(kv.version, 1, "retry must not apply twice");
+    // Out of order within the window is fine; below the acked floor is refused.
+    let r = leader
+        .client_write(Batch {
+            proposed_at_ms: 3,
+            commands: vec![cmd(3, 1, "c"), cmd(2, 1, "b")],
+        })
+        .await;
+    assert!(r.unwrap().data.results.iter().all(Result::is_ok));
+    let r = leader
+        .client_write(Batch {
+            proposed_at_ms: 4,
+            commands: vec![cmd(4, 4, "d"), cmd(2, 4, "b")],
+        })
+        .await;
+    let results = r.unwrap().data.results;
+    assert!(results[0].is_ok());
+    assert!(matches!(
+        results[1],
+        Err(ApplyError::StaleSequence { seq: 2, .. })
+    ));
+    assert_eq!(
+        c.nodes[&1]
+            .sm
+            .get(b"k".to_vec(), 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_replays_the_durable_log() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1, 2, 3]).await;
+    for i in 0..30 {
+        c.put(&format!("k{i}"), "v").await;
+    }
+    c.converge().await;
+    let before = c.nodes[&2].sm.state_digest().await.unwrap();
+    c.stop(2).await;
+    for i in 30..60 {
+        c.put(&format!("k{i}"), "v").await;
+    }
+    c.start(2).await;
+    c.converge().await;
+    let after = c.nodes[&2].sm.state_digest().await.unwrap();
+    assert_eq!(after.1, 60, "restarted node caught up (before: {before:?})");
+    assert_eq!(after, c.nodes[&1].sm.state_digest().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_and_new_nodes_get_a_snapshot_after_log_compaction() {
+    // Snapshot every 20 entries; 1000 entries are kept after a snapshot by default, so purge
+    // the log explicitly to force snapshot installation.
+    let mut c = Cluster::new(20);
+    c.form(&[1, 2, 3]).await;
+    c.stop(3).await;
+    for i in 0..200 {
+        c.put(&format!("k{i:03}"), &format!("v{i}")).await;
+    }
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    let m = raft
+        .wait(Some(TIMEOUT))
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= 200), "snapshot")
+        .await
+        .unwrap();
+    let snap_index = m.snapshot.unwrap().index;
+    // Only the leader's log matters for catching up node 3.
+    raft.trigger().purge_log(snap_index).await.unwrap();
+    raft.wait(Some(TIMEOUT))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= snap_index),
+            "purged",
+        )
+        .await
+        .unwrap();
+    // Node 3 lags behind the purged log: it can only catch up by installing the snapshot.
+    c.start(3).await;
+    // Node 4 is brand new.
+    c.start(4).await;
+    c.add(4).await;
+    c.put("after", "snapshot").await;
+    c.converge().await;
+    let reference = c.nodes[&leader].sm.state_digest().await.unwrap();
+    for id in [3, 4] {
+        assert_eq!(
+            c.nodes[&id].sm.state_digest().await.unwrap(),
+            reference,
+            "node {id}"
+        );
+        let kv = c.nodes[&id]
+            .sm
+            .get(b"k123".to_vec(), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kv.value, b"v123");
+        // History came along with the snapshot.
+        let old = c.nodes[&id]
+            .sm
+            .get(b"k123".to_vec(), kv.mod_revision)
+            .await
+            .unwrap();
+        assert!(old.is_some());
+    }
+    // A node restarted after installing a snapshot comes back from it.
+    c.stop(4).await;
+    c.start(4).await;
+    c.put("after2", "x").await;
+    c.converge().await;
+    assert_eq!(
+        c.nodes[&4].sm.state_digest().await.unwrap().1,
+        reference.1 + 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_isolation_elects_a_new_leader_without_losing_writes() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1, 2, 3]).await;
+    for i in 0..10 {
+        c.put(&format!("k{i}"), "v").await;
+    }
+    let old = c.leader().await;
+    c.router.isolate(old);
+    let others: Vec<NodeId> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    let new = c.nodes[&others[0]]
+        .raft
+        .wait(Some(TIMEOUT))
+        .metrics(|m| m.current_leader.is_some_and(|l| l != old), "new leader")
+        .await
+        .unwrap()
+        .current_leader
+        .unwrap();
+    let batch = Batch {
+        proposed_at_ms: 1,
+        commands: vec![Command {
+            session: None,
+            op: put("k10", "v"),
+        }],
+    };
+    c.nodes[&new].raft.client_write(batch).await.unwrap();
+    c.router.heal(old);
+    c.converge().await;
+    for node in c.nodes.values() {
+        assert_eq!(node.sm.state_digest().await.unwrap().1, 11);
+    }
+}
