@@ -1,1 +1,468 @@
+//! Aspen's Rust SDK: talk to a cluster over iroh with the `aspen/client/1` protocol.
+//!
+//! ```no_run
+//! # async fn demo(ticket: aspen_client::ClusterTicket) -> Result<(), aspen_client::ClientError> {
+//! let client = aspen_client::Client::connect(ticket).await?;
+//! let put = client.put(b"greeting".to_vec(), b"hello".to_vec()).await?;
+//! let kv = client.get(b"greeting".to_vec()).await?.expect("just written");
+//! assert_eq!(kv.mod_revision, put.revision);
+//! # Ok(()) }
+//! ```
+//!
+//! One connection per node is opened lazily and reused by every request (each request is a
+//! QUIC bi-stream). On a transport error, a leader change or an election, a request is retried
+//! on another member until the deadline; writes carry a (client id, sequence) session so a
+//! retried write is applied at most once.
 
+pub mod endpoint;
+pub mod protocol;
+pub mod ticket;
+pub mod wire;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aspen_kv::api::*;
+use aspen_kv::NodeId;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, EndpointId};
+
+pub use protocol::{
+    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, RpcError,
+};
+pub use ticket::{ClusterTicket, NodeTicket, TicketError};
+
+use protocol::{CLIENT_ALPN, MAX_CLIENT_FRAME};
+
+/// Timeouts and retry policy.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Give up on one attempt (connect + request + response) after this long.
+    pub attempt_timeout: Duration,
+    /// Give up on a request, across all retries, after this long.
+    pub deadline: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            attempt_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cluster unreachable after {attempts} attempts over {elapsed:?}: {last}")]
+    Unavailable {
+        attempts: u32,
+        elapsed: Duration,
+        last: String,
+    },
+    #[error(transparent)]
+    Rpc(RpcError),
+    #[error("write refused: {0}")]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
+    #[error("protocol error: unexpected response {0}")]
+    Protocol(String),
+}
+
+/// The outcome of a put.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PutResult {
+    pub revision: Revision,
+    pub prev: Option<KeyValue>,
+}
+
+/// The outcome of a delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteResult {
+    pub revision: Revision,
+    pub deleted: u64,
+    pub prev: Vec<KeyValue>,
+}
+
+/// A connection to a cluster. Cheap to clone; clones share connections and the session.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    options: ClientOptions,
+    members: Mutex<Vec<NodeTicket>>,
+    /// Index into `members` of the node to try first.
+    preferred: AtomicUsize,
+    conns: Mutex<HashMap<[u8; 32], Connection>>,
+    /// Serializes dialling so concurrent requests share one new connection.
+    dial: tokio::sync::Mutex<()>,
+    client_id: u64,
+    next_seq: AtomicU64,
+    in_flight: Mutex<BTreeSet<u64>>,
+}
+
+impl Client {
+    /// A client for the cluster in `ticket`, with default options.
+    pub async fn connect(ticket: ClusterTicket) -> Result<Client, ClientError> {
+        Self::connect_with(ticket, ClientOptions::default()).await
+    }
+
+    /// A client for the cluster in `ticket`. Connections are opened on first use.
+    pub async fn connect_with(
+        ticket: ClusterTicket,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let bind = endpoint::client_bind_addr(ticket.members.iter().flat_map(|m| m.addrs.iter()));
+        let endpoint = endpoint::offline_endpoint(bind, None, vec![]).await?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                options,
+                members: Mutex::new(ticket.members),
+                preferred: AtomicUsize::new(0),
+                conns: Mutex::new(HashMap::new()),
+                dial: tokio::sync::Mutex::new(()),
+                client_id: rand::random(),
+                next_seq: AtomicU64::new(1),
+                in_flight: Mutex::new(BTreeSet::new()),
+            }),
+        })
+    }
+
+    /// A client that talks to one node only (to initialize it, or inspect it).
+    pub async fn connect_node(
+        node: NodeTicket,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        Self::connect_with(
+            ClusterTicket {
+                members: vec![node],
+            },
+            options,
+        )
+        .await
+    }
+
+    /// Closes connections and the endpoint.
+    pub async fn close(&self) {
+        self.inner.endpoint.close().await;
+    }
+
+    /// Sets `key` to `value`.
+    pub async fn put(&self, key: Vec<u8>, value: Vec<u8>) -> Result<PutResult, ClientError> {
+        self.put_with(key, value, false).await
+    }
+
+    /// Sets `key` to `value`, returning the previous value when `prev_kv`.
+    pub async fn put_with(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        prev_kv: bool,
+    ) -> Result<PutResult, ClientError> {
+        match self
+            .write(WriteOp::Put {
+                key,
+                value,
+                prev_kv,
+            })
+            .await?
+        {
+            WriteOutcome::Put { revision, prev } => Ok(PutResult { revision, prev }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: Vec<u8>) -> Result<DeleteResult, ClientError> {
+        self.delete_range(key, None, false).await
+    }
+
+    /// Deletes the keys in `[start, end)` (`end == None`: just `start`; empty `end`: to the end).
+    pub async fn delete_range(
+        &self,
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+        prev_kv: bool,
+    ) -> Result<DeleteResult, ClientError> {
+        match self
+            .write(WriteOp::Delete {
+                start,
+                end,
+                prev_kv,
+            })
+            .await?
+        {
+            WriteOutcome::Delete {
+                revision,
+                deleted,
+                prev,
+            } => Ok(DeleteResult {
+                revision,
+                deleted,
+                prev,
+            }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Forgets history below `revision`.
+    pub async fn compact(&self, revision: Revision) -> Result<Revision, ClientError> {
+        Ok(self.write(WriteOp::Compact { revision }).await?.revision())
+    }
+
+    /// Applies one write, at most once even across retries.
+    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, ClientError> {
+        op.validate()?;
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let acked_below = {
+            let mut in_flight = self.inner.in_flight.lock().expect("lock");
+            in_flight.insert(seq);
+            *in_flight.first().expect("just inserted")
+        };
+        let session = Session {
+            client_id: self.inner.client_id,
+            seq,
+            acked_below,
+        };
+        let request = ClientRequest::Write {
+            commands: vec![Command {
+                session: Some(session),
+                op,
+            }],
+        };
+        let result = self.request(&request).await;
+        self.inner.in_flight.lock().expect("lock").remove(&seq);
+        match result? {
+            ClientResponse::Write { mut results } if results.len() == 1 => {
+                Ok(results.pop().expect("one")?)
+            }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, ClientError> {
+        self.get_with(key, 0, Consistency::Linearizable).await
+    }
+
+    /// Reads `key` at `revision` (0: current) with the given consistency.
+    pub async fn get_with(
+        &self,
+        key: Vec<u8>,
+        revision: Revision,
+        consistency: Consistency,
+    ) -> Result<Option<KeyValue>, ClientError> {
+        let mut request = RangeRequest::key(key);
+        request.revision = revision;
+        Ok(self.range(request, consistency).await?.kvs.pop())
+    }
+
+    /// Reads a range of keys.
+    pub async fn range(
+        &self,
+        request: RangeRequest,
+        consistency: Consistency,
+    ) -> Result<RangeResponse, ClientError> {
+        request.validate()?;
+        match self
+            .request(&ClientRequest::Range {
+                request,
+                consistency,
+            })
+            .await?
+        {
+            ClientResponse::Range(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The cluster as seen by the first node that answers.
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(&ClientRequest::Status).await? {
+            ClientResponse::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Makes the (single) node this client talks to a one-member cluster.
+    pub async fn init_cluster(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(&ClientRequest::InitCluster).await? {
+            ClientResponse::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Adds a node (learner, then voter) and returns its node id.
+    pub async fn add_member(&self, node: NodeTicket) -> Result<NodeId, ClientError> {
+        let id = node.node_id();
+        match self.request(&ClientRequest::AddMember { node }).await? {
+            ClientResponse::Done => Ok(id),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Removes a node from the cluster.
+    pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClientError> {
+        match self
+            .request(&ClientRequest::RemoveMember { node_id })
+            .await?
+        {
+            ClientResponse::Done => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `request`, retrying on other members until the deadline.
+    async fn request(&self, request: &ClientRequest) -> Result<ClientResponse, ClientError> {
+        let inner = &self.inner;
+        let start = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            attempts += 1;
+            let target = {
+                let members = inner.members.lock().expect("lock");
+                members[inner.preferred.load(Ordering::Relaxed) % members.len()].clone()
+            };
+            let last = match tokio::time::timeout(
+                inner.options.attempt_timeout,
+                self.attempt(&target, request),
+            )
+            .await
+            {
+                Ok(Ok(ClientResponse::Error(RpcError::NotLeader {
+                    leader: Some(leader),
+                }))) => {
+                    self.prefer(leader);
+                    format!("node {:016x} is not the leader", target.node_id())
+                }
+                Ok(Ok(ClientResponse::Error(e))) if e.is_retryable() => {
+                    self.rotate();
+                    e.to_string()
+                }
+                Ok(Ok(ClientResponse::Error(e))) => return Err(ClientError::Rpc(e)),
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => {
+                    self.forget(&target);
+                    self.rotate();
+                    e
+                }
+                Err(_) => {
+                    self.forget(&target);
+                    self.rotate();
+                    format!(
+                        "no answer from {:016x} within {:?}",
+                        target.node_id(),
+                        inner.options.attempt_timeout
+                    )
+                }
+            };
+            let elapsed = start.elapsed();
+            if elapsed + backoff >= inner.options.deadline {
+                return Err(ClientError::Unavailable {
+                    attempts,
+                    elapsed,
+                    last,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn attempt(
+        &self,
+        target: &NodeTicket,
+        request: &ClientRequest,
+    ) -> Result<ClientResponse, String> {
+        let conn = self.connection(target).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("open stream: {e}"))?;
+        wire::write_frame(&mut send, request, MAX_CLIENT_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| format!("finish: {e}"))?;
+        wire::read_frame(&mut recv, MAX_CLIENT_FRAME)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn connection(&self, target: &NodeTicket) -> Result<Connection, String> {
+        let inner = &self.inner;
+        let cached = |inner: &Inner| {
+            inner
+                .conns
+                .lock()
+                .expect("lock")
+                .get(&target.endpoint_id)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(c) = cached(inner) {
+            return Ok(c);
+        }
+        let _dialling = inner.dial.lock().await;
+        if let Some(c) = cached(inner) {
+            return Ok(c);
+        }
+        let id = EndpointId::from_bytes(&target.endpoint_id)
+            .map_err(|e| format!("bad node key: {e}"))?;
+        let mut addr = EndpointAddr::new(id);
+        for a in &target.addrs {
+            addr = addr.with_ip_addr(*a);
+        }
+        let conn = inner
+            .endpoint
+            .connect(addr, CLIENT_ALPN)
+            .await
+            .map_err(|e| format!("connect to {:016x}: {e}", target.node_id()))?;
+        inner
+            .conns
+            .lock()
+            .expect("lock")
+            .insert(target.endpoint_id, conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self, target: &NodeTicket) {
+        self.inner
+            .conns
+            .lock()
+            .expect("lock")
+            .remove(&target.endpoint_id);
+    }
+
+    fn rotate(&self) {
+        self.inner.preferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn prefer(&self, node: NodeTicket) {
+        let mut members = self.inner.members.lock().expect("lock");
+        let index = match members
+            .iter()
+            .position(|m| m.endpoint_id == node.endpoint_id)
+        {
+            Some(i) => {
+                members[i] = node;
+                i
+            }
+            None => {
+                members.push(node);
+                members.len() - 1
+            }
+        };
+        self.inner.preferred.store(index, Ordering::Relaxed);
+    }
+}

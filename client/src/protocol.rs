@@ -32,7 +32,10 @@ pub enum ClientRequest {
     /// Writes; any node accepts them and forwards to the leader.
     Write { commands: Vec<Command> },
     /// A read of a key or a range.
-    Range { request: RangeRequest, consistency: Consistency },
+    Range {
+        request: RangeRequest,
+        consistency: Consistency,
+    },
     /// The contacted node's view of the cluster.
     Status,
     /// Make the contacted (uninitialized) node a one-member cluster.
@@ -89,7 +92,9 @@ pub enum RpcError {
     Limit(#[from] LimitError),
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("this node is not part of a cluster yet (run `aspen cluster init` or `aspen cluster add`)")]
+    #[error(
+        "this node is not part of a cluster yet (run `aspen cluster init` or `aspen cluster add`)"
+    )]
     NotInitialized,
     #[error("this node is already part of a cluster")]
     AlreadyInitialized,
@@ -119,15 +124,35 @@ mod tests {
     fn golden_bytes() {
         let put = ClientRequest::Write {
             commands: vec![Command {
-                session: Some(Session { client_id: 1, seq: 2, acked_below: 1 }),
-                op: WriteOp::Put { key: b"k".to_vec(), value: b"v".to_vec(), prev_kv: false },
+                session: Some(Session {
+                    client_id: 1,
+                    seq: 2,
+                    acked_below: 1,
+                }),
+                op: WriteOp::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                    prev_kv: false,
+                },
             }],
         };
-        assert_eq!(postcard::to_allocvec(&put).unwrap(), [0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0]);
-        let get = ClientRequest::Range { request: RangeRequest::key(b"k".to_vec()), consistency: Consistency::Serializable };
-        assert_eq!(postcard::to_allocvec(&get).unwrap(), [1, 1, b'k', 0, 0, 0, 1]);
+        assert_eq!(
+            postcard::to_allocvec(&put).unwrap(),
+            [0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0]
+        );
+        let get = ClientRequest::Range {
+            request: RangeRequest::key(b"k".to_vec()),
+            consistency: Consistency::Serializable,
+        };
+        assert_eq!(
+            postcard::to_allocvec(&get).unwrap(),
+            [1, 1, b'k', 0, 0, 0, 1]
+        );
         assert_eq!(postcard::to_allocvec(&ClientRequest::Status).unwrap(), [2]);
-        assert_eq!(postcard::to_allocvec(&ClientRequest::RemoveMember { node_id: 5 }).unwrap(), [5, 5]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::RemoveMember { node_id: 5 }).unwrap(),
+            [5, 5]
+        );
         let err = ClientResponse::Error(RpcError::NotLeader { leader: None });
         assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 0, 0]);
     }

@@ -44,18 +44,29 @@ pub enum TicketError {
     #[error("ticket is {len} characters, the limit is {MAX_TICKET_CHARS}")]
     TooLong { len: usize },
     #[error("not a {expected} ticket (it should start with '{prefix}')")]
-    WrongKind { expected: &'static str, prefix: &'static str },
+    WrongKind {
+        expected: &'static str,
+        prefix: &'static str,
+    },
     #[error("ticket is not valid base32: {0}")]
     Encoding(String),
     #[error("ticket payload is malformed: {0}")]
     Payload(String),
     #[error("ticket has {len} {what}, the limit is {max}")]
-    TooMany { what: &'static str, len: usize, max: usize },
+    TooMany {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("cluster ticket lists no members")]
     NoMembers,
 }
 
-fn decode<T: for<'a> Deserialize<'a>>(s: &str, prefix: &'static str, kind: &'static str) -> Result<T, TicketError> {
+fn decode<T: for<'a> Deserialize<'a>>(
+    s: &str,
+    prefix: &'static str,
+    kind: &'static str,
+) -> Result<T, TicketError> {
     let s = s.trim();
     if s.is_empty() {
         return Err(TicketError::Empty);
@@ -63,24 +74,40 @@ fn decode<T: for<'a> Deserialize<'a>>(s: &str, prefix: &'static str, kind: &'sta
     if s.len() > MAX_TICKET_CHARS {
         return Err(TicketError::TooLong { len: s.len() });
     }
-    let body = s.strip_prefix(prefix).ok_or(TicketError::WrongKind { expected: kind, prefix })?;
-    let bytes = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes()).map_err(|e| TicketError::Encoding(e.to_string()))?;
-    let (value, rest) = postcard::take_from_bytes(&bytes).map_err(|e| TicketError::Payload(e.to_string()))?;
+    let body = s.strip_prefix(prefix).ok_or(TicketError::WrongKind {
+        expected: kind,
+        prefix,
+    })?;
+    let bytes = BASE32_NOPAD
+        .decode(body.to_ascii_uppercase().as_bytes())
+        .map_err(|e| TicketError::Encoding(e.to_string()))?;
+    let (value, rest) =
+        postcard::take_from_bytes(&bytes).map_err(|e| TicketError::Payload(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(TicketError::Payload(format!("{} trailing bytes", rest.len())));
+        return Err(TicketError::Payload(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(value)
 }
 
 fn encode<T: Serialize>(value: &T, prefix: &str) -> String {
     let bytes = postcard::to_allocvec(value).expect("tickets always encode");
-    format!("{prefix}{}", BASE32_NOPAD.encode(&bytes).to_ascii_lowercase())
+    format!(
+        "{prefix}{}",
+        BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()
+    )
 }
 
 impl NodeTicket {
     fn check(&self) -> Result<(), TicketError> {
         if self.addrs.len() > MAX_ADDRS_PER_NODE {
-            return Err(TicketError::TooMany { what: "addresses", len: self.addrs.len(), max: MAX_ADDRS_PER_NODE });
+            return Err(TicketError::TooMany {
+                what: "addresses",
+                len: self.addrs.len(),
+                max: MAX_ADDRS_PER_NODE,
+            });
         }
         Ok(())
     }
@@ -125,7 +152,11 @@ impl FromStr for ClusterTicket {
             return Err(TicketError::NoMembers);
         }
         if t.members.len() > MAX_TICKET_MEMBERS {
-            return Err(TicketError::TooMany { what: "members", len: t.members.len(), max: MAX_TICKET_MEMBERS });
+            return Err(TicketError::TooMany {
+                what: "members",
+                len: t.members.len(),
+                max: MAX_TICKET_MEMBERS,
+            });
         }
         for m in &t.members {
             m.check()?;
@@ -140,14 +171,19 @@ mod tests {
     use proptest::prelude::*;
 
     fn node(b: u8) -> NodeTicket {
-        NodeTicket { endpoint_id: [b; 32], addrs: vec!["127.0.0.1:4000".parse().unwrap()] }
+        NodeTicket {
+            endpoint_id: [b; 32],
+            addrs: vec!["127.0.0.1:4000".parse().unwrap()],
+        }
     }
 
     #[test]
     fn tickets_round_trip() {
         let n = node(1);
         assert_eq!(n.to_string().parse::<NodeTicket>().unwrap(), n);
-        let c = ClusterTicket { members: vec![node(1), node(2)] };
+        let c = ClusterTicket {
+            members: vec![node(1), node(2)],
+        };
         assert_eq!(c.to_string().parse::<ClusterTicket>().unwrap(), c);
         assert_eq!(n.node_id(), 0x0101010101010101);
     }
@@ -155,7 +191,10 @@ mod tests {
     #[test]
     fn golden_node_ticket() {
         // Stable encoding: changing it breaks every ticket users have saved.
-        let t = NodeTicket { endpoint_id: [0; 32], addrs: vec!["127.0.0.1:1".parse().unwrap()] };
+        let t = NodeTicket {
+            endpoint_id: [0; 32],
+            addrs: vec!["127.0.0.1:1".parse().unwrap()],
+        };
         assert_eq!(
             t.to_string(),
             "aspennode1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaeaaa7aaaaaae"
@@ -165,13 +204,31 @@ mod tests {
     #[test]
     fn malformed_tickets_are_typed_errors() {
         assert_eq!("".parse::<NodeTicket>(), Err(TicketError::Empty));
-        assert!(matches!("hello".parse::<NodeTicket>(), Err(TicketError::WrongKind { .. })));
-        let cluster = ClusterTicket { members: vec![node(1)] }.to_string();
-        assert!(matches!(cluster.parse::<NodeTicket>(), Err(TicketError::WrongKind { .. })));
-        assert!(matches!("aspennode1!!!".parse::<NodeTicket>(), Err(TicketError::Encoding(_))));
-        assert!(matches!("aspennode1aaaa".parse::<NodeTicket>(), Err(TicketError::Payload(_))));
+        assert!(matches!(
+            "hello".parse::<NodeTicket>(),
+            Err(TicketError::WrongKind { .. })
+        ));
+        let cluster = ClusterTicket {
+            members: vec![node(1)],
+        }
+        .to_string();
+        assert!(matches!(
+            cluster.parse::<NodeTicket>(),
+            Err(TicketError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            "aspennode1!!!".parse::<NodeTicket>(),
+            Err(TicketError::Encoding(_))
+        ));
+        assert!(matches!(
+            "aspennode1aaaa".parse::<NodeTicket>(),
+            Err(TicketError::Payload(_))
+        ));
         let long = format!("aspennode1{}", "a".repeat(MAX_TICKET_CHARS));
-        assert!(matches!(long.parse::<NodeTicket>(), Err(TicketError::TooLong { .. })));
+        assert!(matches!(
+            long.parse::<NodeTicket>(),
+            Err(TicketError::TooLong { .. })
+        ));
         let empty = ClusterTicket { members: vec![] }.to_string();
         assert_eq!(empty.parse::<ClusterTicket>(), Err(TicketError::NoMembers));
     }

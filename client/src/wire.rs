@@ -24,7 +24,10 @@ pub enum FrameError {
 pub fn encode_frame<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, FrameError> {
     let body = postcard::to_allocvec(value)?;
     if body.len() > max {
-        return Err(FrameError::TooLarge { len: body.len(), max });
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max,
+        });
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -42,13 +45,22 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Writes one frame to an iroh stream.
-pub async fn write_frame<T: Serialize>(send: &mut iroh::endpoint::SendStream, value: &T, max: usize) -> Result<(), FrameError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut iroh::endpoint::SendStream,
+    value: &T,
+    max: usize,
+) -> Result<(), FrameError> {
     let frame = encode_frame(value, max)?;
-    send.write_all(&frame).await.map_err(|e| FrameError::Write(e.to_string()))
+    send.write_all(&frame)
+        .await
+        .map_err(|e| FrameError::Write(e.to_string()))
 }
 
 /// Reads one frame from an iroh stream, checking the length before allocating.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut iroh::endpoint::RecvStream, max: usize) -> Result<T, FrameError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut iroh::endpoint::RecvStream,
+    max: usize,
+) -> Result<T, FrameError> {
     use iroh::endpoint::ReadExactError;
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| match e {
@@ -75,10 +87,16 @@ mod tests {
     fn frames_round_trip_and_limits_hold() {
         let v = (1u32, "hello".to_string(), vec![1u8, 2, 3]);
         let f = encode_frame(&v, 1024).unwrap();
-        assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+        assert_eq!(
+            u32::from_be_bytes(f[..4].try_into().unwrap()) as usize,
+            f.len() - 4
+        );
         let back: (u32, String, Vec<u8>) = decode_body(&f[4..]).unwrap();
         assert_eq!(back, v);
-        assert!(matches!(encode_frame(&vec![0u8; 100], 10), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            encode_frame(&vec![0u8; 100], 10),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut trailing = f[4..].to_vec();
         trailing.push(0);
         assert!(decode_body::<(u32, String, Vec<u8>)>(&trailing).is_err());

@@ -9,6 +9,9 @@
 //!
 //! Start at [`api`] for what clients can do, [`storage`] for how it is kept.
 
+// openraft's trait methods return its `StorageError` (large, not ours to box).
+#![allow(clippy::result_large_err)]
+
 pub mod api;
 pub mod limits;
 pub mod raft_types;
@@ -22,7 +25,13 @@ pub use storage::{open, LogStore, StateMachineStore, StoreStatus};
 ///
 /// Heartbeats every 100 ms, elections after 500-1000 ms of silence: quick failover on a LAN
 /// while tolerating a loaded 2-core machine.
-pub fn raft_config(snapshot_every: u64) -> std::sync::Arc<openraft::Config> {
+///
+/// `snapshot_every`: log entries between snapshots; `keep_after_snapshot`: entries kept in the
+/// log behind a snapshot (a follower lagging further behind is sent the snapshot).
+pub fn raft_config(
+    snapshot_every: u64,
+    keep_after_snapshot: u64,
+) -> std::sync::Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "aspen".into(),
         heartbeat_interval: 100,
@@ -31,7 +40,7 @@ pub fn raft_config(snapshot_every: u64) -> std::sync::Arc<openraft::Config> {
         // Few entries per AppendEntries: each entry is a batch of up to MAX_BATCH_BYTES.
         max_payload_entries: 16,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: keep_after_snapshot,
         snapshot_max_chunk_size: 1024 * 1024,
         ..Default::default()
     };

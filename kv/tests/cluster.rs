@@ -49,7 +49,7 @@ impl Cluster {
         let (log, sm) = aspen_kv::open(&self.node_dir(id)).unwrap();
         let raft = Raft::new(
             id,
-            aspen_kv::raft_config(self.snapshot_every),
+            aspen_kv::raft_config(self.snapshot_every, 1000),
             self.router.network(id),
             log,
             sm.clone(),

@@ -1,1 +1,46 @@
-fn main() {}
+//! The `aspen` binary. Errors are printed as one line on stderr with a non-zero exit code.
+
+use clap::Parser;
+
+use aspen_node::cli::{Cli, Command, NodeCommand};
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
+        let default = if matches!(cli.command, Command::Node(_)) {
+            "info,iroh=warn,openraft=warn"
+        } else {
+            "warn"
+        };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Node(NodeCommand::Run(args)) => aspen_node::run::run(args).await,
+            Command::Cluster(cmd) => aspen_node::cli::cluster(cmd).await,
+            Command::Kv(cmd) => aspen_node::cli::kv(cmd).await,
+            Command::Up(args) => aspen_node::up::up(args).await,
+            Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
+        }
+    });
+    // Do not wait for lingering connection tasks.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if let Err(e) = result {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}

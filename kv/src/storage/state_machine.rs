@@ -217,7 +217,7 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
         let table = txn.open_table(HISTORY).map_err(|e| storage(e.into()))?;
         let iter = match end {
             None => table.range((start, 0u64)..=(start, u64::MAX)),
-            Some(e) if e.is_empty() => table.range((start, 0u64)..),
+            Some([]) => table.range((start, 0u64)..),
             Some(e) => table.range((start, 0u64)..(e, 0u64)),
         }
         .map_err(|e| storage(e.into()))?;
@@ -292,7 +292,7 @@ impl Applier<'_> {
         }
         if let Some(prev) = sessions.get((s.client_id, s.seq))? {
             // A retry of a request that was already applied: answer as the first time.
-            return Ok(postcard::from_bytes(prev.value()).map_err(corrupt)?);
+            return postcard::from_bytes(prev.value()).map_err(corrupt);
         }
         if s.seq - floor >= MAX_SESSION_WINDOW {
             return Ok(Err(ApplyError::SessionWindowFull {

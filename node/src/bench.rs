@@ -1,0 +1,153 @@
+//! `aspen bench`: a load generator shaped like etcd's `benchmark` tool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use aspen_client::{Client, Consistency};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::cli::{ClientArgs, Output};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Puts of random keys in the key space.
+    Put(BenchArgs),
+    /// Gets of random keys in the key space (linearizable unless --serializable).
+    Get(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// Connections (client endpoints) the requests are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub conns: usize,
+    /// Total requests.
+    #[arg(long, default_value_t = 10_000)]
+    pub total: u64,
+    /// Value size in bytes (put).
+    #[arg(long, default_value_t = 256)]
+    pub val_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub key_space: u64,
+    /// Serializable reads (get).
+    #[arg(long)]
+    pub serializable: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub async fn bench(cmd: BenchCommand) -> Result<()> {
+    let (is_put, args) = match cmd {
+        BenchCommand::Put(a) => (true, a),
+        BenchCommand::Get(a) => (false, a),
+    };
+    if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
+        bail!("--clients, --conns, --total and --key-space must be at least 1");
+    }
+    if args.val_size > aspen_kv::limits::MAX_VALUE_BYTES {
+        bail!(
+            "--val-size exceeds the value limit of {} bytes",
+            aspen_kv::limits::MAX_VALUE_BYTES
+        );
+    }
+    let mut conns = Vec::new();
+    for _ in 0..args.conns {
+        conns.push(args.client.client().await?);
+    }
+    // Warm up every connection (and the leader's) before measuring.
+    for c in &conns {
+        c.status().await?;
+    }
+    let issued = Arc::new(AtomicU64::new(0));
+    let value = vec![b'x'; args.val_size];
+    let consistency = if args.serializable {
+        Consistency::Serializable
+    } else {
+        Consistency::Linearizable
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..args.clients {
+        let client: Client = conns[i % conns.len()].clone();
+        let issued = issued.clone();
+        let value = value.clone();
+        let (total, key_space) = (args.total, args.key_space);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            while issued.fetch_add(1, Ordering::Relaxed) < total {
+                let key = format!("bench/{:010}", rand::random::<u64>() % key_space).into_bytes();
+                let t = Instant::now();
+                let ok = if is_put {
+                    client.put(key, value.clone()).await.is_ok()
+                } else {
+                    client.get_with(key, 0, consistency).await.is_ok()
+                };
+                if ok {
+                    latencies.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    let rps = latencies.len() as f64 / elapsed.as_secs_f64();
+    let op = if is_put {
+        "put"
+    } else if args.serializable {
+        "get (serializable)"
+    } else {
+        "get (linearizable)"
+    };
+    match args.client.output {
+        Output::Json => println!(
+            "{}",
+            json!({ "op": op, "clients": args.clients, "conns": args.conns, "total": args.total,
+                    "ok": latencies.len(), "errors": errors, "seconds": elapsed.as_secs_f64(),
+                    "requests_per_sec": rps, "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+                    "max_ms": pct(1.0) })
+        ),
+        Output::Text => {
+            println!(
+                "{op}: {} ok, {errors} errors in {:.2}s",
+                latencies.len(),
+                elapsed.as_secs_f64()
+            );
+            println!("  requests/s  {rps:.0}");
+            println!("  p50         {:.3} ms", pct(0.50));
+            println!("  p90         {:.3} ms", pct(0.90));
+            println!("  p99         {:.3} ms", pct(0.99));
+        }
+    }
+    for c in conns {
+        c.close().await;
+    }
+    if errors > 0 {
+        bail!("{errors} requests failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The `aspen` node and CLI. See ARCHITECTURE.md for the map.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod keyfile;
+pub mod run;
+pub mod server;
+pub mod up;

@@ -1,0 +1,692 @@
+//! A running Aspen node: the iroh endpoint, Raft over iroh, and the client service.
+//!
+//! ```text
+//!  clients ──aspen/client/1──▶ ClientService ─┬─ writes ──▶ Proposer (batching) ──▶ Raft (leader)
+//!                                            │             └─ or Forward ──▶ leader over aspen/raft/1
+//!                                            └─ reads ───▶ read barrier (ReadIndex) ──▶ state machine
+//!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
+//! ```
+
+mod peers;
+mod proposer;
+pub mod raft_protocol;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aspen_client::protocol::{
+    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, RpcError, CLIENT_ALPN,
+    MAX_CLIENT_FRAME,
+};
+use aspen_client::ticket::node_id_of;
+use aspen_client::wire::{read_frame, write_frame};
+use aspen_client::{ClusterTicket, NodeTicket};
+use aspen_kv::api::{Command, CommandResult};
+use aspen_kv::limits::MAX_BATCH_COMMANDS;
+use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+use iroh::endpoint::Connection;
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, EndpointId, SecretKey};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+
+use crate::config::NodeConfig;
+use peers::{Peers, RaftNetworkOverIroh};
+use proposer::{ProposeError, Proposer};
+use raft_protocol::{RaftRequest, RaftResponse, RAFT_ALPN};
+
+/// File the node writes its own ticket to once it listens.
+pub const NODE_TICKET_FILE: &str = "node.ticket";
+/// File the node keeps the cluster's ticket in while it is a member.
+pub const CLUSTER_TICKET_FILE: &str = "cluster.ticket";
+
+/// How long a linearizable read or a forwarded call may wait for the leader.
+const LEADER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node checks that the membership records its current addresses.
+const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Key(#[from] crate::keyfile::KeyError),
+    #[error(transparent)]
+    Endpoint(#[from] aspen_client::endpoint::EndpointError),
+    #[error(transparent)]
+    Store(#[from] aspen_kv::storage::OpenError),
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+    #[error("cannot write {0}: {1}")]
+    Ticket(PathBuf, std::io::Error),
+}
+
+/// Everything a node's handlers share.
+pub struct NodeState {
+    pub id: NodeId,
+    pub me: Member,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    peers: Arc<Peers>,
+    proposer: Proposer,
+}
+
+/// A started node. Drop or [`RunningNode::shutdown`] to stop it.
+pub struct RunningNode {
+    pub state: Arc<NodeState>,
+    router: Router,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Starts a node: key, store, endpoint, Raft, protocol handlers, ticket files.
+    pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e))?;
+        let key = crate::keyfile::load_or_create(&dir)?;
+        let secret = SecretKey::from_bytes(&key.secret_bytes());
+        let endpoint = bind_endpoint(&dir, config.bind, secret).await?;
+        let addrs = listen_addrs(&endpoint, config.bind);
+        let me = Member {
+            endpoint_id: key.public(),
+            addrs,
+        };
+        let id = node_id_of(&me.endpoint_id);
+
+        let store_dir = dir.join("store");
+        let (log, sm) = tokio::task::spawn_blocking(move || aspen_kv::open(&store_dir))
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))??;
+        let peers = Peers::new(endpoint.clone());
+        let network = RaftNetworkOverIroh {
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(
+            id,
+            aspen_kv::raft_config(config.snapshot_every, config.keep_log_after_snapshot),
+            network,
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let proposer = Proposer::spawn(raft.clone());
+        let state = Arc::new(NodeState {
+            id,
+            me,
+            raft,
+            sm,
+            peers: peers.clone(),
+            proposer,
+        });
+        peers.set_node(Arc::downgrade(&state));
+
+        let router = Router::builder(endpoint.clone())
+            .accept(RAFT_ALPN, RaftService { peers })
+            .accept(
+                CLIENT_ALPN,
+                ClientService {
+                    state: state.clone(),
+                },
+            )
+            .spawn();
+
+        let ticket = state.node_ticket();
+        write_atomically(&dir.join(NODE_TICKET_FILE), &ticket.to_string())?;
+        let tasks = vec![
+            tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
+            tokio::spawn(announce_address(state.clone())),
+        ];
+        tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
+        Ok(RunningNode {
+            state,
+            router,
+            tasks,
+        })
+    }
+
+    pub fn node_ticket(&self) -> NodeTicket {
+        self.state.node_ticket()
+    }
+
+    /// Stops Raft and closes the endpoint.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.state.raft.shutdown().await;
+        let _ = self.router.shutdown().await;
+    }
+}
+
+/// Binds the endpoint. With port 0, first tries the port of the previous run (from
+/// `node.ticket`), so a restarted node keeps its address whenever the OS allows.
+async fn bind_endpoint(
+    dir: &Path,
+    bind: SocketAddr,
+    secret: SecretKey,
+) -> Result<Endpoint, StartError> {
+    if bind.port() == 0 {
+        let previous = std::fs::read_to_string(dir.join(NODE_TICKET_FILE))
+            .ok()
+            .and_then(|t| t.parse::<NodeTicket>().ok())
+            .and_then(|t| {
+                t.addrs
+                    .iter()
+                    .find(|a| a.is_ipv4() == bind.is_ipv4())
+                    .map(|a| a.port())
+            });
+        if let Some(port) = previous {
+            let again = SocketAddr::new(bind.ip(), port);
+            if let Ok(ep) =
+                aspen_client::endpoint::offline_endpoint(again, Some(secret.clone()), vec![]).await
+            {
+                return Ok(ep);
+            }
+            tracing::info!("previous port {port} is taken; binding a new one");
+        }
+    }
+    Ok(aspen_client::endpoint::offline_endpoint(bind, Some(secret), vec![]).await?)
+}
+
+/// The addresses to advertise: the bound sockets, with unspecified IPs (0.0.0.0, ::)
+/// replaced by the interface addresses iroh found.
+fn listen_addrs(endpoint: &Endpoint, bind: SocketAddr) -> Vec<SocketAddr> {
+    let bound = endpoint.bound_sockets();
+    if !bind.ip().is_unspecified() {
+        return bound;
+    }
+    let mut found: Vec<SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
+    if found.is_empty() {
+        let port = bound.first().map(|a| a.port()).unwrap_or(bind.port());
+        found.push(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port));
+    }
+    found.truncate(aspen_client::ticket::MAX_ADDRS_PER_NODE);
+    found
+}
+
+fn write_atomically(path: &Path, contents: &str) -> Result<(), StartError> {
+    let tmp = path.with_extension("tmp");
+    let err = |e| StartError::Ticket(path.to_path_buf(), e);
+    std::fs::write(&tmp, format!("{contents}\n")).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn ticket_of(member: &Member) -> NodeTicket {
+    NodeTicket {
+        endpoint_id: member.endpoint_id,
+        addrs: member.addrs.clone(),
+    }
+}
+
+impl NodeState {
+    pub fn node_ticket(&self) -> NodeTicket {
+        ticket_of(&self.me)
+    }
+
+    fn members(&self) -> BTreeMap<NodeId, Member> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    fn leader(&self) -> Option<(NodeId, Member)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let id = metrics.current_leader?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
+        Some((id, member))
+    }
+
+    fn not_leader(&self) -> RpcError {
+        RpcError::NotLeader {
+            leader: self.leader().map(|(_, m)| ticket_of(&m)),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Proposes writes through the leader: locally if we lead, else forwarded once.
+    async fn propose(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, RpcError> {
+        if self.is_leader() {
+            match self.proposer.propose(commands.clone()).await {
+                Err(ProposeError::NotLeader(_)) => {} // Lost leadership meanwhile: forward below.
+                other => return other.map_err(RpcError::from),
+            }
+        }
+        let Some((leader, member)) = self.leader() else {
+            return Err(RpcError::Unavailable(
+                "no leader (election in progress)".into(),
+            ));
+        };
+        if leader == self.id {
+            return Err(RpcError::Unavailable("leadership changing; retry".into()));
+        }
+        match self
+            .peers
+            .call(
+                &member,
+                &RaftRequest::Forward(commands),
+                LEADER_CALL_TIMEOUT,
+            )
+            .await
+        {
+            Ok(RaftResponse::Forward(r)) => r,
+            Ok(other) => Err(RpcError::Internal(format!(
+                "unexpected forward response {other:?}"
+            ))),
+            Err(e) => Err(RpcError::Unavailable(format!("leader unreachable: {e}"))),
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the
+    /// call began (ReadIndex through the leader).
+    async fn read_barrier(&self) -> Result<(), RpcError> {
+        let index = if self.is_leader() {
+            self.read_index().await?
+        } else {
+            let Some((_, member)) = self.leader() else {
+                return Err(RpcError::Unavailable(
+                    "no leader (election in progress)".into(),
+                ));
+            };
+            match self
+                .peers
+                .call(&member, &RaftRequest::ReadIndex, LEADER_CALL_TIMEOUT)
+                .await
+            {
+                Ok(RaftResponse::ReadIndex(r)) => r?,
+                Ok(other) => {
+                    return Err(RpcError::Internal(format!(
+                        "unexpected read-index response {other:?}"
+                    )))
+                }
+                Err(e) => return Err(RpcError::Unavailable(format!("leader unreachable: {e}"))),
+            }
+        };
+        if let Some(index) = index {
+            self.raft
+                .wait(Some(LEADER_CALL_TIMEOUT))
+                .applied_index_at_least(Some(index), "read barrier")
+                .await
+                .map_err(|e| {
+                    RpcError::Unavailable(format!("waiting to apply index {index}: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Leader only: confirms leadership with a quorum and returns the read index.
+    async fn read_index(&self) -> Result<Option<u64>, RpcError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(self.not_leader())
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
+                RpcError::Unavailable(format!("leader cannot reach a quorum: {e}")),
+            ),
+            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    async fn status(&self) -> Result<ClusterStatus, RpcError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let committed = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .unwrap_or(None);
+        let store = self.sm.status().await?;
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, m)| MemberStatus {
+                node_id: *id,
+                node: ticket_of(m),
+                voter: voters.contains(id),
+            })
+            .collect::<Vec<_>>();
+        Ok(ClusterStatus {
+            node_id: self.id,
+            initialized: !members.is_empty(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            commit_index: committed,
+            applied_index: metrics.last_applied.map(|l| l.index),
+            last_log_index: metrics.last_log_index,
+            snapshot_index: metrics.snapshot.map(|l| l.index),
+            revision: store.revision,
+            compacted_revision: store.compacted,
+            members,
+        })
+    }
+
+    fn validate(commands: &[Command]) -> Result<(), RpcError> {
+        if commands.is_empty() {
+            return Err(RpcError::BadRequest("no commands".into()));
+        }
+        if commands.len() > MAX_BATCH_COMMANDS {
+            return Err(RpcError::BadRequest(format!(
+                "{} commands exceed the limit of {MAX_BATCH_COMMANDS}",
+                commands.len()
+            )));
+        }
+        for c in commands {
+            c.op.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Serves one client request.
+    pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
+        let result = match request {
+            ClientRequest::Write { commands } => match Self::validate(&commands) {
+                Err(e) => Err(e),
+                Ok(()) => self
+                    .propose(commands)
+                    .await
+                    .map(|results| ClientResponse::Write { results }),
+            },
+            ClientRequest::Range {
+                request,
+                consistency,
+            } => {
+                async {
+                    request.validate()?;
+                    if consistency == Consistency::Linearizable {
+                        self.read_barrier().await?;
+                    }
+                    Ok(ClientResponse::Range(self.sm.range(request).await?))
+                }
+                .await
+            }
+            ClientRequest::Status => self.status().await.map(ClientResponse::Status),
+            ClientRequest::InitCluster => self.init_cluster().await,
+            ClientRequest::AddMember { node } => self.add_member(node).await,
+            ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
+        };
+        result.unwrap_or_else(ClientResponse::Error)
+    }
+
+    async fn init_cluster(&self) -> Result<ClientResponse, RpcError> {
+        if !self.members().is_empty() {
+            return Err(RpcError::AlreadyInitialized);
+        }
+        let members = BTreeMap::from([(self.id, self.me.clone())]);
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => {
+                RpcError::AlreadyInitialized
+            }
+            other => RpcError::Internal(other.to_string()),
+        })?;
+        self.raft
+            .wait(Some(LEADER_CALL_TIMEOUT * 2))
+            .current_leader(self.id, "init")
+            .await
+            .map_err(|e| RpcError::Unavailable(format!("not elected after init: {e}")))?;
+        self.status().await.map(ClientResponse::Status)
+    }
+
+    fn require_leader(&self) -> Result<(), RpcError> {
+        if self.members().is_empty() {
+            return Err(RpcError::NotInitialized);
+        }
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        Ok(())
+    }
+
+    async fn add_member(&self, node: NodeTicket) -> Result<ClientResponse, RpcError> {
+        self.require_leader()?;
+        EndpointId::from_bytes(&node.endpoint_id)
+            .map_err(|e| RpcError::BadRequest(format!("bad node key: {e}")))?;
+        let id = node.node_id();
+        let member = Member {
+            endpoint_id: node.endpoint_id,
+            addrs: node.addrs,
+        };
+        if let Some(existing) = self.members().get(&id) {
+            if existing.endpoint_id != member.endpoint_id {
+                return Err(RpcError::Membership(format!(
+                    "node id {id:016x} is taken by another key"
+                )));
+            }
+        }
+        // Catch the new node up as a learner first, so it never slows down the quorum.
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .chain([id])
+            .collect();
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        Ok(ClientResponse::Done)
+    }
+
+    async fn remove_member(&self, node_id: NodeId) -> Result<ClientResponse, RpcError> {
+        self.require_leader()?;
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = membership.membership();
+        if membership.get_node(&node_id).is_none() {
+            return Err(RpcError::BadRequest(format!(
+                "node {node_id:016x} is not a member"
+            )));
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != node_id).collect();
+        if voters.is_empty() {
+            return Err(RpcError::BadRequest("cannot remove the last voter".into()));
+        }
+        let change = if membership.voter_ids().any(|v| v == node_id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        Ok(ClientResponse::Done)
+    }
+
+    fn membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> RpcError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                RpcError::Membership(e.to_string())
+            }
+            RaftError::Fatal(e) => RpcError::Unavailable(format!("raft stopped: {e}")),
+        }
+    }
+
+    /// Serves one node-to-node request from `remote`.
+    pub async fn handle_raft(&self, remote: EndpointId, request: RaftRequest) -> RaftResponse {
+        let members = self.members();
+        let known = members
+            .values()
+            .any(|m| m.endpoint_id == *remote.as_bytes());
+        // An uninitialized node accepts its first leader; afterwards only members are heard.
+        if !members.is_empty() && !known {
+            return RaftResponse::Refused(format!(
+                "{} is not a member of this cluster",
+                remote.fmt_short()
+            ));
+        }
+        match request {
+            RaftRequest::AppendEntries(rpc) => {
+                RaftResponse::AppendEntries(self.raft.append_entries(rpc).await)
+            }
+            RaftRequest::Vote(rpc) => RaftResponse::Vote(self.raft.vote(rpc).await),
+            RaftRequest::InstallSnapshot(rpc) => {
+                RaftResponse::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+            }
+            RaftRequest::Forward(commands) => {
+                RaftResponse::Forward(match Self::validate(&commands) {
+                    Err(e) => Err(e),
+                    Ok(()) => self
+                        .proposer
+                        .propose(commands)
+                        .await
+                        .map_err(RpcError::from),
+                })
+            }
+            RaftRequest::ReadIndex => RaftResponse::ReadIndex(self.read_index().await),
+            RaftRequest::Hello(member) => {
+                if member.endpoint_id != *remote.as_bytes() {
+                    return RaftResponse::Refused("hello for another node's key".into());
+                }
+                let id = node_id_of(&member.endpoint_id);
+                if self.is_leader() && members.get(&id).is_some_and(|m| m.addrs != member.addrs) {
+                    self.update_address(id, member);
+                }
+                RaftResponse::Hello
+            }
+        }
+    }
+
+    /// Leader: records a member's new addresses in the membership (replicated).
+    fn update_address(&self, id: NodeId, member: Member) {
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            tracing::info!(node = format!("{id:016x}"), addrs = ?member.addrs, "member moved; updating membership");
+            let change = ChangeMembers::SetNodes(BTreeMap::from([(id, member)]));
+            if let Err(e) = raft.change_membership(change, false).await {
+                tracing::warn!("could not record new address of {id:016x}: {e}");
+            }
+        });
+    }
+}
+
+/// Keeps `cluster.ticket` equal to the current membership while this node is a member.
+async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
+    let mut metrics = state.raft.metrics();
+    let mut written = String::new();
+    loop {
+        let membership = metrics.borrow_and_update().membership_config.clone();
+        let m = membership.membership();
+        if m.get_node(&state.id).is_some() {
+            let mut ids: Vec<NodeId> = m.voter_ids().collect();
+            ids.extend(m.learner_ids());
+            let members = ids
+                .iter()
+                .filter_map(|id| m.get_node(id))
+                .map(ticket_of)
+                .collect();
+            let ticket = ClusterTicket { members }.to_string();
+            if ticket != written {
+                match write_atomically(&dir.join(CLUSTER_TICKET_FILE), &ticket) {
+                    Ok(()) => written = ticket,
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// After a restart on new addresses, tells the members where we are until the membership
+/// records it.
+async fn announce_address(state: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        let members = state.members();
+        let Some(recorded) = members.get(&state.id) else {
+            continue;
+        };
+        if recorded.addrs == state.me.addrs {
+            continue;
+        }
+        if state.is_leader() {
+            state.update_address(state.id, state.me.clone());
+            continue;
+        }
+        for (id, member) in members.iter().filter(|(id, _)| **id != state.id) {
+            let hello = RaftRequest::Hello(state.me.clone());
+            if let Err(e) = state
+                .peers
+                .call(member, &hello, Duration::from_secs(3))
+                .await
+            {
+                tracing::debug!("hello to {id:016x} failed: {e}");
+            }
+        }
+    }
+}
+
+/// `aspen/raft/1`: adopts member connections into the pool.
+#[derive(Debug)]
+struct RaftService {
+    peers: Arc<Peers>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Peers")
+    }
+}
+
+impl ProtocolHandler for RaftService {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        self.peers.adopt(conn);
+        Ok(())
+    }
+}
+
+/// `aspen/client/1`: one request per bi-stream.
+struct ClientService {
+    state: Arc<NodeState>,
+}
+
+impl std::fmt::Debug for ClientService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientService")
+    }
+}
+
+impl ProtocolHandler for ClientService {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let response = match read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
+                {
+                    Ok(request) => state.handle_client(request).await,
+                    Err(e) => {
+                        ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))
+                    }
+                };
+                if let Err(e) = write_frame(&mut send, &response, MAX_CLIENT_FRAME).await {
+                    tracing::debug!("cannot answer client: {e}");
+                }
+                let _ = send.finish();
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! Connections between members: one QUIC connection per peer, used in both directions.
+//!
+//! Whoever dials first, the connection is kept in the pool and both sides open request
+//! streams on it. That is what lets a member that restarted on a new address rejoin: it dials
+//! its peers (`Hello`), and the leader reaches it over that connection before the membership
+//! even records the new address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use aspen_client::wire::{read_frame, write_frame};
+use aspen_kv::{Member, NodeId, TypeConfig};
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, EndpointId};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::raft_protocol::{RaftRequest, RaftResponse, MAX_RAFT_FRAME, RAFT_ALPN};
+use super::NodeState;
+
+/// Longest a dial may take before the peer counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest any node-to-node call may take when openraft gives no deadline.
+const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pool of member connections.
+pub struct Peers {
+    endpoint: Endpoint,
+    conns: Mutex<HashMap<EndpointId, Connection>>,
+    dials: Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<()>>>>,
+    node: std::sync::OnceLock<Weak<NodeState>>,
+}
+
+/// A failed node-to-node call.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot reach {0}: {1}")]
+    Unreachable(String, String),
+    #[error("call to {0} failed: {1}")]
+    Failed(String, String),
+}
+
+impl Peers {
+    pub fn new(endpoint: Endpoint) -> Arc<Self> {
+        Arc::new(Peers {
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
+            node: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn set_node(&self, node: Weak<NodeState>) {
+        let _ = self.node.set(node);
+    }
+
+    /// Adopts an accepted connection and serves the requests the peer sends on it.
+    pub fn adopt(self: &Arc<Self>, conn: Connection) {
+        let remote = conn.remote_id();
+        self.conns
+            .lock()
+            .expect("lock")
+            .insert(remote, conn.clone());
+        let peers = self.clone();
+        tokio::spawn(async move { peers.serve(conn).await });
+    }
+
+    /// Serves requests arriving on `conn` until it closes.
+    pub async fn serve(self: Arc<Self>, conn: Connection) {
+        loop {
+            let (mut send, mut recv) = match conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(_) => break,
+            };
+            let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+                break;
+            };
+            let remote = conn.remote_id();
+            tokio::spawn(async move {
+                let request: RaftRequest = match read_frame(&mut recv, MAX_RAFT_FRAME).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(peer = %remote.fmt_short(), "bad raft frame: {e}");
+                        let _ = write_frame(
+                            &mut send,
+                            &RaftResponse::Refused(format!("bad frame: {e}")),
+                            MAX_RAFT_FRAME,
+                        )
+                        .await;
+                        let _ = send.finish();
+                        return;
+                    }
+                };
+                let response = node.handle_raft(remote, request).await;
+                if let Err(e) = write_frame(&mut send, &response, MAX_RAFT_FRAME).await {
+                    tracing::debug!(peer = %remote.fmt_short(), "cannot answer raft request: {e}");
+                }
+                let _ = send.finish();
+            });
+        }
+        let remote = conn.remote_id();
+        let mut conns = self.conns.lock().expect("lock");
+        if conns
+            .get(&remote)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(&remote);
+        }
+    }
+
+    async fn connection(self: &Arc<Self>, member: &Member) -> Result<Connection, PeerError> {
+        let id = EndpointId::from_bytes(&member.endpoint_id).map_err(|e| {
+            PeerError::Unreachable(hex::encode(&member.endpoint_id[..8]), e.to_string())
+        })?;
+        let live = |peers: &Peers| {
+            peers
+                .conns
+                .lock()
+                .expect("lock")
+                .get(&id)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(c) = live(self) {
+            return Ok(c);
+        }
+        let gate = self
+            .dials
+            .lock()
+            .expect("lock")
+            .entry(id)
+            .or_default()
+            .clone();
+        let _dialling = gate.lock().await;
+        if let Some(c) = live(self) {
+            return Ok(c);
+        }
+        let mut addr = EndpointAddr::new(id);
+        for a in &member.addrs {
+            addr = addr.with_ip_addr(*a);
+        }
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(addr, RAFT_ALPN))
+            .await
+            .map_err(|_| {
+                PeerError::Unreachable(id.fmt_short().to_string(), "connect timed out".into())
+            })?
+            .map_err(|e| PeerError::Unreachable(id.fmt_short().to_string(), e.to_string()))?;
+        self.conns.lock().expect("lock").insert(id, conn.clone());
+        let peers = self.clone();
+        let served = conn.clone();
+        tokio::spawn(async move { peers.serve(served).await });
+        Ok(conn)
+    }
+
+    /// One request/response with a member.
+    pub async fn call(
+        self: &Arc<Self>,
+        member: &Member,
+        request: &RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftResponse, PeerError> {
+        let conn = self.connection(member).await?;
+        let name = conn.remote_id().fmt_short().to_string();
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, request, MAX_RAFT_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            read_frame::<RaftResponse>(&mut recv, MAX_RAFT_FRAME)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => Err(PeerError::Failed(
+                name,
+                format!("no answer within {timeout:?}"),
+            )),
+            Ok(Err(e)) => {
+                // A broken connection is dropped so the next call dials afresh.
+                if conn.close_reason().is_some() {
+                    self.conns.lock().expect("lock").remove(&conn.remote_id());
+                }
+                Err(PeerError::Failed(name, e))
+            }
+            Ok(Ok(RaftResponse::Refused(why))) => {
+                Err(PeerError::Failed(name, format!("refused: {why}")))
+            }
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+}
+
+/// openraft's view of the pool.
+#[derive(Clone)]
+pub struct RaftNetworkOverIroh {
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for RaftNetworkOverIroh {
+    type Network = PeerLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerLink {
+        PeerLink {
+            peers: self.peers.clone(),
+            target,
+            member: node.clone(),
+        }
+    }
+}
+
+/// Raft RPCs to one member.
+pub struct PeerLink {
+    peers: Arc<Peers>,
+    target: NodeId,
+    member: Member,
+}
+
+impl PeerLink {
+    async fn rpc<E: std::error::Error>(
+        &self,
+        request: RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftResponse, RPCError<NodeId, Member, E>> {
+        let timeout = option.hard_ttl().min(DEFAULT_RPC_TIMEOUT);
+        self.peers
+            .call(&self.member, &request, timeout)
+            .await
+            .map_err(|e| match e {
+                PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+                PeerError::Failed(..) => RPCError::Network(NetworkError::new(&e)),
+            })
+    }
+}
+
+fn unexpected<E: std::error::Error>(r: RaftResponse) -> RPCError<NodeId, Member, E> {
+    let e = std::io::Error::other(format!("unexpected response {r:?}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for PeerLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        match self.rpc(RaftRequest::AppendEntries(rpc), &option).await? {
+            RaftResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.rpc(RaftRequest::InstallSnapshot(rpc), &option).await? {
+            RaftResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        match self.rpc(RaftRequest::Vote(rpc), &option).await? {
+            RaftResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `aspen up`: a local cluster of N `aspen node run` processes, formed and ready to use.
+//!
+//! Run again with the same data directory and the same cluster comes back (nodes reuse their
+//! ports when they can, and announce new addresses when not).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aspen_client::{Client, ClientOptions, ClusterTicket, NodeTicket};
+use clap::Args;
+
+use crate::server::{CLUSTER_TICKET_FILE, NODE_TICKET_FILE};
+
+/// Most nodes `aspen up` starts (Raft clusters of more than 7 voters only get slower).
+pub const MAX_UP_NODES: usize = 7;
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Number of nodes (1-7).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Where the nodes keep their data (one sub-directory per node).
+    #[arg(long, default_value = "aspen-data")]
+    pub data_dir: PathBuf,
+    /// Start the cluster, print its ticket, and exit, leaving the nodes running in the
+    /// background (stop them with `kill $(cat DATA_DIR/node-*/pid)`).
+    #[arg(long)]
+    pub detach: bool,
+}
+
+struct Children(Vec<tokio::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    if args.nodes == 0 || args.nodes > MAX_UP_NODES {
+        bail!("--nodes must be between 1 and {MAX_UP_NODES}");
+    }
+    let exe = std::env::current_exe().context("cannot find the aspen executable")?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let dirs: Vec<PathBuf> = (1..=args.nodes)
+        .map(|i| args.data_dir.join(format!("node-{i}")))
+        .collect();
+    let formed = dirs.iter().any(|d| d.join(CLUSTER_TICKET_FILE).exists());
+    let mut children = Children(Vec::new());
+    let mut previous = Vec::new();
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        previous.push(
+            std::fs::metadata(dir.join(NODE_TICKET_FILE))
+                .and_then(|m| m.modified())
+                .ok(),
+        );
+        let log = std::fs::File::create(dir.join("node.log")).context("cannot create node.log")?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("node").arg("run").arg("--data-dir").arg(dir);
+        if !args.detach {
+            cmd.arg("--exit-on-stdin-close").stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().context("cannot start a node process")?;
+        if let Some(pid) = child.id() {
+            std::fs::write(dir.join("pid"), format!("{pid}\n"))?;
+        }
+        children.0.push(child);
+    }
+    let mut tickets = Vec::new();
+    for (dir, before) in dirs.iter().zip(&previous) {
+        tickets.push(wait_for_ticket(dir, *before, &mut children).await?);
+    }
+    let options = ClientOptions {
+        deadline: Duration::from_secs(30),
+        ..Default::default()
+    };
+    if !formed {
+        let first = Client::connect_node(tickets[0].clone(), options.clone()).await?;
+        first
+            .init_cluster()
+            .await
+            .context("cannot initialize the first node")?;
+        first.close().await;
+        let cluster = Client::connect_with(
+            ClusterTicket {
+                members: vec![tickets[0].clone()],
+            },
+            options.clone(),
+        )
+        .await?;
+        for t in &tickets[1..] {
+            cluster
+                .add_member(t.clone())
+                .await
+                .with_context(|| format!("cannot add node {:016x}", t.node_id()))?;
+        }
+        cluster.close().await;
+    }
+    let ticket = ClusterTicket {
+        members: tickets.clone(),
+    };
+    let client = Client::connect_with(ticket.clone(), options).await?;
+    let status = client
+        .status()
+        .await
+        .context("the cluster does not answer")?;
+    client.close().await;
+    let ticket_path = args.data_dir.join(CLUSTER_TICKET_FILE);
+    std::fs::write(&ticket_path, format!("{ticket}\n"))
+        .context("cannot write the cluster ticket")?;
+
+    println!(
+        "Aspen is up: {} node(s), leader {:016x}.",
+        args.nodes,
+        status.leader.unwrap_or(0)
+    );
+    println!(
+        "Data: {} (logs in node-*/node.log)",
+        args.data_dir.display()
+    );
+    println!();
+    println!("In another shell:");
+    println!("  export ASPEN_CLUSTER=$(cat {})", ticket_path.display());
+    println!("  aspen kv put hello world");
+    println!("  aspen kv get hello");
+    println!("  aspen cluster status");
+    println!();
+    if args.detach {
+        std::mem::forget(children);
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop the cluster.");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        exited = first_exit(&mut children) => {
+            bail!("a node exited unexpectedly ({exited}); see its node.log");
+        }
+    }
+    println!("stopping");
+    // Closing stdin makes every node shut down cleanly.
+    for c in &mut children.0 {
+        drop(c.stdin.take());
+    }
+    for c in &mut children.0 {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    Ok(())
+}
+
+async fn first_exit(children: &mut Children) -> String {
+    loop {
+        for c in &mut children.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for a node to write a fresh node.ticket (newer than `before`).
+async fn wait_for_ticket(
+    dir: &Path,
+    before: Option<std::time::SystemTime>,
+    children: &mut Children,
+) -> Result<NodeTicket> {
+    let path = dir.join(NODE_TICKET_FILE);
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != before {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(t) = text.parse::<NodeTicket>() {
+                    return Ok(t);
+                }
+            }
+        }
+        for c in &mut children.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!(
+                    "a node exited during start-up ({status}); see {}",
+                    dir.join("node.log").display()
+                );
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "node in {} did not start within {START_TIMEOUT:?}",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

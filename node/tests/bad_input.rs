@@ -1,0 +1,164 @@
+//! Bad input from users and the network: typed errors, no panic, the node keeps serving.
+
+mod common;
+
+use aspen_client::protocol::{ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
+use aspen_client::{ClientError, ClusterTicket};
+use aspen_kv::api::{Command, LimitError, WriteOp};
+use aspen_kv::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use common::*;
+
+/// Sends raw bytes on one stream of `alpn` and returns what comes back (if anything).
+async fn raw_exchange(node: &NodeProc, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+        .await
+        .unwrap();
+    let id = iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap();
+    let addr = iroh::EndpointAddr::new(id).with_ip_addr(node.ticket.addrs[0]);
+    let conn = ep.connect(addr, alpn).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let out = recv.read_to_end(1 << 20).await.unwrap_or_default();
+    conn.close(0u32.into(), b"done");
+    ep.close().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let node = &nodes[0];
+    let client = client_for(&[node]).await;
+    let cluster = ClusterTicket {
+        members: vec![node.ticket.clone()],
+    }
+    .to_string();
+
+    // Oversized key and value: refused by the SDK before sending...
+    let big_key = vec![b'k'; MAX_KEY_BYTES + 1];
+    assert!(matches!(
+        client.put(big_key.clone(), vec![]).await,
+        Err(ClientError::Limit(LimitError::KeyTooLarge { .. }))
+    ));
+    let big_value = vec![0u8; MAX_VALUE_BYTES + 1];
+    assert!(matches!(
+        client.put(b"k".to_vec(), big_value).await,
+        Err(ClientError::Limit(LimitError::ValueTooLarge { .. }))
+    ));
+    // ...and by the node when a client does not check.
+    let request = ClientRequest::Write {
+        commands: vec![Command {
+            session: None,
+            op: WriteOp::Put {
+                key: big_key.clone(),
+                value: vec![],
+                prev_kv: false,
+            },
+        }],
+    };
+    let frame = aspen_client::wire::encode_frame(&request, usize::MAX).unwrap();
+    let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
+    let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
+    assert!(
+        matches!(
+            response,
+            ClientResponse::Error(RpcError::Limit(LimitError::KeyTooLarge { .. }))
+        ),
+        "{response:?}"
+    );
+    // The CLI says so in one line.
+    let key = "k".repeat(MAX_KEY_BYTES + 1);
+    let out = cli(&["kv", "put", &key, "v"], Some(&cluster));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("key is {} bytes", MAX_KEY_BYTES + 1)),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+
+    // Garbage and oversized frames on each protocol.
+    let reply = raw_exchange(node, CLIENT_ALPN, b"\x00\x00\x00\x05hello").await;
+    let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
+    assert!(
+        matches!(response, ClientResponse::Error(RpcError::BadRequest(_))),
+        "{response:?}"
+    );
+    let reply = raw_exchange(node, CLIENT_ALPN, &u32::MAX.to_be_bytes()).await;
+    let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
+    assert!(
+        matches!(&response, ClientResponse::Error(RpcError::BadRequest(m)) if m.contains("exceeds")),
+        "{response:?}"
+    );
+    let _ = raw_exchange(node, b"aspen/raft/1", b"\xff\xff\xff\xff garbage").await;
+    let _ = raw_exchange(node, b"aspen/raft/1", b"\x00\x00\x00\x02\x07\x07").await;
+    let _ = raw_exchange(node, CLIENT_ALPN, b"").await;
+
+    // Malformed tickets and node ids.
+    let out = cli(&["kv", "get", "x"], Some("aspencluster1notbase32!!"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid cluster ticket"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&["kv", "get", "x"], None);
+    assert!(stderr(&out).contains("ASPEN_CLUSTER"), "{}", stderr(&out));
+    let out = cli(&["cluster", "init", "aspennode1aaaa"], None);
+    assert!(
+        stderr(&out).contains("invalid node ticket"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&["cluster", "remove", "not-hex"], Some(&cluster));
+    assert!(stderr(&out).contains("not hex"), "{}", stderr(&out));
+
+    // Still serving.
+    client
+        .put(b"still".to_vec(), b"alive".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get(b"still".to_vec()).await.unwrap().unwrap().value,
+        b"alive"
+    );
+    assert!(!node.log().contains("panicked"), "{}", node.log());
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_cluster_is_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::start(&root.path().join("gone"), &[]);
+    let cluster = ClusterTicket {
+        members: vec![node.ticket.clone()],
+    }
+    .to_string();
+    node.kill9();
+    let out = cli(&["kv", "get", "x", "--timeout", "2"], Some(&cluster));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cluster unreachable"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn help_explains_every_command() {
+    for args in [
+        &["--help"][..],
+        &["kv", "--help"],
+        &["cluster", "--help"],
+        &["node", "run", "--help"],
+        &["up", "--help"],
+        &["bench", "put", "--help"],
+    ] {
+        let out = cli(args, None);
+        assert!(out.status.success(), "{args:?}");
+        assert!(stdout(&out).contains("Usage"), "{args:?}");
+    }
+}

@@ -1,0 +1,225 @@
+//! Test harness: real `aspen` processes on loopback, each killed when its handle drops (also
+//! when a test panics). Waits are on conditions with generous deadlines, never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NodeTicket};
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn aspen_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_aspen")
+}
+
+/// One `aspen node run` process.
+pub struct NodeProc {
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    pub ticket: NodeTicket,
+}
+
+impl NodeProc {
+    pub fn start(dir: &Path, args: &[&str]) -> NodeProc {
+        let mut node = NodeProc {
+            dir: dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            ticket: NodeTicket {
+                endpoint_id: [0; 32],
+                addrs: vec![],
+            },
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let ticket_path = self.dir.join("node.ticket");
+        // Keep the old ticket (the node reuses its port from it); wait for a newer one.
+        let before = std::fs::metadata(&ticket_path)
+            .and_then(|m| m.modified())
+            .ok();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
+        let child = Command::new(aspen_bin())
+            .args(["node", "run", "--data-dir"])
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn aspen");
+        self.child = Some(child);
+        self.ticket = wait_for(
+            &format!("{} to write its ticket", self.dir.display()),
+            || {
+                let modified = std::fs::metadata(&ticket_path)
+                    .and_then(|m| m.modified())
+                    .ok();
+                if modified.is_none() || modified == before {
+                    return None;
+                }
+                std::fs::read_to_string(&ticket_path)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+            },
+        );
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.ticket.node_id()
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again on the same data directory (same arguments unless replaced).
+    pub fn restart(&mut self, args: Option<&[&str]>) {
+        self.kill9();
+        if let Some(a) = args {
+            self.args = a.iter().map(|s| s.to_string()).collect();
+        }
+        self.spawn();
+    }
+
+    pub fn cluster_ticket(&self) -> Option<ClusterTicket> {
+        std::fs::read_to_string(self.dir.join("cluster.ticket"))
+            .ok()
+            .and_then(|t| t.parse().ok())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, panicking after [`DEADLINE`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Async version of [`wait_for`].
+pub async fn wait_until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs the CLI to completion.
+pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
+    let mut cmd = Command::new(aspen_bin());
+    cmd.args(args)
+        .env_remove("ASPEN_CLUSTER")
+        .stdin(Stdio::null());
+    if let Some(c) = cluster {
+        cmd.env("ASPEN_CLUSTER", c);
+    }
+    cmd.output().expect("run aspen")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn options() -> ClientOptions {
+    ClientOptions {
+        attempt_timeout: Duration::from_secs(5),
+        deadline: Duration::from_secs(60),
+    }
+}
+
+/// A client for the whole cluster.
+pub async fn client_for(nodes: &[&NodeProc]) -> Client {
+    let ticket = ClusterTicket {
+        members: nodes.iter().map(|n| n.ticket.clone()).collect(),
+    };
+    Client::connect_with(ticket, options()).await.unwrap()
+}
+
+/// A client that only talks to `node`.
+pub async fn client_of(node: &NodeProc) -> Client {
+    Client::connect_node(node.ticket.clone(), options())
+        .await
+        .unwrap()
+}
+
+/// Starts `n` nodes and forms a cluster with the SDK.
+pub async fn form(root: &Path, n: usize, args: &[&str]) -> Vec<NodeProc> {
+    let nodes: Vec<NodeProc> = (0..n)
+        .map(|i| NodeProc::start(&root.join(format!("n{i}")), args))
+        .collect();
+    let first = client_of(&nodes[0]).await;
+    first.init_cluster().await.unwrap();
+    for node in &nodes[1..] {
+        first.add_member(node.ticket.clone()).await.unwrap();
+    }
+    first.close().await;
+    nodes
+}
+
+/// Every key under `prefix` as seen by `node` alone (serializable), sorted.
+pub async fn local_keys(node: &NodeProc, prefix: &str) -> Option<Vec<Vec<u8>>> {
+    let c = Client::connect_node(
+        node.ticket.clone(),
+        ClientOptions {
+            attempt_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(3),
+        },
+    )
+    .await
+    .ok()?;
+    let mut keys = Vec::new();
+    let mut req = aspen_kv::api::RangeRequest::prefix(prefix.as_bytes().to_vec());
+    loop {
+        let page = c.range(req.clone(), Consistency::Serializable).await.ok()?;
+        keys.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        if !page.more {
+            break;
+        }
+        req.start = page.kvs.last()?.key.iter().copied().chain([0]).collect();
+        req.revision = page.revision;
+    }
+    c.close().await;
+    Some(keys)
+}

@@ -1,0 +1,318 @@
+//! End-to-end tests with real `aspen` processes on loopback.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aspen_client::{Client, ClusterTicket};
+use common::*;
+
+/// Concurrent writers that record every acknowledged key.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(client: &Client, n: usize, prefix: &str) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let tasks = (0..n)
+            .map(|w| {
+                let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
+                let prefix = prefix.to_string();
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("{prefix}{w:02}-{i:06}");
+                        // A failed write may or may not have been applied: only acks count.
+                        if client
+                            .put(key.clone().into_bytes(), b"v".to_vec())
+                            .await
+                            .is_ok()
+                        {
+                            acked.lock().unwrap().insert(key);
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Writers { stop, acked, tasks }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    async fn wait_for_more(&self, more: usize) {
+        let target = self.count() + more;
+        wait_until(&format!("{target} acknowledged writes"), || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(self) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Asserts every acknowledged key is present on `node` (waiting for it to catch up).
+async fn assert_all_present(node: &NodeProc, prefix: &str, acked: &BTreeSet<String>) {
+    let missing = wait_until("node to hold every acknowledged write", || async {
+        let keys = local_keys(node, prefix).await?;
+        let have: BTreeSet<String> = keys
+            .into_iter()
+            .map(|k| String::from_utf8(k).unwrap())
+            .collect();
+        let missing: Vec<_> = acked.difference(&have).cloned().collect();
+        missing.is_empty().then_some(missing)
+    })
+    .await;
+    assert!(missing.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_forms_a_cluster_that_serves_through_any_node() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes: Vec<NodeProc> = (0..3)
+        .map(|i| NodeProc::start(&root.path().join(format!("n{i}")), &[]))
+        .collect();
+    let t0 = nodes[0].ticket.to_string();
+    let init = cli(&["cluster", "init", &t0, "-o", "json"], None);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let cluster = wait_for("cluster.ticket", || nodes[0].cluster_ticket()).to_string();
+    for n in &nodes[1..] {
+        let out = cli(&["cluster", "add", &n.ticket.to_string()], Some(&cluster));
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let status = cli(&["cluster", "status", "-o", "json"], Some(&cluster));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{v}");
+    assert!(members.iter().all(|m| m["voter"] == true));
+    assert!(v["leader"].is_string());
+    // Every node keeps cluster.ticket current with all three members.
+    for n in &nodes {
+        wait_for("3-member cluster.ticket", || {
+            n.cluster_ticket().filter(|t| t.members.len() == 3)
+        });
+    }
+
+    // Writes through every node (followers forward to the leader).
+    for (i, n) in nodes.iter().enumerate() {
+        let only = ClusterTicket {
+            members: vec![n.ticket.clone()],
+        }
+        .to_string();
+        let out = cli(
+            &[
+                "kv",
+                "put",
+                &format!("k{i}"),
+                &format!("v{i}"),
+                "-o",
+                "json",
+            ],
+            Some(&only),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["revision"].as_u64().unwrap() >= 1);
+    }
+    // Linearizable reads through every node see all of them at once.
+    for n in &nodes {
+        let only = ClusterTicket {
+            members: vec![n.ticket.clone()],
+        }
+        .to_string();
+        for i in 0..3 {
+            let out = cli(&["kv", "get", &format!("k{i}")], Some(&only));
+            assert_eq!(stdout(&out).trim(), format!("v{i}"), "{}", stderr(&out));
+        }
+    }
+    let scan = cli(&["kv", "scan", "k", "-o", "json"], Some(&cluster));
+    let v: serde_json::Value = serde_json::from_slice(&scan.stdout).unwrap();
+    assert_eq!(v["kvs"].as_array().unwrap().len(), 3);
+    // History: the value before an overwrite stays readable at its revision.
+    let first = cli(&["kv", "get", "k0", "-o", "json"], Some(&cluster));
+    let rev = serde_json::from_slice::<serde_json::Value>(&first.stdout).unwrap()["mod_revision"]
+        .as_u64()
+        .unwrap();
+    assert!(cli(&["kv", "put", "k0", "changed"], Some(&cluster))
+        .status
+        .success());
+    let old = cli(
+        &["kv", "get", "k0", "--rev", &rev.to_string()],
+        Some(&cluster),
+    );
+    assert_eq!(stdout(&old).trim(), "v0");
+    let del = cli(
+        &["kv", "del", "k", "--prefix", "-o", "json"],
+        Some(&cluster),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&del.stdout).unwrap();
+    assert_eq!(v["deleted"], 3);
+    let gone = cli(&["kv", "get", "k1"], Some(&cluster));
+    assert!(!gone.status.success());
+    assert!(stderr(&gone).contains("not found"));
+
+    // Remove a member; the rest keep serving.
+    let victim = format!("{:016x}", nodes[2].node_id());
+    let out = cli(&["cluster", "remove", &victim], Some(&cluster));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = cli(&["cluster", "status", "-o", "json"], Some(&cluster));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["members"].as_array().unwrap().len(), 2, "{v}");
+    assert!(cli(&["kv", "put", "after", "removal"], Some(&cluster))
+        .status
+        .success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill9_during_concurrent_writes_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let writers = Writers::start(&client, 8, "w/");
+    writers.wait_for_more(100).await;
+
+    let leader = client.status().await.unwrap().leader.unwrap();
+    let idx = nodes.iter().position(|n| n.node_id() == leader).unwrap();
+    nodes[idx].kill9();
+    // A new leader serves writes.
+    writers.wait_for_more(200).await;
+    let new_leader = client.status().await.unwrap().leader.unwrap();
+    assert_ne!(new_leader, leader);
+    let acked = writers.stop().await;
+
+    for (i, n) in nodes.iter().enumerate() {
+        if i != idx {
+            assert_all_present(n, "w/", &acked).await;
+        }
+    }
+    // The killed node restarts and catches up from its log and the leader.
+    nodes[idx].restart(None);
+    assert_all_present(&nodes[idx], "w/", &acked).await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_and_new_nodes_catch_up_by_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--snapshot-every", "20", "--keep-log-after-snapshot", "0"];
+    let mut nodes = form(root.path(), 3, &args).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let leader = client.status().await.unwrap().leader.unwrap();
+    let lagging = nodes.iter().position(|n| n.node_id() != leader).unwrap();
+    nodes[lagging].kill9();
+    let mut acked = BTreeSet::new();
+    for i in 0..150 {
+        let key = format!("s/{i:04}");
+        client
+            .put(key.clone().into_bytes(), vec![b'x'; 100])
+            .await
+            .unwrap();
+        acked.insert(key);
+    }
+    // The leader has snapshotted and purged the entries the lagging node lacks.
+    let purged = wait_until("leader snapshot", || async {
+        let s = client.status().await.ok()?;
+        s.snapshot_index.filter(|i| *i >= 100)
+    })
+    .await;
+    nodes[lagging].restart(None);
+    assert_all_present(&nodes[lagging], "s/", &acked).await;
+    let node_view = client_of(&nodes[lagging]).await;
+    let s = node_view.status().await.unwrap();
+    assert!(
+        s.snapshot_index.unwrap_or(0) >= purged.min(100),
+        "caught up through a snapshot: {s:?}"
+    );
+    node_view.close().await;
+
+    // A node added later receives the full state.
+    let late = NodeProc::start(&root.path().join("late"), &args);
+    client.add_member(late.ticket.clone()).await.unwrap();
+    assert_all_present(&late, "s/", &acked).await;
+    client.close().await;
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_kill9_keeps_every_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 1, &[]).await;
+    let client = client_for(&[&nodes[0]]).await;
+    let writers = Writers::start(&client, 8, "c/");
+    writers.wait_for_more(300).await;
+    nodes[0].kill9();
+    let before_crash = writers.count();
+    nodes[0].restart(None);
+    // The writers' retries reach the restarted node and succeed.
+    writers.wait_for_more(100).await;
+    let acked = writers.stop().await;
+    assert!(acked.len() >= before_crash + 100);
+    assert_all_present(&nodes[0], "c/", &acked).await;
+    // And it keeps working.
+    client
+        .put(b"after".to_vec(), b"crash".to_vec())
+        .await
+        .unwrap();
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_restarted_on_a_new_address_rejoins() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    client
+        .put(b"before".to_vec(), b"move".to_vec())
+        .await
+        .unwrap();
+    let leader = client.status().await.unwrap().leader.unwrap();
+    let mover = nodes.iter().position(|n| n.node_id() != leader).unwrap();
+    let old_addrs = nodes[mover].ticket.addrs.clone();
+    // A port the OS says is free right now.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    nodes[mover].restart(Some(&["--bind", &bind]));
+    assert_ne!(nodes[mover].ticket.addrs, old_addrs);
+    let id = nodes[mover].node_id();
+    // The membership learns the new address...
+    wait_until("membership to record the new address", || async {
+        let s = client.status().await.ok()?;
+        let m = s.members.iter().find(|m| m.node_id == id)?;
+        (m.node.addrs == vec![bind.parse().unwrap()]).then_some(())
+    })
+    .await;
+    // ...and the moved node receives new writes.
+    client
+        .put(b"after".to_vec(), b"move".to_vec())
+        .await
+        .unwrap();
+    let acked = BTreeSet::from(["after".to_string(), "before".to_string()]);
+    wait_until("moved node to see new writes", || async {
+        let keys = local_keys(&nodes[mover], "").await?;
+        let have: BTreeSet<String> = keys
+            .into_iter()
+            .map(|k| String::from_utf8(k).unwrap())
+            .collect();
+        acked.is_subset(&have).then_some(())
+    })
+    .await;
+    client.close().await;
+}
