@@ -197,7 +197,7 @@ mod tests {
         };
         assert_eq!(
             t.to_string(),
-            "aspennode1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaeaaa7aaaaaae"
+            "aspennode1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaacad7aaaacai"
         );
     }
 
