@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Exit when standard input closes (used by `aspen up` so nodes never outlive it).
     #[arg(long, hide = true)]
     pub exit_on_stdin_close: bool,
+    /// Output format of the start-up line.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
 }
 
 #[derive(Subcommand, Debug)]

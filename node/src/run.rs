@@ -3,7 +3,7 @@
 use anyhow::Result;
 use tokio::io::AsyncReadExt;
 
-use crate::cli::RunArgs;
+use crate::cli::{Output, RunArgs};
 use crate::config::NodeConfig;
 use crate::server::RunningNode;
 
@@ -28,13 +28,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node = RunningNode::start(&config).await?;
     let ticket = node.node_ticket();
     let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
-    println!(
-        "node {:016x} listening on {}",
-        node.state.id,
-        addrs.join(", ")
-    );
-    println!("node ticket: {ticket}");
-    println!("data dir: {}", config.data_dir.display());
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "node_id": format!("{:016x}", node.state.id), "addrs": addrs,
+                                "ticket": ticket.to_string(), "data_dir": config.data_dir })
+        ),
+        Output::Text => {
+            println!(
+                "node {:016x} listening on {}",
+                node.state.id,
+                addrs.join(", ")
+            );
+            println!("node ticket: {ticket}");
+            println!("data dir: {}", config.data_dir.display());
+        }
+    }
     wait_for_stop(args.exit_on_stdin_close).await;
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -29,6 +29,9 @@ pub struct UpArgs {
     /// background (stop them with `kill $(cat DATA_DIR/node-*/pid)`).
     #[arg(long)]
     pub detach: bool,
+    /// Output format of the "cluster is up" message.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: crate::cli::Output,
 }
 
 struct Children(Vec<tokio::process::Child>);
@@ -119,6 +122,26 @@ pub async fn up(args: UpArgs) -> Result<()> {
     std::fs::write(&ticket_path, format!("{ticket}\n"))
         .context("cannot write the cluster ticket")?;
 
+    if args.output == crate::cli::Output::Json {
+        let v = serde_json::json!({
+            "nodes": args.nodes,
+            "leader": status.leader.map(|l| format!("{l:016x}")),
+            "cluster_ticket": ticket.to_string(),
+            "cluster_ticket_file": ticket_path,
+            "data_dir": args.data_dir,
+        });
+        println!("{v}");
+    } else {
+        print_up_message(&args, &status, &ticket_path);
+    }
+    if args.detach {
+        std::mem::forget(children);
+        return Ok(());
+    }
+    wait_then_stop(children).await
+}
+
+fn print_up_message(args: &UpArgs, status: &aspen_client::ClusterStatus, ticket_path: &Path) {
     println!(
         "Aspen is up: {} node(s), leader {:016x}.",
         args.nodes,
@@ -129,17 +152,20 @@ pub async fn up(args: UpArgs) -> Result<()> {
         args.data_dir.display()
     );
     println!();
+    // The name this binary was invoked by (e.g. target/debug/aspen under `cargo run`).
+    let me = std::env::args().next().unwrap_or_else(|| "aspen".into());
     println!("In another shell:");
     println!("  export ASPEN_CLUSTER=$(cat {})", ticket_path.display());
-    println!("  aspen kv put hello world");
-    println!("  aspen kv get hello");
-    println!("  aspen cluster status");
+    println!("  {me} kv put hello world");
+    println!("  {me} kv get hello");
+    println!("  {me} cluster status");
     println!();
-    if args.detach {
-        std::mem::forget(children);
-        return Ok(());
+    if !args.detach {
+        println!("Press Ctrl-C to stop the cluster.");
     }
-    println!("Press Ctrl-C to stop the cluster.");
+}
+
+async fn wait_then_stop(mut children: Children) -> Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         exited = first_exit(&mut children) => {

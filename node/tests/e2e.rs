@@ -316,3 +316,95 @@ async fn member_restarted_on_a_new_address_rejoins() {
     .await;
     client.close().await;
 }
+
+/// `aspen up` as a child process; on drop it and every node it started are killed.
+struct UpProc {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl UpProc {
+    fn start(dir: &std::path::Path) -> UpProc {
+        let child = std::process::Command::new(aspen_bin())
+            .args(["up", "--nodes", "3", "-o", "json", "--data-dir"])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        UpProc {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        (1..=3)
+            .filter_map(|i| std::fs::read_to_string(self.dir.join(format!("node-{i}/pid"))).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for UpProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in self.pids() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie has exited; only its parent's bookkeeping is left.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("up");
+    let ticket_file = dir.join("cluster.ticket");
+    let mut up = UpProc::start(&dir);
+    let ticket = wait_for("aspen up to write cluster.ticket", || {
+        std::fs::read_to_string(&ticket_file).ok()
+    });
+    let ticket = ticket.trim().to_string();
+    let put = cli(&["kv", "put", "hello", "world"], Some(&ticket));
+    assert!(put.status.success(), "{}", stderr(&put));
+    let status = cli(&["cluster", "status", "-o", "json"], Some(&ticket));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+
+    // Nodes never outlive `aspen up`, even when it is killed with SIGKILL.
+    let pids = up.pids();
+    assert_eq!(pids.len(), 3);
+    let before = std::fs::metadata(&ticket_file).unwrap().modified().unwrap();
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    wait_for("nodes to exit after aspen up died", || {
+        pids.iter().all(|p| process_gone(*p)).then_some(())
+    });
+    drop(up);
+
+    // Run again on the same data: the same cluster, with its data.
+    let _up = UpProc::start(&dir);
+    let ticket = wait_for("a fresh cluster.ticket", || {
+        let m = std::fs::metadata(&ticket_file).ok()?.modified().ok()?;
+        (m != before)
+            .then(|| std::fs::read_to_string(&ticket_file).ok())
+            .flatten()
+    });
+    let get = cli(&["kv", "get", "hello"], Some(ticket.trim()));
+    assert_eq!(stdout(&get).trim(), "world", "{}", stderr(&get));
+}

@@ -1,25 +1,69 @@
-//! The Raft log and vote, durable (`Durability::Immediate`) on every change.
+//! The Raft log and vote.
+//!
+//! All log writes go through one dedicated writer thread, in order. `append` makes the entries
+//! readable at once (an in-memory `pending` map), queues them and returns; the writer drains
+//! everything queued, commits it in ONE `Durability::Immediate` transaction (one fsync for many
+//! appends: group commit), then signals openraft that those entries are durable. openraft's
+//! core never waits for a disk.
+//!
+//! Readers look at `pending` first and redb second: an entry leaves `pending` only after its
+//! commit, so it is always in one of them. Truncate, purge and vote saves are rare; they are
+//! queued behind earlier appends and awaited.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{RaftLogReader, StorageIOError};
+use openraft::{AnyError, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use tokio::sync::oneshot;
 
 use super::{any, blocking, encode, LOG, RAFT_STATE};
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
-/// The log store. Cheap to clone; clones share the database.
+/// Most queued appends one group commit takes.
+const MAX_GROUP_COMMIT: usize = 256;
+
+enum Job {
+    Append {
+        entries: Vec<(LogId, Vec<u8>)>,
+        done: LogFlushed<TypeConfig>,
+    },
+    /// Any other durable change, run in order with appends.
+    Other {
+        op: Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The log store. Cheap to clone; clones share the database, the pending entries and the
+/// writer thread.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Appended but not yet durable, by index.
+    pending: Arc<RwLock<BTreeMap<u64, Entry>>>,
+    writer: mpsc::Sender<Job>,
 }
 
 impl LogStore {
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        LogStore { db }
+        let pending = Arc::new(RwLock::new(BTreeMap::new()));
+        let (writer, jobs) = mpsc::channel();
+        // The thread holds the database weakly: it closes when the last store handle drops,
+        // even if the thread has not noticed yet.
+        let (db2, pending2) = (Arc::downgrade(&db), pending.clone());
+        std::thread::Builder::new()
+            .name("aspen-log-writer".into())
+            .spawn(move || write_loop(&db2, &pending2, jobs))
+            .expect("spawn the log writer thread");
+        LogStore {
+            db,
+            pending,
+            writer,
+        }
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(
@@ -38,16 +82,100 @@ impl LogStore {
         }
     }
 
-    fn durable_write(
-        db: &Database,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), redb::Error> {
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        f(&txn)?;
-        txn.commit()?;
-        Ok(())
+    /// Runs `op` durably, after every write queued before it.
+    async fn durable(
+        &self,
+        op: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    ) -> Result<(), String> {
+        let (done, rx) = oneshot::channel();
+        self.writer
+            .send(Job::Other {
+                op: Box::new(op),
+                done,
+            })
+            .map_err(|_| "log writer stopped".to_string())?;
+        rx.await.map_err(|_| "log writer stopped".to_string())?
     }
+}
+
+fn write_loop(
+    db: &std::sync::Weak<Database>,
+    pending: &RwLock<BTreeMap<u64, Entry>>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let Some(db) = db.upgrade() else { return };
+        let db = &*db;
+        match first {
+            Job::Other { op, done } => {
+                let r = commit(db, |txn| op(txn));
+                let _ = done.send(r.map_err(|e| e.to_string()));
+            }
+            Job::Append { entries, done } => {
+                let mut group = vec![(entries, done)];
+                let mut next_other = None;
+                while group.len() < MAX_GROUP_COMMIT {
+                    match jobs.try_recv() {
+                        Ok(Job::Append { entries, done }) => group.push((entries, done)),
+                        Ok(other) => {
+                            next_other = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let r = commit(db, |txn| {
+                    let mut table = txn.open_table(LOG)?;
+                    for (entries, _) in &group {
+                        for (log_id, bytes) in entries {
+                            table.insert(log_id.index, bytes.as_slice())?;
+                        }
+                    }
+                    Ok(())
+                });
+                let ok = r.is_ok();
+                {
+                    // Durable now: readers find these in redb.
+                    let mut p = pending.write().expect("pending lock");
+                    if ok {
+                        for (entries, _) in &group {
+                            for (log_id, _) in entries {
+                                // Only if not replaced meanwhile (truncate + re-append).
+                                if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
+                                    p.remove(&log_id.index);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (_, done) in group {
+                    match &r {
+                        Ok(()) => done.log_io_completed(Ok(())),
+                        Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+                    }
+                }
+                if let Some(Job::Other { op, done }) = next_other {
+                    let r = commit(db, |txn| op(txn));
+                    let _ = done.send(r.map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn commit(
+    db: &Database,
+    f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    f(&txn)?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn write_err(e: String) -> StorageError {
+    StorageIOError::write_logs(AnyError::error(e)).into()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -55,10 +183,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        let db = self.db.clone();
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        blocking(move || {
+        // Pending first (see the module docs for why this order never misses an entry).
+        let mut found: BTreeMap<u64, Entry> = {
+            let p = self.pending.read().expect("pending lock");
+            p.range((start, end))
+                .map(|(i, e)| (*i, e.clone()))
+                .collect()
+        };
+        let db = self.db.clone();
+        let durable = blocking(move || {
             let txn = db
                 .begin_read()
                 .map_err(|e| StorageIOError::read_logs(any(e)))?;
@@ -77,7 +212,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
             }
             Ok(out)
         })
-        .await
+        .await?;
+        for entry in durable {
+            found.entry(entry.log_id.index).or_insert(entry);
+        }
+        Ok(found.into_values().collect())
     }
 }
 
@@ -85,32 +224,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let pending_last = self
+            .pending
+            .read()
+            .expect("pending lock")
+            .values()
+            .next_back()
+            .map(|e| e.log_id);
         let db = self.db.clone();
-        blocking(move || {
-            let last_purged: Option<LogId> = Self::read_state(&db, "last_purged")?;
+        let (last_purged, durable_last) = blocking(move || {
+            let last_purged: Option<LogId> = Self::read_state(&db, "last_purged")?.flatten();
             let txn = db
                 .begin_read()
                 .map_err(|e| StorageIOError::read_logs(any(e)))?;
             let table = txn
                 .open_table(LOG)
                 .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let last = table
+            let last = match table
                 .last()
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let last_log_id = match last {
+                .map_err(|e| StorageIOError::read_logs(any(e)))?
+            {
                 Some((_, v)) => {
                     let entry: Entry = postcard::from_bytes(v.value())
                         .map_err(|e| StorageIOError::read_logs(any(e)))?;
                     Some(entry.log_id)
                 }
-                None => last_purged,
+                None => None,
             };
-            Ok(LogState {
-                last_purged_log_id: last_purged,
-                last_log_id,
-            })
+            Ok((last_purged, last))
         })
-        .await
+        .await?;
+        let last_log_id = pending_last.max(durable_last).or(last_purged);
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -118,17 +266,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let db = self.db.clone();
         let bytes = encode(vote);
-        blocking(move || {
-            Self::durable_write(&db, |txn| {
-                txn.open_table(RAFT_STATE)?
-                    .insert("vote", bytes.as_slice())?;
-                Ok(())
-            })
-            .map_err(|e| StorageIOError::write_vote(any(e)).into())
+        self.durable(move |txn| {
+            txn.open_table(RAFT_STATE)?
+                .insert("vote", bytes.as_slice())?;
+            Ok(())
         })
         .await
+        .map_err(|e| StorageIOError::write_vote(AnyError::error(e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -145,56 +290,58 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let encoded: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| (e.log_id.index, encode(&e)))
-            .collect();
-        let db = self.db.clone();
-        // One durable commit (one fsync) for the whole batch of entries.
-        let result = blocking(move || {
-            Self::durable_write(&db, |txn| {
-                let mut table = txn.open_table(LOG)?;
-                for (index, bytes) in &encoded {
-                    table.insert(*index, bytes.as_slice())?;
-                }
-                Ok(())
-            })
-            .map_err(|e| StorageIOError::write_logs(any(e)).into())
-        })
-        .await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
         }
-        result
+        let encoded: Vec<(LogId, Vec<u8>)> =
+            entries.iter().map(|e| (e.log_id, encode(e))).collect();
+        {
+            let mut p = self.pending.write().expect("pending lock");
+            for e in entries {
+                p.insert(e.log_id.index, e);
+            }
+        }
+        self.writer
+            .send(Job::Append {
+                entries: encoded,
+                done: callback,
+            })
+            .map_err(|_| write_err("log writer stopped".into()))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        blocking(move || {
-            Self::durable_write(&db, |txn| {
-                let mut table = txn.open_table(LOG)?;
-                table.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
-                Ok(())
-            })
-            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+        let index = log_id.index;
+        self.pending
+            .write()
+            .expect("pending lock")
+            .retain(|i, _| *i < index);
+        self.durable(move |txn| {
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(index.., |_, _| false)?;
+            Ok(())
         })
         .await
+        .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let db = self.db.clone();
         let bytes = encode(&Some(log_id));
-        blocking(move || {
-            Self::durable_write(&db, |txn| {
-                txn.open_table(RAFT_STATE)?
-                    .insert("last_purged", bytes.as_slice())?;
-                let mut table = txn.open_table(LOG)?;
-                table.retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
-                Ok(())
-            })
-            .map_err(|e| StorageIOError::write_logs(any(e)).into())
+        let index = log_id.index;
+        self.durable(move |txn| {
+            txn.open_table(RAFT_STATE)?
+                .insert("last_purged", bytes.as_slice())?;
+            txn.open_table(LOG)?
+                .retain_in::<u64, _>(..=index, |_, _| false)?;
+            Ok(())
         })
         .await
+        .map_err(write_err)?;
+        self.pending
+            .write()
+            .expect("pending lock")
+            .retain(|i, _| *i > index);
+        Ok(())
     }
 }

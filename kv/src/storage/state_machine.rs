@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{self, SnapshotFile};
@@ -261,9 +261,13 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
     })
 }
 
-/// Applies committed batches inside one write transaction.
+/// Applies committed batches inside one write transaction. Tables are opened once per
+/// transaction, not per command.
 struct Applier<'t> {
-    txn: &'t WriteTransaction,
+    kv: redb::Table<'t, &'static [u8], &'static [u8]>,
+    history: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
+    sessions: redb::Table<'t, (u64, u64), &'static [u8]>,
+    floors: redb::Table<'t, u64, u64>,
     revision: Revision,
     compacted: Revision,
 }
@@ -273,15 +277,17 @@ impl Applier<'_> {
         let Some(s) = cmd.session else {
             return self.apply_op(&cmd.op);
         };
-        let mut floors = self.txn.open_table(SESSION_FLOORS)?;
-        let mut sessions = self.txn.open_table(SESSIONS)?;
-        let mut floor = floors.get(s.client_id)?.map(|v| v.value()).unwrap_or(0);
+        let mut floor = self
+            .floors
+            .get(s.client_id)?
+            .map(|v| v.value())
+            .unwrap_or(0);
         if s.acked_below > floor {
-            sessions.retain_in(
+            self.sessions.retain_in(
                 (s.client_id, floor)..(s.client_id, s.acked_below),
                 |_, _| false,
             )?;
-            floors.insert(s.client_id, s.acked_below)?;
+            self.floors.insert(s.client_id, s.acked_below)?;
             floor = s.acked_below;
         }
         if s.seq < floor {
@@ -290,7 +296,7 @@ impl Applier<'_> {
                 seq: s.seq,
             }));
         }
-        if let Some(prev) = sessions.get((s.client_id, s.seq))? {
+        if let Some(prev) = self.sessions.get((s.client_id, s.seq))? {
             // A retry of a request that was already applied: answer as the first time.
             return postcard::from_bytes(prev.value()).map_err(corrupt);
         }
@@ -300,10 +306,8 @@ impl Applier<'_> {
                 max: MAX_SESSION_WINDOW,
             }));
         }
-        drop((floors, sessions));
         let result = self.apply_op(&cmd.op)?;
-        self.txn
-            .open_table(SESSIONS)?
+        self.sessions
             .insert((s.client_id, s.seq), encode(&result).as_slice())?;
         Ok(result)
     }
@@ -312,8 +316,8 @@ impl Applier<'_> {
         if let Err(e) = op.validate() {
             return Ok(Err(e.into()));
         }
-        let mut kv = self.txn.open_table(KV)?;
-        let mut history = self.txn.open_table(HISTORY)?;
+        let kv = &mut self.kv;
+        let history = &mut self.history;
         match op {
             WriteOp::Put {
                 key,
@@ -474,7 +478,10 @@ fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchRespon
             )
         };
         let mut applier = Applier {
-            txn: &txn,
+            kv: txn.open_table(KV)?,
+            history: txn.open_table(HISTORY)?,
+            sessions: txn.open_table(SESSIONS)?,
+            floors: txn.open_table(SESSION_FLOORS)?,
             revision,
             compacted,
         };
@@ -505,10 +512,12 @@ fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchRespon
                 }
             }
         }
+        let (revision, compacted) = (applier.revision, applier.compacted);
+        drop(applier);
         let mut meta = txn.open_table(SM_META)?;
         meta.insert("last_applied", encode(&last_applied).as_slice())?;
-        meta.insert("revision", encode(&applier.revision).as_slice())?;
-        meta.insert("compacted", encode(&applier.compacted).as_slice())?;
+        meta.insert("revision", encode(&revision).as_slice())?;
+        meta.insert("compacted", encode(&compacted).as_slice())?;
         if let Some(m) = membership {
             meta.insert("membership", encode(&m).as_slice())?;
         }

@@ -15,7 +15,7 @@ use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Raft entries proposed but not yet applied, at most.
-const MAX_IN_FLIGHT_BATCHES: usize = 8;
+const MAX_IN_FLIGHT_BATCHES: usize = 2;
 /// Proposals waiting to be batched, at most (back-pressure beyond this).
 const QUEUE_DEPTH: usize = 16 * 1024;
 

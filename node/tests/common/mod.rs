@@ -200,6 +200,17 @@ pub async fn form(root: &Path, n: usize, args: &[&str]) -> Vec<NodeProc> {
 
 /// Every key under `prefix` as seen by `node` alone (serializable), sorted.
 pub async fn local_keys(node: &NodeProc, prefix: &str) -> Option<Vec<Vec<u8>>> {
+    Some(
+        local_kvs(node, prefix)
+            .await?
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect(),
+    )
+}
+
+/// Every key-value under `prefix` as seen by `node` alone (serializable), sorted by key.
+pub async fn local_kvs(node: &NodeProc, prefix: &str) -> Option<Vec<aspen_kv::api::KeyValue>> {
     let c = Client::connect_node(
         node.ticket.clone(),
         ClientOptions {
@@ -213,11 +224,17 @@ pub async fn local_keys(node: &NodeProc, prefix: &str) -> Option<Vec<Vec<u8>>> {
     let mut req = aspen_kv::api::RangeRequest::prefix(prefix.as_bytes().to_vec());
     loop {
         let page = c.range(req.clone(), Consistency::Serializable).await.ok()?;
-        keys.extend(page.kvs.iter().map(|kv| kv.key.clone()));
-        if !page.more {
+        let more = page.more;
+        let next: Vec<u8> = page
+            .kvs
+            .last()
+            .map(|kv| kv.key.iter().copied().chain([0]).collect())
+            .unwrap_or_default();
+        keys.extend(page.kvs);
+        if !more {
             break;
         }
-        req.start = page.kvs.last()?.key.iter().copied().chain([0]).collect();
+        req.start = next;
         req.revision = page.revision;
     }
     c.close().await;

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the benchmarks reported in BENCHMARKS.md against local clusters of 1 and 3 nodes.
+#
+#   scripts/bench.sh [TOTAL]        (TOTAL requests per throughput run, default 50000)
+#
+# Builds the release binary, starts each cluster with `aspen up --detach` in a temporary
+# directory, runs `aspen bench` with -o json, prints one JSON line per run, and stops the
+# cluster. Nothing leaves 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOTAL=${1:-50000}
+cargo build --release -q -p aspen-node
+ASPEN=target/release/aspen
+
+for NODES in 1 3; do
+  DIR=$(mktemp -d)
+  trap 'kill $(cat "$DIR"/node-*/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$DIR"' EXIT
+  $ASPEN up --nodes "$NODES" --data-dir "$DIR" --detach -o json > /dev/null
+  export ASPEN_CLUSTER=$(cat "$DIR/cluster.ticket")
+  run() { echo "{\"nodes\":$NODES,\"run\":\"$1\",\"result\":$($ASPEN bench "${@:2}" -o json)}"; }
+  # Fill the key space so gets find values.
+  $ASPEN bench put --clients 64 --conns 4 --total 10000 --key-space 10000 --val-size 256 -o json > /dev/null
+  run "sequential put"      put --clients 1   --conns 1 --total 2000     --key-space 10000 --val-size 256
+  run "put 64 clients"      put --clients 64  --conns 4 --total "$TOTAL" --key-space 10000 --val-size 256
+  run "put 256 clients"     put --clients 256 --conns 8 --total "$TOTAL" --key-space 10000 --val-size 256
+  run "lin get 64 clients"  get --clients 64  --conns 4 --total "$TOTAL" --key-space 10000
+  run "ser get 64 clients"  get --clients 64  --conns 4 --total "$TOTAL" --key-space 10000 --serializable
+  kill $(cat "$DIR"/node-*/pid) 2>/dev/null || true
+  rm -rf "$DIR"
+  trap - EXIT
+done
