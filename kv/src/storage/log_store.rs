@@ -26,6 +26,9 @@ use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
 
+/// A durable change other than an append, run on the writer thread.
+type DurableOp = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send>;
+
 enum Job {
     Append {
         entries: Vec<(LogId, Vec<u8>)>,
@@ -33,7 +36,7 @@ enum Job {
     },
     /// Any other durable change, run in order with appends.
     Other {
-        op: Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send>,
+        op: DurableOp,
         done: oneshot::Sender<Result<(), String>>,
     },
 }
