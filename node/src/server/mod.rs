@@ -10,6 +10,7 @@
 mod peers;
 mod proposer;
 pub mod raft_protocol;
+mod read_index;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ use crate::config::NodeConfig;
 use peers::{Peers, RaftNetworkOverIroh};
 use proposer::{ProposeError, Proposer};
 use raft_protocol::{RaftRequest, RaftResponse, RAFT_ALPN};
+use read_index::ReadIndexBatcher;
 
 /// File the node writes its own ticket to once it listens.
 pub const NODE_TICKET_FILE: &str = "node.ticket";
@@ -73,6 +75,21 @@ pub struct NodeState {
     pub sm: StateMachineStore,
     peers: Arc<Peers>,
     proposer: Proposer,
+    reads: ReadIndexBatcher,
+}
+
+/// One leadership confirmation (ReadIndex) through openraft.
+async fn confirm_read_index(raft: Raft) -> Result<Option<u64>, RpcError> {
+    match raft.get_read_log_id().await {
+        Ok((read, _applied)) => Ok(read.map(|l| l.index)),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+            Err(RpcError::NotLeader { leader: None })
+        }
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
+            RpcError::Unavailable(format!("leader cannot reach a quorum: {e}")),
+        ),
+        Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}"))),
+    }
 }
 
 /// A started node. Drop or [`RunningNode::shutdown`] to stop it.
@@ -115,6 +132,10 @@ impl RunningNode {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let proposer = Proposer::spawn(raft.clone());
+        let reads = {
+            let raft = raft.clone();
+            ReadIndexBatcher::spawn(move || confirm_read_index(raft.clone()))
+        };
         let state = Arc::new(NodeState {
             id,
             me,
@@ -122,6 +143,7 @@ impl RunningNode {
             sm,
             peers: peers.clone(),
             proposer,
+            reads,
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -327,17 +349,12 @@ impl NodeState {
         Ok(())
     }
 
-    /// Leader only: confirms leadership with a quorum and returns the read index.
+    /// Leader only: a read index confirmed with a quorum after this call began (concurrent
+    /// callers share confirmation rounds).
     async fn read_index(&self) -> Result<Option<u64>, RpcError> {
-        match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map(|l| l.index)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
-                Err(self.not_leader())
-            }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
-                RpcError::Unavailable(format!("leader cannot reach a quorum: {e}")),
-            ),
-            Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}"))),
+        match self.reads.read_index().await {
+            Err(RpcError::NotLeader { .. }) => Err(self.not_leader()),
+            other => other,
         }
     }
 

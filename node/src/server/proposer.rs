@@ -115,6 +115,11 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             replies.push((p.commands.len(), p.reply));
             commands.extend(p.commands);
         }
+        tracing::trace!(
+            commands = count,
+            proposals = replies.len(),
+            "proposing a batch"
+        );
         // Submitted in order from this one task; only the wait for the result is spawned.
         let submitted = raft
             .client_write_ff(Batch {
