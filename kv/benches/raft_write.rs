@@ -85,6 +85,7 @@ async fn main() {
         let t = Instant::now();
         raft.client_write(Batch {
             proposed_at_ms: 0,
+            proposal: 0,
             commands: vec![put(format!("seq/{i}"))],
         })
         .await
@@ -106,6 +107,7 @@ async fn main() {
                             .collect();
                         raft.client_write(Batch {
                             proposed_at_ms: 0,
+                            proposal: 0,
                             commands,
                         })
                         .await

@@ -21,6 +21,10 @@ pub struct Batch {
     /// Wall-clock time at the leader when it proposed the batch (ms since the Unix epoch).
     /// Apply uses this, never a local clock, so every replica computes the same state.
     pub proposed_at_ms: u64,
+    /// Identifies the batch on the node that proposed it (a per-boot random nonce and a
+    /// counter), so that node can answer its clients the moment the batch is applied (see
+    /// [`crate::StateMachineStore::watch_proposal`]). 0: nobody waits. Apply ignores it.
+    pub proposal: u128,
     pub commands: Vec<Command>,
 }
 

@@ -139,6 +139,7 @@ impl Cluster {
             .collect();
         let batch = Batch {
             proposed_at_ms: 1,
+            proposal: 0,
             commands,
         };
         self.nodes[&leader]
@@ -412,6 +413,7 @@ async fn retried_commands_apply_once() {
     let first = leader
         .client_write(Batch {
             proposed_at_ms: 1,
+            proposal: 0,
             commands: vec![cmd(1, 1, "a")],
         })
         .await
@@ -420,6 +422,7 @@ async fn retried_commands_apply_once() {
     let retry = leader
         .client_write(Batch {
             proposed_at_ms: 2,
+            proposal: 0,
             commands: vec![cmd(1, 1, "a")],
         })
         .await
@@ -431,6 +434,7 @@ async fn retried_commands_apply_once() {
     let r = leader
         .client_write(Batch {
             proposed_at_ms: 3,
+            proposal: 0,
             commands: vec![cmd(3, 1, "c"), cmd(2, 1, "b")],
         })
         .await;
@@ -438,6 +442,7 @@ async fn retried_commands_apply_once() {
     let r = leader
         .client_write(Batch {
             proposed_at_ms: 4,
+            proposal: 0,
             commands: vec![cmd(4, 4, "d"), cmd(2, 4, "b")],
         })
         .await;
@@ -567,6 +572,7 @@ async fn leader_isolation_elects_a_new_leader_without_losing_writes() {
         .unwrap();
     let batch = Batch {
         proposed_at_ms: 1,
+        proposal: 0,
         commands: vec![Command {
             session: None,
             op: put("k10", "v"),

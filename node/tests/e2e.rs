@@ -408,3 +408,26 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
     let get = cli(&["kv", "get", "hello"], Some(ticket.trim()));
     assert_eq!(stdout(&get).trim(), "world", "{}", stderr(&get));
 }
+
+/// The log is purged behind frequent snapshots while the state machine commits without fsync:
+/// a crash must never leave the state machine behind a purged log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_after_log_purges_keeps_every_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--snapshot-every", "10", "--keep-log-after-snapshot", "0"];
+    let mut nodes = form(root.path(), 1, &args).await;
+    let client = client_for(&[&nodes[0]]).await;
+    let writers = Writers::start(&client, 8, "p/");
+    writers.wait_for_more(400).await;
+    let status = client.status().await.unwrap();
+    assert!(
+        status.snapshot_index.unwrap_or(0) > 0,
+        "snapshots were taken: {status:?}"
+    );
+    nodes[0].kill9();
+    nodes[0].restart(None);
+    writers.wait_for_more(100).await;
+    let acked = writers.stop().await;
+    assert_all_present(&nodes[0], "p/", &acked).await;
+    client.close().await;
+}

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::{mpsc, Arc, RwLock};
+use std::sync::{mpsc, Arc, RwLock, Weak};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, RaftLogReader, StorageIOError};
@@ -46,13 +46,15 @@ enum Job {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The state machine's database, made durable before every purge.
+    sm_db: Weak<Database>,
     /// Appended but not yet durable, by index.
     pending: Arc<RwLock<BTreeMap<u64, Entry>>>,
     writer: mpsc::Sender<Job>,
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>) -> Self {
+    pub(crate) fn new(db: Arc<Database>, sm_db: Weak<Database>) -> Self {
         let pending = Arc::new(RwLock::new(BTreeMap::new()));
         let (writer, jobs) = mpsc::channel();
         // The thread holds the database weakly: it closes when the last store handle drops,
@@ -64,6 +66,7 @@ impl LogStore {
             .expect("spawn the log writer thread");
         LogStore {
             db,
+            sm_db,
             pending,
             writer,
         }
@@ -127,6 +130,7 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 let r = commit(db, |txn| {
                     let mut table = txn.open_table(LOG)?;
                     for (entries, _) in &group {
@@ -137,6 +141,11 @@ fn write_loop(
                     Ok(())
                 });
                 let ok = r.is_ok();
+                tracing::trace!(
+                    appends = group.len(),
+                    micros = started.elapsed().as_micros() as u64,
+                    "log group commit"
+                );
                 {
                     // Durable now: readers find these in redb.
                     let mut p = pending.write().expect("pending lock");
@@ -330,6 +339,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Never purge past state that is not durable: persist every apply so far first.
+        // (openraft purges only up to a snapshot, and snapshots are built from applied state.)
+        if let Some(sm_db) = self.sm_db.upgrade() {
+            blocking(move || {
+                commit(&sm_db, |_| Ok(()))
+                    .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+            })
+            .await?;
+        }
         let bytes = encode(&Some(log_id));
         let index = log_id.index;
         self.durable(move |txn| {

@@ -154,6 +154,12 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// snapshot, and returns its metadata and path.
 pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf), SnapshotError> {
     let txn = db.begin_read()?;
+    // Applies commit without fsync. Make everything this read transaction sees durable BEFORE
+    // the snapshot exists: a snapshot ahead of the durable state machine would, after a crash,
+    // claim entries the state machine no longer has (openraft refuses to start then).
+    let mut sync = db.begin_write()?;
+    sync.set_durability(Durability::Immediate)?;
+    sync.commit()?;
     let meta_table = txn.open_table(SM_META)?;
     let get = |k: &str| -> Result<Option<Vec<u8>>, SnapshotError> {
         Ok(meta_table.get(k)?.map(|v| v.value().to_vec()))

@@ -5,6 +5,7 @@
 //! tables, never a clock or an RNG. Applies commit with `Durability::None` (see the module docs
 //! of `storage` for why that is safe).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use super::snapshot::{self, SnapshotFile};
 use super::{any, blocking, encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SM_META};
@@ -58,6 +60,8 @@ pub struct StoreStatus {
 pub struct StateMachineStore {
     db: Arc<Database>,
     snapshot_dir: PathBuf,
+    /// Proposals this node waits for, by [`Batch::proposal`].
+    waiters: Arc<std::sync::Mutex<HashMap<u128, oneshot::Sender<Vec<CommandResult>>>>>,
 }
 
 type SmResult<T> = Result<T, redb::Error>;
@@ -78,7 +82,39 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 
 impl StateMachineStore {
     pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf) -> Self {
-        StateMachineStore { db, snapshot_dir }
+        StateMachineStore {
+            db,
+            snapshot_dir,
+            waiters: Default::default(),
+        }
+    }
+
+    /// Resolves with the results of the batch with this proposal id once it is applied (and
+    /// so committed and visible to reads on this node). Dropped unanswered if the batch is
+    /// never applied; call [`Self::forget_proposal`] when no longer interested.
+    pub fn watch_proposal(&self, proposal: u128) -> oneshot::Receiver<Vec<CommandResult>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(proposal, tx);
+        rx
+    }
+
+    pub fn forget_proposal(&self, proposal: u128) {
+        self.waiters.lock().expect("waiters lock").remove(&proposal);
+    }
+
+    fn notify_applied(&self, entries: &[(u128, usize)], responses: &[BatchResponse]) {
+        let mut waiters = self.waiters.lock().expect("waiters lock");
+        if waiters.is_empty() {
+            return;
+        }
+        for (proposal, i) in entries {
+            if let Some(tx) = waiters.remove(proposal) {
+                let _ = tx.send(responses[*i].results.clone());
+            }
+        }
     }
 
     /// Revision, compaction point and last applied log id.
@@ -465,9 +501,22 @@ impl Applier<'_> {
     }
 }
 
+/// Every this many applies, one commits durably (bounds what a crash replays, and lets redb
+/// reuse pages freed by non-durable commits).
+const SM_DURABLE_EVERY: u64 = 128;
+
+static APPLY_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchResponse>> {
+    let started = std::time::Instant::now();
+    let count = entries.len();
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::None)?;
+    let n = APPLY_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    txn.set_durability(if n % SM_DURABLE_EVERY == SM_DURABLE_EVERY - 1 {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })?;
     let mut responses = Vec::with_capacity(entries.len());
     {
         let (revision, compacted) = {
@@ -523,6 +572,11 @@ fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchRespon
         }
     }
     txn.commit()?;
+    tracing::trace!(
+        entries = count,
+        micros = started.elapsed().as_micros() as u64,
+        "applied"
+    );
     Ok(responses)
 }
 
@@ -551,12 +605,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let proposals: Vec<(u128, usize)> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match &e.payload {
+                EntryPayload::Normal(b) if b.proposal != 0 => Some((b.proposal, i)),
+                _ => None,
+            })
+            .collect();
         let db = self.db.clone();
-        blocking(move || {
+        let responses = blocking(move || {
             apply_entries(&db, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
         })
-        .await
+        .await?;
+        // Committed and readable now: tell local proposers without waiting for openraft.
+        if !proposals.is_empty() {
+            self.notify_applied(&proposals, &responses);
+        }
+        Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -131,7 +131,7 @@ impl RunningNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let proposer = Proposer::spawn(raft.clone());
+        let proposer = Proposer::spawn(raft.clone(), sm.clone());
         let reads = {
             let raft = raft.clone();
             ReadIndexBatcher::spawn(move || confirm_read_index(raft.clone()))

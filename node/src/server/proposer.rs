@@ -10,7 +10,7 @@ use std::sync::Arc;
 use aspen_client::protocol::RpcError;
 use aspen_kv::api::{Batch, Command, CommandResult};
 use aspen_kv::limits::{MAX_BATCH_BYTES, MAX_BATCH_COMMANDS};
-use aspen_kv::Raft;
+use aspen_kv::{Raft, StateMachineStore};
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -49,9 +49,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn spawn(raft: Raft) -> Self {
+    pub fn spawn(raft: Raft, sm: StateMachineStore) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, sm, rx));
         Proposer { tx }
     }
 
@@ -82,8 +82,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+async fn run(raft: Raft, sm: StateMachineStore, mut rx: mpsc::Receiver<Proposal>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
+    // Proposal ids: a random per-boot nonce and a counter, so a waiter never matches a batch
+    // proposed by another node or by an earlier run of this one.
+    let nonce = u128::from(rand::random::<u64>() | 1) << 64;
+    let mut counter: u128 = 0;
     let mut carry: Option<Proposal> = None;
     loop {
         let first = match carry.take() {
@@ -120,20 +124,34 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             proposals = replies.len(),
             "proposing a batch"
         );
+        counter += 1;
+        let proposal = nonce | counter;
+        // The state machine answers as soon as the batch is applied; openraft's own answer
+        // comes later (its core waits for the next append's fsync first) or reports failure.
+        let mut applied = sm.watch_proposal(proposal);
         // Submitted in order from this one task; only the wait for the result is spawned.
         let submitted = raft
             .client_write_ff(Batch {
                 proposed_at_ms: now_ms(),
+                proposal,
                 commands,
             })
             .await;
+        let sm = sm.clone();
         tokio::spawn(async move {
             let outcome = match submitted {
                 Err(fatal) => Err(format!("raft stopped: {fatal}")),
-                Ok(rx) => match rx.await {
+                Ok(rx) => tokio::select! {
+                    biased;
+                    Ok(results) = &mut applied => {
+                        tracing::trace!(proposal = %proposal, "answered at apply");
+                        Ok(results)
+                    }
+                    r = rx => match r {
                     Err(_) => Err("raft dropped the proposal".to_string()),
                     Ok(Ok(resp)) => Ok(resp.data.results),
                     Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                        sm.forget_proposal(proposal);
                         for (_, reply) in replies {
                             let _ = reply.send(Err(ProposeError::NotLeader(f.leader_id)));
                         }
@@ -141,8 +159,10 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
                         return;
                     }
                     Ok(Err(e)) => Err(e.to_string()),
+                    },
                 },
             };
+            sm.forget_proposal(proposal);
             match outcome {
                 Ok(results) => {
                     let mut results = results.into_iter();
