@@ -466,3 +466,69 @@ impl AsyncSeek for SnapshotFile {
         Pin::new(&mut self.file).poll_complete(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever bytes a peer sends as a snapshot: a typed error, never a panic, and the
+        /// state machine is left as it was.
+        #[test]
+        fn arbitrary_snapshot_bytes_are_rejected_without_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+            with_magic in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Database::create(dir.path().join("s.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(KV).unwrap().insert(b"keep".as_slice(), b"me".as_slice()).unwrap();
+            txn.commit().unwrap();
+            let path = dir.path().join("in.snap");
+            let mut bytes = if with_magic { MAGIC.to_vec() } else { vec![] };
+            bytes.extend(&body);
+            std::fs::write(&path, &bytes).unwrap();
+            let meta = SnapshotMeta::default();
+            prop_assert!(install(&db, &path, &meta).is_err());
+            // A failed install changes nothing.
+            let txn = db.begin_read().unwrap();
+            let kept = txn.open_table(KV).unwrap().get(b"keep".as_slice()).unwrap().map(|v| v.value().to_vec());
+            prop_assert_eq!(kept, Some(b"me".to_vec()));
+            std::fs::write(dir.path().join(CURRENT), &bytes).unwrap();
+            prop_assert!(read_current_meta(dir.path()).is_err());
+        }
+    }
+
+    #[test]
+    fn truncated_snapshot_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(SM_META).unwrap();
+        txn.open_table(KV)
+            .unwrap()
+            .insert(b"k".as_slice(), b"v".as_slice())
+            .unwrap();
+        txn.open_table(HISTORY).unwrap();
+        txn.open_table(SESSIONS).unwrap();
+        txn.open_table(SESSION_FLOORS).unwrap();
+        txn.commit().unwrap();
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let (meta, path) = build(&db, &snaps).unwrap();
+        let full = std::fs::read(&path).unwrap();
+        // Every strict prefix fails; the whole file installs.
+        for cut in [MAGIC.len(), full.len() / 2, full.len() - 1] {
+            let p = dir.path().join(format!("cut-{cut}.snap"));
+            std::fs::write(&p, &full[..cut]).unwrap();
+            assert!(
+                matches!(install(&db, &p, &meta), Err(SnapshotError::Malformed(_))),
+                "cut at {cut}"
+            );
+        }
+        install(&db, &path, &meta).unwrap();
+    }
+}

@@ -502,8 +502,10 @@ impl Applier<'_> {
 }
 
 /// Every this many applies, one commits durably (bounds what a crash replays, and lets redb
-/// reuse pages freed by non-durable commits).
-const SM_DURABLE_EVERY: u64 = 128;
+/// reuse pages freed by non-durable commits). A durable commit writes everything dirtied since
+/// the last one, so this trades tail latency for throughput: measured at 64 clients, every 128
+/// gave ~11.7k puts/s with p99 ~40 ms, every 16 ~10-11k with p99 ~15-20 ms.
+const SM_DURABLE_EVERY: u64 = 32;
 
 static APPLY_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

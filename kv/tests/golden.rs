@@ -1,0 +1,84 @@
+//! The encodings stored in the log, the state machine and snapshots must never change for
+//! existing variants: these bytes pin them. (New variants are appended, never inserted.)
+
+use aspen_kv::api::*;
+
+fn bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).unwrap()
+}
+
+#[test]
+fn batch_encoding_is_stable() {
+    let batch = Batch {
+        proposed_at_ms: 1,
+        proposal: 2,
+        commands: vec![
+            Command {
+                session: Some(Session {
+                    client_id: 3,
+                    seq: 4,
+                    acked_below: 4,
+                }),
+                op: WriteOp::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                    prev_kv: true,
+                },
+            },
+            Command {
+                session: None,
+                op: WriteOp::Delete {
+                    start: b"a".to_vec(),
+                    end: Some(vec![]),
+                    prev_kv: false,
+                },
+            },
+            Command {
+                session: None,
+                op: WriteOp::Compact { revision: 9 },
+            },
+        ],
+    };
+    assert_eq!(
+        bytes(&batch),
+        [1, 2, 3, 1, 3, 4, 4, 0, 1, b'k', 1, b'v', 1, 0, 1, 1, b'a', 1, 0, 0, 0, 2, 9]
+    );
+}
+
+#[test]
+fn command_results_encoding_is_stable() {
+    let kv = KeyValue {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        create_revision: 1,
+        mod_revision: 2,
+        version: 2,
+        lease: 0,
+    };
+    let ok: CommandResult = Ok(WriteOutcome::Put {
+        revision: 5,
+        prev: Some(kv),
+    });
+    assert_eq!(bytes(&ok), [0, 0, 5, 1, 1, b'k', 1, b'v', 1, 2, 2, 0]);
+    let err: CommandResult = Err(ApplyError::StaleSequence {
+        client_id: 1,
+        seq: 2,
+    });
+    assert_eq!(bytes(&err), [1, 1, 1, 2]);
+    let limit: CommandResult = Err(ApplyError::Limit(LimitError::KeyTooLarge {
+        len: 5000,
+        max: 4096,
+    }));
+    assert_eq!(bytes(&limit), [1, 0, 1, 0x88, 0x27, 0x80, 0x20]);
+}
+
+#[test]
+fn range_request_encoding_is_stable() {
+    let r = RangeRequest {
+        start: b"a".to_vec(),
+        end: Some(b"b".to_vec()),
+        limit: 10,
+        revision: 3,
+    };
+    assert_eq!(bytes(&r), [1, b'a', 1, 1, b'b', 10, 3]);
+}
