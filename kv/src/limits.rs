@@ -18,5 +18,11 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_RANGE_LIMIT: u64 = 10_000;
 /// Requests one client may have applied but not yet acknowledged (its idempotency window).
 pub const MAX_SESSION_WINDOW: u64 = 100_000;
+/// A client whose last request is older than this (by the leader's clock) loses its
+/// idempotency records, so memory stays bounded when clients vanish. A retry after that long
+/// is applied again.
+pub const SESSION_IDLE_EXPIRY_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most idle clients forgotten while applying one batch (bounds the work of one apply).
+pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
 /// Largest encoded row in a snapshot file.
 pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;

@@ -585,3 +585,59 @@ async fn leader_isolation_elects_a_new_leader_without_losing_writes() {
         assert_eq!(node.sm.state_digest().await.unwrap().1, 11);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_sessions_expire_by_leader_time() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let raft = c.nodes[&1].raft.clone();
+    let day = aspen_kv::limits::SESSION_IDLE_EXPIRY_MS;
+    let cmd = |client: u64, seq: u64| Command {
+        session: Some(Session {
+            client_id: client,
+            seq,
+            acked_below: seq,
+        }),
+        op: WriteOp::Put {
+            key: format!("k{client}").into_bytes(),
+            value: b"v".to_vec(),
+            prev_kv: false,
+        },
+    };
+    let write = |at: u64, commands: Vec<Command>| {
+        let raft = raft.clone();
+        async move {
+            raft.client_write(Batch {
+                proposed_at_ms: at,
+                proposal: 0,
+                commands,
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let version = |client: u64| {
+        let sm = c.nodes[&1].sm.clone();
+        async move {
+            sm.get(format!("k{client}").into_bytes(), 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .version
+        }
+    };
+    let t0 = 1_000;
+    write(t0, vec![cmd(7, 1)]).await;
+    // Within the expiry a retry is answered from the record, not applied again.
+    write(t0 + day - 1, vec![cmd(7, 1)]).await;
+    assert_eq!(version(7).await, 1);
+    // A day after client 7's last request (client 8 keeps the clock moving), its records go:
+    // memory stays bounded when clients vanish, and a retry that late applies again.
+    let later = t0 + day - 1 + day + 1;
+    write(later, vec![cmd(8, 1)]).await;
+    write(later, vec![cmd(7, 1)]).await;
+    assert_eq!(version(7).await, 2);
+    // Client 8 is fresh: still deduplicated.
+    write(later + 1, vec![cmd(8, 1)]).await;
+    assert_eq!(version(8).await, 1);
+}

@@ -49,6 +49,11 @@ pub(crate) const HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition
 pub(crate) const SESSIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sessions");
 /// Per client: every seq below this is acknowledged and forgotten.
 pub(crate) const SESSION_FLOORS: TableDefinition<u64, u64> = TableDefinition::new("session_floors");
+/// Per client: leader time (ms) of the last batch that carried one of its requests.
+pub(crate) const SESSION_SEEN: TableDefinition<u64, u64> = TableDefinition::new("session_seen");
+/// `SESSION_SEEN` ordered by time, to forget idle clients oldest first.
+pub(crate) const SESSION_IDLE: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("session_idle");
 
 /// Opens (or creates) the node's store under `dir`: `log.redb`, `state.redb`, `snapshots/`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
@@ -60,18 +65,23 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         txn.open_table(RAFT_STATE)?;
         Ok(())
     })?;
-    let sm_db = create(&dir.join("state.redb"), |txn| {
-        txn.open_table(SM_META)?;
-        txn.open_table(KV)?;
-        txn.open_table(HISTORY)?;
-        txn.open_table(SESSIONS)?;
-        txn.open_table(SESSION_FLOORS)?;
-        Ok(())
-    })?;
+    let sm_db = create(&dir.join("state.redb"), create_sm_tables)?;
     Ok((
         LogStore::new(log_db, Arc::downgrade(&sm_db)),
         StateMachineStore::new(sm_db, snapshots),
     ))
+}
+
+/// Creates every state-machine table (a no-op for existing ones).
+pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(SM_META)?;
+    txn.open_table(KV)?;
+    txn.open_table(HISTORY)?;
+    txn.open_table(SESSIONS)?;
+    txn.open_table(SESSION_FLOORS)?;
+    txn.open_table(SESSION_SEEN)?;
+    txn.open_table(SESSION_IDLE)?;
+    Ok(())
 }
 
 /// Opens or creates a database and its tables (so read transactions never meet a missing

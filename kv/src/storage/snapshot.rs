@@ -19,7 +19,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-use super::{encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SM_META};
+use super::{encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META};
 use crate::limits::MAX_SNAPSHOT_ROW_BYTES;
 use crate::raft_types::{LogId, SnapshotMeta, StoredMembership};
 
@@ -58,6 +58,11 @@ enum SnapshotRow {
     },
     End {
         rows: u64,
+    },
+    /// When a client was last active (leader time, ms).
+    SessionSeen {
+        client_id: u64,
+        seen_ms: u64,
     },
 }
 
@@ -239,6 +244,16 @@ pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf)
             },
         )?;
     }
+    for item in txn.open_table(SESSION_SEEN)?.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::SessionSeen {
+                client_id: k.value(),
+                seen_ms: v.value(),
+            },
+        )?;
+    }
     for item in txn.open_table(SESSION_FLOORS)?.iter()? {
         let (k, v) = item?;
         put(
@@ -342,6 +357,10 @@ pub(super) fn install(
         let mut history = txn.open_table(HISTORY)?;
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut floors = txn.open_table(SESSION_FLOORS)?;
+        let mut seen = txn.open_table(SESSION_SEEN)?;
+        let mut idle = txn.open_table(SESSION_IDLE)?;
+        seen.retain(|_, _| false)?;
+        idle.retain(|_, _| false)?;
         sm_meta.retain(|_, _| false)?;
         kv.retain(|_, _| false)?;
         history.retain(|_, _| false)?;
@@ -377,6 +396,10 @@ pub(super) fn install(
                 }
                 SnapshotRow::SessionFloor { client_id, floor } => {
                     floors.insert(client_id, floor)?;
+                }
+                SnapshotRow::SessionSeen { client_id, seen_ms } => {
+                    seen.insert(client_id, seen_ms)?;
+                    idle.insert((seen_ms, client_id), ())?;
                 }
                 SnapshotRow::End { rows: expected } => {
                     if expected != rows {
@@ -507,14 +530,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("s.redb")).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(SM_META).unwrap();
+        super::super::create_sm_tables(&txn).unwrap();
         txn.open_table(KV)
             .unwrap()
             .insert(b"k".as_slice(), b"v".as_slice())
             .unwrap();
-        txn.open_table(HISTORY).unwrap();
-        txn.open_table(SESSIONS).unwrap();
-        txn.open_table(SESSION_FLOORS).unwrap();
         txn.commit().unwrap();
         let snaps = dir.path().join("snaps");
         std::fs::create_dir_all(&snaps).unwrap();

@@ -16,9 +16,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::snapshot::{self, SnapshotFile};
-use super::{any, blocking, encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SM_META};
+use super::{
+    any, blocking, encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN,
+    SM_META,
+};
 use crate::api::*;
-use crate::limits::{MAX_BATCH_COMMANDS, MAX_RANGE_LIMIT, MAX_SESSION_WINDOW};
+use crate::limits::{
+    MAX_BATCH_COMMANDS, MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW,
+    SESSION_IDLE_EXPIRY_MS,
+};
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -304,8 +310,12 @@ struct Applier<'t> {
     history: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
     sessions: redb::Table<'t, (u64, u64), &'static [u8]>,
     floors: redb::Table<'t, u64, u64>,
+    seen: redb::Table<'t, u64, u64>,
+    idle: redb::Table<'t, (u64, u64), ()>,
     revision: Revision,
     compacted: Revision,
+    /// The leader's timestamp of the batch being applied (never a local clock).
+    now_ms: u64,
 }
 
 impl Applier<'_> {
@@ -313,6 +323,7 @@ impl Applier<'_> {
         let Some(s) = cmd.session else {
             return self.apply_op(&cmd.op);
         };
+        self.touch(s.client_id)?;
         let mut floor = self
             .floors
             .get(s.client_id)?
@@ -346,6 +357,40 @@ impl Applier<'_> {
         self.sessions
             .insert((s.client_id, s.seq), encode(&result).as_slice())?;
         Ok(result)
+    }
+
+    /// Records that `client` was active at `now_ms` (coarsely: at most one write per second).
+    fn touch(&mut self, client: u64) -> SmResult<()> {
+        let old = self.seen.get(client)?.map(|v| v.value());
+        if old.is_some_and(|o| self.now_ms < o.saturating_add(1000)) {
+            return Ok(());
+        }
+        if let Some(o) = old {
+            self.idle.remove((o, client))?;
+        }
+        self.idle.insert((self.now_ms, client), ())?;
+        self.seen.insert(client, self.now_ms)?;
+        Ok(())
+    }
+
+    /// Forgets the idempotency records of clients idle for [`SESSION_IDLE_EXPIRY_MS`].
+    fn expire_idle_sessions(&mut self) -> SmResult<()> {
+        let cutoff = self.now_ms.saturating_sub(SESSION_IDLE_EXPIRY_MS);
+        let mut doomed = Vec::new();
+        for item in self.idle.range(..(cutoff, 0))? {
+            if doomed.len() == MAX_SESSION_EXPIRIES_PER_BATCH {
+                break;
+            }
+            doomed.push(item?.0.value());
+        }
+        for (ms, client) in doomed {
+            self.idle.remove((ms, client))?;
+            self.seen.remove(client)?;
+            self.floors.remove(client)?;
+            self.sessions
+                .retain_in((client, 0)..=(client, u64::MAX), |_, _| false)?;
+        }
+        Ok(())
     }
 
     fn apply_op(&mut self, op: &WriteOp) -> SmResult<CommandResult> {
@@ -533,8 +578,11 @@ fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchRespon
             history: txn.open_table(HISTORY)?,
             sessions: txn.open_table(SESSIONS)?,
             floors: txn.open_table(SESSION_FLOORS)?,
+            seen: txn.open_table(SESSION_SEEN)?,
+            idle: txn.open_table(SESSION_IDLE)?,
             revision,
             compacted,
+            now_ms: 0,
         };
         let mut last_applied = None;
         let mut membership = None;
@@ -547,6 +595,8 @@ fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchRespon
                     responses.push(BatchResponse::default());
                 }
                 EntryPayload::Normal(batch) => {
+                    applier.now_ms = batch.proposed_at_ms;
+                    applier.expire_idle_sessions()?;
                     let mut results = Vec::with_capacity(batch.commands.len());
                     for (i, cmd) in batch.commands.iter().enumerate() {
                         // A batch over the limit is refused command by command, deterministically.
