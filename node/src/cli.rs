@@ -163,6 +163,12 @@ pub enum KvCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Forget history before REVISION: reads at older revisions then fail with "compacted".
+    Compact {
+        revision: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List keys with PREFIX (all keys if omitted), or in [--from, --to).
     Scan {
         prefix: Option<String>,
@@ -352,6 +358,7 @@ pub async fn kv(cmd: KvCommand) -> Result<()> {
         KvCommand::Put { client, .. }
         | KvCommand::Get { client, .. }
         | KvCommand::Del { client, .. }
+        | KvCommand::Compact { client, .. }
         | KvCommand::Scan { client, .. } => client.clone(),
     };
     let c = args.client().await?;
@@ -435,6 +442,15 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
                     }
                     println!("deleted {}", r.deleted);
                 }
+            }
+        }
+        KvCommand::Compact { revision, client } => {
+            let current = c.compact(revision).await?;
+            match client.output {
+                Output::Json => {
+                    println!("{}", json!({ "compacted": revision, "revision": current }))
+                }
+                Output::Text => println!("compacted history before revision {revision}"),
             }
         }
         KvCommand::Scan {

@@ -155,6 +155,15 @@ async fn cli_forms_a_cluster_that_serves_through_any_node() {
         Some(&cluster),
     );
     assert_eq!(stdout(&old).trim(), "v0");
+    // After compaction that history is gone, with a clear error.
+    let out = cli(&["kv", "compact", &(rev + 1).to_string()], Some(&cluster));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let old = cli(
+        &["kv", "get", "k0", "--rev", &rev.to_string()],
+        Some(&cluster),
+    );
+    assert!(!old.status.success());
+    assert!(stderr(&old).contains("compacted"), "{}", stderr(&old));
     let del = cli(
         &["kv", "del", "k", "--prefix", "-o", "json"],
         Some(&cluster),
