@@ -46,7 +46,20 @@ impl Cluster {
     }
 
     async fn start(&mut self, id: NodeId) {
-        let (log, sm) = aspen_kv::open(&self.node_dir(id)).unwrap();
+        // After an in-process stop, a task of the old instance may still hold the database for
+        // a moment (redb refuses a second open in one process): wait for it to let go.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let (log, sm) = loop {
+            match aspen_kv::open(&self.node_dir(id)) {
+                Ok(store) => break store,
+                Err(aspen_kv::storage::OpenError::Db(_, redb::Error::DatabaseAlreadyOpen))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("cannot open node {id}: {e}"),
+            }
+        };
         let raft = Raft::new(
             id,
             aspen_kv::raft_config(self.snapshot_every, 1000),
