@@ -203,9 +203,12 @@ async fn wait_for_ticket(
     let path = dir.join(NODE_TICKET_FILE);
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
-        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let modified = tokio::fs::metadata(&path)
+            .await
+            .and_then(|m| m.modified())
+            .ok();
         if modified.is_some() && modified != before {
-            if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(text) = tokio::fs::read_to_string(&path).await {
                 if let Ok(t) = text.parse::<NodeTicket>() {
                     return Ok(t);
                 }

@@ -103,8 +103,15 @@ impl RunningNode {
     /// Starts a node: key, store, endpoint, Raft, protocol handlers, ticket files.
     pub async fn start(config: &NodeConfig) -> Result<RunningNode, StartError> {
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e))?;
-        let key = crate::keyfile::load_or_create(&dir)?;
+        let key = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e))?;
+                Ok::<_, StartError>(crate::keyfile::load_or_create(&dir)?)
+            })
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))??
+        };
         let secret = SecretKey::from_bytes(&key.secret_bytes());
         let endpoint = bind_endpoint(&dir, config.bind, secret).await?;
         let addrs = listen_addrs(&endpoint, config.bind);
@@ -158,7 +165,7 @@ impl RunningNode {
             .spawn();
 
         let ticket = state.node_ticket();
-        write_atomically(&dir.join(NODE_TICKET_FILE), &ticket.to_string())?;
+        write_atomically(dir.join(NODE_TICKET_FILE), ticket.to_string()).await?;
         let tasks = vec![
             tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
             tokio::spawn(announce_address(state.clone())),
@@ -193,7 +200,8 @@ async fn bind_endpoint(
     secret: SecretKey,
 ) -> Result<Endpoint, StartError> {
     if bind.port() == 0 {
-        let previous = std::fs::read_to_string(dir.join(NODE_TICKET_FILE))
+        let previous = tokio::fs::read_to_string(dir.join(NODE_TICKET_FILE))
+            .await
             .ok()
             .and_then(|t| t.parse::<NodeTicket>().ok())
             .and_then(|t| {
@@ -231,11 +239,16 @@ fn listen_addrs(endpoint: &Endpoint, bind: SocketAddr) -> Vec<SocketAddr> {
     found
 }
 
-fn write_atomically(path: &Path, contents: &str) -> Result<(), StartError> {
-    let tmp = path.with_extension("tmp");
-    let err = |e| StartError::Ticket(path.to_path_buf(), e);
-    std::fs::write(&tmp, format!("{contents}\n")).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+/// Replaces `path` with `contents` (write to a temporary file, then rename), off the executor.
+async fn write_atomically(path: PathBuf, contents: String) -> Result<(), StartError> {
+    tokio::task::spawn_blocking(move || {
+        let tmp = path.with_extension("tmp");
+        let err = |e| StartError::Ticket(path.clone(), e);
+        std::fs::write(&tmp, format!("{contents}\n")).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    })
+    .await
+    .map_err(|e| StartError::Raft(e.to_string()))?
 }
 
 fn ticket_of(member: &Member) -> NodeTicket {
@@ -541,12 +554,14 @@ impl NodeState {
 
     /// Serves one node-to-node request from `remote`.
     pub async fn handle_raft(&self, remote: EndpointId, request: RaftRequest) -> RaftResponse {
-        let members = self.members();
-        let known = members
-            .values()
-            .any(|m| m.endpoint_id == *remote.as_bytes());
+        // An Arc of the current membership: no copy on this hot path.
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let members = membership.membership();
+        let mut nodes = members.nodes().peekable();
+        let initialized = nodes.peek().is_some();
+        let known = nodes.any(|(_, m)| m.endpoint_id == *remote.as_bytes());
         // An uninitialized node accepts its first leader; afterwards only members are heard.
-        if !members.is_empty() && !known {
+        if initialized && !known {
             return RaftResponse::Refused(format!(
                 "{} is not a member of this cluster",
                 remote.fmt_short()
@@ -576,7 +591,11 @@ impl NodeState {
                     return RaftResponse::Refused("hello for another node's key".into());
                 }
                 let id = node_id_of(&member.endpoint_id);
-                if self.is_leader() && members.get(&id).is_some_and(|m| m.addrs != member.addrs) {
+                if self.is_leader()
+                    && members
+                        .get_node(&id)
+                        .is_some_and(|m| m.addrs != member.addrs)
+                {
                     self.update_address(id, member);
                 }
                 RaftResponse::Hello
@@ -614,7 +633,7 @@ async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
                 .collect();
             let ticket = ClusterTicket { members }.to_string();
             if ticket != written {
-                match write_atomically(&dir.join(CLUSTER_TICKET_FILE), &ticket) {
+                match write_atomically(dir.join(CLUSTER_TICKET_FILE), ticket.clone()).await {
                     Ok(()) => written = ticket,
                     Err(e) => tracing::warn!("{e}"),
                 }
