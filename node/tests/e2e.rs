@@ -280,49 +280,58 @@ async fn single_node_kill9_keeps_every_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn member_restarted_on_a_new_address_rejoins() {
+async fn members_restarted_on_new_addresses_rejoin() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = form(root.path(), 3, &[]).await;
     let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
-    client
-        .put(b"before".to_vec(), b"move".to_vec())
-        .await
-        .unwrap();
-    let leader = client.status().await.unwrap().leader.unwrap();
-    let mover = nodes.iter().position(|n| n.node_id() != leader).unwrap();
-    let old_addrs = nodes[mover].ticket.addrs.clone();
-    // A port the OS says is free right now.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
-    nodes[mover].restart(Some(&["--bind", &bind]));
-    assert_ne!(nodes[mover].ticket.addrs, old_addrs);
-    let id = nodes[mover].node_id();
-    // The membership learns the new address...
-    wait_until("membership to record the new address", || async {
-        let s = client.status().await.ok()?;
-        let m = s.members.iter().find(|m| m.node_id == id)?;
-        (m.node.addrs == vec![bind.parse().unwrap()]).then_some(())
-    })
-    .await;
-    // ...and the moved node receives new writes.
-    client
-        .put(b"after".to_vec(), b"move".to_vec())
-        .await
-        .unwrap();
-    let acked = BTreeSet::from(["after".to_string(), "before".to_string()]);
-    wait_until("moved node to see new writes", || async {
-        let keys = local_keys(&nodes[mover], "").await?;
-        let have: BTreeSet<String> = keys
-            .into_iter()
-            .map(|k| String::from_utf8(k).unwrap())
-            .collect();
-        acked.is_subset(&have).then_some(())
-    })
-    .await;
+    // First a follower moves, then the leader (which loses leadership and must announce
+    // itself to the new leader).
+    for (round, move_leader) in [(0, false), (1, true)] {
+        let before = format!("before-{round}");
+        client
+            .put(before.clone().into_bytes(), b"move".to_vec())
+            .await
+            .unwrap();
+        let leader = client.status().await.unwrap().leader.unwrap();
+        let mover = nodes
+            .iter()
+            .position(|n| (n.node_id() == leader) == move_leader)
+            .unwrap();
+        let old_addrs = nodes[mover].ticket.addrs.clone();
+        // A port the OS says is free right now.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bind = format!("127.0.0.1:{port}");
+        nodes[mover].restart(Some(&["--bind", &bind]));
+        assert_ne!(nodes[mover].ticket.addrs, old_addrs);
+        let id = nodes[mover].node_id();
+        // The membership learns the new address...
+        wait_until("membership to record the new address", || async {
+            let s = client.status().await.ok()?;
+            let m = s.members.iter().find(|m| m.node_id == id)?;
+            (m.node.addrs == vec![bind.parse().unwrap()]).then_some(())
+        })
+        .await;
+        // ...and the moved node receives new writes.
+        let after = format!("after-{round}");
+        client
+            .put(after.clone().into_bytes(), b"move".to_vec())
+            .await
+            .unwrap();
+        let acked = BTreeSet::from([after, before]);
+        wait_until("moved node to see new writes", || async {
+            let keys = local_keys(&nodes[mover], "").await?;
+            let have: BTreeSet<String> = keys
+                .into_iter()
+                .map(|k| String::from_utf8(k).unwrap())
+                .collect();
+            acked.is_subset(&have).then_some(())
+        })
+        .await;
+    }
     client.close().await;
 }
 
