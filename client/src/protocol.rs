@@ -26,6 +26,17 @@ pub enum Consistency {
     Serializable,
 }
 
+impl Consistency {
+    /// `Serializable` if `serializable`, else the default `Linearizable` (CLI flag helper).
+    pub fn serializable_if(serializable: bool) -> Self {
+        if serializable {
+            Consistency::Serializable
+        } else {
+            Consistency::Linearizable
+        }
+    }
+}
+
 /// A client request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {

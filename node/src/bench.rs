@@ -67,11 +67,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
     }
     let issued = Arc::new(AtomicU64::new(0));
     let value = vec![b'x'; args.val_size];
-    let consistency = if args.serializable {
-        Consistency::Serializable
-    } else {
-        Consistency::Linearizable
-    };
+    let consistency = Consistency::serializable_if(args.serializable);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..args.clients {

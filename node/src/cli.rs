@@ -399,11 +399,7 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
             serializable,
             client,
         } => {
-            let consistency = if serializable {
-                Consistency::Serializable
-            } else {
-                Consistency::Linearizable
-            };
+            let consistency = Consistency::serializable_if(serializable);
             let key_bytes = client.bytes(&key)?;
             let found = c.get_with(key_bytes, rev, consistency).await?;
             match (client.output, &found) {
@@ -462,11 +458,7 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
             serializable,
             client,
         } => {
-            let consistency = if serializable {
-                Consistency::Serializable
-            } else {
-                Consistency::Linearizable
-            };
+            let consistency = Consistency::serializable_if(serializable);
             let mut request = match (prefix, from) {
                 (Some(p), _) => RangeRequest::prefix(client.bytes(&p)?),
                 (None, Some(f)) => RangeRequest {
