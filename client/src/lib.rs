@@ -287,11 +287,44 @@ impl Client {
     }
 
     /// The cluster as seen by the first node that answers.
+    /// The cluster as seen by the first node that answers. The client also adopts the
+    /// membership it reports, so it keeps reaching the cluster as members come and go.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match self.request(&ClientRequest::Status).await? {
-            ClientResponse::Status(s) => Ok(s),
+            ClientResponse::Status(s) => {
+                self.adopt_members(&s);
+                Ok(s)
+            }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// Learns the cluster's current members (a ticket may list only some, or old ones).
+    pub async fn refresh_members(&self) -> Result<(), ClientError> {
+        self.status().await.map(|_| ())
+    }
+
+    /// The members this client currently knows.
+    pub fn members(&self) -> Vec<NodeTicket> {
+        self.inner.members.lock().expect("lock").clone()
+    }
+
+    fn adopt_members(&self, status: &ClusterStatus) {
+        if status.members.is_empty() {
+            return; // An uninitialized node knows no cluster.
+        }
+        let mut members = self.inner.members.lock().expect("lock");
+        let current =
+            members[self.inner.preferred.load(Ordering::Relaxed) % members.len()].endpoint_id;
+        *members = status.members.iter().map(|m| m.node.clone()).collect();
+        // Keep talking to the leader if known, else to the node we were using.
+        let leader = status
+            .leader
+            .and_then(|l| status.members.iter().position(|m| m.node_id == l));
+        let index = leader
+            .or_else(|| members.iter().position(|m| m.endpoint_id == current))
+            .unwrap_or(0);
+        self.inner.preferred.store(index, Ordering::Relaxed);
     }
 
     /// Makes the (single) node this client talks to a one-member cluster.

@@ -449,3 +449,30 @@ async fn kill9_after_log_purges_keeps_every_acknowledged_write() {
     assert_all_present(&nodes[0], "p/", &acked).await;
     client.close().await;
 }
+
+/// A client given one member learns the others, and keeps working when that one dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_learns_the_membership_from_one_member() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let options = aspen_client::ClientOptions {
+        attempt_timeout: std::time::Duration::from_secs(2),
+        deadline: std::time::Duration::from_secs(60),
+    };
+    let only = ClusterTicket {
+        members: vec![nodes[0].ticket.clone()],
+    };
+    let client = Client::connect_with(only, options).await.unwrap();
+    assert_eq!(client.members().len(), 1);
+    client.refresh_members().await.unwrap();
+    assert_eq!(client.members().len(), 3);
+    client.put(b"k".to_vec(), b"1".to_vec()).await.unwrap();
+    nodes[0].kill9();
+    // Served by the remaining two (one of them becomes leader if node 0 led).
+    client.put(b"k".to_vec(), b"2".to_vec()).await.unwrap();
+    assert_eq!(
+        client.get(b"k".to_vec()).await.unwrap().unwrap().value,
+        b"2"
+    );
+    client.close().await;
+}
