@@ -1,7 +1,7 @@
 //! Aspen's replicated key-value store.
 //!
 //! openraft drives replication; this crate provides what openraft asks of an application: a
-//! durable log ([`LogStore`]) and a state machine ([`StateMachineStore`]) over one redb file,
+//! durable log ([`LogStore`]) and a state machine ([`StateMachineStore`]) over redb (`log.redb` and `state.redb`),
 //! the MVCC key space with etcd-like revisions, idempotent client sessions, and file-backed
 //! snapshots. It knows nothing about the network: the `node` crate implements openraft's
 //! network traits over iroh, and [`testing`] provides an in-memory network for multi-node

@@ -141,12 +141,8 @@ pub enum KvCommand {
     /// Read KEY (linearizable unless --serializable).
     Get {
         key: String,
-        /// Read as of this revision.
-        #[arg(long, default_value_t = 0)]
-        rev: u64,
-        /// Serve from the contacted node's local state (faster, may be stale).
-        #[arg(long)]
-        serializable: bool,
+        #[command(flatten)]
+        read: ReadArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -179,13 +175,28 @@ pub enum KvCommand {
         /// At most N keys (0: no limit; pages are fetched until done).
         #[arg(long, default_value_t = 0)]
         limit: u64,
-        #[arg(long, default_value_t = 0)]
-        rev: u64,
-        #[arg(long)]
-        serializable: bool,
+        #[command(flatten)]
+        read: ReadArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// How a read is served: shared by `kv get` and `kv scan`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ReadArgs {
+    /// Read as of this revision (0: the current one).
+    #[arg(long, default_value_t = 0)]
+    pub rev: u64,
+    /// Serve from the contacted node's local state (faster, may be stale).
+    #[arg(long)]
+    pub serializable: bool,
+}
+
+impl ReadArgs {
+    fn consistency(&self) -> Consistency {
+        Consistency::serializable_if(self.serializable)
+    }
 }
 
 impl ClientArgs {
@@ -393,15 +404,9 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
                 }
             }
         }
-        KvCommand::Get {
-            key,
-            rev,
-            serializable,
-            client,
-        } => {
-            let consistency = Consistency::serializable_if(serializable);
+        KvCommand::Get { key, read, client } => {
             let key_bytes = client.bytes(&key)?;
-            let found = c.get_with(key_bytes, rev, consistency).await?;
+            let found = c.get_with(key_bytes, read.rev, read.consistency()).await?;
             match (client.output, &found) {
                 (Output::Json, Some(kv)) => println!("{}", client.kv_json(kv)),
                 (Output::Json, None) => println!("null"),
@@ -454,11 +459,10 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
             from,
             to,
             limit,
-            rev,
-            serializable,
+            read,
             client,
         } => {
-            let consistency = Consistency::serializable_if(serializable);
+            let consistency = read.consistency();
             let mut request = match (prefix, from) {
                 (Some(p), _) => RangeRequest::prefix(client.bytes(&p)?),
                 (None, Some(f)) => RangeRequest {
@@ -477,7 +481,7 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
                     revision: 0,
                 },
             };
-            request.revision = rev;
+            request.revision = read.rev;
             let mut all = Vec::new();
             let mut revision;
             loop {
