@@ -115,6 +115,24 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
     let out = cli(&["cluster", "remove", "not-hex"], Some(&cluster));
     assert!(stderr(&out).contains("not hex"), "{}", stderr(&out));
 
+    // A node with more addresses than a ticket may hold is refused (raw request: the SDK's
+    // ticket parser would already refuse it).
+    let crowded = aspen_client::NodeTicket {
+        endpoint_id: *iroh::SecretKey::generate().public().as_bytes(),
+        addrs: (0..=aspen_client::ticket::MAX_ADDRS_PER_NODE as u16)
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], 20000 + p)))
+            .collect(),
+    };
+    let frame =
+        aspen_client::wire::encode_frame(&ClientRequest::AddMember { node: crowded }, usize::MAX)
+            .unwrap();
+    let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
+    let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
+    assert!(
+        matches!(&response, ClientResponse::Error(RpcError::BadRequest(m)) if m.contains("addresses")),
+        "{response:?}"
+    );
+
     // Still serving.
     client
         .put(b"still".to_vec(), b"alive".to_vec())

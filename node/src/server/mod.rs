@@ -482,6 +482,13 @@ impl NodeState {
 
     async fn add_member(&self, node: NodeTicket) -> Result<ClientResponse, RpcError> {
         self.require_leader()?;
+        if node.addrs.len() > aspen_client::ticket::MAX_ADDRS_PER_NODE {
+            return Err(RpcError::BadRequest(format!(
+                "{} addresses exceed the limit of {}",
+                node.addrs.len(),
+                aspen_client::ticket::MAX_ADDRS_PER_NODE
+            )));
+        }
         EndpointId::from_bytes(&node.endpoint_id)
             .map_err(|e| RpcError::BadRequest(format!("bad node key: {e}")))?;
         let id = node.node_id();
@@ -589,6 +596,13 @@ impl NodeState {
             RaftRequest::Hello(member) => {
                 if member.endpoint_id != *remote.as_bytes() {
                     return RaftResponse::Refused("hello for another node's key".into());
+                }
+                if member.addrs.len() > aspen_client::ticket::MAX_ADDRS_PER_NODE {
+                    return RaftResponse::Refused(format!(
+                        "{} addresses exceed the limit of {}",
+                        member.addrs.len(),
+                        aspen_client::ticket::MAX_ADDRS_PER_NODE
+                    ));
                 }
                 let id = node_id_of(&member.endpoint_id);
                 if self.is_leader()
