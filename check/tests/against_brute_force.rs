@@ -1,0 +1,210 @@
+//! Property tests: on small random histories the search agrees with trying every order, and
+//! histories generated from a real sequential execution are always accepted.
+
+use aspen_check::{check, History, Op, Operation, Outcome};
+use proptest::prelude::*;
+
+const KEY: &[u8] = b"k";
+
+/// Applies `op` to `state`; returns the outcome the sequential specification gives.
+fn apply(state: &mut Option<Vec<u8>>, op: &Op) -> Outcome {
+    match op {
+        Op::Get { .. } => Outcome::Get(state.clone()),
+        Op::Put { value, .. } => {
+            *state = Some(value.clone());
+            Outcome::Put
+        }
+        Op::Delete { .. } => Outcome::Delete {
+            existed: state.take().is_some(),
+        },
+        Op::Cas { expect, new, .. } => {
+            let swapped = state == expect;
+            if swapped {
+                *state = Some(new.clone());
+            }
+            Outcome::Cas { swapped }
+        }
+    }
+}
+
+/// Tries every order of the operations that respects real time; unknown operations may be
+/// left out. Exponential: only for tiny histories.
+fn brute_force(ops: &[Operation]) -> bool {
+    fn go(ops: &[Operation], done: &mut Vec<bool>, state: Option<Vec<u8>>) -> bool {
+        if ops
+            .iter()
+            .zip(done.iter())
+            .all(|(o, d)| *d || o.returned.is_none())
+        {
+            return true;
+        }
+        for i in 0..ops.len() {
+            if done[i] {
+                continue;
+            }
+            // `i` may go next only if no pending operation returned before `i` was invoked.
+            let blocked = ops.iter().enumerate().any(|(j, o)| {
+                !done[j]
+                    && j != i
+                    && o.returned
+                        .as_ref()
+                        .is_some_and(|(t, _)| *t < ops[i].invoked_at)
+            });
+            if blocked {
+                continue;
+            }
+            let mut s = state.clone();
+            let out = apply(&mut s, &ops[i].op);
+            if ops[i]
+                .returned
+                .as_ref()
+                .is_some_and(|(_, seen)| *seen != out)
+            {
+                continue;
+            }
+            done[i] = true;
+            if go(ops, done, s) {
+                done[i] = false;
+                return true;
+            }
+            done[i] = false;
+        }
+        false
+    }
+    go(ops, &mut vec![false; ops.len()], None)
+}
+
+fn value() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(b"a".to_vec()),
+        Just(b"b".to_vec()),
+        Just(b"c".to_vec())
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let key = KEY.to_vec();
+    prop_oneof![
+        Just(Op::Get { key: key.clone() }),
+        value().prop_map({
+            let key = key.clone();
+            move |value| Op::Put {
+                key: key.clone(),
+                value,
+            }
+        }),
+        Just(Op::Delete { key: key.clone() }),
+        (proptest::option::of(value()), value()).prop_map(move |(expect, new)| Op::Cas {
+            key: key.clone(),
+            expect,
+            new,
+        }),
+    ]
+}
+
+fn outcome_for(op: &Op) -> BoxedStrategy<Outcome> {
+    match op {
+        Op::Get { .. } => proptest::option::of(value()).prop_map(Outcome::Get).boxed(),
+        Op::Put { .. } => Just(Outcome::Put).boxed(),
+        Op::Delete { .. } => any::<bool>()
+            .prop_map(|existed| Outcome::Delete { existed })
+            .boxed(),
+        Op::Cas { .. } => any::<bool>()
+            .prop_map(|swapped| Outcome::Cas { swapped })
+            .boxed(),
+    }
+}
+
+/// Up to 7 operations with random intervals on a timeline and random (often wrong) outcomes.
+fn random_history() -> impl Strategy<Value = Vec<Operation>> {
+    proptest::collection::vec((op(), 0u64..20, 1u64..10, any::<bool>()), 1..7)
+        .prop_flat_map(|specs| {
+            let outcomes: Vec<_> = specs.iter().map(|(op, ..)| outcome_for(op)).collect();
+            (Just(specs), outcomes)
+        })
+        .prop_map(|(specs, outcomes)| {
+            specs
+                .into_iter()
+                .zip(outcomes)
+                .enumerate()
+                .map(|(i, ((op, start, len, known), out))| {
+                    // Distinct ticks: scale and offset by the index.
+                    let inv = start * 100 + i as u64;
+                    let ret = (start + len) * 100 + 50 + i as u64;
+                    Operation {
+                        client: i as u64,
+                        op,
+                        invoked_at: inv,
+                        returned: known.then_some((ret, out)),
+                    }
+                })
+                .collect()
+        })
+}
+
+/// A history produced by actually running the operations in some order within their
+/// intervals: always linearizable.
+fn executed_history(max_ops: usize) -> impl Strategy<Value = Vec<Operation>> {
+    proptest::collection::vec(
+        (op(), 0u64..50, 1u64..20, 0u64..1000, any::<bool>()),
+        1..max_ops,
+    )
+    .prop_map(|specs| {
+        // Each op takes effect at a point inside its interval; run them in that order.
+        let mut ops: Vec<(u64, usize, Op, u64, u64, bool)> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (op, start, len, frac, known))| {
+                let inv = start * 1000 + i as u64;
+                let ret = (start + len) * 1000 + i as u64;
+                let at = inv + 1 + (ret - inv - 1) * frac / 1000;
+                (at, i, op, inv, ret, known)
+            })
+            .collect();
+        ops.sort_by_key(|(at, i, ..)| (*at, *i));
+        let mut state = None;
+        ops.into_iter()
+            .map(|(_, i, op, inv, ret, known)| {
+                let out = apply(&mut state, &op);
+                Operation {
+                    client: i as u64,
+                    op,
+                    invoked_at: inv,
+                    returned: known.then_some((ret, out)),
+                }
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn agrees_with_brute_force(ops in random_history()) {
+        let expected = brute_force(&ops);
+        let report = check(&History::from_ops(ops.clone()));
+        prop_assert!(report.inconclusive.is_empty());
+        prop_assert_eq!(report.is_linearizable(), expected, "{}", report);
+    }
+
+    #[test]
+    fn executed_histories_are_linearizable(ops in executed_history(40)) {
+        let report = check(&History::from_ops(ops));
+        prop_assert!(report.is_linearizable(), "{}", report);
+    }
+
+    #[test]
+    fn a_read_of_a_ghost_value_is_caught(ops in executed_history(12), pick in any::<prop::sample::Index>()) {
+        let mut ops = ops;
+        let i = pick.index(ops.len());
+        ops[i] = Operation {
+            client: 99,
+            op: Op::Get { key: KEY.to_vec() },
+            invoked_at: ops[i].invoked_at,
+            returned: Some((ops[i].invoked_at + 1, Outcome::Get(Some(b"ghost".to_vec())))),
+        };
+        let report = check(&History::from_ops(ops));
+        prop_assert_eq!(report.anomalies.len(), 1);
+    }
+}
