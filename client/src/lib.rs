@@ -90,6 +90,17 @@ pub struct DeleteResult {
     pub prev: Vec<KeyValue>,
 }
 
+/// The outcome of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Store revision after the transaction.
+    pub revision: Revision,
+    /// Whether the comparisons held (the `success` branch ran).
+    pub succeeded: bool,
+    /// One outcome per write of the branch that ran.
+    pub results: Vec<WriteOutcome>,
+}
+
 /// A connection to a cluster. Cheap to clone; clones share connections and the session.
 #[derive(Clone)]
 pub struct Client {
@@ -213,6 +224,34 @@ impl Client {
             }),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// Runs an etcd-style transaction: if every comparison holds, the `success` writes, else
+    /// the `failure` writes, atomically at one revision.
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResult, ClientError> {
+        match self.write(WriteOp::Txn(txn)).await? {
+            WriteOutcome::Txn {
+                revision,
+                succeeded,
+                results,
+            } => Ok(TxnResult {
+                revision,
+                succeeded,
+                results,
+            }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sets `key` to `new` if its value is `expect` (`None`: if it is absent). Returns whether
+    /// it swapped, and the store revision.
+    pub async fn compare_and_swap(
+        &self,
+        key: Vec<u8>,
+        expect: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> Result<TxnResult, ClientError> {
+        self.txn(Txn::compare_and_swap(key, expect, new)).await
     }
 
     /// Forgets history below `revision`.

@@ -64,6 +64,183 @@ pub enum WriteOp {
     },
     /// Forget history below `revision` (reads at older revisions then fail with `Compacted`).
     Compact { revision: Revision },
+    /// If every comparison holds, apply `success`, else `failure`: atomically, at one revision.
+    Txn(Txn),
+}
+
+/// An etcd-style transaction: compare, then one branch of writes, all at one store revision.
+///
+/// The writes of a branch may not touch the same key twice (they would need two revisions);
+/// such a transaction is refused with [`LimitError::TxnWritesOverlap`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Txn {
+    pub compare: Vec<Compare>,
+    pub success: Vec<TxnOp>,
+    pub failure: Vec<TxnOp>,
+}
+
+/// One comparison of a key's current state with a constant. An absent key has version,
+/// create and mod revision 0, and no value (a `Value` comparison with it is false, as in etcd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: Key,
+    pub target: CompareTarget,
+    pub op: CompareOp,
+}
+
+/// What a [`Compare`] looks at, and the constant it compares with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    Version(u64),
+    CreateRevision(Revision),
+    ModRevision(Revision),
+    Value(Vec<u8>),
+}
+
+/// How the key's side relates to the constant: `key_side op constant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareOp {
+    Equal,
+    NotEqual,
+    Less,
+    Greater,
+}
+
+/// A write inside a [`Txn`] branch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    Put {
+        key: Key,
+        value: Vec<u8>,
+        prev_kv: bool,
+    },
+    Delete {
+        start: Key,
+        end: Option<Key>,
+        prev_kv: bool,
+    },
+}
+
+impl TxnOp {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            TxnOp::Put { key, value, .. } => key.len() + value.len(),
+            TxnOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
+        }
+    }
+
+    fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            TxnOp::Put { key, value, .. } => check_put(key, value),
+            TxnOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
+        }
+    }
+
+    /// The keys written, as `[start, end)`; `None` end: unbounded. Empty ranges give `None`.
+    fn span(&self) -> Option<(&[u8], Option<Vec<u8>>)> {
+        let just = |k: &[u8]| {
+            let mut next = k.to_vec();
+            next.push(0);
+            Some(next)
+        };
+        match self {
+            TxnOp::Put { key, .. } => Some((key, just(key))),
+            TxnOp::Delete {
+                start, end: None, ..
+            } => Some((start, just(start))),
+            TxnOp::Delete {
+                start,
+                end: Some(e),
+                ..
+            } if e.is_empty() => Some((start, None)),
+            TxnOp::Delete {
+                start,
+                end: Some(e),
+                ..
+            } => (e.as_slice() > start.as_slice()).then(|| (start.as_slice(), Some(e.clone()))),
+        }
+    }
+}
+
+impl Compare {
+    /// Whether the comparison holds for the key's current state (`None`: absent).
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
+        use std::cmp::Ordering;
+        let ord: Option<Ordering> = match &self.target {
+            CompareTarget::Version(v) => Some(current.map_or(0, |c| c.version).cmp(v)),
+            CompareTarget::CreateRevision(r) => {
+                Some(current.map_or(0, |c| c.create_revision).cmp(r))
+            }
+            CompareTarget::ModRevision(r) => Some(current.map_or(0, |c| c.mod_revision).cmp(r)),
+            CompareTarget::Value(v) => current.map(|c| c.value.as_slice().cmp(v.as_slice())),
+        };
+        let Some(ord) = ord else {
+            return false;
+        };
+        match self.op {
+            CompareOp::Equal => ord == Ordering::Equal,
+            CompareOp::NotEqual => ord != Ordering::Equal,
+            CompareOp::Less => ord == Ordering::Less,
+            CompareOp::Greater => ord == Ordering::Greater,
+        }
+    }
+}
+
+impl Txn {
+    /// A compare-and-swap: set `key` to `new` if its value is `expect` (`None`: absent).
+    pub fn compare_and_swap(key: Key, expect: Option<Vec<u8>>, new: Vec<u8>) -> Txn {
+        let target = match expect {
+            Some(v) => CompareTarget::Value(v),
+            None => CompareTarget::Version(0),
+        };
+        Txn {
+            compare: vec![Compare {
+                key: key.clone(),
+                target,
+                op: CompareOp::Equal,
+            }],
+            success: vec![TxnOp::Put {
+                key,
+                value: new,
+                prev_kv: false,
+            }],
+            failure: vec![],
+        }
+    }
+
+    fn validate(&self) -> Result<(), LimitError> {
+        let len = self.compare.len() + self.success.len().max(self.failure.len());
+        if len > MAX_TXN_OPS {
+            return Err(LimitError::TooManyTxnOps {
+                len,
+                max: MAX_TXN_OPS,
+            });
+        }
+        for c in &self.compare {
+            check_key(&c.key)?;
+            if let CompareTarget::Value(v) = &c.target {
+                check_value(v)?;
+            }
+        }
+        for branch in [&self.success, &self.failure] {
+            for op in branch {
+                op.validate()?;
+            }
+            let spans: Vec<_> = branch.iter().filter_map(TxnOp::span).collect();
+            for (i, (s1, e1)) in spans.iter().enumerate() {
+                for (s2, e2) in &spans[i + 1..] {
+                    let below =
+                        |s: &[u8], e: &Option<Vec<u8>>| e.as_ref().is_none_or(|e| s < e.as_slice());
+                    if below(s1, e2) && below(s2, e1) {
+                        return Err(LimitError::TxnWritesOverlap {
+                            key: s1.max(s2).to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl WriteOp {
@@ -73,36 +250,66 @@ impl WriteOp {
             WriteOp::Put { key, value, .. } => key.len() + value.len(),
             WriteOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
             WriteOp::Compact { .. } => 8,
+            WriteOp::Txn(t) => {
+                let compares: usize = t
+                    .compare
+                    .iter()
+                    .map(|c| {
+                        c.key.len()
+                            + match &c.target {
+                                CompareTarget::Value(v) => v.len(),
+                                _ => 8,
+                            }
+                    })
+                    .sum();
+                let ops: usize = t
+                    .success
+                    .iter()
+                    .chain(&t.failure)
+                    .map(TxnOp::payload_bytes)
+                    .sum();
+                compares + ops
+            }
         }
     }
 
     /// Checks the op against the store's limits.
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
-            WriteOp::Put { key, value, .. } => {
-                check_key(key)?;
-                if value.len() > MAX_VALUE_BYTES {
-                    return Err(LimitError::ValueTooLarge {
-                        len: value.len(),
-                        max: MAX_VALUE_BYTES,
-                    });
-                }
-            }
-            WriteOp::Delete { start, end, .. } => {
-                check_key(start)?;
-                if let Some(end) = end {
-                    if end.len() > MAX_KEY_BYTES {
-                        return Err(LimitError::KeyTooLarge {
-                            len: end.len(),
-                            max: MAX_KEY_BYTES,
-                        });
-                    }
-                }
-            }
-            WriteOp::Compact { .. } => {}
+            WriteOp::Put { key, value, .. } => check_put(key, value),
+            WriteOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
+            WriteOp::Compact { .. } => Ok(()),
+            WriteOp::Txn(t) => t.validate(),
         }
-        Ok(())
     }
+}
+
+fn check_put(key: &[u8], value: &[u8]) -> Result<(), LimitError> {
+    check_key(key)?;
+    check_value(value)
+}
+
+fn check_value(value: &[u8]) -> Result<(), LimitError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(LimitError::ValueTooLarge {
+            len: value.len(),
+            max: MAX_VALUE_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn check_delete(start: &[u8], end: Option<&[u8]>) -> Result<(), LimitError> {
+    check_key(start)?;
+    if let Some(end) = end {
+        if end.len() > MAX_KEY_BYTES {
+            return Err(LimitError::KeyTooLarge {
+                len: end.len(),
+                max: MAX_KEY_BYTES,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_key(key: &[u8]) -> Result<(), LimitError> {
@@ -131,6 +338,12 @@ pub enum LimitError {
     RangeLimitTooLarge { limit: u64, max: u64 },
     #[error("batch of {len} commands exceeds the limit of {max}")]
     TooManyCommands { len: usize, max: usize },
+    #[error(
+        "transaction has {len} operations (comparisons plus the larger branch), the limit is {max}"
+    )]
+    TooManyTxnOps { len: usize, max: usize },
+    #[error("a transaction branch writes key {key:?} more than once")]
+    TxnWritesOverlap { key: Key },
 }
 
 /// A key and its metadata, as stored at some revision.
@@ -163,6 +376,13 @@ pub enum WriteOutcome {
     Compact {
         revision: Revision,
     },
+    /// `succeeded`: whether the comparisons held (and `success` ran, else `failure`).
+    /// `results`: one outcome per write of the branch that ran, each `Put` or `Delete`.
+    Txn {
+        revision: Revision,
+        succeeded: bool,
+        results: Vec<WriteOutcome>,
+    },
 }
 
 impl WriteOutcome {
@@ -171,7 +391,8 @@ impl WriteOutcome {
         match self {
             WriteOutcome::Put { revision, .. }
             | WriteOutcome::Delete { revision, .. }
-            | WriteOutcome::Compact { revision } => *revision,
+            | WriteOutcome::Compact { revision }
+            | WriteOutcome::Txn { revision, .. } => *revision,
         }
     }
 }

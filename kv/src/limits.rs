@@ -24,5 +24,7 @@ pub const MAX_SESSION_WINDOW: u64 = 100_000;
 pub const SESSION_IDLE_EXPIRY_MS: u64 = 24 * 60 * 60 * 1000;
 /// Most idle clients forgotten while applying one batch (bounds the work of one apply).
 pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
+/// Most operations in one transaction: its comparisons plus the larger of its two branches.
+pub const MAX_TXN_OPS: usize = 128;
 /// Largest encoded row in a snapshot file.
 pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;

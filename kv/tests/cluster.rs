@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aspen_kv::api::*;
+use aspen_kv::limits;
 use aspen_kv::testing::MemRouter;
 use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
 
@@ -653,4 +654,140 @@ async fn idle_client_sessions_expire_by_leader_time() {
     // Client 8 is fresh: still deduplicated.
     write(later + 1, vec![cmd(8, 1)]).await;
     assert_eq!(version(8).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_compare_then_apply_one_branch_at_one_revision() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let r1 = c.put("a", "1").await;
+    c.put("gone", "x").await;
+    let txn = |compare: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>| {
+        WriteOp::Txn(Txn {
+            compare,
+            success,
+            failure,
+        })
+    };
+    let cmp = |key: &str, target: CompareTarget, op: CompareOp| Compare {
+        key: key.into(),
+        target,
+        op,
+    };
+    let tput = |k: &str, v: &str| TxnOp::Put {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: true,
+    };
+
+    // Success branch: two writes and a delete share one revision.
+    let out = c
+        .write(vec![txn(
+            vec![
+                cmp("a", CompareTarget::Value(b"1".to_vec()), CompareOp::Equal),
+                cmp("a", CompareTarget::ModRevision(r1), CompareOp::Equal),
+                cmp("nope", CompareTarget::Version(0), CompareOp::Equal),
+            ],
+            vec![
+                tput("a", "2"),
+                tput("b", "new"),
+                TxnOp::Delete {
+                    start: b"gone".to_vec(),
+                    end: None,
+                    prev_kv: false,
+                },
+            ],
+            vec![tput("failed", "yes")],
+        )])
+        .await;
+    let Ok(WriteOutcome::Txn {
+        revision,
+        succeeded,
+        results,
+    }) = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert!(succeeded);
+    assert_eq!(*revision, r1 + 2);
+    assert_eq!(results.len(), 3);
+    assert!(
+        matches!(&results[0], WriteOutcome::Put { revision: r, prev: Some(p) } if *r == *revision && p.value == b"1")
+    );
+    assert!(matches!(
+        &results[2],
+        WriteOutcome::Delete { deleted: 1, .. }
+    ));
+    let sm = &c.nodes[&1].sm;
+    for key in ["a", "b"] {
+        let kv = sm.get(key.into(), 0).await.unwrap().unwrap();
+        assert_eq!(kv.mod_revision, *revision, "{key}");
+    }
+    assert_eq!(sm.get(b"gone".to_vec(), 0).await.unwrap(), None);
+
+    // Failure branch: a stale compare-and-swap changes nothing else.
+    let cas = Txn::compare_and_swap(b"a".to_vec(), Some(b"1".to_vec()), b"3".to_vec());
+    let out = c.write(vec![WriteOp::Txn(cas)]).await;
+    assert!(matches!(
+        &out[0],
+        Ok(WriteOutcome::Txn { succeeded: false, results, revision: r }) if results.is_empty() && r == revision
+    ));
+    assert_eq!(sm.get(b"a".to_vec(), 0).await.unwrap().unwrap().value, b"2");
+    // Compare with an absent key: a value comparison is false, version 0 holds.
+    let absent = Txn::compare_and_swap(b"fresh".to_vec(), None, b"v".to_vec());
+    let out = c.write(vec![WriteOp::Txn(absent.clone())]).await;
+    assert!(matches!(
+        &out[0],
+        Ok(WriteOutcome::Txn {
+            succeeded: true,
+            ..
+        })
+    ));
+    let out = c.write(vec![WriteOp::Txn(absent)]).await;
+    assert!(matches!(
+        &out[0],
+        Ok(WriteOutcome::Txn {
+            succeeded: false,
+            ..
+        })
+    ));
+
+    // Writes to one key twice in a branch are refused before anything happens.
+    let out = c
+        .write(vec![txn(
+            vec![],
+            vec![
+                tput("x", "1"),
+                TxnOp::Delete {
+                    start: b"a".to_vec(),
+                    end: Some(b"z".to_vec()),
+                    prev_kv: false,
+                },
+            ],
+            vec![],
+        )])
+        .await;
+    assert_eq!(
+        out[0],
+        Err(ApplyError::Limit(LimitError::TxnWritesOverlap {
+            key: b"x".to_vec()
+        }))
+    );
+    let too_many = txn(
+        (0..=limits::MAX_TXN_OPS)
+            .map(|i| {
+                cmp(
+                    &format!("k{i}"),
+                    CompareTarget::Version(0),
+                    CompareOp::Equal,
+                )
+            })
+            .collect(),
+        vec![],
+        vec![],
+    );
+    assert!(matches!(
+        c.write(vec![too_many]).await[0],
+        Err(ApplyError::Limit(LimitError::TooManyTxnOps { .. }))
+    ));
 }

@@ -82,3 +82,37 @@ fn range_request_encoding_is_stable() {
     };
     assert_eq!(bytes(&r), [1, b'a', 1, 1, b'b', 10, 3]);
 }
+
+#[test]
+fn txn_encoding_is_stable() {
+    let op = WriteOp::Txn(Txn {
+        compare: vec![Compare {
+            key: b"k".to_vec(),
+            target: CompareTarget::Value(b"v".to_vec()),
+            op: CompareOp::NotEqual,
+        }],
+        success: vec![TxnOp::Put {
+            key: b"k".to_vec(),
+            value: b"w".to_vec(),
+            prev_kv: false,
+        }],
+        failure: vec![TxnOp::Delete {
+            start: b"k".to_vec(),
+            end: None,
+            prev_kv: true,
+        }],
+    });
+    assert_eq!(
+        bytes(&op),
+        [3, 1, 1, b'k', 3, 1, b'v', 1, 1, 0, 1, b'k', 1, b'w', 0, 1, 1, 1, b'k', 0, 1]
+    );
+    let out: CommandResult = Ok(WriteOutcome::Txn {
+        revision: 7,
+        succeeded: true,
+        results: vec![WriteOutcome::Put {
+            revision: 7,
+            prev: None,
+        }],
+    });
+    assert_eq!(bytes(&out), [0, 3, 7, 1, 1, 0, 7, 0]);
+}

@@ -165,6 +165,20 @@ pub enum KvCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Set KEY to NEW only if its current value is --expect (or it is absent, --absent).
+    /// Exits with status 1 if the comparison failed (nothing is written then).
+    Cas {
+        key: String,
+        new: String,
+        /// The value KEY must have.
+        #[arg(long, required_unless_present = "absent")]
+        expect: Option<String>,
+        /// KEY must not exist.
+        #[arg(long, conflicts_with = "expect")]
+        absent: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List keys with PREFIX (all keys if omitted), or in [--from, --to).
     Scan {
         prefix: Option<String>,
@@ -370,6 +384,7 @@ pub async fn kv(cmd: KvCommand) -> Result<()> {
         | KvCommand::Get { client, .. }
         | KvCommand::Del { client, .. }
         | KvCommand::Compact { client, .. }
+        | KvCommand::Cas { client, .. }
         | KvCommand::Scan { client, .. } => client.clone(),
     };
     let c = args.client().await?;
@@ -443,6 +458,29 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
                     }
                     println!("deleted {}", r.deleted);
                 }
+            }
+        }
+        KvCommand::Cas {
+            key,
+            new,
+            expect,
+            absent: _,
+            client,
+        } => {
+            let expect = expect.map(|e| client.bytes(&e)).transpose()?;
+            let r = c
+                .compare_and_swap(client.bytes(&key)?, expect, client.bytes(&new)?)
+                .await?;
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({ "swapped": r.succeeded, "revision": r.revision })
+                ),
+                Output::Text if r.succeeded => println!("revision {}", r.revision),
+                Output::Text => {}
+            }
+            if !r.succeeded {
+                bail!("'{key}' did not have the expected value; nothing written");
             }
         }
         KvCommand::Compact { revision, client } => {

@@ -155,6 +155,39 @@ async fn cli_forms_a_cluster_that_serves_through_any_node() {
         Some(&cluster),
     );
     assert_eq!(stdout(&old).trim(), "v0");
+    // Compare-and-swap: only from the expected value; a failed compare exits 1.
+    let cas = cli(
+        &["kv", "cas", "k0", "swapped", "--expect", "changed"],
+        Some(&cluster),
+    );
+    assert!(cas.status.success(), "{}", stderr(&cas));
+    let stale = cli(
+        &[
+            "kv", "cas", "k0", "again", "--expect", "changed", "-o", "json",
+        ],
+        Some(&cluster),
+    );
+    assert!(!stale.status.success());
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&stale.stdout).unwrap()["swapped"],
+        false
+    );
+    assert!(
+        stderr(&stale).contains("expected value"),
+        "{}",
+        stderr(&stale)
+    );
+    let fresh = cli(&["kv", "cas", "fresh", "1", "--absent"], Some(&cluster));
+    assert!(fresh.status.success(), "{}", stderr(&fresh));
+    assert!(
+        !cli(&["kv", "cas", "fresh", "2", "--absent"], Some(&cluster))
+            .status
+            .success()
+    );
+    assert_eq!(
+        stdout(&cli(&["kv", "get", "k0"], Some(&cluster))).trim(),
+        "swapped"
+    );
     // After compaction that history is gone, with a clear error.
     let out = cli(&["kv", "compact", &(rev + 1).to_string()], Some(&cluster));
     assert!(out.status.success(), "{}", stderr(&out));

@@ -397,8 +397,6 @@ impl Applier<'_> {
         if let Err(e) = op.validate() {
             return Ok(Err(e.into()));
         }
-        let kv = &mut self.kv;
-        let history = &mut self.history;
         match op {
             WriteOp::Put {
                 key,
@@ -406,33 +404,8 @@ impl Applier<'_> {
                 prev_kv,
             } => {
                 let revision = self.revision + 1;
-                let prev: Option<StoredKv> = match kv.get(key.as_slice())? {
-                    Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
-                    None => None,
-                };
-                let (create_revision, version) = match &prev {
-                    Some(p) => (p.create_revision, p.version + 1),
-                    None => (revision, 1),
-                };
-                let stored = StoredKv {
-                    value: value.clone(),
-                    create_revision,
-                    mod_revision: revision,
-                    version,
-                    lease: 0,
-                };
-                let bytes = encode(&stored);
-                kv.insert(key.as_slice(), bytes.as_slice())?;
-                history.insert(
-                    (key.as_slice(), revision),
-                    encode(&Some(&stored)).as_slice(),
-                )?;
+                let prev = self.put(key, value, *prev_kv, revision)?;
                 self.revision = revision;
-                let prev = if *prev_kv {
-                    prev.map(|p| p.into_kv(key.clone()))
-                } else {
-                    None
-                };
                 Ok(Ok(WriteOutcome::Put { revision, prev }))
             }
             WriteOp::Delete {
@@ -440,59 +413,89 @@ impl Applier<'_> {
                 end,
                 prev_kv,
             } => {
-                let mut doomed: Vec<(Key, Option<StoredKv>)> = Vec::new();
-                {
-                    let mut collect = |k: &[u8], v: &[u8]| -> SmResult<()> {
-                        let prev = if *prev_kv {
-                            Some(postcard::from_bytes(v).map_err(corrupt)?)
-                        } else {
-                            None
-                        };
-                        doomed.push((k.to_vec(), prev));
-                        Ok(())
-                    };
-                    match end {
-                        None => {
-                            if let Some(v) = kv.get(start.as_slice())? {
-                                collect(start, v.value())?;
-                            }
-                        }
-                        Some(e) if !e.is_empty() && e.as_slice() <= start.as_slice() => {}
-                        Some(e) => {
-                            let iter = if e.is_empty() {
-                                kv.range(start.as_slice()..)?
-                            } else {
-                                kv.range(start.as_slice()..e.as_slice())?
-                            };
-                            for item in iter {
-                                let (k, v) = item?;
-                                collect(k.value(), v.value())?;
-                            }
-                        }
-                    }
-                }
-                if doomed.is_empty() {
-                    return Ok(Ok(WriteOutcome::Delete {
-                        revision: self.revision,
-                        deleted: 0,
-                        prev: vec![],
-                    }));
-                }
                 let revision = self.revision + 1;
-                let tombstone = encode(&None::<StoredKv>);
-                let mut prev = Vec::new();
-                for (k, p) in &doomed {
-                    kv.remove(k.as_slice())?;
-                    history.insert((k.as_slice(), revision), tombstone.as_slice())?;
-                    if let Some(p) = p {
-                        prev.push(p.clone().into_kv(k.clone()));
+                let (deleted, prev) = self.delete(start, end.as_deref(), *prev_kv, revision)?;
+                if deleted > 0 {
+                    self.revision = revision;
+                }
+                Ok(Ok(WriteOutcome::Delete {
+                    revision: self.revision,
+                    deleted,
+                    prev,
+                }))
+            }
+            WriteOp::Txn(txn) => {
+                let mut succeeded = true;
+                for c in &txn.compare {
+                    let current = match self.kv.get(c.key.as_slice())? {
+                        Some(v) => Some(
+                            postcard::from_bytes::<StoredKv>(v.value())
+                                .map_err(corrupt)?
+                                .into_kv(c.key.clone()),
+                        ),
+                        None => None,
+                    };
+                    if !c.holds(current.as_ref()) {
+                        succeeded = false;
+                        break;
                     }
                 }
-                self.revision = revision;
-                Ok(Ok(WriteOutcome::Delete {
+                let branch = if succeeded {
+                    &txn.success
+                } else {
+                    &txn.failure
+                };
+                // The branch's writes touch distinct keys (checked by `validate`), so they
+                // all happen at one revision, in any order.
+                let revision = self.revision + 1;
+                let mut changed = false;
+                // Per write: `Some(deleted)` for a delete, `None` for a put; previous values.
+                let mut done: Vec<(Option<u64>, Vec<KeyValue>)> = Vec::with_capacity(branch.len());
+                for op in branch {
+                    match op {
+                        TxnOp::Put {
+                            key,
+                            value,
+                            prev_kv,
+                        } => {
+                            let prev = self.put(key, value, *prev_kv, revision)?;
+                            changed = true;
+                            done.push((None, prev.into_iter().collect()));
+                        }
+                        TxnOp::Delete {
+                            start,
+                            end,
+                            prev_kv,
+                        } => {
+                            let (deleted, prev) =
+                                self.delete(start, end.as_deref(), *prev_kv, revision)?;
+                            changed |= deleted > 0;
+                            done.push((Some(deleted), prev));
+                        }
+                    }
+                }
+                if changed {
+                    self.revision = revision;
+                }
+                let revision = self.revision;
+                let results = done
+                    .into_iter()
+                    .map(|(deleted, mut prev)| match deleted {
+                        None => WriteOutcome::Put {
+                            revision,
+                            prev: prev.pop(),
+                        },
+                        Some(deleted) => WriteOutcome::Delete {
+                            revision,
+                            deleted,
+                            prev,
+                        },
+                    })
+                    .collect();
+                Ok(Ok(WriteOutcome::Txn {
                     revision,
-                    deleted: doomed.len() as u64,
-                    prev,
+                    succeeded,
+                    results,
                 }))
             }
             WriteOp::Compact { revision } => {
@@ -513,7 +516,7 @@ impl Applier<'_> {
                 // it (unless that one is a delete): reads at >= `revision` stay exact.
                 let mut doomed: Vec<(Key, u64)> = Vec::new();
                 let mut last_below: Option<(Key, u64, bool)> = None; // (key, rev, is_delete)
-                for item in history.iter()? {
+                for item in self.history.iter()? {
                     let (k, v) = item?;
                     let (key, rev) = k.value();
                     if let Some((lk, lrev, ldel)) = &last_below {
@@ -535,7 +538,7 @@ impl Applier<'_> {
                     doomed.push((lk, lrev));
                 }
                 for (k, rev) in &doomed {
-                    history.remove((k.as_slice(), *rev))?;
+                    self.history.remove((k.as_slice(), *rev))?;
                 }
                 self.compacted = revision;
                 Ok(Ok(WriteOutcome::Compact {
@@ -543,6 +546,92 @@ impl Applier<'_> {
                 }))
             }
         }
+    }
+    /// Sets `key` at `revision`; returns the previous value when `prev_kv`.
+    fn put(
+        &mut self,
+        key: &Key,
+        value: &[u8],
+        prev_kv: bool,
+        revision: Revision,
+    ) -> SmResult<Option<KeyValue>> {
+        let prev: Option<StoredKv> = match self.kv.get(key.as_slice())? {
+            Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
+            None => None,
+        };
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (revision, 1),
+        };
+        let stored = StoredKv {
+            value: value.to_vec(),
+            create_revision,
+            mod_revision: revision,
+            version,
+            lease: 0,
+        };
+        self.kv.insert(key.as_slice(), encode(&stored).as_slice())?;
+        self.history.insert(
+            (key.as_slice(), revision),
+            encode(&Some(&stored)).as_slice(),
+        )?;
+        Ok(if prev_kv {
+            prev.map(|p| p.into_kv(key.clone()))
+        } else {
+            None
+        })
+    }
+
+    /// Deletes `[start, end)` (`None`: just `start`; empty: to the end) at `revision`; returns
+    /// how many keys existed, and their values when `prev_kv`.
+    fn delete(
+        &mut self,
+        start: &Key,
+        end: Option<&[u8]>,
+        prev_kv: bool,
+        revision: Revision,
+    ) -> SmResult<(u64, Vec<KeyValue>)> {
+        let kv = &mut self.kv;
+        let mut doomed: Vec<(Key, Option<StoredKv>)> = Vec::new();
+        let mut collect = |k: &[u8], v: &[u8]| -> SmResult<()> {
+            let prev = if prev_kv {
+                Some(postcard::from_bytes(v).map_err(corrupt)?)
+            } else {
+                None
+            };
+            doomed.push((k.to_vec(), prev));
+            Ok(())
+        };
+        match end {
+            None => {
+                if let Some(v) = kv.get(start.as_slice())? {
+                    collect(start, v.value())?;
+                }
+            }
+            Some(e) if !e.is_empty() && e <= start.as_slice() => {}
+            Some(e) => {
+                let iter = if e.is_empty() {
+                    kv.range(start.as_slice()..)?
+                } else {
+                    kv.range(start.as_slice()..e)?
+                };
+                for item in iter {
+                    let (k, v) = item?;
+                    collect(k.value(), v.value())?;
+                }
+            }
+        }
+        let tombstone = encode(&None::<StoredKv>);
+        let mut prev = Vec::new();
+        for (k, p) in &doomed {
+            self.kv.remove(k.as_slice())?;
+            self.history
+                .insert((k.as_slice(), revision), tombstone.as_slice())?;
+            if let Some(p) = p {
+                prev.push(p.clone().into_kv(k.clone()));
+            }
+        }
+        Ok((doomed.len() as u64, prev))
     }
 }
 
