@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aspen_kv::api::*;
-use aspen_kv::NodeId;
+use aspen_kv::{NodeId, StateDigest};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
@@ -334,6 +334,16 @@ impl Client {
                 self.adopt_members(&s);
                 Ok(s)
             }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// A digest of one node's local state (the first member that answers): replicas that
+    /// applied the same log prefix report equal digests. Use [`Client::connect_node`] to ask a
+    /// particular node.
+    pub async fn state_digest(&self) -> Result<StateDigest, ClientError> {
+        match self.request(&ClientRequest::StateDigest).await? {
+            ClientResponse::StateDigest(d) => Ok(d),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use aspen_kv::api::{Command, CommandResult, LimitError, RangeRequest, RangeResponse, ReadError};
-use aspen_kv::NodeId;
+use aspen_kv::{NodeId, StateDigest};
 
 use crate::ticket::NodeTicket;
 
@@ -55,6 +55,8 @@ pub enum ClientRequest {
     AddMember { node: NodeTicket },
     /// Remove a node from the cluster. Leader only.
     RemoveMember { node_id: NodeId },
+    /// A digest of the contacted node's local state (to compare replicas).
+    StateDigest,
 }
 
 /// A response; `Error` can answer any request.
@@ -65,6 +67,7 @@ pub enum ClientResponse {
     Status(ClusterStatus),
     Error(RpcError),
     Done,
+    StateDigest(StateDigest),
 }
 
 /// One member, as reported by `Status`.
@@ -166,6 +169,19 @@ mod tests {
         );
         let err = ClientResponse::Error(RpcError::NotLeader { leader: None });
         assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 0, 0]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::StateDigest).unwrap(),
+            [6]
+        );
+        let digest = ClientResponse::StateDigest(aspen_kv::StateDigest {
+            applied_index: Some(3),
+            revision: 2,
+            keys: 1,
+            hash: [7; 32],
+        });
+        let mut expected = vec![5, 1, 3, 2, 1];
+        expected.extend([7; 32]);
+        assert_eq!(postcard::to_allocvec(&digest).unwrap(), expected);
     }
 
     proptest! {

@@ -19,7 +19,7 @@ pub mod storage;
 pub mod testing;
 
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
-pub use storage::{open, LogStore, StateMachineStore, StoreStatus};
+pub use storage::{open, LogStore, StateDigest, StateMachineStore, StoreStatus};
 
 /// The openraft configuration Aspen runs with, validated.
 ///

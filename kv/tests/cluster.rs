@@ -7,7 +7,7 @@ use std::time::Duration;
 use aspen_kv::api::*;
 use aspen_kv::limits;
 use aspen_kv::testing::MemRouter;
-use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+use aspen_kv::{Member, NodeId, Raft, StateDigest, StateMachineStore};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -216,14 +216,14 @@ async fn three_nodes_replicate_and_agree() {
         digests.windows(2).all(|w| w[0] == w[1]),
         "replicas differ: {digests:?}"
     );
-    assert_eq!(digests[0].1, 50);
+    assert_eq!(digests[0].keys, 50);
     for node in c.nodes.values() {
         let kv = node.sm.get(b"k007".to_vec(), 0).await.unwrap().unwrap();
         assert_eq!(kv.value, b"v7");
     }
 }
 
-async fn futures_digests(c: &Cluster) -> Vec<(Revision, u64, u64)> {
+async fn futures_digests(c: &Cluster) -> Vec<StateDigest> {
     let mut out = Vec::new();
     for node in c.nodes.values() {
         out.push(node.sm.state_digest().await.unwrap());
@@ -494,7 +494,10 @@ async fn restart_replays_the_durable_log() {
     c.start(2).await;
     c.converge().await;
     let after = c.nodes[&2].sm.state_digest().await.unwrap();
-    assert_eq!(after.1, 60, "restarted node caught up (before: {before:?})");
+    assert_eq!(
+        after.keys, 60,
+        "restarted node caught up (before: {before:?})"
+    );
     assert_eq!(after, c.nodes[&1].sm.state_digest().await.unwrap());
 }
 
@@ -561,8 +564,8 @@ async fn lagging_and_new_nodes_get_a_snapshot_after_log_compaction() {
     c.put("after2", "x").await;
     c.converge().await;
     assert_eq!(
-        c.nodes[&4].sm.state_digest().await.unwrap().1,
-        reference.1 + 1
+        c.nodes[&4].sm.state_digest().await.unwrap().keys,
+        reference.keys + 1
     );
 }
 
@@ -596,7 +599,7 @@ async fn leader_isolation_elects_a_new_leader_without_losing_writes() {
     c.router.heal(old);
     c.converge().await;
     for node in c.nodes.values() {
-        assert_eq!(node.sm.state_digest().await.unwrap().1, 11);
+        assert_eq!(node.sm.state_digest().await.unwrap().keys, 11);
     }
 }
 

@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Log entries to keep behind a snapshot.
     #[arg(long)]
     pub keep_log_after_snapshot: Option<u64>,
+    /// Run with a deliberate bug (fault-test negative controls only). Never use this.
+    #[arg(long, hide = true, value_enum)]
+    pub unsafe_test_fault: Option<crate::config::TestFault>,
     /// Exit when standard input closes (used by `aspen up` so nodes never outlive it).
     #[arg(long, hide = true)]
     pub exit_on_stdin_close: bool,

@@ -18,6 +18,17 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot; followers lagging further get the snapshot.
     pub keep_log_after_snapshot: u64,
+    /// A deliberate bug, for the test harness's negative controls only (never from a file).
+    #[serde(skip)]
+    pub test_fault: Option<TestFault>,
+}
+
+/// Deliberate bugs a node can be started with (hidden flag `--unsafe-test-fault`), so the
+/// fault tests can show that their checker catches a broken store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TestFault {
+    /// Serve linearizable reads from local state, skipping the ReadIndex round.
+    StaleReads,
 }
 
 impl Default for NodeConfig {
@@ -27,6 +38,7 @@ impl Default for NodeConfig {
             bind: "127.0.0.1:0".parse().expect("valid"),
             snapshot_every: 10_000,
             keep_log_after_snapshot: 1_000,
+            test_fault: None,
         }
     }
 }

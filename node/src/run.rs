@@ -24,6 +24,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(n) = args.keep_log_after_snapshot {
         config.keep_log_after_snapshot = n;
     }
+    if let Some(fault) = args.unsafe_test_fault {
+        tracing::warn!(
+            ?fault,
+            "running with a deliberate bug for testing: NOT SAFE"
+        );
+        config.test_fault = Some(fault);
+    }
     config.validate()?;
     let node = RunningNode::start(&config).await?;
     let ticket = node.node_ticket();

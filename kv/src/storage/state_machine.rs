@@ -159,31 +159,83 @@ impl StateMachineStore {
         Ok(self.range(req).await?.kvs.pop())
     }
 
-    /// A BLAKE3-free, order-sensitive digest of the current key space (for comparing replicas in
-    /// tests): (revision, number of keys, FNV-1a over keys, values and metadata).
-    pub async fn state_digest(&self) -> Result<(Revision, u64, u64), ReadError> {
+    /// A digest of everything the state machine holds (key space, history, idempotency
+    /// records, revision, compaction point, last applied log id, membership), read in one
+    /// transaction. Replicas that applied the same log prefix have equal digests; tests and
+    /// operators compare them across nodes.
+    pub async fn state_digest(&self) -> Result<StateDigest, ReadError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> SmResult<(Revision, u64, u64)> {
+        tokio::task::spawn_blocking(move || -> SmResult<StateDigest> {
             let txn = db.begin_read()?;
+            let mut hasher = blake3::Hasher::new();
+            let mut feed = |table: &str, k: &[u8], v: &[u8]| {
+                for part in [table.as_bytes(), k, v] {
+                    hasher.update(&(part.len() as u64).to_le_bytes());
+                    hasher.update(part);
+                }
+            };
             let meta = txn.open_table(SM_META)?;
+            for item in meta.iter()? {
+                let (k, v) = item?;
+                feed("meta", k.value().as_bytes(), v.value());
+            }
+            let last_applied: Option<LogId> = meta_get(&meta, "last_applied")?.flatten();
             let revision = meta_get(&meta, "revision")?.unwrap_or(0);
             let kv = txn.open_table(KV)?;
-            let mut hash: u64 = 0xcbf29ce484222325;
-            let mut n = 0;
+            let mut keys = 0;
             for item in kv.iter()? {
                 let (k, v) = item?;
-                for b in k.value().iter().chain(v.value()) {
-                    hash ^= u64::from(*b);
-                    hash = hash.wrapping_mul(0x100000001b3);
-                }
-                n += 1;
+                feed("kv", k.value(), v.value());
+                keys += 1;
             }
-            Ok((revision, n, hash))
+            for item in txn.open_table(HISTORY)?.iter()? {
+                let (k, v) = item?;
+                let (key, rev) = k.value();
+                feed("history", &[key, &rev.to_be_bytes()].concat(), v.value());
+            }
+            for item in txn.open_table(SESSIONS)?.iter()? {
+                let (k, v) = item?;
+                let (client, seq) = k.value();
+                let id = [client.to_be_bytes(), seq.to_be_bytes()].concat();
+                feed("sessions", &id, v.value());
+            }
+            for (name, table) in [("floors", SESSION_FLOORS), ("seen", SESSION_SEEN)] {
+                for item in txn.open_table(table)?.iter()? {
+                    let (k, v) = item?;
+                    feed(name, &k.value().to_be_bytes(), &v.value().to_be_bytes());
+                }
+            }
+            for item in txn.open_table(SESSION_IDLE)?.iter()? {
+                let (k, _) = item?;
+                let (ms, client) = k.value();
+                feed(
+                    "idle",
+                    &[ms.to_be_bytes(), client.to_be_bytes()].concat(),
+                    &[],
+                );
+            }
+            Ok(StateDigest {
+                applied_index: last_applied.map(|l| l.index),
+                revision,
+                keys,
+                hash: *hasher.finalize().as_bytes(),
+            })
         })
         .await
         .map_err(|e| ReadError::Storage(e.to_string()))?
         .map_err(|e| ReadError::Storage(e.to_string()))
     }
+}
+
+/// See [`StateMachineStore::state_digest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    pub applied_index: Option<u64>,
+    pub revision: Revision,
+    /// Live keys.
+    pub keys: u64,
+    /// BLAKE3 over every table, in key order.
+    pub hash: [u8; 32],
 }
 
 fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, ReadError> {

@@ -34,7 +34,7 @@ use iroh::{Endpoint, EndpointId, SecretKey};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, TestFault};
 use peers::{Peers, RaftNetworkOverIroh};
 use proposer::{ProposeError, Proposer};
 use raft_protocol::{RaftRequest, RaftResponse, RAFT_ALPN};
@@ -76,6 +76,7 @@ pub struct NodeState {
     peers: Arc<Peers>,
     proposer: Proposer,
     reads: ReadIndexBatcher,
+    test_fault: Option<TestFault>,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -151,6 +152,7 @@ impl RunningNode {
             peers: peers.clone(),
             proposer,
             reads,
+            test_fault: config.test_fault,
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -328,6 +330,9 @@ impl NodeState {
     /// Waits until this node's state machine reflects every write acknowledged before the
     /// call began (ReadIndex through the leader).
     async fn read_barrier(&self) -> Result<(), RpcError> {
+        if self.test_fault == Some(TestFault::StaleReads) {
+            return Ok(());
+        }
         let index = if self.is_leader() {
             self.read_index().await?
         } else {
@@ -447,6 +452,12 @@ impl NodeState {
             ClientRequest::InitCluster => self.init_cluster().await,
             ClientRequest::AddMember { node } => self.add_member(node).await,
             ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
+            ClientRequest::StateDigest => self
+                .sm
+                .state_digest()
+                .await
+                .map(ClientResponse::StateDigest)
+                .map_err(RpcError::from),
         };
         result.unwrap_or_else(ClientResponse::Error)
     }

@@ -88,6 +88,27 @@ impl NodeProc {
         }
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the process freezes (no timers, no I/O) until [`NodeProc::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NodeProc::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("process running").to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
     /// Starts the process again on the same data directory (same arguments unless replaced).
     pub fn restart(&mut self, args: Option<&[&str]>) {
         self.kill9();
