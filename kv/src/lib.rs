@@ -19,7 +19,9 @@ pub mod storage;
 pub mod testing;
 
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
-pub use storage::{open, LogStore, StateDigest, StateMachineStore, StoreStatus};
+pub use storage::{
+    open, open_with_backends, IoMode, LogStore, StateDigest, StateMachineStore, StoreStatus,
+};
 
 /// The openraft configuration Aspen runs with, validated.
 ///

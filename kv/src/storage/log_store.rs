@@ -20,7 +20,7 @@ use openraft::{AnyError, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
-use super::{any, blocking, encode, LOG, RAFT_STATE};
+use super::{any, blocking, encode, IoMode, LOG, RAFT_STATE};
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Most queued appends one group commit takes.
@@ -50,25 +50,50 @@ pub struct LogStore {
     sm_db: Weak<Database>,
     /// Appended but not yet durable, by index.
     pending: Arc<RwLock<BTreeMap<u64, Entry>>>,
-    writer: mpsc::Sender<Job>,
+    /// The writer thread's queue; `None` in [`IoMode::Inline`], where jobs run on the caller.
+    writer: Option<mpsc::Sender<Job>>,
+    io: IoMode,
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>, sm_db: Weak<Database>) -> Self {
+    pub(crate) fn new(db: Arc<Database>, sm_db: Weak<Database>, io: IoMode) -> Self {
         let pending = Arc::new(RwLock::new(BTreeMap::new()));
-        let (writer, jobs) = mpsc::channel();
-        // The thread holds the database weakly: it closes when the last store handle drops,
-        // even if the thread has not noticed yet.
-        let (db2, pending2) = (Arc::downgrade(&db), pending.clone());
-        std::thread::Builder::new()
-            .name("aspen-log-writer".into())
-            .spawn(move || write_loop(&db2, &pending2, jobs))
-            .expect("spawn the log writer thread");
+        let writer = match io {
+            IoMode::Inline => None,
+            IoMode::Threads => {
+                let (writer, jobs) = mpsc::channel();
+                // The thread holds the database weakly: it closes when the last store handle
+                // drops, even if the thread has not noticed yet.
+                let (db2, pending2) = (Arc::downgrade(&db), pending.clone());
+                std::thread::Builder::new()
+                    .name("aspen-log-writer".into())
+                    .spawn(move || write_loop(&db2, &pending2, jobs))
+                    .expect("spawn the log writer thread");
+                Some(writer)
+            }
+        };
         LogStore {
             db,
             sm_db,
             pending,
             writer,
+            io,
+        }
+    }
+
+    /// Queues `job` for the writer thread, or runs it now in [`IoMode::Inline`].
+    fn submit(&self, job: Job) -> Result<(), String> {
+        match &self.writer {
+            Some(w) => w.send(job).map_err(|_| "log writer stopped".to_string()),
+            None => {
+                match job {
+                    Job::Append { entries, done } => {
+                        commit_appends(&self.db, &self.pending, vec![(entries, done)])
+                    }
+                    Job::Other { op, done } => run_other(&self.db, op, done),
+                }
+                Ok(())
+            }
         }
     }
 
@@ -94,15 +119,15 @@ impl LogStore {
         op: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     ) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
-        self.writer
-            .send(Job::Other {
-                op: Box::new(op),
-                done,
-            })
-            .map_err(|_| "log writer stopped".to_string())?;
+        self.submit(Job::Other {
+            op: Box::new(op),
+            done,
+        })?;
         rx.await.map_err(|_| "log writer stopped".to_string())?
     }
 }
+
+type Group = Vec<(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>;
 
 fn write_loop(
     db: &std::sync::Weak<Database>,
@@ -113,10 +138,7 @@ fn write_loop(
         let Some(db) = db.upgrade() else { return };
         let db = &*db;
         match first {
-            Job::Other { op, done } => {
-                let r = commit(db, |txn| op(txn));
-                let _ = done.send(r.map_err(|e| e.to_string()));
-            }
+            Job::Other { op, done } => run_other(db, op, done),
             Job::Append { entries, done } => {
                 let mut group = vec![(entries, done)];
                 let mut next_other = None;
@@ -130,47 +152,53 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
-                let started = std::time::Instant::now();
-                let r = commit(db, |txn| {
-                    let mut table = txn.open_table(LOG)?;
-                    for (entries, _) in &group {
-                        for (log_id, bytes) in entries {
-                            table.insert(log_id.index, bytes.as_slice())?;
-                        }
-                    }
-                    Ok(())
-                });
-                let ok = r.is_ok();
-                tracing::trace!(
-                    appends = group.len(),
-                    micros = started.elapsed().as_micros() as u64,
-                    "log group commit"
-                );
-                {
-                    // Durable now: readers find these in redb.
-                    let mut p = pending.write().expect("pending lock");
-                    if ok {
-                        for (entries, _) in &group {
-                            for (log_id, _) in entries {
-                                // Only if not replaced meanwhile (truncate + re-append).
-                                if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
-                                    p.remove(&log_id.index);
-                                }
-                            }
-                        }
-                    }
-                }
-                for (_, done) in group {
-                    match &r {
-                        Ok(()) => done.log_io_completed(Ok(())),
-                        Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
-                    }
-                }
+                commit_appends(db, pending, group);
                 if let Some(Job::Other { op, done }) = next_other {
-                    let r = commit(db, |txn| op(txn));
-                    let _ = done.send(r.map_err(|e| e.to_string()));
+                    run_other(db, op, done);
                 }
             }
+        }
+    }
+}
+
+fn run_other(db: &Database, op: DurableOp, done: oneshot::Sender<Result<(), String>>) {
+    let r = commit(db, |txn| op(txn));
+    let _ = done.send(r.map_err(|e| e.to_string()));
+}
+
+/// Commits a group of appends in one durable transaction, then tells openraft.
+fn commit_appends(db: &Database, pending: &RwLock<BTreeMap<u64, Entry>>, group: Group) {
+    let started = std::time::Instant::now();
+    let r = commit(db, |txn| {
+        let mut table = txn.open_table(LOG)?;
+        for (entries, _) in &group {
+            for (log_id, bytes) in entries {
+                table.insert(log_id.index, bytes.as_slice())?;
+            }
+        }
+        Ok(())
+    });
+    tracing::trace!(
+        appends = group.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "log group commit"
+    );
+    if r.is_ok() {
+        // Durable now: readers find these in redb.
+        let mut p = pending.write().expect("pending lock");
+        for (entries, _) in &group {
+            for (log_id, _) in entries {
+                // Only if not replaced meanwhile (truncate + re-append).
+                if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
+                    p.remove(&log_id.index);
+                }
+            }
+        }
+    }
+    for (_, done) in group {
+        match &r {
+            Ok(()) => done.log_io_completed(Ok(())),
+            Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
         }
     }
 }
@@ -205,7 +233,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .collect()
         };
         let db = self.db.clone();
-        let durable = blocking(move || {
+        let durable = blocking(self.io, move || {
             let txn = db
                 .begin_read()
                 .map_err(|e| StorageIOError::read_logs(any(e)))?;
@@ -244,7 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .next_back()
             .map(|e| e.log_id);
         let db = self.db.clone();
-        let (last_purged, durable_last) = blocking(move || {
+        let (last_purged, durable_last) = blocking(self.io, move || {
             let last_purged: Option<LogId> = Self::read_state(&db, "last_purged")?.flatten();
             let txn = db
                 .begin_read()
@@ -290,7 +318,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
         let db = self.db.clone();
-        blocking(move || Self::read_state(&db, "vote")).await
+        blocking(self.io, move || Self::read_state(&db, "vote")).await
     }
 
     async fn append<I>(
@@ -315,12 +343,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 p.insert(e.log_id.index, e);
             }
         }
-        self.writer
-            .send(Job::Append {
-                entries: encoded,
-                done: callback,
-            })
-            .map_err(|_| write_err("log writer stopped".into()))
+        self.submit(Job::Append {
+            entries: encoded,
+            done: callback,
+        })
+        .map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -342,7 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Never purge past state that is not durable: persist every apply so far first.
         // (openraft purges only up to a snapshot, and snapshots are built from applied state.)
         if let Some(sm_db) = self.sm_db.upgrade() {
-            blocking(move || {
+            blocking(self.io, move || {
                 commit(&sm_db, |_| Ok(()))
                     .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
             })

@@ -60,15 +60,51 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_path_buf(), e))?;
     let snapshots = dir.join("snapshots");
     std::fs::create_dir_all(&snapshots).map_err(|e| OpenError::Io(snapshots.clone(), e))?;
-    let log_db = create(&dir.join("log.redb"), |txn| {
+    let log_path = dir.join("log.redb");
+    let log_db =
+        Database::create(&log_path).map_err(|e| OpenError::Db(log_path.clone(), e.into()))?;
+    let sm_path = dir.join("state.redb");
+    let sm_db = Database::create(&sm_path).map_err(|e| OpenError::Db(sm_path.clone(), e.into()))?;
+    open_databases(log_db, sm_db, snapshots, IoMode::Threads)
+}
+
+/// Opens the store on caller-supplied redb storage backends (the simulation's crashable
+/// in-memory disk), with snapshot files under `snapshots`.
+pub fn open_with_backends(
+    log: impl redb::StorageBackend,
+    state: impl redb::StorageBackend,
+    snapshots: PathBuf,
+    io: IoMode,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    std::fs::create_dir_all(&snapshots).map_err(|e| OpenError::Io(snapshots.clone(), e))?;
+    let err = |name: &str| {
+        let name = PathBuf::from(name);
+        move |e: redb::DatabaseError| OpenError::Db(name, e.into())
+    };
+    let log_db = redb::Builder::new()
+        .create_with_backend(log)
+        .map_err(err("log (backend)"))?;
+    let sm_db = redb::Builder::new()
+        .create_with_backend(state)
+        .map_err(err("state (backend)"))?;
+    open_databases(log_db, sm_db, snapshots, io)
+}
+
+fn open_databases(
+    log_db: Database,
+    sm_db: Database,
+    snapshots: PathBuf,
+    io: IoMode,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let log_db = create_tables(log_db, "log", |txn| {
         txn.open_table(LOG)?;
         txn.open_table(RAFT_STATE)?;
         Ok(())
     })?;
-    let sm_db = create(&dir.join("state.redb"), create_sm_tables)?;
+    let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
     Ok((
-        LogStore::new(log_db, Arc::downgrade(&sm_db)),
-        StateMachineStore::new(sm_db, snapshots),
+        LogStore::new(log_db, Arc::downgrade(&sm_db), io),
+        StateMachineStore::new(sm_db, snapshots, io),
     ))
 }
 
@@ -84,14 +120,13 @@ pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb:
     Ok(())
 }
 
-/// Opens or creates a database and its tables (so read transactions never meet a missing
-/// table).
-fn create(
-    path: &Path,
+/// Creates a database's tables (so read transactions never meet a missing table).
+fn create_tables(
+    db: Database,
+    name: &str,
     tables: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
 ) -> Result<Arc<Database>, OpenError> {
-    let err = |e: redb::Error| OpenError::Db(path.to_path_buf(), e);
-    let db = Database::create(path).map_err(|e| err(e.into()))?;
+    let err = |e: redb::Error| OpenError::Db(PathBuf::from(name), e);
     let txn = db.begin_write().map_err(|e| err(e.into()))?;
     tables(&txn).map_err(err)?;
     txn.commit().map_err(|e| err(e.into()))?;
@@ -107,13 +142,39 @@ pub enum OpenError {
     Db(PathBuf, redb::Error),
 }
 
-/// Runs redb work on the blocking pool.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, StorageError>
+/// Where the store runs its synchronous redb work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoMode {
+    /// On tokio's blocking pool and a dedicated log writer thread: executor threads never
+    /// wait for a disk. What a node uses.
+    #[default]
+    Threads,
+    /// On the calling task. Only for deterministic simulation, where everything runs on one
+    /// thread in simulated time and the disk is memory.
+    Inline,
+}
+
+impl IoMode {
+    /// Runs synchronous storage work `f` according to the mode.
+    pub(crate) async fn run<T, F>(self, f: F) -> Result<T, tokio::task::JoinError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        match self {
+            IoMode::Threads => tokio::task::spawn_blocking(f).await,
+            IoMode::Inline => Ok(f()),
+        }
+    }
+}
+
+/// Runs redb work on the blocking pool (or inline, see [`IoMode`]).
+pub(crate) async fn blocking<T, F>(io: IoMode, f: F) -> Result<T, StorageError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StorageError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
+    io.run(f).await.map_err(|e| {
         StorageError::from(StorageIOError::write(AnyError::error(format!(
             "storage task failed: {e}"
         ))))

@@ -19,7 +19,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
-use super::{encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META};
+use super::{
+    encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META,
+};
 use crate::limits::MAX_SNAPSHOT_ROW_BYTES;
 use crate::raft_types::{LogId, SnapshotMeta, StoredMembership};
 
@@ -179,9 +181,11 @@ pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf)
         Some(b) => postcard::from_bytes(&b).map_err(decode_err)?,
         None => StoredMembership::default(),
     };
+    // Named by content: apply is deterministic, so every snapshot at one log id is the same
+    // (and a simulation replays with the same ids).
     let snapshot_id = match &last_applied {
-        Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, unique_name("s")),
-        None => unique_name("empty"),
+        Some(id) => format!("{}-{}", id.leader_id.term, id.index),
+        None => "empty".to_string(),
     };
     let tmp = dir.join(unique_name("building"));
     let file = std::fs::File::create(&tmp)?;
@@ -423,31 +427,48 @@ pub(super) fn install(
 /// chunks; the path lets `install_snapshot` move a received file into place.
 pub struct SnapshotFile {
     path: PathBuf,
-    file: tokio::fs::File,
+    file: FileIo,
+}
+
+/// The file under a [`SnapshotFile`]: tokio's (blocking pool) for a node, a plain file used
+/// inline for [`IoMode::Inline`] (simulation: no thread may escape the runtime).
+enum FileIo {
+    Pool(tokio::fs::File),
+    Inline(std::fs::File),
 }
 
 impl SnapshotFile {
-    pub(super) async fn create_receiving(dir: &Path) -> std::io::Result<Self> {
+    pub(super) async fn create_receiving(dir: &Path, io: IoMode) -> std::io::Result<Self> {
         let path = dir.join(unique_name("receiving"));
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create_new(true);
+        let file = match io {
+            IoMode::Threads => {
+                FileIo::Pool(tokio::fs::OpenOptions::from(options).open(&path).await?)
+            }
+            IoMode::Inline => FileIo::Inline(options.open(&path)?),
+        };
         Ok(SnapshotFile { path, file })
     }
 
-    pub(super) async fn open(path: PathBuf) -> std::io::Result<Self> {
-        let file = tokio::fs::File::open(&path).await?;
+    pub(super) async fn open(path: PathBuf, io: IoMode) -> std::io::Result<Self> {
+        let file = match io {
+            IoMode::Threads => FileIo::Pool(tokio::fs::File::open(&path).await?),
+            IoMode::Inline => FileIo::Inline(std::fs::File::open(&path)?),
+        };
         Ok(SnapshotFile { path, file })
     }
 
     /// Flushes and fsyncs a received file before it is read back.
     pub(super) async fn finish(&mut self) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.file.flush().await?;
-        self.file.sync_all().await
+        match &mut self.file {
+            FileIo::Pool(f) => {
+                f.flush().await?;
+                f.sync_all().await
+            }
+            FileIo::Inline(f) => f.sync_all(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -461,7 +482,15 @@ impl AsyncRead for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_read(cx, buf)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_read(cx, buf),
+            FileIo::Inline(f) => {
+                use std::io::Read;
+                let n = f.read(buf.initialize_unfilled())?;
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 }
 
@@ -471,22 +500,37 @@ impl AsyncWrite for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.file).poll_write(cx, buf)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_write(cx, buf),
+            FileIo::Inline(f) => Poll::Ready(std::io::Write::write(f, buf)),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_flush(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_flush(cx),
+            FileIo::Inline(f) => Poll::Ready(std::io::Write::flush(f)),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.file).poll_shutdown(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_shutdown(cx),
+            FileIo::Inline(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 
 impl AsyncSeek for SnapshotFile {
     fn start_seek(mut self: Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
-        Pin::new(&mut self.file).start_seek(position)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).start_seek(position),
+            FileIo::Inline(f) => std::io::Seek::seek(f, position).map(|_| ()),
+        }
     }
     fn poll_complete(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        Pin::new(&mut self.file).poll_complete(cx)
+        match &mut self.file {
+            FileIo::Pool(f) => Pin::new(f).poll_complete(cx),
+            FileIo::Inline(f) => Poll::Ready(std::io::Seek::stream_position(f)),
+        }
     }
 }
 

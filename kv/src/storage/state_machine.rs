@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 use super::snapshot::{self, SnapshotFile};
 use super::{
-    any, blocking, encode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN,
-    SM_META,
+    any, blocking, encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
+    SESSION_SEEN, SM_META,
 };
 use crate::api::*;
 use crate::limits::{
@@ -68,6 +68,9 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     /// Proposals this node waits for, by [`Batch::proposal`].
     waiters: Arc<std::sync::Mutex<HashMap<u128, oneshot::Sender<Vec<CommandResult>>>>>,
+    io: IoMode,
+    /// Applies so far (each `SM_DURABLE_EVERY`-th commits durably).
+    applies: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type SmResult<T> = Result<T, redb::Error>;
@@ -87,11 +90,13 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf) -> Self {
+    pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf, io: IoMode) -> Self {
         StateMachineStore {
             db,
             snapshot_dir,
             waiters: Default::default(),
+            io,
+            applies: Default::default(),
         }
     }
 
@@ -126,18 +131,19 @@ impl StateMachineStore {
     /// Revision, compaction point and last applied log id.
     pub async fn status(&self) -> Result<StoreStatus, ReadError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> SmResult<StoreStatus> {
-            let txn = db.begin_read()?;
-            let meta = txn.open_table(SM_META)?;
-            Ok(StoreStatus {
-                last_applied: meta_get(&meta, "last_applied")?.flatten(),
-                revision: meta_get(&meta, "revision")?.unwrap_or(0),
-                compacted: meta_get(&meta, "compacted")?.unwrap_or(0),
+        self.io
+            .run(move || -> SmResult<StoreStatus> {
+                let txn = db.begin_read()?;
+                let meta = txn.open_table(SM_META)?;
+                Ok(StoreStatus {
+                    last_applied: meta_get(&meta, "last_applied")?.flatten(),
+                    revision: meta_get(&meta, "revision")?.unwrap_or(0),
+                    compacted: meta_get(&meta, "compacted")?.unwrap_or(0),
+                })
             })
-        })
-        .await
-        .map_err(|e| ReadError::Storage(e.to_string()))?
-        .map_err(|e| ReadError::Storage(e.to_string()))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 
     /// Reads a key or a range of keys, at the current or a past revision.
@@ -147,7 +153,8 @@ impl StateMachineStore {
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ReadError> {
         req.validate()?;
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || range_blocking(&db, &req))
+        self.io
+            .run(move || range_blocking(&db, &req))
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?
     }
@@ -165,65 +172,66 @@ impl StateMachineStore {
     /// operators compare them across nodes.
     pub async fn state_digest(&self) -> Result<StateDigest, ReadError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || -> SmResult<StateDigest> {
-            let txn = db.begin_read()?;
-            let mut hasher = blake3::Hasher::new();
-            let mut feed = |table: &str, k: &[u8], v: &[u8]| {
-                for part in [table.as_bytes(), k, v] {
-                    hasher.update(&(part.len() as u64).to_le_bytes());
-                    hasher.update(part);
-                }
-            };
-            let meta = txn.open_table(SM_META)?;
-            for item in meta.iter()? {
-                let (k, v) = item?;
-                feed("meta", k.value().as_bytes(), v.value());
-            }
-            let last_applied: Option<LogId> = meta_get(&meta, "last_applied")?.flatten();
-            let revision = meta_get(&meta, "revision")?.unwrap_or(0);
-            let kv = txn.open_table(KV)?;
-            let mut keys = 0;
-            for item in kv.iter()? {
-                let (k, v) = item?;
-                feed("kv", k.value(), v.value());
-                keys += 1;
-            }
-            for item in txn.open_table(HISTORY)?.iter()? {
-                let (k, v) = item?;
-                let (key, rev) = k.value();
-                feed("history", &[key, &rev.to_be_bytes()].concat(), v.value());
-            }
-            for item in txn.open_table(SESSIONS)?.iter()? {
-                let (k, v) = item?;
-                let (client, seq) = k.value();
-                let id = [client.to_be_bytes(), seq.to_be_bytes()].concat();
-                feed("sessions", &id, v.value());
-            }
-            for (name, table) in [("floors", SESSION_FLOORS), ("seen", SESSION_SEEN)] {
-                for item in txn.open_table(table)?.iter()? {
+        self.io
+            .run(move || -> SmResult<StateDigest> {
+                let txn = db.begin_read()?;
+                let mut hasher = blake3::Hasher::new();
+                let mut feed = |table: &str, k: &[u8], v: &[u8]| {
+                    for part in [table.as_bytes(), k, v] {
+                        hasher.update(&(part.len() as u64).to_le_bytes());
+                        hasher.update(part);
+                    }
+                };
+                let meta = txn.open_table(SM_META)?;
+                for item in meta.iter()? {
                     let (k, v) = item?;
-                    feed(name, &k.value().to_be_bytes(), &v.value().to_be_bytes());
+                    feed("meta", k.value().as_bytes(), v.value());
                 }
-            }
-            for item in txn.open_table(SESSION_IDLE)?.iter()? {
-                let (k, _) = item?;
-                let (ms, client) = k.value();
-                feed(
-                    "idle",
-                    &[ms.to_be_bytes(), client.to_be_bytes()].concat(),
-                    &[],
-                );
-            }
-            Ok(StateDigest {
-                applied_index: last_applied.map(|l| l.index),
-                revision,
-                keys,
-                hash: *hasher.finalize().as_bytes(),
+                let last_applied: Option<LogId> = meta_get(&meta, "last_applied")?.flatten();
+                let revision = meta_get(&meta, "revision")?.unwrap_or(0);
+                let kv = txn.open_table(KV)?;
+                let mut keys = 0;
+                for item in kv.iter()? {
+                    let (k, v) = item?;
+                    feed("kv", k.value(), v.value());
+                    keys += 1;
+                }
+                for item in txn.open_table(HISTORY)?.iter()? {
+                    let (k, v) = item?;
+                    let (key, rev) = k.value();
+                    feed("history", &[key, &rev.to_be_bytes()].concat(), v.value());
+                }
+                for item in txn.open_table(SESSIONS)?.iter()? {
+                    let (k, v) = item?;
+                    let (client, seq) = k.value();
+                    let id = [client.to_be_bytes(), seq.to_be_bytes()].concat();
+                    feed("sessions", &id, v.value());
+                }
+                for (name, table) in [("floors", SESSION_FLOORS), ("seen", SESSION_SEEN)] {
+                    for item in txn.open_table(table)?.iter()? {
+                        let (k, v) = item?;
+                        feed(name, &k.value().to_be_bytes(), &v.value().to_be_bytes());
+                    }
+                }
+                for item in txn.open_table(SESSION_IDLE)?.iter()? {
+                    let (k, _) = item?;
+                    let (ms, client) = k.value();
+                    feed(
+                        "idle",
+                        &[ms.to_be_bytes(), client.to_be_bytes()].concat(),
+                        &[],
+                    );
+                }
+                Ok(StateDigest {
+                    applied_index: last_applied.map(|l| l.index),
+                    revision,
+                    keys,
+                    hash: *hasher.finalize().as_bytes(),
+                })
             })
-        })
-        .await
-        .map_err(|e| ReadError::Storage(e.to_string()))?
-        .map_err(|e| ReadError::Storage(e.to_string()))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))
     }
 }
 
@@ -693,13 +701,10 @@ impl Applier<'_> {
 /// gave ~11.7k puts/s with p99 ~40 ms, every 16 ~10-11k with p99 ~15-20 ms.
 const SM_DURABLE_EVERY: u64 = 32;
 
-static APPLY_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn apply_entries(db: &Database, entries: Vec<Entry>) -> SmResult<Vec<BatchResponse>> {
+fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Vec<BatchResponse>> {
     let started = std::time::Instant::now();
     let count = entries.len();
     let mut txn = db.begin_write()?;
-    let n = APPLY_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     txn.set_durability(if n % SM_DURABLE_EVERY == SM_DURABLE_EVERY - 1 {
         Durability::Immediate
     } else {
@@ -778,7 +783,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             let r: SmResult<_> = (|| {
                 let txn = db.begin_read()?;
                 let meta = txn.open_table(SM_META)?;
@@ -807,8 +812,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             })
             .collect();
         let db = self.db.clone();
-        let responses = blocking(move || {
-            apply_entries(&db, entries)
+        let n = self
+            .applies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let responses = blocking(self.io, move || {
+            apply_entries(&db, n, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
         })
         .await?;
@@ -824,7 +832,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
-        let file = SnapshotFile::create_receiving(&self.snapshot_dir)
+        let file = SnapshotFile::create_receiving(&self.snapshot_dir, self.io)
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
         Ok(Box::new(file))
@@ -846,7 +854,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
         let path = snapshot.path().to_path_buf();
         drop(snapshot);
-        blocking(move || {
+        blocking(self.io, move || {
             snapshot::install(&db, &path, &meta)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
             snapshot::make_current(&dir, &path)
@@ -858,7 +866,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let dir = self.snapshot_dir.clone();
-        let found = blocking(move || {
+        let found = blocking(self.io, move || {
             snapshot::read_current_meta(&dir)
                 .map_err(|e| StorageIOError::read_snapshot(None, any(e)).into())
         })
@@ -866,7 +874,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         match found {
             None => Ok(None),
             Some((meta, path)) => {
-                let file = SnapshotFile::open(path)
+                let file = SnapshotFile::open(path, self.io)
                     .await
                     .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
                 Ok(Some(Snapshot {
@@ -882,12 +890,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let db = self.db.clone();
         let dir = self.snapshot_dir.clone();
-        let (meta, path) = blocking(move || {
+        let (meta, path) = blocking(self.io, move || {
             snapshot::build(&db, &dir)
                 .map_err(|e| StorageIOError::write_snapshot(None, any(e)).into())
         })
         .await?;
-        let file = SnapshotFile::open(path)
+        let file = SnapshotFile::open(path, self.io)
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
         Ok(Snapshot {
