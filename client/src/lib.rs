@@ -30,7 +30,7 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use protocol::{
-    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, RpcError,
+    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, NetFaults, RpcError,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -344,6 +344,16 @@ impl Client {
     pub async fn state_digest(&self) -> Result<StateDigest, ClientError> {
         match self.request(&ClientRequest::StateDigest).await? {
             ClientResponse::StateDigest(d) => Ok(d),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sets the network faults of the first member that answers (use
+    /// [`Client::connect_node`] to pick the node). Fault tests only: a node refuses unless it
+    /// runs with `--unsafe-allow-fault-injection`.
+    pub async fn set_net_faults(&self, faults: NetFaults) -> Result<(), ClientError> {
+        match self.request(&ClientRequest::SetNetFaults(faults)).await? {
+            ClientResponse::Done => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

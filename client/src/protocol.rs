@@ -57,6 +57,21 @@ pub enum ClientRequest {
     RemoveMember { node_id: NodeId },
     /// A digest of the contacted node's local state (to compare replicas).
     StateDigest,
+    /// Sets the contacted node's injected network faults (replacing earlier ones). Refused
+    /// unless the node runs with the hidden `--unsafe-allow-fault-injection` flag.
+    SetNetFaults(NetFaults),
+}
+
+/// Network faults a node injects into its own member-to-member traffic (fault tests only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetFaults {
+    /// Members this node neither sends to nor answers: a partition between it and them.
+    pub isolate_from: Vec<NodeId>,
+    /// Of the remaining outgoing requests, this many per thousand are lost (sent, then
+    /// treated as unanswered).
+    pub drop_per_mille: u16,
+    /// Every outgoing request waits a random 0..=this many milliseconds first.
+    pub max_delay_ms: u32,
 }
 
 /// A response; `Error` can answer any request.
@@ -179,6 +194,12 @@ mod tests {
             keys: 1,
             hash: [7; 32],
         });
+        let faults = ClientRequest::SetNetFaults(NetFaults {
+            isolate_from: vec![1],
+            drop_per_mille: 2,
+            max_delay_ms: 3,
+        });
+        assert_eq!(postcard::to_allocvec(&faults).unwrap(), [7, 1, 1, 2, 3]);
         let mut expected = vec![5, 1, 3, 2, 1];
         expected.extend([7; 32]);
         assert_eq!(postcard::to_allocvec(&digest).unwrap(), expected);

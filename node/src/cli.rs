@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Run with a deliberate bug (fault-test negative controls only). Never use this.
     #[arg(long, hide = true, value_enum)]
     pub unsafe_test_fault: Option<crate::config::TestFault>,
+    /// Let clients inject network faults into this node's member traffic (fault tests only).
+    #[arg(long, hide = true)]
+    pub unsafe_allow_fault_injection: bool,
     /// Exit when standard input closes (used by `aspen up` so nodes never outlive it).
     #[arg(long, hide = true)]
     pub exit_on_stdin_close: bool,

@@ -21,6 +21,9 @@ pub struct NodeConfig {
     /// A deliberate bug, for the test harness's negative controls only (never from a file).
     #[serde(skip)]
     pub test_fault: Option<TestFault>,
+    /// Accept `SetNetFaults` requests (fault tests only; never from a file).
+    #[serde(skip)]
+    pub allow_fault_injection: bool,
 }
 
 /// Deliberate bugs a node can be started with (hidden flag `--unsafe-test-fault`), so the
@@ -39,6 +42,7 @@ impl Default for NodeConfig {
             snapshot_every: 10_000,
             keep_log_after_snapshot: 1_000,
             test_fault: None,
+            allow_fault_injection: false,
         }
     }
 }

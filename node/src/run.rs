@@ -31,6 +31,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
         config.test_fault = Some(fault);
     }
+    if args.unsafe_allow_fault_injection {
+        tracing::warn!("clients may inject network faults into this node: testing only");
+        config.allow_fault_injection = true;
+    }
     config.validate()?;
     let node = RunningNode::start(&config).await?;
     let ticket = node.node_ticket();

@@ -2,9 +2,10 @@
 //!
 //! Concurrent clients record a history of gets, puts, deletes and compare-and-swaps (each
 //! client through a different preferred node, so reads and forwarded writes hit followers too)
-//! while a nemesis kills (-9) and restarts, or pauses (SIGSTOP) and resumes, the leader or a
-//! follower. `aspen-check` must then find the history linearizable, and every replica must end
-//! with the same state digest. A negative control runs the same workload against nodes with a
+//! while a nemesis kills (-9) and restarts, pauses (SIGSTOP) and resumes, or partitions the
+//! leader or a follower (faults injected into the node's member transport), makes the network
+//! lossy, or removes and re-adds a member. `aspen-check` must then find the history
+//! linearizable, and every replica must end with the same state digest. A negative control runs the same workload against nodes with a
 //! deliberate bug (linearizable reads served without ReadIndex) and the checker must catch it.
 //!
 //! Reproduce or extend a run (see TESTING.md):
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_check::{check, History, Op, Outcome, Recorder};
-use aspen_client::{Client, ClientOptions, ClusterTicket};
+use aspen_client::{Client, ClientOptions, ClusterTicket, NetFaults};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -253,30 +254,66 @@ enum Fault {
     KillFollower,
     PauseLeader,
     PauseFollower,
+    /// The leader cut off from both followers (both directions).
+    PartitionLeader,
+    PartitionFollower,
+    /// Every node loses 10% of its member requests and delays the rest by up to 30 ms.
+    LossyNetwork,
+    /// A follower is removed from the cluster and added back, on a lossy network.
+    MembershipChangeWhileLossy,
+}
+
+const ALL_FAULTS: [Fault; 8] = [
+    Fault::KillLeader,
+    Fault::KillFollower,
+    Fault::PauseLeader,
+    Fault::PauseFollower,
+    Fault::PartitionLeader,
+    Fault::PartitionFollower,
+    Fault::LossyNetwork,
+    Fault::MembershipChangeWhileLossy,
+];
+
+/// Sets `faults` on node `i` (nodes run with `--unsafe-allow-fault-injection`).
+async fn set_faults(nodes: &[NodeProc], i: usize, faults: NetFaults) {
+    let c = client_of(&nodes[i]).await;
+    c.set_net_faults(faults).await.unwrap();
+    c.close().await;
+}
+
+fn lossy() -> NetFaults {
+    NetFaults {
+        isolate_from: vec![],
+        drop_per_mille: 100,
+        max_delay_ms: 30,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn histories_stay_linearizable_under_kills_and_pauses() {
+async fn histories_stay_linearizable_under_faults() {
     let seed = seed();
-    let rounds = env_u64("ASPEN_FAULT_ROUNDS", 6);
+    let rounds = env_u64("ASPEN_FAULT_ROUNDS", ALL_FAULTS.len() as u64);
     let mut rng = StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = form(root.path(), 3, &[]).await;
+    let mut nodes = form(root.path(), 3, &["--unsafe-allow-fault-injection"]).await;
     let workload = Workload::start(&nodes, seed).await;
     workload.progress(OPS_PER_STEP, "before any fault").await;
 
     let all: Vec<usize> = (0..nodes.len()).collect();
     for round in 0..rounds {
-        let fault = [
-            Fault::KillLeader,
-            Fault::KillFollower,
-            Fault::PauseLeader,
-            Fault::PauseFollower,
-        ][rng.random_range(0..4)];
+        // The first rounds go through every kind of fault once; then at random.
+        let fault = match ALL_FAULTS.get(round as usize) {
+            Some(f) => *f,
+            None => ALL_FAULTS[rng.random_range(0..ALL_FAULTS.len())],
+        };
         let leader = leader_index(&nodes, &all).await;
         let victim = match fault {
-            Fault::KillLeader | Fault::PauseLeader => leader,
-            Fault::KillFollower | Fault::PauseFollower => {
+            Fault::KillLeader | Fault::PauseLeader | Fault::PartitionLeader => leader,
+            Fault::LossyNetwork => leader,
+            Fault::KillFollower
+            | Fault::PauseFollower
+            | Fault::PartitionFollower
+            | Fault::MembershipChangeWhileLossy => {
                 let followers: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
                 followers[rng.random_range(0..followers.len())]
             }
@@ -297,6 +334,55 @@ async fn histories_stay_linearizable_under_kills_and_pauses() {
                 }
                 workload.progress(OPS_PER_STEP, "with a node paused").await;
                 nodes[victim].resume();
+            }
+            Fault::PartitionLeader | Fault::PartitionFollower => {
+                let others = rest.iter().map(|&i| nodes[i].node_id()).collect();
+                set_faults(
+                    &nodes,
+                    victim,
+                    NetFaults {
+                        isolate_from: others,
+                        ..NetFaults::default()
+                    },
+                )
+                .await;
+                if matches!(fault, Fault::PartitionLeader) {
+                    leader_index(&nodes, &rest).await;
+                }
+                workload
+                    .progress(OPS_PER_STEP, "with a node partitioned")
+                    .await;
+                set_faults(&nodes, victim, NetFaults::default()).await;
+            }
+            Fault::LossyNetwork => {
+                for i in 0..nodes.len() {
+                    set_faults(&nodes, i, lossy()).await;
+                }
+                workload.progress(OPS_PER_STEP, "on a lossy network").await;
+                for i in 0..nodes.len() {
+                    set_faults(&nodes, i, NetFaults::default()).await;
+                }
+            }
+            Fault::MembershipChangeWhileLossy => {
+                for i in 0..nodes.len() {
+                    set_faults(&nodes, i, lossy()).await;
+                }
+                let admin = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+                admin.remove_member(nodes[victim].node_id()).await.unwrap();
+                workload
+                    .progress(OPS_PER_STEP, "after removing a member")
+                    .await;
+                admin
+                    .add_member(nodes[victim].ticket.clone())
+                    .await
+                    .unwrap();
+                workload
+                    .progress(OPS_PER_STEP, "after adding it back")
+                    .await;
+                admin.close().await;
+                for i in 0..nodes.len() {
+                    set_faults(&nodes, i, NetFaults::default()).await;
+                }
             }
         }
         workload.progress(OPS_PER_STEP, "after healing").await;

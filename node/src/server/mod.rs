@@ -77,6 +77,7 @@ pub struct NodeState {
     proposer: Proposer,
     reads: ReadIndexBatcher,
     test_fault: Option<TestFault>,
+    allow_fault_injection: bool,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -153,6 +154,7 @@ impl RunningNode {
             proposer,
             reads,
             test_fault: config.test_fault,
+            allow_fault_injection: config.allow_fault_injection,
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -452,6 +454,17 @@ impl NodeState {
             ClientRequest::InitCluster => self.init_cluster().await,
             ClientRequest::AddMember { node } => self.add_member(node).await,
             ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
+            ClientRequest::SetNetFaults(faults) => {
+                if self.allow_fault_injection {
+                    tracing::warn!(?faults, "injected network faults");
+                    self.peers.set_faults(faults);
+                    Ok(ClientResponse::Done)
+                } else {
+                    Err(RpcError::BadRequest(
+                        "fault injection is not enabled on this node".into(),
+                    ))
+                }
+            }
             ClientRequest::StateDigest => self
                 .sm
                 .state_digest()

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use aspen_client::ticket::node_id_of;
 use aspen_client::wire::{read_frame, write_frame};
+use aspen_client::NetFaults;
 use aspen_kv::{Member, NodeId, TypeConfig};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
@@ -36,6 +38,17 @@ pub struct Peers {
     conns: Mutex<HashMap<EndpointId, Connection>>,
     dials: Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<()>>>>,
     node: std::sync::OnceLock<Weak<NodeState>>,
+    /// Injected by fault tests (`ClientRequest::SetNetFaults`); none by default.
+    faults: Mutex<NetFaults>,
+}
+
+/// What an injected fault does to one outgoing request.
+enum Fate {
+    Deliver {
+        delay: Duration,
+    },
+    /// Never answered: the caller waits out its timeout, as across a real partition.
+    BlackHole,
 }
 
 /// A failed node-to-node call.
@@ -54,7 +67,33 @@ impl Peers {
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             node: std::sync::OnceLock::new(),
+            faults: Mutex::new(NetFaults::default()),
         })
+    }
+
+    /// Replaces the injected network faults (fault tests only).
+    pub fn set_faults(&self, faults: NetFaults) {
+        *self.faults.lock().expect("lock") = faults;
+    }
+
+    fn isolated_from(&self, endpoint_id: &[u8; 32]) -> bool {
+        let faults = self.faults.lock().expect("lock");
+        !faults.isolate_from.is_empty() && faults.isolate_from.contains(&node_id_of(endpoint_id))
+    }
+
+    fn fate(&self, endpoint_id: &[u8; 32]) -> Fate {
+        if self.isolated_from(endpoint_id) {
+            return Fate::BlackHole;
+        }
+        let faults = self.faults.lock().expect("lock");
+        if faults.drop_per_mille > 0 && rand::random_range(0..1000) < faults.drop_per_mille {
+            return Fate::BlackHole;
+        }
+        let delay = match faults.max_delay_ms {
+            0 => Duration::ZERO,
+            max => Duration::from_millis(rand::random_range(0..=u64::from(max))),
+        };
+        Fate::Deliver { delay }
     }
 
     pub fn set_node(&self, node: Weak<NodeState>) {
@@ -83,6 +122,14 @@ impl Peers {
                 break;
             };
             let remote = conn.remote_id();
+            if self.isolated_from(remote.as_bytes()) {
+                // Partitioned from this peer: its request goes unanswered.
+                tokio::spawn(async move {
+                    tokio::time::sleep(DEFAULT_RPC_TIMEOUT).await;
+                    drop((send, recv));
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 let request: RaftRequest = match read_frame(&mut recv, MAX_RAFT_FRAME).await {
                     Ok(r) => r,
@@ -166,6 +213,17 @@ impl Peers {
         request: &RaftRequest,
         timeout: Duration,
     ) -> Result<RaftResponse, PeerError> {
+        match self.fate(&member.endpoint_id) {
+            Fate::BlackHole => {
+                tokio::time::sleep(timeout).await;
+                return Err(PeerError::Failed(
+                    hex::encode(&member.endpoint_id[..8]),
+                    format!("no answer within {timeout:?} (injected fault)"),
+                ));
+            }
+            Fate::Deliver { delay } if !delay.is_zero() => tokio::time::sleep(delay).await,
+            Fate::Deliver { .. } => {}
+        }
         let conn = self.connection(member).await?;
         let name = conn.remote_id().fmt_short().to_string();
         let exchange = async {
