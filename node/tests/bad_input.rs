@@ -133,6 +133,18 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
         "{response:?}"
     );
 
+    // Fault injection is refused unless the node was started for fault tests.
+    let refused = client
+        .set_net_faults(aspen_client::NetFaults {
+            isolate_from: vec![1],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(aspen_client::ClientError::Rpc(RpcError::BadRequest(m))) if m.contains("not enabled")),
+        "{refused:?}"
+    );
+
     // Still serving.
     client
         .put(b"still".to_vec(), b"alive".to_vec())
