@@ -8,7 +8,8 @@
 //! ([`IoMode::Inline`]) so no thread escapes the runtime.
 //!
 //! Each seed drives clients doing gets, puts, deletes and compare-and-swaps on a few keys while
-//! a nemesis crashes and restarts nodes and partitions the network. At the end the network
+//! a nemesis crashes and restarts nodes (also with the power cut in the middle of a commit)
+//! and partitions the network. At the end the network
 //! heals, every replica must reach the same state digest, and the recorded history must be
 //! linearizable. The same seed replays the same run (`simulation_replays_exactly`).
 //!
@@ -315,13 +316,34 @@ async fn nemesis(world: World, mut rng: StdRng, until: Instant) -> (u32, u32) {
         let up = world.up_ids();
         let victim = up[rng.random_range(0..up.len())];
         let outage = Duration::from_millis(rng.random_range(100..2000));
-        match rng.random_range(0..4) {
+        let mode = if rng.random_bool(0.5) {
+            CrashMode::LoseUnsynced
+        } else {
+            CrashMode::TornWrites
+        };
+        match rng.random_range(0..5) {
             0 => {
-                let mode = if rng.random_bool(0.5) {
-                    CrashMode::LoseUnsynced
+                world.crash(victim, mode, &mut rng).await;
+                crashes += 1;
+                tokio::time::sleep(outage).await;
+                world.start(victim).await;
+            }
+            4 => {
+                // Power cut in the middle of whatever the node writes next (a log append, an
+                // apply or a snapshot install), then a restart.
+                let (log_disk, sm_disk) = &world.disks[&victim];
+                let disk = if rng.random_bool(0.5) {
+                    log_disk
                 } else {
-                    CrashMode::TornWrites
+                    sm_disk
                 };
+                let fired_before = disk.power_cuts();
+                disk.arm_power_cut(rng.random_range(0..30), mode, rng.random());
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while disk.power_cuts() == fired_before && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                disk.disarm_power_cut();
                 world.crash(victim, mode, &mut rng).await;
                 crashes += 1;
                 tokio::time::sleep(outage).await;

@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 use super::{any, blocking, encode, IoMode, LOG, RAFT_STATE};
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
+/// How long a purge waits for the state machine to apply what it purges (see `purge`).
+const PURGE_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
 
@@ -214,6 +218,18 @@ fn commit(
     Ok(())
 }
 
+/// The state machine's last applied index, as committed in its database.
+fn durable_applied_index(sm_db: &Database) -> Result<Option<u64>, redb::Error> {
+    let txn = sm_db.begin_read()?;
+    let meta = txn.open_table(super::SM_META)?;
+    let Some(bytes) = meta.get("last_applied")? else {
+        return Ok(None);
+    };
+    let applied: Option<LogId> = postcard::from_bytes(bytes.value())
+        .map_err(|e| redb::Error::Corrupted(format!("state machine metadata: {e}")))?;
+    Ok(applied.map(|l| l.index))
+}
+
 fn write_err(e: String) -> StorageError {
     StorageIOError::write_logs(AnyError::error(e)).into()
 }
@@ -366,14 +382,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Never purge past state that is not durable: persist every apply so far first.
-        // (openraft purges only up to a snapshot, and snapshots are built from applied state.)
+        // Never purge past state that is not durable. openraft asks to purge up to a
+        // snapshot, and right after it *receives* one it does so while the state machine task
+        // may still be installing it: purging then, and crashing before the install is
+        // durable, would leave a log that starts after the state machine ends (the node
+        // could never restart). So wait until the state machine has applied that far, make
+        // it durable, then purge. (Skipping the purge instead would leave a hole in the log.)
         if let Some(sm_db) = self.sm_db.upgrade() {
-            blocking(self.io, move || {
-                commit(&sm_db, |_| Ok(()))
-                    .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
-            })
-            .await?;
+            let started = tokio::time::Instant::now();
+            loop {
+                let db = sm_db.clone();
+                let applied = blocking(self.io, move || {
+                    let err = |e: redb::Error| StorageIOError::write_state_machine(any(e)).into();
+                    commit(&db, |_| Ok(())).map_err(err)?;
+                    durable_applied_index(&db).map_err(err)
+                })
+                .await?;
+                if applied.is_some_and(|a| a >= log_id.index) {
+                    break;
+                }
+                if started.elapsed() > PURGE_WAIT_LIMIT {
+                    return Err(StorageIOError::write_logs(AnyError::error(format!(
+                        "cannot purge the log up to {}: the state machine applied only {applied:?}",
+                        log_id.index
+                    )))
+                    .into());
+                }
+                tokio::time::sleep(PURGE_POLL).await;
+            }
         }
         let bytes = encode(&Some(log_id));
         let index = log_id.index;
