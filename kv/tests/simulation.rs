@@ -109,7 +109,7 @@ impl World {
             return;
         };
         self.router.unregister(id);
-        // A lying disk loses everything: the node comes back empty, not with a torn file.
+        // A lying disk loses its latest acknowledged syncs (cleanly: no torn data on top).
         let mode = if self.bug == Some(Bug::LyingDisks) {
             CrashMode::LoseUnsynced
         } else {
@@ -294,7 +294,7 @@ async fn client(
 /// Deliberate bugs the negative controls run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
-    /// Disks acknowledge syncs without persisting ("ack before fsync").
+    /// Disks acknowledge a sync before it is durable: the latest one is lost in a crash.
     LyingDisks,
     /// Linearizable reads served from any node's local state, without ReadIndex.
     StaleReads,
@@ -621,9 +621,10 @@ fn negative_control_stale_reads_are_caught() {
     assert!(caught.contains("not linearizable"), "{caught}");
 }
 
-/// Negative control: with disks that lie about syncs, a crash wipes a node's log and vote.
-/// The harness must notice, by a non-linearizable history, replicas that disagree, or a
-/// cluster that cannot heal (openraft stops replicating to a follower whose log went
+/// Negative control: with disks that acknowledge a sync before it is durable, a crash loses
+/// a node's latest acknowledged log entries, votes or applies. The harness must notice, by a
+/// non-linearizable history, replicas that disagree, a node that cannot reopen its files, or
+/// a cluster that cannot heal (openraft stops replicating to a follower whose log went
 /// backwards). None of these for many seeds would mean lost durability is invisible here.
 #[test]
 fn negative_control_lying_disks_are_caught() {

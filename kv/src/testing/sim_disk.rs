@@ -36,8 +36,11 @@ struct DiskState {
     /// Bumped by every crash; backends of an older generation fail every call.
     generation: u64,
     syncs: u64,
-    /// A lying disk: `sync_data` reports success but persists nothing (negative controls).
+    /// A lying disk (negative controls): `sync_data` persists only what the *previous* sync
+    /// was asked to, so the latest acknowledged sync is still volatile.
     lying: bool,
+    /// On a lying disk: changes acknowledged as synced but not yet persisted.
+    volatile: Vec<Unsynced>,
     /// An armed power cut: after this many more writes/syncs, the power goes mid-operation.
     power_cut: Option<PowerCut>,
     /// Power cuts that have happened (armed ones that fired).
@@ -118,8 +121,10 @@ impl SimDisk {
 
 fn crash_locked(s: &mut DiskState, mode: CrashMode, rng: &mut impl Rng) {
     let mut file = s.synced.clone();
+    let mut lost = std::mem::take(&mut s.volatile);
+    lost.append(&mut s.unsynced);
     if mode == CrashMode::TornWrites {
-        for change in &s.unsynced {
+        for change in &lost {
             match rng.random_range(0..3) {
                 0 => {}
                 1 => apply(&mut file, change),
@@ -146,8 +151,9 @@ fn crash_locked(s: &mut DiskState, mode: CrashMode, rng: &mut impl Rng) {
 }
 
 impl SimDisk {
-    /// Makes `sync_data` a lie (it succeeds and persists nothing), as a disk with a volatile
-    /// write cache would: "acknowledged before it was durable". For negative controls only.
+    /// Makes `sync_data` a lie, as a disk with a volatile write cache would: it succeeds at
+    /// once but persists only what the previous sync covered, so a crash loses the latest
+    /// acknowledged writes ("acknowledged before durable"). For negative controls only.
     pub fn set_lying(&self, lying: bool) {
         self.lock().lying = lying;
     }
@@ -236,11 +242,13 @@ impl redb::StorageBackend for SimDiskBackend {
     fn sync_data(&self) -> Result<(), std::io::Error> {
         let mut s = self.live_mut()?;
         s.syncs += 1;
-        if s.lying {
-            return Ok(());
-        }
-        let changes = std::mem::take(&mut s.unsynced);
-        for c in &changes {
+        let durable_now = if s.lying {
+            let acked = std::mem::take(&mut s.unsynced);
+            std::mem::replace(&mut s.volatile, acked)
+        } else {
+            std::mem::take(&mut s.unsynced)
+        };
+        for c in &durable_now {
             apply(&mut s.synced, c);
         }
         Ok(())
