@@ -1,10 +1,10 @@
 //! The Wing & Gong / Lowe search, one key at a time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use crate::history::{History, Operation};
-use crate::model::{step, IOp, IOutcome, Op, Outcome, State, ValueId};
+use crate::model::{in_range, step, IOp, IOutcome, Op, Outcome, State, ValueId};
 
 /// Search steps allowed per key before the answer is "inconclusive" rather than a hang.
 pub const DEFAULT_STEP_BUDGET: u64 = 20_000_000;
@@ -17,8 +17,8 @@ pub struct Report {
     pub keys: usize,
     /// Keys whose history no order explains.
     pub anomalies: Vec<Anomaly>,
-    /// Keys whose search ran out of budget (neither proven nor refuted).
-    pub inconclusive: Vec<Vec<u8>>,
+    /// Groups of keys whose search ran out of budget (neither proven nor refuted).
+    pub inconclusive: Vec<Vec<Vec<u8>>>,
 }
 
 impl Report {
@@ -42,17 +42,18 @@ impl fmt::Display for Report {
             write!(f, "\n{a}")?;
         }
         for k in &self.inconclusive {
-            write!(f, "\nkey {}: search budget exhausted", show(k))?;
+            write!(f, "\n{}: search budget exhausted", show_keys(k))?;
         }
         Ok(())
     }
 }
 
-/// A key whose operations cannot be linearized.
+/// A group of keys whose operations cannot be linearized. (Keys are checked together when
+/// some operation touches several of them: a range read or a multi-key transaction.)
 #[derive(Debug, Clone)]
 pub struct Anomaly {
-    pub key: Vec<u8>,
-    /// Every operation on the key, by invocation time.
+    pub keys: Vec<Vec<u8>>,
+    /// Every operation on these keys, by invocation time.
     pub operations: Vec<Operation>,
     /// The longest order found that explains a prefix: indices into `operations`.
     pub longest_linearization: Vec<usize>,
@@ -65,8 +66,8 @@ impl fmt::Display for Anomaly {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "key {}: not linearizable ({} operations; at most {} can be ordered)",
-            show(&self.key),
+            "{}: not linearizable ({} operations; at most {} can be ordered)",
+            show_keys(&self.keys),
             self.operations.len(),
             self.longest_linearization.len()
         )?;
@@ -113,16 +114,60 @@ fn show(bytes: &[u8]) -> String {
     }
 }
 
+fn show_keys(keys: &[Vec<u8>]) -> String {
+    let shown: Vec<String> = keys.iter().take(8).map(|k| show(k)).collect();
+    let more = if keys.len() > 8 { ", ..." } else { "" };
+    format!(
+        "key{} {}{more}",
+        if keys.len() == 1 { "" } else { "s" },
+        shown.join(", ")
+    )
+}
+
+fn show_writes(writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> String {
+    let w: Vec<String> = writes
+        .iter()
+        .map(|(k, v)| match v {
+            Some(v) => format!("{}={}", show(k), show(v)),
+            None => format!("del {}", show(k)),
+        })
+        .collect();
+    w.join(" ")
+}
+
 fn show_opt(v: &Option<Vec<u8>>) -> String {
     v.as_ref().map_or("<absent>".to_string(), |v| show(v))
 }
 
 fn show_op(op: &Op) -> String {
     match op {
-        Op::Get { .. } => "get".to_string(),
-        Op::Put { value, .. } => format!("put {}", show(value)),
-        Op::Delete { .. } => "delete".to_string(),
-        Op::Cas { expect, new, .. } => format!("cas {} -> {}", show_opt(expect), show(new)),
+        Op::Get { key } => format!("get {}", show(key)),
+        Op::Put { key, value } => format!("put {}={}", show(key), show(value)),
+        Op::Delete { key } => format!("delete {}", show(key)),
+        Op::Cas { key, expect, new } => {
+            format!("cas {}: {} -> {}", show(key), show_opt(expect), show(new))
+        }
+        Op::Range { start, end } => format!(
+            "range [{}, {})",
+            show(start),
+            end.as_ref().map_or("end".to_string(), |e| show(e))
+        ),
+        Op::Txn {
+            compare,
+            success,
+            failure,
+        } => {
+            let c: Vec<String> = compare
+                .iter()
+                .map(|(k, v)| format!("{}=={}", show(k), show_opt(v)))
+                .collect();
+            format!(
+                "txn if {} then {} else {}",
+                c.join(" && "),
+                show_writes(success),
+                show_writes(failure)
+            )
+        }
     }
 }
 
@@ -132,6 +177,14 @@ fn show_outcome(o: &Outcome) -> String {
         Outcome::Put => "ok".to_string(),
         Outcome::Delete { existed } => format!("existed={existed}"),
         Outcome::Cas { swapped } => format!("swapped={swapped}"),
+        Outcome::Range(kvs) => {
+            let kv: Vec<String> = kvs
+                .iter()
+                .map(|(k, v)| format!("{}={}", show(k), show(v)))
+                .collect();
+            format!("[{}]", kv.join(" "))
+        }
+        Outcome::Txn { succeeded } => format!("succeeded={succeeded}"),
     }
 }
 
@@ -140,28 +193,84 @@ pub fn check(history: &History) -> Report {
     check_with_budget(history, DEFAULT_STEP_BUDGET)
 }
 
-/// Checks `history`, allowing at most `budget` search steps per key.
+/// Checks `history`, allowing at most `budget` search steps per group of keys.
 pub fn check_with_budget(history: &History, budget: u64) -> Report {
-    let mut by_key: BTreeMap<&[u8], Vec<Operation>> = BTreeMap::new();
-    for o in &history.operations {
-        if o.returned.is_none() && !o.op.is_write() {
-            continue;
+    let ops: Vec<&Operation> = history
+        .operations
+        .iter()
+        .filter(|o| o.returned.is_some() || o.op.is_write())
+        .collect();
+    // Every key the history names or observed: what a range read may cover.
+    let mut universe: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for o in &ops {
+        universe.extend(o.op.named_keys());
+        if let Some((_, Outcome::Range(kvs))) = &o.returned {
+            universe.extend(kvs.iter().map(|(k, _)| k.clone()));
         }
-        by_key.entry(o.op.key()).or_default().push(o.clone());
+    }
+    // Group keys that some operation touches together (union-find), then operations by group.
+    let keys: Vec<Vec<u8>> = universe.iter().cloned().collect();
+    let index: HashMap<&[u8], usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_slice(), i))
+        .collect();
+    let mut parent: Vec<usize> = (0..keys.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let op_keys: Vec<Vec<usize>> = ops
+        .iter()
+        .map(|o| {
+            o.op.keys(&universe)
+                .iter()
+                .map(|k| index[k.as_slice()])
+                .collect()
+        })
+        .collect();
+    for ks in &op_keys {
+        for w in ks.windows(2) {
+            let (a, b) = (root(&mut parent, w[0]), root(&mut parent, w[1]));
+            parent[a] = b;
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<Operation>> = BTreeMap::new();
+    for (o, ks) in ops.iter().zip(&op_keys) {
+        // An operation touching no key (a range over nothing) only has to have seen nothing.
+        let Some(&first) = ks.first() else {
+            if matches!(&o.returned, Some((_, Outcome::Range(kvs))) if !kvs.is_empty()) {
+                unreachable!("keys a range observed are in the universe");
+            }
+            continue;
+        };
+        groups
+            .entry(root(&mut parent, first))
+            .or_default()
+            .push((*o).clone());
     }
     let mut report = Report {
-        keys: by_key.len(),
+        keys: keys.len(),
         ..Report::default()
     };
-    for (key, mut ops) in by_key {
-        ops.sort_by_key(|o| o.invoked_at);
-        report.operations += ops.len();
-        match check_key(&ops, budget) {
+    for (_, mut group) in groups {
+        group.sort_by_key(|o| o.invoked_at);
+        report.operations += group.len();
+        let group_keys: Vec<Vec<u8>> = group
+            .iter()
+            .flat_map(|o| o.op.keys(&universe))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        match check_group(&group, &group_keys, budget) {
             KeyResult::Linearizable => {}
-            KeyResult::Inconclusive => report.inconclusive.push(key.to_vec()),
+            KeyResult::Inconclusive => report.inconclusive.push(group_keys),
             KeyResult::Violation { longest } => report.anomalies.push(Anomaly {
-                key: key.to_vec(),
-                operations: ops,
+                keys: group_keys,
+                operations: group,
                 longest_linearization: longest,
             }),
         }
@@ -232,22 +341,50 @@ impl Events {
     }
 }
 
-/// Interns the values of one key's operations.
-fn intern(ops: &[Operation]) -> Vec<(IOp, Option<IOutcome>)> {
+/// Interns one group's operations: keys as indices into `keys`, values as small integers.
+fn intern(ops: &[Operation], keys: &[Vec<u8>]) -> Vec<(IOp, Option<IOutcome>)> {
+    let key_index: HashMap<&[u8], usize> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_slice(), i))
+        .collect();
+    let k = |key: &[u8]| key_index[key];
     let mut ids: HashMap<Vec<u8>, ValueId> = HashMap::new();
     let mut id = |v: &[u8]| -> ValueId {
         let next = ids.len() as ValueId;
         *ids.entry(v.to_vec()).or_insert(next)
     };
+    let writes = |ws: &[(Vec<u8>, Option<Vec<u8>>)], id: &mut dyn FnMut(&[u8]) -> ValueId| {
+        ws.iter()
+            .map(|(key, v)| (k(key), v.as_deref().map(&mut *id)))
+            .collect::<Vec<_>>()
+    };
     ops.iter()
         .map(|o| {
             let op = match &o.op {
-                Op::Get { .. } => IOp::Get,
-                Op::Put { value, .. } => IOp::Put(id(value)),
-                Op::Delete { .. } => IOp::Delete,
-                Op::Cas { expect, new, .. } => IOp::Cas {
+                Op::Get { key } => IOp::Get(k(key)),
+                Op::Put { key, value } => IOp::Put(k(key), id(value)),
+                Op::Delete { key } => IOp::Delete(k(key)),
+                Op::Cas { key, expect, new } => IOp::Cas {
+                    key: k(key),
                     expect: expect.as_deref().map(&mut id),
                     new: id(new),
+                },
+                Op::Range { start, end } => IOp::Range(
+                    keys.iter()
+                        .enumerate()
+                        .filter(|(_, key)| in_range(key, start, end.as_deref()))
+                        .map(|(i, _)| i)
+                        .collect(),
+                ),
+                Op::Txn {
+                    compare,
+                    success,
+                    failure,
+                } => IOp::Txn {
+                    compare: writes(compare, &mut id),
+                    success: writes(success, &mut id),
+                    failure: writes(failure, &mut id),
                 },
             };
             let out = o.returned.as_ref().map(|(_, out)| match out {
@@ -255,29 +392,48 @@ fn intern(ops: &[Operation]) -> Vec<(IOp, Option<IOutcome>)> {
                 Outcome::Put => IOutcome::Put,
                 Outcome::Delete { existed } => IOutcome::Delete { existed: *existed },
                 Outcome::Cas { swapped } => IOutcome::Cas { swapped: *swapped },
+                Outcome::Range(kvs) => {
+                    let IOp::Range(range_keys) = &op else {
+                        // A range outcome for another operation never matches.
+                        return IOutcome::Range(vec![]);
+                    };
+                    let seen: HashMap<usize, ValueId> =
+                        kvs.iter().map(|(key, v)| (k(key), id(v))).collect();
+                    IOutcome::Range(range_keys.iter().map(|i| seen.get(i).copied()).collect())
+                }
+                Outcome::Txn { succeeded } => IOutcome::Txn {
+                    succeeded: *succeeded,
+                },
             });
             (op, out)
         })
         .collect()
 }
 
-fn check_key(ops: &[Operation], budget: u64) -> KeyResult {
+fn check_group(ops: &[Operation], keys: &[Vec<u8>], budget: u64) -> KeyResult {
     let n = ops.len();
-    let spec = intern(ops);
+    let spec = intern(ops, keys);
 
     // Shortcut: a read of a value no operation wrote is never explained; saying so at once
     // avoids an exhaustive search of everything concurrent with it.
-    let written: HashSet<ValueId> = spec
-        .iter()
-        .filter_map(|(op, _)| match op {
-            IOp::Put(v) | IOp::Cas { new: v, .. } => Some(*v),
-            _ => None,
-        })
-        .collect();
-    if spec
-        .iter()
-        .any(|(_, out)| matches!(out, Some(IOutcome::Get(Some(v)))  if !written.contains(v)))
-    {
+    let mut written: HashSet<ValueId> = HashSet::new();
+    for (op, _) in &spec {
+        match op {
+            IOp::Put(_, v) | IOp::Cas { new: v, .. } => {
+                written.insert(*v);
+            }
+            IOp::Txn {
+                success, failure, ..
+            } => written.extend(success.iter().chain(failure).filter_map(|(_, v)| *v)),
+            _ => {}
+        }
+    }
+    let ghost = spec.iter().any(|(_, out)| match out {
+        Some(IOutcome::Get(Some(v))) => !written.contains(v),
+        Some(IOutcome::Range(vs)) => vs.iter().flatten().any(|v| !written.contains(v)),
+        _ => false,
+    });
+    if ghost {
         return KeyResult::Violation { longest: vec![] };
     }
 
@@ -310,7 +466,7 @@ fn check_key(ops: &[Operation], budget: u64) -> KeyResult {
     let mut seen: HashSet<(Vec<u64>, State)> = HashSet::new();
     let mut stack: Vec<(usize, State)> = Vec::new();
     let mut longest: Vec<usize> = Vec::new();
-    let mut state: State = None;
+    let mut state: State = vec![None; keys.len()];
     let mut entry = events.nodes[0].next;
     let mut steps = 0u64;
 
@@ -325,12 +481,12 @@ fn check_key(ops: &[Operation], budget: u64) -> KeyResult {
         }
         if Events::is_call(entry) {
             let op = Events::op(entry);
-            let (iop, out) = spec[op];
-            if let Some(next) = step(state, iop, out) {
+            let (iop, out) = &spec[op];
+            if let Some(next) = step(&state, iop, out.as_ref()) {
                 linearized[op / 64] |= 1 << (op % 64);
-                if seen.insert((linearized.clone(), next)) {
-                    stack.push((op, state));
-                    state = next;
+                if seen.insert((linearized.clone(), next.clone())) {
+                    let prev = std::mem::replace(&mut state, next);
+                    stack.push((op, prev));
                     events.lift(op);
                     if stack.len() > longest.len() {
                         longest = stack.iter().map(|&(o, _)| o).collect();

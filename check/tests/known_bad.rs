@@ -171,11 +171,81 @@ fn keys_are_checked_independently() {
     let report = check(&History::from_ops(ops));
     assert_eq!(report.keys, 2);
     assert_eq!(report.anomalies.len(), 1);
-    assert_eq!(report.anomalies[0].key, b"other".to_vec());
+    assert_eq!(report.anomalies[0].keys, vec![b"other".to_vec()]);
 }
 
 #[test]
 fn history_round_trips_through_json() {
     let h = History::from_ops(vec![put(1, 0, None, "a"), get(2, 1, 2, v("a"))]);
     assert_eq!(History::from_json(&h.to_json()).unwrap(), h);
+}
+
+fn range(client: u64, inv: u64, ret: u64, seen: &[(&str, &str)]) -> Operation {
+    Operation {
+        client,
+        op: Op::Range {
+            start: b"a".to_vec(),
+            end: None,
+        },
+        invoked_at: inv,
+        returned: Some((
+            ret,
+            Outcome::Range(
+                seen.iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                    .collect(),
+            ),
+        )),
+    }
+}
+
+fn put_key(client: u64, inv: u64, ret: u64, key: &str, val: &str) -> Operation {
+    Operation {
+        client,
+        op: Op::Put {
+            key: key.as_bytes().to_vec(),
+            value: val.as_bytes().to_vec(),
+        },
+        invoked_at: inv,
+        returned: Some((ret, Outcome::Put)),
+    }
+}
+
+#[test]
+fn a_range_read_must_see_one_point_in_time() {
+    // x then y are written one after the other; a range that sees y must see x too.
+    assert_bad(vec![
+        put_key(1, 0, 1, "x", "1"),
+        put_key(1, 2, 3, "y", "1"),
+        range(2, 4, 5, &[("y", "1")]),
+    ]);
+    // Concurrent with the writes, it may see x alone.
+    assert_good(vec![
+        put_key(1, 0, 3, "x", "1"),
+        put_key(1, 4, 7, "y", "1"),
+        range(2, 2, 5, &[("x", "1")]),
+    ]);
+}
+
+#[test]
+fn a_multi_key_transaction_is_atomic() {
+    let txn = Operation {
+        client: 1,
+        op: Op::Txn {
+            compare: vec![(b"x".to_vec(), None)],
+            success: vec![
+                (b"x".to_vec(), Some(b"1".to_vec())),
+                (b"y".to_vec(), Some(b"1".to_vec())),
+            ],
+            failure: vec![],
+        },
+        invoked_at: 0,
+        returned: Some((5, Outcome::Txn { succeeded: true })),
+    };
+    // Seeing half of it afterwards is a torn transaction.
+    assert_bad(vec![txn.clone(), range(2, 6, 7, &[("x", "1")])]);
+    assert_good(vec![txn.clone(), range(2, 6, 7, &[("x", "1"), ("y", "1")])]);
+    // During it, all or nothing.
+    assert_good(vec![txn.clone(), range(2, 1, 2, &[])]);
+    assert_bad(vec![txn, range(2, 1, 2, &[("y", "1")])]);
 }

@@ -208,6 +208,47 @@ impl Txn {
         }
     }
 
+    /// A transaction comparing values only: if every key has the given value (`None`:
+    /// absent), apply `success`, else `failure`, where a write `(key, Some(v))` puts and
+    /// `(key, None)` deletes.
+    pub fn if_values(
+        compare: Vec<(Key, Option<Vec<u8>>)>,
+        success: Vec<(Key, Option<Vec<u8>>)>,
+        failure: Vec<(Key, Option<Vec<u8>>)>,
+    ) -> Txn {
+        let writes = |ws: Vec<(Key, Option<Vec<u8>>)>| {
+            ws.into_iter()
+                .map(|(key, v)| match v {
+                    Some(value) => TxnOp::Put {
+                        key,
+                        value,
+                        prev_kv: false,
+                    },
+                    None => TxnOp::Delete {
+                        start: key,
+                        end: None,
+                        prev_kv: false,
+                    },
+                })
+                .collect()
+        };
+        Txn {
+            compare: compare
+                .into_iter()
+                .map(|(key, v)| Compare {
+                    key,
+                    target: match v {
+                        Some(v) => CompareTarget::Value(v),
+                        None => CompareTarget::Version(0),
+                    },
+                    op: CompareOp::Equal,
+                })
+                .collect(),
+            success: writes(success),
+            failure: writes(failure),
+        }
+    }
+
     fn validate(&self) -> Result<(), LimitError> {
         let len = self.compare.len() + self.success.len().max(self.failure.len());
         if len > MAX_TXN_OPS {

@@ -203,6 +203,30 @@ async fn read(world: &World, rng: &mut StdRng, key: &[u8]) -> Option<Option<Vec<
     Some(kv.map(|kv| kv.value))
 }
 
+/// A linearizable range read (see [`read`]): the keys present and their values.
+async fn read_range(
+    world: &World,
+    rng: &mut StdRng,
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let node = world.node(world.leader_hint(rng)?)?;
+    if world.bug != Some(Bug::StaleReads) {
+        tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable())
+            .await
+            .ok()?
+            .ok()?;
+    }
+    let req = RangeRequest {
+        start,
+        end,
+        limit: 0,
+        revision: 0,
+    };
+    let resp = node.sm.range(req).await.ok()?;
+    Some(resp.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
+}
+
 async fn client(
     world: World,
     id: u64,
@@ -222,18 +246,43 @@ async fn client(
             acked_below: seq,
         };
         let roll = rng.random_range(0..100);
-        let op = if roll < 40 {
+        let op = if roll < 30 {
             Op::Get { key }
-        } else if roll < 65 {
+        } else if roll < 40 {
+            Op::Range {
+                start: b"k".to_vec(),
+                end: Some(b"l".to_vec()),
+            }
+        } else if roll < 60 {
             Op::Put { key, value }
-        } else if roll < 75 {
+        } else if roll < 70 {
             Op::Delete { key }
-        } else {
+        } else if roll < 85 {
             let expect = seen.get(&key).cloned().flatten();
             Op::Cas {
                 key,
                 expect,
                 new: value,
+            }
+        } else {
+            // Two keys at once, if the first still holds what this client last saw.
+            let other = format!("k{}", rng.random_range(0..KEYS)).into_bytes();
+            let expect = seen.get(&key).cloned().flatten();
+            let (success, failure) = if other == key {
+                (vec![(key.clone(), Some(value))], vec![])
+            } else {
+                (
+                    vec![
+                        (key.clone(), Some(value.clone())),
+                        (other.clone(), Some(value)),
+                    ],
+                    vec![(other, None)],
+                )
+            };
+            Op::Txn {
+                compare: vec![(key, expect)],
+                success,
+                failure,
             }
         };
         let pending = recorder.invoke(id, op.clone());
@@ -271,6 +320,27 @@ async fn client(
                     Some(Ok(WriteOutcome::Delete { deleted, .. })) => Some(Outcome::Delete {
                         existed: deleted > 0,
                     }),
+                    _ => None,
+                }
+            }
+            Op::Range { start, end } => match read_range(&world, &mut rng, start, end).await {
+                Some(kvs) => Some(Outcome::Range(kvs)),
+                None => {
+                    recorder.failed(pending);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            Op::Txn {
+                compare,
+                success,
+                failure,
+            } => {
+                let op = WriteOp::Txn(Txn::if_values(compare, success, failure));
+                match write(&world, &mut rng, session, op).await {
+                    Some(Ok(WriteOutcome::Txn { succeeded, .. })) => {
+                        Some(Outcome::Txn { succeeded })
+                    }
                     _ => None,
                 }
             }

@@ -1,8 +1,8 @@
 //! The store under faults, with real `aspen` processes on loopback.
 //!
-//! Concurrent clients record a history of gets, puts, deletes and compare-and-swaps (each
-//! client through a different preferred node, so reads and forwarded writes hit followers too)
-//! while a nemesis kills (-9) and restarts, pauses (SIGSTOP) and resumes, or partitions the
+//! Concurrent clients record a history of gets, range reads, puts, deletes, compare-and-swaps
+//! and two-key transactions (each client through a different preferred node, so reads and
+//! forwarded writes hit followers too) while a nemesis kills (-9) and restarts, pauses (SIGSTOP) and resumes, or partitions the
 //! leader or a follower (faults injected into the node's member transport), makes the network
 //! lossy, or removes and re-adds a member. `aspen-check` must then find the history
 //! linearizable, and every replica must end with the same state digest. A negative control runs the same workload against nodes with a
@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_check::{check, History, Op, Outcome, Recorder};
-use aspen_client::{Client, ClientOptions, ClusterTicket, NetFaults};
+use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NetFaults};
+use aspen_kv::api::{prefix_end, RangeRequest, Txn};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -131,18 +132,43 @@ async fn run_client(
         let value = format!("c{id}-{n}").into_bytes();
         n += 1;
         let roll = rng.random_range(0..100);
-        let op = if roll < 40 {
+        let op = if roll < 30 {
             Op::Get { key }
-        } else if roll < 65 {
+        } else if roll < 40 {
+            Op::Range {
+                start: b"lin/".to_vec(),
+                end: Some(prefix_end(b"lin/")),
+            }
+        } else if roll < 60 {
             Op::Put { key, value }
-        } else if roll < 75 {
+        } else if roll < 70 {
             Op::Delete { key }
-        } else {
+        } else if roll < 85 {
             let expect = seen.get(&key).cloned().flatten();
             Op::Cas {
                 key,
                 expect,
                 new: value,
+            }
+        } else {
+            // Two keys at once, if the first still holds what this client last saw.
+            let other = format!("lin/{}", rng.random_range(0..KEYS)).into_bytes();
+            let expect = seen.get(&key).cloned().flatten();
+            let (success, failure) = if other == key {
+                (vec![(key.clone(), Some(value))], vec![])
+            } else {
+                (
+                    vec![
+                        (key.clone(), Some(value.clone())),
+                        (other.clone(), Some(value)),
+                    ],
+                    vec![(other, None)],
+                )
+            };
+            Op::Txn {
+                compare: vec![(key, expect)],
+                success,
+                failure,
             }
         };
         let is_write = op.is_write();
@@ -158,6 +184,27 @@ async fn run_client(
                 Op::Delete { key } => client.delete(key).await.map(|r| Outcome::Delete {
                     existed: r.deleted > 0,
                 }),
+                Op::Range { start, end } => {
+                    let req = RangeRequest {
+                        start,
+                        end,
+                        limit: 0,
+                        revision: 0,
+                    };
+                    client.range(req, Consistency::Linearizable).await.map(|r| {
+                        Outcome::Range(r.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
+                    })
+                }
+                Op::Txn {
+                    compare,
+                    success,
+                    failure,
+                } => client
+                    .txn(Txn::if_values(compare, success, failure))
+                    .await
+                    .map(|r| Outcome::Txn {
+                        succeeded: r.succeeded,
+                    }),
                 Op::Cas { key, expect, new } => client
                     .compare_and_swap(key, expect, new)
                     .await
