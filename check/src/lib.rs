@@ -17,7 +17,9 @@
 mod history;
 pub mod model;
 mod search;
+mod workload;
 
 pub use history::{History, Operation, Pending, Recorder};
 pub use model::{Op, Outcome};
 pub use search::{check, check_with_budget, Anomaly, Report, DEFAULT_STEP_BUDGET};
+pub use workload::OpMix;

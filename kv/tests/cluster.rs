@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use aspen_kv::api::*;
 use aspen_kv::limits;
-use aspen_kv::testing::MemRouter;
-use aspen_kv::{Member, NodeId, Raft, StateDigest, StateMachineStore};
+use aspen_kv::testing::{member, MemRouter};
+use aspen_kv::{NodeId, Raft, StateDigest, StateMachineStore};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -21,15 +21,6 @@ struct Cluster {
     dir: tempfile::TempDir,
     nodes: BTreeMap<NodeId, Node>,
     snapshot_every: u64,
-}
-
-fn member(id: NodeId) -> Member {
-    let mut endpoint_id = [0u8; 32];
-    endpoint_id[..8].copy_from_slice(&id.to_be_bytes());
-    Member {
-        endpoint_id,
-        addrs: vec![],
-    }
 }
 
 impl Cluster {

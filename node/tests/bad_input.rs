@@ -145,6 +145,17 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
         "{refused:?}"
     );
 
+    let out_of_range = client
+        .set_net_faults(aspen_client::NetFaults {
+            drop_per_mille: 2000,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&out_of_range, Err(aspen_client::ClientError::Rpc(RpcError::BadRequest(m))) if m.contains("at most 1000")),
+        "{out_of_range:?}"
+    );
+
     // Still serving.
     client
         .put(b"still".to_vec(), b"alive".to_vec())

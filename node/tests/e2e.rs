@@ -3,82 +3,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use aspen_client::{Client, ClusterTicket};
 use common::*;
-
-/// Concurrent writers that record every acknowledged key.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<BTreeSet<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(client: &Client, n: usize, prefix: &str) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(BTreeSet::new()));
-        let tasks = (0..n)
-            .map(|w| {
-                let (client, stop, acked) = (client.clone(), stop.clone(), acked.clone());
-                let prefix = prefix.to_string();
-                tokio::spawn(async move {
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let key = format!("{prefix}{w:02}-{i:06}");
-                        // A failed write may or may not have been applied: only acks count.
-                        if client
-                            .put(key.clone().into_bytes(), b"v".to_vec())
-                            .await
-                            .is_ok()
-                        {
-                            acked.lock().unwrap().insert(key);
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
-        Writers { stop, acked, tasks }
-    }
-
-    fn count(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    async fn wait_for_more(&self, more: usize) {
-        let target = self.count() + more;
-        wait_until(&format!("{target} acknowledged writes"), || async {
-            (self.count() >= target).then_some(())
-        })
-        .await;
-    }
-
-    async fn stop(self) -> BTreeSet<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
-    }
-}
-
-/// Asserts every acknowledged key is present on `node` (waiting for it to catch up).
-async fn assert_all_present(node: &NodeProc, prefix: &str, acked: &BTreeSet<String>) {
-    let missing = wait_until("node to hold every acknowledged write", || async {
-        let keys = local_keys(node, prefix).await?;
-        let have: BTreeSet<String> = keys
-            .into_iter()
-            .map(|k| String::from_utf8(k).unwrap())
-            .collect();
-        let missing: Vec<_> = acked.difference(&have).cloned().collect();
-        missing.is_empty().then_some(missing)
-    })
-    .await;
-    assert!(missing.is_empty());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_forms_a_cluster_that_serves_through_any_node() {
@@ -224,7 +151,7 @@ async fn leader_kill9_during_concurrent_writes_loses_no_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = form(root.path(), 3, &[]).await;
     let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
-    let writers = Writers::start(&client, 8, "w/");
+    let writers = Writers::start(vec![client.clone(); 8], "w/");
     writers.wait_for_more(100).await;
 
     let leader = client.status().await.unwrap().leader.unwrap();
@@ -294,7 +221,7 @@ async fn single_node_kill9_keeps_every_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let mut nodes = form(root.path(), 1, &[]).await;
     let client = client_for(&[&nodes[0]]).await;
-    let writers = Writers::start(&client, 8, "c/");
+    let writers = Writers::start(vec![client.clone(); 8], "c/");
     writers.wait_for_more(300).await;
     nodes[0].kill9();
     let before_crash = writers.count();
@@ -468,7 +395,7 @@ async fn kill9_after_log_purges_keeps_every_acknowledged_write() {
     let args = ["--snapshot-every", "10", "--keep-log-after-snapshot", "0"];
     let mut nodes = form(root.path(), 1, &args).await;
     let client = client_for(&[&nodes[0]]).await;
-    let writers = Writers::start(&client, 8, "p/");
+    let writers = Writers::start(vec![client.clone(); 8], "p/");
     writers.wait_for_more(400).await;
     let status = client.status().await.unwrap();
     assert!(

@@ -15,12 +15,11 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aspen_check::{check, History, Op, Outcome, Recorder};
+use aspen_check::{check, History, Op, OpMix, Outcome, Recorder};
 use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NetFaults};
 use aspen_kv::api::{prefix_end, RangeRequest, Txn};
 use common::*;
@@ -124,62 +123,22 @@ async fn run_client(
     stop: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
 ) {
-    // The last value this client saw per key: what its compare-and-swaps expect.
-    let mut seen: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let keys = (0..KEYS).map(|k| format!("lin/{k}").into_bytes()).collect();
+    let mut mix = OpMix::new(keys, (b"lin/".to_vec(), Some(prefix_end(b"lin/"))));
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        let key = format!("lin/{}", rng.random_range(0..KEYS)).into_bytes();
         let value = format!("c{id}-{n}").into_bytes();
         n += 1;
-        let roll = rng.random_range(0..100);
-        let op = if roll < 30 {
-            Op::Get { key }
-        } else if roll < 40 {
-            Op::Range {
-                start: b"lin/".to_vec(),
-                end: Some(prefix_end(b"lin/")),
-            }
-        } else if roll < 60 {
-            Op::Put { key, value }
-        } else if roll < 70 {
-            Op::Delete { key }
-        } else if roll < 85 {
-            let expect = seen.get(&key).cloned().flatten();
-            Op::Cas {
-                key,
-                expect,
-                new: value,
-            }
-        } else {
-            // Two keys at once, if the first still holds what this client last saw.
-            let other = format!("lin/{}", rng.random_range(0..KEYS)).into_bytes();
-            let expect = seen.get(&key).cloned().flatten();
-            let (success, failure) = if other == key {
-                (vec![(key.clone(), Some(value))], vec![])
-            } else {
-                (
-                    vec![
-                        (key.clone(), Some(value.clone())),
-                        (other.clone(), Some(value)),
-                    ],
-                    vec![(other, None)],
-                )
-            };
-            Op::Txn {
-                compare: vec![(key, expect)],
-                success,
-                failure,
-            }
-        };
+        let op = mix.next_op(&mut rng, value);
         let is_write = op.is_write();
         let pending = recorder.invoke(id, op.clone());
+        let op_done = op.clone();
         let result =
             match op {
-                Op::Get { key } => client.get(key.clone()).await.map(|kv| {
-                    let v = kv.map(|kv| kv.value);
-                    seen.insert(key, v.clone());
-                    Outcome::Get(v)
-                }),
+                Op::Get { key } => client
+                    .get(key)
+                    .await
+                    .map(|kv| Outcome::Get(kv.map(|kv| kv.value))),
                 Op::Put { key, value } => client.put(key, value).await.map(|_| Outcome::Put),
                 Op::Delete { key } => client.delete(key).await.map(|r| Outcome::Delete {
                     existed: r.deleted > 0,
@@ -214,6 +173,7 @@ async fn run_client(
             };
         match result {
             Ok(outcome) => {
+                mix.observe(&op_done, &outcome);
                 recorder.ok(pending, outcome);
                 completed.fetch_add(1, Ordering::SeqCst);
             }
@@ -468,71 +428,26 @@ async fn kill9_restart_cycles_lose_no_acknowledged_write() {
     let mut rng = StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
     let mut nodes = form(root.path(), 3, &["--snapshot-every", "500"]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for w in 0..CLIENTS {
-        let client = client_preferring(&nodes, w).await;
-        let (stop, acked) = (stop.clone(), acked.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let key = format!("d/{w:02}-{i:07}");
-                if client
-                    .put(key.clone().into_bytes(), b"v".to_vec())
-                    .await
-                    .is_ok()
-                {
-                    acked.lock().unwrap().insert(key);
-                }
-                i += 1;
-            }
-            client.close().await;
-        }));
+        clients.push(client_preferring(&nodes, w).await);
     }
-    let acks = || acked.lock().unwrap().len();
-    let wait_acks = |more: usize, what: String| {
-        let target = acks() + more;
-        let acked = acked.clone();
-        async move {
-            wait_until(&what, || async {
-                (acked.lock().unwrap().len() >= target).then_some(())
-            })
-            .await
-        }
-    };
+    let writers = Writers::start(clients, "d/");
     for cycle in 0..cycles {
         let victim = rng.random_range(0..nodes.len());
         nodes[victim].kill9();
-        wait_acks(
-            20,
-            format!("writes with node {victim} killed (cycle {cycle})"),
-        )
-        .await;
+        eprintln!("cycle {cycle}: node {victim} killed");
+        writers.wait_for_more(20).await;
         nodes[victim].restart(None);
-        wait_acks(20, format!("writes after restarting node {victim}")).await;
+        writers.wait_for_more(20).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acked = Arc::try_unwrap(acked).unwrap().into_inner().unwrap();
+    let acked = writers.stop().await;
     eprintln!(
         "{cycles} kill -9 cycles, {} acknowledged writes",
         acked.len()
     );
     assert_replicas_identical(&nodes).await;
-    for (i, n) in nodes.iter().enumerate() {
-        let keys: BTreeSet<String> = local_keys(n, "d/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|k| String::from_utf8(k).unwrap())
-            .collect();
-        let lost: Vec<_> = acked.difference(&keys).take(5).collect();
-        assert!(
-            lost.is_empty(),
-            "node {i} lost acknowledged writes, e.g. {lost:?}"
-        );
+    for n in &nodes {
+        assert_all_present(n, "d/", &acked).await;
     }
 }

@@ -218,8 +218,8 @@ fn commit(
     Ok(())
 }
 
-/// The state machine's last applied index, as committed in its database.
-fn durable_applied_index(sm_db: &Database) -> Result<Option<u64>, redb::Error> {
+/// The state machine's last applied index, as committed (durably or not) in its database.
+fn applied_index(sm_db: &Database) -> Result<Option<u64>, redb::Error> {
     let txn = sm_db.begin_read()?;
     let meta = txn.open_table(super::SM_META)?;
     let Some(bytes) = meta.get("last_applied")? else {
@@ -393,9 +393,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             loop {
                 let db = sm_db.clone();
                 let applied = blocking(self.io, move || {
-                    let err = |e: redb::Error| StorageIOError::write_state_machine(any(e)).into();
-                    commit(&db, |_| Ok(())).map_err(err)?;
-                    durable_applied_index(&db).map_err(err)
+                    applied_index(&db)
+                        .map_err(|e| StorageIOError::read_state_machine(any(e)).into())
                 })
                 .await?;
                 if applied.is_some_and(|a| a >= log_id.index) {
@@ -410,6 +409,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 tokio::time::sleep(PURGE_POLL).await;
             }
+            // A durable commit persists every earlier commit: the applied state is on disk.
+            blocking(self.io, move || {
+                commit(&sm_db, |_| Ok(()))
+                    .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+            })
+            .await?;
         }
         let bytes = encode(&Some(log_id));
         let index = log_id.index;

@@ -67,6 +67,9 @@ pub enum StartError {
     Ticket(PathBuf, std::io::Error),
 }
 
+/// Most members one `SetNetFaults` may isolate a node from (a cluster has at most 7).
+const MAX_ISOLATED: usize = 16;
+
 /// Everything a node's handlers share.
 pub struct NodeState {
     pub id: NodeId,
@@ -455,7 +458,14 @@ impl NodeState {
             ClientRequest::AddMember { node } => self.add_member(node).await,
             ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
             ClientRequest::SetNetFaults(faults) => {
-                if self.allow_fault_injection {
+                if faults.drop_per_mille > 1000 || faults.isolate_from.len() > MAX_ISOLATED {
+                    Err(RpcError::BadRequest(format!(
+                        "drop_per_mille is at most 1000 and isolate_from names at most \
+                         {MAX_ISOLATED} members (got {} and {})",
+                        faults.drop_per_mille,
+                        faults.isolate_from.len()
+                    )))
+                } else if self.allow_fault_injection {
                     tracing::warn!(?faults, "injected network faults");
                     self.peers.set_faults(faults);
                     Ok(ClientResponse::Done)

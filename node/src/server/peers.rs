@@ -40,6 +40,8 @@ pub struct Peers {
     node: std::sync::OnceLock<Weak<NodeState>>,
     /// Injected by fault tests (`ClientRequest::SetNetFaults`); none by default.
     faults: Mutex<NetFaults>,
+    /// Whether `faults` injects anything: the member-traffic hot path checks only this.
+    faults_active: std::sync::atomic::AtomicBool,
 }
 
 /// What an injected fault does to one outgoing request.
@@ -68,20 +70,38 @@ impl Peers {
             dials: Mutex::new(HashMap::new()),
             node: std::sync::OnceLock::new(),
             faults: Mutex::new(NetFaults::default()),
+            faults_active: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Replaces the injected network faults (fault tests only).
     pub fn set_faults(&self, faults: NetFaults) {
+        let active = faults != NetFaults::default();
         *self.faults.lock().expect("lock") = faults;
+        self.faults_active
+            .store(active, std::sync::atomic::Ordering::Release);
     }
 
     fn isolated_from(&self, endpoint_id: &[u8; 32]) -> bool {
+        if !self
+            .faults_active
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return false;
+        }
         let faults = self.faults.lock().expect("lock");
         !faults.isolate_from.is_empty() && faults.isolate_from.contains(&node_id_of(endpoint_id))
     }
 
     fn fate(&self, endpoint_id: &[u8; 32]) -> Fate {
+        if !self
+            .faults_active
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Fate::Deliver {
+                delay: Duration::ZERO,
+            };
+        }
         if self.isolated_from(endpoint_id) {
             return Fate::BlackHole;
         }

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NodeTicket};
@@ -260,4 +263,78 @@ pub async fn local_kvs(node: &NodeProc, prefix: &str) -> Option<Vec<aspen_kv::ap
     }
     c.close().await;
     Some(keys)
+}
+
+/// Concurrent writers that record every acknowledged key.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// One writer task per client in `clients`, writing keys `PREFIX<writer>-<n>`.
+    pub fn start(clients: Vec<Client>, prefix: &str) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let tasks = clients
+            .into_iter()
+            .enumerate()
+            .map(|(w, client)| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                let prefix = prefix.to_string();
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("{prefix}{w:02}-{i:07}");
+                        // A failed write may or may not have been applied: only acks count.
+                        if client
+                            .put(key.clone().into_bytes(), b"v".to_vec())
+                            .await
+                            .is_ok()
+                        {
+                            acked.lock().unwrap().insert(key);
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Writers { stop, acked, tasks }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    pub async fn wait_for_more(&self, more: usize) {
+        let target = self.count() + more;
+        wait_until(&format!("{target} acknowledged writes"), || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn stop(self) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Asserts every acknowledged key is present on `node` (waiting for it to catch up).
+pub async fn assert_all_present(node: &NodeProc, prefix: &str, acked: &BTreeSet<String>) {
+    let missing = wait_until("node to hold every acknowledged write", || async {
+        let keys = local_keys(node, prefix).await?;
+        let have: BTreeSet<String> = keys
+            .into_iter()
+            .map(|k| String::from_utf8(k).unwrap())
+            .collect();
+        let missing: Vec<_> = acked.difference(&have).cloned().collect();
+        missing.is_empty().then_some(missing)
+    })
+    .await;
+    assert!(missing.is_empty());
 }
