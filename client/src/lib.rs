@@ -30,7 +30,8 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use protocol::{
-    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, NetFaults, RpcError,
+    ClientRequest, ClientResponse, ClusterIdentity, ClusterStatus, Consistency, MemberStatus,
+    NetFaults, RpcError,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -414,8 +415,57 @@ impl Client {
         }
     }
 
+    /// Makes the (single) node this client talks to a one-member cluster named `name`.
+    pub async fn init_named_cluster(&self, name: String) -> Result<ClusterStatus, ClientError> {
+        match self
+            .request(&ClientRequest::InitNamedCluster { name })
+            .await?
+        {
+            ClientResponse::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The cluster identity as the first member that answers holds it, and that member (whose
+    /// endpoint id iroh's TLS authenticated). Check `certificate` against the cluster key you
+    /// expect before trusting the answer (`aspen_trust::NodeCertificate::verify`).
+    pub async fn identity(&self) -> Result<(NodeTicket, ClusterIdentity), ClientError> {
+        match self.request_from(&ClientRequest::Identity).await? {
+            (node, ClientResponse::Identity(i)) => Ok((node, i)),
+            (_, other) => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Creates a single-use invitation for one node to join; returns the secret token and
+    /// its expiry (Unix seconds).
+    pub async fn create_invite(&self, valid_for: Duration) -> Result<([u8; 32], u64), ClientError> {
+        let request = ClientRequest::CreateInvite {
+            valid_for_secs: valid_for.as_secs(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Invite { token, expires_at } => Ok((token, expires_at)),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Asks the cluster to admit `node` with the invitation `invite`.
+    pub async fn join(&self, node: NodeTicket, invite: [u8; 32]) -> Result<(), ClientError> {
+        match self.request(&ClientRequest::Join { node, invite }).await? {
+            ClientResponse::Done => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Sends `request`, retrying on other members until the deadline.
     async fn request(&self, request: &ClientRequest) -> Result<ClientResponse, ClientError> {
+        self.request_from(request).await.map(|(_, r)| r)
+    }
+
+    /// Like [`Self::request`], also returning the member that answered.
+    async fn request_from(
+        &self,
+        request: &ClientRequest,
+    ) -> Result<(NodeTicket, ClientResponse), ClientError> {
         let inner = &self.inner;
         let start = tokio::time::Instant::now();
         let mut attempts = 0u32;
@@ -443,7 +493,7 @@ impl Client {
                     e.to_string()
                 }
                 Ok(Ok(ClientResponse::Error(e))) => return Err(ClientError::Rpc(e)),
-                Ok(Ok(response)) => return Ok(response),
+                Ok(Ok(response)) => return Ok((target, response)),
                 Ok(Err(e)) => {
                     self.forget(&target);
                     self.rotate();

@@ -60,6 +60,15 @@ pub enum ClientRequest {
     /// Sets the contacted node's injected network faults (replacing earlier ones). Refused
     /// unless the node runs with the hidden `--unsafe-allow-fault-injection` flag.
     SetNetFaults(NetFaults),
+    /// The cluster's identity as the contacted node holds it, with the node's certificate.
+    Identity,
+    /// Like `InitCluster`, naming the cluster (the name is published in its DHT record).
+    InitNamedCluster { name: String },
+    /// Leader only: creates a single-use invitation for one node to join, valid this long.
+    CreateInvite { valid_for_secs: u64 },
+    /// Leader only: adds `node` (learner, then voter) if `invite` is a valid, unused (or used
+    /// by this same node) invitation. A node without an invitation is refused.
+    Join { node: NodeTicket, invite: [u8; 32] },
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -77,12 +86,33 @@ pub struct NetFaults {
 /// A response; `Error` can answer any request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientResponse {
-    Write { results: Vec<CommandResult> },
+    Write {
+        results: Vec<CommandResult>,
+    },
     Range(RangeResponse),
     Status(ClusterStatus),
     Error(RpcError),
     Done,
     StateDigest(StateDigest),
+    Identity(ClusterIdentity),
+    /// A new invitation: the secret token (shown once) and when it expires (Unix seconds).
+    Invite {
+        token: [u8; 32],
+        expires_at: u64,
+    },
+}
+
+/// What a node says about the cluster it serves (`ClientRequest::Identity`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    /// The cluster's Ed25519 public key.
+    pub cluster_key: [u8; 32],
+    pub name: String,
+    /// The answering node's certificate from the cluster key
+    /// (`aspen_trust::NodeCertificate::encode`).
+    pub certificate: Vec<u8>,
+    /// The cluster's last published DHT record (`aspen_trust::SignedRecord::encode`), if any.
+    pub record: Option<Vec<u8>>,
 }
 
 /// One member, as reported by `Status`.
@@ -203,6 +233,56 @@ mod tests {
         let mut expected = vec![5, 1, 3, 2, 1];
         expected.extend([7; 32]);
         assert_eq!(postcard::to_allocvec(&digest).unwrap(), expected);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::Identity).unwrap(),
+            [8]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::InitNamedCluster { name: "a".into() }).unwrap(),
+            [9, 1, b'a']
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::CreateInvite {
+                valid_for_secs: 300
+            })
+            .unwrap(),
+            [10, 0xac, 0x02]
+        );
+        let join = ClientRequest::Join {
+            node: NodeTicket {
+                endpoint_id: [1; 32],
+                addrs: vec![],
+            },
+            invite: [2; 32],
+        };
+        let mut expected = vec![11];
+        expected.extend(
+            postcard::to_allocvec(&NodeTicket {
+                endpoint_id: [1; 32],
+                addrs: vec![],
+            })
+            .unwrap(),
+        );
+        expected.extend([2; 32]);
+        assert_eq!(postcard::to_allocvec(&join).unwrap(), expected);
+        let identity = ClientResponse::Identity(ClusterIdentity {
+            cluster_key: [3; 32],
+            name: "n".into(),
+            certificate: vec![4],
+            record: None,
+        });
+        let mut expected = vec![6];
+        expected.extend([3; 32]);
+        expected.extend([1, b'n', 1, 4, 0]);
+        assert_eq!(postcard::to_allocvec(&identity).unwrap(), expected);
+        let invite = ClientResponse::Invite {
+            token: [5; 32],
+            expires_at: 1,
+        };
+        let mut expected = vec![7];
+        expected.extend([5; 32]);
+        expected.push(1);
+        assert_eq!(postcard::to_allocvec(&invite).unwrap(), expected);
     }
 
     proptest! {

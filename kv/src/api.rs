@@ -66,6 +66,32 @@ pub enum WriteOp {
     Compact { revision: Revision },
     /// If every comparison holds, apply `success`, else `failure`: atomically, at one revision.
     Txn(Txn),
+    /// A write to the system key space (cluster identity, invitations). Nodes propose these
+    /// themselves and refuse them from clients; the system key space is invisible to reads.
+    System(SystemWrite),
+}
+
+/// A conditional write of one system key: if the key's current value is `expect` (when given),
+/// set it to `new` (`None` deletes). System keys have no revisions or history: they are not
+/// part of the client-visible MVCC key space, so writing them leaves the revision unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemWrite {
+    pub key: Key,
+    /// `None`: unconditional. `Some(None)`: the key must be absent. `Some(Some(v))`: its value
+    /// must be `v`.
+    pub expect: Option<Option<Vec<u8>>>,
+    pub new: Option<Vec<u8>>,
+}
+
+impl SystemWrite {
+    /// Sets `key` to `value` unless it already exists.
+    pub fn put_if_absent(key: impl Into<Key>, value: Vec<u8>) -> Self {
+        SystemWrite {
+            key: key.into(),
+            expect: Some(None),
+            new: Some(value),
+        }
+    }
 }
 
 /// An etcd-style transaction: compare, then one branch of writes, all at one store revision.
@@ -291,6 +317,14 @@ impl WriteOp {
             WriteOp::Put { key, value, .. } => key.len() + value.len(),
             WriteOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
             WriteOp::Compact { .. } => 8,
+            WriteOp::System(w) => {
+                w.key.len()
+                    + w.new.as_ref().map_or(0, Vec::len)
+                    + w.expect
+                        .as_ref()
+                        .and_then(|e| e.as_ref())
+                        .map_or(0, Vec::len)
+            }
             WriteOp::Txn(t) => {
                 let compares: usize = t
                     .compare
@@ -321,7 +355,22 @@ impl WriteOp {
             WriteOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
             WriteOp::Compact { .. } => Ok(()),
             WriteOp::Txn(t) => t.validate(),
+            WriteOp::System(w) => {
+                check_key(&w.key)?;
+                for v in [w.new.as_ref(), w.expect.as_ref().and_then(|e| e.as_ref())]
+                    .into_iter()
+                    .flatten()
+                {
+                    check_value(v)?;
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Whether this op writes the system key space (which clients may not do).
+    pub fn is_system(&self) -> bool {
+        matches!(self, WriteOp::System(_))
     }
 }
 
@@ -424,6 +473,13 @@ pub enum WriteOutcome {
         succeeded: bool,
         results: Vec<WriteOutcome>,
     },
+    /// `written`: whether `expect` held (and `new` was written). `current`: the key's value
+    /// after the write. `revision`: the (unchanged) store revision.
+    System {
+        revision: Revision,
+        written: bool,
+        current: Option<Vec<u8>>,
+    },
 }
 
 impl WriteOutcome {
@@ -433,7 +489,8 @@ impl WriteOutcome {
             WriteOutcome::Put { revision, .. }
             | WriteOutcome::Delete { revision, .. }
             | WriteOutcome::Compact { revision }
-            | WriteOutcome::Txn { revision, .. } => *revision,
+            | WriteOutcome::Txn { revision, .. }
+            | WriteOutcome::System { revision, .. } => *revision,
         }
     }
 }

@@ -499,6 +499,15 @@ async fn lagging_and_new_nodes_get_a_snapshot_after_log_compaction() {
     let mut c = Cluster::new(20);
     c.form(&[1, 2, 3]).await;
     c.stop(3).await;
+    let secret = WriteOp::System(SystemWrite::put_if_absent(
+        b"cluster/secret".to_vec(),
+        vec![7; 32],
+    ));
+    let r = c.write(vec![secret]).await;
+    assert!(matches!(
+        r[0],
+        Ok(WriteOutcome::System { written: true, .. })
+    ));
     for i in 0..200 {
         c.put(&format!("k{i:03}"), &format!("v{i}")).await;
     }
@@ -548,6 +557,15 @@ async fn lagging_and_new_nodes_get_a_snapshot_after_log_compaction() {
             .await
             .unwrap();
         assert!(old.is_some());
+        // So did the system key space.
+        assert_eq!(
+            c.nodes[&id]
+                .sm
+                .system_get(b"cluster/secret".to_vec())
+                .await
+                .unwrap(),
+            Some(vec![7; 32])
+        );
     }
     // A node restarted after installing a snapshot comes back from it.
     c.stop(4).await;
@@ -648,6 +666,86 @@ async fn idle_client_sessions_expire_by_leader_time() {
     // Client 8 is fresh: still deduplicated.
     write(later + 1, vec![cmd(8, 1)]).await;
     assert_eq!(version(8).await, 1);
+}
+
+/// System keys: conditional writes, invisible to client reads, no revision change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_keys_are_conditional_and_invisible_to_reads() {
+    let mut c = Cluster::new(1000);
+    c.form(&[1, 2, 3]).await;
+    let rev = c.put("visible", "x").await;
+    let sys = |expect: Option<Option<&[u8]>>, new: Option<&[u8]>| {
+        WriteOp::System(SystemWrite {
+            key: b"cluster/secret".to_vec(),
+            expect: expect.map(|e| e.map(<[u8]>::to_vec)),
+            new: new.map(<[u8]>::to_vec),
+        })
+    };
+    let r = c
+        .write(vec![
+            sys(Some(None), Some(b"one")),
+            sys(Some(None), Some(b"two")),
+            sys(Some(Some(b"nope")), None),
+            sys(Some(Some(b"one")), Some(b"three")),
+        ])
+        .await;
+    let outcomes: Vec<(bool, Option<Vec<u8>>, Revision)> = r
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            WriteOutcome::System {
+                written,
+                current,
+                revision,
+            } => (written, current, revision),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (true, Some(b"one".to_vec()), rev),
+            (false, Some(b"one".to_vec()), rev),
+            (false, Some(b"one".to_vec()), rev),
+            (true, Some(b"three".to_vec()), rev),
+        ]
+    );
+    c.converge().await;
+    for node in c.nodes.values() {
+        assert_eq!(
+            node.sm
+                .system_get(b"cluster/secret".to_vec())
+                .await
+                .unwrap(),
+            Some(b"three".to_vec())
+        );
+        let all = node
+            .sm
+            .range(RangeRequest {
+                start: vec![],
+                end: Some(vec![]),
+                limit: 0,
+                revision: 0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.kvs.len(), 1, "only the client key is visible");
+        assert_eq!(all.revision, rev, "system writes do not move the revision");
+        assert_eq!(
+            node.sm.system_scan(b"cluster/".to_vec(), 10).await.unwrap(),
+            vec![(b"cluster/secret".to_vec(), b"three".to_vec())]
+        );
+    }
+    let digests = futures_digests(&c).await;
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    let r = c.write(vec![sys(None, None)]).await;
+    assert!(matches!(
+        r[0],
+        Ok(WriteOutcome::System {
+            written: true,
+            current: None,
+            ..
+        })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

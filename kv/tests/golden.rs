@@ -116,3 +116,19 @@ fn txn_encoding_is_stable() {
     });
     assert_eq!(bytes(&out), [0, 3, 7, 1, 1, 0, 7, 0]);
 }
+
+#[test]
+fn system_write_encoding_is_stable() {
+    let op = WriteOp::System(SystemWrite {
+        key: b"k".to_vec(),
+        expect: Some(None),
+        new: Some(b"v".to_vec()),
+    });
+    assert_eq!(bytes(&op), [4, 1, b'k', 1, 0, 1, 1, b'v']);
+    let out: CommandResult = Ok(WriteOutcome::System {
+        revision: 7,
+        written: false,
+        current: Some(b"v".to_vec()),
+    });
+    assert_eq!(bytes(&out), [0, 4, 7, 0, 1, 1, b'v']);
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use aspen_client::{Client, ClientOptions, ClusterStatus, ClusterTicket, Consistency, NodeTicket};
 use aspen_kv::api::{prefix_end, KeyValue, RangeRequest};
+use aspen_trust::{ClusterKey, SignedRecord, RECORD_SALT};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -31,9 +32,17 @@ pub enum Output {
 /// Options shared by every command that talks to a cluster.
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Cluster ticket (aspencluster1...), e.g. the contents of DATA_DIR/cluster.ticket.
+    /// The cluster: a ticket (aspencluster1..., e.g. DATA_DIR/cluster.ticket) or its public
+    /// key (64 hex digits, as `aspen cluster identity` prints), found through the Mainline DHT
+    /// or the record cache.
     #[arg(long, env = "ASPEN_CLUSTER", hide_env_values = true, global = true)]
     pub cluster: Option<String>,
+    #[command(flatten)]
+    pub dht: crate::resolve::DhtArgs,
+    /// Directory of cached cluster records (default: $XDG_CACHE_HOME/aspen/records or
+    /// ~/.cache/aspen/records). A cached record is used when the DHT cannot be reached.
+    #[arg(long, env = "ASPEN_RECORD_CACHE", global = true, value_name = "DIR")]
+    pub record_cache: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t, global = true)]
     pub output: Output,
@@ -61,6 +70,20 @@ pub enum Command {
     /// Load generator, shaped like etcd's benchmark tool.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Find a cluster by its public key (Mainline DHT, else the record cache) and print its
+    /// verified record: members, addresses, seq, expiry.
+    Discover {
+        /// The cluster key (64 hex digits, from `aspen cluster identity`).
+        cluster_key: String,
+        #[command(flatten)]
+        dht: crate::resolve::DhtArgs,
+        /// Directory of cached cluster records (see `--record-cache` of the kv commands).
+        #[arg(long, env = "ASPEN_RECORD_CACHE", value_name = "DIR")]
+        record_cache: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,14 +124,32 @@ pub struct RunArgs {
     /// Output format of the start-up line.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
+    #[command(flatten)]
+    pub dht: crate::resolve::DhtArgs,
+    /// Seconds between DHT republishes of the cluster record (leader only).
+    #[arg(long, value_name = "SECS")]
+    pub dht_republish_secs: Option<u64>,
+    /// Seconds a published cluster record stays valid.
+    #[arg(long, value_name = "SECS")]
+    pub record_validity_secs: Option<u64>,
+    /// Join the cluster with this public key (found through the DHT or the record cache),
+    /// using the invitation from `--invite`.
+    #[arg(long, value_name = "CLUSTER_KEY", requires = "invite")]
+    pub join: Option<String>,
+    /// Invitation token from `aspen cluster invite` (64 hex digits).
+    #[arg(long, value_name = "TOKEN", requires = "join")]
+    pub invite: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Make the node in NODE_TICKET a new one-member cluster.
+    /// Make the node in NODE_TICKET a new one-member cluster, with a new cluster key.
     Init {
         /// The node's ticket (DATA_DIR/node.ticket).
         node_ticket: String,
+        /// A name for the cluster (published in its DHT record; at most 63 bytes).
+        #[arg(long, default_value = "")]
+        name: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -127,6 +168,21 @@ pub enum ClusterCommand {
     },
     /// Members, leader, term, commit and applied index, revision.
     Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The cluster's public key (its name on the DHT), and with `-o json` the exact BEP-44
+    /// coordinates (public key, salt, seq) to fetch its record with any Mainline client.
+    Identity {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Create a single-use invitation for one node to join with
+    /// `aspen node run --join CLUSTER_KEY --invite TOKEN`. The token is shown only once.
+    Invite {
+        /// How long the invitation is valid, in seconds (at most 7 days).
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        valid_for: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -231,15 +287,48 @@ impl ClientArgs {
         })
     }
 
-    pub fn ticket(&self) -> Result<ClusterTicket> {
-        let Some(t) = &self.cluster else {
-            bail!("no cluster given: pass --cluster <ticket> or set ASPEN_CLUSTER (see DATA_DIR/cluster.ticket)");
-        };
-        t.parse().context("invalid cluster ticket")
+    fn cache_dir(&self) -> Option<PathBuf> {
+        self.record_cache
+            .clone()
+            .or_else(crate::resolve::default_cache_dir)
     }
 
+    /// The cluster key given with `--cluster`, if it is a key rather than a ticket.
+    fn cluster_key(&self) -> Result<Option<ClusterKey>> {
+        match &self.cluster {
+            Some(s) if !s.trim().starts_with("aspen") => {
+                s.parse::<ClusterKey>().map(Some).with_context(|| {
+                    "--cluster is neither a ticket (aspencluster1...) nor a cluster key"
+                })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The members to contact: from the ticket, or from the cluster's verified record.
+    pub async fn ticket(&self) -> Result<ClusterTicket> {
+        let Some(t) = &self.cluster else {
+            bail!("no cluster given: pass --cluster <ticket or cluster key> or set ASPEN_CLUSTER (see DATA_DIR/cluster.ticket)");
+        };
+        match self.cluster_key()? {
+            Some(key) => {
+                let resolved = crate::resolve::resolve(&key, &self.dht, self.cache_dir()).await?;
+                Ok(crate::resolve::ticket_of(&resolved.record))
+            }
+            None => t.parse().context("invalid cluster ticket"),
+        }
+    }
+
+    /// Connects; given a cluster key, also checks that the cluster reached holds that key.
     pub async fn client(&self) -> Result<Client> {
-        Ok(Client::connect_with(self.ticket()?, self.options()?).await?)
+        let client = Client::connect_with(self.ticket().await?, self.options()?).await?;
+        if let Some(key) = self.cluster_key()? {
+            if let Err(e) = crate::resolve::verify_cluster(&client, &key).await {
+                client.close().await;
+                return Err(e);
+            }
+        }
+        Ok(client)
     }
 
     fn bytes(&self, s: &str) -> Result<Vec<u8>> {
@@ -278,6 +367,121 @@ fn parse_node_id(s: &str) -> Result<u64> {
         bail!("node id '{s}' must be 1-16 hex digits (as shown by `aspen cluster status`)");
     }
     u64::from_str_radix(s, 16).with_context(|| format!("node id '{s}' is not hex"))
+}
+
+fn print_identity(i: &aspen_client::ClusterIdentity, output: Output) -> Result<()> {
+    let record = match &i.record {
+        Some(bytes) => Some(SignedRecord::decode(bytes).context("the node's stored record")?),
+        None => None,
+    };
+    let key = hex::encode(i.cluster_key);
+    match output {
+        Output::Json => {
+            let salt = String::from_utf8_lossy(RECORD_SALT);
+            let target = hex::encode(aspen_discovery::dht_target(&ClusterKey::from_bytes(
+                &i.cluster_key,
+            )?));
+            println!(
+                "{}",
+                json!({
+                    "cluster_key": key,
+                    "name": i.name,
+                    "bep44": {
+                        "public_key": key,
+                        "salt": salt,
+                        "salt_hex": hex::encode(RECORD_SALT),
+                        "target": target,
+                        "seq": record.as_ref().map(|r| r.seq),
+                    },
+                })
+            );
+        }
+        Output::Text => {
+            println!("cluster key  {key}");
+            if !i.name.is_empty() {
+                println!("name         {}", i.name);
+            }
+            match &record {
+                Some(r) => println!("record seq   {}", r.seq),
+                None => println!("record seq   none (not published: DHT off or not yet)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `aspen discover`: resolve and print a cluster's record.
+pub async fn discover(
+    key: &str,
+    dht: &crate::resolve::DhtArgs,
+    cache: Option<PathBuf>,
+    output: Output,
+) -> Result<()> {
+    let key: ClusterKey = key.parse().context("invalid cluster key")?;
+    let cache = cache.or_else(crate::resolve::default_cache_dir);
+    let r = crate::resolve::resolve(&key, dht, cache).await?;
+    let source = match r.source {
+        aspen_discovery::Source::Dht => "dht",
+        aspen_discovery::Source::Cache => "cache",
+    };
+    let members: Vec<_> = r
+        .record
+        .members
+        .iter()
+        .map(|m| {
+            let ticket = NodeTicket {
+                endpoint_id: m.node,
+                addrs: m.addrs.clone(),
+            };
+            json!({
+                "node_id": format!("{:016x}", ticket.node_id()),
+                "endpoint_id": hex::encode(m.node),
+                "addrs": m.addrs,
+                "ticket": ticket.to_string(),
+            })
+        })
+        .collect();
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "cluster_key": key.to_string(),
+                "name": r.record.name,
+                "seq": r.signed.seq,
+                "issued_at": r.record.issued_at,
+                "expires_at": r.record.expires_at,
+                "relay_url": r.record.relay_url,
+                "source": source,
+                "dht_problem": r.dht_problem,
+                "members": members,
+                "ticket": crate::resolve::ticket_of(&r.record).to_string(),
+            })
+        ),
+        Output::Text => {
+            println!("cluster  {key}");
+            if !r.record.name.is_empty() {
+                println!("name     {}", r.record.name);
+            }
+            println!(
+                "record   seq {}, from the {source}, expires at Unix time {}",
+                r.signed.seq, r.record.expires_at
+            );
+            if let Some(p) = &r.dht_problem {
+                println!("note     {p}");
+            }
+            println!("members:");
+            for m in &r.record.members {
+                let ticket = NodeTicket {
+                    endpoint_id: m.node,
+                    addrs: m.addrs.clone(),
+                };
+                let addrs: Vec<String> = m.addrs.iter().map(|a| a.to_string()).collect();
+                println!("  {:016x}  {}", ticket.node_id(), addrs.join(","));
+            }
+            println!("ticket   {}", crate::resolve::ticket_of(&r.record));
+        }
+    }
+    Ok(())
 }
 
 fn print_status(s: &ClusterStatus, output: Output) {
@@ -341,13 +545,58 @@ pub async fn cluster(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Init {
             node_ticket,
+            name,
             client,
         } => {
             let node: NodeTicket = node_ticket.parse().context("invalid node ticket")?;
             let c = Client::connect_node(node, client.options()?).await?;
-            let status = c.init_cluster().await;
+            let status = if name.is_empty() {
+                c.init_cluster().await
+            } else {
+                c.init_named_cluster(name).await
+            };
+            let identity = match &status {
+                Ok(_) => c.identity().await.ok(),
+                Err(_) => None,
+            };
             c.close().await;
-            print_status(&status?, client.output);
+            let status = status?;
+            if client.output == Output::Text {
+                if let Some((_, i)) = identity {
+                    println!("cluster key {}", hex::encode(i.cluster_key));
+                }
+            }
+            print_status(&status, client.output);
+        }
+        ClusterCommand::Identity { client } => {
+            let c = client.client().await?;
+            let identity = c.identity().await;
+            c.close().await;
+            print_identity(&identity?.1, client.output)?;
+        }
+        ClusterCommand::Invite { valid_for, client } => {
+            let c = client.client().await?;
+            let invite = c.create_invite(Duration::from_secs(valid_for)).await;
+            let identity = match &invite {
+                Ok(_) => c.identity().await.map(|(_, i)| i).ok(),
+                Err(_) => None,
+            };
+            c.close().await;
+            let (token, expires_at) = invite?;
+            let key = identity
+                .map(|i| hex::encode(i.cluster_key))
+                .unwrap_or_else(|| "CLUSTER_KEY".into());
+            let token = hex::encode(token);
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({ "token": token, "expires_at": expires_at, "cluster_key": key })
+                ),
+                Output::Text => {
+                    println!("invitation (single use, expires at Unix time {expires_at}):");
+                    println!("  aspen node run --join {key} --invite {token}");
+                }
+            }
         }
         ClusterCommand::Add {
             node_ticket,

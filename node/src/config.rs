@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -18,12 +19,84 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot; followers lagging further get the snapshot.
     pub keep_log_after_snapshot: u64,
+    /// Publishing the cluster record on the Mainline DHT (`[dht]` in the file).
+    pub dht: DhtSettings,
     /// A deliberate bug, for the test harness's negative controls only (never from a file).
     #[serde(skip)]
     pub test_fault: Option<TestFault>,
     /// Accept `SetNetFaults` requests (fault tests only; never from a file).
     #[serde(skip)]
     pub allow_fault_injection: bool,
+}
+
+/// How a node uses the Mainline DHT. The leader publishes the cluster record there so clients
+/// can find the cluster by its key alone.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhtSettings {
+    /// Use the DHT at all. Off: the cluster is reachable only by tickets.
+    pub enabled: bool,
+    /// `host:port` bootstrap nodes that REPLACE the public Mainline bootstrap nodes (a
+    /// private DHT). Empty: the public ones.
+    pub bootstrap: Vec<String>,
+    /// Per-request timeout of DHT queries, in milliseconds (a lookup takes about this long).
+    pub request_timeout_ms: u64,
+    /// How often the leader puts the record again, in seconds (DHT nodes drop items after a
+    /// few hours).
+    pub republish_interval_secs: u64,
+    /// How long a published record is valid, in seconds; the leader re-signs it after half.
+    pub record_validity_secs: u64,
+}
+
+/// Shortest republish interval accepted (DHT puts are not free for the network).
+pub const MIN_REPUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Default for DhtSettings {
+    fn default() -> Self {
+        DhtSettings {
+            enabled: true,
+            bootstrap: Vec::new(),
+            request_timeout_ms: 1000,
+            republish_interval_secs: 30 * 60,
+            record_validity_secs: 7 * 24 * 60 * 60,
+        }
+    }
+}
+
+impl DhtSettings {
+    /// The discovery crate's configuration (`None` when the DHT is off).
+    pub fn dht_config(&self) -> Option<aspen_discovery::DhtConfig> {
+        self.enabled.then(|| aspen_discovery::DhtConfig {
+            bootstrap: (!self.bootstrap.is_empty()).then(|| self.bootstrap.clone()),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.request_timeout_ms == 0 || self.request_timeout_ms > 60_000 {
+            return Err(ConfigError::Dht(
+                "request_timeout_ms must be between 1 and 60000".into(),
+            ));
+        }
+        if self.republish_interval_secs < MIN_REPUBLISH_INTERVAL.as_secs() {
+            return Err(ConfigError::Dht(
+                "republish_interval_secs must be at least 1".into(),
+            ));
+        }
+        if self.record_validity_secs < 2 * self.republish_interval_secs {
+            return Err(ConfigError::Dht(
+                "record_validity_secs must be at least twice republish_interval_secs".into(),
+            ));
+        }
+        for b in &self.bootstrap {
+            if !b.contains(':') {
+                return Err(ConfigError::Dht(format!(
+                    "bootstrap node '{b}' must be host:port"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Deliberate bugs a node can be started with (hidden flag `--unsafe-test-fault`), so the
@@ -41,6 +114,7 @@ impl Default for NodeConfig {
             bind: "127.0.0.1:0".parse().expect("valid"),
             snapshot_every: 10_000,
             keep_log_after_snapshot: 1_000,
+            dht: DhtSettings::default(),
             test_fault: None,
             allow_fault_injection: false,
         }
@@ -56,6 +130,8 @@ pub enum ConfigError {
     Parse(PathBuf, String),
     #[error("snapshot_every must be at least 1")]
     SnapshotEvery,
+    #[error("dht: {0}")]
+    Dht(String),
 }
 
 impl NodeConfig {
@@ -73,7 +149,7 @@ impl NodeConfig {
         if self.snapshot_every == 0 {
             return Err(ConfigError::SnapshotEvery);
         }
-        Ok(())
+        self.dht.validate()
     }
 }
 
@@ -94,6 +170,20 @@ mod tests {
         assert!(matches!(
             NodeConfig::from_file(&path),
             Err(ConfigError::Parse(..))
+        ));
+        std::fs::write(
+            &path,
+            "[dht]\nbootstrap = [\"127.0.0.1:6881\"]\nrepublish_interval_secs = 60\n",
+        )
+        .unwrap();
+        let c = NodeConfig::from_file(&path).unwrap();
+        assert_eq!(c.dht.bootstrap, vec!["127.0.0.1:6881".to_string()]);
+        assert!(c.dht.enabled);
+        assert_eq!(c.dht.republish_interval_secs, 60);
+        std::fs::write(&path, "[dht]\nbootstrap = [\"nohost\"]\n").unwrap();
+        assert!(matches!(
+            NodeConfig::from_file(&path),
+            Err(ConfigError::Dht(_))
         ));
         std::fs::write(&path, "snapshot_every = 0\n").unwrap();
         assert!(matches!(

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod keyfile;
+pub mod resolve;
 pub mod run;
 pub mod server;
 pub mod up;

@@ -37,6 +37,12 @@ fn main() {
             Command::Kv(cmd) => aspen_node::cli::kv(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
+            Command::Discover {
+                cluster_key,
+                dht,
+                record_cache,
+                output,
+            } => aspen_node::cli::discover(&cluster_key, &dht, record_cache, output).await,
         }
     });
     // Do not wait for lingering connection tasks.

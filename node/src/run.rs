@@ -1,6 +1,10 @@
 //! `aspen node run`: one node in the foreground.
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aspen_client::{Client, ClientOptions};
+use aspen_trust::ClusterKey;
 use tokio::io::AsyncReadExt;
 
 use crate::cli::{Output, RunArgs};
@@ -24,6 +28,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(n) = args.keep_log_after_snapshot {
         config.keep_log_after_snapshot = n;
     }
+    args.dht.apply(&mut config.dht);
+    if let Some(s) = args.dht_republish_secs {
+        config.dht.republish_interval_secs = s;
+    }
+    if let Some(s) = args.record_validity_secs {
+        config.dht.record_validity_secs = s;
+    }
+    let join = match (&args.join, &args.invite) {
+        (Some(key), Some(token)) => {
+            let key: ClusterKey = key.parse().context("--join: invalid cluster key")?;
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(token.trim(), &mut bytes)
+                .map_err(|_| anyhow::anyhow!("--invite: expected 64 hex digits"))?;
+            Some((key, bytes))
+        }
+        _ => None,
+    };
     if let Some(fault) = args.unsafe_test_fault {
         tracing::warn!(
             ?fault,
@@ -55,9 +76,73 @@ pub async fn run(args: RunArgs) -> Result<()> {
             println!("data dir: {}", config.data_dir.display());
         }
     }
-    wait_for_stop(args.exit_on_stdin_close).await;
+    let joined = async {
+        match join {
+            Some((key, token)) => join_cluster(&node, &config, key, token).await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = wait_for_stop(args.exit_on_stdin_close) => Ok(()),
+        r = joined => match r {
+            Ok(()) => {
+                wait_for_stop(args.exit_on_stdin_close).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
     tracing::info!("shutting down");
     node.shutdown().await;
+    result
+}
+
+/// Most attempts to reach the cluster when joining (a refusal ends it at once).
+const JOIN_ATTEMPTS: u32 = 20;
+
+/// `--join KEY --invite TOKEN`: finds the cluster by its key and asks to be admitted, until
+/// admitted (Ok) or refused (Err: the node then stops).
+async fn join_cluster(
+    node: &RunningNode,
+    config: &NodeConfig,
+    key: ClusterKey,
+    token: [u8; 32],
+) -> Result<()> {
+    if !node.state.is_member() {
+        let cache = Some(config.data_dir.join("records"));
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tried = async {
+                let resolved =
+                    crate::resolve::resolve_with(&key, node.dht.clone(), cache.clone()).await?;
+                let client = Client::connect_with(
+                    crate::resolve::ticket_of(&resolved.record),
+                    ClientOptions::default(),
+                )
+                .await?;
+                let r = client.join(node.node_ticket(), token).await;
+                client.close().await;
+                anyhow::Ok(r)
+            };
+            let why = match tried.await {
+                Ok(Ok(())) => break,
+                Ok(Err(aspen_client::ClientError::Rpc(e))) => {
+                    anyhow::bail!("cluster {key} refused to admit this node: {e}")
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if attempt >= JOIN_ATTEMPTS {
+                anyhow::bail!("cannot join cluster {key} after {attempt} attempts: {why}");
+            }
+            tracing::warn!("joining cluster {key} (attempt {attempt}): {why}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+    tracing::info!(cluster = %key, "admitted to the cluster");
     Ok(())
 }
 

@@ -66,7 +66,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
         );
         let log = std::fs::File::create(dir.join("node.log")).context("cannot create node.log")?;
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("node").arg("run").arg("--data-dir").arg(dir);
+        // A local cluster: the DHT stays off (nothing leaves the machine).
+        cmd.arg("node")
+            .arg("run")
+            .arg("--no-dht")
+            .arg("--data-dir")
+            .arg(dir);
         if !args.detach {
             cmd.arg("--exit-on-stdin-close").stdin(Stdio::piped());
         } else {

@@ -156,6 +156,58 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
         "{out_of_range:?}"
     );
 
+    // The system key space (the cluster secret) cannot be written by a client.
+    let request = ClientRequest::Write {
+        commands: vec![Command {
+            session: None,
+            op: WriteOp::System(aspen_kv::api::SystemWrite {
+                key: aspen_node::server::identity::SECRET_KEY.to_vec(),
+                expect: None,
+                new: Some(vec![0; 32]),
+            }),
+        }],
+    };
+    let frame = aspen_client::wire::encode_frame(&request, usize::MAX).unwrap();
+    let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
+    let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
+    assert!(
+        matches!(&response, ClientResponse::Error(RpcError::BadRequest(m)) if m.contains("system key space")),
+        "{response:?}"
+    );
+    // Invitations: validity bounded; joins need a real invitation.
+    for secs in [0, 8 * 24 * 3600] {
+        let r = client
+            .create_invite(std::time::Duration::from_secs(secs))
+            .await;
+        assert!(
+            matches!(&r, Err(ClientError::Rpc(RpcError::BadRequest(m))) if m.contains("valid for")),
+            "{r:?}"
+        );
+    }
+    let stranger = aspen_client::NodeTicket {
+        endpoint_id: iroh::SecretKey::from_bytes(&[9; 32])
+            .public()
+            .as_bytes()
+            .to_owned(),
+        addrs: vec!["127.0.0.1:9".parse().unwrap()],
+    };
+    let r = client.join(stranger, [0; 32]).await;
+    assert!(
+        matches!(&r, Err(ClientError::Rpc(RpcError::BadRequest(m))) if m.contains("unknown invitation")),
+        "{r:?}"
+    );
+    assert_eq!(client.status().await.unwrap().members.len(), 1);
+    // Cluster keys on the command line.
+    for (args, expect) in [
+        (&["discover", "abc"][..], "invalid cluster key"),
+        (&["kv", "get", "x", "--cluster", "zz"], "neither a ticket"),
+    ] {
+        let out = cli(args, None);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(expect), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    }
+
     // Still serving.
     client
         .put(b"still".to_vec(), b"alive".to_vec())
@@ -197,6 +249,9 @@ fn help_explains_every_command() {
         &["node", "run", "--help"],
         &["up", "--help"],
         &["bench", "put", "--help"],
+        &["discover", "--help"],
+        &["cluster", "identity", "--help"],
+        &["cluster", "invite", "--help"],
     ] {
         let out = cli(args, None);
         assert!(out.status.success(), "{args:?}");

@@ -1,149 +1,30 @@
-//! Keys and their on-disk form. Pure: no I/O, no async.
+//! Keys, domain-separated signatures and signed records. Pure: no I/O, no async, no clock
+//! (callers pass the current time in).
 //!
-//! For now this holds the node key: the Ed25519 secret that is also the node's iroh endpoint
-//! key (its identity on the network). Cluster keys, signed records and certificates come with
-//! cluster identity (see DESIGN.md, "Identity and trust").
+//! - [`NodeKey`]: a node's Ed25519 secret (its iroh endpoint key) and its key-file format.
+//! - [`ClusterSecretKey`] / [`ClusterKey`]: the cluster's Ed25519 key pair. The secret is
+//!   replicated to members through Raft so any member can sign for the cluster; the public key
+//!   is how the world names the cluster.
+//! - [`Context`]: every signature Aspen makes covers `context || exact bytes`, with one
+//!   versioned context per purpose, so a signature made for one purpose never verifies for
+//!   another.
+//! - [`NodeCertificate`]: the cluster key vouching that a node id belongs to the cluster.
+//! - [`ClusterRecord`] / [`SignedRecord`]: the compact record published on the Mainline DHT as
+//!   a BEP-44 mutable item (format in ARCHITECTURE.md, "Cluster record").
+//!
+//! Every decoder here takes untrusted bytes and returns a value or a typed error, never
+//! panics (property-tested), and checks sizes before allocating.
 
-use std::fmt;
+mod certificate;
+mod cluster_key;
+mod node_key;
+mod record;
 
-use ed25519_dalek::SigningKey;
-
-/// The first line of a node key file: names the format and its version.
-pub const NODE_KEY_FILE_HEADER: &str = "aspen-node-key-v1";
-
-/// A node's Ed25519 secret key. `Debug` never prints the secret.
-#[derive(Clone)]
-pub struct NodeKey {
-    secret: SigningKey,
-}
-
-impl NodeKey {
-    /// A fresh key from the operating system's RNG.
-    pub fn generate() -> Self {
-        NodeKey {
-            secret: SigningKey::from_bytes(&rand::random::<[u8; 32]>()),
-        }
-    }
-
-    pub fn from_secret_bytes(bytes: &[u8; 32]) -> Self {
-        NodeKey {
-            secret: SigningKey::from_bytes(bytes),
-        }
-    }
-
-    /// The 32 secret bytes (handle with care: never log them).
-    pub fn secret_bytes(&self) -> [u8; 32] {
-        self.secret.to_bytes()
-    }
-
-    /// The public key: the node's endpoint id.
-    pub fn public(&self) -> [u8; 32] {
-        self.secret.verifying_key().to_bytes()
-    }
-
-    /// The key file's contents: a header line and the secret in hex.
-    pub fn to_file_contents(&self) -> String {
-        format!(
-            "{NODE_KEY_FILE_HEADER}\n{}\n",
-            hex::encode(self.secret.to_bytes())
-        )
-    }
-
-    /// Parses a key file written by [`Self::to_file_contents`].
-    pub fn from_file_contents(contents: &str) -> Result<Self, KeyFileError> {
-        let mut lines = contents.lines();
-        match lines.next() {
-            Some(h) if h.trim() == NODE_KEY_FILE_HEADER => {}
-            Some(h) => return Err(KeyFileError::BadHeader(h.chars().take(40).collect())),
-            None => return Err(KeyFileError::Empty),
-        }
-        let secret = lines.next().ok_or(KeyFileError::MissingKey)?.trim();
-        if secret.len() != 64 {
-            return Err(KeyFileError::BadKey(format!(
-                "expected 64 hex digits, found {}",
-                secret.len()
-            )));
-        }
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(secret, &mut bytes)
-            .map_err(|e| KeyFileError::BadKey(e.to_string()))?;
-        if lines.any(|l| !l.trim().is_empty()) {
-            return Err(KeyFileError::TrailingData);
-        }
-        Ok(NodeKey::from_secret_bytes(&bytes))
-    }
-}
-
-impl fmt::Debug for NodeKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeKey(public {})", hex::encode(self.public()))
-    }
-}
-
-/// Why a key file could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyFileError {
-    #[error("key file is empty")]
-    Empty,
-    #[error("key file does not start with '{NODE_KEY_FILE_HEADER}' (found '{0}')")]
-    BadHeader(String),
-    #[error("key file has no key line")]
-    MissingKey,
-    #[error("key file's key is malformed: {0}")]
-    BadKey(String),
-    #[error("key file has unexpected trailing data")]
-    TrailingData,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn key_file_round_trips() {
-        let key = NodeKey::generate();
-        let back = NodeKey::from_file_contents(&key.to_file_contents()).unwrap();
-        assert_eq!(key.secret_bytes(), back.secret_bytes());
-        assert_eq!(key.public(), back.public());
-    }
-
-    #[test]
-    fn debug_never_shows_the_secret() {
-        let key = NodeKey::from_secret_bytes(&[7u8; 32]);
-        let shown = format!("{key:?}");
-        assert!(!shown.contains(&hex::encode([7u8; 32])));
-    }
-
-    #[test]
-    fn bad_files_are_typed_errors() {
-        assert!(matches!(
-            NodeKey::from_file_contents(""),
-            Err(KeyFileError::Empty)
-        ));
-        assert!(matches!(
-            NodeKey::from_file_contents("nope\n00"),
-            Err(KeyFileError::BadHeader(_))
-        ));
-        assert!(matches!(
-            NodeKey::from_file_contents("aspen-node-key-v1\n"),
-            Err(KeyFileError::MissingKey)
-        ));
-        assert!(matches!(
-            NodeKey::from_file_contents("aspen-node-key-v1\nzz"),
-            Err(KeyFileError::BadKey(_))
-        ));
-        let good = NodeKey::generate().to_file_contents();
-        assert_eq!(
-            NodeKey::from_file_contents(&format!("{good}extra")).map(|_| ()),
-            Err(KeyFileError::TrailingData)
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn decoding_never_panics(s in ".{0,200}") {
-            let _ = NodeKey::from_file_contents(&s);
-        }
-    }
-}
+pub use certificate::{CertificateError, NodeCertificate, NODE_CERTIFICATE_BYTES};
+pub use cluster_key::{ClusterKey, ClusterKeyParseError, ClusterSecretKey, Context};
+pub use node_key::{KeyFileError, NodeKey, NODE_KEY_FILE_HEADER};
+pub use record::{
+    bep44_signable, ClusterRecord, RecordError, RecordMember, SignedRecord, MAX_NAME_BYTES,
+    MAX_RECORD_ADDRS_PER_MEMBER, MAX_RECORD_BYTES, MAX_RECORD_MEMBERS, MAX_RELAY_URL_BYTES,
+    RECORD_SALT, RECORD_VERSION, SIGNED_RECORD_VERSION,
+};

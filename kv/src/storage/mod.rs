@@ -54,10 +54,22 @@ pub(crate) const SESSION_SEEN: TableDefinition<u64, u64> = TableDefinition::new(
 /// `SESSION_SEEN` ordered by time, to forget idle clients oldest first.
 pub(crate) const SESSION_IDLE: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("session_idle");
+/// The system key space (cluster identity, invitations): key -> value. Not MVCC, never
+/// served to clients; replicated, snapshotted and digested like every other table.
+pub(crate) const SYSTEM: TableDefinition<&[u8], &[u8]> = TableDefinition::new("system");
 
 /// Opens (or creates) the node's store under `dir`: `log.redb`, `state.redb`, `snapshots/`.
+///
+/// The directory is made private to its owner (mode 0700 on Unix): the state machine and its
+/// snapshots hold the cluster's secret key.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     std::fs::create_dir_all(dir).map_err(|e| OpenError::Io(dir.to_path_buf(), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| OpenError::Io(dir.to_path_buf(), e))?;
+    }
     let snapshots = dir.join("snapshots");
     std::fs::create_dir_all(&snapshots).map_err(|e| OpenError::Io(snapshots.clone(), e))?;
     let log_path = dir.join("log.redb");
@@ -117,6 +129,7 @@ pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb:
     txn.open_table(SESSION_FLOORS)?;
     txn.open_table(SESSION_SEEN)?;
     txn.open_table(SESSION_IDLE)?;
+    txn.open_table(SYSTEM)?;
     Ok(())
 }
 

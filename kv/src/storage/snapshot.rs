@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::{
     encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META,
+    SYSTEM,
 };
 use crate::limits::MAX_SNAPSHOT_ROW_BYTES;
 use crate::raft_types::{LogId, SnapshotMeta, StoredMembership};
@@ -65,6 +66,11 @@ enum SnapshotRow {
     SessionSeen {
         client_id: u64,
         seen_ms: u64,
+    },
+    /// A system key (cluster identity, invitations).
+    System {
+        key: Vec<u8>,
+        value: Vec<u8>,
     },
 }
 
@@ -268,6 +274,16 @@ pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf)
             },
         )?;
     }
+    for item in txn.open_table(SYSTEM)?.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::System {
+                key: k.value().to_vec(),
+                value: v.value().to_vec(),
+            },
+        )?;
+    }
     let total = rows + 1;
     write_row(&mut w, &SnapshotRow::End { rows: total })?;
     let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -363,6 +379,8 @@ pub(super) fn install(
         let mut floors = txn.open_table(SESSION_FLOORS)?;
         let mut seen = txn.open_table(SESSION_SEEN)?;
         let mut idle = txn.open_table(SESSION_IDLE)?;
+        let mut system = txn.open_table(SYSTEM)?;
+        system.retain(|_, _| false)?;
         seen.retain(|_, _| false)?;
         idle.retain(|_, _| false)?;
         sm_meta.retain(|_, _| false)?;
@@ -404,6 +422,9 @@ pub(super) fn install(
                 SnapshotRow::SessionSeen { client_id, seen_ms } => {
                     seen.insert(client_id, seen_ms)?;
                     idle.insert((seen_ms, client_id), ())?;
+                }
+                SnapshotRow::System { key, value } => {
+                    system.insert(key.as_slice(), value.as_slice())?;
                 }
                 SnapshotRow::End { rows: expected } => {
                     if expected != rows {

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::snapshot::{self, SnapshotFile};
 use super::{
     any, blocking, encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
-    SESSION_SEEN, SM_META,
+    SESSION_SEEN, SM_META, SYSTEM,
 };
 use crate::api::*;
 use crate::limits::{
@@ -166,6 +166,47 @@ impl StateMachineStore {
         Ok(self.range(req).await?.kvs.pop())
     }
 
+    /// The value of a system key (see [`SystemWrite`]), from local state. For the node only:
+    /// the system key space is never served to clients.
+    pub async fn system_get(&self, key: Key) -> Result<Option<Vec<u8>>, ReadError> {
+        let db = self.db.clone();
+        self.io
+            .run(move || -> SmResult<Option<Vec<u8>>> {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(SYSTEM)?;
+                Ok(table.get(key.as_slice())?.map(|v| v.value().to_vec()))
+            })
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
+    /// Every system key starting with `prefix`, with its value (at most `limit`).
+    pub async fn system_scan(
+        &self,
+        prefix: Key,
+        limit: usize,
+    ) -> Result<Vec<(Key, Vec<u8>)>, ReadError> {
+        let db = self.db.clone();
+        self.io
+            .run(move || -> SmResult<Vec<(Key, Vec<u8>)>> {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(SYSTEM)?;
+                let mut out = Vec::new();
+                for item in table.range(prefix.as_slice()..)? {
+                    let (k, v) = item?;
+                    if !k.value().starts_with(&prefix) || out.len() == limit {
+                        break;
+                    }
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))
+    }
+
     /// A digest of everything the state machine holds (key space, history, idempotency
     /// records, revision, compaction point, last applied log id, membership), read in one
     /// transaction. Replicas that applied the same log prefix have equal digests; tests and
@@ -212,6 +253,10 @@ impl StateMachineStore {
                         let (k, v) = item?;
                         feed(name, &k.value().to_be_bytes(), &v.value().to_be_bytes());
                     }
+                }
+                for item in txn.open_table(SYSTEM)?.iter()? {
+                    let (k, v) = item?;
+                    feed("system", k.value(), v.value());
                 }
                 for item in txn.open_table(SESSION_IDLE)?.iter()? {
                     let (k, _) = item?;
@@ -372,6 +417,7 @@ struct Applier<'t> {
     floors: redb::Table<'t, u64, u64>,
     seen: redb::Table<'t, u64, u64>,
     idle: redb::Table<'t, (u64, u64), ()>,
+    system: redb::Table<'t, &'static [u8], &'static [u8]>,
     revision: Revision,
     compacted: Revision,
     /// The leader's timestamp of the batch being applied (never a local clock).
@@ -558,6 +604,31 @@ impl Applier<'_> {
                     results,
                 }))
             }
+            WriteOp::System(w) => {
+                let current = self
+                    .system
+                    .get(w.key.as_slice())?
+                    .map(|v| v.value().to_vec());
+                let written = w.expect.as_ref().is_none_or(|e| *e == current);
+                let current = if written {
+                    match &w.new {
+                        Some(v) => {
+                            self.system.insert(w.key.as_slice(), v.as_slice())?;
+                        }
+                        None => {
+                            self.system.remove(w.key.as_slice())?;
+                        }
+                    }
+                    w.new.clone()
+                } else {
+                    current
+                };
+                Ok(Ok(WriteOutcome::System {
+                    revision: self.revision,
+                    written,
+                    current,
+                }))
+            }
             WriteOp::Compact { revision } => {
                 let revision = *revision;
                 if revision <= self.compacted {
@@ -726,6 +797,7 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Vec<Bat
             floors: txn.open_table(SESSION_FLOORS)?,
             seen: txn.open_table(SESSION_SEEN)?,
             idle: txn.open_table(SESSION_IDLE)?,
+            system: txn.open_table(SYSTEM)?,
             revision,
             compacted,
             now_ms: 0,

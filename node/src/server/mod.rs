@@ -7,8 +7,10 @@
 //!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
 //! ```
 
+pub mod identity;
 mod peers;
 mod proposer;
+pub mod publisher;
 pub mod raft_protocol;
 mod read_index;
 
@@ -65,6 +67,8 @@ pub enum StartError {
     Raft(String),
     #[error("cannot write {0}: {1}")]
     Ticket(PathBuf, std::io::Error),
+    #[error("cannot start the DHT client: {0}")]
+    Dht(aspen_discovery::DhtError),
 }
 
 /// Most members one `SetNetFaults` may isolate a node from (a cluster has at most 7).
@@ -81,6 +85,10 @@ pub struct NodeState {
     reads: ReadIndexBatcher,
     test_fault: Option<TestFault>,
     allow_fault_injection: bool,
+    /// The cluster secret key, once applied (it never changes afterwards).
+    cluster_secret: std::sync::OnceLock<aspen_trust::ClusterSecretKey>,
+    /// Wakes the record publisher when what the record says may have changed.
+    identity_changed: tokio::sync::Notify,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -100,6 +108,8 @@ async fn confirm_read_index(raft: Raft) -> Result<Option<u64>, RpcError> {
 /// A started node. Drop or [`RunningNode::shutdown`] to stop it.
 pub struct RunningNode {
     pub state: Arc<NodeState>,
+    /// The node's DHT client, when the DHT is on.
+    pub dht: Option<aspen_discovery::ClusterDht>,
     router: Router,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -112,6 +122,13 @@ impl RunningNode {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir(dir.clone(), e))?;
+                // Keys and the replicated cluster secret live here: owner only.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                        .map_err(|e| StartError::DataDir(dir.clone(), e))?;
+                }
                 Ok::<_, StartError>(crate::keyfile::load_or_create(&dir)?)
             })
             .await
@@ -158,6 +175,8 @@ impl RunningNode {
             reads,
             test_fault: config.test_fault,
             allow_fault_injection: config.allow_fault_injection,
+            cluster_secret: Default::default(),
+            identity_changed: Default::default(),
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -173,13 +192,29 @@ impl RunningNode {
 
         let ticket = state.node_ticket();
         write_atomically(dir.join(NODE_TICKET_FILE), ticket.to_string()).await?;
+        let dht = match config.dht.dht_config() {
+            // Binds a socket and may resolve bootstrap host names: off the executor.
+            Some(c) => Some(
+                tokio::task::spawn_blocking(move || aspen_discovery::ClusterDht::start(&c))
+                    .await
+                    .map_err(|e| StartError::Raft(e.to_string()))?
+                    .map_err(StartError::Dht)?,
+            ),
+            None => None,
+        };
+        let timing = publisher::PublishTiming {
+            republish_interval: Duration::from_secs(config.dht.republish_interval_secs),
+            record_validity: Duration::from_secs(config.dht.record_validity_secs),
+        };
         let tasks = vec![
             tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
             tokio::spawn(announce_address(state.clone())),
+            tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
         Ok(RunningNode {
             state,
+            dht,
             router,
             tasks,
         })
@@ -276,6 +311,11 @@ impl NodeState {
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
             .collect()
+    }
+
+    /// Whether the membership includes this node.
+    pub fn is_member(&self) -> bool {
+        self.members().contains_key(&self.id)
     }
 
     fn leader(&self) -> Option<(NodeId, Member)> {
@@ -414,7 +454,13 @@ impl NodeState {
         })
     }
 
-    fn validate(commands: &[Command]) -> Result<(), RpcError> {
+    /// Checks a batch of writes; `from_client`: refuse system writes (only members may).
+    fn validate(commands: &[Command], from_client: bool) -> Result<(), RpcError> {
+        if from_client && commands.iter().any(|c| c.op.is_system()) {
+            return Err(RpcError::BadRequest(
+                "the system key space cannot be written by clients".into(),
+            ));
+        }
         if commands.is_empty() {
             return Err(RpcError::BadRequest("no commands".into()));
         }
@@ -433,7 +479,7 @@ impl NodeState {
     /// Serves one client request.
     pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
         let result = match request {
-            ClientRequest::Write { commands } => match Self::validate(&commands) {
+            ClientRequest::Write { commands } => match Self::validate(&commands, true) {
                 Err(e) => Err(e),
                 Ok(()) => self
                     .propose(commands)
@@ -454,7 +500,13 @@ impl NodeState {
                 .await
             }
             ClientRequest::Status => self.status().await.map(ClientResponse::Status),
-            ClientRequest::InitCluster => self.init_cluster().await,
+            ClientRequest::InitCluster => self.init_cluster("").await,
+            ClientRequest::InitNamedCluster { name } => self.init_cluster(&name).await,
+            ClientRequest::Identity => self.identity().await,
+            ClientRequest::CreateInvite { valid_for_secs } => {
+                self.create_invite(valid_for_secs).await
+            }
+            ClientRequest::Join { node, invite } => self.join(node, invite).await,
             ClientRequest::AddMember { node } => self.add_member(node).await,
             ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
             ClientRequest::SetNetFaults(faults) => {
@@ -485,9 +537,16 @@ impl NodeState {
         result.unwrap_or_else(ClientResponse::Error)
     }
 
-    async fn init_cluster(&self) -> Result<ClientResponse, RpcError> {
+    async fn init_cluster(&self, name: &str) -> Result<ClientResponse, RpcError> {
         if !self.members().is_empty() {
             return Err(RpcError::AlreadyInitialized);
+        }
+        if name.len() > aspen_trust::MAX_NAME_BYTES {
+            return Err(RpcError::BadRequest(format!(
+                "cluster name is {} bytes; the limit is {}",
+                name.len(),
+                aspen_trust::MAX_NAME_BYTES
+            )));
         }
         let members = BTreeMap::from([(self.id, self.me.clone())]);
         self.raft.initialize(members).await.map_err(|e| match e {
@@ -501,6 +560,10 @@ impl NodeState {
             .current_leader(self.id, "init")
             .await
             .map_err(|e| RpcError::Unavailable(format!("not elected after init: {e}")))?;
+        self.ensure_identity().await?;
+        if !name.is_empty() {
+            self.set_cluster_name(name).await?;
+        }
         self.status().await.map(ClientResponse::Status)
     }
 
@@ -617,7 +680,7 @@ impl NodeState {
                 RaftResponse::InstallSnapshot(self.raft.install_snapshot(rpc).await)
             }
             RaftRequest::Forward(commands) => {
-                RaftResponse::Forward(match Self::validate(&commands) {
+                RaftResponse::Forward(match Self::validate(&commands, false) {
                     Err(e) => Err(e),
                     Ok(()) => self
                         .proposer

@@ -53,9 +53,12 @@ impl NodeProc {
             .append(true)
             .open(self.dir.join("node.log"))
             .unwrap();
+        // Tests never reach the public DHT: off unless a (local) bootstrap is given.
+        let no_dht = !self.args.iter().any(|a| a == "--dht-bootstrap");
         let child = Command::new(aspen_bin())
             .args(["node", "run", "--data-dir"])
             .arg(&self.dir)
+            .args(no_dht.then_some("--no-dht"))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -89,6 +92,11 @@ impl NodeProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The exit status, once the process has exited by itself.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// The running process's id.
@@ -171,7 +179,12 @@ pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
     let mut cmd = Command::new(aspen_bin());
     cmd.args(args)
         .env_remove("ASPEN_CLUSTER")
+        .env_remove("ASPEN_DHT_BOOTSTRAP")
         .stdin(Stdio::null());
+    // Never the public DHT: tests that resolve keys pass --dht-bootstrap (a local testnet).
+    if !args.contains(&"--dht-bootstrap") {
+        cmd.env("ASPEN_NO_DHT", "true");
+    }
     if let Some(c) = cluster {
         cmd.env("ASPEN_CLUSTER", c);
     }

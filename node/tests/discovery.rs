@@ -1,0 +1,344 @@
+//! Cluster identity and discovery end to end: real `aspen` processes publishing to a local
+//! Mainline testnet (8 DHT nodes on 127.0.0.1; nothing reaches the internet), and the CLI
+//! finding clusters by their public key alone.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Output;
+
+use aspen_client::ClusterTicket;
+use common::*;
+use serde_json::Value;
+
+/// A local Mainline DHT: 8 nodes on loopback.
+fn testnet() -> (mainline::Testnet, String) {
+    let testnet = mainline::Testnet::builder(8)
+        .build()
+        .expect("local testnet");
+    let bootstrap = testnet.bootstrap.join(",");
+    (testnet, bootstrap)
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "command failed: {}{}",
+        stdout(o),
+        stderr(o)
+    );
+    serde_json::from_str(stdout(o).trim()).expect("json output")
+}
+
+/// The JSON output of a command that may not succeed yet.
+fn try_json(o: &Output) -> Option<Value> {
+    o.status.success().then(|| json(o))
+}
+
+fn ticket_of(nodes: &[NodeProc]) -> String {
+    ClusterTicket {
+        members: nodes.iter().map(|n| n.ticket.clone()).collect(),
+    }
+    .to_string()
+}
+
+/// `aspen discover KEY -o json` against the testnet with `cache` as record cache.
+fn discover(key: &str, bootstrap: &str, cache: &Path) -> Output {
+    cli(
+        &[
+            "discover",
+            key,
+            "-o",
+            "json",
+            "--dht-bootstrap",
+            bootstrap,
+            "--dht-timeout-ms",
+            "300",
+            "--record-cache",
+            cache.to_str().unwrap(),
+        ],
+        None,
+    )
+}
+
+/// Runs a client command against the cluster named by `key` only.
+fn by_key(args: &[&str], key: &str, bootstrap: &str, cache: &Path) -> Output {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--cluster",
+        key,
+        "--dht-bootstrap",
+        bootstrap,
+        "--dht-timeout-ms",
+        "300",
+        "--record-cache",
+        cache.to_str().unwrap(),
+    ]);
+    cli(&all, None)
+}
+
+fn endpoints(v: &Value) -> BTreeSet<String> {
+    v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["endpoint_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn endpoints_of(nodes: &[NodeProc]) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .map(|n| hex::encode(n.ticket.endpoint_id))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offline() {
+    let (testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let node_args = ["--dht-bootstrap", &bootstrap, "--dht-timeout-ms", "300"];
+    let mut a = form(&root.path().join("a"), 3, &node_args).await;
+    let b = form(&root.path().join("b"), 1, &node_args).await;
+    let mut outputs = Vec::new();
+
+    // Each cluster has a key; `-o json` gives the exact BEP-44 coordinates.
+    let ident_a = json(&cli(
+        &["cluster", "identity", "-o", "json"],
+        Some(&ticket_of(&a)),
+    ));
+    let ident_b = json(&cli(
+        &["cluster", "identity", "-o", "json"],
+        Some(&ticket_of(&b)),
+    ));
+    outputs.push(ident_a.to_string());
+    let key_a = ident_a["cluster_key"].as_str().unwrap().to_string();
+    let key_b = ident_b["cluster_key"].as_str().unwrap().to_string();
+    assert_ne!(key_a, key_b);
+    assert_eq!(ident_a["bep44"]["public_key"], key_a.as_str());
+    assert_eq!(ident_a["bep44"]["salt"], "aspen/cluster-record/v1");
+    assert_eq!(ident_a["bep44"]["target"].as_str().unwrap().len(), 40);
+
+    // A client knowing only the key finds each cluster, with exactly its members.
+    let found_a = wait_until("cluster A's record with 3 members", || async {
+        let v = try_json(&discover(&key_a, &bootstrap, &cache))?;
+        (endpoints(&v) == endpoints_of(&a)).then_some(v)
+    })
+    .await;
+    assert_eq!(found_a["source"], "dht");
+    let found_b = wait_until("cluster B's record", || async {
+        try_json(&discover(&key_b, &bootstrap, &cache))
+    })
+    .await;
+    assert_eq!(endpoints(&found_b), endpoints_of(&b));
+    outputs.push(found_a.to_string());
+
+    // The published seq is replicated: `cluster identity` reports it.
+    let seq_a = found_a["seq"].as_i64().unwrap();
+    wait_until("identity to report the published seq", || async {
+        let v = json(&cli(
+            &["cluster", "identity", "-o", "json"],
+            Some(&ticket_of(&a)),
+        ));
+        (v["bep44"]["seq"].as_i64() >= Some(seq_a)).then_some(())
+    })
+    .await;
+
+    // kv commands by key; the two clusters are distinct.
+    let put = by_key(
+        &["kv", "put", "greeting", "hello"],
+        &key_a,
+        &bootstrap,
+        &cache,
+    );
+    assert!(put.status.success(), "{}", stderr(&put));
+    let get = by_key(&["kv", "get", "greeting"], &key_a, &bootstrap, &cache);
+    assert!(get.status.success(), "{}", stderr(&get));
+    assert_eq!(stdout(&get).trim(), "hello");
+    let get_b = by_key(&["kv", "get", "greeting"], &key_b, &bootstrap, &cache);
+    assert!(!get_b.status.success());
+    assert!(stderr(&get_b).contains("not found"), "{}", stderr(&get_b));
+    outputs.extend([&put, &get, &get_b].map(|o| stdout(o) + &stderr(o)));
+
+    // Every member of A moves to a new port. The leader republishes; the client follows.
+    let client = client_for(&a.iter().collect::<Vec<_>>()).await;
+    for node in a.iter_mut() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bind = format!("127.0.0.1:{port}");
+        let mut args: Vec<&str> = node_args.to_vec();
+        args.extend(["--bind", &bind]);
+        node.restart(Some(&args));
+        let id = node.node_id();
+        wait_until("membership to record the new address", || async {
+            let s = client.status().await.ok()?;
+            let m = s.members.iter().find(|m| m.node_id == id)?;
+            (m.node.addrs == vec![bind.parse().unwrap()]).then_some(())
+        })
+        .await;
+    }
+    client.close().await;
+    let new_addrs: BTreeSet<String> = a.iter().map(|n| n.ticket.addrs[0].to_string()).collect();
+    let moved = wait_until("the record to list the new addresses", || async {
+        let v = try_json(&discover(&key_a, &bootstrap, &cache))?;
+        let addrs: BTreeSet<String> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["addrs"][0].as_str().unwrap().to_string())
+            .collect();
+        (addrs == new_addrs).then_some(v)
+    })
+    .await;
+    assert!(moved["seq"].as_i64().unwrap() > seq_a, "seq must increase");
+    let get = by_key(&["kv", "get", "greeting"], &key_a, &bootstrap, &cache);
+    assert!(get.status.success(), "{}", stderr(&get));
+    assert_eq!(stdout(&get).trim(), "hello");
+
+    // The DHT goes away: the cached record still works, and says so.
+    drop(testnet);
+    let offline = discover(&key_a, &bootstrap, &cache);
+    let v = json(&offline);
+    assert_eq!(v["source"], "cache");
+    assert_eq!(endpoints(&v), endpoints_of(&a));
+    let get = by_key(&["kv", "get", "greeting"], &key_a, &bootstrap, &cache);
+    assert!(get.status.success(), "{}", stderr(&get));
+    assert_eq!(stdout(&get).trim(), "hello");
+    // Without a cached record, a clear error (not a hang).
+    let empty_cache = root.path().join("empty-cache");
+    let lost = discover(&key_a, &bootstrap, &empty_cache);
+    assert!(!lost.status.success());
+    assert!(stderr(&lost).contains(&key_a), "{}", stderr(&lost));
+    outputs.extend([&offline, &get, &lost].map(|o| stdout(o) + &stderr(o)));
+
+    // The cluster secret never appears in logs or CLI output, and clients cannot read it.
+    let scan = cli(&["kv", "scan", "--hex", "-o", "json"], Some(&ticket_of(&a)));
+    outputs.push(stdout(&scan) + &stderr(&scan));
+    // Read the secret as a member holds it: an in-process node joins cluster A.
+    let config = aspen_node::config::NodeConfig {
+        data_dir: root.path().join("inspector"),
+        dht: aspen_node::config::DhtSettings {
+            enabled: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let inspector = aspen_node::server::RunningNode::start(&config)
+        .await
+        .unwrap();
+    let client = client_for(&a.iter().collect::<Vec<_>>()).await;
+    client.add_member(inspector.node_ticket()).await.unwrap();
+    client.close().await;
+    let secret = wait_until("the cluster secret to reach the new member", || async {
+        inspector
+            .state
+            .sm
+            .system_get(aspen_node::server::identity::SECRET_KEY.to_vec())
+            .await
+            .unwrap()
+    })
+    .await;
+    inspector.shutdown().await;
+    let logs: Vec<String> = a.iter().chain(&b).map(NodeProc::log).collect();
+    let secret_hex = hex::encode(&secret);
+    let key = aspen_trust::ClusterSecretKey::from_bytes(secret.as_slice().try_into().unwrap());
+    assert_eq!(key.public().to_string(), key_a, "that is the cluster's key");
+    for text in outputs.iter().chain(&logs) {
+        assert!(!text.contains(&secret_hex), "secret leaked in: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_by_key_only_with_a_valid_invitation() {
+    let (_testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let node_args = ["--dht-bootstrap", &bootstrap, "--dht-timeout-ms", "300"];
+    let a = form(&root.path().join("a"), 1, &node_args).await;
+    let ticket = ticket_of(&a);
+    let key = json(&cli(&["cluster", "identity", "-o", "json"], Some(&ticket)))["cluster_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("the cluster's record", || async {
+        discover(&key, &bootstrap, &cache)
+            .status
+            .success()
+            .then_some(())
+    })
+    .await;
+
+    let invite = |valid_for: &str| {
+        let v = json(&cli(
+            &["cluster", "invite", "--valid-for", valid_for, "-o", "json"],
+            Some(&ticket),
+        ));
+        assert_eq!(v["cluster_key"], key.as_str());
+        (
+            v["token"].as_str().unwrap().to_string(),
+            v["expires_at"].as_u64().unwrap(),
+        )
+    };
+    let join_args = |token: &str| -> Vec<String> {
+        node_args
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "--join".into(),
+                key.clone(),
+                "--invite".into(),
+                token.into(),
+            ])
+            .collect()
+    };
+    let start = |name: &str, token: &str| {
+        let args = join_args(token);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProc::start(&root.path().join(name), &args)
+    };
+
+    // A node with a valid invitation joins, knowing only the key.
+    let (token, _) = invite("600");
+    let d = start("d", &token);
+    let client = client_for(&[&a[0]]).await;
+    wait_until("the invited node to be a voter", || async {
+        let s = client.status().await.ok()?;
+        s.members
+            .iter()
+            .any(|m| m.node_id == d.node_id() && m.voter)
+            .then_some(())
+    })
+    .await;
+
+    // Refused, and the refused node stops with a clear reason: a made-up token, a used one,
+    // an expired one.
+    let (short, expires_at) = invite("1");
+    for (name, token, why) in [
+        ("e", "00".repeat(32), "unknown invitation"),
+        ("f", token.clone(), "already used"),
+        ("g", short, "expired"),
+    ] {
+        if name == "g" {
+            wait_for("the short invitation to expire", || {
+                (aspen_node::server::identity::unix_now() > expires_at).then_some(())
+            });
+        }
+        let mut n = start(name, &token);
+        let status = wait_for("the refused node to exit", || n.try_exit());
+        assert!(!status.success());
+        let log = n.log();
+        assert!(
+            log.contains("refused") && log.contains(why),
+            "{name}: {log}"
+        );
+        let s = client.status().await.unwrap();
+        assert!(s.members.iter().all(|m| m.node_id != n.node_id()));
+    }
+    assert_eq!(client.status().await.unwrap().members.len(), 2);
+    client.close().await;
+}
