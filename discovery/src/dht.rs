@@ -56,7 +56,7 @@ pub enum DhtError {
     BadBootstrap { addr: String, reason: String },
     #[error("could not start the DHT client: {0}")]
     Start(#[source] std::io::Error),
-    #[error("no DHT node answered the lookup for cluster {cluster} ({queried} queried): DHT unreachable")]
+    #[error("DHT unreachable: no DHT node answered ({queried} queried)")]
     Unreachable { cluster: ClusterKey, queried: u32 },
     #[error("DHT {what} for cluster {cluster} did not finish within {after:?}")]
     Deadline {

@@ -47,9 +47,9 @@ pub enum ResolveError {
         cache_problem: Option<CacheProblem>,
     },
     #[error(
-        "DHT unreachable and {} for cluster {cluster} ({})",
-        no_cache_record(cache_problem),
-        dht_reason(dht)
+        "cannot find cluster {cluster}: {}, and {}",
+        dht_reason(dht),
+        no_cache_record(cache_problem)
     )]
     Unreachable {
         cluster: ClusterKey,
@@ -84,7 +84,7 @@ fn no_cache_record(problem: &Option<CacheProblem>) -> String {
 
 fn dht_reason(dht: &Option<DhtError>) -> String {
     match dht {
-        None => "no DHT configured".into(),
+        None => "the DHT is off".into(),
         Some(e) => e.to_string(),
     }
 }

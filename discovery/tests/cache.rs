@@ -164,7 +164,7 @@ async fn the_resolver_ignores_a_corrupt_cache_and_uses_a_good_one() {
     let got = resolver.resolve(&k.public(), NOW).await.unwrap();
     assert_eq!((got.source, &got.signed), (Source::Cache, &s));
     assert_eq!(got.record, record(1));
-    assert_eq!(got.dht_problem.as_deref(), Some("no DHT configured"));
+    assert_eq!(got.dht_problem.as_deref(), Some("the DHT is off"));
 
     // Expired: no longer used, and the error says why.
     let err = resolver.resolve(&k.public(), NOW + 3600).await.unwrap_err();

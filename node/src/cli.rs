@@ -103,7 +103,9 @@ pub struct RunArgs {
     /// port (or a free one).
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
-    /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot).
+    /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot, and a
+    /// [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
+    /// record_validity_secs). Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Take a snapshot every N log entries.

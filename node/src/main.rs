@@ -8,7 +8,7 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
         let default = if matches!(cli.command, Command::Node(_)) {
-            "info,iroh=warn,openraft=warn,openraft::raft::responder=error"
+            "info,iroh=warn,mainline=warn,openraft=warn,openraft::raft::responder=error"
         } else {
             "warn"
         };

@@ -200,6 +200,42 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     assert!(get.status.success(), "{}", stderr(&get));
     assert_eq!(stdout(&get).trim(), "hello");
 
+    // A validly signed record of another key that lists A's nodes does not fool the client:
+    // the nodes it reaches prove (by certificate) they serve cluster A.
+    let impostor = aspen_trust::ClusterSecretKey::generate();
+    let dht = aspen_discovery::ClusterDht::start(&aspen_discovery::DhtConfig {
+        bootstrap: Some(testnet.bootstrap.clone()),
+        request_timeout: std::time::Duration::from_millis(300),
+    })
+    .unwrap();
+    let record = aspen_trust::ClusterRecord {
+        name: "impostor".into(),
+        relay_url: None,
+        members: a
+            .iter()
+            .map(|n| aspen_trust::RecordMember {
+                node: n.ticket.endpoint_id,
+                addrs: n.ticket.addrs.clone(),
+            })
+            .collect(),
+        issued_at: aspen_node::server::identity::unix_now(),
+        expires_at: aspen_node::server::identity::unix_now() + 3600,
+    };
+    dht.publish(&impostor, &record, 1).await.unwrap();
+    drop(dht);
+    let fooled = by_key(
+        &["kv", "get", "greeting"],
+        &impostor.public().to_string(),
+        &bootstrap,
+        &cache,
+    );
+    assert!(!fooled.status.success());
+    assert!(
+        stderr(&fooled).contains(&format!("serves cluster {key_a}")),
+        "{}",
+        stderr(&fooled)
+    );
+
     // The DHT goes away: the cached record still works, and says so.
     drop(testnet);
     let offline = discover(&key_a, &bootstrap, &cache);
@@ -251,6 +287,44 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     for text in outputs.iter().chain(&logs) {
         assert!(!text.contains(&secret_hex), "secret leaked in: {text}");
     }
+}
+
+/// Without any membership change, the leader re-signs the record before it expires (new seq,
+/// later expiry), so resolvers never see it lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_renewed_before_they_expire() {
+    let (_testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let args = [
+        "--dht-bootstrap",
+        &bootstrap,
+        "--dht-timeout-ms",
+        "300",
+        "--dht-republish-secs",
+        "1",
+        "--record-validity-secs",
+        "4",
+    ];
+    let a = form(&root.path().join("a"), 1, &args).await;
+    let key = json(&cli(
+        &["cluster", "identity", "-o", "json"],
+        Some(&ticket_of(&a)),
+    ))["cluster_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = wait_until("the first record", || async {
+        try_json(&discover(&key, &bootstrap, &cache))
+    })
+    .await;
+    let renewed = wait_until("a renewed record", || async {
+        let v = try_json(&discover(&key, &bootstrap, &cache))?;
+        (v["seq"].as_i64() > first["seq"].as_i64()).then_some(v)
+    })
+    .await;
+    assert!(renewed["expires_at"].as_u64() > first["expires_at"].as_u64());
+    assert_eq!(endpoints(&renewed), endpoints_of(&a));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

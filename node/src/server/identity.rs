@@ -98,6 +98,7 @@ impl NodeState {
         match results.into_iter().next() {
             Some(Ok(WriteOutcome::System {
                 current: Some(bytes),
+                written,
                 ..
             })) => {
                 let bytes: [u8; 32] = bytes
@@ -105,7 +106,9 @@ impl NodeState {
                     .try_into()
                     .map_err(|_| RpcError::Internal("stored cluster key is not 32 bytes".into()))?;
                 let key = ClusterSecretKey::from_bytes(&bytes);
-                tracing::info!(cluster = %key.public(), "cluster identity in force");
+                if written {
+                    tracing::info!(cluster = %key.public(), "created the cluster identity");
+                }
                 Ok(key)
             }
             other => Err(RpcError::Internal(format!(
