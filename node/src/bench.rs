@@ -57,10 +57,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
             aspen_kv::limits::MAX_VALUE_BYTES
         );
     }
-    let mut conns = Vec::new();
-    for _ in 0..args.conns {
-        conns.push(args.client.client().await?);
-    }
+    let conns = args.client.clients(args.conns).await?;
     // Warm up every connection (and the leader's) before measuring.
     for c in &conns {
         c.status().await?;

@@ -323,14 +323,26 @@ impl ClientArgs {
 
     /// Connects; given a cluster key, also checks that the cluster reached holds that key.
     pub async fn client(&self) -> Result<Client> {
-        let client = Client::connect_with(self.ticket().await?, self.options()?).await?;
+        Ok(self.clients(1).await?.remove(0))
+    }
+
+    /// `n` independent connections (for the load generator); the cluster is resolved and
+    /// checked once.
+    pub async fn clients(&self, n: usize) -> Result<Vec<Client>> {
+        let ticket = self.ticket().await?;
+        let mut clients = Vec::with_capacity(n.max(1));
+        for _ in 0..n.max(1) {
+            clients.push(Client::connect_with(ticket.clone(), self.options()?).await?);
+        }
         if let Some(key) = self.cluster_key()? {
-            if let Err(e) = crate::resolve::verify_cluster(&client, &key).await {
-                client.close().await;
+            if let Err(e) = crate::resolve::verify_cluster(&clients[0], &key).await {
+                for c in &clients {
+                    c.close().await;
+                }
                 return Err(e);
             }
         }
-        Ok(client)
+        Ok(clients)
     }
 
     fn bytes(&self, s: &str) -> Result<Vec<u8>> {
