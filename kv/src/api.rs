@@ -69,6 +69,9 @@ pub enum WriteOp {
     /// A write to the system key space (cluster identity, invitations). Nodes propose these
     /// themselves and refuse them from clients; the system key space is invisible to reads.
     System(SystemWrite),
+    /// An atomic, conditional write of several system keys (Automerge documents use it).
+    /// Like [`WriteOp::System`], only nodes propose it.
+    SystemTxn(SystemTxn),
 }
 
 /// A conditional write of one system key: if the key's current value is `expect` (when given),
@@ -91,6 +94,91 @@ impl SystemWrite {
             expect: Some(None),
             new: Some(value),
         }
+    }
+}
+
+/// An atomic, conditional write of several system keys: if every key in `require` currently
+/// holds the given value (`None`: the key is absent), apply `writes` in order; otherwise change
+/// nothing. Like [`SystemWrite`], it leaves the store revision unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SystemTxn {
+    pub require: Vec<(Key, Option<Vec<u8>>)>,
+    pub writes: Vec<SystemOp>,
+}
+
+/// One write of a [`SystemTxn`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SystemOp {
+    Put {
+        key: Key,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Key,
+    },
+    /// Deletes every system key that starts with `prefix` (which may not be empty).
+    DeletePrefix {
+        prefix: Key,
+    },
+}
+
+impl SystemOp {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            SystemOp::Put { key, value } => key.len() + value.len(),
+            SystemOp::Delete { key } => key.len(),
+            SystemOp::DeletePrefix { prefix } => prefix.len(),
+        }
+    }
+}
+
+impl SystemTxn {
+    /// Key and value bytes it carries.
+    pub fn payload_bytes(&self) -> usize {
+        let require: usize = self
+            .require
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        require
+            + self
+                .writes
+                .iter()
+                .map(SystemOp::payload_bytes)
+                .sum::<usize>()
+    }
+
+    /// Checks the transaction against the store's limits.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        let ops = self.require.len() + self.writes.len();
+        if ops > MAX_SYSTEM_TXN_OPS {
+            return Err(LimitError::TooManyTxnOps {
+                len: ops,
+                max: MAX_SYSTEM_TXN_OPS,
+            });
+        }
+        let bytes = self.payload_bytes();
+        if bytes > MAX_SYSTEM_TXN_BYTES {
+            return Err(LimitError::SystemTxnTooLarge {
+                len: bytes,
+                max: MAX_SYSTEM_TXN_BYTES,
+            });
+        }
+        for (key, value) in &self.require {
+            check_key(key)?;
+            if let Some(v) = value {
+                check_value(v)?;
+            }
+        }
+        for op in &self.writes {
+            match op {
+                SystemOp::Put { key, value } => check_put(key, value)?,
+                SystemOp::Delete { key } | SystemOp::DeletePrefix { prefix: key } => {
+                    check_key(key)?
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +433,7 @@ impl WriteOp {
                     .sum();
                 compares + ops
             }
+            WriteOp::SystemTxn(t) => t.payload_bytes(),
         }
     }
 
@@ -355,6 +444,7 @@ impl WriteOp {
             WriteOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
             WriteOp::Compact { .. } => Ok(()),
             WriteOp::Txn(t) => t.validate(),
+            WriteOp::SystemTxn(t) => t.validate(),
             WriteOp::System(w) => {
                 check_key(&w.key)?;
                 for v in [w.new.as_ref(), w.expect.as_ref().and_then(|e| e.as_ref())]
@@ -370,7 +460,7 @@ impl WriteOp {
 
     /// Whether this op writes the system key space (which clients may not do).
     pub fn is_system(&self) -> bool {
-        matches!(self, WriteOp::System(_))
+        matches!(self, WriteOp::System(_) | WriteOp::SystemTxn(_))
     }
 }
 
@@ -434,6 +524,8 @@ pub enum LimitError {
     TooManyTxnOps { len: usize, max: usize },
     #[error("a transaction branch writes key {key:?} more than once")]
     TxnWritesOverlap { key: Key },
+    #[error("system transaction carries {len} bytes, the limit is {max}")]
+    SystemTxnTooLarge { len: usize, max: usize },
 }
 
 /// A key and its metadata, as stored at some revision.
@@ -480,6 +572,11 @@ pub enum WriteOutcome {
         written: bool,
         current: Option<Vec<u8>>,
     },
+    /// `applied`: whether every requirement held (and the writes were applied).
+    SystemTxn {
+        revision: Revision,
+        applied: bool,
+    },
 }
 
 impl WriteOutcome {
@@ -490,7 +587,8 @@ impl WriteOutcome {
             | WriteOutcome::Delete { revision, .. }
             | WriteOutcome::Compact { revision }
             | WriteOutcome::Txn { revision, .. }
-            | WriteOutcome::System { revision, .. } => *revision,
+            | WriteOutcome::System { revision, .. }
+            | WriteOutcome::SystemTxn { revision, .. } => *revision,
         }
     }
 }

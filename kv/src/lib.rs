@@ -21,6 +21,7 @@ pub mod testing;
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
 pub use storage::{
     open, open_with_backends, IoMode, LogStore, StateDigest, StateMachineStore, StoreStatus,
+    SystemView,
 };
 
 /// The openraft configuration Aspen runs with, validated.

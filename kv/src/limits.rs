@@ -28,3 +28,8 @@ pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
 pub const MAX_TXN_OPS: usize = 128;
 /// Largest encoded row in a snapshot file.
 pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;
+/// Most requirements plus writes in one system transaction.
+pub const MAX_SYSTEM_TXN_OPS: usize = 2048;
+/// Most key and value bytes one system transaction carries (a compacted document of up to
+/// 16 chunks of one maximal value, plus the keys it replaces).
+pub const MAX_SYSTEM_TXN_BYTES: usize = 20 * 1024 * 1024;

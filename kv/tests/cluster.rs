@@ -883,3 +883,84 @@ async fn transactions_compare_then_apply_one_branch_at_one_revision() {
         Err(ApplyError::Limit(LimitError::TooManyTxnOps { .. }))
     ));
 }
+
+/// System transactions: all-or-nothing on their requirements; prefix deletes stay inside the
+/// prefix; every replica ends with the same system keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_transactions_are_all_or_nothing() {
+    let mut c = Cluster::new(1000);
+    c.form(&[1, 2, 3]).await;
+    let put = |k: &str, v: &str| SystemOp::Put {
+        key: k.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+    };
+    let txn = |require: Vec<(&str, Option<&str>)>, writes: Vec<SystemOp>| {
+        WriteOp::SystemTxn(SystemTxn {
+            require: require
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec())))
+                .collect(),
+            writes,
+        })
+    };
+    let r = c
+        .write(vec![
+            txn(
+                vec![("d/a/meta", None)],
+                vec![put("d/a/meta", "1"), put("d/a/x", "x"), put("d/ab/y", "y")],
+            ),
+            // The meta key exists now: nothing of this one is applied.
+            txn(
+                vec![("d/a/meta", None)],
+                vec![put("d/a/meta", "2"), put("d/a/z", "z")],
+            ),
+            // Two requirements, the second fails.
+            txn(
+                vec![("d/a/meta", Some("1")), ("d/ab/y", Some("nope"))],
+                vec![put("d/a/w", "w")],
+            ),
+            txn(
+                vec![("d/a/meta", Some("1"))],
+                vec![
+                    SystemOp::DeletePrefix {
+                        prefix: b"d/a/".to_vec(),
+                    },
+                    put("d/a/meta", "3"),
+                ],
+            ),
+        ])
+        .await;
+    let applied: Vec<bool> = r
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            WriteOutcome::SystemTxn { applied, .. } => applied,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(applied, [true, false, false, true]);
+    c.converge().await;
+    for node in c.nodes.values() {
+        let keys = node
+            .sm
+            .system_view(|view| {
+                let mut keys = Vec::new();
+                view.scan(b"d/", |k, v| {
+                    keys.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                    true
+                })?;
+                Ok(keys)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            keys,
+            vec![
+                ("d/a/meta".to_string(), b"3".to_vec()),
+                ("d/ab/y".to_string(), b"y".to_vec()),
+            ]
+        );
+    }
+    // An empty prefix would wipe the system key space: refused before proposing.
+    let wipe = txn(vec![], vec![SystemOp::DeletePrefix { prefix: vec![] }]);
+    assert!(matches!(wipe.validate(), Err(LimitError::EmptyKey)));
+}

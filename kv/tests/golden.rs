@@ -132,3 +132,29 @@ fn system_write_encoding_is_stable() {
     });
     assert_eq!(bytes(&out), [0, 4, 7, 0, 1, 1, b'v']);
 }
+
+#[test]
+fn system_txn_encoding_is_stable() {
+    let op = WriteOp::SystemTxn(SystemTxn {
+        require: vec![(b"m".to_vec(), Some(b"1".to_vec())), (b"n".to_vec(), None)],
+        writes: vec![
+            SystemOp::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            SystemOp::Delete { key: b"d".to_vec() },
+            SystemOp::DeletePrefix {
+                prefix: b"p".to_vec(),
+            },
+        ],
+    });
+    assert_eq!(
+        bytes(&op),
+        [5, 2, 1, b'm', 1, 1, b'1', 1, b'n', 0, 3, 0, 1, b'k', 1, b'v', 1, 1, b'd', 2, 1, b'p']
+    );
+    let out: CommandResult = Ok(WriteOutcome::SystemTxn {
+        revision: 7,
+        applied: true,
+    });
+    assert_eq!(bytes(&out), [0, 5, 7, 1]);
+}

@@ -31,7 +31,7 @@ use redb::{Database, TableDefinition};
 
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
-pub use state_machine::{StateDigest, StateMachineStore, StoreStatus};
+pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};
 
 use crate::raft_types::StorageError;
 

@@ -207,6 +207,27 @@ impl StateMachineStore {
             .map_err(|e| ReadError::Storage(e.to_string()))
     }
 
+    /// Runs `read` on a consistent view of the system key space (one read transaction), on
+    /// the storage thread. For the node's own subsystems (documents); never served raw to
+    /// clients.
+    pub async fn system_view<R: Send + 'static>(
+        &self,
+        read: impl FnOnce(&SystemView) -> Result<R, ReadError> + Send + 'static,
+    ) -> Result<R, ReadError> {
+        let db = self.db.clone();
+        self.io
+            .run(move || -> SmResult<Result<R, ReadError>> {
+                let txn = db.begin_read()?;
+                let view = SystemView {
+                    table: txn.open_table(SYSTEM)?,
+                };
+                Ok(read(&view))
+            })
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    }
+
     /// A digest of everything the state machine holds (key space, history, idempotency
     /// records, revision, compaction point, last applied log id, membership), read in one
     /// transaction. Replicas that applied the same log prefix have equal digests; tests and
@@ -406,6 +427,54 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
         more,
         revision,
     })
+}
+
+/// A read-only, consistent view of the system key space (see
+/// [`StateMachineStore::system_view`]).
+pub struct SystemView {
+    table: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl SystemView {
+    /// The value of one system key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        Ok(self
+            .table
+            .get(key)
+            .map_err(storage_read)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Calls `visit` with every key starting with `prefix` and its value, in key order, until
+    /// `visit` returns false.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), ReadError> {
+        self.scan_from(prefix, prefix, visit)
+    }
+
+    /// Like [`Self::scan`], starting at `from` (keys below it are skipped).
+    pub fn scan_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), ReadError> {
+        let from = from.max(prefix);
+        for item in self.table.range(from..).map_err(storage_read)? {
+            let (k, v) = item.map_err(storage_read)?;
+            if !k.value().starts_with(prefix) || !visit(k.value(), v.value()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn storage_read(e: redb::StorageError) -> ReadError {
+    ReadError::Storage(e.to_string())
 }
 
 /// Applies committed batches inside one write transaction. Tables are opened once per
@@ -627,6 +696,43 @@ impl Applier<'_> {
                     revision: self.revision,
                     written,
                     current,
+                }))
+            }
+            WriteOp::SystemTxn(t) => {
+                let mut applied = true;
+                for (key, expect) in &t.require {
+                    let current = self.system.get(key.as_slice())?;
+                    if current.as_ref().map(|v| v.value()) != expect.as_deref() {
+                        applied = false;
+                        break;
+                    }
+                }
+                if applied {
+                    for op in &t.writes {
+                        match op {
+                            SystemOp::Put { key, value } => {
+                                self.system.insert(key.as_slice(), value.as_slice())?;
+                            }
+                            SystemOp::Delete { key } => {
+                                self.system.remove(key.as_slice())?;
+                            }
+                            SystemOp::DeletePrefix { prefix } => {
+                                let end = prefix_end(prefix);
+                                if end.is_empty() {
+                                    self.system.retain_in(prefix.as_slice().., |_, _| false)?;
+                                } else {
+                                    self.system
+                                        .retain_in(prefix.as_slice()..end.as_slice(), |_, _| {
+                                            false
+                                        })?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(Ok(WriteOutcome::SystemTxn {
+                    revision: self.revision,
+                    applied,
                 }))
             }
             WriteOp::Compact { revision } => {
