@@ -30,8 +30,8 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use protocol::{
-    ClientRequest, ClientResponse, ClusterIdentity, ClusterStatus, Consistency, MemberStatus,
-    NetFaults, RpcError,
+    ClientRequest, ClientResponse, ClusterIdentity, ClusterStatus, Consistency, DocSummary,
+    MemberStatus, NetFaults, RpcError,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -74,6 +74,25 @@ pub enum ClientError {
     Endpoint(#[from] endpoint::EndpointError),
     #[error("protocol error: unexpected response {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Doc(#[from] aspen_crdt::DocError),
+}
+
+/// A document as a node stores it: load `snapshot` (a saved Automerge document), then apply
+/// `changes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDocParts {
+    pub snapshot: Option<Vec<u8>>,
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// The outcome of committing changes to a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocChanged {
+    /// Hashes of the changes the document did not have yet (empty: nothing new).
+    pub added: Vec<automerge::ChangeHash>,
+    /// The document's heads right after the commit.
+    pub heads: Vec<automerge::ChangeHash>,
 }
 
 /// The outcome of a put.
@@ -456,6 +475,151 @@ impl Client {
         }
     }
 
+    /// Creates an empty Automerge document named `name`.
+    pub async fn doc_create(&self, name: &str) -> Result<(), ClientError> {
+        aspen_crdt::DocName::new(name)?;
+        let request = ClientRequest::DocCreate {
+            name: name.to_string(),
+            incarnation: rand::random(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Done => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Commits raw Automerge changes (from any Automerge implementation) to a document.
+    /// Changes it already has are skipped, so a retry is harmless.
+    pub async fn doc_apply(
+        &self,
+        name: &str,
+        changes: Vec<Vec<u8>>,
+    ) -> Result<DocChanged, ClientError> {
+        let request = ClientRequest::DocChange {
+            name: name.to_string(),
+            changes,
+        };
+        match self.request(&request).await? {
+            ClientResponse::DocChanged { added, heads } => Ok(DocChanged {
+                added: added.into_iter().map(automerge::ChangeHash).collect(),
+                heads: heads.into_iter().map(automerge::ChangeHash).collect(),
+            }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The document as the cluster holds it (linearizable unless asked otherwise).
+    pub async fn doc_get(
+        &self,
+        name: &str,
+        consistency: Consistency,
+    ) -> Result<automerge::Automerge, ClientError> {
+        let stored = self.doc_fetch(name, consistency).await?;
+        Ok(aspen_crdt::assemble(
+            name,
+            stored.snapshot.as_deref(),
+            stored.changes.iter().map(Vec::as_slice),
+        )?)
+    }
+
+    /// The document as stored: its compacted snapshot (if any) and its pending changes.
+    pub async fn doc_fetch(
+        &self,
+        name: &str,
+        consistency: Consistency,
+    ) -> Result<StoredDocParts, ClientError> {
+        let request = ClientRequest::DocGet {
+            name: name.to_string(),
+            consistency,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Doc { snapshot, changes } => Ok(StoredDocParts { snapshot, changes }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Edits a document: `edit` runs on a transaction over the current document (with a
+    /// fresh actor), and the resulting change is committed. Edits made concurrently elsewhere
+    /// merge with it as Automerge merges. `None` if `edit` changed nothing.
+    pub async fn doc_change<F>(
+        &self,
+        name: &str,
+        message: Option<String>,
+        edit: F,
+    ) -> Result<Option<DocChanged>, ClientError>
+    where
+        F: FnOnce(
+            &mut automerge::transaction::Transaction<'_>,
+        ) -> Result<(), automerge::AutomergeError>,
+    {
+        let mut doc = self.doc_get(name, Consistency::Linearizable).await?;
+        doc.set_actor(automerge::ActorId::random());
+        let mut tx = doc.transaction();
+        edit(&mut tx).map_err(|e| aspen_crdt::DocError::BadPatch {
+            index: 0,
+            reason: e.to_string(),
+        })?;
+        let (hash, _) = tx.commit_with(automerge::transaction::CommitOptions {
+            message,
+            time: Some(unix_secs()),
+        });
+        let Some(change) = hash.and_then(|h| {
+            use automerge::ReadDoc;
+            doc.get_change_by_hash(&h)
+        }) else {
+            return Ok(None);
+        };
+        self.doc_apply(name, vec![change.raw_bytes().to_vec()])
+            .await
+            .map(Some)
+    }
+
+    /// Applies a JSON patch (see [`aspen_crdt::patch`]) to a document as one change.
+    pub async fn doc_patch(
+        &self,
+        name: &str,
+        ops: &[aspen_crdt::patch::PatchOp],
+        message: Option<String>,
+    ) -> Result<Option<DocChanged>, ClientError> {
+        let mut doc = self.doc_get(name, Consistency::Linearizable).await?;
+        doc.set_actor(automerge::ActorId::random());
+        match aspen_crdt::patch::apply(&mut doc, ops, message, unix_secs())? {
+            Some(change) => self.doc_apply(name, vec![change]).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` documents in name order after `start_after`; `true` if more follow.
+    pub async fn doc_list(
+        &self,
+        start_after: Option<String>,
+        limit: u32,
+        consistency: Consistency,
+    ) -> Result<(Vec<DocSummary>, bool), ClientError> {
+        let request = ClientRequest::DocList {
+            start_after,
+            limit,
+            consistency,
+        };
+        match self.request(&request).await? {
+            ClientResponse::DocList { docs, more } => Ok((docs, more)),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Deletes a document and everything it holds.
+    pub async fn doc_delete(&self, name: &str) -> Result<(), ClientError> {
+        match self
+            .request(&ClientRequest::DocDelete {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            ClientResponse::Done => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Sends `request`, retrying on other members until the deadline.
     async fn request(&self, request: &ClientRequest) -> Result<ClientResponse, ClientError> {
         self.request_from(request).await.map(|(_, r)| r)
@@ -607,4 +771,10 @@ impl Client {
         };
         self.inner.preferred.store(index, Ordering::Relaxed);
     }
+}
+
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

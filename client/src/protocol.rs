@@ -69,6 +69,24 @@ pub enum ClientRequest {
     /// Leader only: adds `node` (learner, then voter) if `invite` is a valid, unused (or used
     /// by this same node) invitation. A node without an invitation is refused.
     Join { node: NodeTicket, invite: [u8; 32] },
+    /// Creates an empty Automerge document. `incarnation` (random, chosen by the client) makes
+    /// a retried create succeed instead of finding "its own" document already there.
+    DocCreate { name: String, incarnation: [u8; 16] },
+    /// Commits raw Automerge changes to a document (any node; through Raft).
+    DocChange { name: String, changes: Vec<Vec<u8>> },
+    /// A document as stored: its compacted snapshot and pending changes.
+    DocGet {
+        name: String,
+        consistency: Consistency,
+    },
+    /// Documents in name order, after `start_after`.
+    DocList {
+        start_after: Option<String>,
+        limit: u32,
+        consistency: Consistency,
+    },
+    /// Deletes a document and all it holds.
+    DocDelete { name: String },
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -100,6 +118,30 @@ pub enum ClientResponse {
         token: [u8; 32],
         expires_at: u64,
     },
+    /// `added`: hashes of the changes the document did not have yet. `heads`: the document's
+    /// heads right after they were committed.
+    DocChanged {
+        added: Vec<[u8; 32]>,
+        heads: Vec<[u8; 32]>,
+    },
+    /// A document: load `snapshot` (a saved Automerge document, if compacted), then apply
+    /// `changes`.
+    Doc {
+        snapshot: Option<Vec<u8>>,
+        changes: Vec<Vec<u8>>,
+    },
+    DocList {
+        docs: Vec<DocSummary>,
+        more: bool,
+    },
+}
+
+/// One document, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocSummary {
+    pub name: String,
+    /// When it was created (ms since the Unix epoch, the creating node's clock).
+    pub created_at_ms: u64,
 }
 
 /// What a node says about the cluster it serves (`ClientRequest::Identity`).
@@ -163,6 +205,8 @@ pub enum RpcError {
     Membership(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Doc(#[from] aspen_crdt::DocError),
 }
 
 impl RpcError {
@@ -283,6 +327,67 @@ mod tests {
         expected.extend([5; 32]);
         expected.push(1);
         assert_eq!(postcard::to_allocvec(&invite).unwrap(), expected);
+
+        let mut expected = vec![12, 1, b'd'];
+        expected.extend([6; 16]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::DocCreate {
+                name: "d".into(),
+                incarnation: [6; 16]
+            })
+            .unwrap(),
+            expected
+        );
+        let change = ClientRequest::DocChange {
+            name: "d".into(),
+            changes: vec![vec![1, 2]],
+        };
+        assert_eq!(
+            postcard::to_allocvec(&change).unwrap(),
+            [13, 1, b'd', 1, 2, 1, 2]
+        );
+        let get = ClientRequest::DocGet {
+            name: "d".into(),
+            consistency: Consistency::Linearizable,
+        };
+        assert_eq!(postcard::to_allocvec(&get).unwrap(), [14, 1, b'd', 0]);
+        let list = ClientRequest::DocList {
+            start_after: Some("a".into()),
+            limit: 5,
+            consistency: Consistency::Serializable,
+        };
+        assert_eq!(
+            postcard::to_allocvec(&list).unwrap(),
+            [15, 1, 1, b'a', 5, 1]
+        );
+        let delete = ClientRequest::DocDelete { name: "d".into() };
+        assert_eq!(postcard::to_allocvec(&delete).unwrap(), [16, 1, b'd']);
+        let changed = ClientResponse::DocChanged {
+            added: vec![[1; 32]],
+            heads: vec![],
+        };
+        let mut expected = vec![8, 1];
+        expected.extend([1; 32]);
+        expected.push(0);
+        assert_eq!(postcard::to_allocvec(&changed).unwrap(), expected);
+        let doc = ClientResponse::Doc {
+            snapshot: None,
+            changes: vec![vec![9]],
+        };
+        assert_eq!(postcard::to_allocvec(&doc).unwrap(), [9, 0, 1, 1, 9]);
+        let listed = ClientResponse::DocList {
+            docs: vec![DocSummary {
+                name: "d".into(),
+                created_at_ms: 1,
+            }],
+            more: true,
+        };
+        assert_eq!(
+            postcard::to_allocvec(&listed).unwrap(),
+            [10, 1, 1, b'd', 1, 1]
+        );
+        let err = ClientResponse::Error(RpcError::Doc(aspen_crdt::DocError::NotFound("d".into())));
+        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 9, 1, 1, b'd']);
     }
 
     proptest! {

@@ -65,6 +65,9 @@ pub enum Command {
     /// Read and write keys.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Automerge documents: create, edit (JSON patch or raw changes), read, list, delete.
+    #[command(subcommand)]
+    Doc(crate::doc_cli::DocCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
     Up(crate::up::UpArgs),
     /// Load generator, shaped like etcd's benchmark tool.

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod doc_cli;
 pub mod keyfile;
 pub mod resolve;
 pub mod run;

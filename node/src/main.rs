@@ -8,9 +8,9 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
         let default = if matches!(cli.command, Command::Node(_)) {
-            "info,iroh=warn,mainline=warn,openraft=warn,openraft::raft::responder=error"
+            "info,iroh=warn,mainline=warn,openraft=warn,openraft::raft::responder=error,automerge=off"
         } else {
-            "warn"
+            "warn,automerge=off"
         };
         tracing_subscriber::EnvFilter::new(default)
     });
@@ -35,6 +35,7 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => aspen_node::run::run(args).await,
             Command::Cluster(cmd) => aspen_node::cli::cluster(cmd).await,
             Command::Kv(cmd) => aspen_node::cli::kv(cmd).await,
+            Command::Doc(cmd) => aspen_node::doc_cli::doc(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
             Command::Discover {

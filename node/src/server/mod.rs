@@ -7,6 +7,7 @@
 //!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
 //! ```
 
+mod docs;
 pub mod identity;
 mod peers;
 mod proposer;
@@ -89,6 +90,8 @@ pub struct NodeState {
     cluster_secret: std::sync::OnceLock<aspen_trust::ClusterSecretKey>,
     /// Wakes the record publisher when what the record says may have changed.
     identity_changed: tokio::sync::Notify,
+    /// Documents being compacted by this node.
+    compactions: docs::Compactions,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -177,6 +180,7 @@ impl RunningNode {
             allow_fault_injection: config.allow_fault_injection,
             cluster_secret: Default::default(),
             identity_changed: Default::default(),
+            compactions: Default::default(),
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -533,6 +537,17 @@ impl NodeState {
                 .await
                 .map(ClientResponse::StateDigest)
                 .map_err(RpcError::from),
+            ClientRequest::DocCreate { name, incarnation } => {
+                self.doc_create(name, incarnation).await
+            }
+            ClientRequest::DocChange { name, changes } => self.doc_change(name, changes).await,
+            ClientRequest::DocGet { name, consistency } => self.doc_get(name, consistency).await,
+            ClientRequest::DocList {
+                start_after,
+                limit,
+                consistency,
+            } => self.doc_list(start_after, limit, consistency).await,
+            ClientRequest::DocDelete { name } => self.doc_delete(name).await,
         };
         result.unwrap_or_else(ClientResponse::Error)
     }

@@ -1,0 +1,434 @@
+//! A document as stored (metadata, snapshot, pending changes), and the transactions that
+//! change it.
+//!
+//! Every transaction requires the document's metadata to be exactly what it was planned
+//! against, so a write planned before a concurrent delete (or delete and re-create) applies
+//! nothing. Compaction also requires the snapshot header it replaces, so two compactions
+//! never interleave. Changes applied meanwhile are untouched by a compaction: it deletes only
+//! the changes its snapshot covers.
+
+use std::collections::HashSet;
+
+use aspen_kv::api::ReadError;
+use aspen_kv::api::{SystemOp, SystemTxn};
+use aspen_kv::SystemView;
+use automerge::{Automerge, Change};
+
+use crate::layout::{self, DataKey, DocMeta, SnapshotHeader, RECORD_VERSION};
+use crate::limits::*;
+use crate::{ChangeHash, DocError, DocName};
+
+/// One document's stored state, read in one consistent view.
+#[derive(Clone, Debug)]
+pub struct StoredDoc {
+    pub name: DocName,
+    pub meta: DocMeta,
+    meta_bytes: Vec<u8>,
+    header: Option<(SnapshotHeader, Vec<u8>)>,
+    chunks: Vec<Vec<u8>>,
+    /// Pending changes (not yet compacted), in key (hash) order.
+    pub changes: Vec<(ChangeHash, Vec<u8>)>,
+}
+
+/// Reads document `name` from a consistent view of the system key space; `Ok(Ok(None))` if
+/// it does not exist, `Ok(Err(_))` if what is stored is corrupt.
+pub fn read_doc(
+    view: &SystemView,
+    name: &DocName,
+) -> Result<Result<Option<StoredDoc>, DocError>, ReadError> {
+    let Some(meta_bytes) = view.get(&layout::meta_key(name))? else {
+        return Ok(Ok(None));
+    };
+    let prefix = layout::data_prefix(name);
+    let mut header = None;
+    let mut chunks = Vec::new();
+    let mut changes = Vec::new();
+    let mut bad_key = None;
+    view.scan(&prefix, |key, value| {
+        match layout::parse_data_key(&key[prefix.len()..]) {
+            Some(DataKey::Change(hash)) => changes.push((hash, value.to_vec())),
+            Some(DataKey::Header) => header = Some(value.to_vec()),
+            Some(DataKey::Chunk(i)) => chunks.push((i, value.to_vec())),
+            None => {
+                bad_key = Some(hex::encode(key));
+                return false;
+            }
+        }
+        true
+    })?;
+    Ok((|| {
+        let corrupt = |reason: String| DocError::Corrupt {
+            name: name.to_string(),
+            reason,
+        };
+        if let Some(key) = bad_key {
+            return Err(corrupt(format!("unknown key {key}")));
+        }
+        let meta = DocMeta::decode(name.as_str(), &meta_bytes)?;
+        let header = match header {
+            Some(bytes) => Some((SnapshotHeader::decode(name.as_str(), &bytes)?, bytes)),
+            None => None,
+        };
+        let expected = header.as_ref().map_or(0, |(h, _)| h.chunks as usize);
+        // Chunks come in key order; stale ones past the header's count are never stored.
+        if chunks.len() != expected
+            || chunks
+                .iter()
+                .enumerate()
+                .any(|(i, (c, _))| *c as usize != i)
+        {
+            return Err(corrupt(format!(
+                "snapshot has chunks {:?}, the header says {expected}",
+                chunks.iter().map(|(c, _)| *c).collect::<Vec<_>>()
+            )));
+        }
+        Ok(Some(StoredDoc {
+            name: name.clone(),
+            meta,
+            meta_bytes,
+            header,
+            chunks: chunks.into_iter().map(|(_, c)| c).collect(),
+            changes,
+        }))
+    })())
+}
+
+impl StoredDoc {
+    /// Bytes the document occupies: snapshot plus pending changes.
+    pub fn stored_bytes(&self) -> usize {
+        self.header.as_ref().map_or(0, |(h, _)| h.len as usize)
+            + self.changes.iter().map(|(_, c)| c.len()).sum::<usize>()
+    }
+
+    /// Bytes of pending (uncompacted) changes.
+    pub fn pending_bytes(&self) -> usize {
+        self.changes.iter().map(|(_, c)| c.len()).sum()
+    }
+
+    fn corrupt(&self, reason: String) -> DocError {
+        DocError::Corrupt {
+            name: self.name.to_string(),
+            reason,
+        }
+    }
+
+    /// The compacted snapshot (a saved Automerge document), checked against its header.
+    pub fn snapshot(&self) -> Result<Option<Vec<u8>>, DocError> {
+        let Some((header, _)) = &self.header else {
+            return Ok(None);
+        };
+        let bytes = self.chunks.concat();
+        if bytes.len() as u64 != header.len || *blake3::hash(&bytes).as_bytes() != header.hash {
+            return Err(self.corrupt("snapshot does not match its header".into()));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Builds the Automerge document: the snapshot, then every pending change. CPU work:
+    /// callers keep it off the async executor.
+    pub fn load(&self) -> Result<Automerge, DocError> {
+        let snapshot = self.snapshot()?;
+        let doc = assemble(
+            self.name.as_str(),
+            snapshot.as_deref(),
+            self.changes.iter().map(|(_, c)| c.as_slice()),
+        )?;
+        Ok(doc)
+    }
+
+    fn require_meta(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        (layout::meta_key(&self.name), Some(self.meta_bytes.clone()))
+    }
+}
+
+/// Runs Automerge work that may panic: automerge 0.12 panics on some damaged input that it
+/// parses (found by `assembling_damaged_changes_never_panics`). The value touched by `work`
+/// is discarded on a panic, so no half-updated document escapes.
+fn no_panic<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        format!("rejected by Automerge (it panicked: {reason})")
+    })
+}
+
+/// The raw changes in `bytes`: one change, or every change of a saved document (as written
+/// by `Automerge.save` of any implementation). `Err`: neither, with Automerge's reason.
+pub fn changes_in(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    if let Ok(Ok(_)) = no_panic(|| Change::from_bytes(bytes.to_vec())) {
+        return Ok(vec![bytes.to_vec()]);
+    }
+    let doc = no_panic(|| Automerge::load(bytes))?.map_err(|e| e.to_string())?;
+    Ok(doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect())
+}
+
+/// Builds a document from a saved snapshot (if any) and changes, as a node serves it
+/// (`ClientResponse::Doc`). Every change must parse and end up applied: a change whose
+/// dependencies are missing means the data is incomplete, and is reported as corrupt.
+pub fn assemble<'a>(
+    name: &str,
+    snapshot: Option<&[u8]>,
+    changes: impl Iterator<Item = &'a [u8]>,
+) -> Result<Automerge, DocError> {
+    let corrupt = |reason: String| DocError::Corrupt {
+        name: name.to_string(),
+        reason,
+    };
+    let mut doc = match snapshot {
+        Some(bytes) => no_panic(|| Automerge::load(bytes))
+            .map_err(&corrupt)?
+            .map_err(|e| corrupt(format!("snapshot: {e}")))?,
+        None => Automerge::new(),
+    };
+    let mut parsed = Vec::new();
+    for bytes in changes {
+        let change = no_panic(|| Change::from_bytes(bytes.to_vec()))
+            .map_err(&corrupt)?
+            .map_err(|e| corrupt(format!("change: {e}")))?;
+        parsed.push(change);
+    }
+    let hashes: Vec<_> = parsed.iter().map(|c| c.hash()).collect();
+    no_panic(|| doc.apply_changes(parsed))
+        .map_err(&corrupt)?
+        .map_err(|e| corrupt(format!("applying changes: {e}")))?;
+    if let Some(h) = hashes
+        .iter()
+        .find(|h| doc.get_change_meta_by_hash(h).is_none())
+    {
+        return Err(corrupt(format!("change {h} is missing dependencies")));
+    }
+    Ok(doc)
+}
+
+/// A new document's transaction: creates it unless one of that name exists.
+pub fn plan_create(name: &DocName, incarnation: [u8; 16], now_ms: u64) -> SystemTxn {
+    let meta = DocMeta {
+        version: RECORD_VERSION,
+        incarnation,
+        created_at_ms: now_ms,
+    };
+    SystemTxn {
+        require: vec![(layout::meta_key(name), None)],
+        writes: vec![SystemOp::Put {
+            key: layout::meta_key(name),
+            value: layout::encode(&meta),
+        }],
+    }
+}
+
+/// Deletes the document and everything stored under it.
+pub fn plan_delete(stored: &StoredDoc) -> SystemTxn {
+    SystemTxn {
+        require: vec![stored.require_meta()],
+        writes: vec![
+            SystemOp::Delete {
+                key: layout::meta_key(&stored.name),
+            },
+            SystemOp::DeletePrefix {
+                prefix: layout::data_prefix(&stored.name),
+            },
+        ],
+    }
+}
+
+/// What committing a request's changes takes.
+#[derive(Debug)]
+pub struct ChangePlan {
+    /// Hashes of the changes the document does not have yet, in request order.
+    pub added: Vec<ChangeHash>,
+    /// The transaction to propose; `None` when every change is already there.
+    pub txn: Option<SystemTxn>,
+    /// Heads the document will have once the transaction is applied (if nothing else is).
+    pub heads: Vec<ChangeHash>,
+}
+
+/// Checks raw Automerge changes against the loaded document `doc` (of `stored`) and plans
+/// the transaction that stores the new ones. A change must parse, be within the limits, and
+/// have all its dependencies in the document or in the same request; the document must stay
+/// within [`MAX_DOC_BYTES`]. Changes the document already has are skipped (retries are
+/// harmless). CPU work: callers off the async executor.
+pub fn plan_changes(
+    stored: &StoredDoc,
+    doc: &Automerge,
+    changes: Vec<Vec<u8>>,
+) -> Result<ChangePlan, DocError> {
+    if changes.len() > MAX_CHANGES_PER_REQUEST {
+        return Err(DocError::TooManyChanges {
+            len: changes.len(),
+            max: MAX_CHANGES_PER_REQUEST,
+        });
+    }
+    let total: usize = changes.iter().map(Vec::len).sum();
+    if total > MAX_REQUEST_BYTES {
+        return Err(DocError::TooLarge {
+            len: total,
+            max: MAX_REQUEST_BYTES,
+        });
+    }
+    let mut parsed = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, bytes) in changes.into_iter().enumerate() {
+        if bytes.len() > MAX_CHANGE_BYTES {
+            return Err(DocError::ChangeTooLarge {
+                index,
+                len: bytes.len(),
+                max: MAX_CHANGE_BYTES,
+            });
+        }
+        let change = no_panic(|| Change::from_bytes(bytes))
+            .map_err(|reason| DocError::InvalidChange { index, reason })?
+            .map_err(|e| DocError::InvalidChange {
+                index,
+                reason: e.to_string(),
+            })?;
+        let hash = change.hash();
+        if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
+            continue;
+        }
+        parsed.push(change);
+    }
+    if parsed.is_empty() {
+        return Ok(ChangePlan {
+            added: Vec::new(),
+            txn: None,
+            heads: doc.get_heads().iter().map(|h| h.0).collect(),
+        });
+    }
+    let added_bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
+    let len = stored.stored_bytes() + added_bytes;
+    if len > MAX_DOC_BYTES {
+        return Err(DocError::TooLarge {
+            len,
+            max: MAX_DOC_BYTES,
+        });
+    }
+    // Apply to a copy: every change must be applied (none left waiting for dependencies) and
+    // Automerge must accept it.
+    let mut trial = doc.clone();
+    let invalid = |reason: String| DocError::InvalidChange { index: 0, reason };
+    no_panic(|| trial.apply_changes(parsed.clone()))
+        .map_err(invalid)?
+        .map_err(|e| invalid(e.to_string()))?;
+    for change in &parsed {
+        if trial.get_change_meta_by_hash(&change.hash()).is_none() {
+            let missing = change
+                .deps()
+                .iter()
+                .filter(|d| trial.get_change_meta_by_hash(d).is_none())
+                .map(|d| d.to_string())
+                .collect();
+            return Err(DocError::MissingDependencies {
+                change: change.hash().to_string(),
+                missing,
+            });
+        }
+    }
+    let writes = parsed
+        .iter()
+        .map(|c| SystemOp::Put {
+            key: layout::change_key(&stored.name, &c.hash().0),
+            value: c.raw_bytes().to_vec(),
+        })
+        .collect();
+    Ok(ChangePlan {
+        added: parsed.iter().map(|c| c.hash().0).collect(),
+        txn: Some(SystemTxn {
+            require: vec![stored.require_meta()],
+            writes,
+        }),
+        heads: trial.get_heads().iter().map(|h| h.0).collect(),
+    })
+}
+
+/// If the document has enough pending changes, the transaction that replaces them with a
+/// compacted snapshot of `doc` (loaded from `stored`). `None`: nothing to do, or the
+/// snapshot would exceed [`MAX_DOC_BYTES`] (the changes then stay as they are).
+pub fn plan_compaction(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
+    if stored.changes.len() < COMPACT_AFTER_CHANGES && stored.pending_bytes() < COMPACT_AFTER_BYTES
+    {
+        return None;
+    }
+    let saved = doc.save();
+    if saved.len() > MAX_DOC_BYTES {
+        return None;
+    }
+    let chunks: Vec<&[u8]> = saved.chunks(SNAPSHOT_CHUNK_BYTES).collect();
+    let header = SnapshotHeader {
+        version: RECORD_VERSION,
+        chunks: chunks.len() as u16,
+        len: saved.len() as u64,
+        hash: *blake3::hash(&saved).as_bytes(),
+        changes: doc.get_changes(&[]).len() as u64,
+    };
+    let old_chunks = stored.header.as_ref().map_or(0, |(h, _)| h.chunks);
+    let mut writes = vec![SystemOp::Put {
+        key: layout::header_key(&stored.name),
+        value: layout::encode(&header),
+    }];
+    for (i, chunk) in chunks.iter().enumerate() {
+        writes.push(SystemOp::Put {
+            key: layout::chunk_key(&stored.name, i as u16),
+            value: chunk.to_vec(),
+        });
+    }
+    for stale in header.chunks..old_chunks {
+        writes.push(SystemOp::Delete {
+            key: layout::chunk_key(&stored.name, stale),
+        });
+    }
+    for (hash, _) in stored.changes.iter().take(MAX_COMPACTED_CHANGES) {
+        writes.push(SystemOp::Delete {
+            key: layout::change_key(&stored.name, hash),
+        });
+    }
+    Some(SystemTxn {
+        require: vec![
+            stored.require_meta(),
+            (
+                layout::header_key(&stored.name),
+                stored.header.as_ref().map(|(_, bytes)| bytes.clone()),
+            ),
+        ],
+        writes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a node serves (or a disk returns), assembling it is a document or a
+        /// typed error, never a panic.
+        #[test]
+        fn assembling_arbitrary_bytes_never_panics(
+            snapshot in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256)),
+            changes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..256), 0..4),
+        ) {
+            let _ = assemble("d", snapshot.as_deref(), changes.iter().map(Vec::as_slice));
+        }
+
+        /// Real changes with bytes flipped or cut: still no panic.
+        #[test]
+        fn assembling_damaged_changes_never_panics(at in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
+            let mut doc = Automerge::new();
+            let ops = crate::patch::parse(r#"[{"op": "set", "path": ["a"], "value": [1, "x", {"b": null}]}]"#).unwrap();
+            let mut change = crate::patch::apply(&mut doc, &ops, None, 0).unwrap().unwrap();
+            let i = at % change.len();
+            if cut { change.truncate(i) } else { change[i] ^= byte | 1 }
+            let _ = assemble("d", None, std::iter::once(change.as_slice()));
+            let mut saved = doc.save();
+            let j = at % saved.len();
+            saved[j] ^= byte | 1;
+            let _ = assemble("d", Some(&saved), std::iter::empty());
+        }
+    }
+}
