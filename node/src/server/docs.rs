@@ -89,12 +89,15 @@ impl NodeState {
         .await
         .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
         if let Some(txn) = plan.txn {
+            let added_bytes = txn.payload_bytes();
             if !self.propose_system_txn(txn).await? {
                 // Deleted (or deleted and re-created) since we read it.
                 return Err(DocError::NotFound(name.to_string()).into());
             }
             let pending = stored.changes.len() + plan.added.len();
-            if pending >= COMPACT_AFTER_CHANGES || stored.pending_bytes() >= COMPACT_AFTER_BYTES {
+            if pending >= COMPACT_AFTER_CHANGES
+                || stored.pending_bytes() + added_bytes >= COMPACT_AFTER_BYTES
+            {
                 if let Err(e) = self.compact(&name).await {
                     tracing::warn!(doc = %name, "compaction failed: {e}");
                 }
