@@ -25,6 +25,8 @@ for NODES in 1 3; do
   run "put 256 clients"     put --clients 256 --conns 8 --total "$TOTAL" --key-space 10000 --val-size 256
   run "lin get 64 clients"  get --clients 64  --conns 4 --total "$TOTAL" --key-space 10000
   run "ser get 64 clients"  get --clients 64  --conns 4 --total "$TOTAL" --key-space 10000 --serializable
+  run "doc sequential"      doc --clients 1   --conns 1 --total 1000 --val-size 32
+  run "doc 16 clients"      doc --clients 16  --conns 4 --total 3000 --val-size 32
   kill $(cat "$DIR"/node-*/pid) 2>/dev/null || true
   rm -rf "$DIR"
   trap - EXIT

@@ -17,6 +17,9 @@ pub enum BenchCommand {
     Put(BenchArgs),
     /// Gets of random keys in the key space (linearizable unless --serializable).
     Get(BenchArgs),
+    /// Automerge changes committed to one new document through Raft: each client commits its
+    /// own chain of changes (made beforehand, one actor per client), one change per request.
+    Doc(BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +50,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
     let (is_put, args) = match cmd {
         BenchCommand::Put(a) => (true, a),
         BenchCommand::Get(a) => (false, a),
+        BenchCommand::Doc(a) => return bench_doc(a).await,
     };
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
         bail!("--clients, --conns, --total and --key-space must be at least 1");
@@ -100,6 +104,31 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         errors += e;
     }
     let elapsed = started.elapsed();
+    let op = if is_put {
+        "put"
+    } else if args.serializable {
+        "get (serializable)"
+    } else {
+        "get (linearizable)"
+    };
+    report(op, &args, latencies, errors, elapsed);
+    for c in conns {
+        c.close().await;
+    }
+    if errors > 0 {
+        bail!("{errors} requests failed");
+    }
+    Ok(())
+}
+
+/// Prints throughput and latency percentiles of a finished run.
+fn report(
+    op: &str,
+    args: &BenchArgs,
+    mut latencies: Vec<Duration>,
+    errors: u64,
+    elapsed: Duration,
+) {
     latencies.sort();
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -109,13 +138,6 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         latencies[i].as_secs_f64() * 1000.0
     };
     let rps = latencies.len() as f64 / elapsed.as_secs_f64();
-    let op = if is_put {
-        "put"
-    } else if args.serializable {
-        "get (serializable)"
-    } else {
-        "get (linearizable)"
-    };
     match args.client.output {
         Output::Json => println!(
             "{}",
@@ -136,11 +158,84 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
             println!("  p99         {:.3} ms", pct(0.99));
         }
     }
+}
+
+/// Each client's chain of changes: actor `i`, each change setting its own key and depending
+/// on the previous one, so a client's changes are valid when committed in order.
+fn change_chains(clients: usize, total: u64, val_size: usize) -> Vec<Vec<Vec<u8>>> {
+    use automerge::transaction::Transactable;
+    (0..clients)
+        .map(|i| {
+            let n = total / clients as u64 + u64::from((i as u64) < total % clients as u64);
+            let mut doc = automerge::Automerge::new().with_actor(automerge::ActorId::random());
+            let value = "x".repeat(val_size);
+            (0..n)
+                .map(|step| {
+                    let mut tx = doc.transaction();
+                    tx.put(automerge::ROOT, format!("c{i}-{step}"), value.as_str())
+                        .expect("put on the root");
+                    tx.commit();
+                    doc.get_last_local_change()
+                        .expect("just committed")
+                        .raw_bytes()
+                        .to_vec()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn bench_doc(args: BenchArgs) -> Result<()> {
+    if args.clients == 0 || args.conns == 0 || args.total == 0 {
+        bail!("--clients, --conns and --total must be at least 1");
+    }
+    if args.val_size > aspen_crdt::limits::MAX_CHANGE_BYTES / 2 {
+        bail!("--val-size is too large for one change");
+    }
+    let chains = change_chains(args.clients, args.total, args.val_size);
+    let conns = args.client.clients(args.conns).await?;
+    let name = format!("bench/doc-{:016x}", rand::random::<u64>());
+    conns[0].doc_create(&name).await?;
+    for c in &conns {
+        c.status().await?;
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, chain) in chains.into_iter().enumerate() {
+        let client: Client = conns[i % conns.len()].clone();
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            for change in chain {
+                let t = Instant::now();
+                match client.doc_apply(&name, vec![change]).await {
+                    Ok(_) => latencies.push(t.elapsed()),
+                    // A chain cannot go on past a change that was not committed.
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    report("doc change", &args, latencies, errors, elapsed);
+    let _ = conns[0].doc_delete(&name).await;
     for c in conns {
         c.close().await;
     }
     if errors > 0 {
-        bail!("{errors} requests failed");
+        bail!("{errors} client chains stopped at a failed change");
     }
     Ok(())
 }

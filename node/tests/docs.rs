@@ -427,5 +427,25 @@ async fn foreign_changes_merge_and_bad_input_is_refused() {
         ),
         want
     );
+    // The load generator commits its change chains without errors.
+    let out = cli(
+        &[
+            "bench",
+            "doc",
+            "--clients",
+            "2",
+            "--total",
+            "20",
+            "-o",
+            "json",
+        ],
+        Some(&ticket),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bench: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (bench["ok"].as_u64(), bench["errors"].as_u64()),
+        (Some(20), Some(0))
+    );
     client.close().await;
 }
