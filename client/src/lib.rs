@@ -14,6 +14,7 @@
 //! on another member until the deadline; writes carry a (client id, sequence) session so a
 //! retried write is applied at most once.
 
+mod blobs;
 pub mod endpoint;
 pub mod protocol;
 pub mod ticket;
@@ -29,9 +30,10 @@ use aspen_kv::{NodeId, StateDigest};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
+pub use blobs::BlobAdded;
 pub use protocol::{
-    ClientRequest, ClientResponse, ClusterIdentity, ClusterStatus, Consistency, DocSummary,
-    MemberStatus, NetFaults, RpcError,
+    BlobInfo, BlobStoreStats, BlobTagSummary, ClientRequest, ClientResponse, ClusterIdentity,
+    ClusterStatus, Consistency, DocSummary, MemberStatus, NetFaults, RpcError,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -76,6 +78,10 @@ pub enum ClientError {
     Protocol(String),
     #[error(transparent)]
     Doc(#[from] aspen_crdt::DocError),
+    #[error(transparent)]
+    Blob(#[from] aspen_blobs::BlobError),
+    #[error("{0}")]
+    Io(String),
 }
 
 /// A document as a node stores it: load `snapshot` (a saved Automerge document), then apply
@@ -723,12 +729,7 @@ impl Client {
         if let Some(c) = cached(inner) {
             return Ok(c);
         }
-        let id = EndpointId::from_bytes(&target.endpoint_id)
-            .map_err(|e| format!("bad node key: {e}"))?;
-        let mut addr = EndpointAddr::new(id);
-        for a in &target.addrs {
-            addr = addr.with_ip_addr(*a);
-        }
+        let addr = addr_of(target)?;
         let conn = inner
             .endpoint
             .connect(addr, CLIENT_ALPN)
@@ -771,6 +772,17 @@ impl Client {
         };
         self.inner.preferred.store(index, Ordering::Relaxed);
     }
+}
+
+/// The dialable address of a node.
+fn addr_of(target: &NodeTicket) -> Result<EndpointAddr, String> {
+    let id =
+        EndpointId::from_bytes(&target.endpoint_id).map_err(|e| format!("bad node key: {e}"))?;
+    let mut addr = EndpointAddr::new(id);
+    for a in &target.addrs {
+        addr = addr.with_ip_addr(*a);
+    }
+    Ok(addr)
 }
 
 fn unix_secs() -> i64 {

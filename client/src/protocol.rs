@@ -87,6 +87,30 @@ pub enum ClientRequest {
     },
     /// Deletes a document and all it holds.
     DocDelete { name: String },
+    /// Stores a blob on the contacted node: this frame, then exactly `size` raw bytes on the
+    /// same stream, then the end of the stream. The node hashes what it receives (BLAKE3),
+    /// records itself as a holder and, with `tag`, references the blob under that name, all
+    /// in one transaction through Raft. Without a tag the blob is garbage-collected after the
+    /// grace period unless tagged meanwhile.
+    BlobAdd { size: u64, tag: Option<String> },
+    /// What the cluster knows of one blob: size, tags, holders.
+    BlobStat {
+        hash: [u8; 32],
+        consistency: Consistency,
+    },
+    /// Tags in name order, after `start_after`.
+    BlobList {
+        start_after: Option<String>,
+        limit: u32,
+        consistency: Consistency,
+    },
+    /// Points `tag` at a blob (replacing what it named). The contacted node first makes sure
+    /// it holds a complete copy, fetching it from a holder if need be.
+    BlobTag { tag: String, hash: [u8; 32] },
+    /// Removes a tag.
+    BlobUntag { tag: String },
+    /// The contacted node's blob store: what it holds, fetches, verification failures.
+    BlobStats,
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -134,6 +158,66 @@ pub enum ClientResponse {
         docs: Vec<DocSummary>,
         more: bool,
     },
+    /// A blob was stored: its hash and size, and what the tag named before, if anything.
+    BlobAdded {
+        hash: [u8; 32],
+        size: u64,
+        previous: Option<[u8; 32]>,
+    },
+    BlobInfo(BlobInfo),
+    BlobList {
+        tags: Vec<BlobTagSummary>,
+        more: bool,
+    },
+    /// A tag was set; what it named before, if anything.
+    BlobTagged {
+        previous: Option<[u8; 32]>,
+    },
+    BlobStats(BlobStoreStats),
+}
+
+/// What the cluster knows of one blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub hash: [u8; 32],
+    /// Known once a tag or a holder records it.
+    pub size: Option<u64>,
+    pub tags: Vec<String>,
+    /// Members recorded as holding a complete, verified copy.
+    pub holders: Vec<NodeId>,
+    /// Whether the contacted node's store has every chunk of it.
+    pub local: bool,
+}
+
+/// One tag, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobTagSummary {
+    pub tag: String,
+    pub hash: [u8; 32],
+    pub size: u64,
+    pub created_at_ms: u64,
+    /// Members recorded as holding the blob.
+    pub replicas: u32,
+}
+
+/// A node's blob store and replication counters (since it started).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobStoreStats {
+    pub node_id: NodeId,
+    /// Complete blobs in the store, and their bytes.
+    pub blobs: u64,
+    pub bytes: u64,
+    /// The number of members that should hold each referenced blob.
+    pub replicas_target: u32,
+    /// Blobs fetched from other members, and their bytes.
+    pub fetched: u64,
+    pub fetched_bytes: u64,
+    /// Fetch attempts that failed (unreachable holder, holder without the blob, ...).
+    pub fetch_failures: u64,
+    /// Fetches stopped because a holder sent data that did not match the hash.
+    pub verify_failures: u64,
+    /// Unreferenced blobs deleted after the grace period.
+    pub gc_deleted: u64,
 }
 
 /// One document, as listed.
@@ -207,6 +291,8 @@ pub enum RpcError {
     Internal(String),
     #[error(transparent)]
     Doc(#[from] aspen_crdt::DocError),
+    #[error(transparent)]
+    Blob(#[from] aspen_blobs::BlobError),
 }
 
 impl RpcError {
@@ -388,6 +474,113 @@ mod tests {
         );
         let err = ClientResponse::Error(RpcError::Doc(aspen_crdt::DocError::NotFound("d".into())));
         assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 9, 1, 1, b'd']);
+
+        let add = ClientRequest::BlobAdd {
+            size: 300,
+            tag: Some("t".into()),
+        };
+        assert_eq!(
+            postcard::to_allocvec(&add).unwrap(),
+            [17, 0xac, 0x02, 1, 1, b't']
+        );
+        let mut expected = vec![18];
+        expected.extend([4; 32]);
+        expected.push(1);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::BlobStat {
+                hash: [4; 32],
+                consistency: Consistency::Serializable
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::BlobList {
+                start_after: None,
+                limit: 2,
+                consistency: Consistency::Linearizable
+            })
+            .unwrap(),
+            [19, 0, 2, 0]
+        );
+        let mut expected = vec![20, 1, b't'];
+        expected.extend([5; 32]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::BlobTag {
+                tag: "t".into(),
+                hash: [5; 32]
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::BlobUntag { tag: "t".into() }).unwrap(),
+            [21, 1, b't']
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::BlobStats).unwrap(),
+            [22]
+        );
+        let mut expected = vec![11];
+        expected.extend([6; 32]);
+        expected.extend([7, 0]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::BlobAdded {
+                hash: [6; 32],
+                size: 7,
+                previous: None
+            })
+            .unwrap(),
+            expected
+        );
+        let info = ClientResponse::BlobInfo(BlobInfo {
+            hash: [1; 32],
+            size: Some(2),
+            tags: vec!["t".into()],
+            holders: vec![3],
+            local: true,
+        });
+        let mut expected = vec![12];
+        expected.extend([1; 32]);
+        expected.extend([1, 2, 1, 1, b't', 1, 3, 1]);
+        assert_eq!(postcard::to_allocvec(&info).unwrap(), expected);
+        let list = ClientResponse::BlobList {
+            tags: vec![BlobTagSummary {
+                tag: "t".into(),
+                hash: [2; 32],
+                size: 3,
+                created_at_ms: 4,
+                replicas: 5,
+            }],
+            more: false,
+        };
+        let mut expected = vec![13, 1, 1, b't'];
+        expected.extend([2; 32]);
+        expected.extend([3, 4, 5, 0]);
+        assert_eq!(postcard::to_allocvec(&list).unwrap(), expected);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::BlobTagged { previous: None }).unwrap(),
+            [14, 0]
+        );
+        let stats = ClientResponse::BlobStats(BlobStoreStats {
+            node_id: 1,
+            blobs: 2,
+            bytes: 3,
+            replicas_target: 4,
+            fetched: 5,
+            fetched_bytes: 6,
+            fetch_failures: 7,
+            verify_failures: 8,
+            gc_deleted: 9,
+        });
+        assert_eq!(
+            postcard::to_allocvec(&stats).unwrap(),
+            [15, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+        );
+        let err = ClientResponse::Error(RpcError::Blob(aspen_blobs::BlobError::TagNotFound(
+            "t".into(),
+        )));
+        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 10, 2, 1, b't']);
     }
 
     proptest! {

@@ -29,9 +29,9 @@ pub enum Output {
     Json,
 }
 
-/// Options shared by every command that talks to a cluster.
+/// How to reach a cluster: shared by every command that talks to one.
 #[derive(Args, Debug, Clone)]
-pub struct ClientArgs {
+pub struct ConnectArgs {
     /// The cluster: a ticket (aspencluster1..., e.g. DATA_DIR/cluster.ticket) or its public
     /// key (64 hex digits, as `aspen cluster identity` prints), found through the Mainline DHT
     /// or the record cache.
@@ -43,15 +43,29 @@ pub struct ClientArgs {
     /// ~/.cache/aspen/records). A cached record is used when the DHT cannot be reached.
     #[arg(long, env = "ASPEN_RECORD_CACHE", global = true, value_name = "DIR")]
     pub record_cache: Option<PathBuf>,
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t, global = true)]
-    pub output: Output,
     /// Give up after this many seconds (across retries).
     #[arg(long, default_value_t = 20.0, global = true)]
     pub timeout: f64,
     /// Keys and values on the command line and in output are hex-encoded bytes.
     #[arg(long, global = true)]
     pub hex: bool,
+}
+
+/// [`ConnectArgs`] and the output format: what most commands take.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t, global = true)]
+    pub output: Output,
+}
+
+impl std::ops::Deref for ClientArgs {
+    type Target = ConnectArgs;
+    fn deref(&self) -> &ConnectArgs {
+        &self.connect
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +82,9 @@ pub enum Command {
     /// Automerge documents: create, edit (JSON patch or raw changes), read, list, delete.
     #[command(subcommand)]
     Doc(crate::doc_cli::DocCommand),
+    /// Blobs (BLAKE3-addressed files): add, get (verified), list, tag, untag, stat, stats.
+    #[command(subcommand)]
+    Blob(crate::blob_cli::BlobCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
     Up(crate::up::UpArgs),
     /// Load generator, shaped like etcd's benchmark tool.
@@ -108,7 +125,8 @@ pub struct RunArgs {
     pub bind: Option<std::net::SocketAddr>,
     /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot, and a
     /// [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
-    /// record_validity_secs). Flags override it.
+    /// record_validity_secs, and a [blobs] table: replicas, gc_grace_secs, gc_interval_secs).
+    /// Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Take a snapshot every N log entries.
@@ -131,6 +149,17 @@ pub struct RunArgs {
     pub output: Output,
     #[command(flatten)]
     pub dht: crate::resolve::DhtArgs,
+    /// How many members should hold each referenced blob (default 3, capped at the cluster
+    /// size). Use the same value on every member.
+    #[arg(long, value_name = "N")]
+    pub blob_replicas: Option<usize>,
+    /// Seconds an unreferenced blob (untagged upload, or last tag removed) is kept before it
+    /// is deleted (default 3600).
+    #[arg(long, value_name = "SECS")]
+    pub blob_gc_grace_secs: Option<u64>,
+    /// Seconds between looks for unreferenced blobs (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub blob_gc_interval_secs: Option<u64>,
     /// Seconds between DHT republishes of the cluster record (leader only).
     #[arg(long, value_name = "SECS")]
     pub dht_republish_secs: Option<u64>,
@@ -280,7 +309,7 @@ impl ReadArgs {
     }
 }
 
-impl ClientArgs {
+impl ConnectArgs {
     fn options(&self) -> Result<ClientOptions> {
         if !(self.timeout.is_finite() && self.timeout > 0.0) {
             bail!("--timeout must be a positive number of seconds");

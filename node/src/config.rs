@@ -21,6 +21,8 @@ pub struct NodeConfig {
     pub keep_log_after_snapshot: u64,
     /// Publishing the cluster record on the Mainline DHT (`[dht]` in the file).
     pub dht: DhtSettings,
+    /// Blob replication and garbage collection (`[blobs]` in the file).
+    pub blobs: BlobSettings,
     /// A deliberate bug, for the test harness's negative controls only (never from a file).
     #[serde(skip)]
     pub test_fault: Option<TestFault>,
@@ -46,6 +48,46 @@ pub struct DhtSettings {
     pub republish_interval_secs: u64,
     /// How long a published record is valid, in seconds; the leader re-signs it after half.
     pub record_validity_secs: u64,
+}
+
+/// How a node keeps blobs. Every member should use the same `replicas`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlobSettings {
+    /// How many members should hold each referenced blob (capped at the cluster size).
+    pub replicas: usize,
+    /// How long a blob nothing references is kept before it is deleted, in seconds (a fresh
+    /// upload without a tag, or a blob whose last tag was removed).
+    pub gc_grace_secs: u64,
+    /// How often unreferenced blobs are looked for, in seconds.
+    pub gc_interval_secs: u64,
+}
+
+impl Default for BlobSettings {
+    fn default() -> Self {
+        BlobSettings {
+            replicas: aspen_blobs::limits::DEFAULT_REPLICAS,
+            gc_grace_secs: 60 * 60,
+            gc_interval_secs: 60,
+        }
+    }
+}
+
+impl BlobSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.replicas == 0 || self.replicas > aspen_blobs::limits::MAX_REPLICAS {
+            return Err(ConfigError::Blobs(format!(
+                "replicas must be between 1 and {}",
+                aspen_blobs::limits::MAX_REPLICAS
+            )));
+        }
+        if self.gc_interval_secs == 0 {
+            return Err(ConfigError::Blobs(
+                "gc_interval_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Shortest republish interval accepted (DHT puts are not free for the network).
@@ -105,6 +147,8 @@ impl DhtSettings {
 pub enum TestFault {
     /// Serve linearizable reads from local state, skipping the ReadIndex round.
     StaleReads,
+    /// Flip one byte of every blob sent to a peer (a lying holder).
+    CorruptBlobSends,
 }
 
 impl Default for NodeConfig {
@@ -115,6 +159,7 @@ impl Default for NodeConfig {
             snapshot_every: 10_000,
             keep_log_after_snapshot: 1_000,
             dht: DhtSettings::default(),
+            blobs: BlobSettings::default(),
             test_fault: None,
             allow_fault_injection: false,
         }
@@ -132,6 +177,8 @@ pub enum ConfigError {
     SnapshotEvery,
     #[error("dht: {0}")]
     Dht(String),
+    #[error("blobs: {0}")]
+    Blobs(String),
 }
 
 impl NodeConfig {
@@ -149,6 +196,7 @@ impl NodeConfig {
         if self.snapshot_every == 0 {
             return Err(ConfigError::SnapshotEvery);
         }
+        self.blobs.validate()?;
         self.dht.validate()
     }
 }

@@ -1,6 +1,7 @@
 //! The `aspen` node and CLI. See ARCHITECTURE.md for the map.
 
 pub mod bench;
+pub mod blob_cli;
 pub mod cli;
 pub mod config;
 pub mod doc_cli;

@@ -29,6 +29,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config.keep_log_after_snapshot = n;
     }
     args.dht.apply(&mut config.dht);
+    if let Some(n) = args.blob_replicas {
+        config.blobs.replicas = n;
+    }
+    if let Some(s) = args.blob_gc_grace_secs {
+        config.blobs.gc_grace_secs = s;
+    }
+    if let Some(s) = args.blob_gc_interval_secs {
+        config.blobs.gc_interval_secs = s;
+    }
     if let Some(s) = args.dht_republish_secs {
         config.dht.republish_interval_secs = s;
     }

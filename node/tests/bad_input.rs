@@ -8,23 +8,6 @@ use aspen_kv::api::{Command, LimitError, WriteOp};
 use aspen_kv::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use common::*;
 
-/// Sends raw bytes on one stream of `alpn` and returns what comes back (if anything).
-async fn raw_exchange(node: &NodeProc, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
-    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
-        .await
-        .unwrap();
-    let id = iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap();
-    let addr = iroh::EndpointAddr::new(id).with_ip_addr(node.ticket.addrs[0]);
-    let conn = ep.connect(addr, alpn).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(bytes).await.unwrap();
-    send.finish().unwrap();
-    let out = recv.read_to_end(1 << 20).await.unwrap_or_default();
-    conn.close(0u32.into(), b"done");
-    ep.close().await;
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
     let root = tempfile::tempdir().unwrap();
@@ -252,6 +235,10 @@ fn help_explains_every_command() {
         &["discover", "--help"],
         &["cluster", "identity", "--help"],
         &["cluster", "invite", "--help"],
+        &["doc", "--help"],
+        &["blob", "--help"],
+        &["blob", "add", "--help"],
+        &["blob", "get", "--help"],
     ] {
         let out = cli(args, None);
         assert!(out.status.success(), "{args:?}");

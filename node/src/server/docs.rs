@@ -21,7 +21,7 @@ use super::NodeState;
 pub struct Compactions(Mutex<HashSet<DocName>>);
 
 impl NodeState {
-    async fn propose_system_txn(&self, txn: SystemTxn) -> Result<bool, RpcError> {
+    pub(super) async fn propose_system_txn(&self, txn: SystemTxn) -> Result<bool, RpcError> {
         let results = self
             .propose(vec![Command {
                 session: None,

@@ -7,6 +7,8 @@
 //!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
 //! ```
 
+pub mod blobs;
+mod corrupt_blobs;
 mod docs;
 pub mod identity;
 mod peers;
@@ -70,6 +72,8 @@ pub enum StartError {
     Ticket(PathBuf, std::io::Error),
     #[error("cannot start the DHT client: {0}")]
     Dht(aspen_discovery::DhtError),
+    #[error("{0}")]
+    Blobs(String),
 }
 
 /// Most members one `SetNetFaults` may isolate a node from (a cluster has at most 7).
@@ -92,6 +96,8 @@ pub struct NodeState {
     identity_changed: tokio::sync::Notify,
     /// Documents being compacted by this node.
     compactions: docs::Compactions,
+    /// The node's blob store and replication state.
+    pub blobs: blobs::BlobService,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -163,6 +169,14 @@ impl RunningNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let blobs = blobs::BlobService::open(
+            &dir.join("blobs"),
+            sm.clone(),
+            endpoint.clone(),
+            &config.blobs,
+        )
+        .await
+        .map_err(StartError::Blobs)?;
         let proposer = Proposer::spawn(raft.clone(), sm.clone());
         let reads = {
             let raft = raft.clone();
@@ -181,11 +195,25 @@ impl RunningNode {
             cluster_secret: Default::default(),
             identity_changed: Default::default(),
             compactions: Default::default(),
+            blobs,
         });
         peers.set_node(Arc::downgrade(&state));
 
-        let router = Router::builder(endpoint.clone())
-            .accept(RAFT_ALPN, RaftService { peers })
+        let router = Router::builder(endpoint.clone()).accept(RAFT_ALPN, RaftService { peers });
+        let router = if config.test_fault == Some(TestFault::CorruptBlobSends) {
+            router.accept(
+                iroh_blobs::ALPN,
+                corrupt_blobs::CorruptingProvider {
+                    store: (*state.blobs.store).clone(),
+                },
+            )
+        } else {
+            router.accept(
+                iroh_blobs::ALPN,
+                iroh_blobs::BlobsProtocol::new(&state.blobs.store, None),
+            )
+        };
+        let router = router
             .accept(
                 CLIENT_ALPN,
                 ClientService {
@@ -214,6 +242,7 @@ impl RunningNode {
             tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
             tokio::spawn(announce_address(state.clone())),
             tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
+            tokio::spawn(blobs::run_replication(state.clone())),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
         Ok(RunningNode {
@@ -548,6 +577,20 @@ impl NodeState {
                 consistency,
             } => self.doc_list(start_after, limit, consistency).await,
             ClientRequest::DocDelete { name } => self.doc_delete(name).await,
+            ClientRequest::BlobAdd { .. } => Err(RpcError::BadRequest(
+                "BlobAdd must be followed by the blob's bytes on its stream".into(),
+            )),
+            ClientRequest::BlobStat { hash, consistency } => {
+                self.blob_stat(hash, consistency).await
+            }
+            ClientRequest::BlobList {
+                start_after,
+                limit,
+                consistency,
+            } => self.blob_list(start_after, limit, consistency).await,
+            ClientRequest::BlobTag { tag, hash } => self.blob_tag(tag, hash).await,
+            ClientRequest::BlobUntag { tag } => self.blob_untag(tag).await,
+            ClientRequest::BlobStats => self.blob_stats().await,
         };
         result.unwrap_or_else(ClientResponse::Error)
     }
@@ -838,6 +881,11 @@ impl ProtocolHandler for ClientService {
             tokio::spawn(async move {
                 let response = match read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
                 {
+                    // The blob's bytes follow the request on the same stream.
+                    Ok(ClientRequest::BlobAdd { size, tag }) => state
+                        .blob_add(size, tag, recv)
+                        .await
+                        .unwrap_or_else(ClientResponse::Error),
                     Ok(request) => state.handle_client(request).await,
                     Err(e) => {
                         ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))

@@ -351,3 +351,20 @@ pub async fn assert_all_present(node: &NodeProc, prefix: &str, acked: &BTreeSet<
     .await;
     assert!(missing.is_empty());
 }
+
+/// Sends raw bytes on one stream of `alpn` and returns what comes back (if anything).
+pub async fn raw_exchange(node: &NodeProc, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+        .await
+        .unwrap();
+    let id = iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap();
+    let addr = iroh::EndpointAddr::new(id).with_ip_addr(node.ticket.addrs[0]);
+    let conn = ep.connect(addr, alpn).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let out = recv.read_to_end(1 << 20).await.unwrap_or_default();
+    conn.close(0u32.into(), b"done");
+    ep.close().await;
+    out
+}
