@@ -16,6 +16,7 @@
 
 mod blobs;
 pub mod endpoint;
+mod namespaces;
 pub mod protocol;
 pub mod ticket;
 pub mod wire;
@@ -80,6 +81,8 @@ pub enum ClientError {
     Doc(#[from] aspen_crdt::DocError),
     #[error(transparent)]
     Blob(#[from] aspen_blobs::BlobError),
+    #[error(transparent)]
+    Namespace(#[from] protocol::NamespaceError),
     #[error("{0}")]
     Io(String),
 }

@@ -111,6 +111,29 @@ pub enum ClientRequest {
     BlobUntag { tag: String },
     /// The contacted node's blob store: what it holds, fetches, verification failures.
     BlobStats,
+    /// Creates an iroh-docs namespace (writable) that every member hosts a replica of.
+    NsCreate,
+    /// Sets `key` to `value` in a namespace, as the contacted node's author.
+    NsSet {
+        namespace: [u8; 32],
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// The latest entry for `key` (over all authors) and its content, on the contacted node.
+    NsGet { namespace: [u8; 32], key: Vec<u8> },
+    /// The latest entry per key, in key order, for keys starting with `prefix`.
+    NsList {
+        namespace: [u8; 32],
+        prefix: Vec<u8>,
+        limit: u32,
+    },
+    /// The namespaces the cluster hosts.
+    NsNamespaces,
+    /// A ticket to the namespace naming every member (read-only unless `write`).
+    NsShare { namespace: [u8; 32], write: bool },
+    /// Hosts the namespace of an iroh-docs ticket (read-only tickets give read-only replicas)
+    /// on every member, syncing with the peers it names.
+    NsImport { ticket: String },
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -174,6 +197,86 @@ pub enum ClientResponse {
         previous: Option<[u8; 32]>,
     },
     BlobStats(BlobStoreStats),
+    Namespace {
+        id: [u8; 32],
+    },
+    NsSet {
+        hash: [u8; 32],
+    },
+    /// The entry (if any) and its content (if the node has it).
+    NsValue {
+        entry: Option<NsEntry>,
+        value: Option<Vec<u8>>,
+    },
+    NsEntries {
+        entries: Vec<NsEntry>,
+        more: bool,
+    },
+    Namespaces(Vec<NamespaceSummary>),
+    NsTicket {
+        ticket: String,
+    },
+}
+
+/// One iroh-docs entry: the latest value some author set for a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NsEntry {
+    pub key: Vec<u8>,
+    pub author: [u8; 32],
+    /// BLAKE3 hash and size of the content.
+    pub hash: [u8; 32],
+    pub size: u64,
+    /// When it was set (microseconds since the Unix epoch, the author's clock).
+    pub timestamp_us: u64,
+}
+
+/// A namespace the cluster hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceSummary {
+    pub id: [u8; 32],
+    /// Whether the cluster holds the namespace's write capability.
+    pub writable: bool,
+    pub created_at_ms: u64,
+}
+
+/// Why an iroh-docs namespace request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("invalid namespace id {0:?}: expected 64 hex digits")]
+    BadId(String),
+    #[error("the cluster hosts no namespace {0}")]
+    Unknown(String),
+    #[error("namespace {0} is read-only here (imported from a read ticket)")]
+    ReadOnly(String),
+    #[error("invalid namespace ticket: {0}")]
+    BadTicket(String),
+    #[error("key of {len} bytes exceeds the limit of {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("keys must not be empty")]
+    EmptyKey,
+    #[error("the content of this entry ({0}) has not reached this node yet")]
+    ContentUnavailable(String),
+    #[error("iroh-docs failed: {0}")]
+    Store(String),
+}
+
+/// Longest iroh-docs key accepted.
+pub const MAX_NS_KEY_BYTES: usize = 4096;
+/// Largest iroh-docs value set in one request.
+pub const MAX_NS_VALUE_BYTES: usize = 16 * 1024 * 1024;
+/// Most entries one list request returns.
+pub const MAX_NS_LIST: usize = 1000;
+
+/// Parses a namespace id from 64 hex digits.
+pub fn parse_namespace_id(s: &str) -> Result<[u8; 32], NamespaceError> {
+    let s = s.trim();
+    let mut out = [0u8; 32];
+    if s.len() != 64 || hex::decode_to_slice(s, &mut out).is_err() {
+        return Err(NamespaceError::BadId(s.chars().take(80).collect()));
+    }
+    Ok(out)
 }
 
 /// What the cluster knows of one blob.
@@ -293,6 +396,8 @@ pub enum RpcError {
     Doc(#[from] aspen_crdt::DocError),
     #[error(transparent)]
     Blob(#[from] aspen_blobs::BlobError),
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
 }
 
 impl RpcError {
@@ -581,6 +686,98 @@ mod tests {
             "t".into(),
         )));
         assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 10, 2, 1, b't']);
+
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsCreate).unwrap(),
+            [23]
+        );
+        let mut expected = vec![24];
+        expected.extend([1; 32]);
+        expected.extend([1, b'k', 1, b'v']);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsSet {
+                namespace: [1; 32],
+                key: b"k".to_vec(),
+                value: b"v".to_vec()
+            })
+            .unwrap(),
+            expected
+        );
+        let mut expected = vec![25];
+        expected.extend([1; 32]);
+        expected.extend([1, b'k']);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsGet {
+                namespace: [1; 32],
+                key: b"k".to_vec()
+            })
+            .unwrap(),
+            expected
+        );
+        let mut expected = vec![26];
+        expected.extend([1; 32]);
+        expected.extend([0, 3]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsList {
+                namespace: [1; 32],
+                prefix: vec![],
+                limit: 3
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsNamespaces).unwrap(),
+            [27]
+        );
+        let mut expected = vec![28];
+        expected.extend([1; 32]);
+        expected.push(1);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsShare {
+                namespace: [1; 32],
+                write: true
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::NsImport { ticket: "t".into() }).unwrap(),
+            [29, 1, b't']
+        );
+        let entry = NsEntry {
+            key: b"k".to_vec(),
+            author: [2; 32],
+            hash: [3; 32],
+            size: 4,
+            timestamp_us: 5,
+        };
+        let mut expected = vec![18, 1, 1, b'k'];
+        expected.extend([2; 32]);
+        expected.extend([3; 32]);
+        expected.extend([4, 5, 1, 1, b'v']);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::NsValue {
+                entry: Some(entry),
+                value: Some(b"v".to_vec())
+            })
+            .unwrap(),
+            expected
+        );
+        let mut expected = vec![20, 1];
+        expected.extend([7; 32]);
+        expected.extend([1, 8]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::Namespaces(vec![NamespaceSummary {
+                id: [7; 32],
+                writable: true,
+                created_at_ms: 8
+            }]))
+            .unwrap(),
+            expected
+        );
+        let err = ClientResponse::Error(RpcError::Namespace(NamespaceError::EmptyKey));
+        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 11, 6]);
     }
 
     proptest! {

@@ -85,6 +85,9 @@ pub enum Command {
     /// Blobs (BLAKE3-addressed files): add, get (verified), list, tag, untag, stat, stats.
     #[command(subcommand)]
     Blob(crate::blob_cli::BlobCommand),
+    /// iroh-docs namespaces every member hosts: create, set, get, list, share, import.
+    #[command(subcommand)]
+    Docs(crate::namespace_cli::DocsCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
     Up(crate::up::UpArgs),
     /// Load generator, shaped like etcd's benchmark tool.

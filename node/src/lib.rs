@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod doc_cli;
 pub mod keyfile;
+pub mod namespace_cli;
 pub mod resolve;
 pub mod run;
 pub mod server;

@@ -37,6 +37,7 @@ fn main() {
             Command::Kv(cmd) => aspen_node::cli::kv(cmd).await,
             Command::Doc(cmd) => aspen_node::doc_cli::doc(cmd).await,
             Command::Blob(cmd) => aspen_node::blob_cli::blob(cmd).await,
+            Command::Docs(cmd) => aspen_node::namespace_cli::docs(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
             Command::Discover {

@@ -12,7 +12,8 @@
 //!   anything else is abandoned and the next one tried), then record themselves as holders;
 //! - garbage collection is iroh-blobs' own mark-and-sweep, with every referenced blob
 //!   protected, and every unreferenced one protected until it has been seen unreferenced for
-//!   the grace period.
+//!   the grace period. Content referenced by iroh-docs replicas is protected by iroh-docs'
+//!   own callback, chained in.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,6 +136,7 @@ impl BlobService {
         sm: StateMachineStore,
         endpoint: Endpoint,
         settings: &BlobSettings,
+        also_protect: Option<ProtectCb>,
     ) -> Result<BlobService, String> {
         let gc = Arc::new(GcTracker {
             grace: Duration::from_secs(settings.gc_grace_secs),
@@ -147,6 +149,7 @@ impl BlobService {
             let counters = counters.clone();
             let store_cell = store_cell.clone();
             Arc::new(move |live: &mut HashSet<Hash>| {
+                let also = also_protect.clone();
                 let gc = gc.clone();
                 let counters = counters.clone();
                 let sm = sm.clone();
@@ -170,6 +173,12 @@ impl BlobService {
                     Ok::<_, String>(gc.protect(&referenced, &stored, &counters))
                 });
                 Box::pin(async move {
+                    // Content of the iroh-docs replicas is protected by iroh-docs itself.
+                    if let Some(also) = also {
+                        if let ProtectOutcome::Abort = also(live).await {
+                            return ProtectOutcome::Abort;
+                        }
+                    }
                     match task.await {
                         Ok(Ok(keep)) => {
                             live.extend(keep);
@@ -222,7 +231,7 @@ fn store_error(e: impl std::fmt::Display) -> RpcError {
     BlobError::Store(e.to_string()).into()
 }
 
-fn endpoint_addr(member: &Member) -> Option<EndpointAddr> {
+pub(super) fn endpoint_addr(member: &Member) -> Option<EndpointAddr> {
     let id = EndpointId::from_bytes(&member.endpoint_id).ok()?;
     let mut addr = EndpointAddr::new(id);
     for a in &member.addrs {

@@ -11,6 +11,7 @@ pub mod blobs;
 mod corrupt_blobs;
 mod docs;
 pub mod identity;
+pub mod namespaces;
 mod peers;
 mod proposer;
 pub mod publisher;
@@ -72,6 +73,7 @@ pub enum StartError {
     Ticket(PathBuf, std::io::Error),
     #[error("cannot start the DHT client: {0}")]
     Dht(aspen_discovery::DhtError),
+    /// The blob store or the iroh-docs engine could not start.
     #[error("{0}")]
     Blobs(String),
 }
@@ -98,6 +100,8 @@ pub struct NodeState {
     compactions: docs::Compactions,
     /// The node's blob store and replication state.
     pub blobs: blobs::BlobService,
+    /// The node's iroh-docs engine (replicas of the cluster's namespaces).
+    pub namespaces: namespaces::NamespaceService,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -169,11 +173,21 @@ impl RunningNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (docs_protect, docs_protect_cb) = iroh_docs::engine::ProtectCallbackHandler::new();
         let blobs = blobs::BlobService::open(
             &dir.join("blobs"),
             sm.clone(),
             endpoint.clone(),
             &config.blobs,
+            Some(docs_protect_cb),
+        )
+        .await
+        .map_err(StartError::Blobs)?;
+        let namespaces = namespaces::NamespaceService::start(
+            &dir.join("namespaces"),
+            endpoint.clone(),
+            (*blobs.store).clone(),
+            docs_protect,
         )
         .await
         .map_err(StartError::Blobs)?;
@@ -196,6 +210,7 @@ impl RunningNode {
             identity_changed: Default::default(),
             compactions: Default::default(),
             blobs,
+            namespaces,
         });
         peers.set_node(Arc::downgrade(&state));
 
@@ -214,6 +229,8 @@ impl RunningNode {
             )
         };
         let router = router
+            .accept(iroh_gossip::ALPN, state.namespaces.gossip.clone())
+            .accept(iroh_docs::ALPN, state.namespaces.docs.clone())
             .accept(
                 CLIENT_ALPN,
                 ClientService {
@@ -243,6 +260,7 @@ impl RunningNode {
             tokio::spawn(announce_address(state.clone())),
             tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
             tokio::spawn(blobs::run_replication(state.clone())),
+            tokio::spawn(namespaces::run_sync(state.clone())),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
         Ok(RunningNode {
@@ -591,6 +609,21 @@ impl NodeState {
             ClientRequest::BlobTag { tag, hash } => self.blob_tag(tag, hash).await,
             ClientRequest::BlobUntag { tag } => self.blob_untag(tag).await,
             ClientRequest::BlobStats => self.blob_stats().await,
+            ClientRequest::NsCreate => self.ns_create().await,
+            ClientRequest::NsSet {
+                namespace,
+                key,
+                value,
+            } => self.ns_set(namespace, key, value).await,
+            ClientRequest::NsGet { namespace, key } => self.ns_get(namespace, key).await,
+            ClientRequest::NsList {
+                namespace,
+                prefix,
+                limit,
+            } => self.ns_list(namespace, prefix, limit).await,
+            ClientRequest::NsNamespaces => self.ns_namespaces().await,
+            ClientRequest::NsShare { namespace, write } => self.ns_share(namespace, write).await,
+            ClientRequest::NsImport { ticket } => self.ns_import(ticket).await,
         };
         result.unwrap_or_else(ClientResponse::Error)
     }

@@ -1,0 +1,465 @@
+//! iroh-docs namespaces hosted by the cluster (`aspen docs ...`).
+//!
+//! Every node runs an iroh-docs engine (with iroh-gossip) over its own blob store. Which
+//! namespaces the cluster hosts is strongly consistent: a registry in the replicated system
+//! key space, one record per namespace holding its iroh-docs ticket (the capability, write or
+//! read, and the peers it came from). Each node's sync loop opens a local replica of every
+//! registered namespace and syncs it live with the other members (and a ticket's peers), so
+//! the replicas converge as iroh-docs converges them: eventually, entry by entry, signed by
+//! their authors.
+//!
+//! The registry holds write capabilities (namespace secrets) in the clear, like every other
+//! replicated state: members are trusted with them.
+//!
+//! ```text
+//! ns/<namespace id, 32 bytes>   NamespaceRecord { ticket, created_at_ms }
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aspen_client::protocol::{
+    ClientResponse, NamespaceError, NamespaceSummary, NsEntry, RpcError, MAX_NS_KEY_BYTES,
+    MAX_NS_LIST, MAX_NS_VALUE_BYTES,
+};
+use aspen_kv::api::{SystemOp, SystemTxn};
+use futures::StreamExt;
+use iroh::{Endpoint, EndpointAddr, EndpointId};
+use iroh_docs::api::protocol::{AddrInfoOptions, ShareMode};
+use iroh_docs::api::Doc;
+use iroh_docs::protocol::Docs;
+use iroh_docs::store::Query;
+use iroh_docs::{AuthorId, Capability, DocTicket, NamespaceId};
+use iroh_gossip::net::Gossip;
+use serde::{Deserialize, Serialize};
+
+use super::NodeState;
+
+/// Prefix of the namespace registry in the system key space.
+pub const REGISTRY_PREFIX: &[u8] = b"ns/";
+/// Version of [`NamespaceRecord`]'s encoding.
+const RECORD_VERSION: u8 = 1;
+/// How often the sync loop compares the registry with the local replicas.
+const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+fn registry_key(id: &[u8; 32]) -> Vec<u8> {
+    [REGISTRY_PREFIX, id.as_slice()].concat()
+}
+
+/// One hosted namespace, as the registry holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceRecord {
+    /// An iroh-docs ticket (`doc...`): the capability, and peers outside the cluster to sync
+    /// with (for imported namespaces).
+    pub ticket: String,
+    pub created_at_ms: u64,
+}
+
+impl NamespaceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_VERSION];
+        out.extend(postcard::to_allocvec(self).expect("records always encode"));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, NamespaceError> {
+        match bytes.split_first() {
+            Some((&RECORD_VERSION, body)) => match postcard::take_from_bytes(body) {
+                Ok((record, [])) => Ok(record),
+                _ => Err(NamespaceError::Store("corrupt namespace record".into())),
+            },
+            _ => Err(NamespaceError::Store(
+                "namespace record of an unknown version".into(),
+            )),
+        }
+    }
+
+    fn parsed(&self) -> Result<DocTicket, NamespaceError> {
+        DocTicket::from_str(&self.ticket).map_err(|e| NamespaceError::BadTicket(e.to_string()))
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> RpcError {
+    NamespaceError::Store(e.to_string()).into()
+}
+
+/// A node's iroh-docs engine and what its sync loop has started.
+pub struct NamespaceService {
+    pub docs: Docs,
+    pub gossip: Gossip,
+    author: AuthorId,
+    /// Per namespace: the peers live sync was last started with.
+    syncing: Mutex<HashMap<NamespaceId, BTreeSet<EndpointId>>>,
+}
+
+impl NamespaceService {
+    pub async fn start(
+        dir: &std::path::Path,
+        endpoint: Endpoint,
+        blobs: iroh_blobs::api::Store,
+        protect: iroh_docs::engine::ProtectCallbackHandler,
+    ) -> Result<NamespaceService, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let gossip = Gossip::builder().spawn(endpoint.clone());
+        let docs = Docs::persistent(dir.to_path_buf())
+            .protect_handler(protect)
+            .spawn(endpoint, blobs, gossip.clone())
+            .await
+            .map_err(|e| format!("cannot start iroh-docs in {}: {e}", dir.display()))?;
+        let author = docs
+            .author_default()
+            .await
+            .map_err(|e| format!("iroh-docs has no default author: {e}"))?;
+        Ok(NamespaceService {
+            docs,
+            gossip,
+            author,
+            syncing: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+fn entry_of(e: &iroh_docs::Entry) -> NsEntry {
+    NsEntry {
+        key: e.key().to_vec(),
+        author: *e.author().as_bytes(),
+        hash: *e.content_hash().as_bytes(),
+        size: e.content_len(),
+        timestamp_us: e.timestamp(),
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), NamespaceError> {
+    if key.is_empty() {
+        return Err(NamespaceError::EmptyKey);
+    }
+    if key.len() > MAX_NS_KEY_BYTES {
+        return Err(NamespaceError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_NS_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl NodeState {
+    /// Every other member's address.
+    fn member_addrs(&self) -> Vec<EndpointAddr> {
+        self.members()
+            .into_iter()
+            .filter(|(id, _)| *id != self.id)
+            .filter_map(|(_, m)| super::blobs::endpoint_addr(&m))
+            .collect()
+    }
+
+    async fn ns_record(&self, id: &[u8; 32]) -> Result<NamespaceRecord, RpcError> {
+        let key = registry_key(id);
+        match self.sm.system_view(move |v| v.get(&key)).await? {
+            Some(bytes) => Ok(NamespaceRecord::decode(&bytes)?),
+            None => Err(NamespaceError::Unknown(hex::encode(id)).into()),
+        }
+    }
+
+    /// The local replica of a registered namespace, opened (or imported) now if the sync
+    /// loop has not yet done so.
+    async fn ns_open(&self, id: &[u8; 32]) -> Result<(Doc, DocTicket), RpcError> {
+        let record = self.ns_record(id).await?;
+        let ticket = record.parsed()?;
+        let doc = self.namespaces.local_replica(&ticket.capability).await?;
+        Ok((doc, ticket))
+    }
+
+    async fn ns_register(&self, id: &[u8; 32], ticket: &DocTicket) -> Result<(), RpcError> {
+        let record = NamespaceRecord {
+            ticket: ticket.to_string(),
+            created_at_ms: super::identity::unix_now() * 1000,
+        };
+        self.propose_system_txn(SystemTxn {
+            require: vec![],
+            writes: vec![SystemOp::Put {
+                key: registry_key(id),
+                value: record.encode(),
+            }],
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn ns_create(&self) -> Result<ClientResponse, RpcError> {
+        if !self.is_member() {
+            return Err(RpcError::NotInitialized);
+        }
+        let doc = self.namespaces.docs.create().await.map_err(store_error)?;
+        let ticket = doc
+            .share(ShareMode::Write, AddrInfoOptions::Addresses)
+            .await
+            .map_err(store_error)?;
+        let id = *doc.id().as_bytes();
+        self.ns_register(&id, &ticket).await?;
+        tracing::info!(namespace = %hex::encode(id), "namespace created");
+        Ok(ClientResponse::Namespace { id })
+    }
+
+    pub(super) async fn ns_set(
+        &self,
+        id: [u8; 32],
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<ClientResponse, RpcError> {
+        check_key(&key)?;
+        if value.len() > MAX_NS_VALUE_BYTES {
+            return Err(NamespaceError::ValueTooLarge {
+                len: value.len(),
+                max: MAX_NS_VALUE_BYTES,
+            }
+            .into());
+        }
+        let (doc, ticket) = self.ns_open(&id).await?;
+        if matches!(ticket.capability, Capability::Read(_)) {
+            return Err(NamespaceError::ReadOnly(hex::encode(id)).into());
+        }
+        let hash = doc
+            .set_bytes(self.namespaces.author, key, value)
+            .await
+            .map_err(store_error)?;
+        Ok(ClientResponse::NsSet {
+            hash: *hash.as_bytes(),
+        })
+    }
+
+    pub(super) async fn ns_get(
+        &self,
+        id: [u8; 32],
+        key: Vec<u8>,
+    ) -> Result<ClientResponse, RpcError> {
+        check_key(&key)?;
+        let (doc, _) = self.ns_open(&id).await?;
+        let entry = doc
+            .get_one(Query::single_latest_per_key().key_exact(&key))
+            .await
+            .map_err(store_error)?;
+        let Some(entry) = entry else {
+            return Ok(ClientResponse::NsValue {
+                entry: None,
+                value: None,
+            });
+        };
+        let value = match self
+            .blobs
+            .store
+            .blobs()
+            .status(entry.content_hash())
+            .await
+            .map_err(store_error)?
+        {
+            iroh_blobs::api::proto::BlobStatus::Complete { .. } => Some(
+                self.blobs
+                    .store
+                    .blobs()
+                    .get_bytes(entry.content_hash())
+                    .await
+                    .map_err(store_error)?
+                    .to_vec(),
+            ),
+            _ => None,
+        };
+        Ok(ClientResponse::NsValue {
+            entry: Some(entry_of(&entry)),
+            value,
+        })
+    }
+
+    pub(super) async fn ns_list(
+        &self,
+        id: [u8; 32],
+        prefix: Vec<u8>,
+        limit: u32,
+    ) -> Result<ClientResponse, RpcError> {
+        let limit = (limit as usize).clamp(1, MAX_NS_LIST);
+        let (doc, _) = self.ns_open(&id).await?;
+        let query = Query::single_latest_per_key()
+            .key_prefix(&prefix)
+            .limit(limit as u64 + 1);
+        let mut stream = Box::pin(doc.get_many(query).await.map_err(store_error)?);
+        let mut entries = Vec::new();
+        while let Some(entry) = stream.next().await {
+            entries.push(entry_of(&entry.map_err(store_error)?));
+        }
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        Ok(ClientResponse::NsEntries { entries, more })
+    }
+
+    async fn ns_registry(&self) -> Result<Vec<([u8; 32], NamespaceRecord)>, RpcError> {
+        let records = self
+            .sm
+            .system_view(|view| {
+                let mut out = Vec::new();
+                view.scan(REGISTRY_PREFIX, |key, value| {
+                    out.push((key[REGISTRY_PREFIX.len()..].to_vec(), value.to_vec()));
+                    true
+                })?;
+                Ok(out)
+            })
+            .await?;
+        records
+            .into_iter()
+            .map(|(id, value)| {
+                let id: [u8; 32] = id
+                    .try_into()
+                    .map_err(|_| NamespaceError::Store("malformed registry key".into()))?;
+                Ok((id, NamespaceRecord::decode(&value)?))
+            })
+            .collect()
+    }
+
+    pub(super) async fn ns_namespaces(&self) -> Result<ClientResponse, RpcError> {
+        self.read_barrier().await?;
+        let mut list = Vec::new();
+        for (id, record) in self.ns_registry().await? {
+            list.push(NamespaceSummary {
+                id,
+                writable: matches!(record.parsed()?.capability, Capability::Write(_)),
+                created_at_ms: record.created_at_ms,
+            });
+        }
+        Ok(ClientResponse::Namespaces(list))
+    }
+
+    pub(super) async fn ns_share(
+        &self,
+        id: [u8; 32],
+        write: bool,
+    ) -> Result<ClientResponse, RpcError> {
+        self.read_barrier().await?;
+        let ticket = self.ns_record(&id).await?.parsed()?;
+        let capability = match (ticket.capability, write) {
+            (Capability::Write(secret), true) => Capability::Write(secret),
+            (Capability::Read(_), true) => {
+                return Err(NamespaceError::ReadOnly(hex::encode(id)).into())
+            }
+            (c, false) => Capability::Read(c.id()),
+        };
+        let mut nodes = vec![super::blobs::endpoint_addr(&self.me)
+            .ok_or_else(|| RpcError::Internal("own address is invalid".into()))?];
+        nodes.extend(self.member_addrs());
+        Ok(ClientResponse::NsTicket {
+            ticket: DocTicket::new(capability, nodes).to_string(),
+        })
+    }
+
+    pub(super) async fn ns_import(&self, ticket: String) -> Result<ClientResponse, RpcError> {
+        if !self.is_member() {
+            return Err(RpcError::NotInitialized);
+        }
+        let ticket = DocTicket::from_str(ticket.trim())
+            .map_err(|e| NamespaceError::BadTicket(e.to_string()))?;
+        let id = *ticket.capability.id().as_bytes();
+        self.read_barrier().await?;
+        // A read ticket never downgrades a namespace the cluster can write.
+        if let Ok(existing) = self.ns_record(&id).await {
+            if matches!(existing.parsed()?.capability, Capability::Write(_))
+                || matches!(ticket.capability, Capability::Read(_))
+            {
+                return Ok(ClientResponse::Namespace { id });
+            }
+        }
+        self.ns_register(&id, &ticket).await?;
+        self.namespaces.wake_sync();
+        tracing::info!(namespace = %hex::encode(id), "namespace imported");
+        Ok(ClientResponse::Namespace { id })
+    }
+
+    /// One pass of the sync loop: a local replica of every registered namespace, live-synced
+    /// with the other members and the peers its ticket names.
+    async fn sync_namespaces_once(&self) -> Result<(), RpcError> {
+        let ns = &self.namespaces;
+        let members = self.member_addrs();
+        for (id, record) in self.ns_registry().await? {
+            let ticket = match record.parsed() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(namespace = %hex::encode(id), "unusable registry record: {e}");
+                    continue;
+                }
+            };
+            let nid = NamespaceId::from(&id);
+            let doc = ns.local_replica(&ticket.capability).await?;
+            let my_id = self.me.endpoint_id;
+            let mut peers: Vec<EndpointAddr> = members.clone();
+            peers.extend(
+                ticket
+                    .nodes
+                    .iter()
+                    .filter(|a| a.id.as_bytes() != &my_id && !members.iter().any(|m| m.id == a.id))
+                    .cloned(),
+            );
+            let ids: BTreeSet<EndpointId> = peers.iter().map(|p| p.id).collect();
+            if ns.syncing.lock().expect("lock").get(&nid) == Some(&ids) {
+                continue;
+            }
+            doc.start_sync(peers).await.map_err(store_error)?;
+            ns.syncing.lock().expect("lock").insert(nid, ids);
+        }
+        Ok(())
+    }
+}
+
+impl NamespaceService {
+    /// The local replica of a namespace, imported from `capability` if this node has none.
+    async fn local_replica(&self, capability: &Capability) -> Result<Doc, RpcError> {
+        // `open` fails ("Replica not found") for a namespace the node never imported.
+        if let Ok(Some(doc)) = self.docs.open(capability.id()).await {
+            return Ok(doc);
+        }
+        self.docs
+            .import_namespace(capability.clone())
+            .await
+            .map_err(store_error)
+    }
+
+    fn wake_sync(&self) {
+        // Forget what was started so the next pass (re)starts every namespace's sync.
+        self.syncing.lock().expect("lock").clear();
+    }
+}
+
+/// The namespace sync loop of one node (runs for the node's lifetime).
+pub async fn run_sync(state: std::sync::Arc<NodeState>) {
+    loop {
+        tokio::time::sleep(SYNC_INTERVAL).await;
+        if !state.is_member() {
+            continue;
+        }
+        if let Err(e) = state.sync_namespaces_once().await {
+            tracing::debug!("namespace sync pass failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn golden_bytes() {
+        let record = NamespaceRecord {
+            ticket: "doc".into(),
+            created_at_ms: 2,
+        };
+        assert_eq!(record.encode(), [1, 3, b'd', b'o', b'c', 2]);
+        assert_eq!(NamespaceRecord::decode(&record.encode()).unwrap(), record);
+        assert_eq!(registry_key(&[1; 32])[..3], *b"ns/");
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = NamespaceRecord::decode(&bytes);
+        }
+    }
+}
