@@ -2,23 +2,10 @@
 //! every member of the cluster hosts a replica of.
 
 use crate::protocol::{
-    ClientRequest, ClientResponse, NamespaceError, NamespaceSummary, NsEntry, MAX_NS_KEY_BYTES,
+    check_ns_key, ClientRequest, ClientResponse, NamespaceError, NamespaceSummary, NsEntry,
     MAX_NS_VALUE_BYTES,
 };
 use crate::{Client, ClientError};
-
-fn check_key(key: &[u8]) -> Result<(), NamespaceError> {
-    if key.is_empty() {
-        return Err(NamespaceError::EmptyKey);
-    }
-    if key.len() > MAX_NS_KEY_BYTES {
-        return Err(NamespaceError::KeyTooLarge {
-            len: key.len(),
-            max: MAX_NS_KEY_BYTES,
-        });
-    }
-    Ok(())
-}
 
 impl Client {
     /// Creates a writable namespace hosted by every member; returns its id.
@@ -36,7 +23,7 @@ impl Client {
         key: Vec<u8>,
         value: Vec<u8>,
     ) -> Result<[u8; 32], ClientError> {
-        check_key(&key)?;
+        check_ns_key(&key)?;
         if value.len() > MAX_NS_VALUE_BYTES {
             return Err(NamespaceError::ValueTooLarge {
                 len: value.len(),
@@ -62,7 +49,7 @@ impl Client {
         namespace: [u8; 32],
         key: Vec<u8>,
     ) -> Result<(Option<NsEntry>, Option<Vec<u8>>), ClientError> {
-        check_key(&key)?;
+        check_ns_key(&key)?;
         match self
             .request(&ClientRequest::NsGet { namespace, key })
             .await?

@@ -269,6 +269,20 @@ pub const MAX_NS_VALUE_BYTES: usize = 16 * 1024 * 1024;
 /// Most entries one list request returns.
 pub const MAX_NS_LIST: usize = 1000;
 
+/// Checks an iroh-docs key against the limits (the SDK and the node both do).
+pub fn check_ns_key(key: &[u8]) -> Result<(), NamespaceError> {
+    if key.is_empty() {
+        return Err(NamespaceError::EmptyKey);
+    }
+    if key.len() > MAX_NS_KEY_BYTES {
+        return Err(NamespaceError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_NS_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// Parses a namespace id from 64 hex digits.
 pub fn parse_namespace_id(s: &str) -> Result<[u8; 32], NamespaceError> {
     let s = s.trim();

@@ -6,7 +6,8 @@
 //! read, and the peers it came from). Each node's sync loop opens a local replica of every
 //! registered namespace and syncs it live with the other members (and a ticket's peers), so
 //! the replicas converge as iroh-docs converges them: eventually, entry by entry, signed by
-//! their authors.
+//! their authors. Every few seconds each replica is reconciled with its peers again, so an
+//! entry gossip missed still arrives.
 //!
 //! The registry holds write capabilities (namespace secrets) in the clear, like every other
 //! replicated state: members are trusted with them.
@@ -18,11 +19,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aspen_client::protocol::{
-    ClientResponse, NamespaceError, NamespaceSummary, NsEntry, RpcError, MAX_NS_KEY_BYTES,
-    MAX_NS_LIST, MAX_NS_VALUE_BYTES,
+    check_ns_key, ClientResponse, NamespaceError, NamespaceSummary, NsEntry, RpcError, MAX_NS_LIST,
+    MAX_NS_VALUE_BYTES,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use futures::StreamExt;
@@ -43,6 +44,10 @@ pub const REGISTRY_PREFIX: &[u8] = b"ns/";
 const RECORD_VERSION: u8 = 1;
 /// How often the sync loop compares the registry with the local replicas.
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How often every replica is reconciled with its peers again, whatever gossip delivered.
+/// Gossip alone can miss entries (a peer that joined before the others opened the
+/// namespace), so this is the anti-entropy that makes replicas converge.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 fn registry_key(id: &[u8; 32]) -> Vec<u8> {
     [REGISTRY_PREFIX, id.as_slice()].concat()
@@ -90,8 +95,8 @@ pub struct NamespaceService {
     pub docs: Docs,
     pub gossip: Gossip,
     author: AuthorId,
-    /// Per namespace: the peers live sync was last started with.
-    syncing: Mutex<HashMap<NamespaceId, BTreeSet<EndpointId>>>,
+    /// Per namespace: the peers live sync was last started with, and when.
+    syncing: Mutex<HashMap<NamespaceId, (BTreeSet<EndpointId>, Instant)>>,
 }
 
 impl NamespaceService {
@@ -130,19 +135,6 @@ fn entry_of(e: &iroh_docs::Entry) -> NsEntry {
         size: e.content_len(),
         timestamp_us: e.timestamp(),
     }
-}
-
-fn check_key(key: &[u8]) -> Result<(), NamespaceError> {
-    if key.is_empty() {
-        return Err(NamespaceError::EmptyKey);
-    }
-    if key.len() > MAX_NS_KEY_BYTES {
-        return Err(NamespaceError::KeyTooLarge {
-            len: key.len(),
-            max: MAX_NS_KEY_BYTES,
-        });
-    }
-    Ok(())
 }
 
 impl NodeState {
@@ -209,7 +201,7 @@ impl NodeState {
         key: Vec<u8>,
         value: Vec<u8>,
     ) -> Result<ClientResponse, RpcError> {
-        check_key(&key)?;
+        check_ns_key(&key)?;
         if value.len() > MAX_NS_VALUE_BYTES {
             return Err(NamespaceError::ValueTooLarge {
                 len: value.len(),
@@ -235,7 +227,7 @@ impl NodeState {
         id: [u8; 32],
         key: Vec<u8>,
     ) -> Result<ClientResponse, RpcError> {
-        check_key(&key)?;
+        check_ns_key(&key)?;
         let (doc, _) = self.ns_open(&id).await?;
         let entry = doc
             .get_one(Query::single_latest_per_key().key_exact(&key))
@@ -398,11 +390,18 @@ impl NodeState {
                     .cloned(),
             );
             let ids: BTreeSet<EndpointId> = peers.iter().map(|p| p.id).collect();
-            if ns.syncing.lock().expect("lock").get(&nid) == Some(&ids) {
+            let current = matches!(
+                ns.syncing.lock().expect("lock").get(&nid),
+                Some((started, at)) if *started == ids && at.elapsed() < RESYNC_INTERVAL
+            );
+            if current {
                 continue;
             }
             doc.start_sync(peers).await.map_err(store_error)?;
-            ns.syncing.lock().expect("lock").insert(nid, ids);
+            ns.syncing
+                .lock()
+                .expect("lock")
+                .insert(nid, (ids, Instant::now()));
         }
         Ok(())
     }
