@@ -1,6 +1,7 @@
 //! iroh-docs namespaces in a cluster of real `aspen` processes: entries written through one
 //! member are readable on every other, a read ticket gives another cluster a read-only
-//! replica that keeps syncing, and bad input gets typed errors.
+//! replica that keeps syncing, content that never arrived with its entry is repaired, and
+//! bad input gets typed errors.
 
 mod common;
 
@@ -137,6 +138,91 @@ async fn entries_written_on_one_member_are_readable_on_the_others() {
         c.close().await;
     }
     outsider.close().await;
+}
+
+/// A plain iroh-docs peer outside any Aspen cluster (another organisation's node), in memory
+/// on loopback.
+struct ForeignPeer {
+    router: iroh::protocol::Router,
+    docs: iroh_docs::protocol::Docs,
+    blobs: iroh_blobs::store::mem::MemStore,
+}
+
+impl ForeignPeer {
+    async fn start() -> ForeignPeer {
+        let endpoint =
+            aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+                .await
+                .unwrap();
+        let blobs = iroh_blobs::store::mem::MemStore::new();
+        let gossip = iroh_gossip::net::Gossip::builder().spawn(endpoint.clone());
+        let docs = iroh_docs::protocol::Docs::memory()
+            .spawn(endpoint.clone(), (*blobs).clone(), gossip.clone())
+            .await
+            .unwrap();
+        let router = iroh::protocol::Router::builder(endpoint)
+            .accept(
+                iroh_blobs::ALPN,
+                iroh_blobs::BlobsProtocol::new(&blobs, None),
+            )
+            .accept(iroh_gossip::ALPN, gossip)
+            .accept(iroh_docs::ALPN, docs.clone())
+            .spawn();
+        ForeignPeer {
+            router,
+            docs,
+            blobs,
+        }
+    }
+}
+
+/// iroh-docs fetches an entry's content once, when the entry arrives, and only if the sender
+/// has it. Here the sender gets the content only later and never announces it, so the value
+/// reaches the importer only through the node's own content repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_arrives_after_its_entry_is_fetched_later() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let client = client_of(&nodes[0]).await;
+    let foreign = ForeignPeer::start().await;
+    let doc = foreign.docs.create().await.unwrap();
+    let author = foreign.docs.author_default().await.unwrap();
+    let value = b"content that came late".to_vec();
+    let hash = iroh_blobs::Hash::new(&value);
+    // The entry names content its writer does not hold yet.
+    doc.set_hash(author, b"late".to_vec(), hash, value.len() as u64)
+        .await
+        .unwrap();
+    let ticket = doc
+        .share(
+            iroh_docs::api::protocol::ShareMode::Read,
+            iroh_docs::api::protocol::AddrInfoOptions::Addresses,
+        )
+        .await
+        .unwrap();
+    let ns = client.ns_import(&ticket.to_string()).await.unwrap();
+    // The entry arrives without its value.
+    wait_until("the importer to see the entry", || async {
+        let (entry, got) = client.ns_get(ns, b"late".to_vec()).await.ok()?;
+        let entry = entry?;
+        assert_eq!(entry.hash, *hash.as_bytes());
+        assert_eq!(got, None, "content cannot be there yet");
+        Some(())
+    })
+    .await;
+    // The writer gets the content, behind iroh-docs' back (no announcement).
+    let added = foreign.blobs.add_bytes(value.clone()).await.unwrap();
+    assert_eq!(added.hash, hash);
+    wait_value(
+        &client,
+        ns,
+        "late",
+        "content that came late",
+        "the importer to repair the missing content",
+    )
+    .await;
+    client.close().await;
+    foreign.router.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -537,81 +537,18 @@ impl NodeState {
         hash: &BlobHash,
         holders: &BTreeSet<NodeId>,
     ) -> Result<u64, RpcError> {
-        let blobs = &self.blobs;
         let members = self.members();
         let mut failures = Vec::new();
         for source in sources(hash, holders, self.id) {
             let Some(addr) = members.get(&source).and_then(endpoint_addr) else {
                 continue;
             };
-            blobs.gc.touch(Hash::from(*hash));
-            let conn: Connection = match tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                blobs.endpoint.connect(addr, iroh_blobs::ALPN),
-            )
-            .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    blobs
-                        .counters
-                        .fetch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    failures.push(format!("{source:016x}: connect: {e}"));
-                    continue;
+            match self.fetch_blob_from(hash, addr).await? {
+                Ok(size) => {
+                    tracing::info!(hash = %hash_hex(hash), from = format!("{source:016x}"), size, "blob fetched");
+                    return Ok(size);
                 }
-                Err(_) => {
-                    blobs
-                        .counters
-                        .fetch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    failures.push(format!("{source:016x}: connect timed out"));
-                    continue;
-                }
-            };
-            let result = blobs
-                .store
-                .remote()
-                .fetch(conn.clone(), Hash::from(*hash))
-                .complete()
-                .await;
-            conn.close(0u32.into(), b"done");
-            match result {
-                Ok(stats) => {
-                    if let Some(size) = blobs.complete_size(hash).await? {
-                        blobs.counters.fetched.fetch_add(1, Ordering::Relaxed);
-                        blobs
-                            .counters
-                            .fetched_bytes
-                            .fetch_add(stats.payload_bytes_read, Ordering::Relaxed);
-                        tracing::info!(hash = %hash_hex(hash), from = format!("{source:016x}"), size, "blob fetched");
-                        return Ok(size);
-                    }
-                    blobs
-                        .counters
-                        .fetch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    failures.push(format!("{source:016x}: incomplete after the transfer"));
-                }
-                Err(e) if is_verification_failure(&e) => {
-                    blobs
-                        .counters
-                        .verify_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        hash = %hash_hex(hash),
-                        from = format!("{source:016x}"),
-                        "holder sent data that does not match the blob's hash: {e}; trying another holder"
-                    );
-                    failures.push(format!("{source:016x}: sent corrupt data ({e})"));
-                }
-                Err(e) => {
-                    blobs
-                        .counters
-                        .fetch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    failures.push(format!("{source:016x}: {e}"));
-                }
+                Err(reason) => failures.push(format!("{source:016x}: {reason}")),
             }
         }
         Err(BlobError::Unavailable {
@@ -623,6 +560,84 @@ impl NodeState {
             },
         }
         .into())
+    }
+
+    /// One verified-streaming fetch of `hash` from the endpoint at `addr` (a member, or a
+    /// peer outside the cluster). The outer error is a local store failure; the inner one says
+    /// why this peer could not supply the blob.
+    pub(super) async fn fetch_blob_from(
+        &self,
+        hash: &BlobHash,
+        addr: EndpointAddr,
+    ) -> Result<Result<u64, String>, RpcError> {
+        let blobs = &self.blobs;
+        let peer = addr.id;
+        blobs.gc.touch(Hash::from(*hash));
+        let conn: Connection = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            blobs.endpoint.connect(addr, iroh_blobs::ALPN),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                blobs
+                    .counters
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(Err(format!("connect: {e}")));
+            }
+            Err(_) => {
+                blobs
+                    .counters
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(Err("connect timed out".into()));
+            }
+        };
+        let result = blobs
+            .store
+            .remote()
+            .fetch(conn.clone(), Hash::from(*hash))
+            .complete()
+            .await;
+        conn.close(0u32.into(), b"done");
+        match result {
+            Ok(stats) => {
+                if let Some(size) = blobs.complete_size(hash).await? {
+                    blobs.counters.fetched.fetch_add(1, Ordering::Relaxed);
+                    blobs
+                        .counters
+                        .fetched_bytes
+                        .fetch_add(stats.payload_bytes_read, Ordering::Relaxed);
+                    return Ok(Ok(size));
+                }
+                blobs
+                    .counters
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Err("incomplete after the transfer".into()))
+            }
+            Err(e) if is_verification_failure(&e) => {
+                blobs
+                    .counters
+                    .verify_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    hash = %hash_hex(hash),
+                    from = %peer.fmt_short(),
+                    "peer sent data that does not match the blob's hash: {e}; trying another"
+                );
+                Ok(Err(format!("sent corrupt data ({e})")))
+            }
+            Err(e) => {
+                blobs
+                    .counters
+                    .fetch_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Err(e.to_string()))
+            }
+        }
     }
 
     /// One pass of the replication loop: fetch what this node should hold, and keep its own

@@ -261,6 +261,7 @@ impl RunningNode {
             tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
             tokio::spawn(blobs::run_replication(state.clone())),
             tokio::spawn(namespaces::run_sync(state.clone())),
+            tokio::spawn(namespaces::run_content_repair(state.clone())),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
         Ok(RunningNode {

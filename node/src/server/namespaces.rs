@@ -9,6 +9,12 @@
 //! their authors. Every few seconds each replica is reconciled with its peers again, so an
 //! entry gossip missed still arrives.
 //!
+//! iroh-docs downloads an entry's content once, when the entry arrives, and retries only
+//! when a gossip neighbour announces it has the content. An entry that arrived from a peer
+//! that did not yet hold the content (or whose download failed) would otherwise stay
+//! without a value for good, so a repair loop fetches content that has been missing for a
+//! whole pass from the namespace's peers itself.
+//!
 //! The registry holds write capabilities (namespace secrets) in the clear, like every other
 //! replicated state: members are trusted with them.
 //!
@@ -48,6 +54,12 @@ const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Gossip alone can miss entries (a peer that joined before the others opened the
 /// namespace), so this is the anti-entropy that makes replicas converge.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the content repair loop looks for entries whose content never arrived.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+/// Most missing contents one repair pass fetches per namespace (the rest wait a pass).
+const MAX_REPAIRS_PER_PASS: usize = 64;
+/// How long one repair fetch from one peer may take.
+const REPAIR_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn registry_key(id: &[u8; 32]) -> Vec<u8> {
     [REGISTRY_PREFIX, id.as_slice()].concat()
@@ -365,30 +377,43 @@ impl NodeState {
         Ok(ClientResponse::Namespace { id })
     }
 
+    /// The registered namespaces whose records parse, with their tickets.
+    async fn ns_tickets(&self) -> Result<Vec<([u8; 32], DocTicket)>, RpcError> {
+        let mut out = Vec::new();
+        for (id, record) in self.ns_registry().await? {
+            match record.parsed() {
+                Ok(t) => out.push((id, t)),
+                Err(e) => {
+                    tracing::warn!(namespace = %hex::encode(id), "unusable registry record: {e}")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The peers a namespace syncs with: the other members, then the ticket's other peers.
+    fn ns_peers(&self, ticket: &DocTicket, members: &[EndpointAddr]) -> Vec<EndpointAddr> {
+        let my_id = self.me.endpoint_id;
+        let mut peers: Vec<EndpointAddr> = members.to_vec();
+        peers.extend(
+            ticket
+                .nodes
+                .iter()
+                .filter(|a| a.id.as_bytes() != &my_id && !members.iter().any(|m| m.id == a.id))
+                .cloned(),
+        );
+        peers
+    }
+
     /// One pass of the sync loop: a local replica of every registered namespace, live-synced
     /// with the other members and the peers its ticket names.
     async fn sync_namespaces_once(&self) -> Result<(), RpcError> {
         let ns = &self.namespaces;
         let members = self.member_addrs();
-        for (id, record) in self.ns_registry().await? {
-            let ticket = match record.parsed() {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(namespace = %hex::encode(id), "unusable registry record: {e}");
-                    continue;
-                }
-            };
+        for (id, ticket) in self.ns_tickets().await? {
             let nid = NamespaceId::from(&id);
             let doc = ns.local_replica(&ticket.capability).await?;
-            let my_id = self.me.endpoint_id;
-            let mut peers: Vec<EndpointAddr> = members.clone();
-            peers.extend(
-                ticket
-                    .nodes
-                    .iter()
-                    .filter(|a| a.id.as_bytes() != &my_id && !members.iter().any(|m| m.id == a.id))
-                    .cloned(),
-            );
+            let peers = self.ns_peers(&ticket, &members);
             let ids: BTreeSet<EndpointId> = peers.iter().map(|p| p.id).collect();
             let current = matches!(
                 ns.syncing.lock().expect("lock").get(&nid),
@@ -402,6 +427,88 @@ impl NodeState {
                 .lock()
                 .expect("lock")
                 .insert(nid, (ids, Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// One pass of the repair loop: fetches, from the namespace's peers, the content of
+    /// entries that was already missing on the previous pass (so content iroh-docs is still
+    /// downloading is left to it). `missing_before` carries that set between passes.
+    async fn repair_content_once(
+        &self,
+        missing_before: &mut HashMap<NamespaceId, BTreeSet<iroh_blobs::Hash>>,
+    ) -> Result<(), RpcError> {
+        let members = self.member_addrs();
+        let mut missing_now = HashMap::new();
+        for (id, ticket) in self.ns_tickets().await? {
+            let nid = NamespaceId::from(&id);
+            let doc = self.namespaces.local_replica(&ticket.capability).await?;
+            let missing = self.missing_content(&doc).await?;
+            let before = missing_before.remove(&nid).unwrap_or_default();
+            let peers = self.ns_peers(&ticket, &members);
+            for hash in missing.intersection(&before).take(MAX_REPAIRS_PER_PASS) {
+                self.repair_one(&id, hash, &peers).await?;
+            }
+            missing_now.insert(nid, missing);
+        }
+        *missing_before = missing_now;
+        Ok(())
+    }
+
+    /// Content hashes of the latest entries of `doc` that the local blob store lacks.
+    async fn missing_content(&self, doc: &Doc) -> Result<BTreeSet<iroh_blobs::Hash>, RpcError> {
+        let mut stream = Box::pin(
+            doc.get_many(Query::single_latest_per_key())
+                .await
+                .map_err(store_error)?,
+        );
+        let mut missing = BTreeSet::new();
+        while let Some(entry) = stream.next().await {
+            let entry = entry.map_err(store_error)?;
+            if entry.content_len() == 0 {
+                continue;
+            }
+            let status = self
+                .blobs
+                .store
+                .blobs()
+                .status(entry.content_hash())
+                .await
+                .map_err(store_error)?;
+            if !matches!(status, iroh_blobs::api::proto::BlobStatus::Complete { .. }) {
+                missing.insert(entry.content_hash());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Fetches one entry's content from the first of `peers` that supplies it.
+    async fn repair_one(
+        &self,
+        namespace: &[u8; 32],
+        hash: &iroh_blobs::Hash,
+        peers: &[EndpointAddr],
+    ) -> Result<(), RpcError> {
+        let blob = *hash.as_bytes();
+        for peer in peers {
+            match tokio::time::timeout(
+                REPAIR_FETCH_TIMEOUT,
+                self.fetch_blob_from(&blob, peer.clone()),
+            )
+            .await
+            {
+                Ok(Ok(Ok(size))) => {
+                    tracing::info!(namespace = %hex::encode(namespace), %hash, size, from = %peer.id.fmt_short(), "missing entry content fetched");
+                    return Ok(());
+                }
+                Ok(Ok(Err(reason))) => {
+                    tracing::debug!(%hash, from = %peer.id.fmt_short(), "entry content not fetched: {reason}")
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    tracing::debug!(%hash, from = %peer.id.fmt_short(), "entry content fetch timed out")
+                }
+            }
         }
         Ok(())
     }
@@ -435,6 +542,20 @@ pub async fn run_sync(state: std::sync::Arc<NodeState>) {
         }
         if let Err(e) = state.sync_namespaces_once().await {
             tracing::debug!("namespace sync pass failed: {e}");
+        }
+    }
+}
+
+/// The content repair loop of one node (runs for the node's lifetime).
+pub async fn run_content_repair(state: std::sync::Arc<NodeState>) {
+    let mut missing_before = HashMap::new();
+    loop {
+        tokio::time::sleep(REPAIR_INTERVAL).await;
+        if !state.is_member() {
+            continue;
+        }
+        if let Err(e) = state.repair_content_once(&mut missing_before).await {
+            tracing::debug!("namespace content repair pass failed: {e}");
         }
     }
 }
