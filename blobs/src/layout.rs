@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{BlobError, BlobHash, TagName};
 
+/// Prefix of every blob key (tags and replica records).
+pub const BLOB_PREFIX: &[u8] = b"blob/";
 /// Prefix of every tag key.
 pub const TAG_PREFIX: &[u8] = b"blob/t/";
 /// Prefix of every replica record key.

@@ -964,3 +964,46 @@ async fn system_transactions_are_all_or_nothing() {
     let wipe = txn(vec![], vec![SystemOp::DeletePrefix { prefix: vec![] }]);
     assert!(matches!(wipe.validate(), Err(LimitError::EmptyKey)));
 }
+
+/// A system prefix watch fires on every replica once a write under its prefix applies there,
+/// and not for writes elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_prefix_watches_fire_on_every_replica() {
+    let mut c = Cluster::new(1000);
+    c.form(&[1, 2, 3]).await;
+    let mut watched: Vec<_> = c
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                n.sm.watch_system_prefix(b"w/"),
+                n.sm.watch_system_prefix(b"other/"),
+            )
+        })
+        .collect();
+    let put = |k: &str| {
+        WriteOp::SystemTxn(SystemTxn {
+            require: vec![],
+            writes: vec![SystemOp::Put {
+                key: k.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+            }],
+        })
+    };
+    c.write(vec![put("elsewhere/a")]).await[0].as_ref().unwrap();
+    c.write(vec![put("w/a")]).await[0].as_ref().unwrap();
+    for (w, other) in &mut watched {
+        tokio::time::timeout(std::time::Duration::from_secs(60), w.wait_for(|n| *n >= 1))
+            .await
+            .expect("the watch fires")
+            .unwrap();
+        // Both writes applied here before the second one bumped the watch, which the first
+        // one did not.
+        assert_eq!(*w.borrow(), 1, "a write outside the prefix fired a watch");
+        assert_eq!(
+            *other.borrow(),
+            0,
+            "a write outside the prefix fired a watch"
+        );
+    }
+}

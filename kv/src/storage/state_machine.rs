@@ -71,6 +71,28 @@ pub struct StateMachineStore {
     io: IoMode,
     /// Applies so far (each `SM_DURABLE_EVERY`-th commits durably).
     applies: Arc<std::sync::atomic::AtomicU64>,
+    /// Watchers of system key prefixes (see [`Self::watch_system_prefix`]).
+    system_watches: Arc<std::sync::Mutex<Vec<SystemWatch>>>,
+}
+
+/// Most system prefix watches one store keeps (each is checked on every apply).
+pub const MAX_SYSTEM_WATCHES: usize = 16;
+
+struct SystemWatch {
+    prefix: Vec<u8>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// Whether `op` may write a system key under `prefix`.
+fn touches(prefix: &[u8], op: &WriteOp) -> bool {
+    match op {
+        WriteOp::System(w) => w.key.starts_with(prefix),
+        WriteOp::SystemTxn(t) => t.writes.iter().any(|w| match w {
+            SystemOp::Put { key, .. } | SystemOp::Delete { key } => key.starts_with(prefix),
+            SystemOp::DeletePrefix { prefix: p } => p.starts_with(prefix) || prefix.starts_with(p),
+        }),
+        _ => false,
+    }
 }
 
 type SmResult<T> = Result<T, redb::Error>;
@@ -97,6 +119,53 @@ impl StateMachineStore {
             waiters: Default::default(),
             io,
             applies: Default::default(),
+            system_watches: Default::default(),
+        }
+    }
+
+    /// A receiver whose value changes after every applied batch (and every installed
+    /// snapshot) that may have written a system key under `prefix`, so a node's background
+    /// loop can react to replicated state at once instead of polling. Wakes can be spurious
+    /// (a conditional write that did not apply). Panics past [`MAX_SYSTEM_WATCHES`]: watches
+    /// are made once per node loop, not per request.
+    pub fn watch_system_prefix(&self, prefix: &[u8]) -> tokio::sync::watch::Receiver<u64> {
+        let mut watches = self.system_watches.lock().expect("watches lock");
+        assert!(
+            watches.len() < MAX_SYSTEM_WATCHES,
+            "at most {MAX_SYSTEM_WATCHES} system prefix watches"
+        );
+        let (changes, rx) = tokio::sync::watch::channel(0);
+        watches.push(SystemWatch {
+            prefix: prefix.to_vec(),
+            changes,
+        });
+        rx
+    }
+
+    /// Indices of the watches whose prefixes `entries` may write (computed before the
+    /// entries move into the apply; watches are only ever appended, so indices stay valid).
+    fn system_watch_hits(&self, entries: &[Entry]) -> Vec<usize> {
+        let watches = self.system_watches.lock().expect("watches lock");
+        (0..watches.len())
+            .filter(|&i| {
+                entries.iter().any(|e| match &e.payload {
+                    EntryPayload::Normal(b) => b
+                        .commands
+                        .iter()
+                        .any(|c| touches(&watches[i].prefix, &c.op)),
+                    _ => false,
+                })
+            })
+            .collect()
+    }
+
+    /// Bumps the watches at `hits` (every watch with `None`).
+    fn notify_system_watches(&self, hits: Option<&[usize]>) {
+        let watches = self.system_watches.lock().expect("watches lock");
+        for (i, w) in watches.iter().enumerate() {
+            if hits.is_none_or(|h| h.contains(&i)) {
+                w.changes.send_modify(|n| *n += 1);
+            }
         }
     }
 
@@ -993,11 +1062,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let n = self
             .applies
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hits = self.system_watch_hits(&entries);
         let responses = blocking(self.io, move || {
             apply_entries(&db, n, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
         })
         .await?;
+        if !hits.is_empty() {
+            self.notify_system_watches(Some(&hits));
+        }
         // Committed and readable now: tell local proposers without waiting for openraft.
         if !proposals.is_empty() {
             self.notify_applied(&proposals, &responses);
@@ -1037,9 +1110,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
             snapshot::make_current(&dir, &path)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)))?;
-            Ok(())
+            Ok::<(), StorageError>(())
         })
-        .await
+        .await?;
+        // A snapshot replaces the whole system key space.
+        self.notify_system_watches(None);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {

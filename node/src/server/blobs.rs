@@ -776,10 +776,16 @@ async fn read_upload(
 
 /// The replication loop of one node (runs for the node's lifetime).
 pub async fn run_replication(state: Arc<NodeState>) {
+    // Tags and replica records applied on this node (from whichever member) start a pass at
+    // once; the interval retries what failed.
+    let mut changes = state
+        .sm
+        .watch_system_prefix(aspen_blobs::layout::BLOB_PREFIX);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLICATION_INTERVAL) => {}
             _ = state.blobs.wake.notified() => {}
+            Ok(()) = changes.changed() => {}
         }
         if !state.is_member() {
             continue;
