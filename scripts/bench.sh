@@ -12,6 +12,9 @@ TOTAL=${1:-50000}
 cargo build --release -q -p aspen-node
 ASPEN=target/release/aspen
 
+# The baseline for the blob runs: one raw iroh QUIC stream on loopback, no cluster.
+echo "{\"nodes\":0,\"run\":\"raw quic 256 MiB\",\"result\":$($ASPEN bench quic --size-mib 256 --runs 3 -o json)}"
+
 for NODES in 1 3; do
   DIR=$(mktemp -d)
   trap 'kill $(cat "$DIR"/node-*/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -27,6 +30,7 @@ for NODES in 1 3; do
   run "ser get 64 clients"  get --clients 64  --conns 4 --total "$TOTAL" --key-space 10000 --serializable
   run "doc sequential"      doc --clients 1   --conns 1 --total 1000 --val-size 32
   run "doc 16 clients"      doc --clients 16  --conns 4 --total 3000 --val-size 32
+  run "blob 256 MiB"        blob --size-mib 256 --runs 3
   kill $(cat "$DIR"/node-*/pid) 2>/dev/null || true
   rm -rf "$DIR"
   trap - EXIT

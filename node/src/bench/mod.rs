@@ -1,4 +1,7 @@
-//! `aspen bench`: a load generator shaped like etcd's `benchmark` tool.
+//! `aspen bench`: a load generator shaped like etcd's `benchmark` tool, plus transfer
+//! throughput (blobs, and raw iroh QUIC as the baseline) in [`transfer`].
+
+mod transfer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +23,12 @@ pub enum BenchCommand {
     /// Automerge changes committed to one new document through Raft: each client commits its
     /// own chain of changes (made beforehand, one actor per client), one change per request.
     Doc(BenchArgs),
+    /// Blob throughput: upload a blob of random bytes to one member (add), wait until the
+    /// other members hold their replicas (replica fetch), download it back (get).
+    Blob(transfer::BlobBenchArgs),
+    /// Raw iroh QUIC throughput, the baseline for `blob`: one stream between two endpoints
+    /// in this process on 127.0.0.1 (no cluster needed).
+    Quic(transfer::QuicBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +60,8 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Put(a) => (true, a),
         BenchCommand::Get(a) => (false, a),
         BenchCommand::Doc(a) => return bench_doc(a).await,
+        BenchCommand::Blob(a) => return transfer::bench_blob(a).await,
+        BenchCommand::Quic(a) => return transfer::bench_quic(a).await,
     };
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
         bail!("--clients, --conns, --total and --key-space must be at least 1");
