@@ -22,6 +22,8 @@ use crate::{addr_of, wire, Client, ClientError, NodeTicket};
 
 /// Bytes read from the file per write to the stream.
 const UPLOAD_CHUNK: usize = 1 << 20;
+/// Bytes of a download buffered before a write to the file.
+const DOWNLOAD_BUFFER: usize = 1 << 20;
 
 /// A stored blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,9 +277,11 @@ impl Client {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
-        let mut file = tokio::fs::File::create(part)
+        let file = tokio::fs::File::create(part)
             .await
             .map_err(|e| format!("cannot create {}: {e}", part.display()))?;
+        // Leaves are 16 KiB; each unbuffered write would be a round trip to a blocking thread.
+        let mut file = tokio::io::BufWriter::with_capacity(DOWNLOAD_BUFFER, file);
         let mut items = iroh_blobs::get::request::get_blob(conn.clone(), hash.into());
         let mut written = 0u64;
         let result = loop {
@@ -305,7 +309,7 @@ impl Client {
         let size = result?;
         file.flush()
             .await
-            .and(file.sync_all().await)
+            .and(file.get_ref().sync_all().await)
             .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
         Ok(size)
     }
