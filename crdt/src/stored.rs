@@ -405,6 +405,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// An empty stored document named `d`, as a fresh `create` leaves it.
+    fn empty_stored() -> StoredDoc {
+        let meta = DocMeta {
+            version: crate::layout::RECORD_VERSION,
+            incarnation: [7; 16],
+            created_at_ms: 1,
+        };
+        StoredDoc {
+            name: DocName::new("d").unwrap(),
+            meta_bytes: crate::layout::encode(&meta),
+            meta,
+            header: None,
+            chunks: Vec::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// A chain of `n` changes by one actor, each depending on the one before.
+    fn chain(n: usize) -> Vec<Vec<u8>> {
+        use automerge::transaction::Transactable;
+        let mut doc = Automerge::new();
+        (0..n)
+            .map(|i| {
+                let mut tx = doc.transaction();
+                tx.put(automerge::ROOT, format!("k{i}"), i as i64).unwrap();
+                tx.commit();
+                doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+            })
+            .collect()
+    }
+
     proptest! {
         /// Whatever a node serves (or a disk returns), assembling it is a document or a
         /// typed error, never a panic.
@@ -429,6 +460,54 @@ mod tests {
             let j = at % saved.len();
             saved[j] ^= byte | 1;
             let _ = assemble("d", Some(&saved), std::iter::empty());
+        }
+
+        /// Arbitrary bytes offered as changes: a typed error (or nothing to add), never a
+        /// panic, and never a transaction.
+        #[test]
+        fn planning_arbitrary_bytes_never_panics(
+            changes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..256), 1..4),
+        ) {
+            let stored = empty_stored();
+            match plan_changes(&stored, &Automerge::new(), changes) {
+                Err(DocError::InvalidChange { .. } | DocError::MissingDependencies { .. }) => {}
+                Err(e) => prop_assert!(false, "unexpected error {e:?}"),
+                Ok(plan) => prop_assert!(plan.txn.is_none() && plan.added.is_empty()),
+            }
+        }
+
+        /// A chain submitted in any order in one request, with duplicates, is planned as
+        /// exactly its distinct changes, and the planned heads are the chain's last change;
+        /// without its first change, the rest is refused for missing dependencies.
+        #[test]
+        fn planning_a_shuffled_chain(n in 1usize..6, seed in any::<u64>(), dup in any::<bool>()) {
+            let changes = chain(n);
+            let mut request = changes.clone();
+            // A deterministic shuffle from the seed.
+            let mut state = seed | 1;
+            for i in (1..request.len()).rev() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                request.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            if dup {
+                request.push(changes[0].clone());
+            }
+            let stored = empty_stored();
+            let plan = plan_changes(&stored, &Automerge::new(), request).unwrap();
+            prop_assert_eq!(plan.added.len(), n);
+            prop_assert_eq!(plan.txn.as_ref().map(|t| t.writes.len()), Some(n));
+            let last = Change::from_bytes(changes[n - 1].clone()).unwrap().hash();
+            prop_assert_eq!(plan.heads, vec![last.0]);
+            if n > 1 {
+                let missing_first = changes[1..].to_vec();
+                let refused = matches!(
+                    plan_changes(&stored, &Automerge::new(), missing_first),
+                    Err(DocError::MissingDependencies { .. })
+                );
+                prop_assert!(refused, "a change without its dependency was planned");
+            }
         }
     }
 }
