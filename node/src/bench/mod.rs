@@ -107,13 +107,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
             (latencies, errors)
         }));
     }
-    let mut latencies: Vec<Duration> = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        latencies.extend(l);
-        errors += e;
-    }
+    let (latencies, errors) = collect(tasks).await?;
     let elapsed = started.elapsed();
     let op = if is_put {
         "put"
@@ -130,6 +124,21 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         bail!("{errors} requests failed");
     }
     Ok(())
+}
+
+/// Each load task's latencies of successful requests and its error count.
+type TaskResult = (Vec<Duration>, u64);
+
+/// Waits for every load task; their latencies together, and their errors summed.
+async fn collect(tasks: Vec<tokio::task::JoinHandle<TaskResult>>) -> Result<TaskResult> {
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    Ok((latencies, errors))
 }
 
 /// Prints throughput and latency percentiles of a finished run.
@@ -232,13 +241,7 @@ async fn bench_doc(args: BenchArgs) -> Result<()> {
             (latencies, errors)
         }));
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        latencies.extend(l);
-        errors += e;
-    }
+    let (latencies, errors) = collect(tasks).await?;
     let elapsed = started.elapsed();
     report("doc change", &args, latencies, errors, elapsed);
     let _ = conns[0].doc_delete(&name).await;
