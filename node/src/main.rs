@@ -6,6 +6,16 @@ use aspen_node::cli::{Cli, Command, NodeCommand};
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Node(_)) {
+        // A command's output piped into `head` ends quietly when the reader goes away, as
+        // other Unix tools do, instead of panicking on the broken pipe. (Rust ignores
+        // SIGPIPE; a node keeps it ignored.)
+        #[cfg(unix)]
+        // SAFETY: restores the default disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
         let default = if matches!(cli.command, Command::Node(_)) {
             "info,iroh=warn,mainline=warn,openraft=warn,openraft::raft::responder=error,automerge=off"

@@ -245,3 +245,27 @@ fn help_explains_every_command() {
         assert!(stdout(&out).contains("Usage"), "{args:?}");
     }
 }
+
+/// Output into a closed pipe (`aspen ... | head`) ends the command as SIGPIPE ends other
+/// Unix tools: no panic, no backtrace.
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(aspen_bin())
+        .args(["bench", "quic", "--size-mib", "1", "--runs", "1"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
+}
