@@ -8,7 +8,8 @@
 //! out:
 //!
 //! - the key layout ([`layout`]) and the documents' names ([`DocName`]);
-//! - what a stored document is and how to load it ([`StoredDoc`]);
+//! - what a stored document is and how to load it ([`StoredDoc`]), and how a node keeps
+//!   loaded documents between requests ([`cache`]);
 //! - which changes may be committed ([`plan_changes`]: they parse, their dependencies are
 //!   present, the document stays within [`limits`]), and the transactions that create,
 //!   compact and delete documents;
@@ -18,6 +19,7 @@
 //! Changes are applied with Automerge's own merge, so changes made concurrently through
 //! different nodes (or by any other Automerge implementation) merge as Automerge merges them.
 
+pub mod cache;
 pub mod layout;
 pub mod limits;
 mod name;

@@ -100,6 +100,11 @@ impl StoredDoc {
             + self.changes.iter().map(|(_, c)| c.len()).sum::<usize>()
     }
 
+    /// The BLAKE3 hash of the compacted snapshot, as its header records it.
+    pub fn snapshot_hash(&self) -> Option<[u8; 32]> {
+        self.header.as_ref().map(|(h, _)| h.hash)
+    }
+
     /// Bytes of pending (uncompacted) changes.
     pub fn pending_bytes(&self) -> usize {
         self.changes.iter().map(|(_, c)| c.len()).sum()
@@ -141,10 +146,59 @@ impl StoredDoc {
     }
 }
 
+/// A stored document `d` built from parts, for tests: a snapshot (saved document) in
+/// chunks with its header, and pending changes keyed by their hashes.
+#[cfg(test)]
+pub(crate) fn test_doc(
+    incarnation: [u8; 16],
+    snapshot: Option<Vec<u8>>,
+    changes: Vec<Vec<u8>>,
+) -> StoredDoc {
+    let meta = DocMeta {
+        version: RECORD_VERSION,
+        incarnation,
+        created_at_ms: 1,
+    };
+    let (header, chunks) = match snapshot {
+        None => (None, Vec::new()),
+        Some(saved) => {
+            let chunks: Vec<Vec<u8>> = saved
+                .chunks(SNAPSHOT_CHUNK_BYTES)
+                .map(<[u8]>::to_vec)
+                .collect();
+            let header = SnapshotHeader {
+                version: RECORD_VERSION,
+                chunks: chunks.len() as u16,
+                len: saved.len() as u64,
+                hash: *blake3::hash(&saved).as_bytes(),
+                changes: 0,
+            };
+            let bytes = layout::encode(&header);
+            (Some((header, bytes)), chunks)
+        }
+    };
+    let mut changes: Vec<(ChangeHash, Vec<u8>)> = changes
+        .into_iter()
+        .map(|c| {
+            let hash = Change::from_bytes(c.clone()).map_or([0; 32], |ch| ch.hash().0);
+            (hash, c)
+        })
+        .collect();
+    changes.sort();
+    StoredDoc {
+        name: DocName::new("d").unwrap(),
+        meta_bytes: layout::encode(&meta),
+        meta,
+        header,
+        chunks,
+        changes,
+    }
+}
+
 /// Runs Automerge work that may panic: automerge 0.12 panics on some damaged input that it
 /// parses (found by `assembling_damaged_changes_never_panics`). The value touched by `work`
 /// is discarded on a panic, so no half-updated document escapes.
-fn no_panic<T>(work: impl FnOnce() -> T) -> Result<T, String> {
+pub(crate) fn no_panic<T>(work: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
         let reason = panic
             .downcast_ref::<&str>()
@@ -407,19 +461,7 @@ mod tests {
 
     /// An empty stored document named `d`, as a fresh `create` leaves it.
     fn empty_stored() -> StoredDoc {
-        let meta = DocMeta {
-            version: crate::layout::RECORD_VERSION,
-            incarnation: [7; 16],
-            created_at_ms: 1,
-        };
-        StoredDoc {
-            name: DocName::new("d").unwrap(),
-            meta_bytes: crate::layout::encode(&meta),
-            meta,
-            header: None,
-            chunks: Vec::new(),
-            changes: Vec::new(),
-        }
+        test_doc([7; 16], None, vec![])
     }
 
     /// A chain of `n` changes by one actor, each depending on the one before.

@@ -3,7 +3,9 @@
 //! What may be committed is decided by `aspen_crdt`; this module reads the stored document
 //! from the state machine (one consistent view), runs the Automerge work on the blocking pool,
 //! and proposes the resulting system transaction through Raft. Every write first passes the
-//! read barrier, so it is checked against everything committed before it began.
+//! read barrier, so it is checked against everything committed before it began. Loaded
+//! documents are kept between requests ([`aspen_crdt::cache`]), so a commit applies only the
+//! changes committed since the node last loaded the document.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -81,10 +83,13 @@ impl NodeState {
         let name = DocName::new(name)?;
         self.read_barrier().await?;
         let stored = self.read_existing(&name).await?;
+        let cache = self.doc_cache.clone();
         let (stored, plan) = tokio::task::spawn_blocking(move || {
-            let doc = stored.load()?;
-            let plan = aspen_crdt::plan_changes(&stored, &doc, changes)?;
-            Ok::<_, DocError>((stored, plan))
+            let doc = cache.load(&stored)?;
+            let plan = aspen_crdt::plan_changes(&stored, &doc, changes);
+            // Still the document `stored` describes (the plan applies to a copy).
+            cache.keep(&stored, doc);
+            Ok::<_, DocError>((stored, plan?))
         })
         .await
         .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
@@ -126,9 +131,12 @@ impl NodeState {
             let Some(stored) = self.read_stored(name).await? else {
                 return Ok(());
             };
+            let cache = self.doc_cache.clone();
             let txn = tokio::task::spawn_blocking(move || {
-                let doc = stored.load()?;
-                Ok::<_, DocError>(aspen_crdt::plan_compaction(&stored, &doc))
+                let doc = cache.load(&stored)?;
+                let txn = aspen_crdt::plan_compaction(&stored, &doc);
+                cache.keep(&stored, doc);
+                Ok::<_, DocError>(txn)
             })
             .await
             .map_err(|e| RpcError::Internal(format!("compaction task failed: {e}")))??;
@@ -219,6 +227,7 @@ impl NodeState {
             .propose_system_txn(aspen_crdt::plan_delete(&stored))
             .await?
         {
+            self.doc_cache.forget(&name);
             Ok(ClientResponse::Done)
         } else {
             Err(DocError::NotFound(name.to_string()).into())

@@ -98,6 +98,8 @@ pub struct NodeState {
     identity_changed: tokio::sync::Notify,
     /// Documents being compacted by this node.
     compactions: docs::Compactions,
+    /// Automerge documents loaded on this node, kept between requests.
+    doc_cache: Arc<aspen_crdt::cache::DocCache>,
     /// The node's blob store and replication state.
     pub blobs: blobs::BlobService,
     /// The node's iroh-docs engine (replicas of the cluster's namespaces).
@@ -209,6 +211,7 @@ impl RunningNode {
             cluster_secret: Default::default(),
             identity_changed: Default::default(),
             compactions: Default::default(),
+            doc_cache: Default::default(),
             blobs,
             namespaces,
         });
