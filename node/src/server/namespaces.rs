@@ -48,7 +48,8 @@ use super::NodeState;
 pub const REGISTRY_PREFIX: &[u8] = b"ns/";
 /// Version of [`NamespaceRecord`]'s encoding.
 const RECORD_VERSION: u8 = 1;
-/// How often the sync loop compares the registry with the local replicas.
+/// How often the sync loop compares the registry with the local replicas (and at once when
+/// the registry changes).
 const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// How often every replica is reconciled with its peers again, whatever gossip delivered.
 /// Gossip alone can miss entries (a peer that joined before the others opened the
@@ -535,8 +536,14 @@ impl NamespaceService {
 
 /// The namespace sync loop of one node (runs for the node's lifetime).
 pub async fn run_sync(state: std::sync::Arc<NodeState>) {
+    // A namespace registered (created or imported through any member) starts syncing here
+    // as soon as the registry entry applies on this node.
+    let mut registry = state.sm.watch_system_prefix(REGISTRY_PREFIX);
     loop {
-        tokio::time::sleep(SYNC_INTERVAL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            Ok(()) = registry.changed() => {}
+        }
         if !state.is_member() {
             continue;
         }
