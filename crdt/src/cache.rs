@@ -136,21 +136,7 @@ impl DocCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stored::test_doc;
-    use automerge::transaction::Transactable;
-
-    /// `n` changes by one actor, each setting its own key.
-    fn changes(doc: &mut Automerge, from: usize, n: usize) -> Vec<Vec<u8>> {
-        (from..from + n)
-            .map(|i| {
-                let mut tx = doc.transaction();
-                tx.put(automerge::ROOT, format!("k{i}"), i as i64).unwrap();
-                tx.commit();
-                doc.get_last_local_change().unwrap().raw_bytes().to_vec()
-            })
-            .collect()
-    }
-
+    use crate::stored::{test_changes as changes, test_doc};
     fn same(a: &Automerge, b: &Automerge) -> bool {
         a.get_heads() == b.get_heads() && a.clone().save() == b.clone().save()
     }

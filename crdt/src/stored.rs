@@ -195,6 +195,25 @@ pub(crate) fn test_doc(
     }
 }
 
+/// `n` changes made on `doc`, the i-th setting key `k<from + i>`, each depending on the
+/// one before, for tests.
+#[cfg(test)]
+pub(crate) fn test_changes(doc: &mut Automerge, from: usize, n: usize) -> Vec<Vec<u8>> {
+    use automerge::transaction::Transactable;
+    (from..from + n)
+        .map(|i| {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, format!("k{i}"), i as i64)
+                .expect("put on the root");
+            tx.commit();
+            doc.get_last_local_change()
+                .expect("just committed")
+                .raw_bytes()
+                .to_vec()
+        })
+        .collect()
+}
+
 /// Runs Automerge work that may panic: automerge 0.12 panics on some damaged input that it
 /// parses (found by `assembling_damaged_changes_never_panics`). The value touched by `work`
 /// is discarded on a panic, so no half-updated document escapes.
@@ -466,16 +485,7 @@ mod tests {
 
     /// A chain of `n` changes by one actor, each depending on the one before.
     fn chain(n: usize) -> Vec<Vec<u8>> {
-        use automerge::transaction::Transactable;
-        let mut doc = Automerge::new();
-        (0..n)
-            .map(|i| {
-                let mut tx = doc.transaction();
-                tx.put(automerge::ROOT, format!("k{i}"), i as i64).unwrap();
-                tx.commit();
-                doc.get_last_local_change().unwrap().raw_bytes().to_vec()
-            })
-            .collect()
+        test_changes(&mut Automerge::new(), 0, n)
     }
 
     proptest! {
