@@ -15,19 +15,22 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 pub enum Context {
     /// A [`crate::NodeCertificate`].
     NodeCertificate,
+    /// One link of a [`crate::CapabilityToken`], signed by the link's issuer.
+    CapabilityToken,
 }
 
 impl Context {
     /// Every context, for tests that check they are prefix-free.
-    pub const ALL: [Context; 1] = [Context::NodeCertificate];
+    pub const ALL: [Context; 2] = [Context::NodeCertificate, Context::CapabilityToken];
 
     pub fn label(self) -> &'static [u8] {
         match self {
             Context::NodeCertificate => b"aspen/node-cert/v1",
+            Context::CapabilityToken => b"aspen/capability-token/v1",
         }
     }
 
-    fn message(self, bytes: &[u8]) -> Vec<u8> {
+    pub(crate) fn message(self, bytes: &[u8]) -> Vec<u8> {
         let mut m = Vec::with_capacity(self.label().len() + bytes.len());
         m.extend_from_slice(self.label());
         m.extend_from_slice(bytes);
@@ -107,10 +110,25 @@ impl ClusterKey {
     }
 
     pub(crate) fn verify_raw(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        let signature = Signature::from_bytes(signature);
-        VerifyingKey::from_bytes(&self.0)
-            .is_ok_and(|key| key.verify_strict(message, &signature).is_ok())
+        verify_raw(&self.0, message, signature)
     }
+}
+
+/// Whether `signature` covers `context || bytes` under the Ed25519 public key `public` (any
+/// key: a node's or a client's endpoint id). Strict, like [`ClusterKey::verify`]; an invalid
+/// key never verifies.
+pub fn verify_signature(
+    public: &[u8; 32],
+    context: Context,
+    bytes: &[u8],
+    signature: &[u8; 64],
+) -> bool {
+    verify_raw(public, &context.message(bytes), signature)
+}
+
+fn verify_raw(public: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
+    let signature = Signature::from_bytes(signature);
+    VerifyingKey::from_bytes(public).is_ok_and(|key| key.verify_strict(message, &signature).is_ok())
 }
 
 impl fmt::Display for ClusterKey {

@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signer, SigningKey};
+
+use crate::cluster_key::Context;
 
 /// The first line of a node key file: names the format and its version.
 pub const NODE_KEY_FILE_HEADER: &str = "aspen-node-key-v1";
@@ -36,6 +38,11 @@ impl NodeKey {
     /// The public key: the node's endpoint id.
     pub fn public(&self) -> [u8; 32] {
         self.secret.verifying_key().to_bytes()
+    }
+
+    /// Signs `context || bytes` (verify with [`crate::verify_signature`]).
+    pub fn sign(&self, context: Context, bytes: &[u8]) -> [u8; 64] {
+        self.secret.sign(&context.message(bytes)).to_bytes()
     }
 
     /// The key file's contents: a header line and the secret in hex.
@@ -135,6 +142,37 @@ mod tests {
             NodeKey::from_file_contents(&format!("{good}extra")).map(|_| ()),
             Err(KeyFileError::TrailingData)
         );
+    }
+
+    #[test]
+    fn signatures_verify_under_the_public_key_and_context_only() {
+        let key = NodeKey::from_secret_bytes(&[7u8; 32]);
+        let sig = key.sign(Context::CapabilityToken, b"link");
+        assert!(crate::verify_signature(
+            &key.public(),
+            Context::CapabilityToken,
+            b"link",
+            &sig
+        ));
+        assert!(!crate::verify_signature(
+            &key.public(),
+            Context::NodeCertificate,
+            b"link",
+            &sig
+        ));
+        assert!(!crate::verify_signature(
+            &key.public(),
+            Context::CapabilityToken,
+            b"linj",
+            &sig
+        ));
+        let other = NodeKey::generate().public();
+        assert!(!crate::verify_signature(
+            &other,
+            Context::CapabilityToken,
+            b"link",
+            &sig
+        ));
     }
 
     proptest! {
