@@ -16,6 +16,9 @@ pub const MAX_BATCH_COMMANDS: usize = 1024;
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most key-values one range read returns; larger scans continue with `more`.
 pub const MAX_RANGE_LIMIT: u64 = 10_000;
+/// Most key and value bytes one range read returns (at least one key-value is always
+/// returned); larger scans continue with `more`, so a page always fits a client frame.
+pub const MAX_RANGE_BYTES: usize = 16 * 1024 * 1024;
 /// Requests one client may have applied but not yet acknowledged (its idempotency window).
 pub const MAX_SESSION_WINDOW: u64 = 100_000;
 /// A client whose last request is older than this (by the leader's clock) loses its

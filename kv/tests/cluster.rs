@@ -329,6 +329,56 @@ async fn mvcc_revisions_history_and_compaction() {
     ));
 }
 
+/// A page stops at MAX_RANGE_BYTES (current and past revisions alike), and continuing from
+/// its last key returns every key exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_pages_are_bounded_in_bytes() {
+    use aspen_kv::limits::{MAX_RANGE_BYTES, MAX_VALUE_BYTES};
+    let mut c = Cluster::new(10_000);
+    c.form(&[1]).await;
+    let n = MAX_RANGE_BYTES / MAX_VALUE_BYTES + 4;
+    for i in 0..n {
+        c.write(vec![WriteOp::Put {
+            key: format!("big/{i:03}").into_bytes(),
+            value: vec![i as u8; MAX_VALUE_BYTES],
+            prev_kv: false,
+        }])
+        .await;
+    }
+    let sm = &c.nodes[&1].sm;
+    let now = sm.status().await.unwrap().revision;
+    // One more write, so reading at `now` takes the history path.
+    c.write(vec![put("other", "v")]).await;
+    for revision in [0, now] {
+        let mut req = RangeRequest::prefix(b"big/".to_vec());
+        req.revision = revision;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = sm.range(req.clone()).await.unwrap();
+            pages += 1;
+            let bytes: usize = page
+                .kvs
+                .iter()
+                .map(|kv| kv.key.len() + kv.value.len())
+                .sum();
+            assert!(bytes <= MAX_RANGE_BYTES, "a page of {bytes} bytes");
+            assert!(!page.kvs.is_empty());
+            seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+            if !page.more {
+                break;
+            }
+            let mut next = page.kvs.last().unwrap().key.clone();
+            next.push(0);
+            req.start = next;
+            req.revision = page.revision;
+        }
+        assert!(pages >= 2, "revision {revision}: one page held everything");
+        let expected: Vec<Vec<u8>> = (0..n).map(|i| format!("big/{i:03}").into_bytes()).collect();
+        assert_eq!(seen, expected, "revision {revision}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_scans_with_limit_and_continuation() {
     let mut c = Cluster::new(10_000);

@@ -22,8 +22,8 @@ use super::{
 };
 use crate::api::*;
 use crate::limits::{
-    MAX_BATCH_COMMANDS, MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW,
-    SESSION_IDLE_EXPIRY_MS,
+    MAX_BATCH_COMMANDS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH,
+    MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
 };
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -411,6 +411,11 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
     } as usize;
     let mut kvs = Vec::new();
     let mut more = false;
+    // Bytes of the page so far: a page stops at MAX_RANGE_BYTES (never empty).
+    let mut bytes = 0usize;
+    let full = |kvs: &Vec<KeyValue>, bytes: usize, next: usize| {
+        kvs.len() == limit || (!kvs.is_empty() && bytes + next > MAX_RANGE_BYTES)
+    };
     let start = req.start.as_slice();
     let end: Option<&[u8]> = req.end.as_deref();
     if matches!(end, Some(e) if !e.is_empty() && e <= start) {
@@ -439,12 +444,14 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
                 .map_err(|e| storage(e.into()))?;
                 for item in iter {
                     let (k, v) = item.map_err(|e| storage(e.into()))?;
-                    if kvs.len() == limit {
+                    let size = k.value().len() + v.value().len();
+                    if full(&kvs, bytes, size) {
                         more = true;
                         break;
                     }
                     let stored: StoredKv =
                         postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
+                    bytes += size;
                     kvs.push(stored.into_kv(k.value().to_vec()));
                 }
             }
@@ -459,21 +466,25 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
         }
         .map_err(|e| storage(e.into()))?;
         let mut pending: Option<(Key, Option<StoredKv>)> = None;
-        let flush =
-            |pending: &mut Option<(Key, Option<StoredKv>)>, kvs: &mut Vec<KeyValue>| -> bool {
-                if let Some((k, Some(stored))) = pending.take() {
-                    if kvs.len() == limit {
-                        return true;
-                    }
-                    kvs.push(stored.into_kv(k));
+        let flush = |pending: &mut Option<(Key, Option<StoredKv>)>,
+                     kvs: &mut Vec<KeyValue>,
+                     bytes: &mut usize|
+         -> bool {
+            if let Some((k, Some(stored))) = pending.take() {
+                let size = k.len() + stored.value.len();
+                if full(kvs, *bytes, size) {
+                    return true;
                 }
-                false
-            };
+                *bytes += size;
+                kvs.push(stored.into_kv(k));
+            }
+            false
+        };
         for item in iter {
             let (k, v) = item.map_err(|e| storage(e.into()))?;
             let (key, rev) = k.value();
             if pending.as_ref().is_some_and(|(pk, _)| pk.as_slice() != key)
-                && flush(&mut pending, &mut kvs)
+                && flush(&mut pending, &mut kvs, &mut bytes)
             {
                 more = true;
                 break;
@@ -487,7 +498,7 @@ fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, Re
                 pending = Some((key.to_vec(), None));
             }
         }
-        if !more && flush(&mut pending, &mut kvs) {
+        if !more && flush(&mut pending, &mut kvs, &mut bytes) {
             more = true;
         }
     }
