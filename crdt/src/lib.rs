@@ -71,6 +71,10 @@ pub enum DocError {
     BadPatch { index: usize, reason: String },
     #[error("stored document {name:?} is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
+    /// A compressed change that would inflate past the change limit (a decompression bomb,
+    /// or simply too large once uncompressed).
+    #[error("change {index} inflates to more than {max} bytes, the limit for a change")]
+    Inflates { index: usize, max: usize },
 }
 
 /// Hex form of a change hash, as Automerge tools print it.

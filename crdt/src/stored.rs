@@ -322,6 +322,73 @@ pub struct ChangePlan {
     pub heads: Vec<ChangeHash>,
 }
 
+/// Automerge's chunk header: magic bytes, then a 4-byte checksum, the chunk type, and the
+/// data length (unsigned LEB128).
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+
+/// Refuses, before Automerge sees them, chunks that are not changes and compressed changes
+/// that inflate past [`MAX_CHANGE_BYTES`]: Automerge inflates a compressed chunk with an
+/// unbounded `read_to_end`, so a 1 MiB change could otherwise take gigabytes.
+fn check_chunk(index: usize, bytes: &[u8]) -> Result<(), DocError> {
+    let invalid = |reason: &str| DocError::InvalidChange {
+        index,
+        reason: reason.to_string(),
+    };
+    let Some(rest) = bytes.strip_prefix(&CHUNK_MAGIC[..]) else {
+        return Err(invalid("not an Automerge chunk (bad magic bytes)"));
+    };
+    let Some((&kind, mut rest)) = rest.get(4..).and_then(|r| r.split_first()) else {
+        return Err(invalid("truncated chunk header"));
+    };
+    match kind {
+        CHUNK_CHANGE => Ok(()),
+        CHUNK_COMPRESSED_CHANGE => {
+            let mut len: u64 = 0;
+            let mut shift = 0;
+            loop {
+                let Some((&b, r)) = rest.split_first() else {
+                    return Err(invalid("truncated chunk length"));
+                };
+                rest = r;
+                if shift > 63 {
+                    return Err(invalid("chunk length overflows"));
+                }
+                len |= u64::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let data = usize::try_from(len)
+                .ok()
+                .and_then(|len| rest.get(..len))
+                .ok_or_else(|| invalid("chunk shorter than its declared length"))?;
+            use std::io::Read;
+            let mut inflated = 0usize;
+            let mut decoder = flate2::bufread::DeflateDecoder::new(data);
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match decoder.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => inflated += n,
+                    Err(e) => return Err(invalid(&format!("bad compressed data: {e}"))),
+                }
+                if inflated > MAX_CHANGE_BYTES {
+                    return Err(DocError::Inflates {
+                        index,
+                        max: MAX_CHANGE_BYTES,
+                    });
+                }
+            }
+        }
+        other => Err(invalid(&format!(
+            "chunk type {other} is not a change (send changes, or a saved document through `doc apply`, which splits it)"
+        ))),
+    }
+}
+
 /// Checks raw Automerge changes against the loaded document `doc` (of `stored`) and plans
 /// the transaction that stores the new ones. A change must parse, be within the limits, and
 /// have all its dependencies in the document or in the same request; the document must stay
@@ -355,6 +422,7 @@ pub fn plan_changes(
                 max: MAX_CHANGE_BYTES,
             });
         }
+        check_chunk(index, &bytes)?;
         let change = no_panic(|| Change::from_bytes(bytes))
             .map_err(|reason| DocError::InvalidChange { index, reason })?
             .map_err(|e| DocError::InvalidChange {
@@ -486,6 +554,60 @@ mod tests {
     /// A chain of `n` changes by one actor, each depending on the one before.
     fn chain(n: usize) -> Vec<Vec<u8>> {
         test_changes(&mut Automerge::new(), 0, n)
+    }
+
+    #[test]
+    fn a_compressed_change_that_inflates_past_the_limit_is_refused() {
+        use std::io::Write;
+        // A compressed-change chunk whose data inflates to 64 MiB of zeros (a few KiB).
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            enc.write_all(&zeros).unwrap();
+        }
+        let data = enc.finish().unwrap();
+        assert!(data.len() < MAX_CHANGE_BYTES);
+        let mut chunk = CHUNK_MAGIC.to_vec();
+        chunk.extend([0; 4]);
+        chunk.push(CHUNK_COMPRESSED_CHANGE);
+        let mut len = data.len() as u64;
+        loop {
+            let b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                chunk.push(b);
+                break;
+            }
+            chunk.push(b | 0x80);
+        }
+        chunk.extend(&data);
+        let stored = empty_stored();
+        let doc = stored.load().unwrap();
+        assert!(matches!(
+            plan_changes(&stored, &doc, vec![chunk]),
+            Err(DocError::Inflates { index: 0, .. })
+        ));
+        // A real change that Automerge compressed is still accepted.
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        use automerge::transaction::Transactable;
+        tx.put(automerge::ROOT, "text", "x".repeat(10_000)).unwrap();
+        tx.commit();
+        let mut change = doc.get_changes(&[]).into_iter().next().unwrap().clone();
+        let compressed = change.bytes().to_vec();
+        assert_eq!(
+            compressed[8], CHUNK_COMPRESSED_CHANGE,
+            "automerge compressed it"
+        );
+        let stored = empty_stored();
+        let empty = stored.load().unwrap();
+        assert_eq!(
+            plan_changes(&stored, &empty, vec![compressed])
+                .unwrap()
+                .added
+                .len(),
+            1
+        );
     }
 
     proptest! {
