@@ -334,7 +334,8 @@ impl Client {
                 .await
             {
                 Ok(Ok(conn)) => return Ok((target, conn)),
-                Ok(Err(e)) => last = e,
+                Ok(Err(crate::ConnectError::Refused(e))) => return Err(ClientError::Rpc(e)),
+                Ok(Err(crate::ConnectError::Transport(e))) => last = e,
                 Err(_) => last = format!("connect to {:016x} timed out", target.node_id()),
             }
             self.rotate();

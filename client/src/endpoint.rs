@@ -12,6 +12,18 @@ pub async fn offline_endpoint(
     secret: Option<SecretKey>,
     alpns: Vec<Vec<u8>>,
 ) -> Result<Endpoint, EndpointError> {
+    offline_builder(bind, secret, alpns)?
+        .bind()
+        .await
+        .map_err(|e| EndpointError::Bind(bind, format!("{e:#}")))
+}
+
+/// The builder [`offline_endpoint`] binds, for callers that add hooks or transport limits.
+pub fn offline_builder(
+    bind: SocketAddr,
+    secret: Option<SecretKey>,
+    alpns: Vec<Vec<u8>>,
+) -> Result<iroh::endpoint::Builder, EndpointError> {
     let mut builder = Endpoint::builder(presets::Minimal)
         .relay_mode(RelayMode::Disabled)
         .clear_address_lookup()
@@ -25,10 +37,7 @@ pub async fn offline_endpoint(
     if let Some(secret) = secret {
         builder = builder.secret_key(secret);
     }
-    builder
-        .bind()
-        .await
-        .map_err(|e| EndpointError::Bind(bind, format!("{e:#}")))
+    Ok(builder)
 }
 
 /// Why an endpoint could not be bound.

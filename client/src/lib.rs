@@ -14,6 +14,7 @@
 //! on another member until the deadline; writes carry a (client id, sequence) session so a
 //! retried write is applied at most once.
 
+mod auth;
 mod blobs;
 pub mod endpoint;
 mod namespaces;
@@ -34,19 +35,51 @@ use iroh::{Endpoint, EndpointAddr, EndpointId};
 pub use blobs::BlobAdded;
 pub use protocol::{
     BlobInfo, BlobStoreStats, BlobTagSummary, ClientRequest, ClientResponse, ClusterIdentity,
-    ClusterStatus, Consistency, DocSummary, MemberStatus, NetFaults, RpcError,
+    ClusterStatus, Consistency, DocSummary, MemberStatus, NetFaults, RpcError, WhoAmI,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
 use protocol::{CLIENT_ALPN, MAX_CLIENT_FRAME};
 
-/// Timeouts and retry policy.
-#[derive(Clone, Debug)]
+/// Identity, timeouts and retry policy.
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Give up on one attempt (connect + request + response) after this long.
     pub attempt_timeout: Duration,
     /// Give up on a request, across all retries, after this long.
     pub deadline: Duration,
+    /// The key the client connects with: nodes know the caller by it (grants are given to
+    /// keys). `None`: a fresh random key, which a cluster grants nothing.
+    pub identity: Option<iroh::SecretKey>,
+    /// A capability token (`aspen_trust::CapabilityToken` bytes) presented once on every
+    /// connection; its audience must be `identity`'s public key.
+    pub token: Option<Vec<u8>>,
+    /// Longest one dial may take before the member counts as down for now.
+    pub connect_timeout: Duration,
+    /// A request safe to send twice (reads, writes with a session, document changes) that
+    /// has no answer from one member after this long is also sent to the next one; the
+    /// first answer wins. This is what rides out a member that died mid-request.
+    pub hedge_after: Duration,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret key or the token.
+        f.debug_struct("ClientOptions")
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("deadline", &self.deadline)
+            .field(
+                "identity",
+                &self
+                    .identity
+                    .as_ref()
+                    .map(|k| k.public().fmt_short().to_string()),
+            )
+            .field("token", &self.token.as_ref().map(|_| "<token>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("hedge_after", &self.hedge_after)
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -54,9 +87,16 @@ impl Default for ClientOptions {
         ClientOptions {
             attempt_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(20),
+            identity: None,
+            token: None,
+            connect_timeout: Duration::from_secs(2),
+            hedge_after: Duration::from_millis(500),
         }
     }
 }
+
+/// How long a member that failed a dial or a request is tried only after the others.
+const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,13 +178,18 @@ pub struct Client {
 
 struct Inner {
     endpoint: Endpoint,
+    /// Whether `close` closes the endpoint (not when it belongs to someone else, e.g. a node).
+    owns_endpoint: bool,
     options: ClientOptions,
     members: Mutex<Vec<NodeTicket>>,
     /// Index into `members` of the node to try first.
     preferred: AtomicUsize,
     conns: Mutex<HashMap<[u8; 32], Connection>>,
-    /// Serializes dialling so concurrent requests share one new connection.
-    dial: tokio::sync::Mutex<()>,
+    /// One gate per member, so concurrent requests share one new connection to it (and a
+    /// dead member's dial never holds up the others).
+    dials: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    /// Members that recently failed, and when: tried after the others.
+    down: Mutex<HashMap<[u8; 32], std::time::Instant>>,
     client_id: u64,
     next_seq: AtomicU64,
     in_flight: Mutex<BTreeSet<u64>>,
@@ -162,20 +207,46 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let bind = endpoint::client_bind_addr(ticket.members.iter().flat_map(|m| m.addrs.iter()));
-        let endpoint = endpoint::offline_endpoint(bind, None, vec![]).await?;
-        Ok(Client {
+        let endpoint = endpoint::offline_endpoint(bind, options.identity.clone(), vec![]).await?;
+        Ok(Self::on_endpoint(endpoint, true, ticket, options))
+    }
+
+    /// A client that dials from an endpoint the caller owns (a node asking to join uses its
+    /// own endpoint, so the cluster sees the node's key). `close` leaves the endpoint open.
+    pub fn with_endpoint(
+        endpoint: Endpoint,
+        ticket: ClusterTicket,
+        options: ClientOptions,
+    ) -> Client {
+        Self::on_endpoint(endpoint, false, ticket, options)
+    }
+
+    fn on_endpoint(
+        endpoint: Endpoint,
+        owns_endpoint: bool,
+        ticket: ClusterTicket,
+        options: ClientOptions,
+    ) -> Client {
+        Client {
             inner: Arc::new(Inner {
                 endpoint,
+                owns_endpoint,
                 options,
                 members: Mutex::new(ticket.members),
                 preferred: AtomicUsize::new(0),
                 conns: Mutex::new(HashMap::new()),
-                dial: tokio::sync::Mutex::new(()),
+                dials: Mutex::new(HashMap::new()),
+                down: Mutex::new(HashMap::new()),
                 client_id: rand::random(),
                 next_seq: AtomicU64::new(1),
                 in_flight: Mutex::new(BTreeSet::new()),
             }),
-        })
+        }
+    }
+
+    /// The public key this client connects with (what nodes know it by).
+    pub fn key(&self) -> [u8; 32] {
+        *self.inner.endpoint.id().as_bytes()
     }
 
     /// A client that talks to one node only (to initialize it, or inspect it).
@@ -192,9 +263,15 @@ impl Client {
         .await
     }
 
-    /// Closes connections and the endpoint.
+    /// Closes connections and the endpoint (if the client made it).
     pub async fn close(&self) {
-        self.inner.endpoint.close().await;
+        if self.inner.owns_endpoint {
+            self.inner.endpoint.close().await;
+        } else {
+            for (_, c) in self.inner.conns.lock().expect("lock").drain() {
+                c.close(0u32.into(), b"client closed");
+            }
+        }
     }
 
     /// Sets `key` to `value`.
@@ -415,18 +492,30 @@ impl Client {
         self.inner.preferred.store(index, Ordering::Relaxed);
     }
 
-    /// Makes the (single) node this client talks to a one-member cluster.
-    pub async fn init_cluster(&self) -> Result<ClusterStatus, ClientError> {
-        match self.request(&ClientRequest::InitCluster).await? {
+    /// Makes the (single) node this client talks to a one-member cluster named `name` (may
+    /// be empty), with this client's key as its first admin. `secret` is the node's
+    /// bootstrap secret (`DATA_DIR/bootstrap.secret`).
+    pub async fn init_cluster(
+        &self,
+        name: String,
+        secret: [u8; 32],
+    ) -> Result<ClusterStatus, ClientError> {
+        match self.request(&ClientRequest::Init { name, secret }).await? {
             ClientResponse::Status(s) => Ok(s),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
-    /// Adds a node (learner, then voter) and returns its node id.
-    pub async fn add_member(&self, node: NodeTicket) -> Result<NodeId, ClientError> {
+    /// Adds a node (learner, then voter) and returns its node id. `secret` is the new node's
+    /// bootstrap secret (its `DATA_DIR/bootstrap.secret`), which shows the node that its
+    /// operator wants it in this cluster. Needs `cluster:admin`.
+    pub async fn add_member(
+        &self,
+        node: NodeTicket,
+        secret: [u8; 32],
+    ) -> Result<NodeId, ClientError> {
         let id = node.node_id();
-        match self.request(&ClientRequest::AddMember { node }).await? {
+        match self.request(&ClientRequest::Admit { node, secret }).await? {
             ClientResponse::Done => Ok(id),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -439,17 +528,6 @@ impl Client {
             .await?
         {
             ClientResponse::Done => Ok(()),
-            other => Err(ClientError::Protocol(format!("{other:?}"))),
-        }
-    }
-
-    /// Makes the (single) node this client talks to a one-member cluster named `name`.
-    pub async fn init_named_cluster(&self, name: String) -> Result<ClusterStatus, ClientError> {
-        match self
-            .request(&ClientRequest::InitNamedCluster { name })
-            .await?
-        {
-            ClientResponse::Status(s) => Ok(s),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -635,63 +713,213 @@ impl Client {
     }
 
     /// Like [`Self::request`], also returning the member that answered.
+    ///
+    /// Members are asked one at a time, starting with the preferred one (the leader when
+    /// known), skipping members that failed recently. A request safe to send twice that has
+    /// no answer after `hedge_after` is also sent to the next member, and the first final
+    /// answer wins; so a member that died (with our connection still open) costs about
+    /// `hedge_after`, not `attempt_timeout`.
     async fn request_from(
         &self,
         request: &ClientRequest,
     ) -> Result<(NodeTicket, ClientResponse), ClientError> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let inner = &self.inner;
         let start = tokio::time::Instant::now();
+        let deadline = start + inner.options.deadline;
+        let hedge = hedge_safe(request);
         let mut attempts = 0u32;
         let mut backoff = Duration::from_millis(20);
+        let mut last = String::from("no member answered");
+        let mut inflight = FuturesUnordered::new();
+        let mut asked: Vec<[u8; 32]> = Vec::new();
+        let mut next_hedge = start + inner.options.hedge_after;
+        let unavailable = |attempts: u32, last: String| ClientError::Unavailable {
+            attempts,
+            elapsed: start.elapsed(),
+            last,
+        };
+        if !self.has_live_connection() {
+            // A fresh client: dial every member at once and start with the first that
+            // answers, so a dead member listed first costs nothing.
+            self.connect_first().await;
+        }
         loop {
-            attempts += 1;
-            let target = {
-                let members = inner.members.lock().expect("lock");
-                members[inner.preferred.load(Ordering::Relaxed) % members.len()].clone()
-            };
-            let last = match tokio::time::timeout(
-                inner.options.attempt_timeout,
-                self.attempt(&target, request),
-            )
-            .await
-            {
-                Ok(Ok(ClientResponse::Error(RpcError::NotLeader {
-                    leader: Some(leader),
-                }))) => {
-                    self.prefer(leader);
-                    format!("node {:016x} is not the leader", target.node_id())
+            if inflight.is_empty() {
+                if attempts > 0 {
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        return Err(unavailable(attempts, last));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Ok(Ok(ClientResponse::Error(e))) if e.is_retryable() => {
-                    self.rotate();
-                    e.to_string()
-                }
-                Ok(Ok(ClientResponse::Error(e))) => return Err(ClientError::Rpc(e)),
-                Ok(Ok(response)) => return Ok((target, response)),
-                Ok(Err(e)) => {
-                    self.forget(&target);
-                    self.rotate();
-                    e
-                }
-                Err(_) => {
-                    self.forget(&target);
-                    self.rotate();
-                    format!(
-                        "no answer from {:016x} within {:?}",
-                        target.node_id(),
-                        inner.options.attempt_timeout
-                    )
-                }
-            };
-            let elapsed = start.elapsed();
-            if elapsed + backoff >= inner.options.deadline {
-                return Err(ClientError::Unavailable {
-                    attempts,
-                    elapsed,
-                    last,
-                });
+                let Some(target) = self.pick_target(&[]) else {
+                    return Err(unavailable(attempts, "the client knows no member".into()));
+                };
+                attempts += 1;
+                asked = vec![target.endpoint_id];
+                next_hedge = tokio::time::Instant::now() + inner.options.hedge_after;
+                inflight.push(self.timed_attempt(target, request));
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            let can_hedge = hedge && asked.len() < self.inner.members.lock().expect("lock").len();
+            tokio::select! {
+                Some((target, outcome)) = inflight.next() => {
+                    asked.retain(|k| *k != target.endpoint_id);
+                    match outcome {
+                        Ok(ClientResponse::Error(RpcError::NotLeader { leader: Some(leader) })) => {
+                            self.prefer(leader);
+                            last = format!("node {:016x} is not the leader", target.node_id());
+                        }
+                        Ok(ClientResponse::Error(e)) if e.is_retryable() => {
+                            self.rotate_past(&target);
+                            last = e.to_string();
+                        }
+                        Ok(ClientResponse::Error(e)) => return Err(ClientError::Rpc(e)),
+                        Ok(response) => {
+                            self.mark_up(&target);
+                            return Ok((target, response));
+                        }
+                        Err(e) => {
+                            self.forget(&target);
+                            self.mark_down(&target);
+                            self.rotate_past(&target);
+                            last = e;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_hedge), if can_hedge => {
+                    // No answer yet: ask another member as well.
+                    next_hedge += inner.options.hedge_after;
+                    if let Some(target) = self.pick_target(&asked) {
+                        attempts += 1;
+                        asked.push(target.endpoint_id);
+                        inflight.push(self.timed_attempt(target, request));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(unavailable(attempts, last));
+                }
+            }
+        }
+    }
+
+    /// One attempt on `target`, bounded by `attempt_timeout`.
+    async fn timed_attempt(
+        &self,
+        target: NodeTicket,
+        request: &ClientRequest,
+    ) -> (NodeTicket, Result<ClientResponse, String>) {
+        let timeout = self.inner.options.attempt_timeout;
+        let outcome = match tokio::time::timeout(timeout, self.attempt(&target, request)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer from {:016x} within {timeout:?}",
+                target.node_id()
+            )),
+        };
+        (target, outcome)
+    }
+
+    fn has_live_connection(&self) -> bool {
+        self.inner
+            .conns
+            .lock()
+            .expect("lock")
+            .values()
+            .any(|c| c.close_reason().is_none())
+    }
+
+    /// Dials every member at once; returns when the first connection is up (making that
+    /// member the preferred one) or every dial failed. The other dials finish in the
+    /// background and their connections join the pool.
+    async fn connect_first(&self) {
+        let members = self.members();
+        if members.len() < 2 {
+            return;
+        }
+        let (first_tx, mut first_rx) = tokio::sync::mpsc::channel(members.len());
+        for target in members {
+            let client = self.clone();
+            let first_tx = first_tx.clone();
+            tokio::spawn(async move {
+                let ok = client.connection(&target).await.is_ok();
+                if !ok {
+                    client.mark_down(&target);
+                }
+                let _ = first_tx.send((target, ok)).await;
+            });
+        }
+        drop(first_tx);
+        while let Some((target, ok)) = first_rx.recv().await {
+            if ok {
+                self.prefer_known(&target);
+                return;
+            }
+        }
+    }
+
+    /// The member to ask next: the preferred one, else the next in order, skipping members
+    /// in `exclude` and (unless nothing else is left) members that failed recently.
+    fn pick_target(&self, exclude: &[[u8; 32]]) -> Option<NodeTicket> {
+        let members = self.inner.members.lock().expect("lock");
+        if members.is_empty() {
+            return None;
+        }
+        let start = self.inner.preferred.load(Ordering::Relaxed) % members.len();
+        let down = self.inner.down.lock().expect("lock");
+        let recently_down = |m: &NodeTicket| {
+            down.get(&m.endpoint_id)
+                .is_some_and(|at| at.elapsed() < DOWN_FOR)
+        };
+        let candidates = || {
+            (0..members.len())
+                .map(|i| &members[(start + i) % members.len()])
+                .filter(|m| !exclude.contains(&m.endpoint_id))
+        };
+        candidates()
+            .find(|m| !recently_down(m))
+            .or_else(|| candidates().next())
+            .cloned()
+    }
+
+    fn mark_down(&self, target: &NodeTicket) {
+        self.inner
+            .down
+            .lock()
+            .expect("lock")
+            .insert(target.endpoint_id, std::time::Instant::now());
+    }
+
+    fn mark_up(&self, target: &NodeTicket) {
+        self.inner
+            .down
+            .lock()
+            .expect("lock")
+            .remove(&target.endpoint_id);
+    }
+
+    /// Moves the preference past `target` (if it is still the preferred member).
+    fn rotate_past(&self, target: &NodeTicket) {
+        let members = self.inner.members.lock().expect("lock");
+        if members.is_empty() {
+            return;
+        }
+        let current = self.inner.preferred.load(Ordering::Relaxed) % members.len();
+        if members[current].endpoint_id == target.endpoint_id {
+            self.inner
+                .preferred
+                .store((current + 1) % members.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Prefers a member already in the list.
+    fn prefer_known(&self, target: &NodeTicket) {
+        let members = self.inner.members.lock().expect("lock");
+        if let Some(i) = members
+            .iter()
+            .position(|m| m.endpoint_id == target.endpoint_id)
+        {
+            self.inner.preferred.store(i, Ordering::Relaxed);
         }
     }
 
@@ -700,21 +928,15 @@ impl Client {
         target: &NodeTicket,
         request: &ClientRequest,
     ) -> Result<ClientResponse, String> {
-        let conn = self.connection(target).await?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| format!("open stream: {e}"))?;
-        wire::write_frame(&mut send, request, MAX_CLIENT_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| format!("finish: {e}"))?;
-        wire::read_frame(&mut recv, MAX_CLIENT_FRAME)
-            .await
-            .map_err(|e| e.to_string())
+        let conn = match self.connection(target).await {
+            Ok(c) => c,
+            Err(ConnectError::Refused(e)) => return Ok(ClientResponse::Error(e)),
+            Err(ConnectError::Transport(e)) => return Err(e),
+        };
+        exchange(&conn, request).await
     }
 
-    async fn connection(&self, target: &NodeTicket) -> Result<Connection, String> {
+    async fn connection(&self, target: &NodeTicket) -> Result<Connection, ConnectError> {
         let inner = &self.inner;
         let cached = |inner: &Inner| {
             inner
@@ -728,16 +950,42 @@ impl Client {
         if let Some(c) = cached(inner) {
             return Ok(c);
         }
-        let _dialling = inner.dial.lock().await;
+        let gate = inner
+            .dials
+            .lock()
+            .expect("lock")
+            .entry(target.endpoint_id)
+            .or_default()
+            .clone();
+        let _dialling = gate.lock().await;
         if let Some(c) = cached(inner) {
             return Ok(c);
         }
         let addr = addr_of(target)?;
-        let conn = inner
-            .endpoint
-            .connect(addr, CLIENT_ALPN)
-            .await
-            .map_err(|e| format!("connect to {:016x}: {e}", target.node_id()))?;
+        let conn = tokio::time::timeout(
+            inner.options.connect_timeout,
+            inner.endpoint.connect(addr, CLIENT_ALPN),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "connect to {:016x}: no answer within {:?}",
+                target.node_id(),
+                inner.options.connect_timeout
+            )
+        })?
+        .map_err(|e| format!("connect to {:016x}: {e}", target.node_id()))?;
+        if let Some(token) = &inner.options.token {
+            // Once per connection, before anything else is sent on it.
+            let present = ClientRequest::PresentToken {
+                token: token.clone(),
+            };
+            match exchange(&conn, &present).await? {
+                ClientResponse::Done => {}
+                ClientResponse::Error(e) => return Err(ConnectError::Refused(e)),
+                other => return Err(ConnectError::Transport(format!("unexpected {other:?}"))),
+            }
+        }
         inner
             .conns
             .lock()
@@ -775,6 +1023,58 @@ impl Client {
         };
         self.inner.preferred.store(index, Ordering::Relaxed);
     }
+}
+
+/// Whether sending `request` twice (to two members) is harmless: reads, writes carrying an
+/// idempotency session, and Automerge changes (a change a document has is skipped).
+fn hedge_safe(request: &ClientRequest) -> bool {
+    use ClientRequest as R;
+    match request {
+        R::Write { commands } => commands.iter().all(|c| c.session.is_some()),
+        R::Range { .. }
+        | R::Status
+        | R::Identity
+        | R::WhoAmI
+        | R::StateDigest
+        | R::DocGet { .. }
+        | R::DocList { .. }
+        | R::DocChange { .. }
+        | R::BlobStat { .. }
+        | R::BlobList { .. }
+        | R::NsGet { .. }
+        | R::NsList { .. }
+        | R::NsNamespaces
+        | R::AuthList => true,
+        _ => false,
+    }
+}
+
+/// Why no connection to a node could be used.
+enum ConnectError {
+    /// The node refused what the client presented (a capability token): not worth retrying.
+    Refused(RpcError),
+    Transport(String),
+}
+
+impl From<String> for ConnectError {
+    fn from(e: String) -> Self {
+        ConnectError::Transport(e)
+    }
+}
+
+/// One request and its response on a new bi-stream of `conn`.
+async fn exchange(conn: &Connection, request: &ClientRequest) -> Result<ClientResponse, String> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("open stream: {e}"))?;
+    wire::write_frame(&mut send, request, MAX_CLIENT_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| format!("finish: {e}"))?;
+    wire::read_frame(&mut recv, MAX_CLIENT_FRAME)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The dialable address of a node.

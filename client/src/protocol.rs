@@ -1,7 +1,12 @@
-//! The client protocol, `aspen/client/1`: one request and one response per QUIC bi-stream.
+//! The client protocol, `aspen/client/2`: one request and one response per QUIC bi-stream.
 //!
 //! Every message is one frame (see [`crate::wire`]). Enum variants are only ever appended;
 //! golden-bytes tests pin the encoding.
+//!
+//! Version 2 (access control): the caller is the key the QUIC handshake proved, and every
+//! request needs a permission (see the node's `server/auth.rs`). `InitCluster`,
+//! `InitNamedCluster` and `AddMember` are refused in version 2: they carried no proof that
+//! the caller may claim the node; `Init` and `Admit` carry the node's bootstrap secret.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +16,7 @@ use aspen_kv::{NodeId, StateDigest};
 use crate::ticket::NodeTicket;
 
 /// ALPN of the client protocol.
-pub const CLIENT_ALPN: &[u8] = b"aspen/client/1";
+pub const CLIENT_ALPN: &[u8] = b"aspen/client/2";
 /// Largest client request or response frame: one maximal value plus generous overhead, or a
 /// full page of a range read.
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024 * 1024;
@@ -134,6 +139,43 @@ pub enum ClientRequest {
     /// Hosts the namespace of an iroh-docs ticket (read-only tickets give read-only replicas)
     /// on every member, syncing with the peers it names.
     NsImport { ticket: String },
+    /// Makes the contacted (uninitialized) node a one-member cluster, the caller its first
+    /// admin. `secret` is the node's bootstrap secret (`DATA_DIR/bootstrap.secret`): only
+    /// someone who can read the node's data directory may claim it.
+    Init { name: String, secret: [u8; 32] },
+    /// Adds `node` (learner, then voter). `secret` is the new node's bootstrap secret: the
+    /// leader shows it to the node, which then accepts Raft traffic from this cluster.
+    Admit { node: NodeTicket, secret: [u8; 32] },
+    /// Presents a capability token for the rest of this connection (once per connection).
+    PresentToken { token: Vec<u8> },
+    /// Who the node thinks the caller is, and what the caller may do.
+    WhoAmI,
+    /// Adds roles and permissions (text `KIND:ACTION:PATTERN`) to a key's grant.
+    AuthGrant {
+        key: [u8; 32],
+        roles: Vec<String>,
+        permissions: Vec<String>,
+    },
+    /// Removes roles and permissions from a key's grant; with `all`, the whole grant.
+    AuthRevoke {
+        key: [u8; 32],
+        roles: Vec<String>,
+        permissions: Vec<String>,
+        all: bool,
+    },
+    /// Creates (or replaces) a custom role.
+    RoleCreate {
+        name: String,
+        permissions: Vec<String>,
+    },
+    /// Every grant and custom role.
+    AuthList,
+    /// Revokes a capability token (and every token delegated from it) on every member until
+    /// it expires. Allowed to `cluster:admin` and to every issuer in the token's chain.
+    TokenRevoke { token: Vec<u8> },
+    /// Makes the caller an admin, proven by the contacted node's bootstrap secret (recovery
+    /// of a lost admin key by someone who can read a member's data directory).
+    Recover { secret: [u8; 32] },
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -216,6 +258,54 @@ pub enum ClientResponse {
     NsTicket {
         ticket: String,
     },
+    WhoAmI(WhoAmI),
+    AuthList(AuthListing),
+}
+
+/// The caller as a node sees it (`ClientRequest::WhoAmI`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The caller's public key, as the QUIC handshake proved it.
+    pub key: [u8; 32],
+    /// Whether the key is a member node of the cluster (members may do everything).
+    pub member: bool,
+    /// Roles and permissions granted to the key itself.
+    pub roles: Vec<String>,
+    pub permissions: Vec<String>,
+    /// A token presented on this connection: its root issuer, permissions and expiry.
+    pub token: Option<TokenSummary>,
+}
+
+/// A capability token a caller presented.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSummary {
+    pub root_issuer: [u8; 32],
+    pub permissions: Vec<String>,
+    pub expires_at: u64,
+}
+
+/// One key's grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantSummary {
+    pub key: [u8; 32],
+    pub roles: Vec<String>,
+    pub permissions: Vec<String>,
+}
+
+/// One custom role.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSummary {
+    pub name: String,
+    pub permissions: Vec<String>,
+}
+
+/// Every grant and custom role (`ClientRequest::AuthList`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthListing {
+    pub grants: Vec<GrantSummary>,
+    pub roles: Vec<RoleSummary>,
+    /// Revoked token hashes still in force, with their expiry.
+    pub revoked_tokens: Vec<([u8; 32], u64)>,
 }
 
 /// One iroh-docs entry: the latest value some author set for a key.
@@ -260,6 +350,8 @@ pub enum NamespaceError {
     ContentUnavailable(String),
     #[error("iroh-docs failed: {0}")]
     Store(String),
+    #[error("the cluster hosts the maximum of {max} namespaces")]
+    TooMany { max: usize },
 }
 
 /// Longest iroh-docs key accepted.
@@ -412,6 +504,12 @@ pub enum RpcError {
     Blob(#[from] aspen_blobs::BlobError),
     #[error(transparent)]
     Namespace(#[from] NamespaceError),
+    /// The caller (the key its QUIC connection proved) lacks the permission this request needs.
+    #[error("permission denied: key {} lacks {needed}", hex::encode(caller))]
+    PermissionDenied { caller: [u8; 32], needed: String },
+    /// A presented capability token was refused.
+    #[error("token refused: {0}")]
+    Token(String),
 }
 
 impl RpcError {

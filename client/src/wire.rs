@@ -1,9 +1,15 @@
 //! Framing shared by every Aspen protocol: a 4-byte big-endian length, then postcard bytes.
 //!
-//! The length is checked against the protocol's maximum BEFORE the buffer is allocated, so a
-//! peer cannot make us allocate more than the limit.
+//! The length is checked against the protocol's maximum BEFORE anything is allocated, and the
+//! body buffer grows only as bytes actually arrive: a peer that declares a huge frame and
+//! then sends nothing costs a few KiB, not the declared length.
 
 use serde::{de::DeserializeOwned, Serialize};
+
+/// Buffer reserved before the first body byte arrives.
+const FIRST_READ: usize = 4096;
+/// Most bytes taken from the stream per read.
+const READ_CHUNK: usize = 1024 * 1024;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -71,11 +77,15 @@ pub async fn read_frame<T: DeserializeOwned>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-        ReadExactError::ReadError(e) => FrameError::Read(e.to_string()),
-    })?;
+    let mut body = Vec::with_capacity(len.min(FIRST_READ));
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK);
+        match recv.read_chunk(want).await {
+            Ok(Some(bytes)) => body.extend_from_slice(&bytes),
+            Ok(None) => return Err(FrameError::Truncated),
+            Err(e) => return Err(FrameError::Read(e.to_string())),
+        }
+    }
     decode_body(&body)
 }
 

@@ -49,6 +49,14 @@ pub struct ConnectArgs {
     /// Keys and values on the command line and in output are hex-encoded bytes.
     #[arg(long, global = true)]
     pub hex: bool,
+    /// The key file this client is known by (created 0600 if missing). Default:
+    /// $XDG_CONFIG_HOME/aspen/identity.key or ~/.config/aspen/identity.key.
+    #[arg(long, env = "ASPEN_IDENTITY", global = true, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// A capability token (from `aspen auth token issue --to <this identity>`), presented
+    /// once on every connection.
+    #[arg(long, env = "ASPEN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
 }
 
 /// [`ConnectArgs`] and the output format: what most commands take.
@@ -88,6 +96,9 @@ pub enum Command {
     /// iroh-docs namespaces every member hosts: create, set, get, list, share, import.
     #[command(subcommand)]
     Docs(crate::namespace_cli::DocsCommand),
+    /// Access control: who am I, grants, roles, capability tokens, admin recovery.
+    #[command(subcommand)]
+    Auth(crate::auth_cli::AuthCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
     Up(crate::up::UpArgs),
     /// Load generator, shaped like etcd's benchmark tool.
@@ -170,30 +181,46 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub record_validity_secs: Option<u64>,
     /// Join the cluster with this public key (found through the DHT or the record cache),
-    /// using the invitation from `--invite`.
-    #[arg(long, value_name = "CLUSTER_KEY", requires = "invite")]
+    /// using the invitation in `--invite-file`. Until it is a member, the node takes Raft
+    /// traffic only from nodes certified by this key.
+    #[arg(long, value_name = "CLUSTER_KEY", requires = "invite_file")]
     pub join: Option<String>,
-    /// Invitation token from `aspen cluster invite` (64 hex digits).
-    #[arg(long, value_name = "TOKEN", requires = "join")]
-    pub invite: Option<String>,
+    /// File holding the invitation token from `aspen cluster invite` (64 hex digits), or `-`
+    /// for standard input. (Not a flag value: command lines are visible to other users.)
+    #[arg(long, value_name = "FILE", requires = "join")]
+    pub invite_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Make the node in NODE_TICKET a new one-member cluster, with a new cluster key.
+    /// Make a node a new one-member cluster, with a new cluster key and this client's
+    /// identity as its first admin. Needs the node's bootstrap secret: give its data
+    /// directory, or its ticket and --bootstrap-secret.
     Init {
-        /// The node's ticket (DATA_DIR/node.ticket).
-        node_ticket: String,
+        /// The node's data directory (reads node.ticket and bootstrap.secret there), or its
+        /// ticket (DATA_DIR/node.ticket) with --bootstrap-secret.
+        node: String,
+        /// The node's bootstrap secret file (DATA_DIR/bootstrap.secret), when NODE is a
+        /// ticket.
+        #[arg(long, value_name = "FILE")]
+        bootstrap_secret: Option<PathBuf>,
         /// A name for the cluster (published in its DHT record; at most 63 bytes).
         #[arg(long, default_value = "")]
         name: String,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Add a node to the cluster: learner until caught up, then voter.
+    /// Add a node to the cluster: learner until caught up, then voter. Needs cluster:admin
+    /// and the new node's bootstrap secret (give its data directory, or its ticket and
+    /// --bootstrap-secret); a node started with --join uses `aspen cluster invite` instead.
     Add {
-        /// The new node's ticket (its DATA_DIR/node.ticket).
-        node_ticket: String,
+        /// The new node's data directory, or its ticket (DATA_DIR/node.ticket) with
+        /// --bootstrap-secret.
+        node: String,
+        /// The new node's bootstrap secret file (DATA_DIR/bootstrap.secret), when NODE is a
+        /// ticket.
+        #[arg(long, value_name = "FILE")]
+        bootstrap_secret: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -215,7 +242,8 @@ pub enum ClusterCommand {
         client: ClientArgs,
     },
     /// Create a single-use invitation for one node to join with
-    /// `aspen node run --join CLUSTER_KEY --invite TOKEN`. The token is shown only once.
+    /// `aspen node run --join CLUSTER_KEY --invite-file FILE`. The token is shown only once.
+    /// Needs cluster:admin.
     Invite {
         /// How long the invitation is valid, in seconds (at most 7 days).
         #[arg(long, default_value_t = 3600, value_name = "SECS")]
@@ -313,14 +341,27 @@ impl ReadArgs {
 }
 
 impl ConnectArgs {
-    fn options(&self) -> Result<ClientOptions> {
+    /// Timeouts, the identity (loaded or created off the executor) and the token.
+    pub async fn options(&self) -> Result<ClientOptions> {
         if !(self.timeout.is_finite() && self.timeout > 0.0) {
             bail!("--timeout must be a positive number of seconds");
         }
         let deadline = Duration::from_secs_f64(self.timeout);
+        let key = crate::auth_cli::load_identity(self.identity.clone()).await?;
+        let token = match &self.token {
+            Some(t) => Some(
+                t.parse::<aspen_trust::CapabilityToken>()
+                    .context("--token / ASPEN_TOKEN is not a capability token")?
+                    .encode(),
+            ),
+            None => None,
+        };
         Ok(ClientOptions {
             deadline,
             attempt_timeout: deadline.min(Duration::from_secs(5)),
+            identity: Some(iroh::SecretKey::from_bytes(&key.secret_bytes())),
+            token,
+            ..Default::default()
         })
     }
 
@@ -365,9 +406,10 @@ impl ConnectArgs {
     /// checked once.
     pub async fn clients(&self, n: usize) -> Result<Vec<Client>> {
         let ticket = self.ticket().await?;
+        let options = self.options().await?;
         let mut clients = Vec::with_capacity(n.max(1));
         for _ in 0..n.max(1) {
-            clients.push(Client::connect_with(ticket.clone(), self.options()?).await?);
+            clients.push(Client::connect_with(ticket.clone(), options.clone()).await?);
         }
         if let Some(key) = self.cluster_key()? {
             if let Err(e) = crate::resolve::verify_cluster(&clients[0], &key).await {
@@ -408,6 +450,35 @@ impl ConnectArgs {
             "version": kv.version,
         })
     }
+}
+
+/// A node named by its data directory (ticket and bootstrap secret read there) or by its
+/// ticket and a bootstrap secret file.
+pub async fn node_and_secret(
+    node: &str,
+    secret: Option<PathBuf>,
+) -> Result<(NodeTicket, [u8; 32])> {
+    let node = node.to_string();
+    tokio::task::spawn_blocking(move || {
+        let dir = std::path::Path::new(&node);
+        if dir.is_dir() {
+            let ticket_path = dir.join(crate::server::NODE_TICKET_FILE);
+            let ticket = std::fs::read_to_string(&ticket_path)
+                .with_context(|| format!("cannot read {}", ticket_path.display()))?
+                .parse::<NodeTicket>()
+                .with_context(|| format!("invalid ticket in {}", ticket_path.display()))?;
+            let secret = crate::keyfile::read_bootstrap_secret(secret.as_deref().unwrap_or(dir))?;
+            return Ok((ticket, secret));
+        }
+        let ticket: NodeTicket = node
+            .parse()
+            .context("invalid node ticket (NODE must be a data directory or a node ticket)")?;
+        let Some(path) = secret else {
+            bail!("given a node ticket, pass --bootstrap-secret DATA_DIR/bootstrap.secret (or give the node's data directory instead)");
+        };
+        Ok((ticket, crate::keyfile::read_bootstrap_secret(&path)?))
+    })
+    .await?
 }
 
 fn parse_node_id(s: &str) -> Result<u64> {
@@ -593,17 +664,14 @@ fn print_status(s: &ClusterStatus, output: Output) {
 pub async fn cluster(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Init {
-            node_ticket,
+            node,
+            bootstrap_secret,
             name,
             client,
         } => {
-            let node: NodeTicket = node_ticket.parse().context("invalid node ticket")?;
-            let c = Client::connect_node(node, client.options()?).await?;
-            let status = if name.is_empty() {
-                c.init_cluster().await
-            } else {
-                c.init_named_cluster(name).await
-            };
+            let (node, secret) = node_and_secret(&node, bootstrap_secret).await?;
+            let c = Client::connect_node(node, client.options().await?).await?;
+            let status = c.init_cluster(name, secret).await;
             let identity = match &status {
                 Ok(_) => c.identity().await.ok(),
                 Err(_) => None,
@@ -643,17 +711,19 @@ pub async fn cluster(cmd: ClusterCommand) -> Result<()> {
                 ),
                 Output::Text => {
                     println!("invitation (single use, expires at Unix time {expires_at}):");
-                    println!("  aspen node run --join {key} --invite {token}");
+                    println!("  echo {token} > invite.token");
+                    println!("  aspen node run --join {key} --invite-file invite.token");
                 }
             }
         }
         ClusterCommand::Add {
-            node_ticket,
+            node,
+            bootstrap_secret,
             client,
         } => {
-            let node: NodeTicket = node_ticket.parse().context("invalid node ticket")?;
+            let (node, secret) = node_and_secret(&node, bootstrap_secret).await?;
             let c = client.client().await?;
-            let id = c.add_member(node).await;
+            let id = c.add_member(node, secret).await;
             c.close().await;
             let id = id?;
             match client.output {

@@ -29,6 +29,10 @@ pub struct NodeConfig {
     /// Accept `SetNetFaults` requests (fault tests only; never from a file).
     #[serde(skip)]
     pub allow_fault_injection: bool,
+    /// The cluster this node was told to join (`--join KEY`): before it is a member, it
+    /// takes Raft traffic only from nodes certified by this key.
+    #[serde(skip)]
+    pub join: Option<aspen_trust::ClusterKey>,
 }
 
 /// How a node uses the Mainline DHT. The leader publishes the cluster record there so clients
@@ -162,6 +166,7 @@ impl Default for NodeConfig {
             blobs: BlobSettings::default(),
             test_fault: None,
             allow_fault_injection: false,
+            join: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The `aspen` node and CLI. See ARCHITECTURE.md for the map.
 
+pub mod auth_cli;
 pub mod bench;
 pub mod blob_cli;
 pub mod cli;

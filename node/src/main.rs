@@ -18,7 +18,9 @@ fn main() {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
         let default = if matches!(cli.command, Command::Node(_)) {
-            "info,iroh=warn,mainline=warn,openraft=warn,openraft::raft::responder=error,automerge=off"
+            // openraft logs every failed replication retry (about ten a second per dead
+            // member); the node logs member reachability itself (server/peers.rs).
+            "info,iroh=warn,mainline=warn,openraft=warn,openraft::replication=off,openraft::raft::responder=error,automerge=off"
         } else {
             "warn,automerge=off"
         };
@@ -48,6 +50,7 @@ fn main() {
             Command::Doc(cmd) => aspen_node::doc_cli::doc(cmd).await,
             Command::Blob(cmd) => aspen_node::blob_cli::blob(cmd).await,
             Command::Docs(cmd) => aspen_node::namespace_cli::docs(cmd).await,
+            Command::Auth(cmd) => aspen_node::auth_cli::auth(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
             Command::Discover {

@@ -44,12 +44,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(s) = args.record_validity_secs {
         config.dht.record_validity_secs = s;
     }
-    let join = match (&args.join, &args.invite) {
-        (Some(key), Some(token)) => {
+    let join = match (&args.join, &args.invite_file) {
+        (Some(key), Some(file)) => {
             let key: ClusterKey = key.parse().context("--join: invalid cluster key")?;
+            let token = read_invite(file).await?;
             let mut bytes = [0u8; 32];
-            hex::decode_to_slice(token.trim(), &mut bytes)
-                .map_err(|_| anyhow::anyhow!("--invite: expected 64 hex digits"))?;
+            hex::decode_to_slice(token.trim(), &mut bytes).map_err(|_| {
+                anyhow::anyhow!(
+                    "--invite-file: expected 64 hex digits (from `aspen cluster invite`)"
+                )
+            })?;
+            config.join = Some(key);
             Some((key, bytes))
         }
         _ => None,
@@ -106,6 +111,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
     result
 }
 
+/// Reads an invitation token from a file or, for `-`, standard input (off the executor).
+async fn read_invite(path: &std::path::Path) -> Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut text = String::new();
+        if path.as_os_str() == "-" {
+            std::io::stdin()
+                .take(1024)
+                .read_to_string(&mut text)
+                .context("cannot read the invitation from standard input")?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(1024).read_to_string(&mut text))
+                .with_context(|| format!("cannot read the invitation from {}", path.display()))?;
+        }
+        Ok(text)
+    })
+    .await?
+}
+
 /// Most attempts to reach the cluster when joining (a refusal ends it at once).
 const JOIN_ATTEMPTS: u32 = 20;
 
@@ -126,11 +152,13 @@ async fn join_cluster(
             let tried = async {
                 let resolved =
                     crate::resolve::resolve_with(&key, node.dht.clone(), cache.clone()).await?;
-                let client = Client::connect_with(
+                // From the node's own endpoint: the invitation is bound to the caller's key,
+                // which must be the joining node's.
+                let client = Client::with_endpoint(
+                    node.endpoint(),
                     crate::resolve::ticket_of(&resolved.record),
                     ClientOptions::default(),
-                )
-                .await?;
+                );
                 let r = client.join(node.node_ticket(), token).await;
                 client.close().await;
                 anyhow::Ok(r)

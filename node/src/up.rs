@@ -8,10 +8,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use aspen_client::{Client, ClientOptions, ClusterTicket, NodeTicket};
+use aspen_client::{Client, ClusterTicket, NodeTicket};
 use clap::Args;
 
 use crate::server::{CLUSTER_TICKET_FILE, NODE_TICKET_FILE};
+
+/// The admin identity `aspen up` creates for its cluster, in the data directory.
+pub const ADMIN_IDENTITY_FILE: &str = "admin.key";
 
 /// Most nodes `aspen up` starts (Raft clusters of more than 7 voters only get slower).
 pub const MAX_UP_NODES: usize = 7;
@@ -88,14 +91,28 @@ pub async fn up(args: UpArgs) -> Result<()> {
     for (dir, before) in dirs.iter().zip(&previous) {
         tickets.push(wait_for_ticket(dir, *before, &mut children).await?);
     }
-    let options = ClientOptions {
-        deadline: Duration::from_secs(30),
-        ..Default::default()
+    // The cluster's first admin: a key file next to the nodes' directories.
+    let admin_path = args.data_dir.join(ADMIN_IDENTITY_FILE);
+    let admin = {
+        let path = admin_path.clone();
+        tokio::task::spawn_blocking(move || crate::keyfile::load_or_create_key(&path))
+            .await?
+            .with_context(|| format!("admin identity {}", admin_path.display()))?
     };
+    let options = crate::auth_cli::options_for(&admin, Duration::from_secs(30));
     if !formed {
+        let secrets = {
+            let dirs = dirs.clone();
+            tokio::task::spawn_blocking(move || {
+                dirs.iter()
+                    .map(|d| crate::keyfile::read_bootstrap_secret(d))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await??
+        };
         let first = Client::connect_node(tickets[0].clone(), options.clone()).await?;
         first
-            .init_cluster()
+            .init_cluster(String::new(), secrets[0])
             .await
             .context("cannot initialize the first node")?;
         first.close().await;
@@ -106,9 +123,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
             options.clone(),
         )
         .await?;
-        for t in &tickets[1..] {
+        for (t, secret) in tickets[1..].iter().zip(&secrets[1..]) {
             cluster
-                .add_member(t.clone())
+                .add_member(t.clone(), *secret)
                 .await
                 .with_context(|| format!("cannot add node {:016x}", t.node_id()))?;
         }
@@ -133,11 +150,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
             "leader": status.leader.map(|l| format!("{l:016x}")),
             "cluster_ticket": ticket.to_string(),
             "cluster_ticket_file": ticket_path,
+            "identity_file": admin_path,
             "data_dir": args.data_dir,
         });
         println!("{v}");
     } else {
-        print_up_message(&args, &status, &ticket_path);
+        print_up_message(&args, &status, &ticket_path, &admin_path);
     }
     if args.detach {
         std::mem::forget(children);
@@ -146,7 +164,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     wait_then_stop(children).await
 }
 
-fn print_up_message(args: &UpArgs, status: &aspen_client::ClusterStatus, ticket_path: &Path) {
+fn print_up_message(
+    args: &UpArgs,
+    status: &aspen_client::ClusterStatus,
+    ticket_path: &Path,
+    admin_path: &Path,
+) {
     println!(
         "Aspen is up: {} node(s), leader {:016x}.",
         args.nodes,
@@ -161,6 +184,8 @@ fn print_up_message(args: &UpArgs, status: &aspen_client::ClusterStatus, ticket_
     let me = std::env::args().next().unwrap_or_else(|| "aspen".into());
     println!("In another shell:");
     println!("  export ASPEN_CLUSTER=$(cat {})", ticket_path.display());
+    let admin = std::fs::canonicalize(admin_path).unwrap_or_else(|_| admin_path.to_path_buf());
+    println!("  export ASPEN_IDENTITY={}", admin.display());
     println!("  {me} kv put hello world");
     println!("  {me} kv get hello");
     println!("  {me} cluster status");

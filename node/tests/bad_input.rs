@@ -3,7 +3,7 @@
 mod common;
 
 use aspen_client::protocol::{ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
-use aspen_client::{ClientError, ClusterTicket};
+use aspen_client::{Client, ClientError, ClusterTicket};
 use aspen_kv::api::{Command, LimitError, WriteOp};
 use aspen_kv::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use common::*;
@@ -106,9 +106,14 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
             .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], 20000 + p)))
             .collect(),
     };
-    let frame =
-        aspen_client::wire::encode_frame(&ClientRequest::AddMember { node: crowded }, usize::MAX)
-            .unwrap();
+    let frame = aspen_client::wire::encode_frame(
+        &ClientRequest::Admit {
+            node: crowded,
+            secret: [0; 32],
+        },
+        usize::MAX,
+    )
+    .unwrap();
     let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
     let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
     assert!(
@@ -174,7 +179,12 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
             .to_owned(),
         addrs: vec!["127.0.0.1:9".parse().unwrap()],
     };
-    let r = client.join(stranger, [0; 32]).await;
+    // (An invitation is used by the joining node itself: the caller's key is the ticket's.)
+    let joiner = Client::connect_node(node.ticket.clone(), options_as([9; 32]))
+        .await
+        .unwrap();
+    let r = joiner.join(stranger, [0; 32]).await;
+    joiner.close().await;
     assert!(
         matches!(&r, Err(ClientError::Rpc(RpcError::BadRequest(m))) if m.contains("unknown invitation")),
         "{r:?}"

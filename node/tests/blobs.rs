@@ -98,9 +98,15 @@ async fn a_large_blob_reaches_the_replicas_verified_and_corrupt_data_is_fetched_
         NodeProc::start(&root.path().join("n2"), &[]),
     ];
     let first = client_of(&nodes[0]).await;
-    first.init_cluster().await.unwrap();
+    first
+        .init_cluster(String::new(), bootstrap_secret(&nodes[0].dir))
+        .await
+        .unwrap();
     for n in &nodes[1..] {
-        first.add_member(n.ticket.clone()).await.unwrap();
+        first
+            .add_member(n.ticket.clone(), bootstrap_secret(&n.dir))
+            .await
+            .unwrap();
     }
     first.close().await;
     // The third member is down while the blob is added and first replicated.

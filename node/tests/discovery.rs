@@ -162,6 +162,64 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     assert!(stderr(&get_b).contains("not found"), "{}", stderr(&get_b));
     outputs.extend([&put, &get, &get_b].map(|o| stdout(o) + &stderr(o)));
 
+    // The attacker this protects against: knows only the key, resolves the members from the
+    // DHT, connects with a fresh identity, and can neither read, write, change the
+    // membership, nor fetch a blob.
+    let blob_file = root.path().join("blob.bin");
+    std::fs::write(&blob_file, b"private bytes").unwrap();
+    let added = by_key(
+        &[
+            "blob",
+            "add",
+            blob_file.to_str().unwrap(),
+            "--tag",
+            "private",
+            "-o",
+            "json",
+        ],
+        &key_a,
+        &bootstrap,
+        &cache,
+    );
+    let hash = json(&added)["hash"].as_str().unwrap().to_string();
+    let stranger = root.path().join("stranger.key");
+    let stranger = stranger.to_str().unwrap();
+    let out_file = root.path().join("stolen.bin");
+    let victim = a[1].ticket.to_string();
+    let member_id = format!("{:016x}", a[1].node_id());
+    let made_up = root.path().join("made-up.secret");
+    aspen_node::keyfile::write_private(
+        &made_up,
+        &format!("aspen-bootstrap-secret-v1\n{}\n", "ab".repeat(32)),
+    )
+    .unwrap();
+    for args in [
+        vec!["kv", "get", "greeting"],
+        vec!["kv", "put", "greeting", "owned"],
+        vec![
+            "cluster",
+            "add",
+            &victim,
+            "--bootstrap-secret",
+            made_up.to_str().unwrap(),
+        ],
+        vec!["cluster", "remove", &member_id],
+        vec!["blob", "get", &hash, "-o", out_file.to_str().unwrap()],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--identity", stranger]);
+        let out = by_key(&args, &key_a, &bootstrap, &cache);
+        assert!(!out.status.success(), "{args:?} succeeded for a stranger");
+        assert!(
+            stderr(&out).contains("permission denied"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!out_file.exists());
+    let get = by_key(&["kv", "get", "greeting"], &key_a, &bootstrap, &cache);
+    assert_eq!(stdout(&get).trim(), "hello");
+
     // Every member of A moves to a new port. The leader republishes; the client follows.
     let client = client_for(&a.iter().collect::<Vec<_>>()).await;
     for node in a.iter_mut() {
@@ -268,7 +326,13 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
         .await
         .unwrap();
     let client = client_for(&a.iter().collect::<Vec<_>>()).await;
-    client.add_member(inspector.node_ticket()).await.unwrap();
+    client
+        .add_member(
+            inspector.node_ticket(),
+            bootstrap_secret(&root.path().join("inspector")),
+        )
+        .await
+        .unwrap();
     client.close().await;
     let secret = wait_until("the cluster secret to reach the new member", || async {
         inspector
@@ -358,20 +422,23 @@ async fn nodes_join_by_key_only_with_a_valid_invitation() {
             v["expires_at"].as_u64().unwrap(),
         )
     };
-    let join_args = |token: &str| -> Vec<String> {
+    // The token is read from a file (never a command-line value).
+    let join_args = |name: &str, token: &str| -> Vec<String> {
+        let file = root.path().join(format!("{name}.invite"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
         node_args
             .iter()
             .map(|s| s.to_string())
             .chain([
                 "--join".into(),
                 key.clone(),
-                "--invite".into(),
-                token.into(),
+                "--invite-file".into(),
+                file.to_str().unwrap().into(),
             ])
             .collect()
     };
     let start = |name: &str, token: &str| {
-        let args = join_args(token);
+        let args = join_args(name, token);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         NodeProc::start(&root.path().join(name), &args)
     };

@@ -164,7 +164,10 @@ async fn concurrent_edits_converge_across_compaction_restart_and_snapshot_instal
 
     // A node added now receives the document with the state machine snapshot.
     let late = NodeProc::start(&root.path().join("late"), &args);
-    client.add_member(late.ticket.clone()).await.unwrap();
+    client
+        .add_member(late.ticket.clone(), bootstrap_secret(&late.dir))
+        .await
+        .unwrap();
     let mut all: Vec<&NodeProc> = nodes.iter().collect();
     all.push(&late);
     let (heads_late, doc_late) = converged(&all, "shared").await;

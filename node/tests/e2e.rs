@@ -13,14 +13,26 @@ async fn cli_forms_a_cluster_that_serves_through_any_node() {
     let nodes: Vec<NodeProc> = (0..3)
         .map(|i| NodeProc::start(&root.path().join(format!("n{i}")), &[]))
         .collect();
-    let t0 = nodes[0].ticket.to_string();
-    let init = cli(&["cluster", "init", &t0, "-o", "json"], None);
+    // By data directory (ticket and bootstrap secret read there), and by ticket + secret file.
+    let d0 = nodes[0].dir.to_str().unwrap();
+    let init = cli(&["cluster", "init", d0, "-o", "json"], None);
     assert!(init.status.success(), "{}", stderr(&init));
     let cluster = wait_for("cluster.ticket", || nodes[0].cluster_ticket()).to_string();
-    for n in &nodes[1..] {
-        let out = cli(&["cluster", "add", &n.ticket.to_string()], Some(&cluster));
-        assert!(out.status.success(), "{}", stderr(&out));
-    }
+    let d1 = nodes[1].dir.to_str().unwrap();
+    let out = cli(&["cluster", "add", d1], Some(&cluster));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret_file = nodes[2].dir.join("bootstrap.secret");
+    let out = cli(
+        &[
+            "cluster",
+            "add",
+            &nodes[2].ticket.to_string(),
+            "--bootstrap-secret",
+            secret_file.to_str().unwrap(),
+        ],
+        Some(&cluster),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let status = cli(&["cluster", "status", "-o", "json"], Some(&cluster));
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let members = v["members"].as_array().unwrap();
@@ -210,7 +222,10 @@ async fn lagging_and_new_nodes_catch_up_by_snapshot() {
 
     // A node added later receives the full state.
     let late = NodeProc::start(&root.path().join("late"), &args);
-    client.add_member(late.ticket.clone()).await.unwrap();
+    client
+        .add_member(late.ticket.clone(), bootstrap_secret(&late.dir))
+        .await
+        .unwrap();
     assert_all_present(&late, "s/", &acked).await;
     client.close().await;
     drop(nodes);
@@ -358,9 +373,24 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
         std::fs::read_to_string(&ticket_file).ok()
     });
     let ticket = ticket.trim().to_string();
-    let put = cli(&["kv", "put", "hello", "world"], Some(&ticket));
+    // As README says: the identity `aspen up` made its admin; any other key may do nothing.
+    let admin = dir.join("admin.key");
+    let admin = admin.to_str().unwrap();
+    let put = cli(
+        &["kv", "put", "hello", "world", "--identity", admin],
+        Some(&ticket),
+    );
     assert!(put.status.success(), "{}", stderr(&put));
-    let status = cli(&["cluster", "status", "-o", "json"], Some(&ticket));
+    let other = cli(&["kv", "get", "hello"], Some(&ticket));
+    assert!(
+        stderr(&other).contains("permission denied"),
+        "{}",
+        stderr(&other)
+    );
+    let status = cli(
+        &["cluster", "status", "-o", "json", "--identity", admin],
+        Some(&ticket),
+    );
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
 
@@ -383,7 +413,10 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
             .then(|| std::fs::read_to_string(&ticket_file).ok())
             .flatten()
     });
-    let get = cli(&["kv", "get", "hello"], Some(ticket.trim()));
+    let get = cli(
+        &["kv", "get", "hello", "--identity", admin],
+        Some(ticket.trim()),
+    );
     assert_eq!(stdout(&get).trim(), "world", "{}", stderr(&get));
 }
 
@@ -418,6 +451,7 @@ async fn client_learns_the_membership_from_one_member() {
     let options = aspen_client::ClientOptions {
         attempt_timeout: std::time::Duration::from_secs(2),
         deadline: std::time::Duration::from_secs(60),
+        ..options()
     };
     let only = ClusterTicket {
         members: vec![nodes[0].ticket.clone()],
@@ -435,4 +469,36 @@ async fn client_learns_the_membership_from_one_member() {
         b"2"
     );
     client.close().await;
+}
+
+/// The CLI rides out a member that never answers (stopped with SIGSTOP, listed first in the
+/// ticket) and a leader killed with kill -9 (how long it takes is measured by
+/// scripts/failover.sh, see BENCHMARKS.md; tests never assert timings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rides_out_a_stopped_member_and_a_killed_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let ticket = ClusterTicket {
+        members: nodes.iter().map(|n| n.ticket.clone()).collect(),
+    }
+    .to_string();
+    let put = cli(&["kv", "put", "a", "1"], Some(&ticket));
+    assert!(put.status.success(), "{}", stderr(&put));
+    nodes[0].pause();
+    for i in 0..3 {
+        let put = cli(&["kv", "put", "a", &i.to_string()], Some(&ticket));
+        assert!(put.status.success(), "{}", stderr(&put));
+    }
+    let get = cli(&["kv", "get", "a"], Some(&ticket));
+    assert_eq!(stdout(&get).trim(), "2", "{}", stderr(&get));
+    nodes[0].resume();
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let leader = wait_until("a leader", || async { client.status().await.ok()?.leader }).await;
+    client.close().await;
+    let victim = nodes.iter().position(|n| n.node_id() == leader).unwrap();
+    nodes[victim].kill9();
+    let put = cli(&["kv", "put", "b", "after"], Some(&ticket));
+    assert!(put.status.success(), "{}", stderr(&put));
+    let get = cli(&["kv", "get", "b"], Some(&ticket));
+    assert_eq!(stdout(&get).trim(), "after", "{}", stderr(&get));
 }

@@ -55,6 +55,7 @@ async fn client_preferring(nodes: &[NodeProc], first: usize) -> Client {
         ClientOptions {
             attempt_timeout: Duration::from_secs(3),
             deadline: Duration::from_secs(15),
+            ..options()
         },
     )
     .await
@@ -196,6 +197,7 @@ async fn leader_index(nodes: &[NodeProc], live: &[usize]) -> usize {
                 ClientOptions {
                     attempt_timeout: Duration::from_secs(1),
                     deadline: Duration::from_secs(2),
+                    ..options()
                 },
             )
             .await
@@ -380,7 +382,10 @@ async fn histories_stay_linearizable_under_faults() {
                     .progress(OPS_PER_STEP, "after removing a member")
                     .await;
                 admin
-                    .add_member(nodes[victim].ticket.clone())
+                    .add_member(
+                        nodes[victim].ticket.clone(),
+                        bootstrap_secret(&nodes[victim].dir),
+                    )
                     .await
                     .unwrap();
                 workload

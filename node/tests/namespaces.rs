@@ -84,6 +84,15 @@ async fn entries_written_on_one_member_are_readable_on_the_others() {
     let ticket = each[2].ns_share(ns, false).await.unwrap();
     let other = form(&root.path().join("other"), 1, &[]).await;
     let outsider = client_of(&other[0]).await;
+    // Default deny: the origin admits the other cluster's node to this namespace only.
+    each[0]
+        .auth_grant(
+            other[0].ticket.endpoint_id,
+            vec![],
+            vec![format!("ns:read:{}", hex::encode(ns))],
+        )
+        .await
+        .unwrap();
     let other_cluster = ClusterTicket {
         members: vec![other[0].ticket.clone()],
     }

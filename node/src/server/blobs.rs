@@ -253,7 +253,7 @@ fn is_verification_failure(e: &iroh_blobs::get::GetError) -> bool {
 }
 
 impl NodeState {
-    async fn blob_index(&self) -> Result<BlobIndex, RpcError> {
+    pub(super) async fn blob_index(&self) -> Result<BlobIndex, RpcError> {
         Ok(self.sm.system_view(read_index).await??)
     }
 

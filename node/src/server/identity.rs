@@ -260,7 +260,11 @@ impl NodeState {
             Some(user) if user != node.endpoint_id => {
                 return Err(refused("invitation already used by another node"))
             }
-            Some(_) => {} // This node's own earlier attempt: finish adding it.
+            // This node's own earlier attempt: finish adding it (while the invitation lasts).
+            Some(_) if invite.expires_at <= unix_now() => {
+                return Err(refused("invitation expired"))
+            }
+            Some(_) => {}
             None => {
                 if invite.expires_at <= unix_now() {
                     return Err(refused("invitation expired"));
@@ -290,6 +294,6 @@ impl NodeState {
             }
         }
         tracing::info!(node = %hex::encode(&node.endpoint_id[..8]), "admitting invited node");
-        self.add_member(node).await
+        self.add_member(node, None).await
     }
 }

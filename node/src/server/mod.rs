@@ -7,9 +7,12 @@
 //!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
 //! ```
 
+mod admission;
+pub mod auth;
 pub mod blobs;
 mod corrupt_blobs;
 mod docs;
+mod gate;
 pub mod identity;
 pub mod namespaces;
 mod peers;
@@ -104,6 +107,10 @@ pub struct NodeState {
     pub blobs: blobs::BlobService,
     /// The node's iroh-docs engine (replicas of the cluster's namespaces).
     pub namespaces: namespaces::NamespaceService,
+    /// The access-control policy this node enforces (grants, roles, revoked tokens).
+    pub auth: auth::AuthService,
+    /// Whom this node takes Raft traffic from before it is a member.
+    admission: admission::Admission,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -144,13 +151,18 @@ impl RunningNode {
                     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                         .map_err(|e| StartError::DataDir(dir.clone(), e))?;
                 }
-                Ok::<_, StartError>(crate::keyfile::load_or_create(&dir)?)
+                Ok::<_, StartError>((
+                    crate::keyfile::load_or_create(&dir)?,
+                    crate::keyfile::load_or_create_bootstrap_secret(&dir)?,
+                ))
             })
             .await
             .map_err(|e| StartError::Raft(e.to_string()))??
         };
+        let (key, bootstrap_secret) = key;
         let secret = SecretKey::from_bytes(&key.secret_bytes());
-        let endpoint = bind_endpoint(&dir, config.bind, secret).await?;
+        let gate = gate::PeerGate::default();
+        let endpoint = bind_endpoint(&dir, config.bind, secret, &gate).await?;
         let addrs = listen_addrs(&endpoint, config.bind);
         let me = Member {
             endpoint_id: key.public(),
@@ -214,8 +226,18 @@ impl RunningNode {
             doc_cache: Default::default(),
             blobs,
             namespaces,
+            auth: Default::default(),
+            admission: admission::Admission::new(bootstrap_secret, config.join),
         });
         peers.set_node(Arc::downgrade(&state));
+        let _ = gate.node.set(Arc::downgrade(&state));
+        // The policy is in force before the first request is served.
+        let auth_changes = state.sm.watch_system_prefix(auth::AUTH_PREFIX);
+        state.auth.watch(auth_changes.clone());
+        state
+            .reload_policy()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let router = Router::builder(endpoint.clone()).accept(RAFT_ALPN, RaftService { peers });
         let router = if config.test_fault == Some(TestFault::CorruptBlobSends) {
@@ -228,7 +250,10 @@ impl RunningNode {
         } else {
             router.accept(
                 iroh_blobs::ALPN,
-                iroh_blobs::BlobsProtocol::new(&state.blobs.store, None),
+                gate::GatedBlobs {
+                    store: (*state.blobs.store).clone(),
+                    node: gate.node.clone(),
+                },
             )
         };
         let router = router
@@ -265,6 +290,7 @@ impl RunningNode {
             tokio::spawn(blobs::run_replication(state.clone())),
             tokio::spawn(namespaces::run_sync(state.clone())),
             tokio::spawn(namespaces::run_content_repair(state.clone())),
+            tokio::spawn(auth::run_policy_reload(state.clone(), auth_changes)),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
         Ok(RunningNode {
@@ -279,6 +305,11 @@ impl RunningNode {
         self.state.node_ticket()
     }
 
+    /// The node's iroh endpoint (its key is the node key).
+    pub fn endpoint(&self) -> Endpoint {
+        self.router.endpoint().clone()
+    }
+
     /// Stops Raft and closes the endpoint.
     pub async fn shutdown(self) {
         for t in &self.tasks {
@@ -289,12 +320,39 @@ impl RunningNode {
     }
 }
 
+/// Most concurrent bi-streams one connection may open (client requests, blob requests, Raft
+/// calls); QUIC refuses more until some finish.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// A connection with no traffic (keep-alives included) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node endpoint: offline, with the access gate and per-connection limits.
+async fn node_endpoint(
+    bind: SocketAddr,
+    secret: SecretKey,
+    gate: &gate::PeerGate,
+) -> Result<Endpoint, aspen_client::endpoint::EndpointError> {
+    use iroh::endpoint::{QuicTransportConfig, VarInt};
+    let transport = QuicTransportConfig::builder()
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a small timeout fits")))
+        .build();
+    aspen_client::endpoint::offline_builder(bind, Some(secret), vec![])?
+        .transport_config(transport)
+        .hooks(gate.clone())
+        .bind()
+        .await
+        .map_err(|e| aspen_client::endpoint::EndpointError::Bind(bind, format!("{e:#}")))
+}
+
 /// Binds the endpoint. With port 0, first tries the port of the previous run (from
 /// `node.ticket`), so a restarted node keeps its address whenever the OS allows.
 async fn bind_endpoint(
     dir: &Path,
     bind: SocketAddr,
     secret: SecretKey,
+    gate: &gate::PeerGate,
 ) -> Result<Endpoint, StartError> {
     if bind.port() == 0 {
         let previous = tokio::fs::read_to_string(dir.join(NODE_TICKET_FILE))
@@ -309,15 +367,13 @@ async fn bind_endpoint(
             });
         if let Some(port) = previous {
             let again = SocketAddr::new(bind.ip(), port);
-            if let Ok(ep) =
-                aspen_client::endpoint::offline_endpoint(again, Some(secret.clone()), vec![]).await
-            {
+            if let Ok(ep) = node_endpoint(again, secret.clone(), gate).await {
                 return Ok(ep);
             }
             tracing::info!("previous port {port} is taken; binding a new one");
         }
     }
-    Ok(aspen_client::endpoint::offline_endpoint(bind, Some(secret), vec![]).await?)
+    Ok(node_endpoint(bind, secret, gate).await?)
 }
 
 /// The addresses to advertise: the bound sockets, with unspecified IPs (0.0.0.0, ::)
@@ -402,6 +458,18 @@ impl NodeState {
                 other => return other.map_err(RpcError::from),
             }
         }
+        match self.call_leader(RaftRequest::Forward(commands)).await? {
+            RaftResponse::Forward(r) => r,
+            other => Err(RpcError::Internal(format!(
+                "unexpected forward response {other:?}"
+            ))),
+        }
+    }
+
+    /// One call to the leader (from a follower). Gives up as soon as this node sees the
+    /// leadership change (the leader died or was deposed): the client retries against the
+    /// new leader instead of waiting out the call's timeout.
+    async fn call_leader(&self, request: RaftRequest) -> Result<RaftResponse, RpcError> {
         let Some((leader, member)) = self.leader() else {
             return Err(RpcError::Unavailable(
                 "no leader (election in progress)".into(),
@@ -410,20 +478,24 @@ impl NodeState {
         if leader == self.id {
             return Err(RpcError::Unavailable("leadership changing; retry".into()));
         }
-        match self
-            .peers
-            .call(
-                &member,
-                &RaftRequest::Forward(commands),
-                LEADER_CALL_TIMEOUT,
-            )
-            .await
-        {
-            Ok(RaftResponse::Forward(r)) => r,
-            Ok(other) => Err(RpcError::Internal(format!(
-                "unexpected forward response {other:?}"
+        let mut metrics = self.raft.metrics();
+        let leader_changed = async move {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if metrics.borrow().current_leader != Some(leader) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = self.peers.call(&member, &request, LEADER_CALL_TIMEOUT) => {
+                r.map_err(|e| RpcError::Unavailable(format!("leader unreachable: {e}")))
+            }
+            _ = leader_changed => Err(RpcError::Unavailable(format!(
+                "leader {leader:016x} was replaced while serving this request; retry"
             ))),
-            Err(e) => Err(RpcError::Unavailable(format!("leader unreachable: {e}"))),
         }
     }
 
@@ -436,23 +508,13 @@ impl NodeState {
         let index = if self.is_leader() {
             self.read_index().await?
         } else {
-            let Some((_, member)) = self.leader() else {
-                return Err(RpcError::Unavailable(
-                    "no leader (election in progress)".into(),
-                ));
-            };
-            match self
-                .peers
-                .call(&member, &RaftRequest::ReadIndex, LEADER_CALL_TIMEOUT)
-                .await
-            {
-                Ok(RaftResponse::ReadIndex(r)) => r?,
-                Ok(other) => {
+            match self.call_leader(RaftRequest::ReadIndex).await? {
+                RaftResponse::ReadIndex(r) => r?,
+                other => {
                     return Err(RpcError::Internal(format!(
                         "unexpected read-index response {other:?}"
                     )))
                 }
-                Err(e) => return Err(RpcError::Unavailable(format!("leader unreachable: {e}"))),
             }
         };
         if let Some(index) = index {
@@ -531,8 +593,17 @@ impl NodeState {
         Ok(())
     }
 
-    /// Serves one client request.
-    pub async fn handle_client(&self, request: ClientRequest) -> ClientResponse {
+    /// Serves one client request from a caller whose access [`auth::Access::check`] has
+    /// already checked against what the request needs; listings are filtered per item here.
+    pub async fn handle_client(
+        &self,
+        request: ClientRequest,
+        access: &auth::Access<'_>,
+        blob_hashes: Vec<[u8; 32]>,
+    ) -> ClientResponse {
+        if let Err(e) = self.check_blob_hashes(access, &blob_hashes).await {
+            return ClientResponse::Error(e);
+        }
         let result = match request {
             ClientRequest::Write { commands } => match Self::validate(&commands, true) {
                 Err(e) => Err(e),
@@ -555,14 +626,51 @@ impl NodeState {
                 .await
             }
             ClientRequest::Status => self.status().await.map(ClientResponse::Status),
-            ClientRequest::InitCluster => self.init_cluster("").await,
-            ClientRequest::InitNamedCluster { name } => self.init_cluster(&name).await,
+            ClientRequest::InitCluster
+            | ClientRequest::InitNamedCluster { .. }
+            | ClientRequest::AddMember { .. } => Err(RpcError::BadRequest(
+                "this request carries no proof of who may claim the node; \
+                 use `Init`/`Admit` with the node's bootstrap secret (aspen >= protocol 2)"
+                    .into(),
+            )),
+            ClientRequest::Init { name, secret } => {
+                self.init_with_secret(&name, &secret, access).await
+            }
+            ClientRequest::Admit { node, secret } => self.add_member(node, Some(secret)).await,
+            ClientRequest::PresentToken { token } => self.present_token(&token, access),
+            ClientRequest::WhoAmI => Ok(self.whoami(access)),
+            ClientRequest::AuthGrant {
+                key,
+                roles,
+                permissions,
+            } => self.auth_grant(key, roles, permissions).await,
+            ClientRequest::AuthRevoke {
+                key,
+                roles,
+                permissions,
+                all,
+            } => self.auth_revoke(key, roles, permissions, all).await,
+            ClientRequest::RoleCreate { name, permissions } => {
+                self.role_create(name, permissions).await
+            }
+            ClientRequest::AuthList => Ok(ClientResponse::AuthList(self.auth.policy().listing())),
+            ClientRequest::TokenRevoke { token } => self.token_revoke(&token, access).await,
+            ClientRequest::Recover { secret } => self.recover_admin(&secret, access).await,
             ClientRequest::Identity => self.identity().await,
             ClientRequest::CreateInvite { valid_for_secs } => {
                 self.create_invite(valid_for_secs).await
             }
-            ClientRequest::Join { node, invite } => self.join(node, invite).await,
-            ClientRequest::AddMember { node } => self.add_member(node).await,
+            ClientRequest::Join { node, invite } => {
+                if node.endpoint_id != access.key {
+                    Err(RpcError::BadRequest(
+                        "join refused: an invitation is used by the joining node itself \
+                         (the ticket's key must be the caller's)"
+                            .into(),
+                    ))
+                } else {
+                    self.join(node, invite).await
+                }
+            }
             ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
             ClientRequest::SetNetFaults(faults) => {
                 if faults.drop_per_mille > 1000 || faults.isolate_from.len() > MAX_ISOLATED {
@@ -597,7 +705,10 @@ impl NodeState {
                 start_after,
                 limit,
                 consistency,
-            } => self.doc_list(start_after, limit, consistency).await,
+            } => self
+                .doc_list(start_after, limit, consistency)
+                .await
+                .map(|r| auth::filter_listing(r, access)),
             ClientRequest::DocDelete { name } => self.doc_delete(name).await,
             ClientRequest::BlobAdd { .. } => Err(RpcError::BadRequest(
                 "BlobAdd must be followed by the blob's bytes on its stream".into(),
@@ -609,7 +720,10 @@ impl NodeState {
                 start_after,
                 limit,
                 consistency,
-            } => self.blob_list(start_after, limit, consistency).await,
+            } => self
+                .blob_list(start_after, limit, consistency)
+                .await
+                .map(|r| auth::filter_listing(r, access)),
             ClientRequest::BlobTag { tag, hash } => self.blob_tag(tag, hash).await,
             ClientRequest::BlobUntag { tag } => self.blob_untag(tag).await,
             ClientRequest::BlobStats => self.blob_stats().await,
@@ -625,7 +739,10 @@ impl NodeState {
                 prefix,
                 limit,
             } => self.ns_list(namespace, prefix, limit).await,
-            ClientRequest::NsNamespaces => self.ns_namespaces().await,
+            ClientRequest::NsNamespaces => self
+                .ns_namespaces()
+                .await
+                .map(|r| auth::filter_listing(r, access)),
             ClientRequest::NsShare { namespace, write } => self.ns_share(namespace, write).await,
             ClientRequest::NsImport { ticket } => self.ns_import(ticket).await,
         };
@@ -672,7 +789,14 @@ impl NodeState {
         Ok(())
     }
 
-    async fn add_member(&self, node: NodeTicket) -> Result<ClientResponse, RpcError> {
+    /// Adds `node`: introduces this leader to it (with the node's bootstrap secret when the
+    /// operator gave one; a node joining by invitation expects this cluster already), then
+    /// learner, then voter.
+    async fn add_member(
+        &self,
+        node: NodeTicket,
+        secret: Option<[u8; 32]>,
+    ) -> Result<ClientResponse, RpcError> {
         self.require_leader()?;
         if node.addrs.len() > aspen_client::ticket::MAX_ADDRS_PER_NODE {
             return Err(RpcError::BadRequest(format!(
@@ -694,6 +818,9 @@ impl NodeState {
                     "node id {id:016x} is taken by another key"
                 )));
             }
+        }
+        if !self.members().contains_key(&id) {
+            self.introduce_to(&member, secret).await?;
         }
         // Catch the new node up as a learner first, so it never slows down the quorum.
         self.raft
@@ -751,22 +878,69 @@ impl NodeState {
         }
     }
 
-    /// Serves one node-to-node request from `remote`.
+    /// Whether `remote` may send this node Raft traffic: a member, or (while this node
+    /// belongs to no cluster) a caller that introduced itself for the cluster it expects.
+    pub fn is_raft_peer(&self, remote: &EndpointId) -> bool {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let mut nodes = membership.membership().nodes().peekable();
+        if nodes.peek().is_none() {
+            return self.admission.is_introduced(remote.as_bytes());
+        }
+        nodes.any(|(_, m)| m.endpoint_id == *remote.as_bytes())
+    }
+
+    /// Whether this node belongs to a cluster (its membership is not empty).
+    pub fn is_initialized(&self) -> bool {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let initialized = membership.membership().nodes().next().is_some();
+        initialized
+    }
+
+    /// Serves one node-to-node request from `remote` (`Peers::serve` has checked that it is
+    /// a member or introduced, or that this is an `Introduce` from a stranger to a node that
+    /// belongs to no cluster).
     pub async fn handle_raft(&self, remote: EndpointId, request: RaftRequest) -> RaftResponse {
         // An Arc of the current membership: no copy on this hot path.
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let members = membership.membership();
-        let mut nodes = members.nodes().peekable();
-        let initialized = nodes.peek().is_some();
-        let known = nodes.any(|(_, m)| m.endpoint_id == *remote.as_bytes());
-        // An uninitialized node accepts its first leader; afterwards only members are heard.
-        if initialized && !known {
-            return RaftResponse::Refused(format!(
-                "{} is not a member of this cluster",
-                remote.fmt_short()
-            ));
+        let initialized = members.nodes().next().is_some();
+        if let RaftRequest::Introduce {
+            certificate,
+            secret,
+        } = &request
+        {
+            if initialized {
+                // A member of a cluster already: introductions change nothing.
+                return RaftResponse::Introduced;
+            }
+            return match self.admission.introduce(
+                remote.as_bytes(),
+                certificate,
+                secret.as_ref(),
+                identity::unix_now(),
+            ) {
+                Ok(cluster) => {
+                    tracing::info!(peer = %remote.fmt_short(), %cluster, "introduced: taking raft traffic from this cluster");
+                    RaftResponse::Introduced
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %remote.fmt_short(), "introduction refused: {e}");
+                    RaftResponse::Refused(format!("introduction refused: {e}"))
+                }
+            };
+        }
+        if !self.is_raft_peer(&remote) {
+            return if initialized {
+                RaftResponse::Refused(format!(
+                    "{} is not a member of this cluster",
+                    remote.fmt_short()
+                ))
+            } else {
+                RaftResponse::NotIntroduced
+            };
         }
         match request {
+            RaftRequest::Introduce { .. } => RaftResponse::Introduced,
             RaftRequest::AppendEntries(rpc) => {
                 RaftResponse::AppendEntries(self.raft.append_entries(rpc).await)
             }
@@ -913,17 +1087,15 @@ impl std::fmt::Debug for ClientService {
 
 impl ProtocolHandler for ClientService {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        // The caller is the key the QUIC handshake proved, for the whole connection.
+        let caller = Arc::new(auth::Caller::new(*conn.remote_id().as_bytes()));
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let state = self.state.clone();
+            let caller = caller.clone();
             tokio::spawn(async move {
                 let response = match read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
                 {
-                    // The blob's bytes follow the request on the same stream.
-                    Ok(ClientRequest::BlobAdd { size, tag }) => state
-                        .blob_add(size, tag, recv)
-                        .await
-                        .unwrap_or_else(ClientResponse::Error),
-                    Ok(request) => state.handle_client(request).await,
+                    Ok(request) => state.serve_client(request, &caller, recv).await,
                     Err(e) => {
                         ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))
                     }
@@ -935,5 +1107,63 @@ impl ProtocolHandler for ClientService {
             });
         }
         Ok(())
+    }
+}
+
+impl NodeState {
+    /// After a denial: catches up with the leader (a read barrier, coalesced with other
+    /// reads) and reloads the policy if an `auth/` write applied since it was loaded.
+    /// Returns whether the policy changed.
+    async fn catch_up_policy(&self) -> Result<bool, RpcError> {
+        self.read_barrier().await?;
+        if !self.auth.is_stale() {
+            return Ok(false);
+        }
+        self.reload_policy().await?;
+        Ok(true)
+    }
+
+    /// Authorizes one client request (the one place the client protocol checks access),
+    /// then serves it.
+    async fn serve_client(
+        &self,
+        request: ClientRequest,
+        caller: &auth::Caller,
+        recv: iroh::endpoint::RecvStream,
+    ) -> ClientResponse {
+        let members: Vec<[u8; 32]> = self.members().values().map(|m| m.endpoint_id).collect();
+        let needs = auth::needs(&request);
+        let mut access = self
+            .auth
+            .access(caller, members.clone(), identity::unix_now());
+        let blob_hashes = match access.check(&needs) {
+            Ok(h) => h,
+            // The policy here may lag behind what the cluster committed (a grant made through
+            // another member, or entries replayed after a restart): catch up, then decide.
+            Err(denied @ RpcError::PermissionDenied { .. }) => match self.catch_up_policy().await {
+                Err(e) => {
+                    return ClientResponse::Error(RpcError::Unavailable(format!(
+                        "cannot confirm the access policy with the leader ({e}); retry"
+                    )))
+                }
+                Ok(false) => return ClientResponse::Error(denied),
+                Ok(true) => {
+                    access = self.auth.access(caller, members, identity::unix_now());
+                    match access.check(&needs) {
+                        Ok(h) => h,
+                        Err(e) => return ClientResponse::Error(e),
+                    }
+                }
+            },
+            Err(e) => return ClientResponse::Error(e),
+        };
+        match request {
+            // The blob's bytes follow the request on the same stream.
+            ClientRequest::BlobAdd { size, tag } => self
+                .blob_add(size, tag, recv)
+                .await
+                .unwrap_or_else(ClientResponse::Error),
+            request => self.handle_client(request, &access, blob_hashes).await,
+        }
     }
 }

@@ -99,6 +99,11 @@ impl NamespaceRecord {
     }
 }
 
+/// Most namespaces a cluster hosts (created or imported).
+pub const MAX_NAMESPACES: usize = 1024;
+/// Most peers a hosted namespace's ticket may name.
+pub const MAX_TICKET_PEERS: usize = 16;
+
 fn store_error(e: impl std::fmt::Display) -> RpcError {
     NamespaceError::Store(e.to_string()).into()
 }
@@ -110,6 +115,9 @@ pub struct NamespaceService {
     author: AuthorId,
     /// Per namespace: the peers live sync was last started with, and when.
     syncing: Mutex<HashMap<NamespaceId, (BTreeSet<EndpointId>, Instant)>>,
+    /// Every peer named in a hosted namespace's ticket (the access gate admits them to
+    /// iroh-docs and iroh-gossip), as of the sync loop's last pass.
+    ticket_peers: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl NamespaceService {
@@ -136,7 +144,13 @@ impl NamespaceService {
             gossip,
             author,
             syncing: Mutex::new(HashMap::new()),
+            ticket_peers: Mutex::new(Default::default()),
         })
+    }
+
+    /// Peers named in the tickets of the namespaces the cluster hosts.
+    pub fn ticket_peers(&self) -> std::collections::HashSet<[u8; 32]> {
+        self.ticket_peers.lock().expect("lock").clone()
     }
 }
 
@@ -161,8 +175,17 @@ impl NodeState {
     }
 
     async fn ns_record(&self, id: &[u8; 32]) -> Result<NamespaceRecord, RpcError> {
-        let key = registry_key(id);
-        match self.sm.system_view(move |v| v.get(&key)).await? {
+        let read = || {
+            let key = registry_key(id);
+            self.sm.system_view(move |v| v.get(&key))
+        };
+        let mut found = read().await?;
+        if found.is_none() {
+            // Registered through another member just now? Catch up before saying unknown.
+            self.read_barrier().await?;
+            found = read().await?;
+        }
+        match found {
             Some(bytes) => Ok(NamespaceRecord::decode(&bytes)?),
             None => Err(NamespaceError::Unknown(hex::encode(id)).into()),
         }
@@ -178,6 +201,21 @@ impl NodeState {
     }
 
     async fn ns_register(&self, id: &[u8; 32], ticket: &DocTicket) -> Result<(), RpcError> {
+        // Ticket peers are admitted to iroh-docs and iroh-gossip: bounded, like the registry.
+        if ticket.nodes.len() > MAX_TICKET_PEERS {
+            return Err(NamespaceError::BadTicket(format!(
+                "it names {} peers; the limit is {MAX_TICKET_PEERS}",
+                ticket.nodes.len()
+            ))
+            .into());
+        }
+        let registry = self.ns_registry().await?;
+        if registry.len() >= MAX_NAMESPACES && !registry.iter().any(|(known, _)| known == id) {
+            return Err(NamespaceError::TooMany {
+                max: MAX_NAMESPACES,
+            }
+            .into());
+        }
         let record = NamespaceRecord {
             ticket: ticket.to_string(),
             created_at_ms: super::identity::unix_now() * 1000,
@@ -379,7 +417,7 @@ impl NodeState {
     }
 
     /// The registered namespaces whose records parse, with their tickets.
-    async fn ns_tickets(&self) -> Result<Vec<([u8; 32], DocTicket)>, RpcError> {
+    pub(super) async fn ns_tickets(&self) -> Result<Vec<([u8; 32], DocTicket)>, RpcError> {
         let mut out = Vec::new();
         for (id, record) in self.ns_registry().await? {
             match record.parsed() {
@@ -411,7 +449,12 @@ impl NodeState {
     async fn sync_namespaces_once(&self) -> Result<(), RpcError> {
         let ns = &self.namespaces;
         let members = self.member_addrs();
-        for (id, ticket) in self.ns_tickets().await? {
+        let tickets = self.ns_tickets().await?;
+        *ns.ticket_peers.lock().expect("lock") = tickets
+            .iter()
+            .flat_map(|(_, t)| t.nodes.iter().map(|n| *n.id.as_bytes()))
+            .collect();
+        for (id, ticket) in tickets {
             let nid = NamespaceId::from(&id);
             let doc = ns.local_replica(&ticket.capability).await?;
             let peers = self.ns_peers(&ticket, &members);
@@ -454,6 +497,29 @@ impl NodeState {
         }
         *missing_before = missing_now;
         Ok(())
+    }
+
+    /// Whether `hash` is the content of an entry of namespace `id` (scanning at most `max`
+    /// entries of the local replica).
+    pub(super) async fn namespace_has_content(
+        &self,
+        id: &[u8; 32],
+        hash: &[u8; 32],
+        max: usize,
+    ) -> bool {
+        let Ok(Some(doc)) = self.namespaces.docs.open(NamespaceId::from(id)).await else {
+            return false;
+        };
+        let Ok(stream) = doc.get_many(Query::all()).await else {
+            return false;
+        };
+        let mut stream = Box::pin(stream.take(max));
+        while let Some(entry) = stream.next().await {
+            if entry.is_ok_and(|e| e.content_hash().as_bytes() == hash) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Content hashes of the latest entries of `doc` that the local blob store lacks.

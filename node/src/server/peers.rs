@@ -24,8 +24,13 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
-use super::raft_protocol::{RaftRequest, RaftResponse, MAX_RAFT_FRAME, RAFT_ALPN};
+use super::raft_protocol::{
+    RaftRequest, RaftResponse, MAX_INTRODUCE_FRAME, MAX_RAFT_FRAME, RAFT_ALPN,
+};
 use super::NodeState;
+
+/// QUIC application close code for a connection from a key that is not a member.
+const NOT_A_MEMBER: iroh::endpoint::VarInt = iroh::endpoint::VarInt::from_u32(403);
 
 /// Longest a dial may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -42,6 +47,19 @@ pub struct Peers {
     faults: Mutex<NetFaults>,
     /// Whether `faults` injects anything: the member-traffic hot path checks only this.
     faults_active: std::sync::atomic::AtomicBool,
+    /// Members whose calls are failing, for logging: one line when a member goes, one when
+    /// it returns, a summary every [`UNREACHABLE_SUMMARY_EVERY`] while it stays away
+    /// (openraft's own per-retry replication errors are filtered out of the default log).
+    unreachable: Mutex<HashMap<[u8; 32], Unreachability>>,
+}
+
+/// How often a member that stays unreachable is mentioned again in the log.
+const UNREACHABLE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+struct Unreachability {
+    since: std::time::Instant,
+    failures: u64,
+    last_logged: std::time::Instant,
 }
 
 /// What an injected fault does to one outgoing request.
@@ -71,7 +89,55 @@ impl Peers {
             node: std::sync::OnceLock::new(),
             faults: Mutex::new(NetFaults::default()),
             faults_active: std::sync::atomic::AtomicBool::new(false),
+            unreachable: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Logs a member's calls starting to fail, and then only a periodic summary.
+    fn note_failure(&self, peer: &[u8; 32], why: &str) {
+        let now = std::time::Instant::now();
+        let mut map = self.unreachable.lock().expect("lock");
+        let name = hex::encode(&peer[..8]);
+        match map.get_mut(peer) {
+            None => {
+                tracing::warn!(peer = %name, "member unreachable: {why}");
+                map.insert(
+                    *peer,
+                    Unreachability {
+                        since: now,
+                        failures: 1,
+                        last_logged: now,
+                    },
+                );
+            }
+            Some(u) => {
+                u.failures += 1;
+                if u.last_logged.elapsed() >= UNREACHABLE_SUMMARY_EVERY {
+                    tracing::warn!(
+                        peer = %name,
+                        "member still unreachable after {:?} ({} failed calls): {why}",
+                        u.since.elapsed(),
+                        u.failures
+                    );
+                    u.last_logged = now;
+                }
+            }
+        }
+    }
+
+    fn note_success(&self, peer: &[u8; 32]) {
+        let mut map = self.unreachable.lock().expect("lock");
+        if map.is_empty() {
+            return;
+        }
+        if let Some(u) = map.remove(peer) {
+            tracing::info!(
+                peer = %hex::encode(&peer[..8]),
+                "member reachable again after {:?} ({} failed calls)",
+                u.since.elapsed(),
+                u.failures
+            );
+        }
     }
 
     /// Replaces the injected network faults (fault tests only).
@@ -120,13 +186,24 @@ impl Peers {
         let _ = self.node.set(node);
     }
 
-    /// Adopts an accepted connection and serves the requests the peer sends on it.
+    /// Adopts an accepted connection and serves the requests the peer sends on it. A
+    /// member's connection joins the pool; a stranger's is closed at once, unless this node
+    /// belongs to no cluster yet (then the stranger may only introduce itself).
     pub fn adopt(self: &Arc<Self>, conn: Connection) {
         let remote = conn.remote_id();
-        self.conns
-            .lock()
-            .expect("lock")
-            .insert(remote, conn.clone());
+        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if node.is_raft_peer(&remote) {
+            self.conns
+                .lock()
+                .expect("lock")
+                .insert(remote, conn.clone());
+        } else if node.is_initialized() {
+            tracing::debug!(peer = %remote.fmt_short(), "raft connection from a non-member refused");
+            conn.close(NOT_A_MEMBER, b"not a member of this cluster");
+            return;
+        }
         let peers = self.clone();
         tokio::spawn(async move { peers.serve(conn).await });
     }
@@ -142,6 +219,20 @@ impl Peers {
                 break;
             };
             let remote = conn.remote_id();
+            // Decided before a byte of the request is read: members get the full frame size,
+            // strangers to a node without a cluster only an introduction, others nothing.
+            let max_frame = if node.is_raft_peer(&remote) {
+                MAX_RAFT_FRAME
+            } else if !node.is_initialized() {
+                MAX_INTRODUCE_FRAME
+            } else {
+                conn.close(NOT_A_MEMBER, b"not a member of this cluster");
+                break;
+            };
+            drop(node);
+            let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+                break;
+            };
             if self.isolated_from(remote.as_bytes()) {
                 // Partitioned from this peer: its request goes unanswered.
                 tokio::spawn(async move {
@@ -151,7 +242,7 @@ impl Peers {
                 continue;
             }
             tokio::spawn(async move {
-                let request: RaftRequest = match read_frame(&mut recv, MAX_RAFT_FRAME).await {
+                let request: RaftRequest = match read_frame(&mut recv, max_frame).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::debug!(peer = %remote.fmt_short(), "bad raft frame: {e}");
@@ -226,8 +317,56 @@ impl Peers {
         Ok(conn)
     }
 
-    /// One request/response with a member.
+    /// One request/response with a member. A node that belongs to no cluster yet answers
+    /// `NotIntroduced` until this node shows it a certificate from the cluster key; that is
+    /// done here, once, and the request sent again.
     pub async fn call(
+        self: &Arc<Self>,
+        member: &Member,
+        request: &RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftResponse, PeerError> {
+        match self.call_once(member, request, timeout).await? {
+            RaftResponse::NotIntroduced => {
+                let name = hex::encode(&member.endpoint_id[..8]);
+                let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+                    return Err(PeerError::Failed(name, "node stopped".into()));
+                };
+                let certificate = node
+                    .own_certificate()
+                    .await
+                    .map_err(|e| PeerError::Failed(name.clone(), e.to_string()))?;
+                let introduce = RaftRequest::Introduce {
+                    certificate,
+                    secret: None,
+                };
+                match self.call_once(member, &introduce, timeout).await? {
+                    RaftResponse::Introduced => self.call_once(member, request, timeout).await,
+                    other => Err(PeerError::Failed(
+                        name,
+                        format!("introduction not accepted: {other:?}"),
+                    )),
+                }
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn call_once(
+        self: &Arc<Self>,
+        member: &Member,
+        request: &RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftResponse, PeerError> {
+        let result = self.call_unlogged(member, request, timeout).await;
+        match &result {
+            Ok(_) => self.note_success(&member.endpoint_id),
+            Err(e) => self.note_failure(&member.endpoint_id, &e.to_string()),
+        }
+        result
+    }
+
+    async fn call_unlogged(
         self: &Arc<Self>,
         member: &Member,
         request: &RaftRequest,
@@ -273,6 +412,26 @@ impl Peers {
             }
             Ok(Ok(r)) => Ok(r),
         }
+    }
+}
+
+/// Most entry bytes one AppendEntries carries (leaves room below [`MAX_RAFT_FRAME`] for the
+/// encoding's overhead).
+const APPEND_BUDGET: usize = MAX_RAFT_FRAME / 2;
+
+/// Roughly how many bytes an entry takes on the wire.
+fn approx_entry_bytes(entry: &openraft::Entry<TypeConfig>) -> usize {
+    const OVERHEAD: usize = 64;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(batch) => {
+            OVERHEAD
+                + batch
+                    .commands
+                    .iter()
+                    .map(|c| c.op.payload_bytes() + OVERHEAD)
+                    .sum::<usize>()
+        }
+        _ => 4 * 1024,
     }
 }
 
@@ -329,6 +488,16 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        // Entries are bounded one by one, but many at once could exceed a frame: ask
+        // openraft to send fewer (it retries with at most the hinted number) instead of
+        // failing the same oversized frame forever.
+        let bytes: usize = rpc.entries.iter().map(approx_entry_bytes).sum();
+        if bytes > APPEND_BUDGET && rpc.entries.len() > 1 {
+            let fit = (rpc.entries.len() * APPEND_BUDGET / bytes).max(1);
+            return Err(RPCError::PayloadTooLarge(
+                openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
+            ));
+        }
         match self.rpc(RaftRequest::AppendEntries(rpc), &option).await? {
             RaftResponse::AppendEntries(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

@@ -1,6 +1,12 @@
 //! The node-to-node protocol, `aspen/raft/1`: Raft RPCs plus the few calls members make to
 //! each other (forwarded writes, read index, address announcements). One request and one
 //! response per bi-stream, each one frame. Variants are only ever appended.
+//!
+//! Only members are heard: a node that belongs to a cluster drops a connection from any other
+//! key before reading a byte of it. A node that belongs to no cluster yet reads only
+//! [`RaftRequest::Introduce`] (at most [`MAX_INTRODUCE_FRAME`] bytes) from strangers, and
+//! serves a caller once it proved, with a certificate from the cluster key, that it speaks for
+//! the cluster the node was told to join (by `--join KEY`, or by its bootstrap secret).
 
 use aspen_client::RpcError;
 use aspen_kv::api::{Command, CommandResult};
@@ -17,6 +23,8 @@ pub const RAFT_ALPN: &[u8] = b"aspen/raft/1";
 /// Largest frame: 16 entries of up to MAX_BATCH_BYTES each, or a snapshot chunk, plus
 /// overhead.
 pub const MAX_RAFT_FRAME: usize = 96 * 1024 * 1024;
+/// Largest frame a node reads from a caller that is not (yet) a member: an `Introduce`.
+pub const MAX_INTRODUCE_FRAME: usize = 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRequest {
@@ -29,6 +37,14 @@ pub enum RaftRequest {
     ReadIndex,
     /// "I am this member, reachable here": sent after a restart so peers learn new addresses.
     Hello(Member),
+    /// "I speak for the cluster whose key signed `certificate` (for my key)". Sent to a node
+    /// that is not a member yet. With `secret` (the node's bootstrap secret, which the
+    /// operator gave `cluster add`), the node adopts that cluster; without, the node accepts
+    /// it only for the cluster it already expects (`--join KEY`, or an earlier introduction).
+    Introduce {
+        certificate: Vec<u8>,
+        secret: Option<[u8; 32]>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,6 +59,9 @@ pub enum RaftResponse {
     Hello,
     /// The caller is not a member of this node's cluster.
     Refused(String),
+    /// This node belongs to no cluster yet and does not know the caller: introduce yourself.
+    NotIntroduced,
+    Introduced,
 }
 
 #[cfg(test)]
@@ -64,6 +83,18 @@ mod tests {
         assert_eq!(
             postcard::to_allocvec(&RaftResponse::Refused("x".into())).unwrap(),
             [6, 1, b'x']
+        );
+        assert_eq!(
+            postcard::to_allocvec(&RaftRequest::Introduce {
+                certificate: vec![1],
+                secret: None
+            })
+            .unwrap(),
+            [6, 1, 1, 0]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&RaftResponse::NotIntroduced).unwrap(),
+            [7]
         );
     }
 

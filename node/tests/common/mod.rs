@@ -14,6 +14,52 @@ use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NodeTicket
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The secret of the identity every test acts as: the first admin of every cluster the
+/// harness forms (the same key for the SDK and, through `ASPEN_IDENTITY`, for the CLI).
+pub const ADMIN_SECRET: [u8; 32] = [0x5a; 32];
+
+/// The admin identity as a key file, written once per test process (0600).
+pub fn admin_identity_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = FILE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.key");
+        aspen_node::keyfile::write_private(
+            &path,
+            &aspen_trust::NodeKey::from_secret_bytes(&ADMIN_SECRET).to_file_contents(),
+        )
+        .unwrap();
+        (dir, path)
+    });
+    path
+}
+
+/// The public key of [`ADMIN_SECRET`].
+pub fn admin_key() -> [u8; 32] {
+    aspen_trust::NodeKey::from_secret_bytes(&ADMIN_SECRET).public()
+}
+
+/// A fresh identity with no grant: what a stranger connects with.
+pub fn stranger_options() -> ClientOptions {
+    ClientOptions {
+        identity: Some(iroh::SecretKey::from_bytes(&rand::random())),
+        ..options()
+    }
+}
+
+/// Options acting as the key `secret`.
+pub fn options_as(secret: [u8; 32]) -> ClientOptions {
+    ClientOptions {
+        identity: Some(iroh::SecretKey::from_bytes(&secret)),
+        ..options()
+    }
+}
+
+/// The bootstrap secret of the node in `dir`.
+pub fn bootstrap_secret(dir: &Path) -> [u8; 32] {
+    aspen_node::keyfile::read_bootstrap_secret(dir).unwrap()
+}
+
 pub fn aspen_bin() -> &'static str {
     env!("CARGO_BIN_EXE_aspen")
 }
@@ -180,7 +226,12 @@ pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
     cmd.args(args)
         .env_remove("ASPEN_CLUSTER")
         .env_remove("ASPEN_DHT_BOOTSTRAP")
+        .env_remove("ASPEN_TOKEN")
         .stdin(Stdio::null());
+    // The admin identity unless the test names another (never the user's own).
+    if !args.contains(&"--identity") {
+        cmd.env("ASPEN_IDENTITY", admin_identity_file());
+    }
     // Never the public DHT: tests that resolve keys pass --dht-bootstrap (a local testnet).
     if !args.contains(&"--dht-bootstrap") {
         cmd.env("ASPEN_NO_DHT", "true");
@@ -203,6 +254,8 @@ pub fn options() -> ClientOptions {
     ClientOptions {
         attempt_timeout: Duration::from_secs(5),
         deadline: Duration::from_secs(60),
+        identity: Some(iroh::SecretKey::from_bytes(&ADMIN_SECRET)),
+        ..Default::default()
     }
 }
 
@@ -227,9 +280,15 @@ pub async fn form(root: &Path, n: usize, args: &[&str]) -> Vec<NodeProc> {
         .map(|i| NodeProc::start(&root.join(format!("n{i}")), args))
         .collect();
     let first = client_of(&nodes[0]).await;
-    first.init_cluster().await.unwrap();
+    first
+        .init_cluster(String::new(), bootstrap_secret(&nodes[0].dir))
+        .await
+        .unwrap();
     for node in &nodes[1..] {
-        first.add_member(node.ticket.clone()).await.unwrap();
+        first
+            .add_member(node.ticket.clone(), bootstrap_secret(&node.dir))
+            .await
+            .unwrap();
     }
     first.close().await;
     nodes
@@ -253,6 +312,7 @@ pub async fn local_kvs(node: &NodeProc, prefix: &str) -> Option<Vec<aspen_kv::ap
         ClientOptions {
             attempt_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(3),
+            ..options()
         },
     )
     .await
@@ -352,19 +412,39 @@ pub async fn assert_all_present(node: &NodeProc, prefix: &str, acked: &BTreeSet<
     assert!(missing.is_empty());
 }
 
-/// Sends raw bytes on one stream of `alpn` and returns what comes back (if anything).
+/// Sends raw bytes on one stream of `alpn` as the admin (a client that skips the SDK's
+/// checks) and returns what comes back: empty if the node refused the connection or closed
+/// the stream. [`raw_exchange_as`] picks the key (`None`: a fresh one).
 pub async fn raw_exchange(node: &NodeProc, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
-    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
-        .await
-        .unwrap();
+    raw_exchange_as(node, alpn, bytes, Some(ADMIN_SECRET)).await
+}
+
+pub async fn raw_exchange_as(
+    node: &NodeProc,
+    alpn: &[u8],
+    bytes: &[u8],
+    secret: Option<[u8; 32]>,
+) -> Vec<u8> {
+    let ep = aspen_client::endpoint::offline_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        secret.map(|s| iroh::SecretKey::from_bytes(&s)),
+        vec![],
+    )
+    .await
+    .unwrap();
     let id = iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap();
     let addr = iroh::EndpointAddr::new(id).with_ip_addr(node.ticket.addrs[0]);
-    let conn = ep.connect(addr, alpn).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(bytes).await.unwrap();
-    send.finish().unwrap();
-    let out = recv.read_to_end(1 << 20).await.unwrap_or_default();
-    conn.close(0u32.into(), b"done");
+    let out = async {
+        let conn = ep.connect(addr, alpn).await.ok()?;
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(bytes).await.ok()?;
+        send.finish().ok()?;
+        let out = recv.read_to_end(1 << 20).await.ok();
+        conn.close(0u32.into(), b"done");
+        out
+    }
+    .await
+    .unwrap_or_default();
     ep.close().await;
     out
 }

@@ -1,0 +1,261 @@
+//! Default deny for the protocols iroh's own crates serve (iroh-blobs, iroh-docs,
+//! iroh-gossip), which have no notion of Aspen's grants.
+//!
+//! Two layers:
+//!
+//! - [`PeerGate`], an iroh endpoint hook, refuses an incoming connection on those ALPNs right
+//!   after the QUIC handshake unless the caller's key is a member, a node introduced to this
+//!   not-yet-member node, a peer named in a namespace ticket the cluster hosts, or a key
+//!   whose grant reads blobs or namespaces. A stranger costs one handshake and never reaches
+//!   a protocol handler. (The client and Raft ALPNs decide per request, see `auth.rs` and
+//!   `Peers::serve`.)
+//! - [`GatedBlobs`] then decides every iroh-blobs request of a non-member by its hash: the
+//!   caller must be allowed to read a tag that names the blob, or the blob must be the content
+//!   of an entry of a namespace the caller may read. Requests for the children of a hash
+//!   sequence and pushes are refused.
+//!
+//! iroh-docs and iroh-gossip cannot be gated per namespace with the stock crates (the
+//! namespace is inside their first frame, which they read themselves): a peer admitted on
+//! their ALPNs can sync any namespace whose id it knows. SECURITY.md lists this gap.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use iroh::endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, VarInt};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use iroh::EndpointId;
+use iroh_blobs::provider::events::{
+    AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode,
+    ThrottleMode,
+};
+
+use super::NodeState;
+
+/// QUIC close code for a refused connection.
+pub const REFUSED: VarInt = VarInt::from_u32(403);
+
+/// The node a gate asks, set once the node state exists (the hook is installed before).
+pub type NodeSlot = Arc<OnceLock<Weak<NodeState>>>;
+
+/// The endpoint hook: connection-level default deny for iroh's protocols.
+#[derive(Debug, Clone, Default)]
+pub struct PeerGate {
+    pub node: NodeSlot,
+}
+
+impl EndpointHooks for PeerGate {
+    async fn after_handshake<'a>(&'a self, conn: &'a Connection) -> AfterHandshakeOutcome {
+        if conn.side().is_client() {
+            return AfterHandshakeOutcome::Accept; // We dialled: our own choice.
+        }
+        let alpn = conn.alpn();
+        let gated =
+            alpn == iroh_blobs::ALPN || alpn == iroh_docs::ALPN || alpn == iroh_gossip::ALPN;
+        if !gated {
+            return AfterHandshakeOutcome::Accept;
+        }
+        let allowed = self
+            .node
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|node| node.peer_may_connect(&conn.remote_id(), alpn));
+        if allowed {
+            AfterHandshakeOutcome::Accept
+        } else {
+            tracing::debug!(peer = %conn.remote_id().fmt_short(), alpn = %String::from_utf8_lossy(alpn), "connection refused: no grant");
+            AfterHandshakeOutcome::Reject {
+                error_code: REFUSED,
+                reason: b"permission denied: no grant for this protocol".to_vec(),
+            }
+        }
+    }
+}
+
+/// Every read request of a non-member is decided by its hash; pushes are refused.
+const GATED_EVENTS: EventMask = EventMask {
+    connected: ConnectMode::None,
+    get: RequestMode::Intercept,
+    get_many: RequestMode::Intercept,
+    push: RequestMode::Disabled,
+    observe: ObserveMode::Intercept,
+    throttle: ThrottleMode::None,
+};
+
+/// How many pending decisions one connection may queue.
+const DECISION_QUEUE: usize = 16;
+
+/// The iroh-blobs provider with per-hash authorization for non-members.
+#[derive(Debug, Clone)]
+pub struct GatedBlobs {
+    pub store: iroh_blobs::api::Store,
+    pub node: NodeSlot,
+}
+
+impl ProtocolHandler for GatedBlobs {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+            conn.close(REFUSED, b"node stopping");
+            return Ok(());
+        };
+        let peer = conn.remote_id();
+        if node.is_member_key(peer.as_bytes()) {
+            drop(node);
+            iroh_blobs::provider::handle_connection(conn, self.store.clone(), EventSender::DEFAULT)
+                .await;
+            return Ok(());
+        }
+        drop(node);
+        let (events, mut decisions) = EventSender::channel(DECISION_QUEUE, GATED_EVENTS);
+        let slot = self.node.clone();
+        let decider = tokio::spawn(async move {
+            while let Some(msg) = decisions.recv().await {
+                let Some(node) = slot.get().and_then(Weak::upgrade) else {
+                    return; // Dropping the message refuses it.
+                };
+                decide(&node, peer, msg).await;
+            }
+        });
+        iroh_blobs::provider::handle_connection(conn, self.store.clone(), events).await;
+        decider.abort();
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        // The router's shutdown also stops the store (as BlobsProtocol does).
+        if let Err(e) = self.store.shutdown().await {
+            tracing::debug!("blob store shutdown: {e}");
+        }
+    }
+}
+
+fn verdict(ok: bool) -> Result<(), AbortReason> {
+    if ok {
+        Ok(())
+    } else {
+        Err(AbortReason::Permission)
+    }
+}
+
+async fn decide(node: &NodeState, peer: EndpointId, msg: ProviderMessage) {
+    match msg {
+        ProviderMessage::GetRequestReceived(m) => {
+            let r = &m.inner.request;
+            // Offsets past 0 are children of a hash sequence, served without further events.
+            let children = r
+                .ranges
+                .iter_non_empty_infinite()
+                .any(|(offset, _)| offset > 0);
+            let ok = !children && node.peer_may_read_blob(&peer, r.hash.as_bytes()).await;
+            m.tx.send(verdict(ok)).await.ok();
+        }
+        ProviderMessage::GetManyRequestReceived(m) => {
+            let mut ok = true;
+            for h in &m.inner.request.hashes {
+                ok &= node.peer_may_read_blob(&peer, h.as_bytes()).await;
+            }
+            m.tx.send(verdict(ok)).await.ok();
+        }
+        ProviderMessage::ObserveRequestReceived(m) => {
+            let ok = node
+                .peer_may_read_blob(&peer, m.inner.request.hash.as_bytes())
+                .await;
+            m.tx.send(verdict(ok)).await.ok();
+        }
+        ProviderMessage::PushRequestReceived(m) => {
+            m.tx.send(Err(AbortReason::Permission)).await.ok();
+        }
+        ProviderMessage::ClientConnected(m) => {
+            m.tx.send(Ok(())).await.ok();
+        }
+        ProviderMessage::Throttle(m) => {
+            m.tx.send(Ok(())).await.ok();
+        }
+        // Notifications need no answer; anything else that carries a reply channel is
+        // refused by dropping it.
+        _ => {}
+    }
+}
+
+/// Most entries of one namespace scanned to find whether a blob is its content.
+const MAX_CONTENT_SCAN: usize = 100_000;
+
+impl NodeState {
+    /// Whether `key` is the node key of a current member.
+    pub fn is_member_key(&self, key: &[u8; 32]) -> bool {
+        self.members().values().any(|m| m.endpoint_id == *key)
+    }
+
+    /// What a key's grant allows (no token: iroh's protocols cannot carry one).
+    fn grant_access<'a>(&self, caller: &'a super::auth::Caller) -> super::auth::Access<'a> {
+        let members = self.members().values().map(|m| m.endpoint_id).collect();
+        self.auth
+            .access(caller, members, super::identity::unix_now())
+    }
+
+    /// The namespaces `peer` may read: granted `ns:read` on them, or named in their ticket
+    /// (the peers an imported namespace syncs with).
+    async fn namespaces_readable_by(&self, peer: &EndpointId) -> Vec<[u8; 32]> {
+        let caller = super::auth::Caller::new(*peer.as_bytes());
+        let access = self.grant_access(&caller);
+        let Ok(tickets) = self.ns_tickets().await else {
+            return Vec::new();
+        };
+        tickets
+            .into_iter()
+            .filter(|(id, ticket)| {
+                access.may(
+                    aspen_trust::Kind::Ns,
+                    aspen_trust::Action::Read,
+                    hex::encode(id).as_bytes(),
+                ) || ticket.nodes.iter().any(|n| n.id == *peer)
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Connection-level check for iroh's protocols (see [`PeerGate`]).
+    pub fn peer_may_connect(&self, peer: &EndpointId, alpn: &[u8]) -> bool {
+        if self.is_raft_peer(peer) {
+            return true;
+        }
+        let caller = super::auth::Caller::new(*peer.as_bytes());
+        let access = self.grant_access(&caller);
+        use aspen_trust::{Action, Kind};
+        if access.may_any(Kind::Ns, Action::Read)
+            || (alpn == iroh_blobs::ALPN && access.may_any(Kind::Blob, Action::Read))
+        {
+            return true;
+        }
+        // Peers named in a hosted namespace's ticket (its origin, for an imported one).
+        self.namespaces.ticket_peers().contains(peer.as_bytes())
+    }
+
+    /// Whether non-member `peer` may fetch the blob `hash`: it may read a tag naming it, or
+    /// the blob is the content of an entry in a namespace it may read.
+    pub async fn peer_may_read_blob(&self, peer: &EndpointId, hash: &[u8; 32]) -> bool {
+        if self.is_member_key(peer.as_bytes()) {
+            return true;
+        }
+        let caller = super::auth::Caller::new(*peer.as_bytes());
+        let access = self.grant_access(&caller);
+        use aspen_trust::{Action, Kind};
+        if let Ok(index) = self.blob_index().await {
+            let by_tag = index
+                .tags_of(hash)
+                .iter()
+                .any(|t| access.may(Kind::Blob, Action::Read, t.as_str().as_bytes()));
+            if by_tag {
+                return true;
+            }
+        }
+        drop(access);
+        for id in self.namespaces_readable_by(peer).await {
+            if self
+                .namespace_has_content(&id, hash, MAX_CONTENT_SCAN)
+                .await
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
