@@ -95,6 +95,11 @@ impl Default for ClientOptions {
     }
 }
 
+/// Longest [`Client::close`] waits for the endpoint to wind down. The close frames leave at
+/// once; waiting longer only waits for members that do not answer (a dial still pending to a
+/// stopped member would hold a finished command for its whole timeout).
+pub const CLOSE_GRACE: Duration = Duration::from_millis(20);
+
 /// How long a member that failed a dial or a request is tried only after the others.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
@@ -190,6 +195,8 @@ struct Inner {
     dials: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// Members that recently failed, and when: tried after the others.
     down: Mutex<HashMap<[u8; 32], std::time::Instant>>,
+    /// Dials still running in the background (aborted by `close`).
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     client_id: u64,
     next_seq: AtomicU64,
     in_flight: Mutex<BTreeSet<u64>>,
@@ -237,6 +244,7 @@ impl Client {
                 conns: Mutex::new(HashMap::new()),
                 dials: Mutex::new(HashMap::new()),
                 down: Mutex::new(HashMap::new()),
+                background: Mutex::new(Vec::new()),
                 client_id: rand::random(),
                 next_seq: AtomicU64::new(1),
                 in_flight: Mutex::new(BTreeSet::new()),
@@ -263,14 +271,18 @@ impl Client {
         .await
     }
 
-    /// Closes connections and the endpoint (if the client made it).
+    /// Closes connections and the endpoint (if the client made it). Waits at most
+    /// [`CLOSE_GRACE`] for peers to acknowledge: a member that stopped answering must not hold
+    /// up a command that is done.
     pub async fn close(&self) {
+        for task in self.inner.background.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+        for (_, c) in self.inner.conns.lock().expect("lock").drain() {
+            c.close(0u32.into(), b"client closed");
+        }
         if self.inner.owns_endpoint {
-            self.inner.endpoint.close().await;
-        } else {
-            for (_, c) in self.inner.conns.lock().expect("lock").drain() {
-                c.close(0u32.into(), b"client closed");
-            }
+            let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.endpoint.close()).await;
         }
     }
 
@@ -773,6 +785,10 @@ impl Client {
                         Ok(ClientResponse::Error(e)) if e.is_retryable() => {
                             self.rotate_past(&target);
                             last = e.to_string();
+                            // Other attempts may still be stuck (on a dead member): do not
+                            // wait for them, ask again after a short backoff.
+                            next_hedge = tokio::time::Instant::now() + backoff;
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
                         }
                         Ok(ClientResponse::Error(e)) => return Err(ClientError::Rpc(e)),
                         Ok(response) => {
@@ -784,6 +800,7 @@ impl Client {
                             self.mark_down(&target);
                             self.rotate_past(&target);
                             last = e;
+                            next_hedge = tokio::time::Instant::now() + backoff;
                         }
                     }
                 }
@@ -841,13 +858,16 @@ impl Client {
         for target in members {
             let client = self.clone();
             let first_tx = first_tx.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let ok = client.connection(&target).await.is_ok();
                 if !ok {
                     client.mark_down(&target);
                 }
                 let _ = first_tx.send((target, ok)).await;
             });
+            let mut background = self.inner.background.lock().expect("lock");
+            background.retain(|t| !t.is_finished());
+            background.push(task);
         }
         drop(first_tx);
         while let Some((target, ok)) = first_rx.recv().await {

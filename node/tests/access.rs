@@ -845,6 +845,28 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
         send.write_all(&header).await.unwrap();
         held.push((conn, send, recv));
     }
+    // Strangers on every other protocol: refused at the handshake (iroh's protocols) or
+    // closed unread (Raft); whatever stays open is held too.
+    let mut others = Vec::new();
+    for alpn in [
+        b"aspen/raft/1".as_slice(),
+        iroh_blobs::ALPN,
+        iroh_docs::ALPN,
+        iroh_gossip::ALPN,
+    ] {
+        for _ in 0..CALLERS / 5 {
+            let addr = iroh::EndpointAddr::new(
+                iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap(),
+            )
+            .with_ip_addr(node.ticket.addrs[0]);
+            if let Ok(conn) = ep.connect(addr, alpn).await {
+                if let Ok((mut send, recv)) = conn.open_bi().await {
+                    let _ = send.write_all(&header).await;
+                    others.push((conn, send, recv));
+                }
+            }
+        }
+    }
     // The node still answers a real client promptly.
     let admin = client_of(node).await;
     admin.put(b"alive".to_vec(), b"yes".to_vec()).await.unwrap();
@@ -852,9 +874,10 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     let growth = after.saturating_sub(before);
     let vm_growth = mem("VmSize:").saturating_sub(vm_before);
     eprintln!(
-        "{CALLERS} idle callers declaring {} MiB frames: node RSS {} -> {} MiB (+{} MiB), \
-         address space +{} MiB",
+        "{CALLERS} idle client callers declaring {} MiB frames, and {} strangers on each other \
+         protocol: node RSS {} -> {} MiB (+{} MiB), address space +{} MiB",
         aspen_client::protocol::MAX_CLIENT_FRAME >> 20,
+        CALLERS / 5,
         before >> 20,
         after >> 20,
         growth >> 20,
@@ -869,5 +892,6 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     );
     admin.close().await;
     drop(held);
+    drop(others);
     ep.close().await;
 }

@@ -181,12 +181,12 @@ const MAX_CONTENT_SCAN: usize = 100_000;
 impl NodeState {
     /// Whether `key` is the node key of a current member.
     pub fn is_member_key(&self, key: &[u8; 32]) -> bool {
-        self.members().values().any(|m| m.endpoint_id == *key)
+        self.member_keys().contains(key)
     }
 
     /// What a key's grant allows (no token: iroh's protocols cannot carry one).
     fn grant_access<'a>(&self, caller: &'a super::auth::Caller) -> super::auth::Access<'a> {
-        let members = self.members().values().map(|m| m.endpoint_id).collect();
+        let members = self.member_keys();
         self.auth
             .access(caller, members, super::identity::unix_now())
     }

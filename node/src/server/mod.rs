@@ -424,6 +424,13 @@ impl NodeState {
             .collect()
     }
 
+    /// The node keys of the current members (no copy of their addresses).
+    pub fn member_keys(&self) -> Vec<[u8; 32]> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let keys = m.membership().nodes().map(|(_, n)| n.endpoint_id).collect();
+        keys
+    }
+
     /// Whether the membership includes this node.
     pub fn is_member(&self) -> bool {
         self.members().contains_key(&self.id)
@@ -1131,7 +1138,7 @@ impl NodeState {
         caller: &auth::Caller,
         recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        let members: Vec<[u8; 32]> = self.members().values().map(|m| m.endpoint_id).collect();
+        let members = self.member_keys();
         let needs = auth::needs(&request);
         let mut access = self
             .auth
