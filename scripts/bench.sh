@@ -9,8 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-50000}
-cargo build --release -q -p aspen-node
-ASPEN=target/release/aspen
+# ASPEN_BIN: another build to measure (e.g. an older commit's, for before/after numbers).
+if [ -z "${ASPEN_BIN:-}" ]; then
+  cargo build --release -q -p aspen-node
+fi
+ASPEN=${ASPEN_BIN:-target/release/aspen}
 
 # The baseline for the blob runs: one raw iroh QUIC stream on loopback, no cluster.
 echo "{\"nodes\":0,\"run\":\"raw quic 256 MiB\",\"result\":$($ASPEN bench quic --size-mib 256 --runs 3 -o json)}"
@@ -20,6 +23,7 @@ for NODES in 1 3; do
   trap 'kill $(cat "$DIR"/node-*/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$DIR"' EXIT
   $ASPEN up --nodes "$NODES" --data-dir "$DIR" --detach -o json > /dev/null
   export ASPEN_CLUSTER=$(cat "$DIR/cluster.ticket")
+  export ASPEN_IDENTITY="$DIR/admin.key"
   run() { echo "{\"nodes\":$NODES,\"run\":\"$1\",\"result\":$($ASPEN bench "${@:2}" -o json)}"; }
   # Fill the key space so gets find values.
   $ASPEN bench put --clients 64 --conns 4 --total 10000 --key-space 10000 --val-size 256 -o json > /dev/null

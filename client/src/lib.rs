@@ -95,10 +95,11 @@ impl Default for ClientOptions {
     }
 }
 
-/// Longest [`Client::close`] waits for the endpoint to wind down. The close frames leave at
-/// once; waiting longer only waits for members that do not answer (a dial still pending to a
-/// stopped member would hold a finished command for its whole timeout).
-pub const CLOSE_GRACE: Duration = Duration::from_millis(20);
+/// Longest [`Client::close`] waits for members to acknowledge the close.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(200);
+/// ... when a dial to some member is still pending (it does not answer): the close frames to
+/// the others leave at once, and waiting would hold a finished command for the dial's timeout.
+pub const CLOSE_GRACE_MEMBER_DOWN: Duration = Duration::from_millis(2);
 
 /// How long a member that failed a dial or a request is tried only after the others.
 const DOWN_FOR: Duration = Duration::from_secs(10);
@@ -275,14 +276,19 @@ impl Client {
     /// [`CLOSE_GRACE`] for peers to acknowledge: a member that stopped answering must not hold
     /// up a command that is done.
     pub async fn close(&self) {
+        // A dial still running means a member that does not answer: nothing to wait for.
+        let mut grace = CLOSE_GRACE;
         for task in self.inner.background.lock().expect("lock").drain(..) {
+            if !task.is_finished() {
+                grace = CLOSE_GRACE_MEMBER_DOWN;
+            }
             task.abort();
         }
         for (_, c) in self.inner.conns.lock().expect("lock").drain() {
             c.close(0u32.into(), b"client closed");
         }
         if self.inner.owns_endpoint {
-            let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.endpoint.close()).await;
+            let _ = tokio::time::timeout(grace, self.inner.endpoint.close()).await;
         }
     }
 
