@@ -890,6 +890,137 @@ mod tests {
         );
         let err = ClientResponse::Error(RpcError::Namespace(NamespaceError::EmptyKey));
         assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 11, 6]);
+
+        // Protocol 2: access control.
+        let mut expected = vec![30, 1, b'n'];
+        expected.extend([1; 32]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::Init {
+                name: "n".into(),
+                secret: [1; 32]
+            })
+            .unwrap(),
+            expected
+        );
+        let node = NodeTicket {
+            endpoint_id: [2; 32],
+            addrs: vec![],
+        };
+        let mut expected = vec![31];
+        expected.extend(postcard::to_allocvec(&node).unwrap());
+        expected.extend([3; 32]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::Admit {
+                node,
+                secret: [3; 32]
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::PresentToken { token: vec![9] }).unwrap(),
+            [32, 1, 9]
+        );
+        assert_eq!(postcard::to_allocvec(&ClientRequest::WhoAmI).unwrap(), [33]);
+        let mut expected = vec![34];
+        expected.extend([4; 32]);
+        expected.extend([1, 1, b'r', 1, 1, b'p']);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::AuthGrant {
+                key: [4; 32],
+                roles: vec!["r".into()],
+                permissions: vec!["p".into()]
+            })
+            .unwrap(),
+            expected
+        );
+        let mut expected = vec![35];
+        expected.extend([4; 32]);
+        expected.extend([0, 0, 1]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::AuthRevoke {
+                key: [4; 32],
+                roles: vec![],
+                permissions: vec![],
+                all: true
+            })
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::RoleCreate {
+                name: "r".into(),
+                permissions: vec!["p".into()]
+            })
+            .unwrap(),
+            [36, 1, b'r', 1, 1, b'p']
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::AuthList).unwrap(),
+            [37]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::TokenRevoke { token: vec![7] }).unwrap(),
+            [38, 1, 7]
+        );
+        let mut expected = vec![39];
+        expected.extend([5; 32]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientRequest::Recover { secret: [5; 32] }).unwrap(),
+            expected
+        );
+        let mut expected = vec![22];
+        expected.extend([6; 32]);
+        expected.extend([1, 1, 1, b'a', 1, 1, b'p', 0]);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::WhoAmI(WhoAmI {
+                key: [6; 32],
+                member: true,
+                roles: vec!["a".into()],
+                permissions: vec!["p".into()],
+                token: None
+            }))
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::AuthList(AuthListing {
+                grants: vec![],
+                roles: vec![],
+                revoked_tokens: vec![]
+            }))
+            .unwrap(),
+            [23, 0, 0, 0]
+        );
+        let mut expected = vec![3, 12];
+        expected.extend([8; 32]);
+        expected.extend([1, b'x']);
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::Error(RpcError::PermissionDenied {
+                caller: [8; 32],
+                needed: "x".into()
+            }))
+            .unwrap(),
+            expected
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::Error(RpcError::Token("t".into()))).unwrap(),
+            [3, 13, 1, b't']
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::Error(RpcError::Namespace(
+                NamespaceError::TooMany { max: 2 }
+            )))
+            .unwrap(),
+            [3, 11, 9, 2]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ClientResponse::Error(RpcError::Doc(
+                aspen_crdt::DocError::Inflates { index: 1, max: 2 }
+            )))
+            .unwrap(),
+            [3, 9, 10, 1, 2]
+        );
     }
 
     proptest! {

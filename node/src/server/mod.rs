@@ -323,6 +323,9 @@ impl RunningNode {
 /// Most concurrent bi-streams one connection may open (client requests, blob requests, Raft
 /// calls); QUIC refuses more until some finish.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// A request stream (client or Raft) whose request frame has not fully arrived after this
+/// long is dropped.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection with no traffic (keep-alives included) for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1100,12 +1103,20 @@ impl ProtocolHandler for ClientService {
             let state = self.state.clone();
             let caller = caller.clone();
             tokio::spawn(async move {
-                let response = match read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
-                {
-                    Ok(request) => state.serve_client(request, &caller, recv).await,
-                    Err(e) => {
+                // A stream that never delivers its request is dropped (keep-alives would
+                // otherwise keep it open for as long as the caller likes).
+                let read = tokio::time::timeout(
+                    REQUEST_READ_TIMEOUT,
+                    read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME),
+                );
+                let response = match read.await {
+                    Ok(Ok(request)) => state.serve_client(request, &caller, recv).await,
+                    Ok(Err(e)) => {
                         ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))
                     }
+                    Err(_) => ClientResponse::Error(RpcError::BadRequest(format!(
+                        "no complete request within {REQUEST_READ_TIMEOUT:?}"
+                    ))),
                 };
                 if let Err(e) = write_frame(&mut send, &response, MAX_CLIENT_FRAME).await {
                     tracing::debug!("cannot answer client: {e}");

@@ -242,9 +242,17 @@ impl Peers {
                 continue;
             }
             tokio::spawn(async move {
-                let request: RaftRequest = match read_frame(&mut recv, max_frame).await {
-                    Ok(r) => r,
-                    Err(e) => {
+                let read = tokio::time::timeout(
+                    super::REQUEST_READ_TIMEOUT,
+                    read_frame(&mut recv, max_frame),
+                );
+                let request: RaftRequest = match read.await {
+                    Ok(Ok(r)) => r,
+                    Err(_) => {
+                        tracing::debug!(peer = %remote.fmt_short(), "raft request not received in time");
+                        return;
+                    }
+                    Ok(Err(e)) => {
                         tracing::debug!(peer = %remote.fmt_short(), "bad raft frame: {e}");
                         let _ = write_frame(
                             &mut send,
