@@ -20,8 +20,8 @@ pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 #[derive(Subcommand, Debug)]
 pub enum AuthCommand {
-    /// Print this client's public key (what grants are given to). With a cluster
-    /// (--cluster / ASPEN_CLUSTER), also what the cluster lets it do.
+    /// Print this client's public key (what grants are given to). With -o json and a
+    /// cluster (--cluster / ASPEN_CLUSTER), also what the cluster lets it do.
     Whoami {
         #[command(flatten)]
         client: ClientArgs,
@@ -304,7 +304,9 @@ fn done(args: &ClientArgs, value: serde_json::Value, text: &str) {
 
 async fn whoami(args: ClientArgs) -> Result<()> {
     let key = load_identity(args.identity.clone()).await?.public();
-    let seen = if args.cluster.is_some() {
+    // Text output is just the key (`KEY=$(aspen auth whoami)`); what the cluster lets it do
+    // comes with -o json.
+    let seen = if args.cluster.is_some() && args.output == Output::Json {
         let c = args.client().await?;
         let r = c.whoami().await;
         c.close().await;

@@ -707,6 +707,20 @@ async fn cli_identity_whoami_grant_and_token_flow() {
         Some(&cluster),
     );
     assert!(put.status.success(), "{}", stderr(&put));
+    // Plain whoami is just the key (for scripts), also with a cluster; -o json adds the grant.
+    let who = cli(&["auth", "whoami", "--identity", user], Some(&cluster));
+    assert_eq!(stdout(&who).trim(), key);
+    let who = cli(
+        &["auth", "whoami", "--identity", user, "-o", "json"],
+        Some(&cluster),
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&who)).unwrap();
+    assert_eq!(v["roles"], serde_json::json!(["readonly"]), "{v}");
+    assert_eq!(
+        v["permissions"],
+        serde_json::json!(["kv:write:app/"]),
+        "{v}"
+    );
     let list = cli(&["auth", "list", "-o", "json"], Some(&cluster));
     assert!(stdout(&list).contains(&key), "{}", stdout(&list));
     // A token from the user to a third key, used with --token.
