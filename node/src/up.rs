@@ -130,6 +130,19 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 .with_context(|| format!("cannot add node {:016x}", t.node_id()))?;
         }
         cluster.close().await;
+    } else {
+        // A cluster formed earlier (perhaps before access control, or with another admin
+        // key): `up` owns the data directories, so it makes its admin key admin again with
+        // the first node's bootstrap secret (nothing is written if it already is).
+        let secret = {
+            let dir = dirs[0].clone();
+            tokio::task::spawn_blocking(move || crate::keyfile::read_bootstrap_secret(&dir))
+                .await??
+        };
+        let first = Client::connect_node(tickets[0].clone(), options.clone()).await?;
+        let r = first.recover_admin(secret).await;
+        first.close().await;
+        r.context("cannot make the admin identity an admin")?;
     }
     let ticket = ClusterTicket {
         members: tickets.clone(),
