@@ -323,7 +323,12 @@ impl UpProc {
             .arg(dir)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // Kept next to the data (and shown if the test fails).
+            .stderr(
+                std::fs::File::create(dir.with_extension("up.log")).unwrap_or_else(|_| {
+                    std::fs::File::create(std::env::temp_dir().join("aspen-up.log")).unwrap()
+                }),
+            )
             .spawn()
             .unwrap();
         UpProc {
@@ -407,12 +412,34 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
 
     // Run again on the same data: the same cluster, with its data.
     let _up = UpProc::start(&dir);
-    let ticket = wait_for("a fresh cluster.ticket", || {
+    let fresh = || {
         let m = std::fs::metadata(&ticket_file).ok()?.modified().ok()?;
         (m != before)
             .then(|| std::fs::read_to_string(&ticket_file).ok())
             .flatten()
-    });
+    };
+    let start = std::time::Instant::now();
+    let ticket = loop {
+        if let Some(t) = fresh() {
+            break t;
+        }
+        if start.elapsed() > DEADLINE {
+            // Say why: what `aspen up` printed, and the nodes' logs.
+            let mut why = std::fs::read_to_string(dir.with_extension("up.log")).unwrap_or_default();
+            for i in 1..=3 {
+                let log = std::fs::read_to_string(dir.join(format!("node-{i}/node.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                why.push_str(&format!("\n--- node-{i}:\n"));
+                for line in tail.iter().rev() {
+                    why.push_str(line);
+                    why.push('\n');
+                }
+            }
+            panic!("timed out waiting for a fresh cluster.ticket; aspen up said: {why}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    };
     let get = cli(
         &["kv", "get", "hello", "--identity", admin],
         Some(ticket.trim()),
