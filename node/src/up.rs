@@ -140,7 +140,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 .await??
         };
         let first = Client::connect_node(tickets[0].clone(), options.clone()).await?;
-        let r = first.recover_admin(secret).await;
+        let r = retry_while_starting(|| first.recover_admin(secret)).await;
         first.close().await;
         r.context("cannot make the admin identity an admin")?;
     }
@@ -148,8 +148,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         members: tickets.clone(),
     };
     let client = Client::connect_with(ticket.clone(), options).await?;
-    let status = client
-        .status()
+    let status = retry_while_starting(|| client.status())
         .await
         .context("the cluster does not answer")?;
     client.close().await;
@@ -205,6 +204,26 @@ fn print_up_message(
     println!();
     if !args.detach {
         println!("Press Ctrl-C to stop the cluster.");
+    }
+}
+
+/// Runs `call` until it succeeds or [`START_TIMEOUT`] passes: a cluster that just restarted
+/// may refuse for a moment (no leader yet, or a member whose policy has not caught up).
+async fn retry_while_starting<T, F, Fut>(mut call: F) -> Result<T, aspen_client::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, aspen_client::ClientError>>,
+{
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!("cluster not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 
