@@ -203,6 +203,13 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), KeyError> {
 mod tests {
     use super::*;
 
+    /// The permission bits of a file.
+    #[cfg(unix)]
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn key_is_created_0600_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
@@ -212,11 +219,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(NODE_KEY_FILE))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(mode_of(&dir.path().join(NODE_KEY_FILE)), 0o600);
             std::fs::set_permissions(
                 dir.path().join(NODE_KEY_FILE),
                 std::fs::Permissions::from_mode(0o644),
@@ -241,12 +244,7 @@ mod tests {
         );
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(BOOTSTRAP_SECRET_FILE))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(mode_of(&dir.path().join(BOOTSTRAP_SECRET_FILE)), 0o600);
         }
         std::fs::write(dir.path().join("bad"), "nope\n").unwrap();
         assert!(matches!(

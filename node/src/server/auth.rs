@@ -467,7 +467,8 @@ impl Access<'_> {
                 Need::Range(k, a, start, end) => self.may_range(*k, *a, start, end.as_deref()),
                 Need::AnyOf(k, a) => self.may_any(*k, *a),
                 Need::BlobHash(h) => {
-                    if !self.may(Kind::Blob, Action::Read, b"") || !self.is_any_blob_reader() {
+                    // Decided by the blob service unless the caller reads every blob.
+                    if !self.is_any_blob_reader() {
                         hashes.push(*h);
                     }
                     true
@@ -786,6 +787,21 @@ impl NodeState {
         }
     }
 
+    /// The caller proves it can read this node's data directory.
+    fn check_bootstrap_secret(
+        &self,
+        secret: &[u8; 32],
+        access: &Access<'_>,
+    ) -> Result<(), RpcError> {
+        if self.admission.secret_matches(secret) {
+            return Ok(());
+        }
+        Err(RpcError::PermissionDenied {
+            caller: access.key,
+            needed: "this node's bootstrap secret (DATA_DIR/bootstrap.secret)".into(),
+        })
+    }
+
     /// `Init`: the caller proved it can read this node's data directory.
     pub(super) async fn init_with_secret(
         &self,
@@ -793,12 +809,7 @@ impl NodeState {
         secret: &[u8; 32],
         access: &Access<'_>,
     ) -> Result<ClientResponse, RpcError> {
-        if !self.admission.secret_matches(secret) {
-            return Err(RpcError::PermissionDenied {
-                caller: access.key,
-                needed: "this node's bootstrap secret (DATA_DIR/bootstrap.secret)".into(),
-            });
-        }
+        self.check_bootstrap_secret(secret, access)?;
         let status = self.init_cluster(name).await?;
         self.make_admin(access.key).await?;
         tracing::info!(admin = %hex::encode(access.key), "cluster initialized; first admin granted");
@@ -811,12 +822,7 @@ impl NodeState {
         secret: &[u8; 32],
         access: &Access<'_>,
     ) -> Result<ClientResponse, RpcError> {
-        if !self.admission.secret_matches(secret) {
-            return Err(RpcError::PermissionDenied {
-                caller: access.key,
-                needed: "this node's bootstrap secret (DATA_DIR/bootstrap.secret)".into(),
-            });
-        }
+        self.check_bootstrap_secret(secret, access)?;
         if !self.is_initialized() {
             return Err(RpcError::NotInitialized);
         }
