@@ -527,7 +527,14 @@ impl NodeState {
                 }
             }
         };
-        if let Some(index) = index {
+        // Usually applied already: skip openraft's waiter (it clones metrics per check).
+        let applied = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index);
+        if let Some(index) = index.filter(|i| applied < Some(*i)) {
             self.raft
                 .wait(Some(LEADER_CALL_TIMEOUT))
                 .applied_index_at_least(Some(index), "read barrier")
@@ -1010,10 +1017,13 @@ impl NodeState {
 async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
     let mut metrics = state.raft.metrics();
     let mut written = String::new();
+    let mut seen = None;
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
         let m = membership.membership();
-        if m.get_node(&state.id).is_some() {
+        // Metrics change on every apply; the membership rarely does.
+        if seen != Some(*membership.log_id()) && m.get_node(&state.id).is_some() {
+            seen = Some(*membership.log_id());
             let mut ids: Vec<NodeId> = m.voter_ids().collect();
             ids.extend(m.learner_ids());
             let members = ids
@@ -1025,7 +1035,10 @@ async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
             if ticket != written {
                 match write_atomically(dir.join(CLUSTER_TICKET_FILE), ticket.clone()).await {
                     Ok(()) => written = ticket,
-                    Err(e) => tracing::warn!("{e}"),
+                    Err(e) => {
+                        seen = None; // Try again on the next change.
+                        tracing::warn!("{e}")
+                    }
                 }
             }
         }
