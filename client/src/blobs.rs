@@ -15,8 +15,8 @@ use iroh_blobs::get::request::GetBlobItem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::protocol::{
-    BlobInfo, BlobStoreStats, BlobTagSummary, ClientRequest, ClientResponse, Consistency,
-    MAX_CLIENT_FRAME,
+    BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary, ClientRequest,
+    ClientResponse, Consistency, MAX_CLIENT_FRAME,
 };
 use crate::{addr_of, wire, Client, ClientError, NodeTicket};
 
@@ -67,10 +67,10 @@ impl Client {
             }
             .into());
         }
-        let request = ClientRequest::BlobAdd {
+        let request = ClientRequest::Blob(BlobRequest::Add {
             size,
             tag: tag.map(str::to_string),
-        };
+        });
         // The connection: the first member that answers.
         let (target, conn) = self.any_connection().await?;
         let (mut send, mut recv) = conn
@@ -114,11 +114,11 @@ impl Client {
             (Err(e), _) => Err(ClientError::Io(format!("upload failed: {e}"))),
             (
                 Ok(sent),
-                Ok(ClientResponse::BlobAdded {
+                Ok(ClientResponse::Blob(BlobResponse::Added {
                     hash,
                     size: stored,
                     previous,
-                }),
+                })),
             ) => {
                 if hash != sent || stored != size {
                     return Err(BlobError::HashMismatch {
@@ -146,10 +146,13 @@ impl Client {
         consistency: Consistency,
     ) -> Result<BlobInfo, ClientError> {
         match self
-            .request(&ClientRequest::BlobStat { hash, consistency })
+            .request(&ClientRequest::Blob(BlobRequest::Stat {
+                hash,
+                consistency,
+            }))
             .await?
         {
-            ClientResponse::BlobInfo(info) => Ok(info),
+            ClientResponse::Blob(BlobResponse::Info(info)) => Ok(info),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -161,13 +164,13 @@ impl Client {
         limit: u32,
         consistency: Consistency,
     ) -> Result<(Vec<BlobTagSummary>, bool), ClientError> {
-        let request = ClientRequest::BlobList {
+        let request = ClientRequest::Blob(BlobRequest::List {
             start_after,
             limit,
             consistency,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::BlobList { tags, more } => Ok((tags, more)),
+            ClientResponse::Blob(BlobResponse::List { tags, more }) => Ok((tags, more)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -179,12 +182,12 @@ impl Client {
         hash: BlobHash,
     ) -> Result<Option<BlobHash>, ClientError> {
         TagName::new(tag)?;
-        let request = ClientRequest::BlobTag {
+        let request = ClientRequest::Blob(BlobRequest::Tag {
             tag: tag.to_string(),
             hash,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::BlobTagged { previous } => Ok(previous),
+            ClientResponse::Blob(BlobResponse::Tagged { previous }) => Ok(previous),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -193,19 +196,22 @@ impl Client {
     /// another tag names it.
     pub async fn blob_untag(&self, tag: &str) -> Result<(), ClientError> {
         TagName::new(tag)?;
-        let request = ClientRequest::BlobUntag {
+        let request = ClientRequest::Blob(BlobRequest::Untag {
             tag: tag.to_string(),
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::Done => Ok(()),
+            ClientResponse::Blob(BlobResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
     /// The blob store of the member that answers (use a client of one node to pick it).
     pub async fn blob_stats(&self) -> Result<BlobStoreStats, ClientError> {
-        match self.request(&ClientRequest::BlobStats).await? {
-            ClientResponse::BlobStats(stats) => Ok(stats),
+        match self
+            .request(&ClientRequest::Blob(BlobRequest::Stats))
+            .await?
+        {
+            ClientResponse::Blob(BlobResponse::Stats(stats)) => Ok(stats),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -34,8 +34,10 @@ use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use blobs::BlobAdded;
 pub use protocol::{
-    BlobInfo, BlobStoreStats, BlobTagSummary, ClientRequest, ClientResponse, ClusterIdentity,
-    ClusterStatus, Consistency, DocSummary, MemberStatus, NetFaults, RpcError, WhoAmI,
+    AuthRequest, AuthResponse, BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary,
+    ClientRequest, ClientResponse, ClusterIdentity, ClusterRequest, ClusterResponse, ClusterStatus,
+    Consistency, DocRequest, DocResponse, DocSummary, KvRequest, KvResponse, MemberStatus,
+    NetFaults, NsRequest, NsResponse, RpcError, WhoAmI,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -397,16 +399,16 @@ impl Client {
             seq,
             acked_below,
         };
-        let request = ClientRequest::Write {
+        let request = ClientRequest::Kv(KvRequest::Write {
             commands: vec![Command {
                 session: Some(session),
                 op,
             }],
-        };
+        });
         let result = self.request(&request).await;
         self.inner.in_flight.lock().expect("lock").remove(&seq);
         match result? {
-            ClientResponse::Write { mut results } if results.len() == 1 => {
+            ClientResponse::Kv(KvResponse::Write { mut results }) if results.len() == 1 => {
                 Ok(results.pop().expect("one")?)
             }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -438,13 +440,13 @@ impl Client {
     ) -> Result<RangeResponse, ClientError> {
         request.validate()?;
         match self
-            .request(&ClientRequest::Range {
+            .request(&ClientRequest::Kv(KvRequest::Range {
                 request,
                 consistency,
-            })
+            }))
             .await?
         {
-            ClientResponse::Range(r) => Ok(r),
+            ClientResponse::Kv(KvResponse::Range(r)) => Ok(r),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -453,8 +455,11 @@ impl Client {
     /// The cluster as seen by the first node that answers. The client also adopts the
     /// membership it reports, so it keeps reaching the cluster as members come and go.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        match self.request(&ClientRequest::Status).await? {
-            ClientResponse::Status(s) => {
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::Status))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::Status(s)) => {
                 self.adopt_members(&s);
                 Ok(s)
             }
@@ -466,8 +471,11 @@ impl Client {
     /// applied the same log prefix report equal digests. Use [`Client::connect_node`] to ask a
     /// particular node.
     pub async fn state_digest(&self) -> Result<StateDigest, ClientError> {
-        match self.request(&ClientRequest::StateDigest).await? {
-            ClientResponse::StateDigest(d) => Ok(d),
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::StateDigest))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::StateDigest(d)) => Ok(d),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -476,8 +484,13 @@ impl Client {
     /// [`Client::connect_node`] to pick the node). Fault tests only: a node refuses unless it
     /// runs with `--unsafe-allow-fault-injection`.
     pub async fn set_net_faults(&self, faults: NetFaults) -> Result<(), ClientError> {
-        match self.request(&ClientRequest::SetNetFaults(faults)).await? {
-            ClientResponse::Done => Ok(()),
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::SetNetFaults(
+                faults,
+            )))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -518,8 +531,14 @@ impl Client {
         name: String,
         secret: [u8; 32],
     ) -> Result<ClusterStatus, ClientError> {
-        match self.request(&ClientRequest::Init { name, secret }).await? {
-            ClientResponse::Status(s) => Ok(s),
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::Init {
+                name,
+                secret,
+            }))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::Status(s)) => Ok(s),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -533,8 +552,14 @@ impl Client {
         secret: [u8; 32],
     ) -> Result<NodeId, ClientError> {
         let id = node.node_id();
-        match self.request(&ClientRequest::Admit { node, secret }).await? {
-            ClientResponse::Done => Ok(id),
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::Admit {
+                node,
+                secret,
+            }))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::Done) => Ok(id),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -542,10 +567,12 @@ impl Client {
     /// Removes a node from the cluster.
     pub async fn remove_member(&self, node_id: NodeId) -> Result<(), ClientError> {
         match self
-            .request(&ClientRequest::RemoveMember { node_id })
+            .request(&ClientRequest::Cluster(ClusterRequest::RemoveMember {
+                node_id,
+            }))
             .await?
         {
-            ClientResponse::Done => Ok(()),
+            ClientResponse::Cluster(ClusterResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -554,8 +581,11 @@ impl Client {
     /// endpoint id iroh's TLS authenticated). Check `certificate` against the cluster key you
     /// expect before trusting the answer (`aspen_trust::NodeCertificate::verify`).
     pub async fn identity(&self) -> Result<(NodeTicket, ClusterIdentity), ClientError> {
-        match self.request_from(&ClientRequest::Identity).await? {
-            (node, ClientResponse::Identity(i)) => Ok((node, i)),
+        match self
+            .request_from(&ClientRequest::Cluster(ClusterRequest::Identity))
+            .await?
+        {
+            (node, ClientResponse::Cluster(ClusterResponse::Identity(i))) => Ok((node, i)),
             (_, other) => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -563,19 +593,27 @@ impl Client {
     /// Creates a single-use invitation for one node to join; returns the secret token and
     /// its expiry (Unix seconds).
     pub async fn create_invite(&self, valid_for: Duration) -> Result<([u8; 32], u64), ClientError> {
-        let request = ClientRequest::CreateInvite {
+        let request = ClientRequest::Cluster(ClusterRequest::CreateInvite {
             valid_for_secs: valid_for.as_secs(),
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::Invite { token, expires_at } => Ok((token, expires_at)),
+            ClientResponse::Cluster(ClusterResponse::Invite { token, expires_at }) => {
+                Ok((token, expires_at))
+            }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
     /// Asks the cluster to admit `node` with the invitation `invite`.
     pub async fn join(&self, node: NodeTicket, invite: [u8; 32]) -> Result<(), ClientError> {
-        match self.request(&ClientRequest::Join { node, invite }).await? {
-            ClientResponse::Done => Ok(()),
+        match self
+            .request(&ClientRequest::Cluster(ClusterRequest::Join {
+                node,
+                invite,
+            }))
+            .await?
+        {
+            ClientResponse::Cluster(ClusterResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -583,12 +621,12 @@ impl Client {
     /// Creates an empty Automerge document named `name`.
     pub async fn doc_create(&self, name: &str) -> Result<(), ClientError> {
         aspen_crdt::DocName::new(name)?;
-        let request = ClientRequest::DocCreate {
+        let request = ClientRequest::Doc(DocRequest::Create {
             name: name.to_string(),
             incarnation: rand::random(),
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::Done => Ok(()),
+            ClientResponse::Doc(DocResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -600,12 +638,12 @@ impl Client {
         name: &str,
         changes: Vec<Vec<u8>>,
     ) -> Result<DocChanged, ClientError> {
-        let request = ClientRequest::DocChange {
+        let request = ClientRequest::Doc(DocRequest::Change {
             name: name.to_string(),
             changes,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::DocChanged { added, heads } => Ok(DocChanged {
+            ClientResponse::Doc(DocResponse::Changed { added, heads }) => Ok(DocChanged {
                 added: added.into_iter().map(automerge::ChangeHash).collect(),
                 heads: heads.into_iter().map(automerge::ChangeHash).collect(),
             }),
@@ -633,12 +671,14 @@ impl Client {
         name: &str,
         consistency: Consistency,
     ) -> Result<StoredDocParts, ClientError> {
-        let request = ClientRequest::DocGet {
+        let request = ClientRequest::Doc(DocRequest::Get {
             name: name.to_string(),
             consistency,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::Doc { snapshot, changes } => Ok(StoredDocParts { snapshot, changes }),
+            ClientResponse::Doc(DocResponse::Doc { snapshot, changes }) => {
+                Ok(StoredDocParts { snapshot, changes })
+            }
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -701,13 +741,13 @@ impl Client {
         limit: u32,
         consistency: Consistency,
     ) -> Result<(Vec<DocSummary>, bool), ClientError> {
-        let request = ClientRequest::DocList {
+        let request = ClientRequest::Doc(DocRequest::List {
             start_after,
             limit,
             consistency,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::DocList { docs, more } => Ok((docs, more)),
+            ClientResponse::Doc(DocResponse::List { docs, more }) => Ok((docs, more)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -715,12 +755,12 @@ impl Client {
     /// Deletes a document and everything it holds.
     pub async fn doc_delete(&self, name: &str) -> Result<(), ClientError> {
         match self
-            .request(&ClientRequest::DocDelete {
+            .request(&ClientRequest::Doc(DocRequest::Delete {
                 name: name.to_string(),
-            })
+            }))
             .await?
         {
-            ClientResponse::Done => Ok(()),
+            ClientResponse::Doc(DocResponse::Done) => Ok(()),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -1003,11 +1043,11 @@ impl Client {
         .map_err(|e| format!("connect to {:016x}: {e}", target.node_id()))?;
         if let Some(token) = &inner.options.token {
             // Once per connection, before anything else is sent on it.
-            let present = ClientRequest::PresentToken {
+            let present = ClientRequest::Auth(AuthRequest::PresentToken {
                 token: token.clone(),
-            };
+            });
             match exchange(&conn, &present).await? {
-                ClientResponse::Done => {}
+                ClientResponse::Auth(AuthResponse::Done) => {}
                 ClientResponse::Error(e) => return Err(ConnectError::Refused(e)),
                 other => return Err(ConnectError::Transport(format!("unexpected {other:?}"))),
             }
@@ -1056,21 +1096,15 @@ impl Client {
 fn hedge_safe(request: &ClientRequest) -> bool {
     use ClientRequest as R;
     match request {
-        R::Write { commands } => commands.iter().all(|c| c.session.is_some()),
-        R::Range { .. }
-        | R::Status
-        | R::Identity
-        | R::WhoAmI
-        | R::StateDigest
-        | R::DocGet { .. }
-        | R::DocList { .. }
-        | R::DocChange { .. }
-        | R::BlobStat { .. }
-        | R::BlobList { .. }
-        | R::NsGet { .. }
-        | R::NsList { .. }
-        | R::NsNamespaces
-        | R::AuthList => true,
+        R::Kv(KvRequest::Write { commands }) => commands.iter().all(|c| c.session.is_some()),
+        R::Kv(KvRequest::Range { .. })
+        | R::Cluster(
+            ClusterRequest::Status | ClusterRequest::Identity | ClusterRequest::StateDigest,
+        )
+        | R::Auth(AuthRequest::WhoAmI | AuthRequest::List)
+        | R::Doc(DocRequest::Get { .. } | DocRequest::List { .. } | DocRequest::Change { .. })
+        | R::Blob(BlobRequest::Stat { .. } | BlobRequest::List { .. })
+        | R::Ns(NsRequest::Get { .. } | NsRequest::List { .. } | NsRequest::Namespaces) => true,
         _ => false,
     }
 }

@@ -3,15 +3,15 @@
 
 use crate::protocol::{
     check_ns_key, ClientRequest, ClientResponse, NamespaceError, NamespaceSummary, NsEntry,
-    MAX_NS_VALUE_BYTES,
+    NsRequest, NsResponse, MAX_NS_VALUE_BYTES,
 };
 use crate::{Client, ClientError};
 
 impl Client {
     /// Creates a writable namespace hosted by every member; returns its id.
     pub async fn ns_create(&self) -> Result<[u8; 32], ClientError> {
-        match self.request(&ClientRequest::NsCreate).await? {
-            ClientResponse::Namespace { id } => Ok(id),
+        match self.request(&ClientRequest::Ns(NsRequest::Create)).await? {
+            ClientResponse::Ns(NsResponse::Created { id }) => Ok(id),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -31,13 +31,13 @@ impl Client {
             }
             .into());
         }
-        let request = ClientRequest::NsSet {
+        let request = ClientRequest::Ns(NsRequest::Set {
             namespace,
             key,
             value,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::NsSet { hash } => Ok(hash),
+            ClientResponse::Ns(NsResponse::Set { hash }) => Ok(hash),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -51,10 +51,10 @@ impl Client {
     ) -> Result<(Option<NsEntry>, Option<Vec<u8>>), ClientError> {
         check_ns_key(&key)?;
         match self
-            .request(&ClientRequest::NsGet { namespace, key })
+            .request(&ClientRequest::Ns(NsRequest::Get { namespace, key }))
             .await?
         {
-            ClientResponse::NsValue { entry, value } => Ok((entry, value)),
+            ClientResponse::Ns(NsResponse::Value { entry, value }) => Ok((entry, value)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -66,21 +66,24 @@ impl Client {
         prefix: Vec<u8>,
         limit: u32,
     ) -> Result<(Vec<NsEntry>, bool), ClientError> {
-        let request = ClientRequest::NsList {
+        let request = ClientRequest::Ns(NsRequest::List {
             namespace,
             prefix,
             limit,
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::NsEntries { entries, more } => Ok((entries, more)),
+            ClientResponse::Ns(NsResponse::Entries { entries, more }) => Ok((entries, more)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
     /// The namespaces the cluster hosts.
     pub async fn ns_namespaces(&self) -> Result<Vec<NamespaceSummary>, ClientError> {
-        match self.request(&ClientRequest::NsNamespaces).await? {
-            ClientResponse::Namespaces(list) => Ok(list),
+        match self
+            .request(&ClientRequest::Ns(NsRequest::Namespaces))
+            .await?
+        {
+            ClientResponse::Ns(NsResponse::Namespaces(list)) => Ok(list),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -88,21 +91,21 @@ impl Client {
     /// A ticket to the namespace naming every member; read-only unless `write`.
     pub async fn ns_share(&self, namespace: [u8; 32], write: bool) -> Result<String, ClientError> {
         match self
-            .request(&ClientRequest::NsShare { namespace, write })
+            .request(&ClientRequest::Ns(NsRequest::Share { namespace, write }))
             .await?
         {
-            ClientResponse::NsTicket { ticket } => Ok(ticket),
+            ClientResponse::Ns(NsResponse::Ticket { ticket }) => Ok(ticket),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
 
     /// Hosts the namespace of an iroh-docs ticket on every member; returns its id.
     pub async fn ns_import(&self, ticket: &str) -> Result<[u8; 32], ClientError> {
-        let request = ClientRequest::NsImport {
+        let request = ClientRequest::Ns(NsRequest::Import {
             ticket: ticket.trim().to_string(),
-        };
+        });
         match self.request(&request).await? {
-            ClientResponse::Namespace { id } => Ok(id),
+            ClientResponse::Ns(NsResponse::Created { id }) => Ok(id),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -1,12 +1,15 @@
 //! The client protocol, `aspen/client/2`: one request and one response per QUIC bi-stream.
 //!
-//! Every message is one frame (see [`crate::wire`]). Enum variants are only ever appended;
+//! Every message is one frame (see [`crate::wire`]). A request names its service (kv,
+//! cluster, doc, blob, ns, auth) and then the request within it; each service answers with
+//! its own response enum or with [`ClientResponse::Error`], so a node can never answer a
+//! key-value read with, say, a blob listing. Enum variants are only ever appended;
 //! golden-bytes tests pin the encoding.
 //!
 //! Version 2 (access control): the caller is the key the QUIC handshake proved, and every
-//! request needs a permission (see the node's `server/auth.rs`). `InitCluster`,
-//! `InitNamedCluster` and `AddMember` are refused in version 2: they carried no proof that
-//! the caller may claim the node; `Init` and `Admit` carry the node's bootstrap secret.
+//! request needs a permission (see the node's `server/auth.rs`). Initializing a node and
+//! admitting a member carry the node's bootstrap secret (version 1's requests for these
+//! carried no proof that the caller may claim the node and are gone).
 
 use serde::{Deserialize, Serialize};
 
@@ -42,139 +45,205 @@ impl Consistency {
     }
 }
 
-/// A client request.
+/// A client request: one service's request. Each service answers with its own response
+/// type (a [`KvRequest`] with a [`KvResponse`], and so on) or with [`ClientResponse::Error`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
-    /// Writes; any node accepts them and forwards to the leader.
+    Kv(KvRequest),
+    Cluster(ClusterRequest),
+    Doc(DocRequest),
+    Blob(BlobRequest),
+    Ns(NsRequest),
+    Auth(AuthRequest),
+}
+
+macro_rules! service_request {
+    ($($variant:ident($request:ident)),*) => {$(
+        impl From<$request> for ClientRequest {
+            fn from(r: $request) -> Self {
+                ClientRequest::$variant(r)
+            }
+        }
+    )*};
+}
+service_request!(
+    Kv(KvRequest),
+    Cluster(ClusterRequest),
+    Doc(DocRequest),
+    Blob(BlobRequest),
+    Ns(NsRequest),
+    Auth(AuthRequest)
+);
+
+/// The key-value store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvRequest {
+    /// Writes; any node accepts them and forwards to the leader. → [`KvResponse::Write`]
     Write { commands: Vec<Command> },
-    /// A read of a key or a range.
+    /// A read of a key or a range. → [`KvResponse::Range`]
     Range {
         request: RangeRequest,
         consistency: Consistency,
     },
-    /// The contacted node's view of the cluster.
+}
+
+/// Membership and the cluster's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// The contacted node's view of the cluster. → [`ClusterResponse::Status`]
     Status,
-    /// Make the contacted (uninitialized) node a one-member cluster.
-    InitCluster,
-    /// Add a node as a learner, then promote it to voter. Leader only.
-    AddMember { node: NodeTicket },
-    /// Remove a node from the cluster. Leader only.
-    RemoveMember { node_id: NodeId },
-    /// A digest of the contacted node's local state (to compare replicas).
-    StateDigest,
-    /// Sets the contacted node's injected network faults (replacing earlier ones). Refused
-    /// unless the node runs with the hidden `--unsafe-allow-fault-injection` flag.
-    SetNetFaults(NetFaults),
     /// The cluster's identity as the contacted node holds it, with the node's certificate.
+    /// → [`ClusterResponse::Identity`]
     Identity,
-    /// Like `InitCluster`, naming the cluster (the name is published in its DHT record).
-    InitNamedCluster { name: String },
+    /// Makes the contacted (uninitialized) node a one-member cluster, the caller its first
+    /// admin. `secret` is the node's bootstrap secret (`DATA_DIR/bootstrap.secret`): only
+    /// someone who can read the node's data directory may claim it.
+    /// → [`ClusterResponse::Status`]
+    Init { name: String, secret: [u8; 32] },
+    /// Adds `node` (learner, then voter). `secret` is the new node's bootstrap secret: the
+    /// leader shows it to the node, which then accepts Raft traffic from this cluster.
+    /// → `Done`
+    Admit { node: NodeTicket, secret: [u8; 32] },
     /// Leader only: creates a single-use invitation for one node to join, valid this long.
+    /// → [`ClusterResponse::Invite`]
     CreateInvite { valid_for_secs: u64 },
     /// Leader only: adds `node` (learner, then voter) if `invite` is a valid, unused (or used
-    /// by this same node) invitation. A node without an invitation is refused.
+    /// by this same node) invitation, and `node` is the caller. → `Done`
     Join { node: NodeTicket, invite: [u8; 32] },
+    /// Removes a node from the cluster. Leader only. → `Done`
+    RemoveMember { node_id: NodeId },
+    /// A digest of the contacted node's local state (to compare replicas).
+    /// → [`ClusterResponse::StateDigest`]
+    StateDigest,
+    /// Sets the contacted node's injected network faults (replacing earlier ones). Refused
+    /// unless the node runs with the hidden `--unsafe-allow-fault-injection` flag. → `Done`
+    SetNetFaults(NetFaults),
+}
+
+/// Automerge documents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DocRequest {
     /// Creates an empty Automerge document. `incarnation` (random, chosen by the client) makes
-    /// a retried create succeed instead of finding "its own" document already there.
-    DocCreate { name: String, incarnation: [u8; 16] },
+    /// a retried create succeed instead of finding "its own" document already there. → `Done`
+    Create { name: String, incarnation: [u8; 16] },
     /// Commits raw Automerge changes to a document (any node; through Raft).
-    DocChange { name: String, changes: Vec<Vec<u8>> },
-    /// A document as stored: its compacted snapshot and pending changes.
-    DocGet {
+    /// → [`DocResponse::Changed`]
+    Change { name: String, changes: Vec<Vec<u8>> },
+    /// A document as stored: its compacted snapshot and pending changes. → [`DocResponse::Doc`]
+    Get {
         name: String,
         consistency: Consistency,
     },
-    /// Documents in name order, after `start_after`.
-    DocList {
+    /// Documents in name order, after `start_after`. → [`DocResponse::List`]
+    List {
         start_after: Option<String>,
         limit: u32,
         consistency: Consistency,
     },
-    /// Deletes a document and all it holds.
-    DocDelete { name: String },
+    /// Deletes a document and all it holds. → `Done`
+    Delete { name: String },
+}
+
+/// Blobs (iroh-blobs) and their tags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRequest {
     /// Stores a blob on the contacted node: this frame, then exactly `size` raw bytes on the
     /// same stream, then the end of the stream. The node hashes what it receives (BLAKE3),
     /// records itself as a holder and, with `tag`, references the blob under that name, all
     /// in one transaction through Raft. Without a tag the blob is garbage-collected after the
-    /// grace period unless tagged meanwhile.
-    BlobAdd { size: u64, tag: Option<String> },
-    /// What the cluster knows of one blob: size, tags, holders.
-    BlobStat {
+    /// grace period unless tagged meanwhile. → [`BlobResponse::Added`]
+    Add { size: u64, tag: Option<String> },
+    /// What the cluster knows of one blob: size, tags, holders. → [`BlobResponse::Info`]
+    Stat {
         hash: [u8; 32],
         consistency: Consistency,
     },
-    /// Tags in name order, after `start_after`.
-    BlobList {
+    /// Tags in name order, after `start_after`. → [`BlobResponse::List`]
+    List {
         start_after: Option<String>,
         limit: u32,
         consistency: Consistency,
     },
     /// Points `tag` at a blob (replacing what it named). The contacted node first makes sure
     /// it holds a complete copy, fetching it from a holder if need be.
-    BlobTag { tag: String, hash: [u8; 32] },
-    /// Removes a tag.
-    BlobUntag { tag: String },
+    /// → [`BlobResponse::Tagged`]
+    Tag { tag: String, hash: [u8; 32] },
+    /// Removes a tag. → `Done`
+    Untag { tag: String },
     /// The contacted node's blob store: what it holds, fetches, verification failures.
-    BlobStats,
+    /// → [`BlobResponse::Stats`]
+    Stats,
+}
+
+/// iroh-docs namespaces hosted by the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NsRequest {
     /// Creates an iroh-docs namespace (writable) that every member hosts a replica of.
-    NsCreate,
+    /// → [`NsResponse::Created`]
+    Create,
     /// Sets `key` to `value` in a namespace, as the contacted node's author.
-    NsSet {
+    /// → [`NsResponse::Set`]
+    Set {
         namespace: [u8; 32],
         key: Vec<u8>,
         value: Vec<u8>,
     },
     /// The latest entry for `key` (over all authors) and its content, on the contacted node.
-    NsGet { namespace: [u8; 32], key: Vec<u8> },
+    /// → [`NsResponse::Value`]
+    Get { namespace: [u8; 32], key: Vec<u8> },
     /// The latest entry per key, in key order, for keys starting with `prefix`.
-    NsList {
+    /// → [`NsResponse::Entries`]
+    List {
         namespace: [u8; 32],
         prefix: Vec<u8>,
         limit: u32,
     },
-    /// The namespaces the cluster hosts.
-    NsNamespaces,
+    /// The namespaces the cluster hosts. → [`NsResponse::Namespaces`]
+    Namespaces,
     /// A ticket to the namespace naming every member (read-only unless `write`).
-    NsShare { namespace: [u8; 32], write: bool },
+    /// → [`NsResponse::Ticket`]
+    Share { namespace: [u8; 32], write: bool },
     /// Hosts the namespace of an iroh-docs ticket (read-only tickets give read-only replicas)
-    /// on every member, syncing with the peers it names.
-    NsImport { ticket: String },
-    /// Makes the contacted (uninitialized) node a one-member cluster, the caller its first
-    /// admin. `secret` is the node's bootstrap secret (`DATA_DIR/bootstrap.secret`): only
-    /// someone who can read the node's data directory may claim it.
-    Init { name: String, secret: [u8; 32] },
-    /// Adds `node` (learner, then voter). `secret` is the new node's bootstrap secret: the
-    /// leader shows it to the node, which then accepts Raft traffic from this cluster.
-    Admit { node: NodeTicket, secret: [u8; 32] },
+    /// on every member, syncing with the peers it names. → [`NsResponse::Created`]
+    Import { ticket: String },
+}
+
+/// Access control: grants, roles, tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthRequest {
     /// Presents a capability token for the rest of this connection (once per connection).
+    /// → `Done`
     PresentToken { token: Vec<u8> },
     /// Who the node thinks the caller is, and what the caller may do.
+    /// → [`AuthResponse::WhoAmI`]
     WhoAmI,
-    /// Adds roles and permissions (text `KIND:ACTION:PATTERN`) to a key's grant.
-    AuthGrant {
+    /// Adds roles and permissions (text `KIND:ACTION:PATTERN`) to a key's grant. → `Done`
+    Grant {
         key: [u8; 32],
         roles: Vec<String>,
         permissions: Vec<String>,
     },
     /// Removes roles and permissions from a key's grant; with `all`, the whole grant.
-    AuthRevoke {
+    /// → `Done`
+    Revoke {
         key: [u8; 32],
         roles: Vec<String>,
         permissions: Vec<String>,
         all: bool,
     },
-    /// Creates (or replaces) a custom role.
+    /// Creates (or replaces) a custom role. → `Done`
     RoleCreate {
         name: String,
         permissions: Vec<String>,
     },
-    /// Every grant and custom role.
-    AuthList,
+    /// Every grant and custom role. → [`AuthResponse::List`]
+    List,
     /// Revokes a capability token (and every token delegated from it) on every member until
     /// it expires. Allowed to `cluster:admin` and to every issuer in the token's chain.
+    /// → `Done`
     TokenRevoke { token: Vec<u8> },
     /// Makes the caller an admin, proven by the contacted node's bootstrap secret (recovery
-    /// of a lost admin key by someone who can read a member's data directory).
+    /// of a lost admin key by someone who can read a member's data directory). → `Done`
     Recover { secret: [u8; 32] },
 }
 
@@ -190,26 +259,43 @@ pub struct NetFaults {
     pub max_delay_ms: u32,
 }
 
-/// A response; `Error` can answer any request.
+/// A response: the answering service's response, or an error (which can answer anything).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientResponse {
-    Write {
-        results: Vec<CommandResult>,
-    },
-    Range(RangeResponse),
-    Status(ClusterStatus),
+    Kv(KvResponse),
+    Cluster(ClusterResponse),
+    Doc(DocResponse),
+    Blob(BlobResponse),
+    Ns(NsResponse),
+    Auth(AuthResponse),
     Error(RpcError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResponse {
+    Write { results: Vec<CommandResult> },
+    Range(RangeResponse),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterResponse {
     Done,
-    StateDigest(StateDigest),
+    Status(ClusterStatus),
     Identity(ClusterIdentity),
     /// A new invitation: the secret token (shown once) and when it expires (Unix seconds).
     Invite {
         token: [u8; 32],
         expires_at: u64,
     },
+    StateDigest(StateDigest),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DocResponse {
+    Done,
     /// `added`: hashes of the changes the document did not have yet. `heads`: the document's
     /// heads right after they were committed.
-    DocChanged {
+    Changed {
         added: Vec<[u8; 32]>,
         heads: Vec<[u8; 32]>,
     },
@@ -219,50 +305,66 @@ pub enum ClientResponse {
         snapshot: Option<Vec<u8>>,
         changes: Vec<Vec<u8>>,
     },
-    DocList {
+    List {
         docs: Vec<DocSummary>,
         more: bool,
     },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    Done,
     /// A blob was stored: its hash and size, and what the tag named before, if anything.
-    BlobAdded {
+    Added {
         hash: [u8; 32],
         size: u64,
         previous: Option<[u8; 32]>,
     },
-    BlobInfo(BlobInfo),
-    BlobList {
+    Info(BlobInfo),
+    List {
         tags: Vec<BlobTagSummary>,
         more: bool,
     },
     /// A tag was set; what it named before, if anything.
-    BlobTagged {
+    Tagged {
         previous: Option<[u8; 32]>,
     },
-    BlobStats(BlobStoreStats),
-    Namespace {
+    Stats(BlobStoreStats),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NsResponse {
+    /// A namespace the cluster now hosts (created or imported).
+    Created {
         id: [u8; 32],
     },
-    NsSet {
+    /// An entry was written: its content hash.
+    Set {
         hash: [u8; 32],
     },
     /// The entry (if any) and its content (if the node has it).
-    NsValue {
+    Value {
         entry: Option<NsEntry>,
         value: Option<Vec<u8>>,
     },
-    NsEntries {
+    Entries {
         entries: Vec<NsEntry>,
         more: bool,
     },
     Namespaces(Vec<NamespaceSummary>),
-    NsTicket {
+    Ticket {
         ticket: String,
     },
-    WhoAmI(WhoAmI),
-    AuthList(AuthListing),
 }
 
-/// The caller as a node sees it (`ClientRequest::WhoAmI`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthResponse {
+    Done,
+    WhoAmI(WhoAmI),
+    List(AuthListing),
+}
+
+/// The caller as a node sees it (`AuthRequest::WhoAmI`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmI {
     /// The caller's public key, as the QUIC handshake proved it.
@@ -299,7 +401,7 @@ pub struct RoleSummary {
     pub permissions: Vec<String>,
 }
 
-/// Every grant and custom role (`ClientRequest::AuthList`).
+/// Every grant and custom role (`AuthRequest::List`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthListing {
     pub grants: Vec<GrantSummary>,
@@ -437,7 +539,7 @@ pub struct DocSummary {
     pub created_at_ms: u64,
 }
 
-/// What a node says about the cluster it serves (`ClientRequest::Identity`).
+/// What a node says about the cluster it serves (`ClusterRequest::Identity`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterIdentity {
     /// The cluster's Ed25519 public key.
@@ -525,338 +627,236 @@ mod tests {
     use aspen_kv::api::{Session, WriteOp};
     use proptest::prelude::*;
 
-    /// The wire encoding is stable: these bytes must never change for these messages.
+    /// Concatenates byte pieces (expected encodings are easier to read in parts).
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    fn encoded<T: Serialize>(message: &T) -> Vec<u8> {
+        postcard::to_allocvec(message).unwrap()
+    }
+
+    /// The wire encoding is stable: these bytes must never change for these messages. The
+    /// first byte names the service, the second the request or response within it.
     #[test]
-    fn golden_bytes() {
-        let put = ClientRequest::Write {
-            commands: vec![Command {
-                session: Some(Session {
-                    client_id: 1,
-                    seq: 2,
-                    acked_below: 1,
+    fn golden_bytes_requests() {
+        let node = NodeTicket {
+            endpoint_id: [2; 32],
+            addrs: vec![],
+        };
+        let node_bytes = encoded(&node);
+        let put = Command {
+            session: Some(Session {
+                client_id: 1,
+                seq: 2,
+                acked_below: 1,
+            }),
+            op: WriteOp::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                prev_kv: false,
+            },
+        };
+        use AuthRequest as A;
+        use BlobRequest as B;
+        use ClientRequest as R;
+        use ClusterRequest as C;
+        use DocRequest as D;
+        use KvRequest as K;
+        use NsRequest as N;
+        let table: Vec<(ClientRequest, Vec<u8>)> = vec![
+            (
+                R::Kv(K::Write {
+                    commands: vec![put],
                 }),
-                op: WriteOp::Put {
+                vec![0, 0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0],
+            ),
+            (
+                R::Kv(K::Range {
+                    request: RangeRequest::key(b"k".to_vec()),
+                    consistency: Consistency::Serializable,
+                }),
+                vec![0, 1, 1, b'k', 0, 0, 0, 1],
+            ),
+            (R::Cluster(C::Status), vec![1, 0]),
+            (R::Cluster(C::Identity), vec![1, 1]),
+            (
+                R::Cluster(C::Init {
+                    name: "n".into(),
+                    secret: [1; 32],
+                }),
+                cat(&[&[1, 2, 1, b'n'], &[1; 32]]),
+            ),
+            (
+                R::Cluster(C::Admit {
+                    node: node.clone(),
+                    secret: [3; 32],
+                }),
+                cat(&[&[1, 3], &node_bytes, &[3; 32]]),
+            ),
+            (
+                R::Cluster(C::CreateInvite {
+                    valid_for_secs: 300,
+                }),
+                vec![1, 4, 0xac, 0x02],
+            ),
+            (
+                R::Cluster(C::Join {
+                    node,
+                    invite: [2; 32],
+                }),
+                cat(&[&[1, 5], &node_bytes, &[2; 32]]),
+            ),
+            (R::Cluster(C::RemoveMember { node_id: 5 }), vec![1, 6, 5]),
+            (R::Cluster(C::StateDigest), vec![1, 7]),
+            (
+                R::Cluster(C::SetNetFaults(NetFaults {
+                    isolate_from: vec![1],
+                    drop_per_mille: 2,
+                    max_delay_ms: 3,
+                })),
+                vec![1, 8, 1, 1, 2, 3],
+            ),
+            (
+                R::Doc(D::Create {
+                    name: "d".into(),
+                    incarnation: [6; 16],
+                }),
+                cat(&[&[2, 0, 1, b'd'], &[6; 16]]),
+            ),
+            (
+                R::Doc(D::Change {
+                    name: "d".into(),
+                    changes: vec![vec![1, 2]],
+                }),
+                vec![2, 1, 1, b'd', 1, 2, 1, 2],
+            ),
+            (
+                R::Doc(D::Get {
+                    name: "d".into(),
+                    consistency: Consistency::Linearizable,
+                }),
+                vec![2, 2, 1, b'd', 0],
+            ),
+            (
+                R::Doc(D::List {
+                    start_after: Some("a".into()),
+                    limit: 5,
+                    consistency: Consistency::Serializable,
+                }),
+                vec![2, 3, 1, 1, b'a', 5, 1],
+            ),
+            (R::Doc(D::Delete { name: "d".into() }), vec![2, 4, 1, b'd']),
+            (
+                R::Blob(B::Add {
+                    size: 300,
+                    tag: Some("t".into()),
+                }),
+                vec![3, 0, 0xac, 0x02, 1, 1, b't'],
+            ),
+            (
+                R::Blob(B::Stat {
+                    hash: [4; 32],
+                    consistency: Consistency::Serializable,
+                }),
+                cat(&[&[3, 1], &[4; 32], &[1]]),
+            ),
+            (
+                R::Blob(B::List {
+                    start_after: None,
+                    limit: 2,
+                    consistency: Consistency::Linearizable,
+                }),
+                vec![3, 2, 0, 2, 0],
+            ),
+            (
+                R::Blob(B::Tag {
+                    tag: "t".into(),
+                    hash: [5; 32],
+                }),
+                cat(&[&[3, 3, 1, b't'], &[5; 32]]),
+            ),
+            (R::Blob(B::Untag { tag: "t".into() }), vec![3, 4, 1, b't']),
+            (R::Blob(B::Stats), vec![3, 5]),
+            (R::Ns(N::Create), vec![4, 0]),
+            (
+                R::Ns(N::Set {
+                    namespace: [1; 32],
                     key: b"k".to_vec(),
                     value: b"v".to_vec(),
-                    prev_kv: false,
-                },
-            }],
-        };
-        assert_eq!(
-            postcard::to_allocvec(&put).unwrap(),
-            [0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0]
-        );
-        let get = ClientRequest::Range {
-            request: RangeRequest::key(b"k".to_vec()),
-            consistency: Consistency::Serializable,
-        };
-        assert_eq!(
-            postcard::to_allocvec(&get).unwrap(),
-            [1, 1, b'k', 0, 0, 0, 1]
-        );
-        assert_eq!(postcard::to_allocvec(&ClientRequest::Status).unwrap(), [2]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::RemoveMember { node_id: 5 }).unwrap(),
-            [5, 5]
-        );
-        let err = ClientResponse::Error(RpcError::NotLeader { leader: None });
-        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 0, 0]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::StateDigest).unwrap(),
-            [6]
-        );
-        let digest = ClientResponse::StateDigest(aspen_kv::StateDigest {
-            applied_index: Some(3),
-            revision: 2,
-            keys: 1,
-            hash: [7; 32],
-        });
-        let faults = ClientRequest::SetNetFaults(NetFaults {
-            isolate_from: vec![1],
-            drop_per_mille: 2,
-            max_delay_ms: 3,
-        });
-        assert_eq!(postcard::to_allocvec(&faults).unwrap(), [7, 1, 1, 2, 3]);
-        let mut expected = vec![5, 1, 3, 2, 1];
-        expected.extend([7; 32]);
-        assert_eq!(postcard::to_allocvec(&digest).unwrap(), expected);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::Identity).unwrap(),
-            [8]
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::InitNamedCluster { name: "a".into() }).unwrap(),
-            [9, 1, b'a']
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::CreateInvite {
-                valid_for_secs: 300
-            })
-            .unwrap(),
-            [10, 0xac, 0x02]
-        );
-        let join = ClientRequest::Join {
-            node: NodeTicket {
-                endpoint_id: [1; 32],
-                addrs: vec![],
-            },
-            invite: [2; 32],
-        };
-        let mut expected = vec![11];
-        expected.extend(
-            postcard::to_allocvec(&NodeTicket {
-                endpoint_id: [1; 32],
-                addrs: vec![],
-            })
-            .unwrap(),
-        );
-        expected.extend([2; 32]);
-        assert_eq!(postcard::to_allocvec(&join).unwrap(), expected);
-        let identity = ClientResponse::Identity(ClusterIdentity {
-            cluster_key: [3; 32],
-            name: "n".into(),
-            certificate: vec![4],
-            record: None,
-        });
-        let mut expected = vec![6];
-        expected.extend([3; 32]);
-        expected.extend([1, b'n', 1, 4, 0]);
-        assert_eq!(postcard::to_allocvec(&identity).unwrap(), expected);
-        let invite = ClientResponse::Invite {
-            token: [5; 32],
-            expires_at: 1,
-        };
-        let mut expected = vec![7];
-        expected.extend([5; 32]);
-        expected.push(1);
-        assert_eq!(postcard::to_allocvec(&invite).unwrap(), expected);
+                }),
+                cat(&[&[4, 1], &[1; 32], &[1, b'k', 1, b'v']]),
+            ),
+            (
+                R::Ns(N::Get {
+                    namespace: [1; 32],
+                    key: b"k".to_vec(),
+                }),
+                cat(&[&[4, 2], &[1; 32], &[1, b'k']]),
+            ),
+            (
+                R::Ns(N::List {
+                    namespace: [1; 32],
+                    prefix: vec![],
+                    limit: 3,
+                }),
+                cat(&[&[4, 3], &[1; 32], &[0, 3]]),
+            ),
+            (R::Ns(N::Namespaces), vec![4, 4]),
+            (
+                R::Ns(N::Share {
+                    namespace: [1; 32],
+                    write: true,
+                }),
+                cat(&[&[4, 5], &[1; 32], &[1]]),
+            ),
+            (R::Ns(N::Import { ticket: "t".into() }), vec![4, 6, 1, b't']),
+            (
+                R::Auth(A::PresentToken { token: vec![9] }),
+                vec![5, 0, 1, 9],
+            ),
+            (R::Auth(A::WhoAmI), vec![5, 1]),
+            (
+                R::Auth(A::Grant {
+                    key: [4; 32],
+                    roles: vec!["r".into()],
+                    permissions: vec!["p".into()],
+                }),
+                cat(&[&[5, 2], &[4; 32], &[1, 1, b'r', 1, 1, b'p']]),
+            ),
+            (
+                R::Auth(A::Revoke {
+                    key: [4; 32],
+                    roles: vec![],
+                    permissions: vec![],
+                    all: true,
+                }),
+                cat(&[&[5, 3], &[4; 32], &[0, 0, 1]]),
+            ),
+            (
+                R::Auth(A::RoleCreate {
+                    name: "r".into(),
+                    permissions: vec!["p".into()],
+                }),
+                vec![5, 4, 1, b'r', 1, 1, b'p'],
+            ),
+            (R::Auth(A::List), vec![5, 5]),
+            (R::Auth(A::TokenRevoke { token: vec![7] }), vec![5, 6, 1, 7]),
+            (
+                R::Auth(A::Recover { secret: [5; 32] }),
+                cat(&[&[5, 7], &[5; 32]]),
+            ),
+        ];
+        for (message, expected) in table {
+            assert_eq!(encoded(&message), expected, "{message:?}");
+            let back: ClientRequest = crate::wire::decode_body(&expected).unwrap();
+            assert_eq!(back, message);
+        }
+    }
 
-        let mut expected = vec![12, 1, b'd'];
-        expected.extend([6; 16]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::DocCreate {
-                name: "d".into(),
-                incarnation: [6; 16]
-            })
-            .unwrap(),
-            expected
-        );
-        let change = ClientRequest::DocChange {
-            name: "d".into(),
-            changes: vec![vec![1, 2]],
-        };
-        assert_eq!(
-            postcard::to_allocvec(&change).unwrap(),
-            [13, 1, b'd', 1, 2, 1, 2]
-        );
-        let get = ClientRequest::DocGet {
-            name: "d".into(),
-            consistency: Consistency::Linearizable,
-        };
-        assert_eq!(postcard::to_allocvec(&get).unwrap(), [14, 1, b'd', 0]);
-        let list = ClientRequest::DocList {
-            start_after: Some("a".into()),
-            limit: 5,
-            consistency: Consistency::Serializable,
-        };
-        assert_eq!(
-            postcard::to_allocvec(&list).unwrap(),
-            [15, 1, 1, b'a', 5, 1]
-        );
-        let delete = ClientRequest::DocDelete { name: "d".into() };
-        assert_eq!(postcard::to_allocvec(&delete).unwrap(), [16, 1, b'd']);
-        let changed = ClientResponse::DocChanged {
-            added: vec![[1; 32]],
-            heads: vec![],
-        };
-        let mut expected = vec![8, 1];
-        expected.extend([1; 32]);
-        expected.push(0);
-        assert_eq!(postcard::to_allocvec(&changed).unwrap(), expected);
-        let doc = ClientResponse::Doc {
-            snapshot: None,
-            changes: vec![vec![9]],
-        };
-        assert_eq!(postcard::to_allocvec(&doc).unwrap(), [9, 0, 1, 1, 9]);
-        let listed = ClientResponse::DocList {
-            docs: vec![DocSummary {
-                name: "d".into(),
-                created_at_ms: 1,
-            }],
-            more: true,
-        };
-        assert_eq!(
-            postcard::to_allocvec(&listed).unwrap(),
-            [10, 1, 1, b'd', 1, 1]
-        );
-        let err = ClientResponse::Error(RpcError::Doc(aspen_crdt::DocError::NotFound("d".into())));
-        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 9, 1, 1, b'd']);
-
-        let add = ClientRequest::BlobAdd {
-            size: 300,
-            tag: Some("t".into()),
-        };
-        assert_eq!(
-            postcard::to_allocvec(&add).unwrap(),
-            [17, 0xac, 0x02, 1, 1, b't']
-        );
-        let mut expected = vec![18];
-        expected.extend([4; 32]);
-        expected.push(1);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::BlobStat {
-                hash: [4; 32],
-                consistency: Consistency::Serializable
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::BlobList {
-                start_after: None,
-                limit: 2,
-                consistency: Consistency::Linearizable
-            })
-            .unwrap(),
-            [19, 0, 2, 0]
-        );
-        let mut expected = vec![20, 1, b't'];
-        expected.extend([5; 32]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::BlobTag {
-                tag: "t".into(),
-                hash: [5; 32]
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::BlobUntag { tag: "t".into() }).unwrap(),
-            [21, 1, b't']
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::BlobStats).unwrap(),
-            [22]
-        );
-        let mut expected = vec![11];
-        expected.extend([6; 32]);
-        expected.extend([7, 0]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::BlobAdded {
-                hash: [6; 32],
-                size: 7,
-                previous: None
-            })
-            .unwrap(),
-            expected
-        );
-        let info = ClientResponse::BlobInfo(BlobInfo {
-            hash: [1; 32],
-            size: Some(2),
-            tags: vec!["t".into()],
-            holders: vec![3],
-            local: true,
-        });
-        let mut expected = vec![12];
-        expected.extend([1; 32]);
-        expected.extend([1, 2, 1, 1, b't', 1, 3, 1]);
-        assert_eq!(postcard::to_allocvec(&info).unwrap(), expected);
-        let list = ClientResponse::BlobList {
-            tags: vec![BlobTagSummary {
-                tag: "t".into(),
-                hash: [2; 32],
-                size: 3,
-                created_at_ms: 4,
-                replicas: 5,
-            }],
-            more: false,
-        };
-        let mut expected = vec![13, 1, 1, b't'];
-        expected.extend([2; 32]);
-        expected.extend([3, 4, 5, 0]);
-        assert_eq!(postcard::to_allocvec(&list).unwrap(), expected);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::BlobTagged { previous: None }).unwrap(),
-            [14, 0]
-        );
-        let stats = ClientResponse::BlobStats(BlobStoreStats {
-            node_id: 1,
-            blobs: 2,
-            bytes: 3,
-            replicas_target: 4,
-            fetched: 5,
-            fetched_bytes: 6,
-            fetch_failures: 7,
-            verify_failures: 8,
-            gc_deleted: 9,
-        });
-        assert_eq!(
-            postcard::to_allocvec(&stats).unwrap(),
-            [15, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-        );
-        let err = ClientResponse::Error(RpcError::Blob(aspen_blobs::BlobError::TagNotFound(
-            "t".into(),
-        )));
-        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 10, 2, 1, b't']);
-
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsCreate).unwrap(),
-            [23]
-        );
-        let mut expected = vec![24];
-        expected.extend([1; 32]);
-        expected.extend([1, b'k', 1, b'v']);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsSet {
-                namespace: [1; 32],
-                key: b"k".to_vec(),
-                value: b"v".to_vec()
-            })
-            .unwrap(),
-            expected
-        );
-        let mut expected = vec![25];
-        expected.extend([1; 32]);
-        expected.extend([1, b'k']);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsGet {
-                namespace: [1; 32],
-                key: b"k".to_vec()
-            })
-            .unwrap(),
-            expected
-        );
-        let mut expected = vec![26];
-        expected.extend([1; 32]);
-        expected.extend([0, 3]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsList {
-                namespace: [1; 32],
-                prefix: vec![],
-                limit: 3
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsNamespaces).unwrap(),
-            [27]
-        );
-        let mut expected = vec![28];
-        expected.extend([1; 32]);
-        expected.push(1);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsShare {
-                namespace: [1; 32],
-                write: true
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::NsImport { ticket: "t".into() }).unwrap(),
-            [29, 1, b't']
-        );
+    #[test]
+    fn golden_bytes_responses() {
+        use ClientResponse as R;
         let entry = NsEntry {
             key: b"k".to_vec(),
             author: [2; 32],
@@ -864,163 +864,188 @@ mod tests {
             size: 4,
             timestamp_us: 5,
         };
-        let mut expected = vec![18, 1, 1, b'k'];
-        expected.extend([2; 32]);
-        expected.extend([3; 32]);
-        expected.extend([4, 5, 1, 1, b'v']);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::NsValue {
-                entry: Some(entry),
-                value: Some(b"v".to_vec())
-            })
-            .unwrap(),
-            expected
-        );
-        let mut expected = vec![20, 1];
-        expected.extend([7; 32]);
-        expected.extend([1, 8]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::Namespaces(vec![NamespaceSummary {
-                id: [7; 32],
-                writable: true,
-                created_at_ms: 8
-            }]))
-            .unwrap(),
-            expected
-        );
-        let err = ClientResponse::Error(RpcError::Namespace(NamespaceError::EmptyKey));
-        assert_eq!(postcard::to_allocvec(&err).unwrap(), [3, 11, 6]);
-
-        // Protocol 2: access control.
-        let mut expected = vec![30, 1, b'n'];
-        expected.extend([1; 32]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::Init {
-                name: "n".into(),
-                secret: [1; 32]
-            })
-            .unwrap(),
-            expected
-        );
-        let node = NodeTicket {
-            endpoint_id: [2; 32],
-            addrs: vec![],
-        };
-        let mut expected = vec![31];
-        expected.extend(postcard::to_allocvec(&node).unwrap());
-        expected.extend([3; 32]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::Admit {
-                node,
-                secret: [3; 32]
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::PresentToken { token: vec![9] }).unwrap(),
-            [32, 1, 9]
-        );
-        assert_eq!(postcard::to_allocvec(&ClientRequest::WhoAmI).unwrap(), [33]);
-        let mut expected = vec![34];
-        expected.extend([4; 32]);
-        expected.extend([1, 1, b'r', 1, 1, b'p']);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::AuthGrant {
-                key: [4; 32],
-                roles: vec!["r".into()],
-                permissions: vec!["p".into()]
-            })
-            .unwrap(),
-            expected
-        );
-        let mut expected = vec![35];
-        expected.extend([4; 32]);
-        expected.extend([0, 0, 1]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::AuthRevoke {
-                key: [4; 32],
-                roles: vec![],
-                permissions: vec![],
-                all: true
-            })
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::RoleCreate {
-                name: "r".into(),
-                permissions: vec!["p".into()]
-            })
-            .unwrap(),
-            [36, 1, b'r', 1, 1, b'p']
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::AuthList).unwrap(),
-            [37]
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::TokenRevoke { token: vec![7] }).unwrap(),
-            [38, 1, 7]
-        );
-        let mut expected = vec![39];
-        expected.extend([5; 32]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientRequest::Recover { secret: [5; 32] }).unwrap(),
-            expected
-        );
-        let mut expected = vec![22];
-        expected.extend([6; 32]);
-        expected.extend([1, 1, 1, b'a', 1, 1, b'p', 0]);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::WhoAmI(WhoAmI {
-                key: [6; 32],
-                member: true,
-                roles: vec!["a".into()],
-                permissions: vec!["p".into()],
-                token: None
-            }))
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::AuthList(AuthListing {
-                grants: vec![],
-                roles: vec![],
-                revoked_tokens: vec![]
-            }))
-            .unwrap(),
-            [23, 0, 0, 0]
-        );
-        let mut expected = vec![3, 12];
-        expected.extend([8; 32]);
-        expected.extend([1, b'x']);
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::Error(RpcError::PermissionDenied {
-                caller: [8; 32],
-                needed: "x".into()
-            }))
-            .unwrap(),
-            expected
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::Error(RpcError::Token("t".into()))).unwrap(),
-            [3, 13, 1, b't']
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::Error(RpcError::Namespace(
-                NamespaceError::TooMany { max: 2 }
-            )))
-            .unwrap(),
-            [3, 11, 9, 2]
-        );
-        assert_eq!(
-            postcard::to_allocvec(&ClientResponse::Error(RpcError::Doc(
-                aspen_crdt::DocError::Inflates { index: 1, max: 2 }
-            )))
-            .unwrap(),
-            [3, 9, 10, 1, 2]
-        );
+        let table: Vec<(ClientResponse, Vec<u8>)> = vec![
+            (R::Kv(KvResponse::Write { results: vec![] }), vec![0, 0, 0]),
+            (R::Cluster(ClusterResponse::Done), vec![1, 0]),
+            (
+                R::Cluster(ClusterResponse::Identity(ClusterIdentity {
+                    cluster_key: [3; 32],
+                    name: "n".into(),
+                    certificate: vec![4],
+                    record: None,
+                })),
+                cat(&[&[1, 2], &[3; 32], &[1, b'n', 1, 4, 0]]),
+            ),
+            (
+                R::Cluster(ClusterResponse::Invite {
+                    token: [5; 32],
+                    expires_at: 1,
+                }),
+                cat(&[&[1, 3], &[5; 32], &[1]]),
+            ),
+            (
+                R::Cluster(ClusterResponse::StateDigest(aspen_kv::StateDigest {
+                    applied_index: Some(3),
+                    revision: 2,
+                    keys: 1,
+                    hash: [7; 32],
+                })),
+                cat(&[&[1, 4, 1, 3, 2, 1], &[7; 32]]),
+            ),
+            (R::Doc(DocResponse::Done), vec![2, 0]),
+            (
+                R::Doc(DocResponse::Changed {
+                    added: vec![[1; 32]],
+                    heads: vec![],
+                }),
+                cat(&[&[2, 1, 1], &[1; 32], &[0]]),
+            ),
+            (
+                R::Doc(DocResponse::Doc {
+                    snapshot: None,
+                    changes: vec![vec![9]],
+                }),
+                vec![2, 2, 0, 1, 1, 9],
+            ),
+            (
+                R::Doc(DocResponse::List {
+                    docs: vec![DocSummary {
+                        name: "d".into(),
+                        created_at_ms: 1,
+                    }],
+                    more: true,
+                }),
+                vec![2, 3, 1, 1, b'd', 1, 1],
+            ),
+            (
+                R::Blob(BlobResponse::Added {
+                    hash: [6; 32],
+                    size: 7,
+                    previous: None,
+                }),
+                cat(&[&[3, 1], &[6; 32], &[7, 0]]),
+            ),
+            (
+                R::Blob(BlobResponse::Info(BlobInfo {
+                    hash: [1; 32],
+                    size: Some(2),
+                    tags: vec!["t".into()],
+                    holders: vec![3],
+                    local: true,
+                })),
+                cat(&[&[3, 2], &[1; 32], &[1, 2, 1, 1, b't', 1, 3, 1]]),
+            ),
+            (
+                R::Blob(BlobResponse::List {
+                    tags: vec![BlobTagSummary {
+                        tag: "t".into(),
+                        hash: [2; 32],
+                        size: 3,
+                        created_at_ms: 4,
+                        replicas: 5,
+                    }],
+                    more: false,
+                }),
+                cat(&[&[3, 3, 1, 1, b't'], &[2; 32], &[3, 4, 5, 0]]),
+            ),
+            (
+                R::Blob(BlobResponse::Tagged { previous: None }),
+                vec![3, 4, 0],
+            ),
+            (
+                R::Blob(BlobResponse::Stats(BlobStoreStats {
+                    node_id: 1,
+                    blobs: 2,
+                    bytes: 3,
+                    replicas_target: 4,
+                    fetched: 5,
+                    fetched_bytes: 6,
+                    fetch_failures: 7,
+                    verify_failures: 8,
+                    gc_deleted: 9,
+                })),
+                vec![3, 5, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+            ),
+            (
+                R::Ns(NsResponse::Created { id: [7; 32] }),
+                cat(&[&[4, 0], &[7; 32]]),
+            ),
+            (
+                R::Ns(NsResponse::Value {
+                    entry: Some(entry),
+                    value: Some(b"v".to_vec()),
+                }),
+                cat(&[&[4, 2, 1, 1, b'k'], &[2; 32], &[3; 32], &[4, 5, 1, 1, b'v']]),
+            ),
+            (
+                R::Ns(NsResponse::Namespaces(vec![NamespaceSummary {
+                    id: [7; 32],
+                    writable: true,
+                    created_at_ms: 8,
+                }])),
+                cat(&[&[4, 4, 1], &[7; 32], &[1, 8]]),
+            ),
+            (
+                R::Auth(AuthResponse::WhoAmI(WhoAmI {
+                    key: [6; 32],
+                    member: true,
+                    roles: vec!["a".into()],
+                    permissions: vec!["p".into()],
+                    token: None,
+                })),
+                cat(&[&[5, 1], &[6; 32], &[1, 1, 1, b'a', 1, 1, b'p', 0]]),
+            ),
+            (
+                R::Auth(AuthResponse::List(AuthListing {
+                    grants: vec![],
+                    roles: vec![],
+                    revoked_tokens: vec![],
+                })),
+                vec![5, 2, 0, 0, 0],
+            ),
+            (
+                R::Error(RpcError::NotLeader { leader: None }),
+                vec![6, 0, 0],
+            ),
+            (
+                R::Error(RpcError::Doc(aspen_crdt::DocError::NotFound("d".into()))),
+                vec![6, 9, 1, 1, b'd'],
+            ),
+            (
+                R::Error(RpcError::Doc(aspen_crdt::DocError::Inflates {
+                    index: 1,
+                    max: 2,
+                })),
+                vec![6, 9, 10, 1, 2],
+            ),
+            (
+                R::Error(RpcError::Blob(aspen_blobs::BlobError::TagNotFound(
+                    "t".into(),
+                ))),
+                vec![6, 10, 2, 1, b't'],
+            ),
+            (
+                R::Error(RpcError::Namespace(NamespaceError::EmptyKey)),
+                vec![6, 11, 6],
+            ),
+            (
+                R::Error(RpcError::Namespace(NamespaceError::TooMany { max: 2 })),
+                vec![6, 11, 9, 2],
+            ),
+            (
+                R::Error(RpcError::PermissionDenied {
+                    caller: [8; 32],
+                    needed: "x".into(),
+                }),
+                cat(&[&[6, 12], &[8; 32], &[1, b'x']]),
+            ),
+            (R::Error(RpcError::Token("t".into())), vec![6, 13, 1, b't']),
+        ];
+        for (message, expected) in table {
+            assert_eq!(encoded(&message), expected, "{message:?}");
+            let back: ClientResponse = crate::wire::decode_body(&expected).unwrap();
+            assert_eq!(back, message);
+        }
     }
 
     proptest! {

@@ -47,12 +47,12 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Node(NodeCommand::Run(args)) => aspen_node::run::run(args).await,
-            Command::Cluster(cmd) => aspen_node::cli::cluster(cmd).await,
-            Command::Kv(cmd) => aspen_node::cli::kv(cmd).await,
-            Command::Doc(cmd) => aspen_node::doc_cli::doc(cmd).await,
-            Command::Blob(cmd) => aspen_node::blob_cli::blob(cmd).await,
-            Command::Docs(cmd) => aspen_node::namespace_cli::docs(cmd).await,
-            Command::Auth(cmd) => aspen_node::auth_cli::auth(cmd).await,
+            Command::Cluster(cmd) => aspen_node::cli::cluster::cluster(cmd).await,
+            Command::Kv(cmd) => aspen_node::cli::kv::kv(cmd).await,
+            Command::Doc(cmd) => aspen_node::cli::doc::doc(cmd).await,
+            Command::Blob(cmd) => aspen_node::cli::blob::blob(cmd).await,
+            Command::Docs(cmd) => aspen_node::cli::namespace::docs(cmd).await,
+            Command::Auth(cmd) => aspen_node::cli::auth::auth(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
             Command::Discover {

@@ -77,13 +77,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     match args.output {
         Output::Json => println!(
             "{}",
-            serde_json::json!({ "node_id": format!("{:016x}", node.state.id), "addrs": addrs,
+            serde_json::json!({ "node_id": format!("{:016x}", node.state.cluster.id), "addrs": addrs,
                                 "ticket": ticket.to_string(), "data_dir": config.data_dir })
         ),
         Output::Text => {
             println!(
                 "node {:016x} listening on {}",
-                node.state.id,
+                node.state.cluster.id,
                 addrs.join(", ")
             );
             println!("node ticket: {ticket}");
@@ -143,7 +143,7 @@ async fn join_cluster(
     key: ClusterKey,
     token: [u8; 32],
 ) -> Result<()> {
-    if !node.state.is_member() {
+    if !node.state.cluster.is_member() {
         let cache = Some(config.data_dir.join("records"));
         let mut delay = Duration::from_millis(500);
         let mut attempt = 0;

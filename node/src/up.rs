@@ -99,7 +99,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .await?
             .with_context(|| format!("admin identity {}", admin_path.display()))?
     };
-    let options = crate::auth_cli::options_for(&admin, Duration::from_secs(30));
+    let options = crate::cli::auth::options_for(&admin, Duration::from_secs(30));
     if !formed {
         let secrets = {
             let dirs = dirs.clone();

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use aspen_client::protocol::{ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
+use aspen_client::protocol::{
+    AuthRequest, ClientRequest, ClientResponse, ClusterRequest, RpcError, CLIENT_ALPN,
+};
 use aspen_client::{Client, ClientError, ClientOptions, Consistency};
 use aspen_kv::api::{RangeRequest, Txn};
 use aspen_trust::{CapabilityToken, NodeKey, Permission};
@@ -172,10 +174,10 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
     let init = raw_request(
         &nodes[0],
         stranger_secret,
-        &ClientRequest::Init {
+        &ClientRequest::Cluster(ClusterRequest::Init {
             name: String::new(),
             secret: [0; 32],
-        },
+        }),
     )
     .await;
     assert!(
@@ -185,24 +187,14 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
         ),
         "{init:?}"
     );
-    // Protocol 1's unproven requests are refused outright.
-    for old in [
-        ClientRequest::InitCluster,
-        ClientRequest::AddMember {
-            node: nodes[1].ticket.clone(),
-        },
-    ] {
-        let r = raw_request(&nodes[0], stranger_secret, &old).await;
-        assert!(matches!(r, ClientResponse::Error(_)), "{r:?}");
-    }
     // An invitation is only usable by the node it admits: not for someone else's ticket.
     let join = raw_request(
         &nodes[0],
         stranger_secret,
-        &ClientRequest::Join {
+        &ClientRequest::Cluster(ClusterRequest::Join {
             node: nodes[1].ticket.clone(),
             invite: [1; 32],
-        },
+        }),
     )
     .await;
     assert!(
@@ -842,19 +834,28 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     let rss = || mem("VmRSS:");
     let before = rss();
     let vm_before = mem("VmSize:");
-    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
-        .await
-        .unwrap();
+    // A node takes at most MAX_CONNECTIONS_PER_KEY client connections per key: the callers
+    // come from 10 keys (keys are free; what a connection costs does not depend on its key).
+    let mut endpoints = Vec::new();
+    for _ in 0..10 {
+        endpoints.push(
+            aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+                .await
+                .unwrap(),
+        );
+    }
+    let ep = endpoints[0].clone();
     let mut held = Vec::new();
     let header = (aspen_client::protocol::MAX_CLIENT_FRAME as u32).to_be_bytes();
-    for _ in 0..CALLERS {
-        // One connection each (from one client endpoint: what the node pays per connection
-        // and stream does not depend on the caller's key).
+    for i in 0..CALLERS {
         let addr = iroh::EndpointAddr::new(
             iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap(),
         )
         .with_ip_addr(node.ticket.addrs[0]);
-        let conn = ep.connect(addr, CLIENT_ALPN).await.unwrap();
+        let conn = endpoints[i % endpoints.len()]
+            .connect(addr, CLIENT_ALPN)
+            .await
+            .unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(&header).await.unwrap();
         held.push((conn, send, recv));
@@ -907,5 +908,71 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     admin.close().await;
     drop(held);
     drop(others);
+    for ep in endpoints {
+        ep.close().await;
+    }
+}
+
+/// Asks `WhoAmI` (open to anyone) on `conn`; the error if the connection is refused.
+async fn whoami_on(conn: &iroh::endpoint::Connection) -> Result<ClientResponse, String> {
+    let frame =
+        aspen_client::wire::encode_frame(&ClientRequest::Auth(AuthRequest::WhoAmI), usize::MAX)
+            .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let reply = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    aspen_client::wire::decode_body(&reply[4..]).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_holds_a_bounded_number_of_connections() {
+    use aspen_node::server::{CLOSE_TOO_MANY_CONNECTIONS, MAX_CONNECTIONS_PER_KEY};
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let node = &nodes[0];
+    let addr = || {
+        iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap())
+            .with_ip_addr(node.ticket.addrs[0])
+    };
+    let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+        .await
+        .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_KEY + 1 {
+        conns.push(ep.connect(addr(), CLIENT_ALPN).await.unwrap());
+    }
+    // Exactly one of them is over the limit: the node closes it with its own code.
+    let mut answered = Vec::new();
+    let mut refused = 0;
+    for conn in conns {
+        match whoami_on(&conn).await {
+            Ok(ClientResponse::Auth(_)) => answered.push(conn),
+            Ok(other) => panic!("unexpected answer {other:?}"),
+            Err(_) => {
+                let reason = conn.closed().await;
+                assert!(
+                    matches!(&reason, iroh::endpoint::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == CLOSE_TOO_MANY_CONNECTIONS.into()),
+                    "{reason:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((answered.len(), refused), (MAX_CONNECTIONS_PER_KEY, 1));
+    // Another key is not affected.
+    let other = client_of(node).await;
+    other.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    other.close().await;
+    // A closed connection gives its slot back.
+    answered.pop().unwrap().close(0u32.into(), b"done");
+    wait_until("a slot to come back", || async {
+        let conn = ep.connect(addr(), CLIENT_ALPN).await.ok()?;
+        let ok = matches!(whoami_on(&conn).await, Ok(ClientResponse::Auth(_)));
+        ok.then_some(conn)
+    })
+    .await;
+    drop(answered);
     ep.close().await;
 }

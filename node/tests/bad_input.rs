@@ -2,7 +2,9 @@
 
 mod common;
 
-use aspen_client::protocol::{ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
+use aspen_client::protocol::{
+    ClientRequest, ClientResponse, ClusterRequest, KvRequest, RpcError, CLIENT_ALPN,
+};
 use aspen_client::{Client, ClientError, ClusterTicket};
 use aspen_kv::api::{Command, LimitError, WriteOp};
 use aspen_kv::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
@@ -31,7 +33,7 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
         Err(ClientError::Limit(LimitError::ValueTooLarge { .. }))
     ));
     // ...and by the node when a client does not check.
-    let request = ClientRequest::Write {
+    let request = ClientRequest::Kv(KvRequest::Write {
         commands: vec![Command {
             session: None,
             op: WriteOp::Put {
@@ -40,7 +42,7 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
                 prev_kv: false,
             },
         }],
-    };
+    });
     let frame = aspen_client::wire::encode_frame(&request, usize::MAX).unwrap();
     let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
     let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();
@@ -107,10 +109,10 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
             .collect(),
     };
     let frame = aspen_client::wire::encode_frame(
-        &ClientRequest::Admit {
+        &ClientRequest::Cluster(ClusterRequest::Admit {
             node: crowded,
             secret: [0; 32],
-        },
+        }),
         usize::MAX,
     )
     .unwrap();
@@ -145,7 +147,7 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
     );
 
     // The system key space (the cluster secret) cannot be written by a client.
-    let request = ClientRequest::Write {
+    let request = ClientRequest::Kv(KvRequest::Write {
         commands: vec![Command {
             session: None,
             op: WriteOp::System(aspen_kv::api::SystemWrite {
@@ -154,7 +156,7 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
                 new: Some(vec![0; 32]),
             }),
         }],
-    };
+    });
     let frame = aspen_client::wire::encode_frame(&request, usize::MAX).unwrap();
     let reply = raw_exchange(node, CLIENT_ALPN, &frame).await;
     let response: ClientResponse = aspen_client::wire::decode_body(&reply[4..]).unwrap();

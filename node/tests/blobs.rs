@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aspen_blobs::{hash_hex, BlobError, BlobHash};
-use aspen_client::protocol::{ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
+use aspen_client::protocol::{BlobRequest, ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
 use aspen_client::{Client, ClientError, ClusterTicket, Consistency};
 use common::*;
 
@@ -352,27 +352,27 @@ async fn bad_blob_input_gets_typed_errors() {
     let answer = |bytes: Vec<u8>| -> ClientResponse {
         aspen_client::wire::decode_body(&bytes[4..]).unwrap()
     };
-    let bad_tag = ClientRequest::BlobAdd {
+    let bad_tag = ClientRequest::Blob(BlobRequest::Add {
         size: 1,
         tag: Some("a\u{7}".into()),
-    };
+    });
     assert!(matches!(
         answer(raw_exchange(node, CLIENT_ALPN, &raw(&bad_tag, b"x")).await),
         ClientResponse::Error(RpcError::Blob(BlobError::BadTagName { .. }))
     ));
     // An upload announcing more than the limit, fewer bytes than announced, or more.
-    let huge = ClientRequest::BlobAdd {
+    let huge = ClientRequest::Blob(BlobRequest::Add {
         size: aspen_blobs::limits::MAX_BLOB_BYTES + 1,
         tag: None,
-    };
+    });
     assert!(matches!(
         answer(raw_exchange(node, CLIENT_ALPN, &raw(&huge, b"")).await),
         ClientResponse::Error(RpcError::Blob(BlobError::TooLarge { .. }))
     ));
-    let short = ClientRequest::BlobAdd {
+    let short = ClientRequest::Blob(BlobRequest::Add {
         size: 100,
         tag: Some("short".into()),
-    };
+    });
     assert!(matches!(
         answer(raw_exchange(node, CLIENT_ALPN, &raw(&short, &[1; 10])).await),
         ClientResponse::Error(RpcError::Blob(BlobError::Truncated {
@@ -380,10 +380,10 @@ async fn bad_blob_input_gets_typed_errors() {
             got: 10
         }))
     ));
-    let long = ClientRequest::BlobAdd {
+    let long = ClientRequest::Blob(BlobRequest::Add {
         size: 10,
         tag: Some("long".into()),
-    };
+    });
     assert!(matches!(
         answer(raw_exchange(node, CLIENT_ALPN, &raw(&long, &[1; 100])).await),
         ClientResponse::Error(RpcError::Blob(BlobError::TooLong { expected: 10 }))

@@ -337,6 +337,7 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     let secret = wait_until("the cluster secret to reach the new member", || async {
         inspector
             .state
+            .cluster
             .sm
             .system_get(aspen_node::server::identity::SECRET_KEY.to_vec())
             .await

@@ -66,6 +66,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
         bail!("--clients, --conns, --total and --key-space must be at least 1");
     }
+    check_conns(args.conns)?;
     if args.val_size > aspen_kv::limits::MAX_VALUE_BYTES {
         bail!(
             "--val-size exceeds the value limit of {} bytes",
@@ -209,6 +210,7 @@ async fn bench_doc(args: BenchArgs) -> Result<()> {
     if args.clients == 0 || args.conns == 0 || args.total == 0 {
         bail!("--clients, --conns and --total must be at least 1");
     }
+    check_conns(args.conns)?;
     if args.val_size > aspen_crdt::limits::MAX_CHANGE_BYTES / 2 {
         bail!("--val-size is too large for one change");
     }
@@ -250,6 +252,17 @@ async fn bench_doc(args: BenchArgs) -> Result<()> {
     }
     if errors > 0 {
         bail!("{errors} client chains stopped at a failed change");
+    }
+    Ok(())
+}
+
+/// A node accepts at most this many connections from one key.
+fn check_conns(conns: usize) -> Result<()> {
+    if conns > crate::server::MAX_CONNECTIONS_PER_KEY {
+        bail!(
+            "--conns is at most {} (a node accepts no more connections from one key)",
+            crate::server::MAX_CONNECTIONS_PER_KEY
+        );
     }
     Ok(())
 }

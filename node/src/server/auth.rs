@@ -26,14 +26,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use aspen_client::protocol::{
-    AuthListing, ClientRequest, ClientResponse, GrantSummary, RoleSummary, RpcError, TokenSummary,
+    AuthListing, AuthRequest, AuthResponse, BlobRequest, BlobResponse, ClientRequest,
+    ClientResponse, ClusterRequest, DocRequest, DocResponse, GrantSummary, KvRequest, NsRequest,
+    NsResponse, RoleSummary, RpcError, TokenSummary,
 };
 use aspen_kv::api::{Command, SystemOp, SystemTxn, TxnOp, WriteOp};
 use aspen_trust::{Action, BuiltinRole, CapabilityToken, Kind, Permission, VerifiedToken};
 use serde::{Deserialize, Serialize};
 
-use super::raft_protocol::{RaftRequest, RaftResponse};
-use super::NodeState;
+use super::admission::Admission;
+use super::{ClusterHandle, NodeState};
 
 /// Prefix of every access-control key.
 pub const AUTH_PREFIX: &[u8] = b"auth/";
@@ -306,78 +308,123 @@ fn command_needs(command: &Command, out: &mut Vec<Need>) {
     }
 }
 
-/// Every permission `request` needs. One place maps every request kind; a new request
-/// kind does not compile until it is added here.
+/// Every permission `request` needs: the one place each service's requests map to
+/// permissions (a new request kind does not compile until it is added here).
 pub fn needs(request: &ClientRequest) -> Vec<Need> {
-    use Action::*;
-    use ClientRequest as R;
     let mut out = Vec::new();
     match request {
-        R::Write { commands } => {
+        ClientRequest::Kv(r) => kv_needs(r, &mut out),
+        ClientRequest::Cluster(r) => out.push(cluster_needs(r)),
+        ClientRequest::Doc(r) => out.push(doc_needs(r)),
+        ClientRequest::Blob(r) => blob_needs(r, &mut out),
+        ClientRequest::Ns(r) => out.push(ns_needs(r)),
+        ClientRequest::Auth(r) => out.push(auth_needs(r)),
+    }
+    out
+}
+
+fn kv_needs(request: &KvRequest, out: &mut Vec<Need>) {
+    match request {
+        KvRequest::Write { commands } => {
             for c in commands {
-                command_needs(c, &mut out);
+                command_needs(c, out);
             }
         }
-        R::Range { request, .. } => out.push(Need::Range(
+        KvRequest::Range { request, .. } => out.push(Need::Range(
             Kind::Kv,
-            Read,
+            Action::Read,
             request.start.clone(),
             request.end.clone(),
         )),
-        R::Status | R::StateDigest | R::BlobStats => out.push(cluster(Read)),
-        // Refused by the node in protocol 2 (no proof of who may claim the node).
-        R::InitCluster | R::InitNamedCluster { .. } | R::AddMember { .. } => {
-            out.push(cluster(Admin))
+    }
+}
+
+fn cluster_needs(request: &ClusterRequest) -> Need {
+    use ClusterRequest as R;
+    match request {
+        R::Status | R::StateDigest => cluster(Action::Read),
+        R::RemoveMember { .. } | R::SetNetFaults(_) | R::CreateInvite { .. } | R::Admit { .. } => {
+            cluster(Action::Admin)
         }
-        R::RemoveMember { .. }
-        | R::SetNetFaults(_)
-        | R::CreateInvite { .. }
-        | R::Admit { .. }
-        | R::AuthGrant { .. }
-        | R::AuthRevoke { .. }
-        | R::RoleCreate { .. }
-        | R::AuthList => out.push(cluster(Admin)),
         // Public (published on the DHT), or proven by what the request carries: the node's
-        // bootstrap secret, an invitation bound to the caller's key, a token.
-        R::Identity
-        | R::Init { .. }
-        | R::Recover { .. }
-        | R::Join { .. }
-        | R::PresentToken { .. }
-        | R::WhoAmI
-        | R::TokenRevoke { .. } => out.push(Need::Open),
-        R::DocCreate { name, .. } | R::DocChange { name, .. } | R::DocDelete { name } => {
-            out.push(Need::One(Kind::Doc, Write, name.as_bytes().to_vec()))
+        // bootstrap secret, an invitation bound to the caller's key.
+        R::Identity | R::Init { .. } | R::Join { .. } => Need::Open,
+    }
+}
+
+fn doc_needs(request: &DocRequest) -> Need {
+    use DocRequest as R;
+    match request {
+        R::Create { name, .. } | R::Change { name, .. } | R::Delete { name } => {
+            Need::One(Kind::Doc, Action::Write, name.as_bytes().to_vec())
         }
-        R::DocGet { name, .. } => out.push(Need::One(Kind::Doc, Read, name.as_bytes().to_vec())),
-        R::DocList { .. } => out.push(Need::AnyOf(Kind::Doc, Read)),
+        R::Get { name, .. } => Need::One(Kind::Doc, Action::Read, name.as_bytes().to_vec()),
+        R::List { .. } => Need::AnyOf(Kind::Doc, Action::Read),
+    }
+}
+
+fn blob_needs(request: &BlobRequest, out: &mut Vec<Need>) {
+    use BlobRequest as R;
+    match request {
+        R::Stats => out.push(cluster(Action::Read)),
         // An untagged upload is kept only for the GC grace: still needs blob write somewhere.
-        R::BlobAdd { tag, .. } => match tag {
-            Some(t) => out.push(Need::One(Kind::Blob, Write, t.as_bytes().to_vec())),
-            None => out.push(Need::One(Kind::Blob, Write, Vec::new())),
-        },
-        R::BlobStat { hash, .. } => out.push(Need::BlobHash(*hash)),
-        R::BlobList { .. } => out.push(Need::AnyOf(Kind::Blob, Read)),
+        R::Add { tag, .. } => out.push(Need::One(
+            Kind::Blob,
+            Action::Write,
+            tag.as_ref()
+                .map(|t| t.as_bytes().to_vec())
+                .unwrap_or_default(),
+        )),
+        R::Stat { hash, .. } => out.push(Need::BlobHash(*hash)),
+        R::List { .. } => out.push(Need::AnyOf(Kind::Blob, Action::Read)),
         // Naming a blob under a tag must not become a way to read a blob one cannot read.
-        R::BlobTag { tag, hash } => {
-            out.push(Need::One(Kind::Blob, Write, tag.as_bytes().to_vec()));
+        R::Tag { tag, hash } => {
+            out.push(Need::One(
+                Kind::Blob,
+                Action::Write,
+                tag.as_bytes().to_vec(),
+            ));
             out.push(Need::BlobHash(*hash));
         }
-        R::BlobUntag { tag } => out.push(Need::One(Kind::Blob, Write, tag.as_bytes().to_vec())),
-        R::NsCreate => out.push(Need::One(Kind::Ns, Write, Vec::new())),
-        R::NsSet { namespace, .. } => out.push(ns(Write, namespace)),
-        R::NsGet { namespace, .. } | R::NsList { namespace, .. } => out.push(ns(Read, namespace)),
-        R::NsNamespaces => out.push(Need::AnyOf(Kind::Ns, Read)),
-        R::NsShare { namespace, write } => {
+        R::Untag { tag } => out.push(Need::One(
+            Kind::Blob,
+            Action::Write,
+            tag.as_bytes().to_vec(),
+        )),
+    }
+}
+
+fn ns_needs(request: &NsRequest) -> Need {
+    use NsRequest as R;
+    match request {
+        R::Create => Need::One(Kind::Ns, Action::Write, Vec::new()),
+        R::Set { namespace, .. } => ns(Action::Write, namespace),
+        R::Get { namespace, .. } | R::List { namespace, .. } => ns(Action::Read, namespace),
+        R::Namespaces => Need::AnyOf(Kind::Ns, Action::Read),
+        // Sharing write access hands out the namespace's secret: an admin act.
+        R::Share { namespace, write } => {
             if *write {
-                out.push(cluster(Admin));
+                cluster(Action::Admin)
             } else {
-                out.push(ns(Read, namespace));
+                ns(Action::Read, namespace)
             }
         }
-        R::NsImport { .. } => out.push(Need::One(Kind::Ns, Admin, Vec::new())),
+        R::Import { .. } => Need::One(Kind::Ns, Action::Admin, Vec::new()),
     }
-    out
+}
+
+fn auth_needs(request: &AuthRequest) -> Need {
+    use AuthRequest as R;
+    match request {
+        R::Grant { .. } | R::Revoke { .. } | R::RoleCreate { .. } | R::List => {
+            cluster(Action::Admin)
+        }
+        // Proven by what the request carries (a bootstrap secret, a token), about the
+        // caller itself, or checked by the handler (token revocation by its issuers).
+        R::Recover { .. } | R::PresentToken { .. } | R::WhoAmI | R::TokenRevoke { .. } => {
+            Need::Open
+        }
+    }
 }
 
 /// A token presented on one connection, verified when presented and re-checked (expiry,
@@ -522,8 +569,10 @@ impl Access<'_> {
 }
 
 /// A node's copy of the access-control policy.
-#[derive(Debug, Default)]
 pub struct AuthService {
+    cluster: ClusterHandle,
+    /// Holds this node's bootstrap secret (`Recover` and `Init` prove they know it).
+    admission: Arc<Admission>,
     policy: RwLock<Arc<Policy>>,
     /// Bumped by the state machine whenever an `auth/` write applies on this node.
     changes: std::sync::OnceLock<tokio::sync::watch::Receiver<u64>>,
@@ -532,6 +581,45 @@ pub struct AuthService {
 }
 
 impl AuthService {
+    pub fn new(cluster: ClusterHandle, admission: Arc<Admission>) -> Self {
+        AuthService {
+            cluster,
+            admission,
+            policy: Default::default(),
+            changes: Default::default(),
+            loaded: Default::default(),
+        }
+    }
+
+    /// Serves one access-control request (access already checked).
+    pub async fn handle(
+        &self,
+        request: AuthRequest,
+        access: &Access<'_>,
+    ) -> Result<AuthResponse, RpcError> {
+        match request {
+            AuthRequest::PresentToken { token } => self.present_token(&token, access),
+            AuthRequest::WhoAmI => Ok(self.whoami(access)),
+            AuthRequest::Grant {
+                key,
+                roles,
+                permissions,
+            } => self.grant(key, roles, permissions).await,
+            AuthRequest::Revoke {
+                key,
+                roles,
+                permissions,
+                all,
+            } => self.revoke(key, roles, permissions, all).await,
+            AuthRequest::RoleCreate { name, permissions } => {
+                self.role_create(name, permissions).await
+            }
+            AuthRequest::List => Ok(AuthResponse::List(self.policy().listing())),
+            AuthRequest::TokenRevoke { token } => self.token_revoke(&token, access).await,
+            AuthRequest::Recover { secret } => self.recover_admin(&secret, access).await,
+        }
+    }
+
     /// Connects the policy to the state machine's `auth/` prefix watch (once, at start).
     pub fn watch(&self, changes: tokio::sync::watch::Receiver<u64>) {
         let _ = self.changes.set(changes);
@@ -640,17 +728,17 @@ pub fn grant_txn(
 /// Keeps only the items of a listing the caller may read (documents, blob tags, namespaces).
 pub fn filter_listing(response: ClientResponse, access: &Access<'_>) -> ClientResponse {
     match response {
-        ClientResponse::DocList { mut docs, more } => {
+        ClientResponse::Doc(DocResponse::List { mut docs, more }) => {
             docs.retain(|d| access.may(Kind::Doc, Action::Read, d.name.as_bytes()));
-            ClientResponse::DocList { docs, more }
+            ClientResponse::Doc(DocResponse::List { docs, more })
         }
-        ClientResponse::BlobList { mut tags, more } => {
+        ClientResponse::Blob(BlobResponse::List { mut tags, more }) => {
             tags.retain(|t| access.may(Kind::Blob, Action::Read, t.tag.as_bytes()));
-            ClientResponse::BlobList { tags, more }
+            ClientResponse::Blob(BlobResponse::List { tags, more })
         }
-        ClientResponse::Namespaces(mut list) => {
+        ClientResponse::Ns(NsResponse::Namespaces(mut list)) => {
             list.retain(|n| access.may(Kind::Ns, Action::Read, hex::encode(n.id).as_bytes()));
-            ClientResponse::Namespaces(list)
+            ClientResponse::Ns(NsResponse::Namespaces(list))
         }
         other => other,
     }
@@ -670,13 +758,13 @@ pub async fn run_policy_reload(
                 if changed.is_err() {
                     return;
                 }
-                if let Err(e) = state.reload_policy().await {
+                if let Err(e) = state.auth.reload_policy().await {
                     tracing::warn!("cannot reload the access policy: {e}");
                 }
             }
             _ = prune.tick() => {
-                if state.is_leader() {
-                    state.prune_revocations().await;
+                if state.cluster.is_leader() {
+                    state.auth.prune_revocations().await;
                 }
             }
         }
@@ -701,30 +789,30 @@ fn parse_key(key: &[u8; 32]) -> Result<(), RpcError> {
     })
 }
 
-impl NodeState {
+impl AuthService {
     /// Reads every `auth/` key and puts the parsed policy in force on this node.
     pub async fn reload_policy(&self) -> Result<(), RpcError> {
         // Read the change counter before the scan: a write landing in between makes the
         // policy look stale, never fresh.
-        let seen = self.auth.changes.get().map(|c| *c.borrow());
+        let seen = self.changes.get().map(|c| *c.borrow());
         let entries = self
+            .cluster
             .sm
             .system_scan(
                 AUTH_PREFIX.to_vec(),
                 MAX_GRANTS + MAX_ROLES + MAX_REVOKED + 1,
             )
             .await?;
-        self.auth.replace(Policy::from_entries(entries));
+        self.replace(Policy::from_entries(entries));
         if let Some(seen) = seen {
-            self.auth
-                .loaded
+            self.loaded
                 .store(seen, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
 
-    async fn prune_revocations(&self) {
-        let expired = self.auth.policy().expired_revocations(identity_now());
+    pub async fn prune_revocations(&self) {
+        let expired = self.policy().expired_revocations(identity_now());
         if expired.is_empty() {
             return;
         }
@@ -738,57 +826,13 @@ impl NodeState {
                 })
                 .collect(),
         };
-        if let Err(e) = self.propose(vec![system_txn(txn)]).await {
+        if let Err(e) = self.cluster.propose(vec![system_txn(txn)]).await {
             tracing::debug!("cannot prune expired revocations: {e}");
         }
     }
 
-    /// This node's certificate from the cluster key (to introduce itself to a new node).
-    pub async fn own_certificate(&self) -> Result<Vec<u8>, RpcError> {
-        let Some(secret) = self.cluster_secret().await? else {
-            return Err(RpcError::Unavailable(
-                "the cluster identity is not created yet".into(),
-            ));
-        };
-        Ok(aspen_trust::NodeCertificate::issue(
-            &secret,
-            self.me.endpoint_id,
-            identity_now() + super::identity::NODE_CERT_VALIDITY.as_secs(),
-        )
-        .encode()
-        .to_vec())
-    }
-
-    /// Leader: shows a node that is about to be added that this cluster speaks to it.
-    pub(super) async fn introduce_to(
-        &self,
-        member: &aspen_kv::Member,
-        secret: Option<[u8; 32]>,
-    ) -> Result<(), RpcError> {
-        let introduce = RaftRequest::Introduce {
-            certificate: self.own_certificate().await?,
-            secret,
-        };
-        match self
-            .peers
-            .call(member, &introduce, super::LEADER_CALL_TIMEOUT)
-            .await
-        {
-            Ok(RaftResponse::Introduced) => Ok(()),
-            Ok(RaftResponse::Refused(why)) => Err(RpcError::Membership(format!(
-                "the node refused this cluster: {why}"
-            ))),
-            Ok(other) => Err(RpcError::Internal(format!(
-                "unexpected answer to an introduction: {other:?}"
-            ))),
-            Err(e) => Err(RpcError::Membership(format!(
-                "cannot introduce this cluster to the node: {e}"
-            ))),
-        }
-    }
-
     /// The caller proves it can read this node's data directory.
-    fn check_bootstrap_secret(
+    pub(super) fn check_bootstrap_secret(
         &self,
         secret: &[u8; 32],
         access: &Access<'_>,
@@ -802,36 +846,22 @@ impl NodeState {
         })
     }
 
-    /// `Init`: the caller proved it can read this node's data directory.
-    pub(super) async fn init_with_secret(
-        &self,
-        name: &str,
-        secret: &[u8; 32],
-        access: &Access<'_>,
-    ) -> Result<ClientResponse, RpcError> {
-        self.check_bootstrap_secret(secret, access)?;
-        let status = self.init_cluster(name).await?;
-        self.make_admin(access.key).await?;
-        tracing::info!(admin = %hex::encode(access.key), "cluster initialized; first admin granted");
-        Ok(status)
-    }
-
     /// `Recover`: the caller proved it can read this member's data directory.
-    pub(super) async fn recover_admin(
+    async fn recover_admin(
         &self,
         secret: &[u8; 32],
         access: &Access<'_>,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<AuthResponse, RpcError> {
         self.check_bootstrap_secret(secret, access)?;
-        if !self.is_initialized() {
+        if self.cluster.members().is_empty() {
             return Err(RpcError::NotInitialized);
         }
         self.make_admin(access.key).await?;
         tracing::warn!(admin = %hex::encode(access.key), "admin granted with this node's bootstrap secret (recovery)");
-        Ok(ClientResponse::Done)
+        Ok(AuthResponse::Done)
     }
 
-    async fn make_admin(&self, key: [u8; 32]) -> Result<(), RpcError> {
+    pub(super) async fn make_admin(&self, key: [u8; 32]) -> Result<(), RpcError> {
         self.update_grant(key, |g| {
             if !g.roles.iter().any(|r| r == "admin") {
                 g.roles.push("admin".into());
@@ -850,8 +880,8 @@ impl NodeState {
     ) -> Result<(), RpcError> {
         parse_key(&key)?;
         for _ in 0..GRANT_UPDATE_ATTEMPTS {
-            self.read_barrier().await?;
-            let stored = self.sm.system_get(grant_key(&key)).await?;
+            self.cluster.read_barrier().await?;
+            let stored = self.cluster.sm.system_get(grant_key(&key)).await?;
             let old: Option<StoredGrant> = match &stored {
                 Some(b) => Some(
                     postcard::from_bytes(b)
@@ -859,7 +889,7 @@ impl NodeState {
                 ),
                 None => None,
             };
-            if old.is_none() && self.auth.policy().grant_count() >= MAX_GRANTS {
+            if old.is_none() && self.policy().grant_count() >= MAX_GRANTS {
                 return Err(RpcError::BadRequest(format!(
                     "{MAX_GRANTS} keys have grants; the limit is {MAX_GRANTS}"
                 )));
@@ -873,7 +903,7 @@ impl NodeState {
             }
             let txn = grant_txn(&key, old.as_ref(), new.as_ref());
             txn.validate()?;
-            let results = self.propose(vec![system_txn(txn)]).await?;
+            let results = self.cluster.propose(vec![system_txn(txn)]).await?;
             match results.into_iter().next() {
                 Some(Ok(aspen_kv::api::WriteOutcome::SystemTxn { applied: true, .. })) => {
                     // In force here before the caller hears back.
@@ -890,21 +920,21 @@ impl NodeState {
         ))
     }
 
-    pub(super) async fn auth_grant(
+    async fn grant(
         &self,
         key: [u8; 32],
         roles: Vec<String>,
         permissions: Vec<String>,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<AuthResponse, RpcError> {
         if roles.is_empty() && permissions.is_empty() {
             return Err(RpcError::BadRequest(
                 "grant what? name a role or a permission".into(),
             ));
         }
         // Roles created through another member just now must be known here.
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         self.reload_policy().await?;
-        let parsed = check_grant_parts(&self.auth.policy(), &roles, &permissions)?;
+        let parsed = check_grant_parts(&self.policy(), &roles, &permissions)?;
         self.update_grant(key, |g| {
             for r in &roles {
                 if !g.roles.contains(r) {
@@ -928,16 +958,16 @@ impl NodeState {
             Ok(true)
         })
         .await?;
-        Ok(ClientResponse::Done)
+        Ok(AuthResponse::Done)
     }
 
-    pub(super) async fn auth_revoke(
+    async fn revoke(
         &self,
         key: [u8; 32],
         roles: Vec<String>,
         permissions: Vec<String>,
         all: bool,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<AuthResponse, RpcError> {
         if !all && roles.is_empty() && permissions.is_empty() {
             return Err(RpcError::BadRequest(
                 "revoke what? name roles or permissions, or revoke the whole grant".into(),
@@ -960,14 +990,14 @@ impl NodeState {
             Ok(true)
         })
         .await?;
-        Ok(ClientResponse::Done)
+        Ok(AuthResponse::Done)
     }
 
-    pub(super) async fn role_create(
+    async fn role_create(
         &self,
         name: String,
         permissions: Vec<String>,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<AuthResponse, RpcError> {
         aspen_trust::check_role_name(&name)
             .map_err(|e| RpcError::BadRequest(format!("invalid role name: {e}")))?;
         if name.parse::<BuiltinRole>().is_ok() {
@@ -980,8 +1010,8 @@ impl NodeState {
                 "a role needs at least one permission".into(),
             ));
         }
-        let parsed = check_grant_parts(&self.auth.policy(), &[], &permissions)?;
-        let policy = self.auth.policy();
+        let parsed = check_grant_parts(&self.policy(), &[], &permissions)?;
+        let policy = self.policy();
         if policy.role_permissions(&name).is_none() && policy.role_count() >= MAX_ROLES {
             return Err(RpcError::BadRequest(format!(
                 "{MAX_ROLES} custom roles exist; the limit is {MAX_ROLES}"
@@ -998,28 +1028,24 @@ impl NodeState {
             }],
         };
         txn.validate()?;
-        self.propose(vec![system_txn(txn)]).await?;
+        self.cluster.propose(vec![system_txn(txn)]).await?;
         self.reload_policy().await?;
-        Ok(ClientResponse::Done)
+        Ok(AuthResponse::Done)
     }
 
-    pub(super) fn present_token(
-        &self,
-        token: &[u8],
-        access: &Access<'_>,
-    ) -> Result<ClientResponse, RpcError> {
-        let presented = verify_token(token, &access.key, &self.auth.policy(), identity_now())?;
+    fn present_token(&self, token: &[u8], access: &Access<'_>) -> Result<AuthResponse, RpcError> {
+        let presented = verify_token(token, &access.key, &self.policy(), identity_now())?;
         *access.caller().token.lock().expect("token lock") = Some(presented);
-        Ok(ClientResponse::Done)
+        Ok(AuthResponse::Done)
     }
 
-    pub(super) fn whoami(&self, access: &Access<'_>) -> ClientResponse {
+    fn whoami(&self, access: &Access<'_>) -> AuthResponse {
         let grant = access
             .policy()
             .grant_of(&access.key)
             .cloned()
             .unwrap_or_default();
-        ClientResponse::WhoAmI(aspen_client::protocol::WhoAmI {
+        AuthResponse::WhoAmI(aspen_client::protocol::WhoAmI {
             key: access.key,
             member: access.member,
             roles: grant.roles,
@@ -1030,11 +1056,11 @@ impl NodeState {
 
     /// Revokes a token and everything delegated from it. Admins may revoke any token; an
     /// issuer in its chain may revoke it too (the token itself proves who issued it).
-    pub(super) async fn token_revoke(
+    async fn token_revoke(
         &self,
         token: &[u8],
         access: &Access<'_>,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<AuthResponse, RpcError> {
         let token = CapabilityToken::decode(token).map_err(|e| RpcError::Token(e.to_string()))?;
         let admin = access.may(Kind::Cluster, Action::Admin, b"");
         // An issuer may revoke what it issued, if it holds a grant (a key without one issues
@@ -1050,11 +1076,11 @@ impl NodeState {
         // Only genuine tokens are remembered; an expired one needs no revocation.
         match token.verify(&token.audience(), identity_now(), |_| false) {
             Ok(_) => {}
-            Err(aspen_trust::TokenError::Expired { .. }) => return Ok(ClientResponse::Done),
+            Err(aspen_trust::TokenError::Expired { .. }) => return Ok(AuthResponse::Done),
             Err(aspen_trust::TokenError::NotYetValid { .. }) => {}
             Err(e) => return Err(RpcError::Token(e.to_string())),
         }
-        if self.auth.policy().revoked_count() >= MAX_REVOKED {
+        if self.policy().revoked_count() >= MAX_REVOKED {
             return Err(RpcError::BadRequest(format!(
                 "{MAX_REVOKED} revocations are in force; the limit is {MAX_REVOKED}"
             )));
@@ -1066,31 +1092,9 @@ impl NodeState {
                 value: chain_expiry(&token).to_be_bytes().to_vec(),
             }],
         };
-        self.propose(vec![system_txn(txn)]).await?;
+        self.cluster.propose(vec![system_txn(txn)]).await?;
         self.reload_policy().await?;
-        Ok(ClientResponse::Done)
-    }
-
-    /// Checks `BlobHash` needs: the caller may read some tag that names each hash.
-    pub(super) async fn check_blob_hashes(
-        &self,
-        access: &Access<'_>,
-        hashes: &[[u8; 32]],
-    ) -> Result<(), RpcError> {
-        if hashes.is_empty() {
-            return Ok(());
-        }
-        let index = self.blob_index().await?;
-        for hash in hashes {
-            let readable = index
-                .tags_of(hash)
-                .iter()
-                .any(|t| access.may(Kind::Blob, Action::Read, t.as_str().as_bytes()));
-            if !readable {
-                return Err(access.denied(&Need::BlobHash(*hash)));
-            }
-        }
-        Ok(())
+        Ok(AuthResponse::Done)
     }
 }
 

@@ -27,10 +27,10 @@ use aspen_blobs::limits::{MAX_BLOB_BYTES, MAX_LIST_LIMIT};
 use aspen_blobs::placement::{fetchers, sources};
 use aspen_blobs::{hash_hex, read_index, BlobError, BlobHash, BlobIndex, ReplicaRecord, TagName};
 use aspen_client::protocol::{
-    BlobInfo, BlobStoreStats, BlobTagSummary, ClientResponse, Consistency, RpcError,
+    BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary, Consistency, RpcError,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
-use aspen_kv::{Member, NodeId, StateMachineStore};
+use aspen_kv::{Member, NodeId};
 use futures::SinkExt;
 use iroh::endpoint::{Connection, RecvStream};
 use iroh::{Endpoint, EndpointAddr, EndpointId};
@@ -39,8 +39,10 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::{GcConfig, ProtectCb, ProtectOutcome};
 use iroh_blobs::Hash;
 
-use super::NodeState;
+use super::auth::{Access, Need};
+use super::ClusterHandle;
 use crate::config::BlobSettings;
+use aspen_trust::{Action, Kind};
 
 /// How often the replication loop compares the index with the local store.
 const REPLICATION_INTERVAL: Duration = Duration::from_millis(500);
@@ -115,6 +117,7 @@ impl GcTracker {
 
 /// A node's blobs: its store and what it does with it.
 pub struct BlobService {
+    cluster: ClusterHandle,
     pub store: FsStore,
     endpoint: Endpoint,
     replicas: usize,
@@ -133,11 +136,12 @@ impl BlobService {
     /// replicated index references.
     pub async fn open(
         dir: &std::path::Path,
-        sm: StateMachineStore,
+        cluster: ClusterHandle,
         endpoint: Endpoint,
         settings: &BlobSettings,
         also_protect: Option<ProtectCb>,
     ) -> Result<BlobService, String> {
+        let sm = cluster.sm.clone();
         let gc = Arc::new(GcTracker {
             grace: Duration::from_secs(settings.gc_grace_secs),
             first_seen: Mutex::new(HashMap::new()),
@@ -206,6 +210,7 @@ impl BlobService {
             .map_err(|e| format!("cannot open the blob store in {}: {e}", dir.display()))?;
         let _ = store_cell.set((*store).clone());
         Ok(BlobService {
+            cluster,
             store,
             endpoint,
             replicas: settings.replicas,
@@ -252,19 +257,62 @@ fn is_verification_failure(e: &iroh_blobs::get::GetError) -> bool {
     }
 }
 
-impl NodeState {
+impl BlobService {
+    /// Serves one blob request (access already checked; listings are filtered by the
+    /// caller). An upload's bytes follow its request on `recv`.
+    pub async fn handle(
+        &self,
+        request: BlobRequest,
+        recv: iroh::endpoint::RecvStream,
+    ) -> Result<BlobResponse, RpcError> {
+        match request {
+            BlobRequest::Add { size, tag } => self.add(size, tag, recv).await,
+            BlobRequest::Stat { hash, consistency } => self.stat(hash, consistency).await,
+            BlobRequest::List {
+                start_after,
+                limit,
+                consistency,
+            } => self.list(start_after, limit, consistency).await,
+            BlobRequest::Tag { tag, hash } => self.tag(tag, hash).await,
+            BlobRequest::Untag { tag } => self.untag(tag).await,
+            BlobRequest::Stats => self.stats().await,
+        }
+    }
+
+    /// Checks `BlobHash` needs: the caller may read some tag that names each hash.
+    pub async fn check_readable(
+        &self,
+        access: &Access<'_>,
+        hashes: &[[u8; 32]],
+    ) -> Result<(), RpcError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let index = self.blob_index().await?;
+        for hash in hashes {
+            let readable = index
+                .tags_of(hash)
+                .iter()
+                .any(|t| access.may(Kind::Blob, Action::Read, t.as_str().as_bytes()));
+            if !readable {
+                return Err(access.denied(&Need::BlobHash(*hash)));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn blob_index(&self) -> Result<BlobIndex, RpcError> {
-        Ok(self.sm.system_view(read_index).await??)
+        Ok(self.cluster.sm.system_view(read_index).await??)
     }
 
     /// `BlobAdd`: stores the bytes that follow on `recv`, then records this node as a holder
     /// (and sets the tag) through Raft.
-    pub(super) async fn blob_add(
+    async fn add(
         &self,
         size: u64,
         tag: Option<String>,
         recv: RecvStream,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<BlobResponse, RpcError> {
         let tag = tag.map(TagName::new).transpose()?;
         if size > MAX_BLOB_BYTES {
             return Err(BlobError::TooLarge {
@@ -273,10 +321,10 @@ impl NodeState {
             }
             .into());
         }
-        if !self.is_member() {
+        if !self.cluster.is_member() {
             return Err(RpcError::NotInitialized);
         }
-        let blobs = &self.blobs;
+        let blobs = self;
         let (tx, rx) = futures::channel::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
         let mut reader = tokio::spawn(read_upload(recv, size, tx));
         let import = blobs.store.blobs().add_stream(rx).await.temp_tag();
@@ -310,7 +358,7 @@ impl NodeState {
         let now_ms = super::identity::unix_now() * 1000;
         let mut writes = vec![put_replica(
             &hash,
-            self.id,
+            self.cluster.id,
             &ReplicaRecord {
                 size,
                 since_ms: now_ms,
@@ -326,15 +374,16 @@ impl NodeState {
                 },
             ));
         }
-        self.propose_system_txn(SystemTxn {
-            require: vec![],
-            writes,
-        })
-        .await?;
+        self.cluster
+            .propose_system_txn(SystemTxn {
+                require: vec![],
+                writes,
+            })
+            .await?;
         drop(temp);
         blobs.wake.notify_one();
         tracing::info!(hash = %hash_hex(&hash), size, "blob added");
-        Ok(ClientResponse::BlobAdded {
+        Ok(BlobResponse::Added {
             hash,
             size,
             previous,
@@ -344,24 +393,24 @@ impl NodeState {
     /// The hash `tag` names in this node's state, if any.
     async fn tag_target(&self, tag: &TagName) -> Result<Option<BlobHash>, RpcError> {
         let key = tag_key(tag);
-        let value = self.sm.system_view(move |v| v.get(&key)).await?;
+        let value = self.cluster.sm.system_view(move |v| v.get(&key)).await?;
         value
             .map(|v| TagRecord::decode(&v).map(|r| r.hash))
             .transpose()
             .map_err(RpcError::from)
     }
 
-    pub(super) async fn blob_stat(
+    async fn stat(
         &self,
         hash: BlobHash,
         consistency: Consistency,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<BlobResponse, RpcError> {
         if consistency == Consistency::Linearizable {
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
         }
         let index = self.blob_index().await?;
-        let local = self.blobs.complete_size(&hash).await?;
-        Ok(ClientResponse::BlobInfo(BlobInfo {
+        let local = self.complete_size(&hash).await?;
+        Ok(BlobResponse::Info(BlobInfo {
             hash,
             size: index.size_of(&hash).or(local),
             tags: index
@@ -374,17 +423,18 @@ impl NodeState {
         }))
     }
 
-    pub(super) async fn blob_list(
+    async fn list(
         &self,
         start_after: Option<String>,
         limit: u32,
         consistency: Consistency,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<BlobResponse, RpcError> {
         let limit = (limit as usize).clamp(1, MAX_LIST_LIMIT);
         if consistency == Consistency::Linearizable {
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
         }
         let (tags, more) = self
+            .cluster
             .sm
             .system_view(move |view| {
                 let from = match &start_after {
@@ -434,19 +484,15 @@ impl NodeState {
                 })
             })
             .await??;
-        Ok(ClientResponse::BlobList { tags, more })
+        Ok(BlobResponse::List { tags, more })
     }
 
     /// `BlobTag`: makes sure this node holds the blob (fetching it if need be), then points
     /// the tag at it.
-    pub(super) async fn blob_tag(
-        &self,
-        tag: String,
-        hash: BlobHash,
-    ) -> Result<ClientResponse, RpcError> {
+    async fn tag(&self, tag: String, hash: BlobHash) -> Result<BlobResponse, RpcError> {
         let tag = TagName::new(tag)?;
-        self.read_barrier().await?;
-        let blobs = &self.blobs;
+        self.cluster.read_barrier().await?;
+        let blobs = self;
         blobs.gc.touch(Hash::from(hash));
         let size = match blobs.complete_size(&hash).await? {
             Some(size) => size,
@@ -461,48 +507,50 @@ impl NodeState {
         };
         let previous = self.tag_target(&tag).await?;
         let now_ms = super::identity::unix_now() * 1000;
-        self.propose_system_txn(SystemTxn {
-            require: vec![],
-            writes: vec![
-                put_replica(
-                    &hash,
-                    self.id,
-                    &ReplicaRecord {
-                        size,
-                        since_ms: now_ms,
-                    },
-                ),
-                put_tag(
-                    &tag,
-                    &TagRecord {
-                        hash,
-                        size,
-                        created_at_ms: now_ms,
-                    },
-                ),
-            ],
-        })
-        .await?;
+        self.cluster
+            .propose_system_txn(SystemTxn {
+                require: vec![],
+                writes: vec![
+                    put_replica(
+                        &hash,
+                        self.cluster.id,
+                        &ReplicaRecord {
+                            size,
+                            since_ms: now_ms,
+                        },
+                    ),
+                    put_tag(
+                        &tag,
+                        &TagRecord {
+                            hash,
+                            size,
+                            created_at_ms: now_ms,
+                        },
+                    ),
+                ],
+            })
+            .await?;
         blobs.wake.notify_one();
-        Ok(ClientResponse::BlobTagged { previous })
+        Ok(BlobResponse::Tagged { previous })
     }
 
-    pub(super) async fn blob_untag(&self, tag: String) -> Result<ClientResponse, RpcError> {
+    async fn untag(&self, tag: String) -> Result<BlobResponse, RpcError> {
         let tag = TagName::new(tag)?;
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         if self.tag_target(&tag).await?.is_none() {
             return Err(BlobError::TagNotFound(tag.to_string()).into());
         }
-        self.propose_system_txn(SystemTxn {
-            require: vec![],
-            writes: vec![SystemOp::Delete { key: tag_key(&tag) }],
-        })
-        .await?;
-        Ok(ClientResponse::Done)
+        self.cluster
+            .propose_system_txn(SystemTxn {
+                require: vec![],
+                writes: vec![SystemOp::Delete { key: tag_key(&tag) }],
+            })
+            .await?;
+        Ok(BlobResponse::Done)
     }
 
-    pub(super) async fn blob_stats(&self) -> Result<ClientResponse, RpcError> {
-        let blobs = &self.blobs;
+    async fn stats(&self) -> Result<BlobResponse, RpcError> {
+        let blobs = self;
         let hashes = blobs
             .store
             .blobs()
@@ -511,7 +559,7 @@ impl NodeState {
             .await
             .map_err(store_error)?;
         let mut stats = BlobStoreStats {
-            node_id: self.id,
+            node_id: self.cluster.id,
             replicas_target: blobs.replicas as u32,
             ..Default::default()
         };
@@ -527,7 +575,7 @@ impl NodeState {
         stats.fetch_failures = c.fetch_failures.load(Ordering::Relaxed);
         stats.verify_failures = c.verify_failures.load(Ordering::Relaxed);
         stats.gc_deleted = c.gc_deleted.load(Ordering::Relaxed);
-        Ok(ClientResponse::BlobStats(stats))
+        Ok(BlobResponse::Stats(stats))
     }
 
     /// Fetches `hash` from one of `holders` (verified streaming), trying them in turn.
@@ -537,9 +585,9 @@ impl NodeState {
         hash: &BlobHash,
         holders: &BTreeSet<NodeId>,
     ) -> Result<u64, RpcError> {
-        let members = self.members();
+        let members = self.cluster.members();
         let mut failures = Vec::new();
-        for source in sources(hash, holders, self.id) {
+        for source in sources(hash, holders, self.cluster.id) {
             let Some(addr) = members.get(&source).and_then(endpoint_addr) else {
                 continue;
             };
@@ -570,7 +618,7 @@ impl NodeState {
         hash: &BlobHash,
         addr: EndpointAddr,
     ) -> Result<Result<u64, String>, RpcError> {
-        let blobs = &self.blobs;
+        let blobs = self;
         let peer = addr.id;
         blobs.gc.touch(Hash::from(*hash));
         let conn: Connection = match tokio::time::timeout(
@@ -643,10 +691,10 @@ impl NodeState {
     /// One pass of the replication loop: fetch what this node should hold, and keep its own
     /// replica records true.
     async fn replicate_once(&self) -> Result<(), RpcError> {
-        let blobs = &self.blobs;
+        let blobs = self;
         let index = self.blob_index().await?;
-        let members: BTreeSet<NodeId> = self.members().keys().copied().collect();
-        if !members.contains(&self.id) {
+        let members: BTreeSet<NodeId> = self.cluster.members().keys().copied().collect();
+        if !members.contains(&self.cluster.id) {
             return Ok(());
         }
         let referenced = index.referenced();
@@ -655,16 +703,16 @@ impl NodeState {
         for hash in referenced.keys() {
             let holders = index.holders(hash);
             let local = blobs.complete_size(hash).await?;
-            match (local, holders.contains(&self.id)) {
+            match (local, holders.contains(&self.cluster.id)) {
                 (Some(size), false) => records.push(put_replica(
                     hash,
-                    self.id,
+                    self.cluster.id,
                     &ReplicaRecord {
                         size,
                         since_ms: now_ms,
                     },
                 )),
-                (None, true) => records.push(delete_replica(hash, self.id)),
+                (None, true) => records.push(delete_replica(hash, self.cluster.id)),
                 (Some(_), true) => {}
                 (None, false) => {
                     let current: BTreeSet<NodeId> =
@@ -680,7 +728,8 @@ impl NodeState {
                         .entry(*hash)
                         .or_insert_with(Instant::now);
                     let extra = (since.elapsed().as_secs() / WIDEN_AFTER.as_secs()) as usize;
-                    if !fetchers(hash, &members, &holders, blobs.replicas, extra).contains(&self.id)
+                    if !fetchers(hash, &members, &holders, blobs.replicas, extra)
+                        .contains(&self.cluster.id)
                     {
                         continue;
                     }
@@ -692,18 +741,19 @@ impl NodeState {
                     match self.fetch_blob(hash, &current).await {
                         Ok(size) => {
                             blobs.retry.lock().expect("lock").remove(hash);
-                            self.propose_system_txn(SystemTxn {
-                                require: vec![],
-                                writes: vec![put_replica(
-                                    hash,
-                                    self.id,
-                                    &ReplicaRecord {
-                                        size,
-                                        since_ms: now_ms,
-                                    },
-                                )],
-                            })
-                            .await?;
+                            self.cluster
+                                .propose_system_txn(SystemTxn {
+                                    require: vec![],
+                                    writes: vec![put_replica(
+                                        hash,
+                                        self.cluster.id,
+                                        &ReplicaRecord {
+                                            size,
+                                            since_ms: now_ms,
+                                        },
+                                    )],
+                                })
+                                .await?;
                         }
                         Err(e) => {
                             let mut retry = blobs.retry.lock().expect("lock");
@@ -719,19 +769,20 @@ impl NodeState {
         }
         // Records of blobs nothing references any more, once garbage collection took them.
         for (hash, nodes) in &index.replicas {
-            if nodes.contains_key(&self.id)
+            if nodes.contains_key(&self.cluster.id)
                 && !referenced.contains_key(hash)
                 && blobs.complete_size(hash).await?.is_none()
             {
-                records.push(delete_replica(hash, self.id));
+                records.push(delete_replica(hash, self.cluster.id));
             }
         }
         if !records.is_empty() {
-            self.propose_system_txn(SystemTxn {
-                require: vec![],
-                writes: records,
-            })
-            .await?;
+            self.cluster
+                .propose_system_txn(SystemTxn {
+                    require: vec![],
+                    writes: records,
+                })
+                .await?;
         }
         Ok(())
     }
@@ -789,19 +840,20 @@ async fn read_upload(
 }
 
 /// The replication loop of one node (runs for the node's lifetime).
-pub async fn run_replication(state: Arc<NodeState>) {
+pub async fn run_replication(state: Arc<BlobService>) {
     // Tags and replica records applied on this node (from whichever member) start a pass at
     // once; the interval retries what failed.
     let mut changes = state
+        .cluster
         .sm
         .watch_system_prefix(aspen_blobs::layout::BLOB_PREFIX);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLICATION_INTERVAL) => {}
-            _ = state.blobs.wake.notified() => {}
+            _ = state.wake.notified() => {}
             Ok(()) = changes.changed() => {}
         }
-        if !state.is_member() {
+        if !state.cluster.is_member() {
             continue;
         }
         if let Err(e) = state.replicate_once().await {

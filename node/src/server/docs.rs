@@ -8,45 +8,58 @@
 //! changes committed since the node last loaded the document.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use aspen_client::protocol::{ClientResponse, Consistency, DocSummary, RpcError};
+use aspen_client::protocol::{Consistency, DocRequest, DocResponse, DocSummary, RpcError};
+use aspen_crdt::cache::DocCache;
 use aspen_crdt::layout::{DocMeta, META_PREFIX};
 use aspen_crdt::limits::{COMPACT_AFTER_BYTES, COMPACT_AFTER_CHANGES, MAX_LIST_LIMIT};
 use aspen_crdt::{DocError, DocName, StoredDoc};
-use aspen_kv::api::{Command, SystemTxn, WriteOp, WriteOutcome};
 
-use super::NodeState;
+use super::ClusterHandle;
 
 /// Documents this node is compacting (at most one compaction per document at a time).
 #[derive(Default)]
 pub struct Compactions(Mutex<HashSet<DocName>>);
 
-impl NodeState {
-    pub(super) async fn propose_system_txn(&self, txn: SystemTxn) -> Result<bool, RpcError> {
-        let results = self
-            .propose(vec![Command {
-                session: None,
-                op: WriteOp::SystemTxn(txn),
-            }])
-            .await?;
-        match results.into_iter().next() {
-            Some(Ok(WriteOutcome::SystemTxn { applied, .. })) => Ok(applied),
-            Some(Ok(other)) => Err(RpcError::Internal(format!(
-                "unexpected outcome of a system transaction: {other:?}"
-            ))),
-            Some(Err(e)) => Err(RpcError::Internal(format!(
-                "system transaction refused: {e}"
-            ))),
-            None => Err(RpcError::Internal(
-                "no result for a system transaction".into(),
-            )),
+/// Serves Automerge documents; holds the documents it has loaded between requests.
+pub struct DocService {
+    cluster: ClusterHandle,
+    /// Automerge documents loaded on this node, kept between requests.
+    cache: Arc<DocCache>,
+    /// Documents being compacted by this node.
+    compactions: Compactions,
+}
+
+impl DocService {
+    pub fn new(cluster: ClusterHandle) -> Self {
+        DocService {
+            cluster,
+            cache: Default::default(),
+            compactions: Default::default(),
+        }
+    }
+
+    /// Serves one document request (access already checked; listings are filtered by the
+    /// caller).
+    pub async fn handle(&self, request: DocRequest) -> Result<DocResponse, RpcError> {
+        match request {
+            DocRequest::Create { name, incarnation } => self.create(name, incarnation).await,
+            DocRequest::Change { name, changes } => self.change(name, changes).await,
+            DocRequest::Get { name, consistency } => self.get(name, consistency).await,
+            DocRequest::List {
+                start_after,
+                limit,
+                consistency,
+            } => self.list(start_after, limit, consistency).await,
+            DocRequest::Delete { name } => self.delete(name).await,
         }
     }
 
     async fn read_stored(&self, name: &DocName) -> Result<Option<StoredDoc>, RpcError> {
         let name = name.clone();
         Ok(self
+            .cluster
             .sm
             .system_view(move |view| aspen_crdt::read_doc(view, &name))
             .await??)
@@ -58,32 +71,24 @@ impl NodeState {
             .ok_or_else(|| DocError::NotFound(name.to_string()).into())
     }
 
-    pub(super) async fn doc_create(
-        &self,
-        name: String,
-        incarnation: [u8; 16],
-    ) -> Result<ClientResponse, RpcError> {
+    async fn create(&self, name: String, incarnation: [u8; 16]) -> Result<DocResponse, RpcError> {
         let name = DocName::new(name)?;
         let txn = aspen_crdt::plan_create(&name, incarnation, super::identity::unix_now() * 1000);
-        if self.propose_system_txn(txn).await? {
-            return Ok(ClientResponse::Done);
+        if self.cluster.propose_system_txn(txn).await? {
+            return Ok(DocResponse::Done);
         }
         // A retry of a create that was applied finds its own incarnation.
         match self.read_stored(&name).await? {
-            Some(stored) if stored.meta.incarnation == incarnation => Ok(ClientResponse::Done),
+            Some(stored) if stored.meta.incarnation == incarnation => Ok(DocResponse::Done),
             _ => Err(DocError::Exists(name.to_string()).into()),
         }
     }
 
-    pub(super) async fn doc_change(
-        &self,
-        name: String,
-        changes: Vec<Vec<u8>>,
-    ) -> Result<ClientResponse, RpcError> {
+    async fn change(&self, name: String, changes: Vec<Vec<u8>>) -> Result<DocResponse, RpcError> {
         let name = DocName::new(name)?;
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         let stored = self.read_existing(&name).await?;
-        let cache = self.doc_cache.clone();
+        let cache = self.cache.clone();
         let (stored, plan) = tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
             let plan = aspen_crdt::plan_changes(&stored, &doc, changes);
@@ -95,7 +100,7 @@ impl NodeState {
         .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
         if let Some(txn) = plan.txn {
             let added_bytes = txn.payload_bytes();
-            if !self.propose_system_txn(txn).await? {
+            if !self.cluster.propose_system_txn(txn).await? {
                 // Deleted (or deleted and re-created) since we read it.
                 return Err(DocError::NotFound(name.to_string()).into());
             }
@@ -108,7 +113,7 @@ impl NodeState {
                 }
             }
         }
-        Ok(ClientResponse::DocChanged {
+        Ok(DocResponse::Changed {
             added: plan.added,
             heads: plan.heads,
         })
@@ -127,11 +132,11 @@ impl NodeState {
             return Ok(());
         }
         let result = async {
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
             let Some(stored) = self.read_stored(name).await? else {
                 return Ok(());
             };
-            let cache = self.doc_cache.clone();
+            let cache = self.cache.clone();
             let txn = tokio::task::spawn_blocking(move || {
                 let doc = cache.load(&stored)?;
                 let txn = aspen_crdt::plan_compaction(&stored, &doc);
@@ -141,7 +146,7 @@ impl NodeState {
             .await
             .map_err(|e| RpcError::Internal(format!("compaction task failed: {e}")))??;
             if let Some(txn) = txn {
-                let applied = self.propose_system_txn(txn).await?;
+                let applied = self.cluster.propose_system_txn(txn).await?;
                 tracing::debug!(doc = %name, applied, "compaction");
             }
             Ok(())
@@ -151,33 +156,30 @@ impl NodeState {
         result
     }
 
-    pub(super) async fn doc_get(
-        &self,
-        name: String,
-        consistency: Consistency,
-    ) -> Result<ClientResponse, RpcError> {
+    async fn get(&self, name: String, consistency: Consistency) -> Result<DocResponse, RpcError> {
         let name = DocName::new(name)?;
         if consistency == Consistency::Linearizable {
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
         }
         let stored = self.read_existing(&name).await?;
-        Ok(ClientResponse::Doc {
+        Ok(DocResponse::Doc {
             snapshot: stored.snapshot()?,
             changes: stored.changes.into_iter().map(|(_, c)| c).collect(),
         })
     }
 
-    pub(super) async fn doc_list(
+    async fn list(
         &self,
         start_after: Option<String>,
         limit: u32,
         consistency: Consistency,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<DocResponse, RpcError> {
         let limit = (limit as usize).min(MAX_LIST_LIMIT);
         if consistency == Consistency::Linearizable {
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
         }
         let (docs, more) = self
+            .cluster
             .sm
             .system_view(move |view| {
                 // Keys after `start_after`: from the smallest key greater than it.
@@ -216,19 +218,20 @@ impl NodeState {
                 })
             })
             .await??;
-        Ok(ClientResponse::DocList { docs, more })
+        Ok(DocResponse::List { docs, more })
     }
 
-    pub(super) async fn doc_delete(&self, name: String) -> Result<ClientResponse, RpcError> {
+    async fn delete(&self, name: String) -> Result<DocResponse, RpcError> {
         let name = DocName::new(name)?;
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         let stored = self.read_existing(&name).await?;
         if self
+            .cluster
             .propose_system_txn(aspen_crdt::plan_delete(&stored))
             .await?
         {
-            self.doc_cache.forget(&name);
-            Ok(ClientResponse::Done)
+            self.cache.forget(&name);
+            Ok(DocResponse::Done)
         } else {
             Err(DocError::NotFound(name.to_string()).into())
         }

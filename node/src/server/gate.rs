@@ -181,12 +181,12 @@ const MAX_CONTENT_SCAN: usize = 100_000;
 impl NodeState {
     /// Whether `key` is the node key of a current member.
     pub fn is_member_key(&self, key: &[u8; 32]) -> bool {
-        self.member_keys().contains(key)
+        self.cluster.member_keys().contains(key)
     }
 
     /// What a key's grant allows (no token: iroh's protocols cannot carry one).
     fn grant_access<'a>(&self, caller: &'a super::auth::Caller) -> super::auth::Access<'a> {
-        let members = self.member_keys();
+        let members = self.cluster.member_keys();
         self.auth
             .access(caller, members, super::identity::unix_now())
     }
@@ -196,7 +196,7 @@ impl NodeState {
     async fn namespaces_readable_by(&self, peer: &EndpointId) -> Vec<[u8; 32]> {
         let caller = super::auth::Caller::new(*peer.as_bytes());
         let access = self.grant_access(&caller);
-        let Ok(tickets) = self.ns_tickets().await else {
+        let Ok(tickets) = self.namespaces.ns_tickets().await else {
             return Vec::new();
         };
         tickets
@@ -238,7 +238,7 @@ impl NodeState {
         let caller = super::auth::Caller::new(*peer.as_bytes());
         let access = self.grant_access(&caller);
         use aspen_trust::{Action, Kind};
-        if let Ok(index) = self.blob_index().await {
+        if let Ok(index) = self.blobs.blob_index().await {
             let by_tag = index
                 .tags_of(hash)
                 .iter()
@@ -250,6 +250,7 @@ impl NodeState {
         drop(access);
         for id in self.namespaces_readable_by(peer).await {
             if self
+                .namespaces
                 .namespace_has_content(&id, hash, MAX_CONTENT_SCAN)
                 .await
             {

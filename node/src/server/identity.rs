@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aspen_client::protocol::{ClientResponse, ClusterIdentity, RpcError};
+use aspen_client::protocol::{ClusterIdentity, ClusterResponse, RpcError};
 use aspen_client::NodeTicket;
 use aspen_kv::api::{Command, SystemWrite, WriteOp, WriteOutcome};
 use aspen_trust::{ClusterSecretKey, NodeCertificate, SignedRecord, MAX_NAME_BYTES};
@@ -67,7 +67,7 @@ impl NodeState {
         if let Some(k) = self.cluster_secret.get() {
             return Ok(Some(k.clone()));
         }
-        let Some(bytes) = self.sm.system_get(SECRET_KEY.to_vec()).await? else {
+        let Some(bytes) = self.cluster.sm.system_get(SECRET_KEY.to_vec()).await? else {
             return Ok(None);
         };
         let bytes: [u8; 32] = bytes
@@ -90,6 +90,7 @@ impl NodeState {
         }
         let fresh = ClusterSecretKey::generate();
         let results = self
+            .cluster
             .propose(vec![system(SystemWrite::put_if_absent(
                 SECRET_KEY.to_vec(),
                 fresh.to_bytes().to_vec(),
@@ -125,24 +126,25 @@ impl NodeState {
                 name.len()
             )));
         }
-        self.propose(vec![system(SystemWrite {
-            key: NAME_KEY.to_vec(),
-            expect: None,
-            new: Some(name.as_bytes().to_vec()),
-        })])
-        .await?;
+        self.cluster
+            .propose(vec![system(SystemWrite {
+                key: NAME_KEY.to_vec(),
+                expect: None,
+                new: Some(name.as_bytes().to_vec()),
+            })])
+            .await?;
         self.identity_changed.notify_one();
         Ok(())
     }
 
     pub async fn cluster_name(&self) -> Result<String, RpcError> {
-        let name = self.sm.system_get(NAME_KEY.to_vec()).await?;
+        let name = self.cluster.sm.system_get(NAME_KEY.to_vec()).await?;
         Ok(String::from_utf8_lossy(&name.unwrap_or_default()).into_owned())
     }
 
     /// The last record the cluster published, as replicated.
     pub async fn published_record(&self) -> Result<Option<SignedRecord>, RpcError> {
-        match self.sm.system_get(RECORD_KEY.to_vec()).await? {
+        match self.cluster.sm.system_get(RECORD_KEY.to_vec()).await? {
             None => Ok(None),
             Some(bytes) => SignedRecord::decode(&bytes)
                 .map(Some)
@@ -150,9 +152,9 @@ impl NodeState {
         }
     }
 
-    /// `ClientRequest::Identity`: the public identity and this node's certificate.
-    pub async fn identity(&self) -> Result<ClientResponse, RpcError> {
-        if self.members().is_empty() {
+    /// `ClientRequest::Cluster(ClusterRequest::Identity)`: the public identity and this node's certificate.
+    pub async fn identity(&self) -> Result<ClusterResponse, RpcError> {
+        if self.cluster.members().is_empty() {
             return Err(RpcError::NotInitialized);
         }
         let Some(secret) = self.cluster_secret().await? else {
@@ -162,10 +164,10 @@ impl NodeState {
         };
         let certificate = NodeCertificate::issue(
             &secret,
-            self.me.endpoint_id,
+            self.cluster.me.endpoint_id,
             unix_now() + NODE_CERT_VALIDITY.as_secs(),
         );
-        Ok(ClientResponse::Identity(ClusterIdentity {
+        Ok(ClusterResponse::Identity(ClusterIdentity {
             cluster_key: secret.public().to_bytes(),
             name: self.cluster_name().await?,
             certificate: certificate.encode().to_vec(),
@@ -173,9 +175,9 @@ impl NodeState {
         }))
     }
 
-    /// `ClientRequest::CreateInvite` (leader only).
-    pub async fn create_invite(&self, valid_for_secs: u64) -> Result<ClientResponse, RpcError> {
-        self.require_leader()?;
+    /// `ClientRequest::Cluster(ClusterRequest::CreateInvite)` (leader only).
+    pub async fn create_invite(&self, valid_for_secs: u64) -> Result<ClusterResponse, RpcError> {
+        self.cluster.require_leader()?;
         if valid_for_secs == 0 || valid_for_secs > MAX_INVITE_VALIDITY.as_secs() {
             return Err(RpcError::BadRequest(format!(
                 "an invitation is valid for 1 s to {} s (asked {valid_for_secs} s)",
@@ -184,6 +186,7 @@ impl NodeState {
         }
         let now = unix_now();
         let open = self
+            .cluster
             .sm
             .system_scan(INVITE_PREFIX.as_bytes().to_vec(), usize::MAX)
             .await?
@@ -197,6 +200,7 @@ impl NodeState {
             )));
         }
         let mut expired: Vec<Command> = self
+            .cluster
             .sm
             .system_scan(INVITE_PREFIX.as_bytes().to_vec(), usize::MAX)
             .await?
@@ -222,10 +226,10 @@ impl NodeState {
             invite_key(&token),
             value,
         )));
-        let results = self.propose(expired).await?;
+        let results = self.cluster.propose(expired).await?;
         match results.last() {
             Some(Ok(WriteOutcome::System { written: true, .. })) => {
-                Ok(ClientResponse::Invite { token, expires_at })
+                Ok(ClusterResponse::Invite { token, expires_at })
             }
             other => Err(RpcError::Internal(format!(
                 "unexpected result storing the invitation: {other:?}"
@@ -233,25 +237,26 @@ impl NodeState {
         }
     }
 
-    /// `ClientRequest::Join` (leader only): consumes the invitation, then adds the node.
+    /// `ClientRequest::Cluster(ClusterRequest::Join)` (leader only): consumes the invitation, then adds the node.
     pub async fn join(
         &self,
         node: NodeTicket,
         token: [u8; 32],
-    ) -> Result<ClientResponse, RpcError> {
-        self.require_leader()?;
+    ) -> Result<ClusterResponse, RpcError> {
+        self.cluster.require_leader()?;
         if self
+            .cluster
             .members()
             .values()
             .any(|m| m.endpoint_id == node.endpoint_id)
         {
-            return Ok(ClientResponse::Done); // Already in: a retried join.
+            return Ok(ClusterResponse::Done); // Already in: a retried join.
         }
         let key = invite_key(&token);
         let refused = |why: &str| RpcError::BadRequest(format!("join refused: {why}"));
         // Read the invitation after a read barrier, so a just-created one is seen.
-        self.read_barrier().await?;
-        let Some(stored) = self.sm.system_get(key.clone()).await? else {
+        self.cluster.read_barrier().await?;
+        let Some(stored) = self.cluster.sm.system_get(key.clone()).await? else {
             return Err(refused("unknown invitation"));
         };
         let invite: Invite = postcard::from_bytes(&stored)
@@ -274,6 +279,7 @@ impl NodeState {
                     ..invite
                 };
                 let results = self
+                    .cluster
                     .propose(vec![system(SystemWrite {
                         key,
                         expect: Some(Some(stored)),

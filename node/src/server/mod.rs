@@ -10,10 +10,13 @@
 mod admission;
 pub mod auth;
 pub mod blobs;
+pub mod cluster;
 mod corrupt_blobs;
 mod docs;
 mod gate;
 pub mod identity;
+mod kv;
+mod membership;
 pub mod namespaces;
 mod peers;
 mod proposer;
@@ -21,33 +24,29 @@ pub mod publisher;
 pub mod raft_protocol;
 mod read_index;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_client::protocol::{
-    ClientRequest, ClientResponse, ClusterStatus, Consistency, MemberStatus, RpcError, CLIENT_ALPN,
-    MAX_CLIENT_FRAME,
+    ClientRequest, ClientResponse, RpcError, CLIENT_ALPN, MAX_CLIENT_FRAME,
 };
 use aspen_client::ticket::node_id_of;
 use aspen_client::wire::{read_frame, write_frame};
 use aspen_client::{ClusterTicket, NodeTicket};
-use aspen_kv::api::{Command, CommandResult};
-use aspen_kv::limits::MAX_BATCH_COMMANDS;
-use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+use aspen_kv::{Member, NodeId, Raft};
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointId, SecretKey};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ChangeMembers;
 
 use crate::config::{NodeConfig, TestFault};
+pub use cluster::ClusterHandle;
 use peers::{Peers, RaftNetworkOverIroh};
-use proposer::{ProposeError, Proposer};
 use raft_protocol::{RaftRequest, RaftResponse, RAFT_ALPN};
-use read_index::ReadIndexBatcher;
 
 /// File the node writes its own ticket to once it listens.
 pub const NODE_TICKET_FILE: &str = "node.ticket";
@@ -81,36 +80,30 @@ pub enum StartError {
     Blobs(String),
 }
 
-/// Most members one `SetNetFaults` may isolate a node from (a cluster has at most 7).
-const MAX_ISOLATED: usize = 16;
-
-/// Everything a node's handlers share.
+/// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
+/// ns, auth). The cluster service (membership and identity, `membership.rs`,
+/// `identity.rs`) is the node itself; every other service holds only the
+/// [`ClusterHandle`] and what it owns.
 pub struct NodeState {
-    pub id: NodeId,
-    pub me: Member,
-    pub raft: Raft,
-    pub sm: StateMachineStore,
-    peers: Arc<Peers>,
-    proposer: Proposer,
-    reads: ReadIndexBatcher,
-    test_fault: Option<TestFault>,
+    /// Membership, leader, proposals and read points: what every service holds.
+    pub cluster: ClusterHandle,
     allow_fault_injection: bool,
     /// The cluster secret key, once applied (it never changes afterwards).
     cluster_secret: std::sync::OnceLock<aspen_trust::ClusterSecretKey>,
     /// Wakes the record publisher when what the record says may have changed.
     identity_changed: tokio::sync::Notify,
-    /// Documents being compacted by this node.
-    compactions: docs::Compactions,
-    /// Automerge documents loaded on this node, kept between requests.
-    doc_cache: Arc<aspen_crdt::cache::DocCache>,
+    /// The key-value store.
+    pub kv: kv::KvService,
+    /// Automerge documents.
+    pub docs: docs::DocService,
     /// The node's blob store and replication state.
-    pub blobs: blobs::BlobService,
+    pub blobs: Arc<blobs::BlobService>,
     /// The node's iroh-docs engine (replicas of the cluster's namespaces).
-    pub namespaces: namespaces::NamespaceService,
+    pub namespaces: Arc<namespaces::NamespaceService>,
     /// The access-control policy this node enforces (grants, roles, revoked tokens).
     pub auth: auth::AuthService,
     /// Whom this node takes Raft traffic from before it is a member.
-    admission: admission::Admission,
+    admission: Arc<admission::Admission>,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft.
@@ -187,54 +180,47 @@ impl RunningNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let cluster = ClusterHandle::new(id, me, raft, sm, peers.clone(), config.test_fault);
         let (docs_protect, docs_protect_cb) = iroh_docs::engine::ProtectCallbackHandler::new();
         let blobs = blobs::BlobService::open(
             &dir.join("blobs"),
-            sm.clone(),
+            cluster.clone(),
             endpoint.clone(),
             &config.blobs,
             Some(docs_protect_cb),
         )
         .await
         .map_err(StartError::Blobs)?;
+        let blobs = Arc::new(blobs);
         let namespaces = namespaces::NamespaceService::start(
             &dir.join("namespaces"),
+            cluster.clone(),
             endpoint.clone(),
-            (*blobs.store).clone(),
+            blobs.clone(),
             docs_protect,
         )
         .await
         .map_err(StartError::Blobs)?;
-        let proposer = Proposer::spawn(raft.clone(), sm.clone());
-        let reads = {
-            let raft = raft.clone();
-            ReadIndexBatcher::spawn(move || confirm_read_index(raft.clone()))
-        };
+        let admission = Arc::new(admission::Admission::new(bootstrap_secret, config.join));
         let state = Arc::new(NodeState {
-            id,
-            me,
-            raft,
-            sm,
-            peers: peers.clone(),
-            proposer,
-            reads,
-            test_fault: config.test_fault,
+            kv: kv::KvService::new(cluster.clone()),
+            docs: docs::DocService::new(cluster.clone()),
+            auth: auth::AuthService::new(cluster.clone(), admission.clone()),
+            cluster,
             allow_fault_injection: config.allow_fault_injection,
             cluster_secret: Default::default(),
             identity_changed: Default::default(),
-            compactions: Default::default(),
-            doc_cache: Default::default(),
             blobs,
-            namespaces,
-            auth: Default::default(),
-            admission: admission::Admission::new(bootstrap_secret, config.join),
+            namespaces: Arc::new(namespaces),
+            admission,
         });
         peers.set_node(Arc::downgrade(&state));
         let _ = gate.node.set(Arc::downgrade(&state));
         // The policy is in force before the first request is served.
-        let auth_changes = state.sm.watch_system_prefix(auth::AUTH_PREFIX);
+        let auth_changes = state.cluster.sm.watch_system_prefix(auth::AUTH_PREFIX);
         state.auth.watch(auth_changes.clone());
         state
+            .auth
             .reload_policy()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -263,11 +249,12 @@ impl RunningNode {
                 CLIENT_ALPN,
                 ClientService {
                     state: state.clone(),
+                    open: Default::default(),
                 },
             )
             .spawn();
 
-        let ticket = state.node_ticket();
+        let ticket = state.cluster.node_ticket();
         write_atomically(dir.join(NODE_TICKET_FILE), ticket.to_string()).await?;
         let dht = match config.dht.dht_config() {
             // Binds a socket and may resolve bootstrap host names: off the executor.
@@ -287,12 +274,12 @@ impl RunningNode {
             tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
             tokio::spawn(announce_address(state.clone())),
             tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
-            tokio::spawn(blobs::run_replication(state.clone())),
-            tokio::spawn(namespaces::run_sync(state.clone())),
-            tokio::spawn(namespaces::run_content_repair(state.clone())),
+            tokio::spawn(blobs::run_replication(state.blobs.clone())),
+            tokio::spawn(namespaces::run_sync(state.namespaces.clone())),
+            tokio::spawn(namespaces::run_content_repair(state.namespaces.clone())),
             tokio::spawn(auth::run_policy_reload(state.clone(), auth_changes)),
         ];
-        tracing::info!(node = format!("{id:016x}"), addrs = ?state.me.addrs, "node listening");
+        tracing::info!(node = format!("{id:016x}"), addrs = ?state.cluster.me.addrs, "node listening");
         Ok(RunningNode {
             state,
             dht,
@@ -302,7 +289,7 @@ impl RunningNode {
     }
 
     pub fn node_ticket(&self) -> NodeTicket {
-        self.state.node_ticket()
+        self.state.cluster.node_ticket()
     }
 
     /// The node's iroh endpoint (its key is the node key).
@@ -315,7 +302,7 @@ impl RunningNode {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = self.state.raft.shutdown().await;
+        let _ = self.state.cluster.raft.shutdown().await;
         let _ = self.router.shutdown().await;
     }
 }
@@ -415,490 +402,48 @@ fn ticket_of(member: &Member) -> NodeTicket {
 }
 
 impl NodeState {
-    pub fn node_ticket(&self) -> NodeTicket {
-        ticket_of(&self.me)
-    }
-
-    fn members(&self) -> BTreeMap<NodeId, Member> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .nodes()
-            .map(|(id, n)| (*id, n.clone()))
-            .collect()
-    }
-
-    /// The node keys of the current members (no copy of their addresses).
-    pub fn member_keys(&self) -> Vec<[u8; 32]> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        let keys = m.membership().nodes().map(|(_, n)| n.endpoint_id).collect();
-        keys
-    }
-
-    /// Whether the membership includes this node.
-    pub fn is_member(&self) -> bool {
-        self.members().contains_key(&self.id)
-    }
-
-    fn leader(&self) -> Option<(NodeId, Member)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let id = metrics.current_leader?;
-        let member = metrics
-            .membership_config
-            .membership()
-            .get_node(&id)?
-            .clone();
-        Some((id, member))
-    }
-
-    fn not_leader(&self) -> RpcError {
-        RpcError::NotLeader {
-            leader: self.leader().map(|(_, m)| ticket_of(&m)),
-        }
-    }
-
-    fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
-    }
-
-    /// Proposes writes through the leader: locally if we lead, else forwarded once.
-    async fn propose(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, RpcError> {
-        if self.is_leader() {
-            match self.proposer.propose(commands.clone()).await {
-                Err(ProposeError::NotLeader(_)) => {} // Lost leadership meanwhile: forward below.
-                other => return other.map_err(RpcError::from),
-            }
-        }
-        match self.call_leader(RaftRequest::Forward(commands)).await? {
-            RaftResponse::Forward(r) => r,
-            other => Err(RpcError::Internal(format!(
-                "unexpected forward response {other:?}"
-            ))),
-        }
-    }
-
-    /// One call to the leader (from a follower). Gives up as soon as this node sees the
-    /// leadership change (the leader died or was deposed): the client retries against the
-    /// new leader instead of waiting out the call's timeout.
-    async fn call_leader(&self, request: RaftRequest) -> Result<RaftResponse, RpcError> {
-        let Some((leader, member)) = self.leader() else {
-            return Err(RpcError::Unavailable(
-                "no leader (election in progress)".into(),
-            ));
-        };
-        if leader == self.id {
-            return Err(RpcError::Unavailable("leadership changing; retry".into()));
-        }
-        let mut metrics = self.raft.metrics();
-        let leader_changed = async move {
-            loop {
-                if metrics.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
-                if metrics.borrow().current_leader != Some(leader) {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            r = self.peers.call(&member, &request, LEADER_CALL_TIMEOUT) => {
-                r.map_err(|e| RpcError::Unavailable(format!("leader unreachable: {e}")))
-            }
-            _ = leader_changed => Err(RpcError::Unavailable(format!(
-                "leader {leader:016x} was replaced while serving this request; retry"
-            ))),
-        }
-    }
-
-    /// Waits until this node's state machine reflects every write acknowledged before the
-    /// call began (ReadIndex through the leader).
-    async fn read_barrier(&self) -> Result<(), RpcError> {
-        if self.test_fault == Some(TestFault::StaleReads) {
-            return Ok(());
-        }
-        let index = if self.is_leader() {
-            self.read_index().await?
-        } else {
-            match self.call_leader(RaftRequest::ReadIndex).await? {
-                RaftResponse::ReadIndex(r) => r?,
-                other => {
-                    return Err(RpcError::Internal(format!(
-                        "unexpected read-index response {other:?}"
-                    )))
-                }
-            }
-        };
-        // Usually applied already: skip openraft's waiter (it clones metrics per check).
-        let applied = self
-            .raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map(|l| l.index);
-        if let Some(index) = index.filter(|i| applied < Some(*i)) {
-            self.raft
-                .wait(Some(LEADER_CALL_TIMEOUT))
-                .applied_index_at_least(Some(index), "read barrier")
-                .await
-                .map_err(|e| {
-                    RpcError::Unavailable(format!("waiting to apply index {index}: {e}"))
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Leader only: a read index confirmed with a quorum after this call began (concurrent
-    /// callers share confirmation rounds).
-    async fn read_index(&self) -> Result<Option<u64>, RpcError> {
-        match self.reads.read_index().await {
-            Err(RpcError::NotLeader { .. }) => Err(self.not_leader()),
-            other => other,
-        }
-    }
-
-    async fn status(&self) -> Result<ClusterStatus, RpcError> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let committed = self
-            .raft
-            .with_raft_state(|st| st.committed.map(|l| l.index))
-            .await
-            .unwrap_or(None);
-        let store = self.sm.status().await?;
-        let membership = metrics.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let members = membership
-            .nodes()
-            .map(|(id, m)| MemberStatus {
-                node_id: *id,
-                node: ticket_of(m),
-                voter: voters.contains(id),
-            })
-            .collect::<Vec<_>>();
-        Ok(ClusterStatus {
-            node_id: self.id,
-            initialized: !members.is_empty(),
-            leader: metrics.current_leader,
-            term: metrics.current_term,
-            commit_index: committed,
-            applied_index: metrics.last_applied.map(|l| l.index),
-            last_log_index: metrics.last_log_index,
-            snapshot_index: metrics.snapshot.map(|l| l.index),
-            revision: store.revision,
-            compacted_revision: store.compacted,
-            members,
-        })
-    }
-
-    /// Checks a batch of writes; `from_client`: refuse system writes (only members may).
-    fn validate(commands: &[Command], from_client: bool) -> Result<(), RpcError> {
-        if from_client && commands.iter().any(|c| c.op.is_system()) {
-            return Err(RpcError::BadRequest(
-                "the system key space cannot be written by clients".into(),
-            ));
-        }
-        if commands.is_empty() {
-            return Err(RpcError::BadRequest("no commands".into()));
-        }
-        if commands.len() > MAX_BATCH_COMMANDS {
-            return Err(RpcError::BadRequest(format!(
-                "{} commands exceed the limit of {MAX_BATCH_COMMANDS}",
-                commands.len()
-            )));
-        }
-        for c in commands {
-            c.op.validate()?;
-        }
-        Ok(())
-    }
-
     /// Serves one client request from a caller whose access [`auth::Access::check`] has
-    /// already checked against what the request needs; listings are filtered per item here.
+    /// already checked against what the request needs: each service's handler answers its
+    /// own requests; listings are filtered per item afterwards.
     pub async fn handle_client(
         &self,
         request: ClientRequest,
         access: &auth::Access<'_>,
         blob_hashes: Vec<[u8; 32]>,
+        recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        if let Err(e) = self.check_blob_hashes(access, &blob_hashes).await {
+        if let Err(e) = self.blobs.check_readable(access, &blob_hashes).await {
             return ClientResponse::Error(e);
         }
         let result = match request {
-            ClientRequest::Write { commands } => match Self::validate(&commands, true) {
-                Err(e) => Err(e),
-                Ok(()) => self
-                    .propose(commands)
-                    .await
-                    .map(|results| ClientResponse::Write { results }),
-            },
-            ClientRequest::Range {
-                request,
-                consistency,
-            } => {
-                async {
-                    request.validate()?;
-                    if consistency == Consistency::Linearizable {
-                        self.read_barrier().await?;
-                    }
-                    Ok(ClientResponse::Range(self.sm.range(request).await?))
-                }
+            ClientRequest::Kv(r) => self.kv.handle(r).await.map(ClientResponse::Kv),
+            ClientRequest::Cluster(r) => self
+                .handle_cluster(r, access)
                 .await
-            }
-            ClientRequest::Status => self.status().await.map(ClientResponse::Status),
-            ClientRequest::InitCluster
-            | ClientRequest::InitNamedCluster { .. }
-            | ClientRequest::AddMember { .. } => Err(RpcError::BadRequest(
-                "this request carries no proof of who may claim the node; \
-                 use `Init`/`Admit` with the node's bootstrap secret (aspen >= protocol 2)"
-                    .into(),
-            )),
-            ClientRequest::Init { name, secret } => {
-                self.init_with_secret(&name, &secret, access).await
-            }
-            ClientRequest::Admit { node, secret } => self.add_member(node, Some(secret)).await,
-            ClientRequest::PresentToken { token } => self.present_token(&token, access),
-            ClientRequest::WhoAmI => Ok(self.whoami(access)),
-            ClientRequest::AuthGrant {
-                key,
-                roles,
-                permissions,
-            } => self.auth_grant(key, roles, permissions).await,
-            ClientRequest::AuthRevoke {
-                key,
-                roles,
-                permissions,
-                all,
-            } => self.auth_revoke(key, roles, permissions, all).await,
-            ClientRequest::RoleCreate { name, permissions } => {
-                self.role_create(name, permissions).await
-            }
-            ClientRequest::AuthList => Ok(ClientResponse::AuthList(self.auth.policy().listing())),
-            ClientRequest::TokenRevoke { token } => self.token_revoke(&token, access).await,
-            ClientRequest::Recover { secret } => self.recover_admin(&secret, access).await,
-            ClientRequest::Identity => self.identity().await,
-            ClientRequest::CreateInvite { valid_for_secs } => {
-                self.create_invite(valid_for_secs).await
-            }
-            ClientRequest::Join { node, invite } => {
-                if node.endpoint_id != access.key {
-                    Err(RpcError::BadRequest(
-                        "join refused: an invitation is used by the joining node itself \
-                         (the ticket's key must be the caller's)"
-                            .into(),
-                    ))
-                } else {
-                    self.join(node, invite).await
-                }
-            }
-            ClientRequest::RemoveMember { node_id } => self.remove_member(node_id).await,
-            ClientRequest::SetNetFaults(faults) => {
-                if faults.drop_per_mille > 1000 || faults.isolate_from.len() > MAX_ISOLATED {
-                    Err(RpcError::BadRequest(format!(
-                        "drop_per_mille is at most 1000 and isolate_from names at most \
-                         {MAX_ISOLATED} members (got {} and {})",
-                        faults.drop_per_mille,
-                        faults.isolate_from.len()
-                    )))
-                } else if self.allow_fault_injection {
-                    tracing::warn!(?faults, "injected network faults");
-                    self.peers.set_faults(faults);
-                    Ok(ClientResponse::Done)
-                } else {
-                    Err(RpcError::BadRequest(
-                        "fault injection is not enabled on this node".into(),
-                    ))
-                }
-            }
-            ClientRequest::StateDigest => self
-                .sm
-                .state_digest()
-                .await
-                .map(ClientResponse::StateDigest)
-                .map_err(RpcError::from),
-            ClientRequest::DocCreate { name, incarnation } => {
-                self.doc_create(name, incarnation).await
-            }
-            ClientRequest::DocChange { name, changes } => self.doc_change(name, changes).await,
-            ClientRequest::DocGet { name, consistency } => self.doc_get(name, consistency).await,
-            ClientRequest::DocList {
-                start_after,
-                limit,
-                consistency,
-            } => self
-                .doc_list(start_after, limit, consistency)
-                .await
-                .map(|r| auth::filter_listing(r, access)),
-            ClientRequest::DocDelete { name } => self.doc_delete(name).await,
-            ClientRequest::BlobAdd { .. } => Err(RpcError::BadRequest(
-                "BlobAdd must be followed by the blob's bytes on its stream".into(),
-            )),
-            ClientRequest::BlobStat { hash, consistency } => {
-                self.blob_stat(hash, consistency).await
-            }
-            ClientRequest::BlobList {
-                start_after,
-                limit,
-                consistency,
-            } => self
-                .blob_list(start_after, limit, consistency)
-                .await
-                .map(|r| auth::filter_listing(r, access)),
-            ClientRequest::BlobTag { tag, hash } => self.blob_tag(tag, hash).await,
-            ClientRequest::BlobUntag { tag } => self.blob_untag(tag).await,
-            ClientRequest::BlobStats => self.blob_stats().await,
-            ClientRequest::NsCreate => self.ns_create().await,
-            ClientRequest::NsSet {
-                namespace,
-                key,
-                value,
-            } => self.ns_set(namespace, key, value).await,
-            ClientRequest::NsGet { namespace, key } => self.ns_get(namespace, key).await,
-            ClientRequest::NsList {
-                namespace,
-                prefix,
-                limit,
-            } => self.ns_list(namespace, prefix, limit).await,
-            ClientRequest::NsNamespaces => self
-                .ns_namespaces()
-                .await
-                .map(|r| auth::filter_listing(r, access)),
-            ClientRequest::NsShare { namespace, write } => self.ns_share(namespace, write).await,
-            ClientRequest::NsImport { ticket } => self.ns_import(ticket).await,
+                .map(ClientResponse::Cluster),
+            ClientRequest::Doc(r) => self.docs.handle(r).await.map(ClientResponse::Doc),
+            ClientRequest::Blob(r) => self.blobs.handle(r, recv).await.map(ClientResponse::Blob),
+            ClientRequest::Ns(r) => self.namespaces.handle(r).await.map(ClientResponse::Ns),
+            ClientRequest::Auth(r) => self.auth.handle(r, access).await.map(ClientResponse::Auth),
         };
-        result.unwrap_or_else(ClientResponse::Error)
+        match result {
+            Ok(response) => auth::filter_listing(response, access),
+            Err(e) => ClientResponse::Error(e),
+        }
     }
+}
 
-    async fn init_cluster(&self, name: &str) -> Result<ClientResponse, RpcError> {
-        if !self.members().is_empty() {
-            return Err(RpcError::AlreadyInitialized);
-        }
-        if name.len() > aspen_trust::MAX_NAME_BYTES {
-            return Err(RpcError::BadRequest(format!(
-                "cluster name is {} bytes; the limit is {}",
-                name.len(),
-                aspen_trust::MAX_NAME_BYTES
-            )));
-        }
-        let members = BTreeMap::from([(self.id, self.me.clone())]);
-        self.raft.initialize(members).await.map_err(|e| match e {
-            RaftError::APIError(openraft::error::InitializeError::NotAllowed(_)) => {
-                RpcError::AlreadyInitialized
-            }
-            other => RpcError::Internal(other.to_string()),
-        })?;
-        self.raft
-            .wait(Some(LEADER_CALL_TIMEOUT * 2))
-            .current_leader(self.id, "init")
-            .await
-            .map_err(|e| RpcError::Unavailable(format!("not elected after init: {e}")))?;
-        self.ensure_identity().await?;
-        if !name.is_empty() {
-            self.set_cluster_name(name).await?;
-        }
-        self.status().await.map(ClientResponse::Status)
-    }
-
-    fn require_leader(&self) -> Result<(), RpcError> {
-        if self.members().is_empty() {
-            return Err(RpcError::NotInitialized);
-        }
-        if !self.is_leader() {
-            return Err(self.not_leader());
-        }
-        Ok(())
-    }
-
-    /// Adds `node`: introduces this leader to it (with the node's bootstrap secret when the
-    /// operator gave one; a node joining by invitation expects this cluster already), then
-    /// learner, then voter.
-    async fn add_member(
-        &self,
-        node: NodeTicket,
-        secret: Option<[u8; 32]>,
-    ) -> Result<ClientResponse, RpcError> {
-        self.require_leader()?;
-        if node.addrs.len() > aspen_client::ticket::MAX_ADDRS_PER_NODE {
-            return Err(RpcError::BadRequest(format!(
-                "{} addresses exceed the limit of {}",
-                node.addrs.len(),
-                aspen_client::ticket::MAX_ADDRS_PER_NODE
-            )));
-        }
-        EndpointId::from_bytes(&node.endpoint_id)
-            .map_err(|e| RpcError::BadRequest(format!("bad node key: {e}")))?;
-        let id = node.node_id();
-        let member = Member {
-            endpoint_id: node.endpoint_id,
-            addrs: node.addrs,
-        };
-        if let Some(existing) = self.members().get(&id) {
-            if existing.endpoint_id != member.endpoint_id {
-                return Err(RpcError::Membership(format!(
-                    "node id {id:016x} is taken by another key"
-                )));
-            }
-        }
-        if !self.members().contains_key(&id) {
-            self.introduce_to(&member, secret).await?;
-        }
-        // Catch the new node up as a learner first, so it never slows down the quorum.
-        self.raft
-            .add_learner(id, member, true)
-            .await
-            .map_err(|e| self.membership_error(e))?;
-        let voters: BTreeSet<NodeId> = self
+impl NodeState {
+    /// Whether `remote` may send this node Raft traffic: a member, or (while this node
+    /// belongs to no cluster) a caller that introduced itself for the cluster it expects.
+    pub fn is_raft_peer(&self, remote: &EndpointId) -> bool {
+        let membership = self
+            .cluster
             .raft
             .metrics()
             .borrow()
             .membership_config
-            .membership()
-            .voter_ids()
-            .chain([id])
-            .collect();
-        self.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| self.membership_error(e))?;
-        Ok(ClientResponse::Done)
-    }
-
-    async fn remove_member(&self, node_id: NodeId) -> Result<ClientResponse, RpcError> {
-        self.require_leader()?;
-        let membership = self.raft.metrics().borrow().membership_config.clone();
-        let membership = membership.membership();
-        if membership.get_node(&node_id).is_none() {
-            return Err(RpcError::BadRequest(format!(
-                "node {node_id:016x} is not a member"
-            )));
-        }
-        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != node_id).collect();
-        if voters.is_empty() {
-            return Err(RpcError::BadRequest("cannot remove the last voter".into()));
-        }
-        let change = if membership.voter_ids().any(|v| v == node_id) {
-            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
-        };
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| self.membership_error(e))?;
-        Ok(ClientResponse::Done)
-    }
-
-    fn membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> RpcError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                RpcError::Membership(e.to_string())
-            }
-            RaftError::Fatal(e) => RpcError::Unavailable(format!("raft stopped: {e}")),
-        }
-    }
-
-    /// Whether `remote` may send this node Raft traffic: a member, or (while this node
-    /// belongs to no cluster) a caller that introduced itself for the cluster it expects.
-    pub fn is_raft_peer(&self, remote: &EndpointId) -> bool {
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+            .clone();
         let mut nodes = membership.membership().nodes().peekable();
         if nodes.peek().is_none() {
             return self.admission.is_introduced(remote.as_bytes());
@@ -908,7 +453,13 @@ impl NodeState {
 
     /// Whether this node belongs to a cluster (its membership is not empty).
     pub fn is_initialized(&self) -> bool {
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = self
+            .cluster
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .clone();
         let initialized = membership.membership().nodes().next().is_some();
         initialized
     }
@@ -918,7 +469,13 @@ impl NodeState {
     /// belongs to no cluster).
     pub async fn handle_raft(&self, remote: EndpointId, request: RaftRequest) -> RaftResponse {
         // An Arc of the current membership: no copy on this hot path.
-        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let membership = self
+            .cluster
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .clone();
         let members = membership.membership();
         let initialized = members.nodes().next().is_some();
         if let RaftRequest::Introduce {
@@ -959,23 +516,19 @@ impl NodeState {
         match request {
             RaftRequest::Introduce { .. } => RaftResponse::Introduced,
             RaftRequest::AppendEntries(rpc) => {
-                RaftResponse::AppendEntries(self.raft.append_entries(rpc).await)
+                RaftResponse::AppendEntries(self.cluster.raft.append_entries(rpc).await)
             }
-            RaftRequest::Vote(rpc) => RaftResponse::Vote(self.raft.vote(rpc).await),
+            RaftRequest::Vote(rpc) => RaftResponse::Vote(self.cluster.raft.vote(rpc).await),
             RaftRequest::InstallSnapshot(rpc) => {
-                RaftResponse::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+                RaftResponse::InstallSnapshot(self.cluster.raft.install_snapshot(rpc).await)
             }
             RaftRequest::Forward(commands) => {
-                RaftResponse::Forward(match Self::validate(&commands, false) {
+                RaftResponse::Forward(match ClusterHandle::validate(&commands, false) {
                     Err(e) => Err(e),
-                    Ok(()) => self
-                        .proposer
-                        .propose(commands)
-                        .await
-                        .map_err(RpcError::from),
+                    Ok(()) => self.cluster.propose_here(commands).await,
                 })
             }
-            RaftRequest::ReadIndex => RaftResponse::ReadIndex(self.read_index().await),
+            RaftRequest::ReadIndex => RaftResponse::ReadIndex(self.cluster.read_index().await),
             RaftRequest::Hello(member) => {
                 if member.endpoint_id != *remote.as_bytes() {
                     return RaftResponse::Refused("hello for another node's key".into());
@@ -988,7 +541,7 @@ impl NodeState {
                     ));
                 }
                 let id = node_id_of(&member.endpoint_id);
-                if self.is_leader()
+                if self.cluster.is_leader()
                     && members
                         .get_node(&id)
                         .is_some_and(|m| m.addrs != member.addrs)
@@ -1002,7 +555,7 @@ impl NodeState {
 
     /// Leader: records a member's new addresses in the membership (replicated).
     fn update_address(&self, id: NodeId, member: Member) {
-        let raft = self.raft.clone();
+        let raft = self.cluster.raft.clone();
         tokio::spawn(async move {
             tracing::info!(node = format!("{id:016x}"), addrs = ?member.addrs, "member moved; updating membership");
             let change = ChangeMembers::SetNodes(BTreeMap::from([(id, member)]));
@@ -1015,14 +568,14 @@ impl NodeState {
 
 /// Keeps `cluster.ticket` equal to the current membership while this node is a member.
 async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
-    let mut metrics = state.raft.metrics();
+    let mut metrics = state.cluster.raft.metrics();
     let mut written = String::new();
     let mut seen = None;
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
         let m = membership.membership();
         // Metrics change on every apply; the membership rarely does.
-        if seen != Some(*membership.log_id()) && m.get_node(&state.id).is_some() {
+        if seen != Some(*membership.log_id()) && m.get_node(&state.cluster.id).is_some() {
             seen = Some(*membership.log_id());
             let mut ids: Vec<NodeId> = m.voter_ids().collect();
             ids.extend(m.learner_ids());
@@ -1054,20 +607,21 @@ async fn announce_address(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     loop {
         tick.tick().await;
-        let members = state.members();
-        let Some(recorded) = members.get(&state.id) else {
+        let members = state.cluster.members();
+        let Some(recorded) = members.get(&state.cluster.id) else {
             continue;
         };
-        if recorded.addrs == state.me.addrs {
+        if recorded.addrs == state.cluster.me.addrs {
             continue;
         }
-        if state.is_leader() {
-            state.update_address(state.id, state.me.clone());
+        if state.cluster.is_leader() {
+            state.update_address(state.cluster.id, state.cluster.me.clone());
             continue;
         }
-        for (id, member) in members.iter().filter(|(id, _)| **id != state.id) {
-            let hello = RaftRequest::Hello(state.me.clone());
+        for (id, member) in members.iter().filter(|(id, _)| **id != state.cluster.id) {
+            let hello = RaftRequest::Hello(state.cluster.me.clone());
             if let Err(e) = state
+                .cluster
                 .peers
                 .call(member, &hello, Duration::from_secs(3))
                 .await
@@ -1097,9 +651,53 @@ impl ProtocolHandler for RaftService {
     }
 }
 
-/// `aspen/client/1`: one request per bi-stream.
+/// Most client connections one key may hold open on a node at once; the next one is closed
+/// as soon as it is accepted (a client needs one per member, the load generator `--conns`).
+pub const MAX_CONNECTIONS_PER_KEY: usize = 64;
+/// QUIC application close code of a connection over [`MAX_CONNECTIONS_PER_KEY`].
+pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x10;
+
+/// `aspen/client/2`: one request per bi-stream.
 struct ClientService {
     state: Arc<NodeState>,
+    open: Arc<ConnectionCounts>,
+}
+
+/// Open client connections per caller key.
+#[derive(Default)]
+struct ConnectionCounts(std::sync::Mutex<std::collections::HashMap<[u8; 32], usize>>);
+
+/// One counted connection; gives its slot back when dropped.
+struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    key: [u8; 32],
+}
+
+impl ConnectionCounts {
+    fn take(self: &Arc<Self>, key: [u8; 32]) -> Option<ConnectionSlot> {
+        let mut open = self.0.lock().expect("lock");
+        let n = open.entry(key).or_default();
+        if *n >= MAX_CONNECTIONS_PER_KEY {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.0.lock().expect("lock");
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientService {
@@ -1111,7 +709,16 @@ impl std::fmt::Debug for ClientService {
 impl ProtocolHandler for ClientService {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         // The caller is the key the QUIC handshake proved, for the whole connection.
-        let caller = Arc::new(auth::Caller::new(*conn.remote_id().as_bytes()));
+        let key = *conn.remote_id().as_bytes();
+        let Some(_slot) = self.open.take(key) else {
+            tracing::debug!(caller = %hex::encode(key), "too many connections from one key");
+            conn.close(
+                CLOSE_TOO_MANY_CONNECTIONS.into(),
+                b"too many connections from this key",
+            );
+            return Ok(());
+        };
+        let caller = Arc::new(auth::Caller::new(key));
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let state = self.state.clone();
             let caller = caller.clone();
@@ -1146,11 +753,11 @@ impl NodeState {
     /// reads) and reloads the policy if an `auth/` write applied since it was loaded.
     /// Returns whether the policy changed.
     async fn catch_up_policy(&self) -> Result<bool, RpcError> {
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         if !self.auth.is_stale() {
             return Ok(false);
         }
-        self.reload_policy().await?;
+        self.auth.reload_policy().await?;
         Ok(true)
     }
 
@@ -1162,7 +769,7 @@ impl NodeState {
         caller: &auth::Caller,
         recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        let members = self.member_keys();
+        let members = self.cluster.member_keys();
         let needs = auth::needs(&request);
         let mut access = self
             .auth
@@ -1188,13 +795,7 @@ impl NodeState {
             },
             Err(e) => return ClientResponse::Error(e),
         };
-        match request {
-            // The blob's bytes follow the request on the same stream.
-            ClientRequest::BlobAdd { size, tag } => self
-                .blob_add(size, tag, recv)
-                .await
-                .unwrap_or_else(ClientResponse::Error),
-            request => self.handle_client(request, &access, blob_hashes).await,
-        }
+        self.handle_client(request, &access, blob_hashes, recv)
+            .await
     }
 }

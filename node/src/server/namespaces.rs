@@ -24,12 +24,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aspen_client::protocol::{
-    check_ns_key, ClientResponse, NamespaceError, NamespaceSummary, NsEntry, RpcError, MAX_NS_LIST,
-    MAX_NS_VALUE_BYTES,
+    check_ns_key, NamespaceError, NamespaceSummary, NsEntry, NsRequest, NsResponse, RpcError,
+    MAX_NS_LIST, MAX_NS_VALUE_BYTES,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use futures::StreamExt;
@@ -42,7 +42,8 @@ use iroh_docs::{AuthorId, Capability, DocTicket, NamespaceId};
 use iroh_gossip::net::Gossip;
 use serde::{Deserialize, Serialize};
 
-use super::NodeState;
+use super::blobs::BlobService;
+use super::ClusterHandle;
 
 /// Prefix of the namespace registry in the system key space.
 pub const REGISTRY_PREFIX: &[u8] = b"ns/";
@@ -110,6 +111,9 @@ fn store_error(e: impl std::fmt::Display) -> RpcError {
 
 /// A node's iroh-docs engine and what its sync loop has started.
 pub struct NamespaceService {
+    cluster: ClusterHandle,
+    /// Where entry contents live (and are fetched into when a replica lacks them).
+    blobs: Arc<BlobService>,
     pub docs: Docs,
     pub gossip: Gossip,
     author: AuthorId,
@@ -123,8 +127,9 @@ pub struct NamespaceService {
 impl NamespaceService {
     pub async fn start(
         dir: &std::path::Path,
+        cluster: ClusterHandle,
         endpoint: Endpoint,
-        blobs: iroh_blobs::api::Store,
+        blobs: Arc<BlobService>,
         protect: iroh_docs::engine::ProtectCallbackHandler,
     ) -> Result<NamespaceService, String> {
         std::fs::create_dir_all(dir)
@@ -132,7 +137,7 @@ impl NamespaceService {
         let gossip = Gossip::builder().spawn(endpoint.clone());
         let docs = Docs::persistent(dir.to_path_buf())
             .protect_handler(protect)
-            .spawn(endpoint, blobs, gossip.clone())
+            .spawn(endpoint, (*blobs.store).clone(), gossip.clone())
             .await
             .map_err(|e| format!("cannot start iroh-docs in {}: {e}", dir.display()))?;
         let author = docs
@@ -140,6 +145,8 @@ impl NamespaceService {
             .await
             .map_err(|e| format!("iroh-docs has no default author: {e}"))?;
         Ok(NamespaceService {
+            cluster,
+            blobs,
             docs,
             gossip,
             author,
@@ -164,12 +171,35 @@ fn entry_of(e: &iroh_docs::Entry) -> NsEntry {
     }
 }
 
-impl NodeState {
+impl NamespaceService {
+    /// Serves one namespace request (access already checked; listings are filtered by the
+    /// caller).
+    pub async fn handle(&self, request: NsRequest) -> Result<NsResponse, RpcError> {
+        match request {
+            NsRequest::Create => self.ns_create().await,
+            NsRequest::Set {
+                namespace,
+                key,
+                value,
+            } => self.ns_set(namespace, key, value).await,
+            NsRequest::Get { namespace, key } => self.ns_get(namespace, key).await,
+            NsRequest::List {
+                namespace,
+                prefix,
+                limit,
+            } => self.ns_list(namespace, prefix, limit).await,
+            NsRequest::Namespaces => self.ns_namespaces().await,
+            NsRequest::Share { namespace, write } => self.ns_share(namespace, write).await,
+            NsRequest::Import { ticket } => self.ns_import(ticket).await,
+        }
+    }
+
     /// Every other member's address.
     fn member_addrs(&self) -> Vec<EndpointAddr> {
-        self.members()
+        self.cluster
+            .members()
             .into_iter()
-            .filter(|(id, _)| *id != self.id)
+            .filter(|(id, _)| *id != self.cluster.id)
             .filter_map(|(_, m)| super::blobs::endpoint_addr(&m))
             .collect()
     }
@@ -177,12 +207,12 @@ impl NodeState {
     async fn ns_record(&self, id: &[u8; 32]) -> Result<NamespaceRecord, RpcError> {
         let read = || {
             let key = registry_key(id);
-            self.sm.system_view(move |v| v.get(&key))
+            self.cluster.sm.system_view(move |v| v.get(&key))
         };
         let mut found = read().await?;
         if found.is_none() {
             // Registered through another member just now? Catch up before saying unknown.
-            self.read_barrier().await?;
+            self.cluster.read_barrier().await?;
             found = read().await?;
         }
         match found {
@@ -196,7 +226,7 @@ impl NodeState {
     async fn ns_open(&self, id: &[u8; 32]) -> Result<(Doc, DocTicket), RpcError> {
         let record = self.ns_record(id).await?;
         let ticket = record.parsed()?;
-        let doc = self.namespaces.local_replica(&ticket.capability).await?;
+        let doc = self.local_replica(&ticket.capability).await?;
         Ok((doc, ticket))
     }
 
@@ -220,22 +250,23 @@ impl NodeState {
             ticket: ticket.to_string(),
             created_at_ms: super::identity::unix_now() * 1000,
         };
-        self.propose_system_txn(SystemTxn {
-            require: vec![],
-            writes: vec![SystemOp::Put {
-                key: registry_key(id),
-                value: record.encode(),
-            }],
-        })
-        .await?;
+        self.cluster
+            .propose_system_txn(SystemTxn {
+                require: vec![],
+                writes: vec![SystemOp::Put {
+                    key: registry_key(id),
+                    value: record.encode(),
+                }],
+            })
+            .await?;
         Ok(())
     }
 
-    pub(super) async fn ns_create(&self) -> Result<ClientResponse, RpcError> {
-        if !self.is_member() {
+    async fn ns_create(&self) -> Result<NsResponse, RpcError> {
+        if !self.cluster.is_member() {
             return Err(RpcError::NotInitialized);
         }
-        let doc = self.namespaces.docs.create().await.map_err(store_error)?;
+        let doc = self.docs.create().await.map_err(store_error)?;
         let ticket = doc
             .share(ShareMode::Write, AddrInfoOptions::Addresses)
             .await
@@ -243,15 +274,15 @@ impl NodeState {
         let id = *doc.id().as_bytes();
         self.ns_register(&id, &ticket).await?;
         tracing::info!(namespace = %hex::encode(id), "namespace created");
-        Ok(ClientResponse::Namespace { id })
+        Ok(NsResponse::Created { id })
     }
 
-    pub(super) async fn ns_set(
+    async fn ns_set(
         &self,
         id: [u8; 32],
         key: Vec<u8>,
         value: Vec<u8>,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<NsResponse, RpcError> {
         check_ns_key(&key)?;
         if value.len() > MAX_NS_VALUE_BYTES {
             return Err(NamespaceError::ValueTooLarge {
@@ -265,19 +296,15 @@ impl NodeState {
             return Err(NamespaceError::ReadOnly(hex::encode(id)).into());
         }
         let hash = doc
-            .set_bytes(self.namespaces.author, key, value)
+            .set_bytes(self.author, key, value)
             .await
             .map_err(store_error)?;
-        Ok(ClientResponse::NsSet {
+        Ok(NsResponse::Set {
             hash: *hash.as_bytes(),
         })
     }
 
-    pub(super) async fn ns_get(
-        &self,
-        id: [u8; 32],
-        key: Vec<u8>,
-    ) -> Result<ClientResponse, RpcError> {
+    async fn ns_get(&self, id: [u8; 32], key: Vec<u8>) -> Result<NsResponse, RpcError> {
         check_ns_key(&key)?;
         let (doc, _) = self.ns_open(&id).await?;
         let entry = doc
@@ -285,7 +312,7 @@ impl NodeState {
             .await
             .map_err(store_error)?;
         let Some(entry) = entry else {
-            return Ok(ClientResponse::NsValue {
+            return Ok(NsResponse::Value {
                 entry: None,
                 value: None,
             });
@@ -309,18 +336,18 @@ impl NodeState {
             ),
             _ => None,
         };
-        Ok(ClientResponse::NsValue {
+        Ok(NsResponse::Value {
             entry: Some(entry_of(&entry)),
             value,
         })
     }
 
-    pub(super) async fn ns_list(
+    async fn ns_list(
         &self,
         id: [u8; 32],
         prefix: Vec<u8>,
         limit: u32,
-    ) -> Result<ClientResponse, RpcError> {
+    ) -> Result<NsResponse, RpcError> {
         let limit = (limit as usize).clamp(1, MAX_NS_LIST);
         let (doc, _) = self.ns_open(&id).await?;
         let query = Query::single_latest_per_key()
@@ -333,11 +360,12 @@ impl NodeState {
         }
         let more = entries.len() > limit;
         entries.truncate(limit);
-        Ok(ClientResponse::NsEntries { entries, more })
+        Ok(NsResponse::Entries { entries, more })
     }
 
     async fn ns_registry(&self) -> Result<Vec<([u8; 32], NamespaceRecord)>, RpcError> {
         let records = self
+            .cluster
             .sm
             .system_view(|view| {
                 let mut out = Vec::new();
@@ -359,8 +387,8 @@ impl NodeState {
             .collect()
     }
 
-    pub(super) async fn ns_namespaces(&self) -> Result<ClientResponse, RpcError> {
-        self.read_barrier().await?;
+    async fn ns_namespaces(&self) -> Result<NsResponse, RpcError> {
+        self.cluster.read_barrier().await?;
         let mut list = Vec::new();
         for (id, record) in self.ns_registry().await? {
             list.push(NamespaceSummary {
@@ -369,15 +397,11 @@ impl NodeState {
                 created_at_ms: record.created_at_ms,
             });
         }
-        Ok(ClientResponse::Namespaces(list))
+        Ok(NsResponse::Namespaces(list))
     }
 
-    pub(super) async fn ns_share(
-        &self,
-        id: [u8; 32],
-        write: bool,
-    ) -> Result<ClientResponse, RpcError> {
-        self.read_barrier().await?;
+    async fn ns_share(&self, id: [u8; 32], write: bool) -> Result<NsResponse, RpcError> {
+        self.cluster.read_barrier().await?;
         let ticket = self.ns_record(&id).await?.parsed()?;
         let capability = match (ticket.capability, write) {
             (Capability::Write(secret), true) => Capability::Write(secret),
@@ -386,34 +410,34 @@ impl NodeState {
             }
             (c, false) => Capability::Read(c.id()),
         };
-        let mut nodes = vec![super::blobs::endpoint_addr(&self.me)
+        let mut nodes = vec![super::blobs::endpoint_addr(&self.cluster.me)
             .ok_or_else(|| RpcError::Internal("own address is invalid".into()))?];
         nodes.extend(self.member_addrs());
-        Ok(ClientResponse::NsTicket {
+        Ok(NsResponse::Ticket {
             ticket: DocTicket::new(capability, nodes).to_string(),
         })
     }
 
-    pub(super) async fn ns_import(&self, ticket: String) -> Result<ClientResponse, RpcError> {
-        if !self.is_member() {
+    async fn ns_import(&self, ticket: String) -> Result<NsResponse, RpcError> {
+        if !self.cluster.is_member() {
             return Err(RpcError::NotInitialized);
         }
         let ticket = DocTicket::from_str(ticket.trim())
             .map_err(|e| NamespaceError::BadTicket(e.to_string()))?;
         let id = *ticket.capability.id().as_bytes();
-        self.read_barrier().await?;
+        self.cluster.read_barrier().await?;
         // A read ticket never downgrades a namespace the cluster can write.
         if let Ok(existing) = self.ns_record(&id).await {
             if matches!(existing.parsed()?.capability, Capability::Write(_))
                 || matches!(ticket.capability, Capability::Read(_))
             {
-                return Ok(ClientResponse::Namespace { id });
+                return Ok(NsResponse::Created { id });
             }
         }
         self.ns_register(&id, &ticket).await?;
-        self.namespaces.wake_sync();
+        self.wake_sync();
         tracing::info!(namespace = %hex::encode(id), "namespace imported");
-        Ok(ClientResponse::Namespace { id })
+        Ok(NsResponse::Created { id })
     }
 
     /// The registered namespaces whose records parse, with their tickets.
@@ -432,7 +456,7 @@ impl NodeState {
 
     /// The peers a namespace syncs with: the other members, then the ticket's other peers.
     fn ns_peers(&self, ticket: &DocTicket, members: &[EndpointAddr]) -> Vec<EndpointAddr> {
-        let my_id = self.me.endpoint_id;
+        let my_id = self.cluster.me.endpoint_id;
         let mut peers: Vec<EndpointAddr> = members.to_vec();
         peers.extend(
             ticket
@@ -447,7 +471,7 @@ impl NodeState {
     /// One pass of the sync loop: a local replica of every registered namespace, live-synced
     /// with the other members and the peers its ticket names.
     async fn sync_namespaces_once(&self) -> Result<(), RpcError> {
-        let ns = &self.namespaces;
+        let ns = self;
         let members = self.member_addrs();
         let tickets = self.ns_tickets().await?;
         *ns.ticket_peers.lock().expect("lock") = tickets
@@ -486,7 +510,7 @@ impl NodeState {
         let mut missing_now = HashMap::new();
         for (id, ticket) in self.ns_tickets().await? {
             let nid = NamespaceId::from(&id);
-            let doc = self.namespaces.local_replica(&ticket.capability).await?;
+            let doc = self.local_replica(&ticket.capability).await?;
             let missing = self.missing_content(&doc).await?;
             let before = missing_before.remove(&nid).unwrap_or_default();
             let peers = self.ns_peers(&ticket, &members);
@@ -507,7 +531,7 @@ impl NodeState {
         hash: &[u8; 32],
         max: usize,
     ) -> bool {
-        let Ok(Some(doc)) = self.namespaces.docs.open(NamespaceId::from(id)).await else {
+        let Ok(Some(doc)) = self.docs.open(NamespaceId::from(id)).await else {
             return false;
         };
         let Ok(stream) = doc.get_many(Query::all()).await else {
@@ -560,7 +584,7 @@ impl NodeState {
         for peer in peers {
             match tokio::time::timeout(
                 REPAIR_FETCH_TIMEOUT,
-                self.fetch_blob_from(&blob, peer.clone()),
+                self.blobs.fetch_blob_from(&blob, peer.clone()),
             )
             .await
             {
@@ -601,16 +625,16 @@ impl NamespaceService {
 }
 
 /// The namespace sync loop of one node (runs for the node's lifetime).
-pub async fn run_sync(state: std::sync::Arc<NodeState>) {
+pub async fn run_sync(state: Arc<NamespaceService>) {
     // A namespace registered (created or imported through any member) starts syncing here
     // as soon as the registry entry applies on this node.
-    let mut registry = state.sm.watch_system_prefix(REGISTRY_PREFIX);
+    let mut registry = state.cluster.sm.watch_system_prefix(REGISTRY_PREFIX);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SYNC_INTERVAL) => {}
             Ok(()) = registry.changed() => {}
         }
-        if !state.is_member() {
+        if !state.cluster.is_member() {
             continue;
         }
         if let Err(e) = state.sync_namespaces_once().await {
@@ -620,11 +644,11 @@ pub async fn run_sync(state: std::sync::Arc<NodeState>) {
 }
 
 /// The content repair loop of one node (runs for the node's lifetime).
-pub async fn run_content_repair(state: std::sync::Arc<NodeState>) {
+pub async fn run_content_repair(state: Arc<NamespaceService>) {
     let mut missing_before = HashMap::new();
     loop {
         tokio::time::sleep(REPAIR_INTERVAL).await;
-        if !state.is_member() {
+        if !state.cluster.is_member() {
             continue;
         }
         if let Err(e) = state.repair_content_once(&mut missing_before).await {

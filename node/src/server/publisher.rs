@@ -31,7 +31,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// Runs until the node stops.
 pub async fn run(state: Arc<NodeState>, dht: Option<ClusterDht>, timing: PublishTiming) {
-    let mut metrics = state.raft.metrics();
+    let mut metrics = state.cluster.raft.metrics();
     let mut tick = tokio::time::interval(timing.republish_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(SignedRecord, ClusterRecord)> = None;
@@ -55,7 +55,7 @@ pub async fn run(state: Arc<NodeState>, dht: Option<ClusterDht>, timing: Publish
             let m = metrics.borrow();
             (
                 m.membership_config.log_id().map(|l| l.index),
-                m.current_leader == Some(state.id),
+                m.current_leader == Some(state.cluster.id),
             )
         };
         if !leader {
@@ -154,6 +154,7 @@ async fn step(
     );
     // Replicate it, so the next leader continues from this seq.
     state
+        .cluster
         .propose(vec![Command {
             session: None,
             op: WriteOp::System(SystemWrite {
@@ -171,7 +172,13 @@ async fn step(
 /// The members as the record lists them: voters first (by id), then learners, at most
 /// [`MAX_RECORD_MEMBERS`], each with its first [`MAX_RECORD_ADDRS_PER_MEMBER`] addresses.
 fn record_members(state: &NodeState) -> Vec<RecordMember> {
-    let membership = state.raft.metrics().borrow().membership_config.clone();
+    let membership = state
+        .cluster
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .clone();
     let m = membership.membership();
     let mut ids: Vec<_> = m.voter_ids().collect();
     ids.extend(m.learner_ids());

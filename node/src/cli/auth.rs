@@ -267,7 +267,7 @@ pub async fn auth(cmd: AuthCommand) -> Result<()> {
         }
         AuthCommand::Recover { data_dir, client } => {
             let (node, secret) =
-                crate::cli::node_and_secret(&data_dir.display().to_string(), None).await?;
+                crate::cli::cluster::node_and_secret(&data_dir.display().to_string(), None).await?;
             let options = client.options().await?;
             let c = Client::connect_node(node, options).await?;
             let key = c.key();

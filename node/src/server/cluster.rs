@@ -1,0 +1,295 @@
+//! The narrow handle every service holds to the cluster: who the members are and who
+//! leads, proposing writes through Raft (batched, or forwarded to the leader), and
+//! linearizable read points (ReadIndex). Services reach Raft only through this handle;
+//! membership changes are the cluster service's (`membership.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use aspen_client::protocol::{ClusterStatus, MemberStatus, RpcError};
+use aspen_client::NodeTicket;
+use aspen_kv::api::{Command, CommandResult, SystemTxn, WriteOp, WriteOutcome};
+use aspen_kv::limits::MAX_BATCH_COMMANDS;
+use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+
+use super::peers::Peers;
+use super::proposer::{ProposeError, Proposer};
+use super::raft_protocol::{RaftRequest, RaftResponse};
+use super::read_index::ReadIndexBatcher;
+use super::{ticket_of, LEADER_CALL_TIMEOUT};
+use crate::config::TestFault;
+
+/// See the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    /// This node's id and address, as the membership records them.
+    pub id: NodeId,
+    pub me: Member,
+    pub raft: Raft,
+    /// The replicated state machine (reads; writes go through [`ClusterHandle::propose`]).
+    pub sm: StateMachineStore,
+    pub(super) peers: Arc<Peers>,
+    proposer: Proposer,
+    reads: ReadIndexBatcher,
+    test_fault: Option<TestFault>,
+}
+
+impl ClusterHandle {
+    pub(super) fn new(
+        id: NodeId,
+        me: Member,
+        raft: Raft,
+        sm: StateMachineStore,
+        peers: Arc<Peers>,
+        test_fault: Option<TestFault>,
+    ) -> Self {
+        let proposer = Proposer::spawn(raft.clone(), sm.clone());
+        let reads = {
+            let raft = raft.clone();
+            ReadIndexBatcher::spawn(move || super::confirm_read_index(raft.clone()))
+        };
+        ClusterHandle {
+            id,
+            me,
+            raft,
+            sm,
+            peers,
+            proposer,
+            reads,
+            test_fault,
+        }
+    }
+
+    pub fn node_ticket(&self) -> NodeTicket {
+        ticket_of(&self.me)
+    }
+
+    pub fn members(&self) -> BTreeMap<NodeId, Member> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    /// The node keys of the current members (no copy of their addresses).
+    pub fn member_keys(&self) -> Vec<[u8; 32]> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let keys = m.membership().nodes().map(|(_, n)| n.endpoint_id).collect();
+        keys
+    }
+
+    /// Whether the membership includes this node.
+    pub fn is_member(&self) -> bool {
+        self.members().contains_key(&self.id)
+    }
+
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let id = metrics.current_leader?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&id)?
+            .clone();
+        Some((id, member))
+    }
+
+    pub fn not_leader(&self) -> RpcError {
+        RpcError::NotLeader {
+            leader: self.leader().map(|(_, m)| ticket_of(&m)),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Proposes writes through the leader: locally if we lead, else forwarded once.
+    pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, RpcError> {
+        if self.is_leader() {
+            match self.proposer.propose(commands.clone()).await {
+                Err(ProposeError::NotLeader(_)) => {} // Lost leadership meanwhile: forward below.
+                other => return other.map_err(RpcError::from),
+            }
+        }
+        match self.call_leader(RaftRequest::Forward(commands)).await? {
+            RaftResponse::Forward(r) => r,
+            other => Err(RpcError::Internal(format!(
+                "unexpected forward response {other:?}"
+            ))),
+        }
+    }
+
+    /// One call to the leader (from a follower). Gives up as soon as this node sees the
+    /// leadership change (the leader died or was deposed): the client retries against the
+    /// new leader instead of waiting out the call's timeout.
+    pub async fn call_leader(&self, request: RaftRequest) -> Result<RaftResponse, RpcError> {
+        let Some((leader, member)) = self.leader() else {
+            return Err(RpcError::Unavailable(
+                "no leader (election in progress)".into(),
+            ));
+        };
+        if leader == self.id {
+            return Err(RpcError::Unavailable("leadership changing; retry".into()));
+        }
+        let mut metrics = self.raft.metrics();
+        let leader_changed = async move {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if metrics.borrow().current_leader != Some(leader) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = self.peers.call(&member, &request, LEADER_CALL_TIMEOUT) => {
+                r.map_err(|e| RpcError::Unavailable(format!("leader unreachable: {e}")))
+            }
+            _ = leader_changed => Err(RpcError::Unavailable(format!(
+                "leader {leader:016x} was replaced while serving this request; retry"
+            ))),
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the
+    /// call began (ReadIndex through the leader).
+    pub async fn read_barrier(&self) -> Result<(), RpcError> {
+        if self.test_fault == Some(TestFault::StaleReads) {
+            return Ok(());
+        }
+        let index = if self.is_leader() {
+            self.read_index().await?
+        } else {
+            match self.call_leader(RaftRequest::ReadIndex).await? {
+                RaftResponse::ReadIndex(r) => r?,
+                other => {
+                    return Err(RpcError::Internal(format!(
+                        "unexpected read-index response {other:?}"
+                    )))
+                }
+            }
+        };
+        // Usually applied already: skip openraft's waiter (it clones metrics per check).
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        if let Some(index) = index.filter(|i| applied < Some(*i)) {
+            self.raft
+                .wait(Some(LEADER_CALL_TIMEOUT))
+                .applied_index_at_least(Some(index), "read barrier")
+                .await
+                .map_err(|e| {
+                    RpcError::Unavailable(format!("waiting to apply index {index}: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Leader only: a read index confirmed with a quorum after this call began (concurrent
+    /// callers share confirmation rounds).
+    pub async fn read_index(&self) -> Result<Option<u64>, RpcError> {
+        match self.reads.read_index().await {
+            Err(RpcError::NotLeader { .. }) => Err(self.not_leader()),
+            other => other,
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, RpcError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let committed = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .unwrap_or(None);
+        let store = self.sm.status().await?;
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, m)| MemberStatus {
+                node_id: *id,
+                node: ticket_of(m),
+                voter: voters.contains(id),
+            })
+            .collect::<Vec<_>>();
+        Ok(ClusterStatus {
+            node_id: self.id,
+            initialized: !members.is_empty(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            commit_index: committed,
+            applied_index: metrics.last_applied.map(|l| l.index),
+            last_log_index: metrics.last_log_index,
+            snapshot_index: metrics.snapshot.map(|l| l.index),
+            revision: store.revision,
+            compacted_revision: store.compacted,
+            members,
+        })
+    }
+
+    /// Checks a batch of writes; `from_client`: refuse system writes (only members may).
+    pub fn validate(commands: &[Command], from_client: bool) -> Result<(), RpcError> {
+        if from_client && commands.iter().any(|c| c.op.is_system()) {
+            return Err(RpcError::BadRequest(
+                "the system key space cannot be written by clients".into(),
+            ));
+        }
+        if commands.is_empty() {
+            return Err(RpcError::BadRequest("no commands".into()));
+        }
+        if commands.len() > MAX_BATCH_COMMANDS {
+            return Err(RpcError::BadRequest(format!(
+                "{} commands exceed the limit of {MAX_BATCH_COMMANDS}",
+                commands.len()
+            )));
+        }
+        for c in commands {
+            c.op.validate()?;
+        }
+        Ok(())
+    }
+
+    pub fn require_leader(&self) -> Result<(), RpcError> {
+        if self.members().is_empty() {
+            return Err(RpcError::NotInitialized);
+        }
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        Ok(())
+    }
+
+    /// Proposes writes on this node, which must lead (a write forwarded by a follower).
+    pub async fn propose_here(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, RpcError> {
+        self.proposer
+            .propose(commands)
+            .await
+            .map_err(RpcError::from)
+    }
+
+    /// Proposes one system transaction; whether its conditions held (it applied).
+    pub async fn propose_system_txn(&self, txn: SystemTxn) -> Result<bool, RpcError> {
+        let results = self
+            .propose(vec![Command {
+                session: None,
+                op: WriteOp::SystemTxn(txn),
+            }])
+            .await?;
+        match results.into_iter().next() {
+            Some(Ok(WriteOutcome::SystemTxn { applied, .. })) => Ok(applied),
+            Some(Ok(other)) => Err(RpcError::Internal(format!(
+                "unexpected outcome of a system transaction: {other:?}"
+            ))),
+            Some(Err(e)) => Err(RpcError::Internal(format!(
+                "system transaction refused: {e}"
+            ))),
+            None => Err(RpcError::Internal(
+                "no result for a system transaction".into(),
+            )),
+        }
+    }
+}
