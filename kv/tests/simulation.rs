@@ -20,7 +20,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -537,6 +537,43 @@ fn run_seed(seed: u64) -> RunSummary {
     run_scenario(seed, None)
 }
 
+/// Runs `seeds` on as many threads as there are cores. Each seed still runs alone on its own
+/// single-threaded runtime with a paused clock, so running several at once changes nothing
+/// in any of them (`simulation_replays_exactly` runs alongside to catch a leak). Results come
+/// back in seed order.
+fn run_seeds(seeds: &[u64]) -> Vec<RunSummary> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, seeds.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<RunSummary>>> = Mutex::new(seeds.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(&seed) = seeds.get(i) else {
+                    return;
+                };
+                let s = run_seed(seed);
+                eprintln!(
+                    "seed {seed}: {} operations, {} crashes, {} partitions, history {}",
+                    s.history.operations.len(),
+                    s.crashes,
+                    s.partitions,
+                    blake3::hash(s.history.to_json().as_bytes())
+                );
+                results.lock().unwrap()[i] = Some(s);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.expect("every seed ran"))
+        .collect()
+}
+
 fn run_scenario(seed: u64, bug: Option<Bug>) -> RunSummary {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -560,15 +597,7 @@ fn seeded_simulations_are_linearizable_and_converge() {
         }
     };
     let (mut ops, mut unknown, mut crashes, mut partitions) = (0, 0, 0, 0);
-    for &seed in &seeds {
-        let s = run_seed(seed);
-        eprintln!(
-            "seed {seed}: {} operations, {} crashes, {} partitions, history {}",
-            s.history.operations.len(),
-            s.crashes,
-            s.partitions,
-            blake3::hash(s.history.to_json().as_bytes())
-        );
+    for s in run_seeds(&seeds) {
         ops += s.history.operations.len();
         unknown += s.history.unknown();
         crashes += s.crashes;

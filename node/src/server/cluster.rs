@@ -11,6 +11,7 @@ use aspen_client::NodeTicket;
 use aspen_kv::api::{Command, CommandResult, SystemTxn, WriteOp, WriteOutcome};
 use aspen_kv::limits::MAX_BATCH_COMMANDS;
 use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
+use openraft::StoredMembership;
 
 use super::peers::Peers;
 use super::proposer::{ProposeError, Proposer};
@@ -60,12 +61,17 @@ impl ClusterHandle {
         }
     }
 
+    /// The membership as this node last applied it.
+    pub fn membership(&self) -> Arc<StoredMembership<NodeId, Member>> {
+        self.raft.metrics().borrow().membership_config.clone()
+    }
+
     pub fn node_ticket(&self) -> NodeTicket {
         ticket_of(&self.me)
     }
 
     pub fn members(&self) -> BTreeMap<NodeId, Member> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.membership();
         m.membership()
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
@@ -74,7 +80,7 @@ impl ClusterHandle {
 
     /// The node keys of the current members (no copy of their addresses).
     pub fn member_keys(&self) -> Vec<[u8; 32]> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.membership();
         let keys = m.membership().nodes().map(|(_, n)| n.endpoint_id).collect();
         keys
     }
@@ -85,13 +91,12 @@ impl ClusterHandle {
     }
 
     pub fn leader(&self) -> Option<(NodeId, Member)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let id = metrics.current_leader?;
-        let member = metrics
-            .membership_config
-            .membership()
-            .get_node(&id)?
-            .clone();
+        let (id, membership) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader?, metrics.membership_config.clone())
+        };
+        let member = membership.membership().get_node(&id)?.clone();
         Some((id, member))
     }
 

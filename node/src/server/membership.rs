@@ -152,10 +152,7 @@ impl NodeState {
             .map_err(|e| self.membership_error(e))?;
         let voters: BTreeSet<NodeId> = self
             .cluster
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
+            .membership()
             .membership()
             .voter_ids()
             .chain([id])
@@ -170,13 +167,7 @@ impl NodeState {
 
     async fn remove_member(&self, node_id: NodeId) -> Result<ClusterResponse, RpcError> {
         self.cluster.require_leader()?;
-        let membership = self
-            .cluster
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .clone();
+        let membership = self.cluster.membership();
         let membership = membership.membership();
         if membership.get_node(&node_id).is_none() {
             return Err(RpcError::BadRequest(format!(

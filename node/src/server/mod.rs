@@ -437,13 +437,7 @@ impl NodeState {
     /// Whether `remote` may send this node Raft traffic: a member, or (while this node
     /// belongs to no cluster) a caller that introduced itself for the cluster it expects.
     pub fn is_raft_peer(&self, remote: &EndpointId) -> bool {
-        let membership = self
-            .cluster
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .clone();
+        let membership = self.cluster.membership();
         let mut nodes = membership.membership().nodes().peekable();
         if nodes.peek().is_none() {
             return self.admission.is_introduced(remote.as_bytes());
@@ -453,13 +447,7 @@ impl NodeState {
 
     /// Whether this node belongs to a cluster (its membership is not empty).
     pub fn is_initialized(&self) -> bool {
-        let membership = self
-            .cluster
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .clone();
+        let membership = self.cluster.membership();
         let initialized = membership.membership().nodes().next().is_some();
         initialized
     }
@@ -469,13 +457,7 @@ impl NodeState {
     /// belongs to no cluster).
     pub async fn handle_raft(&self, remote: EndpointId, request: RaftRequest) -> RaftResponse {
         // An Arc of the current membership: no copy on this hot path.
-        let membership = self
-            .cluster
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .clone();
+        let membership = self.cluster.membership();
         let members = membership.membership();
         let initialized = members.nodes().next().is_some();
         if let RaftRequest::Introduce {

@@ -172,13 +172,7 @@ async fn step(
 /// The members as the record lists them: voters first (by id), then learners, at most
 /// [`MAX_RECORD_MEMBERS`], each with its first [`MAX_RECORD_ADDRS_PER_MEMBER`] addresses.
 fn record_members(state: &NodeState) -> Vec<RecordMember> {
-    let membership = state
-        .cluster
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .clone();
+    let membership = state.cluster.membership();
     let m = membership.membership();
     let mut ids: Vec<_> = m.voter_ids().collect();
     ids.extend(m.learner_ids());

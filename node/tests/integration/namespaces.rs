@@ -3,11 +3,9 @@
 //! replica that keeps syncing, content that never arrived with its entry is repaired, and
 //! bad input gets typed errors.
 
-mod common;
-
+use crate::common::*;
 use aspen_client::protocol::{NamespaceError, RpcError};
 use aspen_client::{Client, ClientError, ClusterTicket};
-use common::*;
 
 /// Waits until `client` (one member) reads `value` for `key`.
 async fn wait_value(client: &Client, ns: [u8; 32], key: &str, value: &str, what: &str) {

@@ -9,20 +9,18 @@
 //! deliberate bug (linearizable reads served without ReadIndex) and the checker must catch it.
 //!
 //! Reproduce or extend a run (see TESTING.md):
-//! `ASPEN_FAULT_SEED=7 ASPEN_FAULT_ROUNDS=40 cargo test -p aspen-node --test faults -- --nocapture`.
+//! `ASPEN_FAULT_SEED=7 ASPEN_FAULT_ROUNDS=40 cargo test -p aspen-node --test integration faults:: -- --nocapture`.
 //! The seed fixes the operation mix and the fault schedule; process timing is not replayable
 //! (that is what the deterministic simulation is for).
-
-mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use aspen_check::{check, History, Op, OpMix, Outcome, Recorder};
 use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NetFaults};
 use aspen_kv::api::{prefix_end, RangeRequest, Txn};
-use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,14 +1,12 @@
 //! Bad input from users and the network: typed errors, no panic, the node keeps serving.
 
-mod common;
-
+use crate::common::*;
 use aspen_client::protocol::{
     ClientRequest, ClientResponse, ClusterRequest, KvRequest, RpcError, CLIENT_ALPN,
 };
 use aspen_client::{Client, ClientError, ClusterTicket};
 use aspen_kv::api::{Command, LimitError, WriteOp};
 use aspen_kv::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
-use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {

@@ -204,6 +204,32 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Like [`wait_until`], but a timeout also prints the last lines of each node's log.
+pub async fn wait_until_or_dump<T, F, Fut>(what: &str, nodes: &[NodeProc], mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() >= DEADLINE {
+            for n in nodes {
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {:016x} (last 40 lines of its log)", n.node_id());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Async version of [`wait_for`].
 pub async fn wait_until<T, F, Fut>(what: &str, mut f: F) -> T
 where

@@ -3,15 +3,13 @@
 //! compaction, a restart and a snapshot install), changes made by the JavaScript
 //! implementation merge, and bad input gets typed errors.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use crate::common::*;
 use aspen_client::{ClientError, Consistency, RpcError};
 use aspen_crdt::patch::{PatchOp, PathElem};
 use aspen_crdt::DocError;
-use common::*;
 use serde_json::json;
 
 /// Every node's local (serializable) heads and JSON of `name`, once they are all equal.

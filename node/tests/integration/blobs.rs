@@ -3,16 +3,14 @@
 //! good holder, garbage collection removes only unreferenced blobs and only after the grace
 //! period, and bad input gets typed errors.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use aspen_blobs::{hash_hex, BlobError, BlobHash};
 use aspen_client::protocol::{BlobRequest, ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
 use aspen_client::{Client, ClientError, ClusterTicket, Consistency};
-use common::*;
 
 const MIB: u64 = 1 << 20;
 

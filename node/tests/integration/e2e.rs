@@ -1,11 +1,9 @@
 //! End-to-end tests with real `aspen` processes on loopback.
 
-mod common;
-
 use std::collections::BTreeSet;
 
+use crate::common::*;
 use aspen_client::{Client, ClusterTicket};
-use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_forms_a_cluster_that_serves_through_any_node() {
@@ -284,7 +282,7 @@ async fn members_restarted_on_new_addresses_rejoin() {
         assert_ne!(nodes[mover].ticket.addrs, old_addrs);
         let id = nodes[mover].node_id();
         // The membership learns the new address...
-        wait_until("membership to record the new address", || async {
+        wait_until_or_dump("membership to record the new address", &nodes, || async {
             let s = client.status().await.ok()?;
             let m = s.members.iter().find(|m| m.node_id == id)?;
             (m.node.addrs == vec![bind.parse().unwrap()]).then_some(())
@@ -297,7 +295,7 @@ async fn members_restarted_on_new_addresses_rejoin() {
             .await
             .unwrap();
         let acked = BTreeSet::from([after, before]);
-        wait_until("moved node to see new writes", || async {
+        wait_until_or_dump("moved node to see new writes", &nodes, || async {
             let keys = local_keys(&nodes[mover], "").await?;
             let have: BTreeSet<String> = keys
                 .into_iter()

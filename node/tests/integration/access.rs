@@ -3,17 +3,15 @@
 //! serving everyone else; grants and roles; capability tokens and their refusals; an
 //! uninitialized node cannot be captured; a flood of idle callers stays cheap.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use aspen_client::protocol::{
     AuthRequest, ClientRequest, ClientResponse, ClusterRequest, RpcError, CLIENT_ALPN,
 };
 use aspen_client::{Client, ClientError, ClientOptions, Consistency};
 use aspen_kv::api::{RangeRequest, Txn};
 use aspen_trust::{CapabilityToken, NodeKey, Permission};
-use common::*;
 
 /// A fresh identity: its secret and its public key.
 fn fresh() -> ([u8; 32], [u8; 32]) {

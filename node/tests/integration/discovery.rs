@@ -2,14 +2,12 @@
 //! Mainline testnet (8 DHT nodes on 127.0.0.1; nothing reaches the internet), and the CLI
 //! finding clusters by their public key alone.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Output;
 
+use crate::common::*;
 use aspen_client::ClusterTicket;
-use common::*;
 use serde_json::Value;
 
 /// A local Mainline DHT: 8 nodes on loopback.

@@ -1,0 +1,14 @@
+//! The node's integration tests, one binary for all of them (one link instead of eight): real
+//! `aspen` processes and in-process nodes on loopback. One group:
+//! `cargo test -p aspen-node --test integration faults::`.
+
+mod common;
+
+mod access;
+mod bad_input;
+mod blobs;
+mod discovery;
+mod docs;
+mod e2e;
+mod faults;
+mod namespaces;
