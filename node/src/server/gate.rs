@@ -14,9 +14,14 @@
 //!   of an entry of a namespace the caller may read. Requests for the children of a hash
 //!   sequence and pushes are refused.
 //!
-//! iroh-docs and iroh-gossip cannot be gated per namespace with the stock crates (the
-//! namespace is inside their first frame, which they read themselves): a peer admitted on
-//! their ALPNs can sync any namespace whose id it knows. SECURITY.md lists this gap.
+//! - [`GatedDocs`] serves members' iroh-docs syncs through the engine (live sync, as iroh-docs
+//!   does) and everyone else's through iroh-docs' own sync handler with an accept decision of
+//!   ours: each namespace asked for must be one the caller may read (a grant, or its ticket
+//!   names the caller); others are refused as not found.
+//!
+//! iroh-gossip cannot be gated per topic with the stock crate (the topic is inside messages
+//! it reads itself): a peer admitted on its ALPN can join the topic of any namespace whose id
+//! it knows and see its live announcements. SECURITY.md lists this gap.
 
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -124,6 +129,58 @@ impl ProtocolHandler for GatedBlobs {
         if let Err(e) = self.store.shutdown().await {
             tracing::debug!("blob store shutdown: {e}");
         }
+    }
+}
+
+/// How long a served (or refused) iroh-docs sync waits for the peer to close.
+const DOCS_LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// iroh-docs with a per-namespace decision for non-members (see the module docs).
+#[derive(Debug, Clone)]
+pub struct GatedDocs {
+    pub docs: iroh_docs::protocol::Docs,
+    pub sync: iroh_docs::actor::SyncHandle,
+    pub node: NodeSlot,
+}
+
+impl ProtocolHandler for GatedDocs {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+            conn.close(REFUSED, b"node stopping");
+            return Ok(());
+        };
+        let peer = conn.remote_id();
+        if node.is_member_key(peer.as_bytes()) {
+            drop(node);
+            return self.docs.accept(conn).await;
+        }
+        let readable = node.namespaces_readable_by(&peer).await;
+        drop(node);
+        let decide = move |namespace: iroh_docs::NamespaceId, _peer| {
+            let allowed = readable.contains(namespace.as_bytes());
+            async move {
+                if allowed {
+                    iroh_docs::net::AcceptOutcome::Allow
+                } else {
+                    // The same answer as for a namespace this node does not host.
+                    iroh_docs::net::AcceptOutcome::Reject(iroh_docs::net::AbortReason::NotFound)
+                }
+            }
+        };
+        let held = conn.clone();
+        if let Err(e) =
+            iroh_docs::net::handle_connection(self.sync.clone(), conn, decide, None).await
+        {
+            tracing::debug!(peer = %peer.fmt_short(), "iroh-docs sync not served: {e}");
+        }
+        // Dropping the last handle closes the connection at once, possibly before the peer
+        // read our last message (an abort's reason): let the peer close it, briefly.
+        let _ = tokio::time::timeout(DOCS_LINGER, held.closed()).await;
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        self.docs.shutdown().await;
     }
 }
 

@@ -244,7 +244,14 @@ impl RunningNode {
         };
         let router = router
             .accept(iroh_gossip::ALPN, state.namespaces.gossip.clone())
-            .accept(iroh_docs::ALPN, state.namespaces.docs.clone())
+            .accept(
+                iroh_docs::ALPN,
+                gate::GatedDocs {
+                    docs: state.namespaces.docs.clone(),
+                    sync: state.namespaces.sync.clone(),
+                    node: gate.node.clone(),
+                },
+            )
             .accept(
                 CLIENT_ALPN,
                 ClientService {

@@ -115,6 +115,8 @@ pub struct NamespaceService {
     /// Where entry contents live (and are fetched into when a replica lacks them).
     blobs: Arc<BlobService>,
     pub docs: Docs,
+    /// The replica actor behind `docs` (syncs served outside the engine's live sync).
+    pub sync: iroh_docs::actor::SyncHandle,
     pub gossip: Gossip,
     author: AuthorId,
     /// Per namespace: the peers live sync was last started with, and when.
@@ -135,11 +137,27 @@ impl NamespaceService {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let gossip = Gossip::builder().spawn(endpoint.clone());
-        let docs = Docs::persistent(dir.to_path_buf())
-            .protect_handler(protect)
-            .spawn(endpoint, (*blobs.store).clone(), gossip.clone())
-            .await
-            .map_err(|e| format!("cannot start iroh-docs in {}: {e}", dir.display()))?;
+        // What `Docs::persistent(dir).spawn(..)` does (same files), keeping a handle to the
+        // replica actor: the access gate serves non-members' syncs through it, deciding
+        // each namespace they ask for (`gate::GatedDocs`).
+        let cannot = |e: anyhow::Error| format!("cannot start iroh-docs in {}: {e}", dir.display());
+        let replica_store =
+            iroh_docs::store::Store::persistent(dir.join("docs.redb")).map_err(cannot)?;
+        let store: iroh_blobs::api::Store = (*blobs.store).clone();
+        let downloader = store.downloader(&endpoint);
+        let engine = iroh_docs::engine::Engine::spawn(
+            endpoint,
+            gossip.clone(),
+            replica_store,
+            store,
+            downloader,
+            iroh_docs::engine::DefaultAuthorStorage::Persistent(dir.join("default-author")),
+            Some(protect),
+        )
+        .await
+        .map_err(cannot)?;
+        let sync = engine.sync.clone();
+        let docs = Docs::new(engine);
         let author = docs
             .author_default()
             .await
@@ -148,6 +166,7 @@ impl NamespaceService {
             cluster,
             blobs,
             docs,
+            sync,
             gossip,
             author,
             syncing: Mutex::new(HashMap::new()),
