@@ -17,16 +17,24 @@ pub enum Context {
     NodeCertificate,
     /// One link of a [`crate::CapabilityToken`], signed by the link's issuer.
     CapabilityToken,
+    /// A federation manifest: the origin cluster's statement of what an exported resource
+    /// holds (`aspen-sync`).
+    Manifest,
 }
 
 impl Context {
     /// Every context, for tests that check they are prefix-free.
-    pub const ALL: [Context; 2] = [Context::NodeCertificate, Context::CapabilityToken];
+    pub const ALL: [Context; 3] = [
+        Context::NodeCertificate,
+        Context::CapabilityToken,
+        Context::Manifest,
+    ];
 
     pub fn label(self) -> &'static [u8] {
         match self {
             Context::NodeCertificate => b"aspen/node-cert/v1",
             Context::CapabilityToken => b"aspen/capability-token/v1",
+            Context::Manifest => b"aspen/manifest/v1",
         }
     }
 
