@@ -17,6 +17,7 @@
 mod auth;
 mod blobs;
 pub mod endpoint;
+mod fed;
 mod namespaces;
 pub mod protocol;
 pub mod ticket;
@@ -36,8 +37,9 @@ pub use blobs::BlobAdded;
 pub use protocol::{
     AuthRequest, AuthResponse, BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary,
     ClientRequest, ClientResponse, ClusterIdentity, ClusterRequest, ClusterResponse, ClusterStatus,
-    Consistency, DocRequest, DocResponse, DocSummary, KvRequest, KvResponse, MemberStatus,
-    NetFaults, NsRequest, NsResponse, RpcError, WhoAmI,
+    Consistency, DocRequest, DocResponse, DocSummary, ExportSummary, FedRequest, FedResponse,
+    KvRequest, KvResponse, MemberStatus, NetFaults, NsRequest, NsResponse, Resource, ResourceKind,
+    RpcError, WhoAmI,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -1104,7 +1106,8 @@ fn hedge_safe(request: &ClientRequest) -> bool {
         | R::Auth(AuthRequest::WhoAmI | AuthRequest::List)
         | R::Doc(DocRequest::Get { .. } | DocRequest::List { .. } | DocRequest::Change { .. })
         | R::Blob(BlobRequest::Stat { .. } | BlobRequest::List { .. })
-        | R::Ns(NsRequest::Get { .. } | NsRequest::List { .. } | NsRequest::Namespaces) => true,
+        | R::Ns(NsRequest::Get { .. } | NsRequest::List { .. } | NsRequest::Namespaces)
+        | R::Fed(FedRequest::Exports) => true,
         _ => false,
     }
 }

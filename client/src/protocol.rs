@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use aspen_kv::api::{Command, CommandResult, LimitError, RangeRequest, RangeResponse, ReadError};
 use aspen_kv::{NodeId, StateDigest};
+pub use aspen_sync::{Resource, ResourceKind};
 
 use crate::ticket::NodeTicket;
 
@@ -55,6 +56,7 @@ pub enum ClientRequest {
     Blob(BlobRequest),
     Ns(NsRequest),
     Auth(AuthRequest),
+    Fed(FedRequest),
 }
 
 macro_rules! service_request {
@@ -72,7 +74,8 @@ service_request!(
     Doc(DocRequest),
     Blob(BlobRequest),
     Ns(NsRequest),
-    Auth(AuthRequest)
+    Auth(AuthRequest),
+    Fed(FedRequest)
 );
 
 /// The key-value store.
@@ -247,6 +250,28 @@ pub enum AuthRequest {
     Recover { secret: [u8; 32] },
 }
 
+/// Federation: what this cluster lets other clusters pull.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FedRequest {
+    /// Exports `resource` to these clusters (by cluster key) too, and to any cluster with
+    /// `public`. → `Done`
+    Export {
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+    },
+    /// Stops exporting `resource` to these clusters (and to anyone, with `public`); with
+    /// `all`, removes the export. → `Done`
+    Unexport {
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+        all: bool,
+    },
+    /// Every export, in key order. → [`FedResponse::Exports`]
+    Exports,
+}
+
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetFaults {
@@ -269,6 +294,7 @@ pub enum ClientResponse {
     Ns(NsResponse),
     Auth(AuthResponse),
     Error(RpcError),
+    Fed(FedResponse),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +381,23 @@ pub enum NsResponse {
     Ticket {
         ticket: String,
     },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FedResponse {
+    Done,
+    Exports(Vec<ExportSummary>),
+}
+
+/// One export (`FedRequest::Exports`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportSummary {
+    pub resource: Resource,
+    /// Any cluster may pull it.
+    pub public: bool,
+    /// The cluster keys that may pull it.
+    pub to: Vec<[u8; 32]>,
+    pub created_at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -846,6 +889,24 @@ mod tests {
                 R::Auth(A::Recover { secret: [5; 32] }),
                 cat(&[&[5, 7], &[5; 32]]),
             ),
+            (
+                R::Fed(FedRequest::Export {
+                    resource: Resource::doc("d"),
+                    to: vec![[6; 32]],
+                    public: false,
+                }),
+                cat(&[&[6, 0, 0, 1, b'd', 1], &[6; 32], &[0]]),
+            ),
+            (
+                R::Fed(FedRequest::Unexport {
+                    resource: Resource::blob("t/"),
+                    to: vec![],
+                    public: true,
+                    all: false,
+                }),
+                vec![6, 1, 1, 2, b't', b'/', 0, 1, 0],
+            ),
+            (R::Fed(FedRequest::Exports), vec![6, 2]),
         ];
         for (message, expected) in table {
             assert_eq!(encoded(&message), expected, "{message:?}");
@@ -1040,6 +1101,16 @@ mod tests {
                 cat(&[&[6, 12], &[8; 32], &[1, b'x']]),
             ),
             (R::Error(RpcError::Token("t".into())), vec![6, 13, 1, b't']),
+            (R::Fed(FedResponse::Done), vec![7, 0]),
+            (
+                R::Fed(FedResponse::Exports(vec![ExportSummary {
+                    resource: Resource::ns(&[1; 32]),
+                    public: true,
+                    to: vec![],
+                    created_at_ms: 3,
+                }])),
+                cat(&[&[7, 1, 1, 2, 64], "01".repeat(32).as_bytes(), &[1, 0, 3]]),
+            ),
         ];
         for (message, expected) in table {
             assert_eq!(encoded(&message), expected, "{message:?}");

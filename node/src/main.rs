@@ -53,6 +53,7 @@ fn main() {
             Command::Blob(cmd) => aspen_node::cli::blob::blob(cmd).await,
             Command::Docs(cmd) => aspen_node::cli::namespace::docs(cmd).await,
             Command::Auth(cmd) => aspen_node::cli::auth::auth(cmd).await,
+            Command::Fed(cmd) => aspen_node::cli::fed::fed(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
             Command::Discover {

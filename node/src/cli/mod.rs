@@ -5,6 +5,7 @@ pub mod auth;
 pub mod blob;
 pub mod cluster;
 pub mod doc;
+pub mod fed;
 pub mod kv;
 pub mod namespace;
 
@@ -107,6 +108,9 @@ pub enum Command {
     /// Access control: who am I, grants, roles, capability tokens, admin recovery.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
+    /// Federation with other clusters: what this cluster exports, and to whom.
+    #[command(subcommand)]
+    Fed(fed::FedCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
     Up(crate::up::UpArgs),
     /// Load generator, shaped like etcd's benchmark tool.

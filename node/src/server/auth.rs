@@ -319,6 +319,8 @@ pub fn needs(request: &ClientRequest) -> Vec<Need> {
         ClientRequest::Blob(r) => blob_needs(r, &mut out),
         ClientRequest::Ns(r) => out.push(ns_needs(r)),
         ClientRequest::Auth(r) => out.push(auth_needs(r)),
+        // Exports are the cluster's policy towards other clusters.
+        ClientRequest::Fed(_) => out.push(cluster(Action::Admin)),
     }
     out
 }

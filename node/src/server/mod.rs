@@ -13,6 +13,7 @@ pub mod blobs;
 pub mod cluster;
 mod corrupt_blobs;
 mod docs;
+mod federation;
 mod gate;
 pub mod identity;
 mod kv;
@@ -96,6 +97,8 @@ pub struct NodeState {
     pub kv: kv::KvService,
     /// Automerge documents.
     pub docs: docs::DocService,
+    /// Federation: exports.
+    pub fed: federation::FedService,
     /// The node's blob store and replication state.
     pub blobs: Arc<blobs::BlobService>,
     /// The node's iroh-docs engine (replicas of the cluster's namespaces).
@@ -205,6 +208,7 @@ impl RunningNode {
         let state = Arc::new(NodeState {
             kv: kv::KvService::new(cluster.clone()),
             docs: docs::DocService::new(cluster.clone()),
+            fed: federation::FedService::new(cluster.clone()),
             auth: auth::AuthService::new(cluster.clone(), admission.clone()),
             cluster,
             allow_fault_injection: config.allow_fault_injection,
@@ -432,6 +436,7 @@ impl NodeState {
             ClientRequest::Blob(r) => self.blobs.handle(r, recv).await.map(ClientResponse::Blob),
             ClientRequest::Ns(r) => self.namespaces.handle(r).await.map(ClientResponse::Ns),
             ClientRequest::Auth(r) => self.auth.handle(r, access).await.map(ClientResponse::Auth),
+            ClientRequest::Fed(r) => self.fed.handle(r).await.map(ClientResponse::Fed),
         };
         match result {
             Ok(response) => auth::filter_listing(response, access),

@@ -11,4 +11,5 @@ mod discovery;
 mod docs;
 mod e2e;
 mod faults;
+mod federation;
 mod namespaces;
