@@ -19,8 +19,10 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASPEN_LOG").unwrap_or_else(|_| {
         let default = if matches!(cli.command, Command::Node(_)) {
             // openraft logs every failed replication retry (about ten a second per dead
-            // member); the node logs member reachability itself (server/peers.rs).
-            "info,iroh=warn,mainline=warn,openraft=warn,openraft::replication=off,openraft::raft::responder=error,automerge=off"
+            // member), and the QUIC stack each failed attempt to drop a dead path (dozens a
+            // second after a member moved); the node logs member reachability itself
+            // (server/peers.rs).
+            "info,iroh=warn,noq_proto=error,mainline=warn,openraft=warn,openraft::replication=off,openraft::raft::responder=error,automerge=off"
         } else {
             // A command stops waiting for members that do not answer when it is done
             // (`Client::close`); iroh then reports its endpoint as dropped uncleanly.

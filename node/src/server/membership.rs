@@ -13,8 +13,12 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 
 use super::identity::unix_now;
+use super::peers::PeerError;
 use super::raft_protocol::{RaftRequest, RaftResponse};
 use super::{auth, NodeState, LEADER_CALL_TIMEOUT};
+
+/// How often a leader tries to introduce its cluster to a node it is adding.
+const INTRODUCE_ATTEMPTS: u32 = 3;
 
 /// Most members one `SetNetFaults` may isolate a node from (a cluster has at most 7).
 const MAX_ISOLATED: usize = 16;
@@ -227,22 +231,31 @@ impl NodeState {
             certificate: self.own_certificate().await?,
             secret,
         };
-        match self
-            .cluster
-            .peers
-            .call(member, &introduce, super::LEADER_CALL_TIMEOUT)
-            .await
-        {
-            Ok(RaftResponse::Introduced) => Ok(()),
-            Ok(RaftResponse::Refused(why)) => Err(RpcError::Membership(format!(
-                "the node refused this cluster: {why}"
-            ))),
-            Ok(other) => Err(RpcError::Internal(format!(
-                "unexpected answer to an introduction: {other:?}"
-            ))),
-            Err(e) => Err(RpcError::Membership(format!(
-                "cannot introduce this cluster to the node: {e}"
-            ))),
+        // An introduction may be repeated: a lost one (a lossy link) is tried again.
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .cluster
+                .peers
+                .call(member, &introduce, super::LEADER_CALL_TIMEOUT)
+                .await;
+            return match result {
+                Ok(RaftResponse::Introduced) => Ok(()),
+                Ok(RaftResponse::Refused(why)) | Err(PeerError::Refused(_, why)) => Err(
+                    RpcError::Membership(format!("the node refused this cluster: {why}")),
+                ),
+                Ok(other) => Err(RpcError::Internal(format!(
+                    "unexpected answer to an introduction: {other:?}"
+                ))),
+                Err(e) if attempt < INTRODUCE_ATTEMPTS => {
+                    tracing::debug!("introduction attempt {attempt} failed: {e}");
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => Err(RpcError::Membership(format!(
+                    "cannot introduce this cluster to the node ({attempt} attempts): {e}"
+                ))),
+            };
         }
     }
 }

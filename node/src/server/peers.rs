@@ -36,11 +36,22 @@ const NOT_A_MEMBER: iroh::endpoint::VarInt = iroh::endpoint::VarInt::from_u32(40
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest any node-to-node call may take when openraft gives no deadline.
 const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection that has answered nothing for this long and then times out is
+/// replaced (a member that restarted elsewhere can leave one stuck on a dead path; a merely
+/// slow connection keeps answering heartbeats and is kept).
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// QUIC close code for a pooled connection replaced because it stopped answering.
+const STUCK: u32 = 504;
 
 /// The pool of member connections.
 pub struct Peers {
     endpoint: Endpoint,
     conns: Mutex<HashMap<EndpointId, Connection>>,
+    /// Per peer: the pooled connection (stable id) and when it last answered a call (or was
+    /// pooled). A pooled connection that times out after answering nothing for
+    /// [`STUCK_AFTER`] is dropped from the pool, so the next call dials the member's
+    /// current addresses.
+    answered: Mutex<HashMap<EndpointId, (usize, std::time::Instant)>>,
     dials: Mutex<HashMap<EndpointId, Arc<tokio::sync::Mutex<()>>>>,
     node: std::sync::OnceLock<Weak<NodeState>>,
     /// Injected by fault tests (`ClientRequest::SetNetFaults`); none by default.
@@ -78,6 +89,9 @@ pub enum PeerError {
     Unreachable(String, String),
     #[error("call to {0} failed: {1}")]
     Failed(String, String),
+    /// The member answered, refusing the request (not worth repeating).
+    #[error("{0} refused: {1}")]
+    Refused(String, String),
 }
 
 impl Peers {
@@ -85,6 +99,7 @@ impl Peers {
         Arc::new(Peers {
             endpoint,
             conns: Mutex::new(HashMap::new()),
+            answered: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             node: std::sync::OnceLock::new(),
             faults: Mutex::new(NetFaults::default()),
@@ -195,10 +210,7 @@ impl Peers {
             return;
         };
         if node.is_raft_peer(&remote) {
-            self.conns
-                .lock()
-                .expect("lock")
-                .insert(remote, conn.clone());
+            self.pool(remote, &conn);
         } else if node.is_initialized() {
             tracing::debug!(peer = %remote.fmt_short(), "raft connection from a non-member refused");
             conn.close(NOT_A_MEMBER, b"not a member of this cluster");
@@ -281,6 +293,40 @@ impl Peers {
         }
     }
 
+    /// Makes `conn` the connection calls to `peer` use.
+    fn pool(&self, peer: EndpointId, conn: &Connection) {
+        self.conns.lock().expect("lock").insert(peer, conn.clone());
+        self.answered
+            .lock()
+            .expect("lock")
+            .insert(peer, (conn.stable_id(), std::time::Instant::now()));
+    }
+
+    /// A call on `conn` failed or timed out: if it is the pooled connection and has answered
+    /// nothing for [`STUCK_AFTER`], drop it (closed) so the next call dials afresh.
+    fn failed(&self, conn: &Connection) {
+        let peer = conn.remote_id();
+        let stuck = self
+            .answered
+            .lock()
+            .expect("lock")
+            .get(&peer)
+            .is_some_and(|(id, at)| *id == conn.stable_id() && at.elapsed() >= STUCK_AFTER);
+        if !stuck {
+            return;
+        }
+        let mut conns = self.conns.lock().expect("lock");
+        if conns
+            .get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            conns.remove(&peer);
+            drop(conns);
+            tracing::info!(peer = %peer.fmt_short(), "connection answered nothing for {STUCK_AFTER:?}; dialing afresh");
+            conn.close(STUCK.into(), b"stopped answering");
+        }
+    }
+
     async fn connection(self: &Arc<Self>, member: &Member) -> Result<Connection, PeerError> {
         let id = EndpointId::from_bytes(&member.endpoint_id).map_err(|e| {
             PeerError::Unreachable(hex::encode(&member.endpoint_id[..8]), e.to_string())
@@ -318,7 +364,7 @@ impl Peers {
                 PeerError::Unreachable(id.fmt_short().to_string(), "connect timed out".into())
             })?
             .map_err(|e| PeerError::Unreachable(id.fmt_short().to_string(), e.to_string()))?;
-        self.conns.lock().expect("lock").insert(id, conn.clone());
+        self.pool(id, &conn);
         let peers = self.clone();
         let served = conn.clone();
         tokio::spawn(async move { peers.serve(served).await });
@@ -404,21 +450,31 @@ impl Peers {
                 .map_err(|e| e.to_string())
         };
         match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => Err(PeerError::Failed(
-                name,
-                format!("no answer within {timeout:?}"),
-            )),
+            Err(_) => {
+                self.failed(&conn);
+                Err(PeerError::Failed(
+                    name,
+                    format!("no answer within {timeout:?}"),
+                ))
+            }
             Ok(Err(e)) => {
                 // A broken connection is dropped so the next call dials afresh.
                 if conn.close_reason().is_some() {
                     self.conns.lock().expect("lock").remove(&conn.remote_id());
+                } else {
+                    self.failed(&conn);
                 }
                 Err(PeerError::Failed(name, e))
             }
-            Ok(Ok(RaftResponse::Refused(why))) => {
-                Err(PeerError::Failed(name, format!("refused: {why}")))
+            Ok(Ok(RaftResponse::Refused(why))) => Err(PeerError::Refused(name, why)),
+            Ok(Ok(r)) => {
+                let mut answered = self.answered.lock().expect("lock");
+                answered.insert(
+                    conn.remote_id(),
+                    (conn.stable_id(), std::time::Instant::now()),
+                );
+                Ok(r)
             }
-            Ok(Ok(r)) => Ok(r),
         }
     }
 }
@@ -480,7 +536,9 @@ impl PeerLink {
             .await
             .map_err(|e| match e {
                 PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
-                PeerError::Failed(..) => RPCError::Network(NetworkError::new(&e)),
+                PeerError::Failed(..) | PeerError::Refused(..) => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
             })
     }
 }
