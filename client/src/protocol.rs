@@ -59,25 +59,6 @@ pub enum ClientRequest {
     Fed(FedRequest),
 }
 
-macro_rules! service_request {
-    ($($variant:ident($request:ident)),*) => {$(
-        impl From<$request> for ClientRequest {
-            fn from(r: $request) -> Self {
-                ClientRequest::$variant(r)
-            }
-        }
-    )*};
-}
-service_request!(
-    Kv(KvRequest),
-    Cluster(ClusterRequest),
-    Doc(DocRequest),
-    Blob(BlobRequest),
-    Ns(NsRequest),
-    Auth(AuthRequest),
-    Fed(FedRequest)
-);
-
 /// The key-value store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvRequest {

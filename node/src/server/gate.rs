@@ -97,8 +97,7 @@ pub struct GatedBlobs {
 
 impl ProtocolHandler for GatedBlobs {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
-            conn.close(REFUSED, b"node stopping");
+        let Some(node) = running_node(&self.node, &conn) else {
             return Ok(());
         };
         let peer = conn.remote_id();
@@ -145,8 +144,7 @@ pub struct GatedDocs {
 
 impl ProtocolHandler for GatedDocs {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
-            conn.close(REFUSED, b"node stopping");
+        let Some(node) = running_node(&self.node, &conn) else {
             return Ok(());
         };
         let peer = conn.remote_id();
@@ -182,6 +180,15 @@ impl ProtocolHandler for GatedDocs {
     async fn shutdown(&self) {
         self.docs.shutdown().await;
     }
+}
+
+/// The node behind a gate, or `None` (and `conn` closed) while it stops.
+fn running_node(slot: &NodeSlot, conn: &Connection) -> Option<Arc<NodeState>> {
+    let node = slot.get().and_then(Weak::upgrade);
+    if node.is_none() {
+        conn.close(REFUSED, b"node stopping");
+    }
+    node
 }
 
 fn verdict(ok: bool) -> Result<(), AbortReason> {

@@ -601,13 +601,22 @@ async fn announce_address(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     loop {
         tick.tick().await;
-        let members = state.cluster.members();
-        let Some(recorded) = members.get(&state.cluster.id) else {
+        // The *committed* membership: an address change this node appended as leader but
+        // that a new leader never received does not count (the others would keep dialling
+        // the old address and this node would stop announcing itself).
+        let id = state.cluster.id;
+        let committed = state
+            .cluster
+            .raft
+            .with_raft_state(move |s| s.membership_state.committed().get_node(&id).cloned())
+            .await;
+        let Ok(Some(recorded)) = committed else {
             continue;
         };
         if recorded.addrs == state.cluster.me.addrs {
             continue;
         }
+        let members = state.cluster.members();
         if state.cluster.is_leader() {
             state.update_address(state.cluster.id, state.cluster.me.clone());
             continue;

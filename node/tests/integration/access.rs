@@ -226,9 +226,7 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
     .unwrap();
     let store = iroh_blobs::store::mem::MemStore::new();
     for n in &nodes {
-        let addr =
-            iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&n.ticket.endpoint_id).unwrap())
-                .with_ip_addr(n.ticket.addrs[0]);
+        let addr = n.addr();
         let fetched = async {
             let conn = ep
                 .connect(addr, iroh_blobs::ALPN)
@@ -244,10 +242,7 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
         assert!(fetched.is_err(), "a stranger fetched the blob");
         // iroh-docs and iroh-gossip: refused right after the handshake.
         for alpn in [iroh_docs::ALPN, iroh_gossip::ALPN] {
-            let addr = iroh::EndpointAddr::new(
-                iroh::EndpointId::from_bytes(&n.ticket.endpoint_id).unwrap(),
-            )
-            .with_ip_addr(n.ticket.addrs[0]);
+            let addr = n.addr();
             let refused = match ep.connect(addr, alpn).await {
                 Err(_) => true,
                 Ok(conn) => {
@@ -846,10 +841,7 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     let mut held = Vec::new();
     let header = (aspen_client::protocol::MAX_CLIENT_FRAME as u32).to_be_bytes();
     for i in 0..CALLERS {
-        let addr = iroh::EndpointAddr::new(
-            iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap(),
-        )
-        .with_ip_addr(node.ticket.addrs[0]);
+        let addr = node.addr();
         let conn = endpoints[i % endpoints.len()]
             .connect(addr, CLIENT_ALPN)
             .await
@@ -868,10 +860,7 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
         iroh_gossip::ALPN,
     ] {
         for _ in 0..CALLERS / 5 {
-            let addr = iroh::EndpointAddr::new(
-                iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap(),
-            )
-            .with_ip_addr(node.ticket.addrs[0]);
+            let addr = node.addr();
             if let Ok(conn) = ep.connect(addr, alpn).await {
                 if let Ok((mut send, recv)) = conn.open_bi().await {
                     let _ = send.write_all(&header).await;
@@ -929,10 +918,7 @@ async fn one_key_holds_a_bounded_number_of_connections() {
     let root = tempfile::tempdir().unwrap();
     let nodes = form(root.path(), 1, &[]).await;
     let node = &nodes[0];
-    let addr = || {
-        iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap())
-            .with_ip_addr(node.ticket.addrs[0])
-    };
+    let addr = || node.addr();
     let ep = aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
         .await
         .unwrap();
@@ -1002,9 +988,7 @@ async fn docs_sync_as(
         subscribe: None,
     };
     sync.open(id, opts).await.unwrap();
-    let addr =
-        iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap())
-            .with_ip_addr(node.ticket.addrs[0]);
+    let addr = node.addr();
     let result = iroh_docs::net::connect_and_sync(&ep, &sync, id, addr, None).await;
     let _ = sync.shutdown().await;
     ep.close().await;

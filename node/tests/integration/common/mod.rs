@@ -181,6 +181,12 @@ impl NodeProc {
             .and_then(|t| t.parse().ok())
     }
 
+    /// The node's iroh address (its key and first listening address).
+    pub fn addr(&self) -> iroh::EndpointAddr {
+        iroh::EndpointAddr::new(iroh::EndpointId::from_bytes(&self.ticket.endpoint_id).unwrap())
+            .with_ip_addr(self.ticket.addrs[0])
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
     }
@@ -231,19 +237,12 @@ where
 }
 
 /// Async version of [`wait_for`].
-pub async fn wait_until<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until_or_dump(what, &[], f).await
 }
 
 /// Runs the CLI to completion.
@@ -458,8 +457,7 @@ pub async fn raw_exchange_as(
     )
     .await
     .unwrap();
-    let id = iroh::EndpointId::from_bytes(&node.ticket.endpoint_id).unwrap();
-    let addr = iroh::EndpointAddr::new(id).with_ip_addr(node.ticket.addrs[0]);
+    let addr = node.addr();
     let out = async {
         let conn = ep.connect(addr, alpn).await.ok()?;
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
