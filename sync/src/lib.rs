@@ -7,8 +7,10 @@
 //! the manifest, so whoever serves the data (the origin, or later a mirror) cannot change it,
 //! and a manifest never goes backwards ([`check_successor`]).
 
+pub mod doc_exchange;
 pub mod manifest;
 
+pub use doc_exchange::{changes_since, ChangesPage, DocPull, ExchangeError, Pulled, MAX_HAVE};
 pub use manifest::{
     check_successor, BlobTagList, ContentDigest, Manifest, ManifestError, Resource, ResourceKind,
     SignedManifest, MAX_HEADS, MAX_MANIFEST_BYTES, MAX_RESOURCE_NAME_BYTES,
