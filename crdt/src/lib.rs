@@ -29,8 +29,8 @@ pub mod view;
 
 pub use name::DocName;
 pub use stored::{
-    assemble, changes_in, plan_changes, plan_compaction, plan_create, plan_delete, read_doc,
-    ChangePlan, StoredDoc,
+    assemble, changes_in, parse_change, plan_changes, plan_compaction, plan_create, plan_delete,
+    plan_import, read_doc, ChangePlan, StoredDoc,
 };
 
 use serde::{Deserialize, Serialize};

@@ -389,6 +389,67 @@ fn check_chunk(index: usize, bytes: &[u8]) -> Result<(), DocError> {
     }
 }
 
+/// Parses one raw change (number `index` of a request) with the bounds checked first: its
+/// size, its chunk type, and how far a compressed change inflates. Automerge panics are
+/// caught. CPU work: callers off the async executor.
+pub fn parse_change(index: usize, bytes: Vec<u8>) -> Result<Change, DocError> {
+    if bytes.len() > MAX_CHANGE_BYTES {
+        return Err(DocError::ChangeTooLarge {
+            index,
+            len: bytes.len(),
+            max: MAX_CHANGE_BYTES,
+        });
+    }
+    check_chunk(index, &bytes)?;
+    no_panic(|| Change::from_bytes(bytes))
+        .map_err(|reason| DocError::InvalidChange { index, reason })?
+        .map_err(|e| DocError::InvalidChange {
+            index,
+            reason: e.to_string(),
+        })
+}
+
+/// The changes of `changes` that `doc` does not have yet (parsed, duplicates dropped, in the
+/// order given).
+fn new_changes(doc: &Automerge, changes: Vec<Vec<u8>>) -> Result<Vec<Change>, DocError> {
+    let mut parsed = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, bytes) in changes.into_iter().enumerate() {
+        let change = parse_change(index, bytes)?;
+        let hash = change.hash();
+        if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
+            continue;
+        }
+        parsed.push(change);
+    }
+    Ok(parsed)
+}
+
+/// `doc` with `parsed` applied (a copy): every change must be applied (none left waiting for
+/// dependencies) and Automerge must accept it.
+fn applied_copy(doc: &Automerge, parsed: &[Change]) -> Result<Automerge, DocError> {
+    let mut trial = doc.clone();
+    let invalid = |reason: String| DocError::InvalidChange { index: 0, reason };
+    no_panic(|| trial.apply_changes(parsed.to_vec()))
+        .map_err(invalid)?
+        .map_err(|e| invalid(e.to_string()))?;
+    for change in parsed {
+        if trial.get_change_meta_by_hash(&change.hash()).is_none() {
+            let missing = change
+                .deps()
+                .iter()
+                .filter(|d| trial.get_change_meta_by_hash(d).is_none())
+                .map(|d| d.to_string())
+                .collect();
+            return Err(DocError::MissingDependencies {
+                change: change.hash().to_string(),
+                missing,
+            });
+        }
+    }
+    Ok(trial)
+}
+
 /// Checks raw Automerge changes against the loaded document `doc` (of `stored`) and plans
 /// the transaction that stores the new ones. A change must parse, be within the limits, and
 /// have all its dependencies in the document or in the same request; the document must stay
@@ -412,35 +473,9 @@ pub fn plan_changes(
             max: MAX_REQUEST_BYTES,
         });
     }
-    let mut parsed = Vec::new();
-    let mut seen = HashSet::new();
-    for (index, bytes) in changes.into_iter().enumerate() {
-        if bytes.len() > MAX_CHANGE_BYTES {
-            return Err(DocError::ChangeTooLarge {
-                index,
-                len: bytes.len(),
-                max: MAX_CHANGE_BYTES,
-            });
-        }
-        check_chunk(index, &bytes)?;
-        let change = no_panic(|| Change::from_bytes(bytes))
-            .map_err(|reason| DocError::InvalidChange { index, reason })?
-            .map_err(|e| DocError::InvalidChange {
-                index,
-                reason: e.to_string(),
-            })?;
-        let hash = change.hash();
-        if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
-            continue;
-        }
-        parsed.push(change);
-    }
+    let parsed = new_changes(doc, changes)?;
     if parsed.is_empty() {
-        return Ok(ChangePlan {
-            added: Vec::new(),
-            txn: None,
-            heads: doc.get_heads().iter().map(|h| h.0).collect(),
-        });
+        return Ok(unchanged(doc));
     }
     let added_bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
     let len = stored.stored_bytes() + added_bytes;
@@ -450,27 +485,7 @@ pub fn plan_changes(
             max: MAX_DOC_BYTES,
         });
     }
-    // Apply to a copy: every change must be applied (none left waiting for dependencies) and
-    // Automerge must accept it.
-    let mut trial = doc.clone();
-    let invalid = |reason: String| DocError::InvalidChange { index: 0, reason };
-    no_panic(|| trial.apply_changes(parsed.clone()))
-        .map_err(invalid)?
-        .map_err(|e| invalid(e.to_string()))?;
-    for change in &parsed {
-        if trial.get_change_meta_by_hash(&change.hash()).is_none() {
-            let missing = change
-                .deps()
-                .iter()
-                .filter(|d| trial.get_change_meta_by_hash(d).is_none())
-                .map(|d| d.to_string())
-                .collect();
-            return Err(DocError::MissingDependencies {
-                change: change.hash().to_string(),
-                missing,
-            });
-        }
-    }
+    let trial = applied_copy(doc, &parsed)?;
     let writes = parsed
         .iter()
         .map(|c| SystemOp::Put {
@@ -488,6 +503,43 @@ pub fn plan_changes(
     })
 }
 
+fn unchanged(doc: &Automerge) -> ChangePlan {
+    ChangePlan {
+        added: Vec::new(),
+        txn: None,
+        heads: doc.get_heads().iter().map(|h| h.0).collect(),
+    }
+}
+
+/// Like [`plan_changes`], for changes pulled from another cluster (already verified against
+/// its signed manifest): any number of them. What fits one request is stored as changes;
+/// more is merged into `doc` and stored as one snapshot (so a first pull of a long history
+/// is one Raft entry, not thousands). The document must stay within [`MAX_DOC_BYTES`].
+pub fn plan_import(
+    stored: &StoredDoc,
+    doc: &Automerge,
+    changes: Vec<Vec<u8>>,
+) -> Result<ChangePlan, DocError> {
+    let total: usize = changes.iter().map(Vec::len).sum();
+    if changes.len() <= MAX_CHANGES_PER_REQUEST && total <= MAX_REQUEST_BYTES {
+        return plan_changes(stored, doc, changes);
+    }
+    let parsed = new_changes(doc, changes)?;
+    if parsed.is_empty() {
+        return Ok(unchanged(doc));
+    }
+    let merged = applied_copy(doc, &parsed)?;
+    let txn = snapshot_txn(stored, &merged).ok_or_else(|| DocError::TooLarge {
+        len: stored.stored_bytes() + total,
+        max: MAX_DOC_BYTES,
+    })?;
+    Ok(ChangePlan {
+        added: parsed.iter().map(|c| c.hash().0).collect(),
+        txn: Some(txn),
+        heads: merged.get_heads().iter().map(|h| h.0).collect(),
+    })
+}
+
 /// If the document has enough pending changes, the transaction that replaces them with a
 /// compacted snapshot of `doc` (loaded from `stored`). `None`: nothing to do, or the
 /// snapshot would exceed [`MAX_DOC_BYTES`] (the changes then stay as they are).
@@ -496,6 +548,13 @@ pub fn plan_compaction(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn>
     {
         return None;
     }
+    snapshot_txn(stored, doc)
+}
+
+/// The transaction that stores `doc` (`stored` with changes merged in) as the document's
+/// snapshot, replacing the pending changes `stored` lists; `None` if the snapshot would
+/// exceed [`MAX_DOC_BYTES`].
+fn snapshot_txn(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
     let saved = doc.save();
     if saved.len() > MAX_DOC_BYTES {
         return None;
@@ -554,6 +613,39 @@ mod tests {
     /// A chain of `n` changes by one actor, each depending on the one before.
     fn chain(n: usize) -> Vec<Vec<u8>> {
         test_changes(&mut Automerge::new(), 0, n)
+    }
+
+    #[test]
+    fn an_import_of_a_long_history_is_one_snapshot_and_a_short_one_is_changes() {
+        let stored = empty_stored();
+        let doc = stored.load().unwrap();
+        let mut origin = Automerge::new();
+        let history = test_changes(&mut origin, 0, MAX_CHANGES_PER_REQUEST + 1);
+        let plan = plan_import(&stored, &doc, history.clone()).unwrap();
+        assert_eq!(plan.added.len(), MAX_CHANGES_PER_REQUEST + 1);
+        assert_eq!(plan.heads, vec![origin.get_heads()[0].0]);
+        let txn = plan.txn.unwrap();
+        assert!(
+            txn.writes.iter().any(|w| matches!(w, SystemOp::Put { key, .. } if *key == layout::header_key(&stored.name))),
+            "stored as a snapshot"
+        );
+        // Applying the snapshot gives the origin's document.
+        let saved = match &txn.writes[1] {
+            SystemOp::Put { value, .. } => value.clone(),
+            other => panic!("{other:?}"),
+        };
+        let loaded = test_doc([7; 16], Some(saved), vec![]).load().unwrap();
+        assert_eq!(loaded.get_heads(), origin.get_heads());
+
+        // A short import is plain changes; a change with a missing dependency is refused.
+        let plan = plan_import(&stored, &doc, history[..3].to_vec()).unwrap();
+        assert_eq!(plan.added.len(), 3);
+        let mut gap = history.clone();
+        gap.remove(1);
+        assert!(matches!(
+            plan_import(&stored, &doc, gap),
+            Err(DocError::MissingDependencies { .. })
+        ));
     }
 
     #[test]
