@@ -1,14 +1,32 @@
-//! Federation: what moves between clusters and who may pull it.
+//! Federation: what moves between clusters, who may pull it, and when.
 //!
-//! Built so far: **exports** ([`exports`]), the origin's policy of which resources other
-//! clusters may pull and which clusters (by cluster key, or anyone). Exports live in the
-//! system key space, so they are replicated through Raft and every member enforces the same
-//! policy. This crate decides (key layout, validation, edits); the node reads and proposes.
-//! The federation protocol, follows and the pull scheduler (issue P6) build on it.
+//! - [`exports`]: the origin's policy of which resources other clusters may pull, and which
+//!   clusters (by cluster key, or anyone);
+//! - [`protocol`]: `aspen/federation/1`, its messages and the "who is calling" check (a node
+//!   certificate whose node id is the QUIC-proven key);
+//! - [`follows`]: the resources this cluster pulls from others, and the last manifest it
+//!   accepted for each;
+//! - [`schedule`]: when a follow is pulled next (interval with jitter, capped backoff).
+//!
+//! Policy lives in the system key space, replicated through Raft, so every member enforces
+//! the same and a new leader continues where the old one stopped. This crate decides (key
+//! layout, validation, edits, timing); the node does the I/O and the proposing.
 
 pub mod exports;
+pub mod follows;
+pub mod protocol;
+pub mod schedule;
 
 pub use exports::{
     edit_export, export_key, resource_of_key, Export, ExportEdit, ExportError, EXPORT_PREFIX,
     MAX_EXPORTS, MAX_EXPORT_TARGETS,
 };
+pub use follows::{
+    follow_key, follow_state_key, local_name, origin_manifest_key, parse_follow_key, Follow,
+    FollowError, Hint, FOLLOW_PREFIX, FOLLOW_STATE_PREFIX, MAX_FOLLOWS, ORIGIN_MANIFEST_PREFIX,
+};
+pub use protocol::{
+    caller_cluster, check_welcome, FedCall, FedError, FedReply, Hello, HelloReply, FEDERATION_ALPN,
+    MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_REPLY_FRAME,
+};
+pub use schedule::PullSchedule;

@@ -1,0 +1,271 @@
+//! Follows: the resources of other clusters this cluster pulls, and what it last accepted.
+//!
+//! Layout in the system key space (replicated through Raft, so a new leader carries on):
+//! - `fed/f/<origin hex>/<kind>/<name>` -> [`Follow`]: what to pull and where to put it;
+//! - `fed/s/<origin hex>/<kind>/<name>` -> the last signed manifest accepted for it (its
+//!   encoding). It is the floor for the next pull: a manifest older than it is a replay or a
+//!   rollback ([`aspen_sync::check_successor`]). Kept apart from the follow so recording a
+//!   pull never races an edit of the follow.
+//! - `fed/m/<kind>/<name>` -> the last manifest this cluster signed for one of its own
+//!   exported resources (the origin side; the chain continues from it).
+
+use std::net::SocketAddr;
+
+use aspen_sync::{Resource, ResourceKind};
+use aspen_trust::ClusterKey;
+use serde::{Deserialize, Serialize};
+
+/// Where follows live.
+pub const FOLLOW_PREFIX: &[u8] = b"fed/f/";
+/// Where the last accepted manifest of each follow lives.
+pub const FOLLOW_STATE_PREFIX: &[u8] = b"fed/s/";
+/// Where an origin keeps the last manifest it signed per resource.
+pub const ORIGIN_MANIFEST_PREFIX: &[u8] = b"fed/m/";
+/// Most follows a cluster keeps.
+pub const MAX_FOLLOWS: usize = 1024;
+/// Most origin nodes remembered as dialing hints per follow (from a cluster ticket).
+pub const MAX_HINTS: usize = 8;
+/// Most addresses per hinted node.
+pub const MAX_HINT_ADDRS: usize = 8;
+/// Largest encoded follow accepted when reading one back.
+const MAX_FOLLOW_BYTES: usize = 4096;
+/// The prefix, under `fed/`, of a followed document's default local name.
+pub const DEFAULT_DOC_PREFIX: &str = "fed/";
+
+/// One follow (the value under its key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Follow {
+    /// Where pulled data goes locally: the document name for a document.
+    pub into: String,
+    /// Origin nodes to try before (and besides) the origin's DHT record.
+    pub hints: Vec<Hint>,
+    /// When the follow was created (Unix milliseconds).
+    pub created_at_ms: u64,
+}
+
+/// An origin node to dial, from a cluster ticket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hint {
+    pub node: [u8; 32],
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Follow {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("a follow encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, FollowError> {
+        if bytes.len() > MAX_FOLLOW_BYTES {
+            return Err(FollowError::Stored(format!(
+                "{} bytes exceed the limit of {MAX_FOLLOW_BYTES}",
+                bytes.len()
+            )));
+        }
+        let follow: Follow =
+            postcard::from_bytes(bytes).map_err(|e| FollowError::Stored(e.to_string()))?;
+        follow.check_hints()?;
+        Ok(follow)
+    }
+
+    fn check_hints(&self) -> Result<(), FollowError> {
+        if self.hints.len() > MAX_HINTS {
+            return Err(FollowError::TooManyHints {
+                count: self.hints.len(),
+                max: MAX_HINTS,
+            });
+        }
+        if let Some(h) = self.hints.iter().find(|h| h.addrs.len() > MAX_HINT_ADDRS) {
+            return Err(FollowError::TooManyHints {
+                count: h.addrs.len(),
+                max: MAX_HINT_ADDRS,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The local name a followed resource goes to: `into` if given, else a name that says where
+/// it came from (`fed/<first 16 hex digits of the origin key>/<name>` for a document).
+/// Checks what can be checked here: only documents can be followed so far.
+pub fn local_name(
+    origin: &ClusterKey,
+    resource: &Resource,
+    into: Option<&str>,
+) -> Result<String, FollowError> {
+    resource
+        .check()
+        .map_err(|e| FollowError::BadResource(e.to_string()))?;
+    if resource.kind != ResourceKind::Doc {
+        return Err(FollowError::Unsupported(resource.kind));
+    }
+    Ok(match into {
+        Some(name) => name.to_string(),
+        None => format!(
+            "{DEFAULT_DOC_PREFIX}{}/{}",
+            &hex::encode(origin.to_bytes())[..16],
+            resource.name
+        ),
+    })
+}
+
+fn key_with(prefix: &[u8], origin: Option<&ClusterKey>, resource: &Resource) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    if let Some(origin) = origin {
+        key.extend_from_slice(hex::encode(origin.to_bytes()).as_bytes());
+        key.push(b'/');
+    }
+    key.extend_from_slice(resource.kind.to_string().as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(resource.name.as_bytes());
+    key
+}
+
+/// The key a follow of `resource` at `origin` is stored under.
+pub fn follow_key(origin: &ClusterKey, resource: &Resource) -> Vec<u8> {
+    key_with(FOLLOW_PREFIX, Some(origin), resource)
+}
+
+/// The key of the last manifest accepted for that follow.
+pub fn follow_state_key(origin: &ClusterKey, resource: &Resource) -> Vec<u8> {
+    key_with(FOLLOW_STATE_PREFIX, Some(origin), resource)
+}
+
+/// The key of the last manifest this cluster signed for its own `resource`.
+pub fn origin_manifest_key(resource: &Resource) -> Vec<u8> {
+    key_with(ORIGIN_MANIFEST_PREFIX, None, resource)
+}
+
+/// The origin and resource a follow key names (the inverse of [`follow_key`]).
+pub fn parse_follow_key(key: &[u8]) -> Result<(ClusterKey, Resource), FollowError> {
+    let bad = || FollowError::Stored(format!("not a follow key: {}", key.escape_ascii()));
+    let rest = key.strip_prefix(FOLLOW_PREFIX).ok_or_else(bad)?;
+    if rest.len() < 65 || rest[64] != b'/' {
+        return Err(bad());
+    }
+    let origin: ClusterKey = std::str::from_utf8(&rest[..64])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let rest = &rest[65..];
+    let slash = rest.iter().position(|b| *b == b'/').ok_or_else(bad)?;
+    let kind = match &rest[..slash] {
+        b"doc" => ResourceKind::Doc,
+        b"blob" => ResourceKind::Blob,
+        b"ns" => ResourceKind::Ns,
+        _ => return Err(bad()),
+    };
+    let name = std::str::from_utf8(&rest[slash + 1..]).map_err(|_| bad())?;
+    Ok((
+        origin,
+        Resource {
+            kind,
+            name: name.to_string(),
+        },
+    ))
+}
+
+/// Why a follow was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FollowError {
+    #[error("bad resource: {0}")]
+    BadResource(String),
+    #[error("following a {0} is not supported yet (documents are)")]
+    Unsupported(ResourceKind),
+    #[error("{count} dialing hints exceed the limit of {max}")]
+    TooManyHints { count: usize, max: usize },
+    #[error("stored follow: {0}")]
+    Stored(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn origin() -> ClusterKey {
+        aspen_trust::ClusterSecretKey::from_bytes(&[1; 32]).public()
+    }
+
+    #[test]
+    fn golden_bytes_and_keys() {
+        let f = Follow {
+            into: "d".into(),
+            hints: vec![Hint {
+                node: [2; 32],
+                addrs: vec!["127.0.0.1:5".parse().unwrap()],
+            }],
+            created_at_ms: 7,
+        };
+        let expected = [&[1, b'd', 1][..], &[2; 32], &[1, 0, 127, 0, 0, 1, 5], &[7]].concat();
+        assert_eq!(f.encode(), expected);
+        assert_eq!(Follow::decode(&expected).unwrap(), f);
+        let o = origin();
+        let hexo = o.to_string();
+        assert_eq!(
+            follow_key(&o, &Resource::doc("a/b")),
+            format!("fed/f/{hexo}/doc/a/b").into_bytes()
+        );
+        assert_eq!(
+            follow_state_key(&o, &Resource::doc("a")),
+            format!("fed/s/{hexo}/doc/a").into_bytes()
+        );
+        assert_eq!(origin_manifest_key(&Resource::doc("a")), b"fed/m/doc/a");
+        assert_eq!(
+            parse_follow_key(&follow_key(&o, &Resource::doc("a/b"))).unwrap(),
+            (o, Resource::doc("a/b"))
+        );
+        assert!(parse_follow_key(b"fed/f/zz/doc/a").is_err());
+        assert!(parse_follow_key(b"fed/e/doc/a").is_err());
+    }
+
+    #[test]
+    fn local_names_say_where_a_document_came_from() {
+        let o = origin();
+        let name = local_name(&o, &Resource::doc("plans"), None).unwrap();
+        assert_eq!(name, format!("fed/{}/plans", &o.to_string()[..16]));
+        assert_eq!(
+            local_name(&o, &Resource::doc("plans"), Some("mine")).unwrap(),
+            "mine"
+        );
+        assert!(matches!(
+            local_name(&o, &Resource::blob("p/"), None),
+            Err(FollowError::Unsupported(ResourceKind::Blob))
+        ));
+        assert!(local_name(&o, &Resource::doc(""), None).is_err());
+    }
+
+    #[test]
+    fn oversized_hints_are_refused_when_read_back() {
+        let f = Follow {
+            into: "d".into(),
+            hints: vec![
+                Hint {
+                    node: [0; 32],
+                    addrs: vec![]
+                };
+                MAX_HINTS + 1
+            ],
+            created_at_ms: 0,
+        };
+        assert!(matches!(
+            Follow::decode(&f.encode()),
+            Err(FollowError::TooManyHints { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Follow::decode(&bytes);
+            let _ = parse_follow_key(&bytes);
+        }
+
+        #[test]
+        fn follow_keys_round_trip(name in "[a-z/]{1,30}") {
+            let o = origin();
+            let r = Resource::doc(name);
+            prop_assert_eq!(parse_follow_key(&follow_key(&o, &r)).unwrap(), (o, r));
+        }
+    }
+}
