@@ -1,9 +1,10 @@
-//! Federation through the SDK: what this cluster exports to other clusters.
+//! Federation through the SDK: what this cluster exports to other clusters, and what it
+//! follows (pulls) from them.
 
 use crate::protocol::{
-    ClientRequest, ClientResponse, ExportSummary, FedRequest, FedResponse, Resource,
+    ClientRequest, ClientResponse, ExportSummary, FedRequest, FedResponse, FollowSummary, Resource,
 };
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, NodeTicket};
 
 impl Client {
     /// Exports `resource` to the clusters with these keys, and to any cluster with `public`
@@ -54,6 +55,61 @@ impl Client {
     async fn fed_done(&self, request: FedRequest) -> Result<(), ClientError> {
         match self.request(&ClientRequest::Fed(request)).await? {
             ClientResponse::Fed(FedResponse::Done) => Ok(()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+impl Client {
+    /// Follows `resource` of the cluster with key `origin`: the leader pulls it on an interval
+    /// (and on [`Client::fed_sync`]) into the local resource `into` (`None`: a name derived
+    /// from the origin). `hints`: origin nodes to dial besides its DHT record (from a cluster
+    /// ticket). Needs `cluster:admin`.
+    pub async fn fed_follow(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        into: Option<String>,
+        hints: Vec<NodeTicket>,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::Follow {
+            origin,
+            resource,
+            into,
+            hints,
+        })
+        .await
+    }
+
+    /// Stops following (what was pulled stays). Needs `cluster:admin`.
+    pub async fn fed_unfollow(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::Unfollow { origin, resource })
+            .await
+    }
+
+    /// Every follow and how its pulls go. Needs `cluster:admin`.
+    pub async fn fed_follows(&self) -> Result<Vec<FollowSummary>, ClientError> {
+        self.fed_listing(FedRequest::Follows).await
+    }
+
+    /// Pulls now (every follow, one origin's, or one) and answers once those pulls finished,
+    /// with every follow's state. Needs `cluster:admin`.
+    pub async fn fed_sync(
+        &self,
+        origin: Option<[u8; 32]>,
+        resource: Option<Resource>,
+    ) -> Result<Vec<FollowSummary>, ClientError> {
+        self.fed_listing(FedRequest::Sync { origin, resource })
+            .await
+    }
+
+    async fn fed_listing(&self, request: FedRequest) -> Result<Vec<FollowSummary>, ClientError> {
+        match self.request(&ClientRequest::Fed(request)).await? {
+            ClientResponse::Fed(FedResponse::Follows(list)) => Ok(list),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -251,6 +251,28 @@ pub enum FedRequest {
     },
     /// Every export, in key order. → [`FedResponse::Exports`]
     Exports,
+    /// Pulls `resource` from the cluster with key `origin` from now on, into the local
+    /// resource `into` (a document name; `None`: a name derived from the origin). `hints`:
+    /// origin nodes to dial besides those of its DHT record. → `Done`
+    Follow {
+        origin: [u8; 32],
+        resource: Resource,
+        into: Option<String>,
+        hints: Vec<NodeTicket>,
+    },
+    /// Stops following (what was pulled stays). → `Done`
+    Unfollow {
+        origin: [u8; 32],
+        resource: Resource,
+    },
+    /// Every follow, with its state. → [`FedResponse::Follows`]
+    Follows,
+    /// Pulls now: every follow, or those of one origin, or one follow. Answers once those
+    /// pulls have finished (each one's outcome is in the listing). → [`FedResponse::Follows`]
+    Sync {
+        origin: Option<[u8; 32]>,
+        resource: Option<Resource>,
+    },
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -368,6 +390,32 @@ pub enum NsResponse {
 pub enum FedResponse {
     Done,
     Exports(Vec<ExportSummary>),
+    Follows(Vec<FollowSummary>),
+}
+
+/// One follow and how its pulls go (`FedRequest::Follows`, `FedRequest::Sync`). The pull
+/// state is the leader's; a new leader starts with an empty one (only `seq` is replicated).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowSummary {
+    pub origin: [u8; 32],
+    pub resource: Resource,
+    /// Where the pulled data goes (a local document name).
+    pub into: String,
+    pub created_at_ms: u64,
+    /// Seq of the last verified manifest (0: nothing pulled yet).
+    pub seq: u64,
+    /// When the origin signed that manifest (Unix ms, the origin's clock; 0 if none).
+    pub manifest_issued_at_ms: u64,
+    /// Last pull that verified and committed (Unix ms; 0: none since this leader took over).
+    pub last_success_ms: u64,
+    /// Last pull attempt (Unix ms; 0: none yet).
+    pub last_attempt_ms: u64,
+    /// Next scheduled pull (Unix ms; 0: not scheduled on this leader yet).
+    pub next_attempt_ms: u64,
+    /// Failures since the last success.
+    pub failures: u32,
+    /// Why the last attempt failed (cleared by a success).
+    pub last_error: Option<String>,
 }
 
 /// One export (`FedRequest::Exports`).
@@ -726,7 +774,7 @@ mod tests {
             ),
             (
                 R::Cluster(C::Join {
-                    node,
+                    node: node.clone(),
                     invite: [2; 32],
                 }),
                 cat(&[&[1, 5], &node_bytes, &[2; 32]]),
@@ -888,6 +936,30 @@ mod tests {
                 vec![6, 1, 1, 2, b't', b'/', 0, 1, 0],
             ),
             (R::Fed(FedRequest::Exports), vec![6, 2]),
+            (
+                R::Fed(FedRequest::Follow {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                    into: Some("e".into()),
+                    hints: vec![node.clone()],
+                }),
+                cat(&[&[6, 3], &[6; 32], &[0, 1, b'd', 1, 1, b'e', 1], &node_bytes]),
+            ),
+            (
+                R::Fed(FedRequest::Unfollow {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                }),
+                cat(&[&[6, 4], &[6; 32], &[0, 1, b'd']]),
+            ),
+            (R::Fed(FedRequest::Follows), vec![6, 5]),
+            (
+                R::Fed(FedRequest::Sync {
+                    origin: None,
+                    resource: None,
+                }),
+                vec![6, 6, 0, 0],
+            ),
         ];
         for (message, expected) in table {
             assert_eq!(encoded(&message), expected, "{message:?}");
@@ -1091,6 +1163,26 @@ mod tests {
                     created_at_ms: 3,
                 }])),
                 cat(&[&[7, 1, 1, 2, 64], "01".repeat(32).as_bytes(), &[1, 0, 3]]),
+            ),
+            (
+                R::Fed(FedResponse::Follows(vec![FollowSummary {
+                    origin: [2; 32],
+                    resource: Resource::doc("d"),
+                    into: "e".into(),
+                    created_at_ms: 1,
+                    seq: 2,
+                    manifest_issued_at_ms: 3,
+                    last_success_ms: 4,
+                    last_attempt_ms: 5,
+                    next_attempt_ms: 6,
+                    failures: 7,
+                    last_error: Some("x".into()),
+                }])),
+                cat(&[
+                    &[7, 2, 1],
+                    &[2; 32],
+                    &[0, 1, b'd', 1, b'e', 1, 2, 3, 4, 5, 6, 7, 1, 1, b'x'],
+                ]),
             ),
         ];
         for (message, expected) in table {
