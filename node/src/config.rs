@@ -23,6 +23,8 @@ pub struct NodeConfig {
     pub dht: DhtSettings,
     /// Blob replication and garbage collection (`[blobs]` in the file).
     pub blobs: BlobSettings,
+    /// Federation with other clusters.
+    pub federation: FederationSettings,
     /// A deliberate bug, for the test harness's negative controls only (never from a file).
     #[serde(skip)]
     pub test_fault: Option<TestFault>,
@@ -94,6 +96,41 @@ impl BlobSettings {
     }
 }
 
+/// How this cluster pulls what it follows from other clusters.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationSettings {
+    /// How often the leader pulls each follow, in milliseconds (spread by +-25% jitter; a
+    /// failing origin is retried with capped exponential backoff instead).
+    pub pull_interval_ms: u64,
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        FederationSettings {
+            pull_interval_ms: aspen_federation::schedule::DEFAULT_PULL_INTERVAL.as_millis() as u64,
+        }
+    }
+}
+
+impl FederationSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(100..=24 * 60 * 60 * 1000).contains(&self.pull_interval_ms) {
+            return Err(ConfigError::Federation(
+                "pull_interval_ms must be between 100 and 86400000 (one day)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn schedule(&self) -> aspen_federation::PullSchedule {
+        aspen_federation::PullSchedule {
+            interval: Duration::from_millis(self.pull_interval_ms),
+            ..Default::default()
+        }
+    }
+}
+
 /// Shortest republish interval accepted (DHT puts are not free for the network).
 pub const MIN_REPUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -153,6 +190,14 @@ pub enum TestFault {
     StaleReads,
     /// Flip one byte of every blob sent to a peer (a lying holder).
     CorruptBlobSends,
+    /// Federation: flip a byte in every change served to a follower.
+    FedFlipByte,
+    /// Federation: serve the first manifest ever signed instead of the current one (a replay).
+    FedOldManifest,
+    /// Federation: sign manifests with a key that is not the cluster's.
+    FedWrongKey,
+    /// Federation: add a change nobody signed for to what is served.
+    FedExtraChange,
 }
 
 impl Default for NodeConfig {
@@ -164,6 +209,7 @@ impl Default for NodeConfig {
             keep_log_after_snapshot: 1_000,
             dht: DhtSettings::default(),
             blobs: BlobSettings::default(),
+            federation: FederationSettings::default(),
             test_fault: None,
             allow_fault_injection: false,
             join: None,
@@ -184,6 +230,8 @@ pub enum ConfigError {
     Dht(String),
     #[error("blobs: {0}")]
     Blobs(String),
+    #[error("federation: {0}")]
+    Federation(String),
 }
 
 impl NodeConfig {
@@ -202,6 +250,7 @@ impl NodeConfig {
             return Err(ConfigError::SnapshotEvery);
         }
         self.blobs.validate()?;
+        self.federation.validate()?;
         self.dht.validate()
     }
 }

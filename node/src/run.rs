@@ -41,6 +41,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(s) = args.dht_republish_secs {
         config.dht.republish_interval_secs = s;
     }
+    if let Some(ms) = args.fed_pull_interval_ms {
+        config.federation.pull_interval_ms = ms;
+    }
     if let Some(s) = args.record_validity_secs {
         config.dht.record_validity_secs = s;
     }

@@ -1,8 +1,9 @@
-//! `aspen fed ...`: federation with other clusters. So far: exports, the resources this
-//! cluster lets other clusters pull and which clusters (by cluster key) may.
+//! `aspen fed ...`: federation with other clusters. Exports: the resources this cluster
+//! lets other clusters pull, and which clusters (by cluster key) may. Follows: the resources
+//! of other clusters this cluster pulls, and how those pulls go.
 
 use anyhow::{bail, Context, Result};
-use aspen_client::{Client, Resource, ResourceKind};
+use aspen_client::{Client, ClusterTicket, FollowSummary, NodeTicket, Resource, ResourceKind};
 use aspen_trust::ClusterKey;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
@@ -43,6 +44,61 @@ pub enum FedCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Pull a resource of another cluster from now on: the leader pulls it every interval
+    /// (`--fed-pull-interval-ms` of `node run`), verifies it against the origin's signed
+    /// manifest and commits it here, so every member serves it, also while the origin is
+    /// offline. Only documents can be followed so far.
+    Follow {
+        /// The origin: its cluster key (found through the DHT or the record cache), or a
+        /// cluster ticket (its key is then asked for and checked, and its members are
+        /// remembered as addresses to dial).
+        origin: String,
+        #[command(flatten)]
+        resource: ResourceArgs,
+        /// The local document the origin's changes merge into (default:
+        /// fed/<first 16 hex digits of the origin key>/<NAME>). Two sites that follow each
+        /// other's document into their own converge.
+        #[arg(long, value_name = "LOCAL_NAME")]
+        into: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop following a resource (what was pulled stays).
+    Unfollow {
+        /// The origin's cluster key.
+        origin: String,
+        #[command(flatten)]
+        resource: ResourceArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List what this cluster follows.
+    Follows {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pull now: every follow, those of one origin, or one; waits for the pulls to finish
+    /// and prints their status.
+    Sync {
+        /// Only the follows of this origin (cluster key).
+        origin: Option<String>,
+        /// Only this resource kind (with NAME).
+        #[arg(value_enum, requires = "name")]
+        kind: Option<KindArg>,
+        /// Only this resource name.
+        name: Option<String>,
+        /// Seconds to wait for the pulls.
+        #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+        wait: f64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// How each follow's pulls go: the last verified manifest, last success, lag, next
+    /// attempt and last error (as the leader knows them).
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Which resource: a kind and a name.
@@ -65,11 +121,7 @@ pub enum KindArg {
 
 impl ResourceArgs {
     fn resource(&self) -> Result<Resource> {
-        let kind = match self.kind {
-            KindArg::Doc => ResourceKind::Doc,
-            KindArg::Blob => ResourceKind::Blob,
-            KindArg::Ns => ResourceKind::Ns,
-        };
+        let kind = kind_of(self.kind);
         let resource = Resource {
             kind,
             name: match self.kind {
@@ -79,9 +131,48 @@ impl ResourceArgs {
         };
         resource
             .check()
-            .with_context(|| format!("'{}' cannot be exported", self.name))?;
+            .with_context(|| format!("'{}' is not a valid {} name", self.name, kind))?;
         Ok(resource)
     }
+}
+
+fn kind_of(kind: KindArg) -> ResourceKind {
+    match kind {
+        KindArg::Doc => ResourceKind::Doc,
+        KindArg::Blob => ResourceKind::Blob,
+        KindArg::Ns => ResourceKind::Ns,
+    }
+}
+
+fn origin_key(s: &str) -> Result<ClusterKey> {
+    s.trim()
+        .parse::<ClusterKey>()
+        .with_context(|| format!("'{s}' is not a cluster key (64 hex digits)"))
+}
+
+/// The origin named on the command line: a cluster key, or a ticket whose cluster key is
+/// asked for (and its node's certificate checked) and whose members become dialing hints.
+async fn origin_of(s: &str, args: &ClientArgs) -> Result<([u8; 32], Vec<NodeTicket>)> {
+    if !s.trim().starts_with("aspen") {
+        return Ok((origin_key(s)?.to_bytes(), Vec::new()));
+    }
+    let ticket: ClusterTicket = s.trim().parse().context("invalid cluster ticket")?;
+    let options = args.options().await?;
+    let origin = Client::connect_with(ticket.clone(), options)
+        .await
+        .context("cannot reach the origin cluster")?;
+    let identity = origin.identity().await;
+    origin.close().await;
+    let (node, identity) = identity.context("cannot ask the origin cluster for its key")?;
+    let key = ClusterKey::from_bytes(&identity.cluster_key)
+        .map_err(|_| anyhow::anyhow!("the origin sent an invalid cluster key"))?;
+    let cert = aspen_trust::NodeCertificate::decode(&identity.certificate)
+        .context("the origin's node sent a bad certificate")?;
+    cert.verify(&key, &node.endpoint_id, crate::server::identity::unix_now())
+        .context("the origin's node certificate")?;
+    let mut hints = ticket.members;
+    hints.truncate(aspen_federation::follows::MAX_HINTS);
+    Ok((key.to_bytes(), hints))
 }
 
 fn cluster_keys(keys: &[String]) -> Result<Vec<[u8; 32]>> {
@@ -98,7 +189,12 @@ pub async fn fed(cmd: FedCommand) -> Result<()> {
     let args = match &cmd {
         FedCommand::Export { client, .. }
         | FedCommand::Unexport { client, .. }
-        | FedCommand::Exports { client } => client,
+        | FedCommand::Exports { client }
+        | FedCommand::Follow { client, .. }
+        | FedCommand::Unfollow { client, .. }
+        | FedCommand::Follows { client }
+        | FedCommand::Sync { client, .. }
+        | FedCommand::Status { client } => client,
     };
     let c = args.client().await?;
     let result = fed_with(&c, cmd).await;
@@ -134,6 +230,72 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
                 .await?;
             done(client.output, "unexported", &resource);
         }
+        FedCommand::Follow {
+            origin,
+            resource,
+            into,
+            client,
+        } => {
+            let resource = resource.resource()?;
+            let (origin, hints) = origin_of(&origin, &client).await?;
+            c.fed_follow(origin, resource.clone(), into, hints).await?;
+            done(client.output, "following", &resource);
+        }
+        FedCommand::Unfollow {
+            origin,
+            resource,
+            client,
+        } => {
+            let resource = resource.resource()?;
+            c.fed_unfollow(origin_key(&origin)?.to_bytes(), resource.clone())
+                .await?;
+            done(client.output, "unfollowed", &resource);
+        }
+        FedCommand::Follows { client } | FedCommand::Status { client } => {
+            print_follows(client.output, &c.fed_follows().await?);
+        }
+        FedCommand::Sync {
+            origin,
+            kind,
+            name,
+            wait,
+            client,
+        } => {
+            if !(wait.is_finite() && wait >= 0.0) {
+                bail!("--wait must be a number of seconds");
+            }
+            let origin = origin
+                .as_deref()
+                .map(origin_key)
+                .transpose()?
+                .map(|k| k.to_bytes());
+            let resource = match (kind, name) {
+                (Some(kind), Some(name)) => Some(ResourceArgs { kind, name }.resource()?),
+                _ => None,
+            };
+            let since = crate::server::identity::unix_now_ms();
+            let mut list = c.fed_sync(origin, resource.clone()).await?;
+            // The node answers after a few seconds; longer pulls are waited for here.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(wait);
+            let selected = |f: &FollowSummary| {
+                origin.is_none_or(|o| o == f.origin)
+                    && resource.as_ref().is_none_or(|r| *r == f.resource)
+            };
+            while list
+                .iter()
+                .filter(|f| selected(f))
+                .any(|f| f.last_attempt_ms < since || f.next_attempt_ms == 0)
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                list = c.fed_follows().await?;
+            }
+            list.retain(selected);
+            print_follows(client.output, &list);
+            if list.iter().any(|f| f.last_error.is_some()) {
+                bail!("some pulls failed (see last error above)");
+            }
+        }
         FedCommand::Exports { client } => {
             let list = c.fed_exports().await?;
             match client.output {
@@ -168,6 +330,60 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_follows(output: Output, list: &[FollowSummary]) {
+    let now = crate::server::identity::unix_now_ms();
+    match output {
+        Output::Json => {
+            let items: Vec<_> = list
+                .iter()
+                .map(|f| {
+                    json!({
+                        "origin": hex::encode(f.origin),
+                        "kind": f.resource.kind.to_string(),
+                        "name": f.resource.name,
+                        "into": f.into,
+                        "created_at_ms": f.created_at_ms,
+                        "seq": f.seq,
+                        "manifest_issued_at_ms": f.manifest_issued_at_ms,
+                        "last_success_ms": f.last_success_ms,
+                        "last_attempt_ms": f.last_attempt_ms,
+                        "next_attempt_ms": f.next_attempt_ms,
+                        "lag_ms": (f.last_success_ms > 0).then(|| now.saturating_sub(f.last_success_ms)),
+                        "failures": f.failures,
+                        "last_error": f.last_error,
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "follows": items }));
+        }
+        Output::Text => {
+            if list.is_empty() {
+                println!("nothing is followed");
+            }
+            let ago = |ms: u64| {
+                if ms == 0 {
+                    "never".to_string()
+                } else {
+                    format!("{:.1}s ago", now.saturating_sub(ms) as f64 / 1000.0)
+                }
+            };
+            for f in list {
+                println!("{} of {} -> {}", f.resource, hex::encode(f.origin), f.into);
+                println!(
+                    "  manifest seq {}, last success {}, next pull in {:.1}s, failures {}",
+                    f.seq,
+                    ago(f.last_success_ms),
+                    f.next_attempt_ms.saturating_sub(now) as f64 / 1000.0,
+                    f.failures
+                );
+                if let Some(e) = &f.last_error {
+                    println!("  last error: {e}");
+                }
+            }
+        }
+    }
 }
 
 fn done(output: Output, what: &str, resource: &Resource) {

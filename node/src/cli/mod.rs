@@ -189,6 +189,9 @@ pub struct RunArgs {
     /// Seconds between DHT republishes of the cluster record (leader only).
     #[arg(long, value_name = "SECS")]
     pub dht_republish_secs: Option<u64>,
+    /// Milliseconds between pulls of each followed resource (default 30000, +-25% jitter).
+    #[arg(long, value_name = "MS")]
+    pub fed_pull_interval_ms: Option<u64>,
     /// Seconds a published cluster record stays valid.
     #[arg(long, value_name = "SECS")]
     pub record_validity_secs: Option<u64>,

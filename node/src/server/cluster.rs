@@ -32,7 +32,8 @@ pub struct ClusterHandle {
     pub(super) peers: Arc<Peers>,
     proposer: Proposer,
     reads: ReadIndexBatcher,
-    test_fault: Option<TestFault>,
+    /// A deliberate bug this node runs with (fault tests only).
+    pub test_fault: Option<TestFault>,
 }
 
 impl ClusterHandle {

@@ -15,6 +15,7 @@ use aspen_crdt::cache::DocCache;
 use aspen_crdt::layout::{DocMeta, META_PREFIX};
 use aspen_crdt::limits::{COMPACT_AFTER_BYTES, COMPACT_AFTER_CHANGES, MAX_LIST_LIMIT};
 use aspen_crdt::{DocError, DocName, StoredDoc};
+use automerge::Automerge;
 
 use super::ClusterHandle;
 
@@ -117,6 +118,71 @@ impl DocService {
             added: plan.added,
             heads: plan.heads,
         })
+    }
+
+    /// Runs `f` on the blocking pool over document `name` as this node has it (no read
+    /// barrier: the caller decides); `None` if there is no such document.
+    pub async fn with_doc<T: Send + 'static>(
+        &self,
+        name: &DocName,
+        f: impl FnOnce(&Automerge) -> T + Send + 'static,
+    ) -> Result<Option<T>, RpcError> {
+        let Some(stored) = self.read_stored(name).await? else {
+            return Ok(None);
+        };
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let doc = cache.load(&stored)?;
+            let out = f(&doc);
+            cache.keep(&stored, doc);
+            Ok::<_, DocError>(Some(out))
+        })
+        .await
+        .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))?
+        .map_err(Into::into)
+    }
+
+    /// Commits changes pulled from another cluster (verified by the caller) into document
+    /// `name`, creating it first if it does not exist. Returns the hashes added.
+    pub async fn import(
+        &self,
+        name: &DocName,
+        changes: Vec<Vec<u8>>,
+    ) -> Result<Vec<[u8; 32]>, RpcError> {
+        self.cluster.read_barrier().await?;
+        let stored = match self.read_stored(name).await? {
+            Some(stored) => stored,
+            None => {
+                let txn = aspen_crdt::plan_create(
+                    name,
+                    rand::random(),
+                    super::identity::unix_now() * 1000,
+                );
+                // Not applied: created meanwhile by someone else, which is as good.
+                self.cluster.propose_system_txn(txn).await?;
+                self.read_existing(name).await?
+            }
+        };
+        let cache = self.cache.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            let doc = cache.load(&stored)?;
+            let plan = aspen_crdt::plan_import(&stored, &doc, changes);
+            cache.keep(&stored, doc);
+            plan
+        })
+        .await
+        .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
+        if let Some(txn) = plan.txn {
+            if !self.cluster.propose_system_txn(txn).await? {
+                return Err(RpcError::Unavailable(format!(
+                    "document {name} was deleted or compacted while importing; retry"
+                )));
+            }
+            if let Err(e) = self.compact(name).await {
+                tracing::warn!(doc = %name, "compaction failed: {e}");
+            }
+        }
+        Ok(plan.added)
     }
 
     /// Replaces the document's pending changes with a compacted snapshot (through Raft), unless

@@ -97,7 +97,7 @@ pub struct NodeState {
     pub kv: kv::KvService,
     /// Automerge documents.
     pub docs: docs::DocService,
-    /// Federation: exports.
+    /// Federation: exports, follows and the leader's pulls.
     pub fed: federation::FedService,
     /// The node's blob store and replication state.
     pub blobs: Arc<blobs::BlobService>,
@@ -257,6 +257,10 @@ impl RunningNode {
                 },
             )
             .accept(
+                aspen_federation::FEDERATION_ALPN,
+                federation::origin::FederationOrigin::new(state.clone()),
+            )
+            .accept(
                 CLIENT_ALPN,
                 ClientService {
                     state: state.clone(),
@@ -289,6 +293,16 @@ impl RunningNode {
             tokio::spawn(namespaces::run_sync(state.namespaces.clone())),
             tokio::spawn(namespaces::run_content_repair(state.namespaces.clone())),
             tokio::spawn(auth::run_policy_reload(state.clone(), auth_changes)),
+            tokio::spawn(federation::follower::run(
+                state.clone(),
+                state.fed.pulls.clone(),
+                endpoint.clone(),
+                aspen_discovery::Resolver::new(
+                    dht.clone(),
+                    Some(aspen_discovery::RecordCache::new(dir.join("records"))),
+                ),
+                config.federation.schedule(),
+            )),
         ];
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.cluster.me.addrs, "node listening");
         Ok(RunningNode {
@@ -666,9 +680,17 @@ struct ClientService {
     open: Arc<ConnectionCounts>,
 }
 
-/// Open client connections per caller key.
-#[derive(Default)]
-struct ConnectionCounts(std::sync::Mutex<std::collections::HashMap<[u8; 32], usize>>);
+/// Open connections per caller key, up to a limit.
+struct ConnectionCounts {
+    limit: usize,
+    open: std::sync::Mutex<std::collections::HashMap<[u8; 32], usize>>,
+}
+
+impl Default for ConnectionCounts {
+    fn default() -> Self {
+        ConnectionCounts::with_limit(MAX_CONNECTIONS_PER_KEY)
+    }
+}
 
 /// One counted connection; gives its slot back when dropped.
 struct ConnectionSlot {
@@ -677,10 +699,17 @@ struct ConnectionSlot {
 }
 
 impl ConnectionCounts {
+    fn with_limit(limit: usize) -> Self {
+        ConnectionCounts {
+            limit,
+            open: Default::default(),
+        }
+    }
+
     fn take(self: &Arc<Self>, key: [u8; 32]) -> Option<ConnectionSlot> {
-        let mut open = self.0.lock().expect("lock");
+        let mut open = self.open.lock().expect("lock");
         let n = open.entry(key).or_default();
-        if *n >= MAX_CONNECTIONS_PER_KEY {
+        if *n >= self.limit {
             return None;
         }
         *n += 1;
@@ -693,7 +722,7 @@ impl ConnectionCounts {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut open = self.counts.0.lock().expect("lock");
+        let mut open = self.counts.open.lock().expect("lock");
         if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {

@@ -7,17 +7,7 @@ use std::path::Path;
 use std::process::Output;
 
 use crate::common::*;
-use aspen_client::ClusterTicket;
 use serde_json::Value;
-
-/// A local Mainline DHT: 8 nodes on loopback.
-fn testnet() -> (mainline::Testnet, String) {
-    let testnet = mainline::Testnet::builder(8)
-        .build()
-        .expect("local testnet");
-    let bootstrap = testnet.bootstrap.join(",");
-    (testnet, bootstrap)
-}
 
 fn json(o: &Output) -> Value {
     assert!(
@@ -32,13 +22,6 @@ fn json(o: &Output) -> Value {
 /// The JSON output of a command that may not succeed yet.
 fn try_json(o: &Output) -> Option<Value> {
     o.status.success().then(|| json(o))
-}
-
-fn ticket_of(nodes: &[NodeProc]) -> String {
-    ClusterTicket {
-        members: nodes.iter().map(|n| n.ticket.clone()).collect(),
-    }
-    .to_string()
 }
 
 /// `aspen discover KEY -o json` against the testnet with `cache` as record cache.
@@ -105,11 +88,11 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     // Each cluster has a key; `-o json` gives the exact BEP-44 coordinates.
     let ident_a = json(&cli(
         &["cluster", "identity", "-o", "json"],
-        Some(&ticket_of(&a)),
+        Some(&ticket_text(&a)),
     ));
     let ident_b = json(&cli(
         &["cluster", "identity", "-o", "json"],
-        Some(&ticket_of(&b)),
+        Some(&ticket_text(&b)),
     ));
     outputs.push(ident_a.to_string());
     let key_a = ident_a["cluster_key"].as_str().unwrap().to_string();
@@ -138,7 +121,7 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     wait_until("identity to report the published seq", || async {
         let v = json(&cli(
             &["cluster", "identity", "-o", "json"],
-            Some(&ticket_of(&a)),
+            Some(&ticket_text(&a)),
         ));
         (v["bep44"]["seq"].as_i64() >= Some(seq_a)).then_some(())
     })
@@ -309,7 +292,10 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
     outputs.extend([&offline, &get, &lost].map(|o| stdout(o) + &stderr(o)));
 
     // The cluster secret never appears in logs or CLI output, and clients cannot read it.
-    let scan = cli(&["kv", "scan", "--hex", "-o", "json"], Some(&ticket_of(&a)));
+    let scan = cli(
+        &["kv", "scan", "--hex", "-o", "json"],
+        Some(&ticket_text(&a)),
+    );
     outputs.push(stdout(&scan) + &stderr(&scan));
     // Read the secret as a member holds it: an in-process node joins cluster A.
     let config = aspen_node::config::NodeConfig {
@@ -372,7 +358,7 @@ async fn records_are_renewed_before_they_expire() {
     let a = form(&root.path().join("a"), 1, &args).await;
     let key = json(&cli(
         &["cluster", "identity", "-o", "json"],
-        Some(&ticket_of(&a)),
+        Some(&ticket_text(&a)),
     ))["cluster_key"]
         .as_str()
         .unwrap()
@@ -397,7 +383,7 @@ async fn nodes_join_by_key_only_with_a_valid_invitation() {
     let cache = root.path().join("cache");
     let node_args = ["--dht-bootstrap", &bootstrap, "--dht-timeout-ms", "300"];
     let a = form(&root.path().join("a"), 1, &node_args).await;
-    let ticket = ticket_of(&a);
+    let ticket = ticket_text(&a);
     let key = json(&cli(&["cluster", "identity", "-o", "json"], Some(&ticket)))["cluster_key"]
         .as_str()
         .unwrap()

@@ -2,7 +2,7 @@
 //! another member, and a stranger).
 
 use aspen_client::protocol::{Resource, ResourceKind, RpcError};
-use aspen_client::{Client, ClientError, ClientOptions};
+use aspen_client::{Client, ClientError, ClientOptions, Consistency};
 use aspen_trust::{ClusterSecretKey, NodeKey};
 
 use crate::common::*;
@@ -111,7 +111,7 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
     let bad_ns = run(&["fed", "export", "ns", "zz", "--public"]);
     assert!(!bad_ns.status.success());
     assert!(
-        stderr(&bad_ns).contains("cannot be exported"),
+        stderr(&bad_ns).contains("is not a valid ns name"),
         "{}",
         stderr(&bad_ns)
     );
@@ -159,4 +159,371 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
     assert_eq!(other.fed_exports().await.unwrap().len(), 2);
     stranger.close().await;
     other.close().await;
+}
+
+/// Federation arguments for a node: the local DHT, and a short pull interval.
+fn fed_args(bootstrap: &str) -> Vec<String> {
+    [
+        "--dht-bootstrap",
+        bootstrap,
+        "--dht-timeout-ms",
+        "300",
+        "--fed-pull-interval-ms",
+        "300",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+async fn cluster_key(client: &Client) -> [u8; 32] {
+    client.identity().await.unwrap().1.cluster_key
+}
+
+fn sorted_heads(doc: &automerge::Automerge) -> Vec<automerge::ChangeHash> {
+    let mut heads = doc.get_heads();
+    heads.sort();
+    heads
+}
+
+/// Puts `count` keys `{prefix}{i}` into document `name` through `client`.
+async fn edit(client: &Client, name: &str, prefix: &str, count: usize) {
+    for i in 0..count {
+        let key = format!("{prefix}{i}");
+        client
+            .doc_change(name, None, move |tx| {
+                use automerge::transaction::Transactable;
+                tx.put(automerge::ROOT, key, i as i64).map(|_| ())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until `node` alone (serializable) holds document `name` with exactly `heads`.
+async fn wait_for_heads(
+    node: &NodeProc,
+    others: &[NodeProc],
+    name: &str,
+    heads: &[automerge::ChangeHash],
+) {
+    let client = client_of(node).await;
+    wait_until_or_dump(
+        &format!(
+            "{name} on {:016x} to reach the origin's heads",
+            node.node_id()
+        ),
+        others,
+        || async {
+            let doc = client.doc_get(name, Consistency::Serializable).await.ok()?;
+            (sorted_heads(&doc) == heads).then_some(())
+        },
+    )
+    .await;
+    client.close().await;
+}
+
+/// `aspen fed status -o json` of a cluster: its follows.
+fn follows_of(ticket: &str) -> Vec<serde_json::Value> {
+    let out = cli(&["fed", "status", "-o", "json"], Some(ticket));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    json["follows"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_follows_a_document_by_key_alone_and_catches_up_after_an_outage() {
+    let (_testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let args = fed_args(&bootstrap);
+    let mut a = form(&root.path().join("a"), 3, &refs(&args)).await;
+    let b = form(&root.path().join("b"), 3, &refs(&args)).await;
+    let a_client = client_for(&a.iter().collect::<Vec<_>>()).await;
+    let b_client = client_for(&b.iter().collect::<Vec<_>>()).await;
+    let a_key = cluster_key(&a_client).await;
+    let b_key = cluster_key(&b_client).await;
+    let b_ticket = ticket_text(&b);
+
+    a_client.doc_create("plans").await.unwrap();
+    a_client
+        .fed_export(Resource::doc("plans"), vec![b_key], false)
+        .await
+        .unwrap();
+    // B knows only A's key: A's nodes are found through A's record on the DHT.
+    let out = cli(
+        &["fed", "follow", &hex::encode(a_key), "doc", "plans"],
+        Some(&b_ticket),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    edit(&a_client, "plans", "k", 100).await;
+    let heads = sorted_heads(
+        &a_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap(),
+    );
+    let local = format!("fed/{}/plans", &hex::encode(a_key)[..16]);
+    for node in &b {
+        wait_for_heads(node, &b, &local, &heads).await;
+    }
+    let follows = follows_of(&b_ticket);
+    assert_eq!(follows.len(), 1, "{follows:?}");
+    assert!(follows[0]["seq"].as_u64().unwrap() >= 1, "{follows:?}");
+    assert_eq!(follows[0]["into"], local.as_str());
+
+    // A goes away entirely; B keeps serving its verified copy and reports the failures.
+    a_client.close().await;
+    for node in &mut a {
+        node.kill9();
+    }
+    wait_until_or_dump("B to notice that A is unreachable", &b, || async {
+        let follows = follows_of(&b_ticket);
+        follows[0]["last_error"].as_str().map(|_| ())
+    })
+    .await;
+    for node in &b {
+        let c = client_of(node).await;
+        let doc = c.doc_get(&local, Consistency::Serializable).await.unwrap();
+        assert_eq!(sorted_heads(&doc), heads);
+        c.close().await;
+    }
+
+    // A returns (same addresses) with more edits; B catches up.
+    for node in &mut a {
+        node.restart(None);
+    }
+    let a_client = client_for(&a.iter().collect::<Vec<_>>()).await;
+    edit(&a_client, "plans", "more", 10).await;
+    let heads = sorted_heads(
+        &a_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap(),
+    );
+    for node in &b {
+        wait_for_heads(node, &b, &local, &heads).await;
+    }
+    let follows = follows_of(&b_ticket);
+    assert!(follows[0]["last_error"].is_null(), "{follows:?}");
+    a_client.close().await;
+    b_client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_that_follow_each_other_converge_after_editing_apart() {
+    let (_testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let args = fed_args(&bootstrap);
+    let mut a = form(&root.path().join("a"), 1, &refs(&args)).await;
+    let mut b = form(&root.path().join("b"), 1, &refs(&args)).await;
+    let (a_ticket, b_ticket) = (ticket_text(&a), ticket_text(&b));
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    for (client, peer) in [(&a_client, b_key), (&b_client, a_key)] {
+        client.doc_create("list").await.unwrap();
+        client
+            .fed_export(Resource::doc("list"), vec![peer], false)
+            .await
+            .unwrap();
+    }
+    edit(&a_client, "list", "a", 3).await;
+    edit(&b_client, "list", "b", 3).await;
+    // Each follows the other's document into its own, this time by ticket.
+    for (ticket, origin) in [(&a_ticket, &b_ticket), (&b_ticket, &a_ticket)] {
+        let out = cli(
+            &["fed", "follow", origin, "doc", "list", "--into", "list"],
+            Some(ticket),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let converged = |a_client: Client, b_client: Client| async move {
+        wait_until("both sites to show identical heads", || async {
+            let x = a_client
+                .doc_get("list", Consistency::Linearizable)
+                .await
+                .ok()?;
+            let y = b_client
+                .doc_get("list", Consistency::Linearizable)
+                .await
+                .ok()?;
+            (sorted_heads(&x) == sorted_heads(&y))
+                .then(|| (aspen_crdt::view::to_json(&x), aspen_crdt::view::to_json(&y)))
+        })
+        .await
+    };
+    let (x, y) = converged(a_client.clone(), b_client.clone()).await;
+    assert_eq!(x, y);
+    assert_eq!(x.as_object().unwrap().len(), 6, "{x}");
+
+    // Partitioned: each site edits while the other is down.
+    a_client.close().await;
+    b_client.close().await;
+    a[0].kill9();
+    let b_client = client_of(&b[0]).await;
+    edit(&b_client, "list", "b-alone", 2).await;
+    b_client.close().await;
+    b[0].kill9();
+    a[0].restart(None);
+    let a_client = client_of(&a[0]).await;
+    edit(&a_client, "list", "a-alone", 2).await;
+    b[0].restart(None);
+    let b_client = client_of(&b[0]).await;
+    let (x, y) = converged(a_client.clone(), b_client.clone()).await;
+    assert_eq!(x, y);
+    assert_eq!(x.as_object().unwrap().len(), 10, "{x}");
+    a_client.close().await;
+    b_client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_lying_origins_get_nothing_committed() {
+    let (_testnet, bootstrap) = testnet();
+    let root = tempfile::tempdir().unwrap();
+    let args = fed_args(&bootstrap);
+    let mut a = form(&root.path().join("a"), 1, &refs(&args)).await;
+    let b = form(&root.path().join("b"), 1, &refs(&args)).await;
+    let c = form(&root.path().join("c"), 1, &refs(&args)).await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let c_client = client_of(&c[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    a_client.doc_create("plans").await.unwrap();
+    edit(&a_client, "plans", "k", 5).await;
+    a_client
+        .fed_export(Resource::doc("plans"), vec![b_key], false)
+        .await
+        .unwrap();
+
+    // C is not allowed: a typed refusal, no document.
+    c_client
+        .fed_follow(a_key, Resource::doc("plans"), Some("plans".into()), vec![])
+        .await
+        .unwrap();
+    c_client.fed_sync(None, None).await.unwrap();
+    let status = wait_until("C's pull to be refused", || async {
+        c_client
+            .fed_follows()
+            .await
+            .ok()?
+            .first()?
+            .last_error
+            .clone()
+    })
+    .await;
+    assert!(status.contains("is not exported to cluster"), "{status}");
+    assert!(c_client
+        .doc_get("plans", Consistency::Linearizable)
+        .await
+        .is_err());
+
+    // A node key with no cluster behind it is refused at the hello.
+    let stranger = raw_exchange_as(
+        &a[0],
+        aspen_federation::FEDERATION_ALPN,
+        &[0, 0, 0, 2, 1, 7],
+        None,
+    )
+    .await;
+    let reply: aspen_federation::HelloReply =
+        aspen_client::wire::decode_body(&stranger[4..]).unwrap();
+    assert!(
+        matches!(
+            reply,
+            aspen_federation::HelloReply::Refused(aspen_federation::FedError::Unproven(_))
+        ),
+        "{reply:?}"
+    );
+
+    // A flood of connections that never say hello: at most MAX_PENDING_HELLOS wait (each
+    // for at most HELLO_TIMEOUT); the rest are closed at once, and the node keeps serving.
+    let mut flood = Vec::new();
+    let mut flooders = Vec::new();
+    for _ in 0..10 {
+        let ep =
+            aspen_client::endpoint::offline_endpoint("127.0.0.1:0".parse().unwrap(), None, vec![])
+                .await
+                .unwrap();
+        for _ in 0..8 {
+            let conn = ep
+                .connect(a[0].addr(), aspen_federation::FEDERATION_ALPN)
+                .await
+                .unwrap();
+            flood.push(conn);
+        }
+        flooders.push(ep);
+    }
+    let closed = wait_until("the connections over the bound to be closed", || async {
+        let n = flood.iter().filter(|c| c.close_reason().is_some()).count();
+        (n >= 80 - 64).then_some(n)
+    })
+    .await;
+    assert!(closed < 80, "every connection was closed at once: {closed}");
+
+    // B follows honestly first.
+    b_client
+        .fed_follow(
+            a_key,
+            Resource::doc("plans"),
+            Some("plans".into()),
+            vec![a[0].ticket.clone()],
+        )
+        .await
+        .unwrap();
+    let heads = sorted_heads(
+        &a_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap(),
+    );
+    wait_for_heads(&b[0], &a, "plans", &heads).await;
+    a_client.close().await;
+
+    // Then A lies, one way at a time; B commits nothing and says why.
+    for (fault, expected) in [
+        ("fed-flip-byte", "is not a valid Automerge change"),
+        ("fed-extra-change", "not in the history the origin signed"),
+        ("fed-wrong-key", "signature is not the origin's"),
+        // Seq 1 again, with other heads: a fork (or, later in a chain, a rollback).
+        ("fed-old-manifest", "seq"),
+    ] {
+        let mut with_fault = refs(&args);
+        with_fault.extend(["--unsafe-test-fault", fault]);
+        a[0].restart(Some(&with_fault));
+        // Something new to pull, so every lie has data to lie about.
+        let a_client = client_of(&a[0]).await;
+        edit(&a_client, "plans", fault, 1).await;
+        a_client.close().await;
+        let error = wait_until_or_dump(&format!("B to reject {fault}"), &a, || async {
+            let s = b_client.fed_sync(None, None).await.ok()?;
+            s[0].last_error.clone().filter(|e| e.contains(expected))
+        })
+        .await;
+        eprintln!("{fault}: {error}");
+        let doc = b_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap();
+        assert_eq!(sorted_heads(&doc), heads, "{fault}: nothing committed");
+    }
+    // An honest origin again: B catches up with everything.
+    a[0].restart(Some(&refs(&args)));
+    let a_client = client_of(&a[0]).await;
+    let heads = sorted_heads(
+        &a_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap(),
+    );
+    a_client.close().await;
+    wait_for_heads(&b[0], &a, "plans", &heads).await;
+    b_client.close().await;
+    c_client.close().await;
+    for ep in flooders {
+        ep.close().await;
+    }
 }

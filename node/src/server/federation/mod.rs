@@ -1,26 +1,49 @@
-//! The federation service, so far its exports: which resources other clusters may pull, and
-//! which clusters. The policy decisions are `aspen_federation`'s; this reads the stored
-//! export after a read barrier and writes the edited one with a system transaction that
-//! requires the old value (retried when a concurrent edit won), like grants.
+//! Federation: the client requests that manage it (exports, follows, sync, status), the
+//! origin side of `aspen/federation/1` ([`origin`]) and the follower's pulls ([`follower`]).
+//!
+//! The policy decisions are `aspen_federation`'s; this reads the stored export or follow
+//! after a read barrier and writes the edited one with a system transaction that requires
+//! the old value (retried when a concurrent edit won), like grants.
 
-use aspen_client::protocol::{ExportSummary, FedRequest, FedResponse, Resource, RpcError};
+pub mod follower;
+pub mod origin;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aspen_client::protocol::{
+    ExportSummary, FedRequest, FedResponse, FollowSummary, Resource, RpcError,
+};
+use aspen_client::NodeTicket;
 use aspen_federation::{
-    edit_export, export_key, resource_of_key, Export, ExportEdit, EXPORT_PREFIX, MAX_EXPORTS,
+    edit_export, export_key, follow_key, follow_state_key, local_name, resource_of_key, Export,
+    ExportEdit, Follow, Hint, EXPORT_PREFIX, FOLLOW_PREFIX, MAX_EXPORTS, MAX_FOLLOWS,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
+use aspen_trust::ClusterKey;
 
 use super::ClusterHandle;
+use follower::{FollowId, Pulls};
+
+/// How long `fed sync` waits for the pulls it started before answering (under the client's
+/// per-attempt timeout; the CLI then polls the follows until they are done).
+const SYNC_WAIT: Duration = Duration::from_secs(3);
 
 /// How often an export edit is retried when a concurrent edit of the same export won.
 const EDIT_ATTEMPTS: usize = 8;
 
 pub struct FedService {
     cluster: ClusterHandle,
+    /// The leader's pull status, shared with the follower task.
+    pub pulls: Arc<Pulls>,
 }
 
 impl FedService {
     pub fn new(cluster: ClusterHandle) -> Self {
-        FedService { cluster }
+        FedService {
+            cluster,
+            pulls: Default::default(),
+        }
     }
 
     /// Serves one federation request (access already checked).
@@ -45,7 +68,178 @@ impl FedService {
                 Ok(FedResponse::Done)
             }
             FedRequest::Exports => Ok(FedResponse::Exports(self.exports().await?)),
+            FedRequest::Follow {
+                origin,
+                resource,
+                into,
+                hints,
+            } => {
+                self.follow(origin, resource, into, hints).await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::Unfollow { origin, resource } => {
+                self.unfollow(origin, resource).await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::Follows => Ok(FedResponse::Follows(self.follows(None).await?)),
+            FedRequest::Sync { origin, resource } => {
+                Ok(FedResponse::Follows(self.sync(origin, resource).await?))
+            }
         }
+    }
+
+    async fn follow(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        into: Option<String>,
+        hints: Vec<NodeTicket>,
+    ) -> Result<(), RpcError> {
+        let origin = origin_key(&origin)?;
+        let into = local_name(&origin, &resource, into.as_deref())
+            .map_err(|e| RpcError::BadRequest(e.to_string()))?;
+        aspen_crdt::DocName::new(into.clone())?;
+        if hints.len() > aspen_federation::follows::MAX_HINTS {
+            return Err(RpcError::BadRequest(format!(
+                "{} origin nodes named; the limit is {}",
+                hints.len(),
+                aspen_federation::follows::MAX_HINTS
+            )));
+        }
+        let hints: Vec<Hint> = hints
+            .into_iter()
+            .map(|t| Hint {
+                node: t.endpoint_id,
+                addrs: t
+                    .addrs
+                    .into_iter()
+                    .take(aspen_federation::follows::MAX_HINT_ADDRS)
+                    .collect(),
+            })
+            .collect();
+        let key = follow_key(&origin, &resource);
+        for _ in 0..EDIT_ATTEMPTS {
+            self.cluster.read_barrier().await?;
+            let stored = self.cluster.sm.system_get(key.clone()).await?;
+            let created_at_ms = match stored.as_deref().map(Follow::decode) {
+                Some(Ok(old)) => old.created_at_ms,
+                Some(Err(e)) => return Err(internal(e)),
+                None => {
+                    let count = self
+                        .cluster
+                        .sm
+                        .system_scan(FOLLOW_PREFIX.to_vec(), MAX_FOLLOWS + 1)
+                        .await?
+                        .len();
+                    if count >= MAX_FOLLOWS {
+                        return Err(RpcError::BadRequest(format!(
+                            "{MAX_FOLLOWS} resources are followed; the limit is {MAX_FOLLOWS}"
+                        )));
+                    }
+                    super::identity::unix_now() * 1000
+                }
+            };
+            let follow = Follow {
+                into: into.clone(),
+                hints: hints.clone(),
+                created_at_ms,
+            };
+            let txn = SystemTxn {
+                require: vec![(key.clone(), stored)],
+                writes: vec![SystemOp::Put {
+                    key: key.clone(),
+                    value: follow.encode(),
+                }],
+            };
+            txn.validate()?;
+            if self.cluster.propose_system_txn(txn).await? {
+                tracing::info!(%origin, %resource, into, "following");
+                self.pulls.force(&[(origin.to_bytes(), resource.clone())]);
+                return Ok(());
+            }
+        }
+        Err(RpcError::Unavailable(
+            "the follow kept changing concurrently; retry".into(),
+        ))
+    }
+
+    async fn unfollow(&self, origin: [u8; 32], resource: Resource) -> Result<(), RpcError> {
+        let origin = origin_key(&origin)?;
+        let key = follow_key(&origin, &resource);
+        self.cluster.read_barrier().await?;
+        if self.cluster.sm.system_get(key.clone()).await?.is_none() {
+            return Err(RpcError::BadRequest(format!(
+                "{resource} of cluster {origin} is not followed"
+            )));
+        }
+        let txn = SystemTxn {
+            require: vec![],
+            writes: vec![
+                SystemOp::Delete { key },
+                SystemOp::Delete {
+                    key: follow_state_key(&origin, &resource),
+                },
+            ],
+        };
+        self.cluster.propose_system_txn(txn).await?;
+        tracing::info!(%origin, %resource, "unfollowed");
+        Ok(())
+    }
+
+    /// Every follow (or those `only` selects) with the leader's pull status. Leader only:
+    /// the status lives there.
+    async fn follows(
+        &self,
+        only: Option<&(dyn Fn(&FollowId) -> bool + Sync)>,
+    ) -> Result<Vec<FollowSummary>, RpcError> {
+        self.cluster.require_leader()?;
+        self.cluster.read_barrier().await?;
+        let follows = follower::list_follows(&self.cluster)
+            .await
+            .map_err(internal)?;
+        let mut out = Vec::new();
+        for (origin, resource, follow, _) in follows {
+            let id = (origin.to_bytes(), resource.clone());
+            if only.is_some_and(|f| !f(&id)) {
+                continue;
+            }
+            let (_, accepted) = follower::accepted_manifest(&self.cluster, &origin, &resource)
+                .await
+                .map_err(internal)?;
+            out.push(follower::summary(
+                &origin,
+                &resource,
+                &follow,
+                accepted.as_ref().map(|(m, _)| m),
+                &self.pulls.status_of(&id),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Pulls now and waits (briefly) for the pulls to finish.
+    async fn sync(
+        &self,
+        origin: Option<[u8; 32]>,
+        resource: Option<Resource>,
+    ) -> Result<Vec<FollowSummary>, RpcError> {
+        self.cluster.require_leader()?;
+        let selects = |id: &FollowId| {
+            origin.is_none_or(|o| o == id.0) && resource.as_ref().is_none_or(|r| *r == id.1)
+        };
+        let ids: Vec<FollowId> = self
+            .follows(Some(&selects))
+            .await?
+            .into_iter()
+            .map(|f| (f.origin, f.resource))
+            .collect();
+        if ids.is_empty() && (origin.is_some() || resource.is_some()) {
+            return Err(RpcError::BadRequest("no follow matches".into()));
+        }
+        let since = super::identity::unix_now_ms();
+        self.pulls.force(&ids);
+        self.pulls.wait_attempted(&ids, since, SYNC_WAIT).await;
+        self.follows(Some(&selects)).await
     }
 
     /// Every export, in key order (after a read barrier).
@@ -126,5 +320,10 @@ impl FedService {
 }
 
 fn internal(e: impl std::fmt::Display) -> RpcError {
-    RpcError::Internal(format!("stored export: {e}"))
+    RpcError::Internal(format!("stored federation state: {e}"))
+}
+
+fn origin_key(bytes: &[u8; 32]) -> Result<ClusterKey, RpcError> {
+    ClusterKey::from_bytes(bytes)
+        .map_err(|_| RpcError::BadRequest(format!("{} is not a cluster key", hex::encode(bytes))))
 }

@@ -245,6 +245,24 @@ where
     wait_until_or_dump(what, &[], f).await
 }
 
+/// A local Mainline DHT: 8 nodes on loopback (nothing reaches the internet); the bootstrap
+/// list to pass as `--dht-bootstrap`.
+pub fn testnet() -> (mainline::Testnet, String) {
+    let testnet = mainline::Testnet::builder(8)
+        .build()
+        .expect("local testnet");
+    let bootstrap = testnet.bootstrap.join(",");
+    (testnet, bootstrap)
+}
+
+/// The ticket of these nodes, as text.
+pub fn ticket_text(nodes: &[NodeProc]) -> String {
+    ClusterTicket {
+        members: nodes.iter().map(|n| n.ticket.clone()).collect(),
+    }
+    .to_string()
+}
+
 /// Runs the CLI to completion.
 pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
     let mut cmd = Command::new(aspen_bin());

@@ -1,0 +1,645 @@
+//! The follower side: the leader pulls every follow on a schedule, verifies what it gets
+//! against the origin's signed manifest, and commits it through this cluster's Raft.
+//!
+//! Every member runs [`run`]; only the leader pulls (a member that loses leadership stops
+//! its pulls; the next leader starts from the follows and last accepted manifests in Raft,
+//! with fresh timing). One pull of a document:
+//!
+//! 1. dial the origin (the follow's hints, then the origin's DHT record or its cached
+//!    copy), prove our cluster with a hello and check the origin node's certificate;
+//! 2. ask for the changes we lack (`have`: our heads and the last accepted manifest's),
+//!    page by page; verify each page's manifest (signature, resource, never older than the
+//!    last accepted one) and apply the page to a copy of our document;
+//! 3. check the copy covers the last manifest's heads and holds nothing the origin did not
+//!    sign for; commit the new changes through Raft, then record the manifest (conditional
+//!    on the follow still being there).
+//!
+//! Any failure leaves the committed copy as it was and is kept in the follow's status; the
+//! next attempt backs off ([`aspen_federation::PullSchedule`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aspen_client::protocol::FollowSummary;
+use aspen_client::wire::{read_frame, write_frame};
+use aspen_crdt::DocName;
+use aspen_discovery::Resolver;
+use aspen_federation::{
+    check_welcome, follow_state_key, parse_follow_key, FedCall, FedError, FedReply, Follow, Hello,
+    HelloReply, PullSchedule, FEDERATION_ALPN, FOLLOW_PREFIX, MAX_CALL_FRAME, MAX_FOLLOWS,
+    MAX_REPLY_FRAME,
+};
+use aspen_kv::api::{SystemOp, SystemTxn};
+use aspen_sync::doc_exchange::{DocPull, ExchangeError};
+use aspen_sync::{check_successor, Manifest, ManifestError, Resource, SignedManifest};
+use aspen_trust::ClusterKey;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::server::identity::{unix_now, unix_now_ms};
+use crate::server::{ClusterHandle, NodeState};
+
+/// Most pulls running at once on the leader.
+pub const MAX_CONCURRENT_PULLS: usize = 4;
+/// Longest a whole pull may take.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest one request to the origin may take (a page is at most 8 MiB).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a dial (QUIC handshake and hello) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest finding an origin through the DHT may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most pages of changes one pull takes (each at most 8 MiB; a document is at most 16 MiB,
+/// so an honest origin needs a few).
+pub const MAX_PAGES: usize = 64;
+/// How often a leader re-reads the follows and checks it is still the leader.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Identifies a follow: the origin's key and the resource.
+pub type FollowId = ([u8; 32], Resource);
+
+/// How a follow's pulls go, on this leader.
+#[derive(Clone, Debug, Default)]
+pub struct PullStatus {
+    pub last_attempt_ms: u64,
+    pub last_success_ms: u64,
+    pub next_attempt: Option<Instant>,
+    pub next_attempt_ms: u64,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    running: bool,
+    forced: bool,
+}
+
+/// The pull state the follower task and the federation service share.
+#[derive(Default)]
+pub struct Pulls {
+    status: Mutex<HashMap<FollowId, PullStatus>>,
+    /// Wakes the follower task (a sync request).
+    wake: tokio::sync::Notify,
+    /// Counts finished pulls (sync requests wait on it).
+    finished: tokio::sync::watch::Sender<u64>,
+}
+
+impl Pulls {
+    pub fn status_of(&self, id: &FollowId) -> PullStatus {
+        self.status
+            .lock()
+            .expect("lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Marks the follows `matches` selects to be pulled now; returns how many.
+    pub fn force(&self, ids: &[FollowId]) {
+        let mut status = self.status.lock().expect("lock");
+        for id in ids {
+            status.entry(id.clone()).or_default().forced = true;
+        }
+        drop(status);
+        self.wake.notify_one();
+    }
+
+    /// Waits until every follow in `ids` has finished an attempt that started at or after
+    /// `since_ms`, or `timeout` passed.
+    pub async fn wait_attempted(&self, ids: &[FollowId], since_ms: u64, timeout: Duration) {
+        let mut finished = self.finished.subscribe();
+        let _ = tokio::time::timeout(timeout, async {
+            loop {
+                let done = {
+                    let status = self.status.lock().expect("lock");
+                    ids.iter().all(|id| {
+                        status.get(id).is_some_and(|s| {
+                            !s.running && !s.forced && s.last_attempt_ms >= since_ms
+                        })
+                    })
+                };
+                if done || finished.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Why a pull failed (shown in `aspen fed status`).
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    #[error("refused by the origin: {0}")]
+    Refused(FedError),
+    #[error("bad answer from the origin: {0}")]
+    Protocol(String),
+    #[error("manifest rejected: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("data rejected: {0}")]
+    Data(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("cannot commit locally: {0}")]
+    Commit(String),
+}
+
+/// What a successful pull did.
+#[derive(Debug)]
+pub struct Pulled {
+    pub seq: u64,
+    pub added: usize,
+}
+
+/// Dials origins. A connection lives for one pull (a connection kept between pulls would
+/// hang on an origin that restarted until QUIC's idle timeout noticed); the address that
+/// worked last is tried first next time.
+struct Dialer {
+    endpoint: Endpoint,
+    resolver: Resolver,
+    last_good: Mutex<HashMap<[u8; 32], EndpointAddr>>,
+}
+
+impl Dialer {
+    async fn connect(
+        &self,
+        state: &NodeState,
+        origin: &ClusterKey,
+        follow: &Follow,
+    ) -> Result<Connection, PullError> {
+        let certificate = state
+            .own_certificate()
+            .await
+            .map_err(|e| PullError::Commit(format!("no certificate of our own: {e}")))?;
+        let mut problems = Vec::new();
+        let mut tried = Vec::new();
+        let last_good = self
+            .last_good
+            .lock()
+            .expect("lock")
+            .get(&origin.to_bytes())
+            .cloned();
+        let mut candidates: Vec<EndpointAddr> = last_good.into_iter().collect();
+        for hint in &follow.hints {
+            let mut addr = EndpointAddr::new(key_of(&hint.node)?);
+            for a in &hint.addrs {
+                addr = addr.with_ip_addr(*a);
+            }
+            candidates.push(addr);
+        }
+        for addr in candidates {
+            if tried.contains(&addr) {
+                continue;
+            }
+            tried.push(addr.clone());
+            match self.dial(addr, origin, &certificate).await {
+                Ok(conn) => return Ok(conn),
+                Err(e @ PullError::Refused(_)) => return Err(e),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        match tokio::time::timeout(RESOLVE_TIMEOUT, self.resolver.resolve(origin, unix_now())).await
+        {
+            Ok(Ok(resolved)) => {
+                for member in &resolved.record.members {
+                    let mut addr = EndpointAddr::new(key_of(&member.node)?);
+                    for a in &member.addrs {
+                        addr = addr.with_ip_addr(*a);
+                    }
+                    if tried.contains(&addr) {
+                        continue;
+                    }
+                    tried.push(addr.clone());
+                    match self.dial(addr, origin, &certificate).await {
+                        Ok(conn) => return Ok(conn),
+                        Err(e @ PullError::Refused(_)) => return Err(e),
+                        Err(e) => problems.push(e.to_string()),
+                    }
+                }
+                if resolved.record.members.is_empty() {
+                    problems.push("its record lists no members".into());
+                }
+            }
+            Ok(Err(e)) => problems.push(e.to_string()),
+            Err(_) => problems.push(format!("no DHT answer within {RESOLVE_TIMEOUT:?}")),
+        }
+        Err(PullError::Unreachable(problems.join("; ")))
+    }
+
+    /// Connects, says hello, and checks the node answering is a member of `origin`.
+    async fn dial(
+        &self,
+        addr: EndpointAddr,
+        origin: &ClusterKey,
+        certificate: &[u8],
+    ) -> Result<Connection, PullError> {
+        let node = addr.id;
+        let remembered = addr.clone();
+        let greet = async {
+            let conn = self
+                .endpoint
+                .connect(addr, FEDERATION_ALPN)
+                .await
+                .map_err(|e| PullError::Unreachable(format!("{}: {e}", node.fmt_short())))?;
+            let reply = exchange::<_, HelloReply>(
+                &conn,
+                &Hello {
+                    certificate: certificate.to_vec(),
+                },
+            )
+            .await?;
+            match reply {
+                HelloReply::Welcome { certificate } => {
+                    check_welcome(
+                        &certificate,
+                        origin,
+                        conn.remote_id().as_bytes(),
+                        unix_now(),
+                    )
+                    .map_err(|e| PullError::Protocol(e.to_string()))?;
+                    self.last_good
+                        .lock()
+                        .expect("lock")
+                        .insert(origin.to_bytes(), remembered);
+                    Ok(conn)
+                }
+                HelloReply::Refused(e) => Err(PullError::Refused(e)),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, greet)
+            .await
+            .map_err(|_| {
+                PullError::Unreachable(format!(
+                    "{}: no hello answer within {CONNECT_TIMEOUT:?}",
+                    node.fmt_short()
+                ))
+            })?
+    }
+}
+
+fn key_of(bytes: &[u8; 32]) -> Result<iroh::EndpointId, PullError> {
+    iroh::EndpointId::from_bytes(bytes)
+        .map_err(|_| PullError::Protocol("a node id that is not a key".into()))
+}
+
+/// One request on its own stream, one answer.
+async fn exchange<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    request: &Q,
+) -> Result<A, PullError> {
+    let io = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| PullError::Unreachable(e.to_string()))?;
+        write_frame(&mut send, request, MAX_CALL_FRAME)
+            .await
+            .map_err(|e| PullError::Unreachable(e.to_string()))?;
+        let _ = send.finish();
+        read_frame::<A>(&mut recv, MAX_REPLY_FRAME)
+            .await
+            .map_err(|e| PullError::Protocol(e.to_string()))
+    };
+    tokio::time::timeout(CALL_TIMEOUT, io)
+        .await
+        .map_err(|_| PullError::Timeout(format!("no answer within {CALL_TIMEOUT:?}")))?
+}
+
+/// Every follow, with its key bytes' value, in key order.
+pub async fn list_follows(
+    cluster: &ClusterHandle,
+) -> Result<Vec<(ClusterKey, Resource, Follow, Vec<u8>)>, String> {
+    let entries = cluster
+        .sm
+        .system_scan(FOLLOW_PREFIX.to_vec(), MAX_FOLLOWS + 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    entries
+        .into_iter()
+        .map(|(key, value)| {
+            let (origin, resource) = parse_follow_key(&key).map_err(|e| e.to_string())?;
+            let follow = Follow::decode(&value).map_err(|e| e.to_string())?;
+            Ok((origin, resource, follow, value))
+        })
+        .collect()
+}
+
+/// The last manifest accepted for a follow (re-checked: it was verified when stored).
+pub async fn accepted_manifest(
+    cluster: &ClusterHandle,
+    origin: &ClusterKey,
+    resource: &Resource,
+) -> Result<(Option<Vec<u8>>, Option<(Manifest, [u8; 32])>), String> {
+    let stored = cluster
+        .sm
+        .system_get(follow_state_key(origin, resource))
+        .await
+        .map_err(|e| e.to_string())?;
+    let accepted = match &stored {
+        None => None,
+        Some(bytes) => {
+            let signed = SignedManifest::decode(bytes).map_err(|e| e.to_string())?;
+            let manifest = signed
+                .verify(origin, resource)
+                .map_err(|e| format!("stored manifest: {e}"))?;
+            Some((manifest, signed.hash()))
+        }
+    };
+    Ok((stored, accepted))
+}
+
+/// A follow's summary: what Raft holds and this leader's pull status.
+pub fn summary(
+    origin: &ClusterKey,
+    resource: &Resource,
+    follow: &Follow,
+    accepted: Option<&Manifest>,
+    status: &PullStatus,
+) -> FollowSummary {
+    FollowSummary {
+        origin: origin.to_bytes(),
+        resource: resource.clone(),
+        into: follow.into.clone(),
+        created_at_ms: follow.created_at_ms,
+        seq: accepted.map_or(0, |m| m.seq),
+        manifest_issued_at_ms: accepted.map_or(0, |m| m.issued_at * 1000),
+        last_success_ms: status.last_success_ms,
+        last_attempt_ms: status.last_attempt_ms,
+        next_attempt_ms: status.next_attempt_ms,
+        failures: status.failures,
+        last_error: status.last_error.clone(),
+    }
+}
+
+/// Pulls one followed document (see the module docs).
+async fn pull_doc(
+    state: Arc<NodeState>,
+    dialer: Arc<Dialer>,
+    origin: ClusterKey,
+    resource: Resource,
+    follow: Follow,
+    follow_bytes: Vec<u8>,
+) -> Result<Pulled, PullError> {
+    let into = DocName::new(follow.into.clone()).map_err(|e| PullError::Commit(e.to_string()))?;
+    let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, &resource)
+        .await
+        .map_err(PullError::Commit)?;
+    let known: Vec<[u8; 32]> = match &accepted {
+        Some((m, _)) => match &m.digest {
+            aspen_sync::ContentDigest::Heads(h) => h.clone(),
+            _ => Vec::new(),
+        },
+        None => Vec::new(),
+    };
+    let local = state
+        .docs
+        .with_doc(&into, |doc| doc.clone())
+        .await
+        .map_err(|e| PullError::Commit(e.to_string()))?
+        .unwrap_or_default();
+    let conn = dialer.connect(&state, &origin, &follow).await?;
+    let result = async {
+        let mut pull = Some(DocPull::new(
+            local,
+            &known,
+            aspen_crdt::limits::MAX_DOC_BYTES,
+        ));
+        let mut last: Option<(Manifest, SignedManifest)> = None;
+        let mut floor = accepted.clone();
+        for page in 0.. {
+            if page == MAX_PAGES {
+                return Err(PullError::Data(format!(
+                    "the origin sent more than {MAX_PAGES} pages"
+                )));
+            }
+            let have = pull.as_ref().expect("kept").have();
+            let reply = exchange::<_, FedReply>(
+                &conn,
+                &FedCall::DocChanges {
+                    name: resource.name.clone(),
+                    have,
+                },
+            )
+            .await?;
+            let (manifest_bytes, changes, more) = match reply {
+                FedReply::DocChanges {
+                    manifest,
+                    changes,
+                    more,
+                } => (manifest, changes, more),
+                FedReply::Error(e) => return Err(PullError::Refused(e)),
+                other => {
+                    return Err(PullError::Protocol(format!(
+                        "expected changes, got {other:?}"
+                    )))
+                }
+            };
+            let signed = SignedManifest::decode(&manifest_bytes)?;
+            let manifest = signed.verify(&origin, &resource)?;
+            let hash = signed.hash();
+            check_successor(floor.as_ref().map(|(m, h)| (m, *h)), &manifest, hash)?;
+            floor = Some((manifest.clone(), hash));
+            let mut p = pull.take().expect("kept");
+            let p = tokio::task::spawn_blocking(move || {
+                let mut parsed = Vec::with_capacity(changes.len());
+                for (i, bytes) in changes.into_iter().enumerate() {
+                    parsed.push(
+                        aspen_crdt::parse_change(i, bytes)
+                            .map_err(|e| PullError::Data(e.to_string()))?,
+                    );
+                }
+                p.apply(parsed).map_err(data)?;
+                Ok::<_, PullError>(p)
+            })
+            .await
+            .map_err(|e| PullError::Commit(format!("pull task failed: {e}")))??;
+            pull = Some(p);
+            last = Some((manifest, signed));
+            if !more {
+                break;
+            }
+        }
+        let (manifest, signed) = last.expect("at least one page");
+        let p = pull.take().expect("kept");
+        let finish_manifest = manifest.clone();
+        let pulled = tokio::task::spawn_blocking(move || p.finish(&finish_manifest))
+            .await
+            .map_err(|e| PullError::Commit(format!("pull task failed: {e}")))?
+            .map_err(data)?;
+        let added = pulled.added.len();
+        if added > 0 {
+            let raw = pulled
+                .added
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+            state
+                .docs
+                .import(&into, raw)
+                .await
+                .map_err(|e| PullError::Commit(e.to_string()))?;
+        }
+        let unchanged = accepted.as_ref().is_some_and(|(_, h)| *h == signed.hash());
+        if !unchanged {
+            let txn = SystemTxn {
+                require: vec![
+                    (
+                        aspen_federation::follow_key(&origin, &resource),
+                        Some(follow_bytes),
+                    ),
+                    (follow_state_key(&origin, &resource), stored_state),
+                ],
+                writes: vec![SystemOp::Put {
+                    key: follow_state_key(&origin, &resource),
+                    value: signed.encode(),
+                }],
+            };
+            if !state
+                .cluster
+                .propose_system_txn(txn)
+                .await
+                .map_err(|e| PullError::Commit(e.to_string()))?
+            {
+                return Err(PullError::Commit(
+                    "the follow changed while pulling; pulled again next time".into(),
+                ));
+            }
+        }
+        tracing::info!(%origin, %resource, seq = manifest.seq, added, "pulled");
+        Ok(Pulled {
+            seq: manifest.seq,
+            added,
+        })
+    }
+    .await;
+    conn.close(0u32.into(), b"pull done");
+    result
+}
+
+fn data(e: ExchangeError) -> PullError {
+    PullError::Data(e.to_string())
+}
+
+/// The follower task (every member runs it; the leader pulls).
+pub async fn run(
+    state: Arc<NodeState>,
+    pulls: Arc<Pulls>,
+    endpoint: Endpoint,
+    resolver: Resolver,
+    schedule: PullSchedule,
+) {
+    let dialer = Arc::new(Dialer {
+        endpoint,
+        resolver,
+        last_good: Default::default(),
+    });
+    let mut follows_changed = state.cluster.sm.watch_system_prefix(FOLLOW_PREFIX);
+    let mut running: JoinSet<(FollowId, Result<Pulled, PullError>)> = JoinSet::new();
+    loop {
+        if !state.cluster.is_leader() {
+            if !running.is_empty() {
+                running.abort_all();
+                while running.join_next().await.is_some() {}
+            }
+            pulls.status.lock().expect("lock").clear();
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = pulls.wake.notified() => {}
+            }
+            continue;
+        }
+        let follows = match list_follows(&state.cluster).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot read the follows: {e}");
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let mut wake_at = now + TICK;
+        {
+            let mut status = pulls.status.lock().expect("lock");
+            status.retain(|(o, r), _| {
+                follows
+                    .iter()
+                    .any(|(fo, fr, _, _)| fo.to_bytes() == *o && fr == r)
+            });
+            for (origin, resource, follow, bytes) in &follows {
+                let id = (origin.to_bytes(), resource.clone());
+                let s = status.entry(id.clone()).or_default();
+                if s.running {
+                    continue;
+                }
+                let due = s.forced || s.next_attempt.is_none_or(|t| t <= now);
+                if due && running.len() < MAX_CONCURRENT_PULLS {
+                    s.running = true;
+                    s.forced = false;
+                    s.last_attempt_ms = unix_now_ms();
+                    let work = pull_doc(
+                        state.clone(),
+                        dialer.clone(),
+                        *origin,
+                        resource.clone(),
+                        follow.clone(),
+                        bytes.clone(),
+                    );
+                    running.spawn(async move {
+                        let result = tokio::time::timeout(PULL_TIMEOUT, work)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(PullError::Timeout(format!(
+                                    "the pull took over {PULL_TIMEOUT:?}"
+                                )))
+                            });
+                        (id, result)
+                    });
+                } else if let Some(t) = s.next_attempt {
+                    wake_at = wake_at.min(t);
+                }
+            }
+        }
+        tokio::select! {
+            Some(joined) = running.join_next() => {
+                if let Ok((id, result)) = joined {
+                    record(&pulls, &schedule, id, result);
+                }
+            }
+            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = pulls.wake.notified() => {}
+            _ = follows_changed.changed() => {}
+        }
+    }
+}
+
+/// Records a finished pull and schedules the next one.
+fn record(pulls: &Pulls, schedule: &PullSchedule, id: FollowId, result: Result<Pulled, PullError>) {
+    let mut status = pulls.status.lock().expect("lock");
+    if let Some(s) = status.get_mut(&id) {
+        s.running = false;
+        match result {
+            Ok(pulled) => {
+                tracing::debug!(
+                    seq = pulled.seq,
+                    added = pulled.added,
+                    "pull verified and committed"
+                );
+                s.failures = 0;
+                s.last_error = None;
+                s.last_success_ms = unix_now_ms();
+            }
+            Err(e) => {
+                tracing::info!(origin = %hex::encode(&id.0[..8]), resource = %id.1, "pull failed: {e}");
+                s.failures = s.failures.saturating_add(1);
+                s.last_error = Some(e.to_string());
+            }
+        }
+        let delay = schedule.next_delay(s.failures, rand::random::<f64>());
+        s.next_attempt = Some(Instant::now() + delay);
+        s.next_attempt_ms = unix_now_ms() + delay.as_millis() as u64;
+    }
+    drop(status);
+    pulls.finished.send_modify(|n| *n += 1);
+}
