@@ -30,7 +30,7 @@ pub mod view;
 pub use name::DocName;
 pub use stored::{
     assemble, changes_in, parse_change, plan_changes, plan_compaction, plan_create, plan_delete,
-    plan_import, read_doc, ChangePlan, StoredDoc,
+    plan_import, read_doc, ChangePlan, Merged, StoredDoc,
 };
 
 use serde::{Deserialize, Serialize};

@@ -511,18 +511,44 @@ fn unchanged(doc: &Automerge) -> ChangePlan {
     }
 }
 
+/// A merge already done by whoever verified the changes: the merged document and the hashes
+/// of the changes it added.
+pub struct Merged {
+    pub doc: Automerge,
+    pub added: Vec<ChangeHash>,
+}
+
 /// Like [`plan_changes`], for changes pulled from another cluster (already verified against
 /// its signed manifest): any number of them. What fits one request is stored as changes;
 /// more is merged into `doc` and stored as one snapshot (so a first pull of a long history
-/// is one Raft entry, not thousands). The document must stay within [`MAX_DOC_BYTES`].
+/// is one Raft entry, not thousands). With `merged` (the same changes already merged into a
+/// copy of `doc` or of an older state of it), a large import uses that document as long as it
+/// holds every head of `doc`, instead of parsing and applying everything again. The document
+/// must stay within [`MAX_DOC_BYTES`].
 pub fn plan_import(
     stored: &StoredDoc,
     doc: &Automerge,
     changes: Vec<Vec<u8>>,
+    merged: Option<Merged>,
 ) -> Result<ChangePlan, DocError> {
     let total: usize = changes.iter().map(Vec::len).sum();
     if changes.len() <= MAX_CHANGES_PER_REQUEST && total <= MAX_REQUEST_BYTES {
         return plan_changes(stored, doc, changes);
+    }
+    if let Some(merged) = merged.filter(|m| {
+        doc.get_heads()
+            .iter()
+            .all(|h| m.doc.get_change_meta_by_hash(h).is_some())
+    }) {
+        let txn = snapshot_txn(stored, &merged.doc).ok_or_else(|| DocError::TooLarge {
+            len: stored.stored_bytes() + total,
+            max: MAX_DOC_BYTES,
+        })?;
+        return Ok(ChangePlan {
+            added: merged.added,
+            txn: Some(txn),
+            heads: merged.doc.get_heads().iter().map(|h| h.0).collect(),
+        });
     }
     let parsed = new_changes(doc, changes)?;
     if parsed.is_empty() {
@@ -621,7 +647,7 @@ mod tests {
         let doc = stored.load().unwrap();
         let mut origin = Automerge::new();
         let history = test_changes(&mut origin, 0, MAX_CHANGES_PER_REQUEST + 1);
-        let plan = plan_import(&stored, &doc, history.clone()).unwrap();
+        let plan = plan_import(&stored, &doc, history.clone(), None).unwrap();
         assert_eq!(plan.added.len(), MAX_CHANGES_PER_REQUEST + 1);
         assert_eq!(plan.heads, vec![origin.get_heads()[0].0]);
         let txn = plan.txn.unwrap();
@@ -638,14 +664,43 @@ mod tests {
         assert_eq!(loaded.get_heads(), origin.get_heads());
 
         // A short import is plain changes; a change with a missing dependency is refused.
-        let plan = plan_import(&stored, &doc, history[..3].to_vec()).unwrap();
+        let plan = plan_import(&stored, &doc, history[..3].to_vec(), None).unwrap();
         assert_eq!(plan.added.len(), 3);
         let mut gap = history.clone();
         gap.remove(1);
         assert!(matches!(
-            plan_import(&stored, &doc, gap),
+            plan_import(&stored, &doc, gap, None),
             Err(DocError::MissingDependencies { .. })
         ));
+    }
+
+    #[test]
+    fn an_import_reuses_a_merge_that_holds_the_document_and_redoes_one_that_does_not() {
+        let stored = empty_stored();
+        let doc = stored.load().unwrap();
+        let mut origin = Automerge::new();
+        let history = test_changes(&mut origin, 0, MAX_CHANGES_PER_REQUEST + 1);
+        let merged = Merged {
+            doc: origin.clone(),
+            added: vec![[1; 32]],
+        };
+        let plan = plan_import(&stored, &doc, history.clone(), Some(merged)).unwrap();
+        // The given merge was used as it is (its `added` passed through).
+        assert_eq!(plan.added, vec![[1; 32]]);
+        assert_eq!(plan.heads, vec![origin.get_heads()[0].0]);
+
+        // A merge that lacks a change the document has is not used.
+        let mut local = doc.clone();
+        let mine = test_changes(&mut local, 1000, 1);
+        let stored_local = test_doc([7; 16], None, mine);
+        let local = stored_local.load().unwrap();
+        let stale = Merged {
+            doc: origin.clone(),
+            added: vec![[1; 32]],
+        };
+        let plan = plan_import(&stored_local, &local, history, Some(stale)).unwrap();
+        assert_eq!(plan.added.len(), MAX_CHANGES_PER_REQUEST + 1);
+        assert_eq!(plan.heads.len(), 2, "both histories");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `aspen bench`: a load generator shaped like etcd's `benchmark` tool, plus transfer
 //! throughput (blobs, and raw iroh QUIC as the baseline) in [`transfer`].
 
+mod federation;
 mod transfer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     /// Raw iroh QUIC throughput, the baseline for `blob`: one stream between two endpoints
     /// in this process on 127.0.0.1 (no cluster needed).
     Quic(transfer::QuicBenchArgs),
+    /// Federation between two running clusters (--cluster follows --origin): first sync of a
+    /// long document history, and the time from an edit on the origin to its arrival.
+    Fed(federation::FedBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +66,7 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Doc(a) => return bench_doc(a).await,
         BenchCommand::Blob(a) => return transfer::bench_blob(a).await,
         BenchCommand::Quic(a) => return transfer::bench_quic(a).await,
+        BenchCommand::Fed(a) => return federation::bench_fed(a).await,
     };
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
         bail!("--clients, --conns, --total and --key-space must be at least 1");

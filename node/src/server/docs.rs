@@ -143,11 +143,13 @@ impl DocService {
     }
 
     /// Commits changes pulled from another cluster (verified by the caller) into document
-    /// `name`, creating it first if it does not exist. Returns the hashes added.
+    /// `name`, creating it first if it does not exist; `merged`: the caller's merge of them
+    /// (see [`aspen_crdt::plan_import`]). Returns the hashes added.
     pub async fn import(
         &self,
         name: &DocName,
         changes: Vec<Vec<u8>>,
+        merged: Option<aspen_crdt::Merged>,
     ) -> Result<Vec<[u8; 32]>, RpcError> {
         self.cluster.read_barrier().await?;
         let stored = match self.read_stored(name).await? {
@@ -166,7 +168,7 @@ impl DocService {
         let cache = self.cache.clone();
         let plan = tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
-            let plan = aspen_crdt::plan_import(&stored, &doc, changes);
+            let plan = aspen_crdt::plan_import(&stored, &doc, changes, merged);
             cache.keep(&stored, doc);
             plan
         })

@@ -399,7 +399,11 @@ async fn pull_doc(
         .await
         .map_err(|e| PullError::Commit(e.to_string()))?
         .unwrap_or_default();
+    let started = Instant::now();
     let conn = dialer.connect(&state, &origin, &follow).await?;
+    let dialed = started.elapsed();
+    let mut fetching = std::time::Duration::ZERO;
+    let mut applying = std::time::Duration::ZERO;
     let result = async {
         let mut pull = Some(DocPull::new(
             local,
@@ -415,6 +419,7 @@ async fn pull_doc(
                 )));
             }
             let have = pull.as_ref().expect("kept").have();
+            let t = Instant::now();
             let reply = exchange::<_, FedReply>(
                 &conn,
                 &FedCall::DocChanges {
@@ -436,6 +441,8 @@ async fn pull_doc(
                     )))
                 }
             };
+            fetching += t.elapsed();
+            let t = Instant::now();
             let signed = SignedManifest::decode(&manifest_bytes)?;
             let manifest = signed.verify(&origin, &resource)?;
             let hash = signed.hash();
@@ -455,6 +462,7 @@ async fn pull_doc(
             })
             .await
             .map_err(|e| PullError::Commit(format!("pull task failed: {e}")))??;
+            applying += t.elapsed();
             pull = Some(p);
             last = Some((manifest, signed));
             if !more {
@@ -464,23 +472,30 @@ async fn pull_doc(
         let (manifest, signed) = last.expect("at least one page");
         let p = pull.take().expect("kept");
         let finish_manifest = manifest.clone();
+        let t = Instant::now();
         let pulled = tokio::task::spawn_blocking(move || p.finish(&finish_manifest))
             .await
             .map_err(|e| PullError::Commit(format!("pull task failed: {e}")))?
             .map_err(data)?;
         let added = pulled.added.len();
         if added > 0 {
+            let hashes = pulled.added.iter().map(|c| c.hash().0).collect();
             let raw = pulled
                 .added
                 .into_iter()
                 .map(|c| c.raw_bytes().to_vec())
                 .collect();
+            let merged = aspen_crdt::Merged {
+                doc: pulled.doc,
+                added: hashes,
+            };
             state
                 .docs
-                .import(&into, raw)
+                .import(&into, raw, Some(merged))
                 .await
                 .map_err(|e| PullError::Commit(e.to_string()))?;
         }
+        let verifying = t.elapsed();
         let unchanged = accepted.as_ref().is_some_and(|(_, h)| *h == signed.hash());
         if !unchanged {
             let txn = SystemTxn {
@@ -507,7 +522,18 @@ async fn pull_doc(
                 ));
             }
         }
-        tracing::info!(%origin, %resource, seq = manifest.seq, added, "pulled");
+        tracing::info!(
+            %origin,
+            %resource,
+            seq = manifest.seq,
+            added,
+            dial_ms = dialed.as_millis() as u64,
+            fetch_ms = fetching.as_millis() as u64,
+            apply_ms = applying.as_millis() as u64,
+            verify_ms = verifying.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "pulled"
+        );
         Ok(Pulled {
             seq: manifest.seq,
             added,

@@ -166,11 +166,13 @@ impl ProtocolHandler for FederationOrigin {
 }
 
 async fn serve(state: &NodeState, caller: &ClusterKey, call: FedCall) -> FedReply {
-    tracing::debug!(%caller, %call, "federation request");
+    let started = std::time::Instant::now();
+    let what = call.to_string();
     let served = match call {
         FedCall::Manifest { resource } => manifest(state, caller, resource).await,
         FedCall::DocChanges { name, have } => doc_changes(state, caller, name, have).await,
     };
+    tracing::debug!(%caller, call = what, ms = started.elapsed().as_millis() as u64, ok = served.is_ok(), "federation request served");
     served.unwrap_or_else(FedReply::Error)
 }
 

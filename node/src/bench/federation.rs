@@ -1,0 +1,242 @@
+//! `aspen bench fed`: what following another cluster's document costs, between two running
+//! clusters (the follower is `--cluster`, the origin `--origin`):
+//!
+//! - first sync: a new document of `--changes` changes on the origin, followed by the
+//!   follower; the time from the follow to the follower's last pull having committed it;
+//! - arrival: single edits on the origin of a small followed document, and the time until the
+//!   follower holds each, once waiting for the follower's pull interval and once asking it to
+//!   pull at once (`fed sync`), which is what a push trigger would cost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aspen_client::{Client, ClusterTicket, Consistency, Resource};
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::{ClientArgs, Output};
+
+/// How long the bench waits for one sync or arrival before it gives up.
+const WAIT_LIMIT: Duration = Duration::from_secs(300);
+/// How often the follower is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Args, Debug)]
+pub struct FedBenchArgs {
+    /// The origin cluster's ticket.
+    #[arg(long, value_name = "TICKET")]
+    pub origin: String,
+    /// The identity (key file) to use on the origin (an admin there: it creates documents
+    /// and exports them).
+    #[arg(long, value_name = "FILE")]
+    pub origin_identity: PathBuf,
+    /// Changes in the document of the first sync (one actor, one change per key write).
+    #[arg(long, default_value_t = 100_000)]
+    pub changes: usize,
+    /// Edits whose arrival is timed, each way.
+    #[arg(long, default_value_t = 20)]
+    pub edits: usize,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub async fn bench_fed(args: FedBenchArgs) -> Result<()> {
+    if args.changes == 0 || args.edits == 0 {
+        bail!("--changes and --edits must be at least 1");
+    }
+    let follower = args.client.client().await?;
+    let origin_ticket: ClusterTicket = args
+        .origin
+        .trim()
+        .parse()
+        .context("--origin is not a cluster ticket")?;
+    let mut origin_options = args.client.options().await?;
+    let key = crate::cli::auth::load_identity(Some(args.origin_identity.clone())).await?;
+    origin_options.identity = Some(iroh::SecretKey::from_bytes(&key.secret_bytes()));
+    let origin = Client::connect_with(origin_ticket.clone(), origin_options).await?;
+    let origin_key = origin.identity().await?.1.cluster_key;
+    let follower_key = follower.identity().await?.1.cluster_key;
+    let tag = format!("{:08x}", rand::random::<u32>());
+
+    // First sync of a long history.
+    let big = format!("bench/fed-{tag}");
+    eprintln!("writing {} changes to {big} on the origin...", args.changes);
+    origin.doc_create(&big).await?;
+    for batch in history(args.changes).chunks(aspen_crdt::limits::MAX_CHANGES_PER_REQUEST) {
+        origin.doc_apply(&big, batch.to_vec()).await?;
+    }
+    let big_heads = heads(&origin.doc_get(&big, Consistency::Linearizable).await?);
+    origin
+        .fed_export(Resource::doc(&big), vec![follower_key], false)
+        .await?;
+    let started = Instant::now();
+    follower
+        .fed_follow(
+            origin_key,
+            Resource::doc(&big),
+            Some(big.clone()),
+            origin_ticket.members.clone(),
+        )
+        .await?;
+    wait_for_pull(&follower, origin_key, &Resource::doc(&big)).await?;
+    let first_sync = started.elapsed();
+    let pulled = heads(&follower.doc_get(&big, Consistency::Serializable).await?);
+    if pulled != big_heads {
+        bail!("the follower's copy of {big} does not have the origin's heads");
+    }
+
+    // Arrival of single edits.
+    let small = format!("bench/fed-{tag}-edits");
+    origin.doc_create(&small).await?;
+    origin
+        .fed_export(Resource::doc(&small), vec![follower_key], false)
+        .await?;
+    follower
+        .fed_follow(
+            origin_key,
+            Resource::doc(&small),
+            Some(small.clone()),
+            origin_ticket.members.clone(),
+        )
+        .await?;
+    let mut by_interval = Vec::new();
+    let mut by_sync = Vec::new();
+    for round in 0..2 * args.edits {
+        let changed = origin
+            .doc_change(&small, None, move |tx| {
+                use automerge::transaction::Transactable;
+                tx.put(automerge::ROOT, "round", round as i64).map(|_| ())
+            })
+            .await?
+            .context("an edit changed nothing")?;
+        let t = Instant::now();
+        let want: Vec<[u8; 32]> = sorted(changed.heads.iter().map(|h| h.0).collect());
+        let synced = round % 2 == 1;
+        if synced {
+            follower
+                .fed_sync(Some(origin_key), Some(Resource::doc(&small)))
+                .await?;
+        }
+        wait_for_heads(&follower, &small, &want).await?;
+        if synced {
+            by_sync.push(t.elapsed());
+        } else {
+            by_interval.push(t.elapsed());
+        }
+    }
+    for name in [&big, &small] {
+        let _ = follower
+            .fed_unfollow(origin_key, Resource::doc(name.as_str()))
+            .await;
+        let _ = origin
+            .fed_unexport(Resource::doc(name.as_str()), vec![], false, true)
+            .await;
+        let _ = origin.doc_delete(name).await;
+        let _ = follower.doc_delete(name).await;
+    }
+    origin.close().await;
+    follower.close().await;
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        ms(v[((v.len() - 1) as f64 * p).round() as usize])
+    };
+    let (i50, i99) = (pct(&mut by_interval, 0.5), pct(&mut by_interval, 0.99));
+    let (s50, s99) = (pct(&mut by_sync, 0.5), pct(&mut by_sync, 0.99));
+    match args.client.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "changes": args.changes,
+                "first_sync_ms": ms(first_sync),
+                "changes_per_sec": args.changes as f64 / first_sync.as_secs_f64(),
+                "arrival_by_interval_ms": { "p50": i50, "p99": i99, "n": by_interval.len() },
+                "arrival_by_sync_ms": { "p50": s50, "p99": s99, "n": by_sync.len() },
+            })
+        ),
+        Output::Text => {
+            println!(
+                "first sync of {} changes: {:.0} ms ({:.0} changes/s)",
+                args.changes,
+                ms(first_sync),
+                args.changes as f64 / first_sync.as_secs_f64()
+            );
+            println!(
+                "edit -> follower, waiting for its pull interval: p50 {i50:.0} ms, p99 {i99:.0} ms ({} edits)",
+                by_interval.len()
+            );
+            println!(
+                "edit -> follower, with `fed sync`:              p50 {s50:.1} ms, p99 {s99:.1} ms ({} edits)",
+                by_sync.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `n` changes of one actor, each setting one of 100 keys.
+fn history(n: usize) -> Vec<Vec<u8>> {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::Automerge::new();
+    (0..n)
+        .map(|i| {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, format!("k{}", i % 100), i as i64)
+                .expect("a put on the root");
+            tx.commit();
+            doc.get_last_local_change()
+                .expect("just committed")
+                .raw_bytes()
+                .to_vec()
+        })
+        .collect()
+}
+
+fn heads(doc: &automerge::Automerge) -> Vec<[u8; 32]> {
+    sorted(doc.get_heads().iter().map(|h| h.0).collect())
+}
+
+fn sorted(mut v: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
+    v.sort();
+    v
+}
+
+/// Polls the follower's status until its first pull of `resource` committed.
+async fn wait_for_pull(follower: &Client, origin: [u8; 32], resource: &Resource) -> Result<()> {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        let follows = follower.fed_follows().await?;
+        let follow = follows
+            .iter()
+            .find(|f| f.origin == origin && &f.resource == resource)
+            .context("the follow disappeared")?;
+        if follow.last_success_ms > 0 {
+            return Ok(());
+        }
+        if let Some(e) = &follow.last_error {
+            bail!("the pull failed: {e}");
+        }
+        if Instant::now() > deadline {
+            bail!("no pull of {resource} within {WAIT_LIMIT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls the follower until document `name` has `want` as its heads.
+async fn wait_for_heads(follower: &Client, name: &str, want: &[[u8; 32]]) -> Result<()> {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    loop {
+        if let Ok(doc) = follower.doc_get(name, Consistency::Serializable).await {
+            if heads(&doc) == want {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not reach the origin's heads within {WAIT_LIMIT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
