@@ -35,7 +35,8 @@ pub const DEFAULT_DOC_PREFIX: &str = "fed/";
 /// One follow (the value under its key).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Follow {
-    /// Where pulled data goes locally: the document name for a document.
+    /// Where pulled data goes locally: the document name for a document, the tag prefix
+    /// the origin's tags are put under for blobs.
     pub into: String,
     /// Origin nodes to try before (and besides) the origin's DHT record.
     pub hints: Vec<Hint>,
@@ -86,8 +87,9 @@ impl Follow {
 }
 
 /// The local name a followed resource goes to: `into` if given, else a name that says where
-/// it came from (`fed/<first 16 hex digits of the origin key>/<name>` for a document).
-/// Checks what can be checked here: only documents can be followed so far.
+/// it came from: `fed/<first 16 hex digits of the origin key>/<name>` (a document name, or
+/// for blobs the local tag prefix the origin's tags are put under). Namespaces cannot be
+/// followed yet.
 pub fn local_name(
     origin: &ClusterKey,
     resource: &Resource,
@@ -96,7 +98,7 @@ pub fn local_name(
     resource
         .check()
         .map_err(|e| FollowError::BadResource(e.to_string()))?;
-    if resource.kind != ResourceKind::Doc {
+    if resource.kind == ResourceKind::Ns {
         return Err(FollowError::Unsupported(resource.kind));
     }
     Ok(match into {
@@ -170,7 +172,7 @@ pub fn parse_follow_key(key: &[u8]) -> Result<(ClusterKey, Resource), FollowErro
 pub enum FollowError {
     #[error("bad resource: {0}")]
     BadResource(String),
-    #[error("following a {0} is not supported yet (documents are)")]
+    #[error("following a {0} is not supported yet (documents and blobs are)")]
     Unsupported(ResourceKind),
     #[error("{count} dialing hints exceed the limit of {max}")]
     TooManyHints { count: usize, max: usize },
@@ -228,9 +230,13 @@ mod tests {
             local_name(&o, &Resource::doc("plans"), Some("mine")).unwrap(),
             "mine"
         );
+        assert_eq!(
+            local_name(&o, &Resource::blob("p/"), None).unwrap(),
+            format!("fed/{}/p/", &o.to_string()[..16])
+        );
         assert!(matches!(
-            local_name(&o, &Resource::blob("p/"), None),
-            Err(FollowError::Unsupported(ResourceKind::Blob))
+            local_name(&o, &Resource::ns(&[1; 32]), None),
+            Err(FollowError::Unsupported(ResourceKind::Ns))
         ));
         assert!(local_name(&o, &Resource::doc(""), None).is_err());
     }

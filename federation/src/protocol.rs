@@ -30,6 +30,8 @@ pub const MAX_CALL_FRAME: usize = 64 * 1024;
 /// Most raw change bytes one [`FedReply::DocChanges`] page carries (a single larger change,
 /// at most 1 MiB, is sent alone).
 pub const MAX_CHANGES_PAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Most tags one [`FedReply::BlobTags`] lists (export a narrower prefix for more).
+pub const MAX_FED_TAGS: usize = 10_000;
 /// Largest reply frame: a page of changes, its framing and a manifest.
 pub const MAX_REPLY_FRAME: usize = MAX_CHANGES_PAGE_BYTES + 1024 * 1024;
 
@@ -57,6 +59,10 @@ pub enum FedCall {
     /// The changes of document `name` that a follower holding `have` lacks, with the signed
     /// manifest of the state they come from. → [`FedReply::DocChanges`]
     DocChanges { name: String, have: Vec<[u8; 32]> },
+    /// The tags under an exported prefix and the blobs they name, with the signed manifest
+    /// of that list. The blobs themselves are then fetched over iroh-blobs (verified
+    /// streaming), which admits the caller's node for them. → [`FedReply::BlobTags`]
+    BlobTags { prefix: String },
 }
 
 /// The answer to a [`FedCall`].
@@ -72,6 +78,12 @@ pub enum FedReply {
         more: bool,
     },
     Error(FedError),
+    /// Every tag under the prefix and the blob it names (sorted by tag, at most
+    /// [`MAX_FED_TAGS`]); `manifest` pins the list ([`aspen_sync::BlobTagList::digest`]).
+    BlobTags {
+        manifest: Vec<u8>,
+        tags: Vec<(String, [u8; 32])>,
+    },
 }
 
 /// Why a federation request was refused or failed. Wire tags are stable: append only.
@@ -145,6 +157,9 @@ impl fmt::Display for FedCall {
                 name.escape_default(),
                 have.len()
             ),
+            FedCall::BlobTags { prefix } => {
+                write!(f, "tags under blob:{}", prefix.escape_default())
+            }
         }
     }
 }
@@ -199,6 +214,17 @@ mod tests {
             [vec![1, 1, b'd', 1], vec![7; 32]].concat()
         );
         assert_eq!(encoded(&FedReply::Manifest(vec![5])), vec![0, 1, 5]);
+        assert_eq!(
+            encoded(&FedCall::BlobTags { prefix: "p".into() }),
+            vec![2, 1, b'p']
+        );
+        assert_eq!(
+            encoded(&FedReply::BlobTags {
+                manifest: vec![5],
+                tags: vec![("t".into(), [4; 32])]
+            }),
+            [vec![3, 1, 5, 1, 1, b't'], vec![4; 32]].concat()
+        );
         assert_eq!(
             encoded(&FedReply::DocChanges {
                 manifest: vec![5],

@@ -238,6 +238,9 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
         } => {
             let resource = resource.resource()?;
             let (origin, hints) = origin_of(&origin, &client).await?;
+            if c.identity().await?.1.cluster_key == origin {
+                bail!("that is this cluster's own key: follow another cluster's resources");
+            }
             c.fed_follow(origin, resource.clone(), into, hints).await?;
             done(client.output, "following", &resource);
         }

@@ -223,7 +223,7 @@ impl BlobService {
     }
 
     /// The size of `hash` if the local store has every chunk of it.
-    async fn complete_size(&self, hash: &BlobHash) -> Result<Option<u64>, BlobError> {
+    pub(super) async fn complete_size(&self, hash: &BlobHash) -> Result<Option<u64>, BlobError> {
         match self.store.blobs().status(Hash::from(*hash)).await {
             Ok(BlobStatus::Complete { size }) => Ok(Some(size)),
             Ok(_) => Ok(None),
@@ -391,7 +391,7 @@ impl BlobService {
     }
 
     /// The hash `tag` names in this node's state, if any.
-    async fn tag_target(&self, tag: &TagName) -> Result<Option<BlobHash>, RpcError> {
+    pub(super) async fn tag_target(&self, tag: &TagName) -> Result<Option<BlobHash>, RpcError> {
         let key = tag_key(tag);
         let value = self.cluster.sm.system_view(move |v| v.get(&key)).await?;
         value
@@ -506,6 +506,18 @@ impl BlobService {
             }
         };
         let previous = self.tag_target(&tag).await?;
+        self.record_tag(&tag, hash, size).await?;
+        Ok(BlobResponse::Tagged { previous })
+    }
+
+    /// Points `tag` at `hash`, which this node holds completely (`size` bytes), and records
+    /// this node as a holder, through Raft.
+    pub(super) async fn record_tag(
+        &self,
+        tag: &TagName,
+        hash: BlobHash,
+        size: u64,
+    ) -> Result<(), RpcError> {
         let now_ms = super::identity::unix_now() * 1000;
         self.cluster
             .propose_system_txn(SystemTxn {
@@ -520,7 +532,7 @@ impl BlobService {
                         },
                     ),
                     put_tag(
-                        &tag,
+                        tag,
                         &TagRecord {
                             hash,
                             size,
@@ -530,8 +542,8 @@ impl BlobService {
                 ],
             })
             .await?;
-        blobs.wake.notify_one();
-        Ok(BlobResponse::Tagged { previous })
+        self.wake.notify_one();
+        Ok(())
     }
 
     async fn untag(&self, tag: String) -> Result<BlobResponse, RpcError> {

@@ -11,7 +11,9 @@
 //!   `Peers::serve`.)
 //! - [`GatedBlobs`] then decides every iroh-blobs request of a non-member by its hash: the
 //!   caller must be allowed to read a tag that names the blob, or the blob must be the content
-//!   of an entry of a namespace the caller may read. Requests for the children of a hash
+//!   of an entry of a namespace the caller may read, or the caller is a node of another
+//!   cluster that proved it in a federation hello and a tag naming the blob is under a blob
+//!   prefix exported to that cluster. Requests for the children of a hash
 //!   sequence and pushes are refused.
 //!
 //! - [`GatedDocs`] serves members' iroh-docs syncs through the engine (live sync, as iroh-docs
@@ -289,8 +291,50 @@ impl NodeState {
         {
             return true;
         }
+        // Nodes of another cluster that proved it over the federation protocol fetch the
+        // blobs exported to that cluster (each blob is then decided by its tags).
+        if alpn == iroh_blobs::ALPN
+            && self
+                .fed
+                .peers
+                .cluster_of(peer.as_bytes(), super::identity::unix_now())
+                .is_some()
+        {
+            return true;
+        }
         // Peers named in a hosted namespace's ticket (its origin, for an imported one).
         self.namespaces.ticket_peers().contains(peer.as_bytes())
+    }
+
+    /// Whether some tag naming `hash` is under a blob prefix exported to `cluster`.
+    async fn blob_exported_to(&self, cluster: &aspen_trust::ClusterKey, hash: &[u8; 32]) -> bool {
+        let prefix = aspen_federation::export_key(&aspen_sync::Resource::blob(""));
+        let Ok(exports) = self
+            .cluster
+            .sm
+            .system_scan(prefix.clone(), aspen_federation::MAX_EXPORTS + 1)
+            .await
+        else {
+            return false;
+        };
+        let allowed: Vec<String> = exports
+            .iter()
+            .filter_map(|(key, value)| {
+                let export = aspen_federation::Export::decode(value).ok()?;
+                let resource = aspen_federation::resource_of_key(key).ok()?;
+                export.allows(&cluster.to_bytes()).then_some(resource.name)
+            })
+            .collect();
+        if allowed.is_empty() {
+            return false;
+        }
+        let Ok(index) = self.blobs.blob_index().await else {
+            return false;
+        };
+        index
+            .tags_of(hash)
+            .iter()
+            .any(|t| allowed.iter().any(|p| t.as_str().starts_with(p.as_str())))
     }
 
     /// Whether non-member `peer` may fetch the blob `hash`: it may read a tag naming it, or
@@ -298,6 +342,15 @@ impl NodeState {
     pub async fn peer_may_read_blob(&self, peer: &EndpointId, hash: &[u8; 32]) -> bool {
         if self.is_member_key(peer.as_bytes()) {
             return true;
+        }
+        let proved = self
+            .fed
+            .peers
+            .cluster_of(peer.as_bytes(), super::identity::unix_now());
+        if let Some(cluster) = proved {
+            if self.blob_exported_to(&cluster, hash).await {
+                return true;
+            }
         }
         let caller = super::auth::Caller::new(*peer.as_bytes());
         let access = self.grant_access(&caller);

@@ -527,3 +527,86 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         ep.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_blob_prefix_arrives_verified_under_the_origins_name() {
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--fed-pull-interval-ms", "300"];
+    let a = form(&root.path().join("a"), 1, &args).await;
+    let b = form(&root.path().join("b"), 1, &args).await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    let files = root.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let add = |name: &str, bytes: Vec<u8>| {
+        let path = files.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let a_client = a_client.clone();
+        let tag = name.replace('_', "/");
+        async move {
+            a_client
+                .blob_add_file(&path, Some(&tag), |_| {})
+                .await
+                .unwrap()
+                .hash
+        }
+    };
+    let site_a = add("site_a", vec![1; 300_000]).await;
+    let site_b = add("site_b", b"hello".to_vec()).await;
+    add("other_c", b"not exported".to_vec()).await;
+    a_client
+        .fed_export(Resource::blob("site/"), vec![b_key], false)
+        .await
+        .unwrap();
+    b_client
+        .fed_follow(
+            a_key,
+            Resource::blob("site/"),
+            None,
+            vec![a[0].ticket.clone()],
+        )
+        .await
+        .unwrap();
+    let local = format!("fed/{}/", &hex::encode(a_key)[..16]);
+    let tags_on_b = || async {
+        let (tags, _) = b_client
+            .blob_list(None, 1000, Consistency::Linearizable)
+            .await
+            .ok()?;
+        Some(
+            tags.into_iter()
+                .map(|t| (t.tag, t.hash))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+    };
+    let want = std::collections::BTreeMap::from([
+        (format!("{local}site/a"), site_a),
+        (format!("{local}site/b"), site_b),
+    ]);
+    wait_until_or_dump("the exported tags to reach B", &a, || async {
+        (tags_on_b().await? == want).then_some(())
+    })
+    .await;
+    // B serves the bytes itself (verified on the way out).
+    let out = root.path().join("out");
+    b_client
+        .blob_get_to_file(site_a, &out, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), vec![1; 300_000]);
+
+    // Later tags under the prefix follow.
+    let site_d = add("site_d", b"later".to_vec()).await;
+    let mut want = want;
+    want.insert(format!("{local}site/d"), site_d);
+    wait_until_or_dump("a later tag to reach B", &b, || async {
+        (tags_on_b().await? == want).then_some(())
+    })
+    .await;
+    let follows = b_client.fed_follows().await.unwrap();
+    assert!(follows[0].seq >= 2, "{follows:?}");
+    assert!(follows[0].last_error.is_none(), "{follows:?}");
+    a_client.close().await;
+    b_client.close().await;
+}

@@ -27,12 +27,14 @@ use aspen_crdt::DocName;
 use aspen_discovery::Resolver;
 use aspen_federation::{
     check_welcome, follow_state_key, parse_follow_key, FedCall, FedError, FedReply, Follow, Hello,
-    HelloReply, PullSchedule, FEDERATION_ALPN, FOLLOW_PREFIX, MAX_CALL_FRAME, MAX_FOLLOWS,
-    MAX_REPLY_FRAME,
+    HelloReply, PullSchedule, FEDERATION_ALPN, FOLLOW_PREFIX, MAX_CALL_FRAME, MAX_FED_TAGS,
+    MAX_FOLLOWS, MAX_REPLY_FRAME,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_sync::doc_exchange::{DocPull, ExchangeError};
-use aspen_sync::{check_successor, Manifest, ManifestError, Resource, SignedManifest};
+use aspen_sync::{
+    check_successor, BlobTagList, Manifest, ManifestError, Resource, ResourceKind, SignedManifest,
+};
 use aspen_trust::ClusterKey;
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr};
@@ -228,6 +230,15 @@ impl Dialer {
         Err(PullError::Unreachable(problems.join("; ")))
     }
 
+    /// The address of the origin node that answered last.
+    fn address_of(&self, origin: &ClusterKey) -> Option<EndpointAddr> {
+        self.last_good
+            .lock()
+            .expect("lock")
+            .get(&origin.to_bytes())
+            .cloned()
+    }
+
     /// Connects, says hello, and checks the node answering is a member of `origin`.
     async fn dial(
         &self,
@@ -373,6 +384,191 @@ pub fn summary(
     }
 }
 
+/// Records `signed` as the last manifest accepted for a follow (unless it already is), on
+/// the condition that the follow and the previous state are unchanged.
+async fn record_manifest(
+    state: &NodeState,
+    origin: &ClusterKey,
+    resource: &Resource,
+    follow_bytes: Vec<u8>,
+    stored_state: Option<Vec<u8>>,
+    accepted: Option<&(Manifest, [u8; 32])>,
+    signed: &SignedManifest,
+) -> Result<(), PullError> {
+    if accepted.is_some_and(|(_, h)| *h == signed.hash()) {
+        return Ok(());
+    }
+    let txn = SystemTxn {
+        require: vec![
+            (
+                aspen_federation::follow_key(origin, resource),
+                Some(follow_bytes),
+            ),
+            (follow_state_key(origin, resource), stored_state),
+        ],
+        writes: vec![SystemOp::Put {
+            key: follow_state_key(origin, resource),
+            value: signed.encode(),
+        }],
+    };
+    if !state
+        .cluster
+        .propose_system_txn(txn)
+        .await
+        .map_err(|e| PullError::Commit(e.to_string()))?
+    {
+        return Err(PullError::Commit(
+            "the follow changed while pulling; pulled again next time".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Pulls one follow, by the kind of its resource.
+async fn pull(
+    state: Arc<NodeState>,
+    dialer: Arc<Dialer>,
+    origin: ClusterKey,
+    resource: Resource,
+    follow: Follow,
+    follow_bytes: Vec<u8>,
+) -> Result<Pulled, PullError> {
+    match resource.kind {
+        ResourceKind::Doc => pull_doc(state, dialer, origin, resource, follow, follow_bytes).await,
+        ResourceKind::Blob => {
+            pull_blobs(state, dialer, origin, resource, follow, follow_bytes).await
+        }
+        ResourceKind::Ns => Err(PullError::Commit(
+            "following a namespace is not supported yet".into(),
+        )),
+    }
+}
+
+/// Pulls a followed blob prefix: the origin's signed tag list, then every blob this cluster
+/// lacks over iroh-blobs (verified streaming; an interrupted fetch resumes from the data
+/// already verified), each tagged here under the follow's local prefix through Raft. Tags
+/// the origin removed stay here.
+async fn pull_blobs(
+    state: Arc<NodeState>,
+    dialer: Arc<Dialer>,
+    origin: ClusterKey,
+    resource: Resource,
+    follow: Follow,
+    follow_bytes: Vec<u8>,
+) -> Result<Pulled, PullError> {
+    let started = Instant::now();
+    let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, &resource)
+        .await
+        .map_err(PullError::Commit)?;
+    let conn = dialer.connect(&state, &origin, &follow).await?;
+    let addr = dialer
+        .address_of(&origin)
+        .ok_or_else(|| PullError::Unreachable("no address for the origin".into()))?;
+    let reply = exchange::<_, FedReply>(
+        &conn,
+        &FedCall::BlobTags {
+            prefix: resource.name.clone(),
+        },
+    )
+    .await;
+    conn.close(0u32.into(), b"pull done");
+    let (manifest_bytes, tags) = match reply? {
+        FedReply::BlobTags { manifest, tags } => (manifest, tags),
+        FedReply::Error(e) => return Err(PullError::Refused(e)),
+        other => {
+            return Err(PullError::Protocol(format!(
+                "expected a tag list, got {other:?}"
+            )))
+        }
+    };
+    let signed = SignedManifest::decode(&manifest_bytes)?;
+    let manifest = signed.verify(&origin, &resource)?;
+    check_successor(
+        accepted.as_ref().map(|(m, h)| (m, *h)),
+        &manifest,
+        signed.hash(),
+    )?;
+    if tags.len() > MAX_FED_TAGS {
+        return Err(PullError::Data(format!(
+            "{} tags, the limit is {MAX_FED_TAGS}",
+            tags.len()
+        )));
+    }
+    let list = BlobTagList::new(tags).map_err(|e| PullError::Data(e.to_string()))?;
+    if list.digest() != manifest.digest {
+        return Err(PullError::Data(
+            "the tag list does not match the signed manifest".into(),
+        ));
+    }
+    let mut added = 0;
+    let mut bytes = 0u64;
+    for (tag, hash) in list.entries() {
+        let suffix = tag.strip_prefix(resource.name.as_str()).ok_or_else(|| {
+            PullError::Data(format!("tag {tag:?} is not under the followed prefix"))
+        })?;
+        let local = aspen_blobs::TagName::new(format!("{}{suffix}", follow.into))
+            .map_err(|e| PullError::Data(format!("tag {tag:?}: {e}")))?;
+        let commit = |e: aspen_client::protocol::RpcError| PullError::Commit(e.to_string());
+        if state.blobs.tag_target(&local).await.map_err(commit)? == Some(*hash) {
+            continue;
+        }
+        let size = match state
+            .blobs
+            .complete_size(hash)
+            .await
+            .map_err(|e| PullError::Commit(e.to_string()))?
+        {
+            Some(size) => size,
+            None => match state
+                .blobs
+                .fetch_blob_from(hash, addr.clone())
+                .await
+                .map_err(commit)?
+            {
+                Ok(size) => {
+                    bytes += size;
+                    size
+                }
+                Err(reason) => {
+                    return Err(PullError::Data(format!(
+                        "blob {} of tag {tag:?}: {reason}",
+                        hex::encode(hash)
+                    )))
+                }
+            },
+        };
+        state
+            .blobs
+            .record_tag(&local, *hash, size)
+            .await
+            .map_err(commit)?;
+        added += 1;
+    }
+    record_manifest(
+        &state,
+        &origin,
+        &resource,
+        follow_bytes,
+        stored_state,
+        accepted.as_ref(),
+        &signed,
+    )
+    .await?;
+    tracing::info!(
+        %origin,
+        %resource,
+        seq = manifest.seq,
+        added,
+        bytes,
+        total_ms = started.elapsed().as_millis() as u64,
+        "pulled"
+    );
+    Ok(Pulled {
+        seq: manifest.seq,
+        added,
+    })
+}
+
 /// Pulls one followed document (see the module docs).
 async fn pull_doc(
     state: Arc<NodeState>,
@@ -496,32 +692,16 @@ async fn pull_doc(
                 .map_err(|e| PullError::Commit(e.to_string()))?;
         }
         let verifying = t.elapsed();
-        let unchanged = accepted.as_ref().is_some_and(|(_, h)| *h == signed.hash());
-        if !unchanged {
-            let txn = SystemTxn {
-                require: vec![
-                    (
-                        aspen_federation::follow_key(&origin, &resource),
-                        Some(follow_bytes),
-                    ),
-                    (follow_state_key(&origin, &resource), stored_state),
-                ],
-                writes: vec![SystemOp::Put {
-                    key: follow_state_key(&origin, &resource),
-                    value: signed.encode(),
-                }],
-            };
-            if !state
-                .cluster
-                .propose_system_txn(txn)
-                .await
-                .map_err(|e| PullError::Commit(e.to_string()))?
-            {
-                return Err(PullError::Commit(
-                    "the follow changed while pulling; pulled again next time".into(),
-                ));
-            }
-        }
+        record_manifest(
+            &state,
+            &origin,
+            &resource,
+            follow_bytes,
+            stored_state,
+            accepted.as_ref(),
+            &signed,
+        )
+        .await?;
         tracing::info!(
             %origin,
             %resource,
@@ -604,7 +784,7 @@ pub async fn run(
                     s.running = true;
                     s.forced = false;
                     s.last_attempt_ms = unix_now_ms();
-                    let work = pull_doc(
+                    let work = pull(
                         state.clone(),
                         dialer.clone(),
                         *origin,
@@ -635,7 +815,7 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(wake_at) => {}
             _ = pulls.wake.notified() => {}
-            _ = follows_changed.changed() => {}
+            Ok(()) = follows_changed.changed() => {}
         }
     }
 }

@@ -36,6 +36,40 @@ pub struct FedService {
     cluster: ClusterHandle,
     /// The leader's pull status, shared with the follower task.
     pub pulls: Arc<Pulls>,
+    /// Nodes of other clusters that proved their cluster in a federation hello.
+    pub peers: FedPeers,
+}
+
+/// Most federation peers remembered at once (expired ones make room first).
+pub const MAX_FED_PEERS: usize = 4096;
+
+/// Nodes of other clusters that proved, in a federation hello, which cluster they speak
+/// for, until their certificate expires: the blob gate admits them for the blobs of tags
+/// exported to that cluster (they fetch them over iroh-blobs, which carries no certificate).
+#[derive(Default)]
+pub struct FedPeers(std::sync::Mutex<std::collections::HashMap<[u8; 32], (ClusterKey, u64)>>);
+
+impl FedPeers {
+    pub fn remember(&self, node: [u8; 32], cluster: ClusterKey, expires_at: u64, now: u64) {
+        let mut peers = self.0.lock().expect("lock");
+        if peers.len() >= MAX_FED_PEERS && !peers.contains_key(&node) {
+            peers.retain(|_, (_, expires)| *expires > now);
+            if peers.len() >= MAX_FED_PEERS {
+                return;
+            }
+        }
+        peers.insert(node, (cluster, expires_at));
+    }
+
+    /// The cluster `node` proved, if its proof is still valid at `now`.
+    pub fn cluster_of(&self, node: &[u8; 32], now: u64) -> Option<ClusterKey> {
+        self.0
+            .lock()
+            .expect("lock")
+            .get(node)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(cluster, _)| *cluster)
+    }
 }
 
 impl FedService {
@@ -43,6 +77,7 @@ impl FedService {
         FedService {
             cluster,
             pulls: Default::default(),
+            peers: Default::default(),
         }
     }
 
@@ -98,7 +133,15 @@ impl FedService {
         let origin = origin_key(&origin)?;
         let into = local_name(&origin, &resource, into.as_deref())
             .map_err(|e| RpcError::BadRequest(e.to_string()))?;
-        aspen_crdt::DocName::new(into.clone())?;
+        match resource.kind {
+            aspen_sync::ResourceKind::Doc => {
+                aspen_crdt::DocName::new(into.clone())?;
+            }
+            _ => {
+                // A prefix: with one more character it must make a valid tag.
+                aspen_blobs::TagName::new(format!("{into}x"))?;
+            }
+        }
         if hints.len() > aspen_federation::follows::MAX_HINTS {
             return Err(RpcError::BadRequest(format!(
                 "{} origin nodes named; the limit is {}",

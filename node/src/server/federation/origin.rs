@@ -20,11 +20,11 @@ use aspen_client::wire::{read_frame, write_frame};
 use aspen_crdt::DocName;
 use aspen_federation::{
     caller_cluster, export_key, origin_manifest_key, Export, FedCall, FedError, FedReply, Hello,
-    HelloReply, MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_REPLY_FRAME,
+    HelloReply, MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_FED_TAGS, MAX_REPLY_FRAME,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_sync::doc_exchange::{changes_since, MAX_HAVE};
-use aspen_sync::{ContentDigest, Manifest, Resource, SignedManifest};
+use aspen_sync::{BlobTagList, ContentDigest, Manifest, Resource, SignedManifest};
 use aspen_trust::ClusterKey;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
@@ -104,6 +104,12 @@ impl FederationOrigin {
         };
         match reply {
             Ok((cluster, welcome)) => {
+                if let Ok(cert) = aspen_trust::NodeCertificate::decode(&hello.certificate) {
+                    self.state
+                        .fed
+                        .peers
+                        .remember(remote, cluster, cert.expires_at, unix_now());
+                }
                 if write_frame(&mut send, &welcome, MAX_REPLY_FRAME)
                     .await
                     .is_err()
@@ -171,6 +177,7 @@ async fn serve(state: &NodeState, caller: &ClusterKey, call: FedCall) -> FedRepl
     let served = match call {
         FedCall::Manifest { resource } => manifest(state, caller, resource).await,
         FedCall::DocChanges { name, have } => doc_changes(state, caller, name, have).await,
+        FedCall::BlobTags { prefix } => blob_tags(state, caller, prefix).await,
     };
     tracing::debug!(%caller, call = what, ms = started.elapsed().as_millis() as u64, ok = served.is_ok(), "federation request served");
     served.unwrap_or_else(FedReply::Error)
@@ -222,6 +229,7 @@ async fn manifest(
                 .ok_or_else(|| FedError::NotFound(resource.to_string()))?;
             ContentDigest::heads(heads)
         }
+        aspen_sync::ResourceKind::Blob => tag_list(state, &resource.name).await?.digest(),
         kind => {
             return Err(FedError::BadRequest(format!(
                 "serving {kind} resources is not supported yet"
@@ -277,6 +285,40 @@ async fn doc_changes(
         manifest: signed.encode(),
         changes: page.changes,
         more: page.more,
+    })
+}
+
+/// The tags under `prefix` and the blobs they name (at most [`MAX_FED_TAGS`]).
+async fn tag_list(state: &NodeState, prefix: &str) -> Result<BlobTagList, FedError> {
+    let index = state.blobs.blob_index().await.map_err(internal)?;
+    let entries: Vec<(String, [u8; 32])> = index
+        .tags
+        .iter()
+        .filter(|(tag, _)| tag.as_str().starts_with(prefix))
+        .take(MAX_FED_TAGS + 1)
+        .map(|(tag, record)| (tag.as_str().to_string(), record.hash))
+        .collect();
+    if entries.len() > MAX_FED_TAGS {
+        return Err(FedError::BadRequest(format!(
+            "more than {MAX_FED_TAGS} tags under blob:{}; export narrower prefixes",
+            prefix.escape_default()
+        )));
+    }
+    BlobTagList::new(entries).map_err(internal)
+}
+
+async fn blob_tags(
+    state: &NodeState,
+    caller: &ClusterKey,
+    prefix: String,
+) -> Result<FedReply, FedError> {
+    let resource = Resource::blob(prefix);
+    check_export(state, caller, &resource).await?;
+    let list = tag_list(state, &resource.name).await?;
+    let signed = current_manifest(state, &resource, list.digest()).await?;
+    Ok(FedReply::BlobTags {
+        manifest: signed.encode(),
+        tags: list.entries().to_vec(),
     })
 }
 
