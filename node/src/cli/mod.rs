@@ -108,7 +108,8 @@ pub enum Command {
     /// Access control: who am I, grants, roles, capability tokens, admin recovery.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
-    /// Federation with other clusters: what this cluster exports, and to whom.
+    /// Federation with other clusters: what this cluster exports (and to whom), and what it
+    /// follows (pulls, verified) from others.
     #[command(subcommand)]
     Fed(fed::FedCommand),
     /// Start a local cluster of N nodes with embedded defaults, in the foreground.
