@@ -25,8 +25,8 @@ pub const ORIGIN_MANIFEST_PREFIX: &[u8] = b"fed/m/";
 pub const MAX_FOLLOWS: usize = 1024;
 /// Most origin nodes remembered as dialing hints per follow (from a cluster ticket).
 pub const MAX_HINTS: usize = 8;
-/// Most addresses per hinted node.
-pub const MAX_HINT_ADDRS: usize = 8;
+/// Most addresses per hinted node (as many as a node ticket may carry).
+pub const MAX_HINT_ADDRS: usize = 16;
 /// Largest encoded follow accepted when reading one back.
 const MAX_FOLLOW_BYTES: usize = 4096;
 /// The prefix, under `fed/`, of a followed document's default local name.

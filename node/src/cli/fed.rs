@@ -170,9 +170,14 @@ async fn origin_of(s: &str, args: &ClientArgs) -> Result<([u8; 32], Vec<NodeTick
         .context("the origin's node sent a bad certificate")?;
     cert.verify(&key, &node.endpoint_id, crate::server::identity::unix_now())
         .context("the origin's node certificate")?;
-    let mut hints = ticket.members;
-    hints.truncate(aspen_federation::follows::MAX_HINTS);
-    Ok((key.to_bytes(), hints))
+    if ticket.members.len() > aspen_federation::follows::MAX_HINTS {
+        bail!(
+            "the ticket lists {} nodes; a follow remembers at most {} (pass the cluster key instead)",
+            ticket.members.len(),
+            aspen_federation::follows::MAX_HINTS
+        );
+    }
+    Ok((key.to_bytes(), ticket.members))
 }
 
 fn cluster_keys(keys: &[String]) -> Result<Vec<[u8; 32]>> {

@@ -118,7 +118,7 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
     let bad_kind = run(&["fed", "export", "table", "x", "--public"]);
     assert!(!bad_kind.status.success());
 
-    // A key without a grant can neither read nor change the exports.
+    // A key without a grant can neither read nor change the exports, nor follow.
     let stranger = Client::connect_with(
         aspen_client::ClusterTicket {
             members: vec![nodes[0].ticket.clone()],
@@ -148,6 +148,12 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
                 true,
             )
             .await,
+        stranger
+            .fed_follow([3; 32], Resource::doc("plans"), None, vec![])
+            .await,
+        stranger.fed_unfollow([3; 32], Resource::doc("plans")).await,
+        stranger.fed_follows().await.map(|_| ()),
+        stranger.fed_sync(None, None).await.map(|_| ()),
     ] {
         match result {
             Err(ClientError::Rpc(RpcError::PermissionDenied { needed, .. })) => {

@@ -149,15 +149,22 @@ impl FedService {
                 aspen_federation::follows::MAX_HINTS
             )));
         }
+        if let Some(t) = hints
+            .iter()
+            .find(|t| t.addrs.len() > aspen_federation::follows::MAX_HINT_ADDRS)
+        {
+            return Err(RpcError::BadRequest(format!(
+                "origin node {} has {} addresses; the limit is {}",
+                hex::encode(t.endpoint_id),
+                t.addrs.len(),
+                aspen_federation::follows::MAX_HINT_ADDRS
+            )));
+        }
         let hints: Vec<Hint> = hints
             .into_iter()
             .map(|t| Hint {
                 node: t.endpoint_id,
-                addrs: t
-                    .addrs
-                    .into_iter()
-                    .take(aspen_federation::follows::MAX_HINT_ADDRS)
-                    .collect(),
+                addrs: t.addrs,
             })
             .collect();
         let key = follow_key(&origin, &resource);
