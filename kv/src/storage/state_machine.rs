@@ -83,15 +83,55 @@ struct SystemWatch {
     changes: tokio::sync::watch::Sender<u64>,
 }
 
-/// Whether `op` may write a system key under `prefix`.
-fn touches(prefix: &[u8], op: &WriteOp) -> bool {
-    match op {
-        WriteOp::System(w) => w.key.starts_with(prefix),
-        WriteOp::SystemTxn(t) => t.writes.iter().any(|w| match w {
-            SystemOp::Put { key, .. } | SystemOp::Delete { key } => key.starts_with(prefix),
-            SystemOp::DeletePrefix { prefix: p } => p.starts_with(prefix) || prefix.starts_with(p),
-        }),
-        _ => false,
+/// The system keys (and key prefixes) one batch writes, noted before the batch moves into
+/// the apply and matched against the watches once it has committed: a watch made while the
+/// batch was being applied is matched too (its owner may have read the state just before the
+/// batch committed, and must learn of it).
+#[derive(Debug, Default)]
+struct SystemWrites {
+    keys: Vec<Vec<u8>>,
+    prefixes: Vec<Vec<u8>>,
+}
+
+impl SystemWrites {
+    fn of(entries: &[Entry]) -> SystemWrites {
+        let mut writes = SystemWrites::default();
+        let ops = entries.iter().flat_map(|e| match &e.payload {
+            EntryPayload::Normal(b) => b.commands.as_slice(),
+            _ => &[],
+        });
+        for c in ops {
+            match &c.op {
+                WriteOp::System(w) => writes.keys.push(w.key.clone()),
+                WriteOp::SystemTxn(t) => {
+                    for w in &t.writes {
+                        match w {
+                            SystemOp::Put { key, .. } | SystemOp::Delete { key } => {
+                                writes.keys.push(key.clone())
+                            }
+                            SystemOp::DeletePrefix { prefix } => {
+                                writes.prefixes.push(prefix.clone())
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        writes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// Whether a key under `prefix` may have been written.
+    fn touch(&self, prefix: &[u8]) -> bool {
+        self.keys.iter().any(|k| k.starts_with(prefix))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| p.starts_with(prefix) || prefix.starts_with(p))
     }
 }
 
@@ -142,28 +182,12 @@ impl StateMachineStore {
         rx
     }
 
-    /// Indices of the watches whose prefixes `entries` may write (computed before the
-    /// entries move into the apply; watches are only ever appended, so indices stay valid).
-    fn system_watch_hits(&self, entries: &[Entry]) -> Vec<usize> {
+    /// Bumps the watches whose prefixes `writes` may have written (every watch with
+    /// `None`).
+    fn notify_system_watches(&self, writes: Option<&SystemWrites>) {
         let watches = self.system_watches.lock().expect("watches lock");
-        (0..watches.len())
-            .filter(|&i| {
-                entries.iter().any(|e| match &e.payload {
-                    EntryPayload::Normal(b) => b
-                        .commands
-                        .iter()
-                        .any(|c| touches(&watches[i].prefix, &c.op)),
-                    _ => false,
-                })
-            })
-            .collect()
-    }
-
-    /// Bumps the watches at `hits` (every watch with `None`).
-    fn notify_system_watches(&self, hits: Option<&[usize]>) {
-        let watches = self.system_watches.lock().expect("watches lock");
-        for (i, w) in watches.iter().enumerate() {
-            if hits.is_none_or(|h| h.contains(&i)) {
+        for w in watches.iter() {
+            if writes.is_none_or(|writes| writes.touch(&w.prefix)) {
                 w.changes.send_modify(|n| *n += 1);
             }
         }
@@ -1073,14 +1097,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let n = self
             .applies
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let hits = self.system_watch_hits(&entries);
+        let writes = SystemWrites::of(&entries);
         let responses = blocking(self.io, move || {
             apply_entries(&db, n, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
         })
         .await?;
-        if !hits.is_empty() {
-            self.notify_system_watches(Some(&hits));
+        if !writes.is_empty() {
+            self.notify_system_watches(Some(&writes));
         }
         // Committed and readable now: tell local proposers without waiting for openraft.
         if !proposals.is_empty() {
@@ -1167,5 +1191,59 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(file),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn system_put(key: &str) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Batch {
+                proposed_at_ms: 0,
+                proposal: 0,
+                commands: vec![Command {
+                    session: None,
+                    op: WriteOp::SystemTxn(SystemTxn {
+                        require: vec![],
+                        writes: vec![SystemOp::Put {
+                            key: key.as_bytes().to_vec(),
+                            value: b"v".to_vec(),
+                        }],
+                    }),
+                }],
+            }),
+        }
+    }
+
+    /// A watch made while a batch is being applied fires when that batch lands: its owner may
+    /// have read the state just before the batch committed (a restarted leader replaying its
+    /// log while the node loads its access policy), and would otherwise never learn of it.
+    #[test]
+    fn a_watch_made_during_an_apply_fires_when_it_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("sm.redb")).unwrap());
+        let sm = StateMachineStore::new(db, dir.path().join("snap"), IoMode::Inline);
+        let early = sm.watch_system_prefix(b"other/");
+        // The batch is inspected, then a watch is made, then the batch commits.
+        let writes = SystemWrites::of(&[system_put("auth/x")]);
+        let late = sm.watch_system_prefix(b"auth/");
+        sm.notify_system_watches(Some(&writes));
+        assert_eq!(
+            *late.borrow(),
+            1,
+            "the watch made mid-apply missed the batch"
+        );
+        assert_eq!(
+            *early.borrow(),
+            0,
+            "a write outside the prefix fired a watch"
+        );
+        sm.notify_system_watches(Some(&SystemWrites::of(&[system_put("elsewhere/y")])));
+        assert_eq!(*late.borrow(), 1);
+        sm.notify_system_watches(Some(&SystemWrites::of(&[system_put("auth/z")])));
+        assert_eq!(*late.borrow(), 2);
     }
 }

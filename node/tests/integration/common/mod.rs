@@ -224,6 +224,13 @@ where
         if start.elapsed() >= DEADLINE {
             for n in nodes {
                 let log = n.log();
+                // For chasing a rare failure: whole logs, not just their tails.
+                if let Ok(d) = std::env::var("ASPEN_TEST_LOG_DIR") {
+                    let _ = std::fs::write(
+                        format!("{d}/{}-{:016x}.log", std::process::id(), n.node_id()),
+                        &log,
+                    );
+                }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("--- {:016x} (last 40 lines of its log)", n.node_id());
                 for line in tail.into_iter().rev() {
@@ -360,6 +367,14 @@ pub async fn local_kvs(node: &NodeProc, prefix: &str) -> Option<Vec<aspen_kv::ap
     )
     .await
     .ok()?;
+    // Closed whatever the outcome: a leaked connection counts against the node's
+    // per-key limit until it times out.
+    let keys = range_all(&c, prefix).await;
+    c.close().await;
+    keys
+}
+
+async fn range_all(c: &Client, prefix: &str) -> Option<Vec<aspen_kv::api::KeyValue>> {
     let mut keys = Vec::new();
     let mut req = aspen_kv::api::RangeRequest::prefix(prefix.as_bytes().to_vec());
     loop {
@@ -377,7 +392,6 @@ pub async fn local_kvs(node: &NodeProc, prefix: &str) -> Option<Vec<aspen_kv::ap
         req.start = next;
         req.revision = page.revision;
     }
-    c.close().await;
     Some(keys)
 }
 
