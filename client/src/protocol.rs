@@ -592,8 +592,10 @@ pub struct BlobStoreStats {
     pub bytes: u64,
     /// The number of members that should hold each referenced blob.
     pub replicas_target: u32,
-    /// Blobs fetched from other members, and their bytes.
+    /// Blobs fetched from other nodes (members, or another cluster's for federation).
     pub fetched: u64,
+    /// Blob bytes received by fetches, attempts cut short included (so a resumed transfer
+    /// shows what it cost).
     pub fetched_bytes: u64,
     /// Fetch attempts that failed (unreachable holder, holder without the blob, ...).
     pub fetch_failures: u64,

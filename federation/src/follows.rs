@@ -88,8 +88,8 @@ impl Follow {
 
 /// The local name a followed resource goes to: `into` if given, else a name that says where
 /// it came from: `fed/<first 16 hex digits of the origin key>/<name>` (a document name, or
-/// for blobs the local tag prefix the origin's tags are put under). Namespaces cannot be
-/// followed yet.
+/// for blobs the local tag prefix the origin's tags are put under). A namespace keeps its
+/// id (an iroh-docs namespace is the same everywhere), so `into` may only repeat it.
 pub fn local_name(
     origin: &ClusterKey,
     resource: &Resource,
@@ -99,7 +99,10 @@ pub fn local_name(
         .check()
         .map_err(|e| FollowError::BadResource(e.to_string()))?;
     if resource.kind == ResourceKind::Ns {
-        return Err(FollowError::Unsupported(resource.kind));
+        return match into {
+            Some(other) if other != resource.name => Err(FollowError::NsInto),
+            _ => Ok(resource.name.clone()),
+        };
     }
     Ok(match into {
         Some(name) => name.to_string(),
@@ -172,8 +175,8 @@ pub fn parse_follow_key(key: &[u8]) -> Result<(ClusterKey, Resource), FollowErro
 pub enum FollowError {
     #[error("bad resource: {0}")]
     BadResource(String),
-    #[error("following a {0} is not supported yet (documents and blobs are)")]
-    Unsupported(ResourceKind),
+    #[error("a namespace keeps its id where it is followed: --into may only repeat it")]
+    NsInto,
     #[error("{count} dialing hints exceed the limit of {max}")]
     TooManyHints { count: usize, max: usize },
     #[error("stored follow: {0}")]
@@ -234,9 +237,12 @@ mod tests {
             local_name(&o, &Resource::blob("p/"), None).unwrap(),
             format!("fed/{}/p/", &o.to_string()[..16])
         );
+        let ns = Resource::ns(&[1; 32]);
+        assert_eq!(local_name(&o, &ns, None).unwrap(), ns.name);
+        assert_eq!(local_name(&o, &ns, Some(&ns.name)).unwrap(), ns.name);
         assert!(matches!(
-            local_name(&o, &Resource::ns(&[1; 32]), None),
-            Err(FollowError::Unsupported(ResourceKind::Ns))
+            local_name(&o, &ns, Some("mine")),
+            Err(FollowError::NsInto)
         ));
         assert!(local_name(&o, &Resource::doc(""), None).is_err());
     }

@@ -190,13 +190,17 @@ pub enum TestFault {
     StaleReads,
     /// Flip one byte of every blob sent to a peer (a lying holder).
     CorruptBlobSends,
-    /// Federation: flip a byte in every change served to a follower.
+    /// Send the first half of every blob sent to a peer, then nothing (a server that stalls
+    /// mid-transfer; the federation resume test kills it there).
+    StallBlobSends,
+    /// Federation: flip a byte in every change served to a follower (in the first blob hash
+    /// of a tag list).
     FedFlipByte,
     /// Federation: serve the first manifest ever signed instead of the current one (a replay).
     FedOldManifest,
     /// Federation: sign manifests with a key that is not the cluster's.
     FedWrongKey,
-    /// Federation: add a change nobody signed for to what is served.
+    /// Federation: add a change (or a tag) nobody signed for to what is served.
     FedExtraChange,
 }
 

@@ -12,6 +12,7 @@ pub mod manifest;
 
 pub use doc_exchange::{changes_since, ChangesPage, DocPull, ExchangeError, Pulled, MAX_HAVE};
 pub use manifest::{
-    check_successor, BlobTagList, ContentDigest, Manifest, ManifestError, Resource, ResourceKind,
-    SignedManifest, MAX_HEADS, MAX_MANIFEST_BYTES, MAX_RESOURCE_NAME_BYTES,
+    check_successor, BlobTagList, ContentDigest, Manifest, ManifestError, NamespaceState,
+    NsEntryState, Resource, ResourceKind, SignedManifest, MAX_HEADS, MAX_MANIFEST_BYTES,
+    MAX_RESOURCE_NAME_BYTES,
 };

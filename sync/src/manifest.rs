@@ -39,6 +39,8 @@ pub const MAX_RESOURCE_NAME_BYTES: usize = 255;
 const MANIFEST_HASH_CONTEXT: &str = "aspen/manifest-hash/v1";
 /// Key for the BLAKE3 hash of a blob prefix's tag list.
 const TAG_LIST_HASH_CONTEXT: &str = "aspen/blob-tag-list/v1";
+/// Key for the BLAKE3 hash of a namespace's records.
+const NS_STATE_HASH_CONTEXT: &str = "aspen/ns-state/v1";
 
 /// What kind of resource a manifest describes. Wire tags are stable: append only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -195,6 +197,57 @@ impl BlobTagList {
         ContentDigest::BlobTags {
             count: self.0.len() as u64,
             list: blake3::derive_key(TAG_LIST_HASH_CONTEXT, &bytes),
+        }
+    }
+}
+
+/// One record of an iroh-docs namespace as a [`NamespaceState`] pins it: the latest entry of
+/// one author for one key (deletion markers, empty, included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NsEntryState {
+    pub author: [u8; 32],
+    pub key: Vec<u8>,
+    /// BLAKE3 hash and length of the entry's content.
+    pub hash: [u8; 32],
+    pub len: u64,
+    /// The entry's own timestamp (microseconds, set and signed by its author).
+    pub timestamp: u64,
+}
+
+/// A namespace's records sorted by (author, key): what a [`ContentDigest::Namespace`] pins.
+/// The entries themselves are signed by the namespace and their authors (iroh-docs checks
+/// that); the digest adds that the origin cluster held exactly this set at that seq.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceState(Vec<NsEntryState>);
+
+impl NamespaceState {
+    /// Sorts `entries`; a record (author, key) listed twice is an error.
+    pub fn new(mut entries: Vec<NsEntryState>) -> Result<Self, ManifestError> {
+        entries.sort_unstable_by(|a, b| (a.author, &a.key).cmp(&(b.author, &b.key)));
+        if let Some(w) = entries
+            .windows(2)
+            .find(|w| (w[0].author, &w[0].key) == (w[1].author, &w[1].key))
+        {
+            return Err(ManifestError::DuplicateEntry(format!(
+                "author {} key {:?}",
+                hex::encode(w[0].author),
+                String::from_utf8_lossy(&w[0].key)
+            )));
+        }
+        Ok(NamespaceState(entries))
+    }
+
+    pub fn entries(&self) -> &[NsEntryState] {
+        &self.0
+    }
+
+    /// The digest a manifest of namespace `id` carries for this state.
+    pub fn digest(&self, id: [u8; 32]) -> ContentDigest {
+        let bytes = postcard::to_allocvec(&self.0).expect("a namespace state encodes");
+        ContentDigest::Namespace {
+            id,
+            entries: self.0.len() as u64,
+            state: blake3::derive_key(NS_STATE_HASH_CONTEXT, &bytes),
         }
     }
 }
@@ -454,6 +507,8 @@ pub enum ManifestError {
     HeadsNotCanonical,
     #[error("tag {0:?} is listed twice")]
     DuplicateTag(String),
+    #[error("namespace record ({0}) is listed twice")]
+    DuplicateEntry(String),
     #[error("manifest seq 0 (seqs start at 1)")]
     ZeroSeq,
     #[error("manifest seq {got} is older than the accepted seq {have} (replay or rollback)")]
@@ -531,6 +586,50 @@ mod tests {
         assert_eq!(count, 2);
         let list_bytes = [&[2, 1, b'a'][..], &[1; 32], &[1, b'b'], &[2; 32]].concat();
         assert_eq!(list, blake3::derive_key(TAG_LIST_HASH_CONTEXT, &list_bytes));
+    }
+
+    /// A namespace state's digest is pinned too, whatever order its records came in.
+    #[test]
+    fn namespace_state_golden_digest() {
+        let entry = |author: u8, key: &[u8], ts: u64| NsEntryState {
+            author: [author; 32],
+            key: key.to_vec(),
+            hash: [9; 32],
+            len: 3,
+            timestamp: ts,
+        };
+        let state = NamespaceState::new(vec![entry(2, b"a", 5), entry(1, b"b", 7)]).unwrap();
+        let again = NamespaceState::new(vec![entry(1, b"b", 7), entry(2, b"a", 5)]).unwrap();
+        assert_eq!(state, again);
+        let ContentDigest::Namespace {
+            id,
+            entries,
+            state: hash,
+        } = state.digest([4; 32])
+        else {
+            unreachable!()
+        };
+        assert_eq!((id, entries), ([4; 32], 2));
+        let bytes = [
+            &[2][..],
+            &[1; 32],
+            &[1, b'b'],
+            &[9; 32],
+            &[3, 7],
+            &[2; 32],
+            &[1, b'a'],
+            &[9; 32],
+            &[3, 5],
+        ]
+        .concat();
+        assert_eq!(hash, blake3::derive_key(NS_STATE_HASH_CONTEXT, &bytes));
+        assert!(matches!(
+            NamespaceState::new(vec![entry(1, b"k", 1), entry(1, b"k", 2)]),
+            Err(ManifestError::DuplicateEntry(_))
+        ));
+        // Any change to a record changes the digest.
+        let newer = NamespaceState::new(vec![entry(2, b"a", 6), entry(1, b"b", 7)]).unwrap();
+        assert_ne!(newer.digest([4; 32]), state.digest([4; 32]));
     }
 
     #[test]

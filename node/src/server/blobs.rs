@@ -31,10 +31,11 @@ use aspen_client::protocol::{
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_kv::{Member, NodeId};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use iroh::endpoint::{Connection, RecvStream};
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 use iroh_blobs::api::proto::BlobStatus;
+use iroh_blobs::api::remote::GetProgressItem;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::{GcConfig, ProtectCb, ProtectOutcome};
 use iroh_blobs::Hash;
@@ -48,6 +49,9 @@ use aspen_trust::{Action, Kind};
 const REPLICATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest wait for a connection to a holder.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A fetch whose peer sends nothing for this long is abandoned (what it verified so far is
+/// kept, and the next attempt asks only for the rest).
+const FETCH_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause before fetching a blob again after every holder failed.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -351,6 +355,8 @@ impl BlobService {
             ))
             .into());
         }
+        // Committed in the store before the cluster is told this node holds it.
+        self.persist().await?;
         let previous = match &tag {
             Some(tag) => self.tag_target(tag).await?,
             None => None,
@@ -388,6 +394,13 @@ impl BlobService {
             size,
             previous,
         })
+    }
+
+    /// Waits until everything the store has done so far is committed to its database.
+    /// iroh-blobs batches its metadata writes; a blob imported or fetched just before a crash
+    /// would otherwise be gone after it, while the cluster records this node as holding it.
+    pub(super) async fn persist(&self) -> Result<(), RpcError> {
+        self.store.sync_db().await.map_err(store_error)
     }
 
     /// The hash `tag` names in this node's state, if any.
@@ -655,21 +668,60 @@ impl BlobService {
                 return Ok(Err("connect timed out".into()));
             }
         };
-        let result = blobs
+        // Streamed so the bytes count as they arrive (a transfer cut short still shows what
+        // it cost) and a peer that stops sending is given up on instead of waited for.
+        let progress = blobs
             .store
             .remote()
             .fetch(conn.clone(), Hash::from(*hash))
-            .complete()
-            .await;
-        conn.close(0u32.into(), b"done");
-        match result {
-            Ok(stats) => {
-                if let Some(size) = blobs.complete_size(hash).await? {
-                    blobs.counters.fetched.fetch_add(1, Ordering::Relaxed);
+            .stream();
+        tokio::pin!(progress);
+        let mut counted = 0u64;
+        let result = loop {
+            match tokio::time::timeout(FETCH_STALL_TIMEOUT, progress.next()).await {
+                Err(_) => {
+                    break Err(format!(
+                        "sent nothing for {FETCH_STALL_TIMEOUT:?} (stalled)"
+                    ))
+                }
+                Ok(None) => break Err("the transfer ended without a result".to_string()),
+                Ok(Some(GetProgressItem::Progress(read))) => {
                     blobs
                         .counters
                         .fetched_bytes
-                        .fetch_add(stats.payload_bytes_read, Ordering::Relaxed);
+                        .fetch_add(read.saturating_sub(counted), Ordering::Relaxed);
+                    counted = counted.max(read);
+                }
+                Ok(Some(GetProgressItem::Done(stats))) => {
+                    blobs.counters.fetched_bytes.fetch_add(
+                        stats.payload_bytes_read.saturating_sub(counted),
+                        Ordering::Relaxed,
+                    );
+                    break Ok(());
+                }
+                Ok(Some(GetProgressItem::Error(e))) if is_verification_failure(&e) => {
+                    blobs
+                        .counters
+                        .verify_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        hash = %hash_hex(hash),
+                        from = %peer.fmt_short(),
+                        "peer sent data that does not match the blob's hash: {e}; trying another"
+                    );
+                    conn.close(0u32.into(), b"corrupt");
+                    return Ok(Err(format!("sent corrupt data ({e})")));
+                }
+                Ok(Some(GetProgressItem::Error(e))) => break Err(e.to_string()),
+            }
+        };
+        conn.close(0u32.into(), b"done");
+        match result {
+            Ok(()) => {
+                if let Some(size) = blobs.complete_size(hash).await? {
+                    blobs.counters.fetched.fetch_add(1, Ordering::Relaxed);
+                    // Callers record the copy through Raft next: it must survive a crash.
+                    blobs.persist().await?;
                     return Ok(Ok(size));
                 }
                 blobs
@@ -678,24 +730,12 @@ impl BlobService {
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(Err("incomplete after the transfer".into()))
             }
-            Err(e) if is_verification_failure(&e) => {
-                blobs
-                    .counters
-                    .verify_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    hash = %hash_hex(hash),
-                    from = %peer.fmt_short(),
-                    "peer sent data that does not match the blob's hash: {e}; trying another"
-                );
-                Ok(Err(format!("sent corrupt data ({e})")))
-            }
-            Err(e) => {
+            Err(why) => {
                 blobs
                     .counters
                     .fetch_failures
                     .fetch_add(1, Ordering::Relaxed);
-                Ok(Err(e.to_string()))
+                Ok(Err(why))
             }
         }
     }

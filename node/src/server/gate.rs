@@ -5,8 +5,9 @@
 //!
 //! - [`PeerGate`], an iroh endpoint hook, refuses an incoming connection on those ALPNs right
 //!   after the QUIC handshake unless the caller's key is a member, a node introduced to this
-//!   not-yet-member node, a peer named in a namespace ticket the cluster hosts, or a key
-//!   whose grant reads blobs or namespaces. A stranger costs one handshake and never reaches
+//!   not-yet-member node, a peer named in a namespace ticket the cluster hosts, a key
+//!   whose grant reads blobs or namespaces, or (iroh-blobs and iroh-docs only) a node that
+//!   proved its cluster in a federation hello. A stranger costs one handshake and never reaches
 //!   a protocol handler. (The client and Raft ALPNs decide per request, see `auth.rs` and
 //!   `Peers::serve`.)
 //! - [`GatedBlobs`] then decides every iroh-blobs request of a non-member by its hash: the
@@ -18,8 +19,9 @@
 //!
 //! - [`GatedDocs`] serves members' iroh-docs syncs through the engine (live sync, as iroh-docs
 //!   does) and everyone else's through iroh-docs' own sync handler with an accept decision of
-//!   ours: each namespace asked for must be one the caller may read (a grant, or its ticket
-//!   names the caller); others are refused as not found.
+//!   ours: each namespace asked for must be one the caller may read (a grant, its ticket
+//!   names the caller, or it is exported to the cluster the caller proved in a federation
+//!   hello); others are refused as not found.
 //!
 //! iroh-gossip cannot be gated per topic with the stock crate (the topic is inside messages
 //! it reads itself): a peer admitted on its ALPN can join the topic of any namespace whose id
@@ -257,13 +259,22 @@ impl NodeState {
             .access(caller, members, super::identity::unix_now())
     }
 
-    /// The namespaces `peer` may read: granted `ns:read` on them, or named in their ticket
-    /// (the peers an imported namespace syncs with).
+    /// The namespaces `peer` may read: granted `ns:read` on them, named in their ticket
+    /// (the peers an imported namespace syncs with), or exported to the cluster the peer
+    /// proved in a federation hello.
     async fn namespaces_readable_by(&self, peer: &EndpointId) -> Vec<[u8; 32]> {
         let caller = super::auth::Caller::new(*peer.as_bytes());
         let access = self.grant_access(&caller);
         let Ok(tickets) = self.namespaces.ns_tickets().await else {
             return Vec::new();
+        };
+        let exported = match self
+            .fed
+            .peers
+            .cluster_of(peer.as_bytes(), super::identity::unix_now())
+        {
+            Some(cluster) => self.namespaces_exported_to(&cluster).await,
+            None => Vec::new(),
         };
         tickets
             .into_iter()
@@ -273,8 +284,36 @@ impl NodeState {
                     aspen_trust::Action::Read,
                     hex::encode(id).as_bytes(),
                 ) || ticket.nodes.iter().any(|n| n.id == *peer)
+                    || exported.contains(id)
             })
             .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// The namespaces exported to `cluster`.
+    async fn namespaces_exported_to(&self, cluster: &aspen_trust::ClusterKey) -> Vec<[u8; 32]> {
+        let prefix = aspen_federation::export_key(&aspen_sync::Resource {
+            kind: aspen_sync::ResourceKind::Ns,
+            name: String::new(),
+        });
+        let Ok(exports) = self
+            .cluster
+            .sm
+            .system_scan(prefix, aspen_federation::MAX_EXPORTS + 1)
+            .await
+        else {
+            return Vec::new();
+        };
+        exports
+            .iter()
+            .filter_map(|(key, value)| {
+                let export = aspen_federation::Export::decode(value).ok()?;
+                let resource = aspen_federation::resource_of_key(key).ok()?;
+                if !export.allows(&cluster.to_bytes()) {
+                    return None;
+                }
+                hex::decode(&resource.name).ok()?.try_into().ok()
+            })
             .collect()
     }
 
@@ -292,8 +331,9 @@ impl NodeState {
             return true;
         }
         // Nodes of another cluster that proved it over the federation protocol fetch the
-        // blobs exported to that cluster (each blob is then decided by its tags).
-        if alpn == iroh_blobs::ALPN
+        // blobs and sync the namespaces exported to that cluster (each blob decided by its
+        // tags or namespace, each namespace by the exports). Never gossip.
+        if (alpn == iroh_blobs::ALPN || alpn == iroh_docs::ALPN)
             && self
                 .fed
                 .peers

@@ -11,8 +11,8 @@ mod admission;
 pub mod auth;
 pub mod blobs;
 pub mod cluster;
-mod corrupt_blobs;
 mod docs;
+mod faulty_blobs;
 mod federation;
 mod gate;
 pub mod identity;
@@ -230,11 +230,17 @@ impl RunningNode {
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let router = Router::builder(endpoint.clone()).accept(RAFT_ALPN, RaftService { peers });
-        let router = if config.test_fault == Some(TestFault::CorruptBlobSends) {
+        let blob_fault = match config.test_fault {
+            Some(TestFault::CorruptBlobSends) => Some(faulty_blobs::Fault::Corrupt),
+            Some(TestFault::StallBlobSends) => Some(faulty_blobs::Fault::Stall),
+            _ => None,
+        };
+        let router = if let Some(fault) = blob_fault {
             router.accept(
                 iroh_blobs::ALPN,
-                corrupt_blobs::CorruptingProvider {
+                faulty_blobs::FaultyProvider {
                     store: (*state.blobs.store).clone(),
+                    fault,
                 },
             )
         } else {

@@ -102,6 +102,9 @@ impl NamespaceRecord {
 
 /// Most namespaces a cluster hosts (created or imported).
 pub const MAX_NAMESPACES: usize = 1024;
+/// Most records (latest entry per author and key) a namespace may have to be exported: a
+/// manifest's digest covers all of them, computed on every pull.
+pub const MAX_FED_NS_RECORDS: usize = 100_000;
 /// Most peers a hosted namespace's ticket may name.
 pub const MAX_TICKET_PEERS: usize = 16;
 
@@ -242,7 +245,7 @@ impl NamespaceService {
 
     /// The local replica of a registered namespace, opened (or imported) now if the sync
     /// loop has not yet done so.
-    async fn ns_open(&self, id: &[u8; 32]) -> Result<(Doc, DocTicket), RpcError> {
+    pub(super) async fn ns_open(&self, id: &[u8; 32]) -> Result<(Doc, DocTicket), RpcError> {
         let record = self.ns_record(id).await?;
         let ticket = record.parsed()?;
         let doc = self.local_replica(&ticket.capability).await?;
@@ -565,8 +568,96 @@ impl NamespaceService {
         false
     }
 
+    /// The state of namespace `id` as a federation manifest pins it: every record (latest
+    /// entry per author and key, deletion markers included) of the local replica.
+    pub(super) async fn state_digest(
+        &self,
+        id: &[u8; 32],
+    ) -> Result<aspen_sync::ContentDigest, RpcError> {
+        let (doc, _) = self.ns_open(id).await?;
+        let mut stream = Box::pin(
+            doc.get_many(Query::all().include_empty())
+                .await
+                .map_err(store_error)?,
+        );
+        let mut entries = Vec::new();
+        while let Some(entry) = stream.next().await {
+            if entries.len() == MAX_FED_NS_RECORDS {
+                return Err(RpcError::BadRequest(format!(
+                    "namespace {} has more than {MAX_FED_NS_RECORDS} records, more than a \
+                     manifest may cover",
+                    hex::encode(id)
+                )));
+            }
+            let entry = entry.map_err(store_error)?;
+            entries.push(aspen_sync::NsEntryState {
+                author: *entry.author().as_bytes(),
+                key: entry.key().to_vec(),
+                hash: *entry.content_hash().as_bytes(),
+                len: entry.content_len(),
+                timestamp: entry.timestamp(),
+            });
+        }
+        let state = aspen_sync::NamespaceState::new(entries).map_err(store_error)?;
+        Ok(state.digest(*id))
+    }
+
+    /// Hosts a namespace this cluster follows: registers a read capability for it (unless the
+    /// cluster already hosts it) and opens the local replica for syncing. The record names
+    /// only this member: the other members sync it from the members, and only the node that
+    /// proved this cluster to the origin syncs with the origin.
+    pub(super) async fn host_followed(&self, id: &[u8; 32]) -> Result<Doc, RpcError> {
+        self.cluster.read_barrier().await?;
+        let key = registry_key(id);
+        let known = self
+            .cluster
+            .sm
+            .system_view({
+                let key = key.clone();
+                move |v| v.get(&key)
+            })
+            .await?;
+        if known.is_none() {
+            if self.ns_registry().await?.len() >= MAX_NAMESPACES {
+                return Err(NamespaceError::TooMany {
+                    max: MAX_NAMESPACES,
+                }
+                .into());
+            }
+            // A ticket names at least one peer: this member (the others sync from it).
+            let me = super::blobs::endpoint_addr(&self.cluster.me)
+                .ok_or_else(|| NamespaceError::Store("this node has no address to name".into()))?;
+            let ticket = DocTicket::new(Capability::Read(NamespaceId::from(id)), vec![me]);
+            let record = NamespaceRecord {
+                ticket: ticket.to_string(),
+                created_at_ms: super::identity::unix_now() * 1000,
+            };
+            // Only where nothing is registered: an import of a write ticket meanwhile wins.
+            self.cluster
+                .propose_system_txn(SystemTxn {
+                    require: vec![(key, None)],
+                    writes: vec![SystemOp::Put {
+                        key: registry_key(id),
+                        value: record.encode(),
+                    }],
+                })
+                .await?;
+            self.wake_sync();
+            tracing::info!(namespace = %hex::encode(id), "hosting a followed namespace");
+        }
+        let (doc, _) = self.ns_open(id).await?;
+        // Open for syncing (a one-off sync needs that), with the other members as peers.
+        doc.start_sync(self.member_addrs())
+            .await
+            .map_err(store_error)?;
+        Ok(doc)
+    }
+
     /// Content hashes of the latest entries of `doc` that the local blob store lacks.
-    async fn missing_content(&self, doc: &Doc) -> Result<BTreeSet<iroh_blobs::Hash>, RpcError> {
+    pub(super) async fn missing_content(
+        &self,
+        doc: &Doc,
+    ) -> Result<BTreeSet<iroh_blobs::Hash>, RpcError> {
         let mut stream = Box::pin(
             doc.get_many(Query::single_latest_per_key())
                 .await

@@ -12,10 +12,10 @@ use aspen_blobs::{hash_hex, BlobError, BlobHash};
 use aspen_client::protocol::{BlobRequest, ClientRequest, ClientResponse, RpcError, CLIENT_ALPN};
 use aspen_client::{Client, ClientError, ClusterTicket, Consistency};
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// Writes `size` bytes of seeded pseudo-random data and returns their BLAKE3 hash.
-fn write_random(path: &Path, size: u64, seed: u64) -> BlobHash {
+pub(crate) fn write_random(path: &Path, size: u64, seed: u64) -> BlobHash {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let mut hasher = blake3::Hasher::new();
     let mut state = seed | 1;
@@ -39,7 +39,7 @@ fn write_random(path: &Path, size: u64, seed: u64) -> BlobHash {
     *hasher.finalize().as_bytes()
 }
 
-fn hash_file(path: &Path) -> BlobHash {
+pub(crate) fn hash_file(path: &Path) -> BlobHash {
     let mut hasher = blake3::Hasher::new();
     let mut file = std::fs::File::open(path).unwrap();
     let mut buf = vec![0u8; MIB as usize];
@@ -169,8 +169,9 @@ async fn a_large_blob_reaches_the_replicas_verified_and_corrupt_data_is_fetched_
     let stats = third.blob_stats().await.unwrap();
     assert_eq!(stats.fetched, 1, "{stats:?}");
     assert!(
-        stats.fetched_bytes < size,
-        "the verified part before the corrupt byte was kept: {stats:?}"
+        stats.fetched_bytes < size + size / 4,
+        "the verified part before each corrupt byte was kept (starting over would cost \
+         at least 1.5x the size): {stats:?}"
     );
     third.close().await;
 

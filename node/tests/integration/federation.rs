@@ -393,7 +393,7 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
     let args = fed_args(&bootstrap);
     let mut a = form(&root.path().join("a"), 1, &refs(&args)).await;
     let b = form(&root.path().join("b"), 1, &refs(&args)).await;
-    let c = form(&root.path().join("c"), 1, &refs(&args)).await;
+    let mut c = form(&root.path().join("c"), 1, &refs(&args)).await;
     let a_client = client_of(&a[0]).await;
     let b_client = client_of(&b[0]).await;
     let c_client = client_of(&c[0]).await;
@@ -426,6 +426,48 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         .doc_get("plans", Consistency::Linearizable)
         .await
         .is_err());
+    // C's node proved its cluster to A in that hello, which admits it to A's iroh-blobs, but
+    // only for blobs exported to C: a blob exported to B is refused to it.
+    let file = root.path().join("for-b");
+    std::fs::write(&file, vec![3u8; 200_000]).unwrap();
+    let for_b = a_client
+        .blob_add_file(&file, Some("site/for-b"), |_| {})
+        .await
+        .unwrap()
+        .hash;
+    a_client
+        .fed_export(Resource::blob("site/"), vec![b_key], false)
+        .await
+        .unwrap();
+    c_client.close().await;
+    c[0].kill9();
+    let c_node =
+        aspen_node::keyfile::load_key(&c[0].dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap();
+    let ep = aspen_client::endpoint::offline_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(iroh::SecretKey::from_bytes(&c_node.secret_bytes())),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let store = iroh_blobs::store::mem::MemStore::new();
+    let fetched = async {
+        let conn = ep
+            .connect(a[0].addr(), iroh_blobs::ALPN)
+            .await
+            .map_err(|e| e.to_string())?;
+        store
+            .remote()
+            .fetch(conn, iroh_blobs::Hash::from_bytes(for_b))
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    assert!(
+        fetched.is_err(),
+        "a node of cluster C fetched a blob exported to B"
+    );
+    ep.close().await;
 
     // A node key with no cluster behind it is refused at the hello.
     let stranger = raw_exchange_as(
@@ -528,7 +570,6 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
     a_client.close().await;
     wait_for_heads(&b[0], &a, "plans", &heads).await;
     b_client.close().await;
-    c_client.close().await;
     for ep in flooders {
         ep.close().await;
     }
@@ -538,7 +579,7 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
 async fn a_followed_blob_prefix_arrives_verified_under_the_origins_name() {
     let root = tempfile::tempdir().unwrap();
     let args = ["--fed-pull-interval-ms", "300"];
-    let a = form(&root.path().join("a"), 1, &args).await;
+    let mut a = form(&root.path().join("a"), 1, &args).await;
     let b = form(&root.path().join("b"), 1, &args).await;
     let a_client = client_of(&a[0]).await;
     let b_client = client_of(&b[0]).await;
@@ -613,6 +654,229 @@ async fn a_followed_blob_prefix_arrives_verified_under_the_origins_name() {
     let follows = b_client.fed_follows().await.unwrap();
     assert!(follows[0].seq >= 2, "{follows:?}");
     assert!(follows[0].last_error.is_none(), "{follows:?}");
+    a_client.close().await;
+
+    // A lies about its tags, one way at a time; B keeps its verified tags and says why.
+    for (fault, expected) in [
+        ("fed-flip-byte", "does not match the signed manifest"),
+        ("fed-extra-change", "does not match the signed manifest"),
+        ("fed-wrong-key", "signature is not the origin's"),
+        ("fed-old-manifest", "seq"),
+    ] {
+        let mut with_fault = args.to_vec();
+        with_fault.extend(["--unsafe-test-fault", fault]);
+        a[0].restart(Some(&with_fault));
+        // A new tag, so every lie has something to lie about.
+        let a_client = client_of(&a[0]).await;
+        let path = files.join(fault);
+        std::fs::write(&path, fault.as_bytes()).unwrap();
+        a_client
+            .blob_add_file(&path, Some(&format!("site/{fault}")), |_| {})
+            .await
+            .unwrap();
+        a_client.close().await;
+        let error = wait_until_or_dump(&format!("B to reject {fault}"), &a, || async {
+            let s = b_client.fed_sync(None, None).await.ok()?;
+            s[0].last_error.clone().filter(|e| e.contains(expected))
+        })
+        .await;
+        eprintln!("{fault}: {error}");
+        assert_eq!(
+            tags_on_b().await.unwrap(),
+            want,
+            "{fault}: nothing committed"
+        );
+    }
+    // Honest again: B takes every new tag.
+    a[0].restart(Some(&args));
+    wait_until_or_dump("B to catch up with an honest origin", &b, || async {
+        (tags_on_b().await?.len() == want.len() + 4).then_some(())
+    })
+    .await;
+    b_client.close().await;
+}
+
+/// A 256 MiB blob under a followed tag: the serving node of the origin stalls halfway and is
+/// killed there; restarted, it serves only what the follower has not verified yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_followed_blob_resumes_after_its_server_is_killed_midway() {
+    use crate::blobs::{hash_file, write_random, MIB};
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--fed-pull-interval-ms", "300"];
+    let mut stalling = args.to_vec();
+    stalling.extend(["--unsafe-test-fault", "stall-blob-sends"]);
+    let mut a = form(&root.path().join("a"), 1, &stalling).await;
+    let b = form(&root.path().join("b"), 1, &args).await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    let size = 256 * MIB;
+    let file = root.path().join("big.bin");
+    let expected = write_random(&file, size, 11);
+    a_client
+        .blob_add_file(&file, Some("media/big"), |_| {})
+        .await
+        .unwrap();
+    a_client
+        .fed_export(Resource::blob("media/"), vec![b_key], false)
+        .await
+        .unwrap();
+    a_client.close().await;
+    b_client
+        .fed_follow(
+            a_key,
+            Resource::blob("media/"),
+            None,
+            vec![a[0].ticket.clone()],
+        )
+        .await
+        .unwrap();
+    // Half arrives, then A sends nothing more: killed right there.
+    wait_until_or_dump("half of the blob to reach B", &b, || async {
+        let stats = b_client.blob_stats().await.ok()?;
+        (stats.fetched_bytes >= size / 2 - 4 * MIB).then_some(())
+    })
+    .await;
+    a[0].kill9();
+    a[0].restart(Some(&args));
+    let tag = format!("fed/{}/media/big", &hex::encode(a_key)[..16]);
+    wait_until_or_dump("the blob to be complete on B", &b, || async {
+        let (tags, _) = b_client
+            .blob_list(None, 10, Consistency::Linearizable)
+            .await
+            .ok()?;
+        tags.iter()
+            .any(|t| t.tag == tag && t.hash == expected)
+            .then_some(())
+    })
+    .await;
+    let stats = b_client.blob_stats().await.unwrap();
+    let refetched = stats.fetched_bytes.saturating_sub(size);
+    eprintln!(
+        "256 MiB blob, server killed midway: {} MiB received in all, {} MiB of it re-fetched",
+        stats.fetched_bytes / MIB,
+        refetched / MIB
+    );
+    assert!(
+        refetched < size / 8,
+        "the verified half was kept, not fetched again: {stats:?}"
+    );
+    let out = root.path().join("out.bin");
+    b_client
+        .blob_get_to_file(expected, &out, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(hash_file(&out), expected);
+    b_client.close().await;
+}
+
+/// An iroh-docs namespace exported by A is replicated read-only to every member of B and
+/// follows later writes; a cluster it is not exported to gets a typed refusal, hosts
+/// nothing, and its node (proven in that hello) is refused the namespace over iroh-docs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_namespace_is_replicated_read_only_and_follows_later_writes() {
+    use aspen_client::protocol::NamespaceError;
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--fed-pull-interval-ms", "300"];
+    let a = form(&root.path().join("a"), 1, &args).await;
+    let b = form(&root.path().join("b"), 3, &args).await;
+    let mut c = form(&root.path().join("c"), 1, &args).await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_for(&b.iter().collect::<Vec<_>>()).await;
+    let c_client = client_of(&c[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    let id = a_client.ns_create().await.unwrap();
+    a_client
+        .ns_set(id, b"k1".to_vec(), b"one".to_vec())
+        .await
+        .unwrap();
+    a_client
+        .ns_set(id, b"k2".to_vec(), vec![7; 100_000])
+        .await
+        .unwrap();
+    a_client
+        .fed_export(Resource::ns(&id), vec![b_key], false)
+        .await
+        .unwrap();
+    b_client
+        .fed_follow(a_key, Resource::ns(&id), None, vec![a[0].ticket.clone()])
+        .await
+        .unwrap();
+    let members: Vec<Client> = futures::future::join_all(b.iter().map(client_of)).await;
+    let everywhere = |key: &'static [u8], value: Vec<u8>| {
+        let members = &members;
+        async move {
+            for m in members {
+                let (_, got) = m.ns_get(id, key.to_vec()).await.ok()?;
+                if got.as_ref() != Some(&value) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    };
+    wait_until_or_dump("every member of B to hold A's entries", &b, || async {
+        everywhere(b"k1", b"one".to_vec()).await?;
+        everywhere(b"k2", vec![7; 100_000]).await
+    })
+    .await;
+    // A read-only copy: B cannot write into A's namespace.
+    let refused = b_client.ns_set(id, b"k9".to_vec(), b"no".to_vec()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Rpc(RpcError::Namespace(
+                NamespaceError::ReadOnly(_)
+            )))
+        ),
+        "{refused:?}"
+    );
+    let listed = b_client.ns_namespaces().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].writable, "{listed:?}");
+    // Later writes follow.
+    a_client
+        .ns_set(id, b"k3".to_vec(), b"three".to_vec())
+        .await
+        .unwrap();
+    wait_until_or_dump("a later write to reach every member of B", &b, || async {
+        everywhere(b"k3", b"three".to_vec()).await
+    })
+    .await;
+    let follows = b_client.fed_follows().await.unwrap();
+    assert!(follows[0].seq >= 2, "{follows:?}");
+    assert!(follows[0].last_error.is_none(), "{follows:?}");
+
+    // C is not allowed: a typed refusal and no namespace.
+    c_client
+        .fed_follow(a_key, Resource::ns(&id), None, vec![a[0].ticket.clone()])
+        .await
+        .unwrap();
+    let status = wait_until("C's pull to be refused", || async {
+        c_client
+            .fed_follows()
+            .await
+            .ok()?
+            .first()?
+            .last_error
+            .clone()
+    })
+    .await;
+    assert!(status.contains("is not exported to cluster"), "{status}");
+    assert!(c_client.ns_namespaces().await.unwrap().is_empty());
+    // C's node proved its cluster to A in that hello; the namespace is still refused to it.
+    c_client.close().await;
+    c[0].kill9();
+    let c_node =
+        aspen_node::keyfile::load_key(&c[0].dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap();
+    use iroh_docs::net::{AbortReason, ConnectError};
+    match docs_sync_as(&a[0], c_node.secret_bytes(), id).await {
+        Err(ConnectError::RemoteAbort(AbortReason::NotFound) | ConnectError::Close { .. }) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    for m in members {
+        m.close().await;
+    }
     a_client.close().await;
     b_client.close().await;
 }

@@ -57,6 +57,10 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most pages of changes one pull takes (each at most 8 MiB; a document is at most 16 MiB,
 /// so an honest origin needs a few).
 pub const MAX_PAGES: usize = 64;
+/// Syncs one namespace pull tries before its replica must match the origin's signed state.
+pub const NS_SYNC_ROUNDS: usize = 3;
+/// Most entry contents one namespace pull fetches (the rest wait for the next pull).
+pub const MAX_NS_FETCHES: usize = 4096;
 /// How often a leader re-reads the follows and checks it is still the leader.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -438,10 +442,171 @@ async fn pull(
         ResourceKind::Blob => {
             pull_blobs(state, dialer, origin, resource, follow, follow_bytes).await
         }
-        ResourceKind::Ns => Err(PullError::Commit(
-            "following a namespace is not supported yet".into(),
-        )),
+        ResourceKind::Ns => pull_ns(state, dialer, origin, resource, follow, follow_bytes).await,
     }
+}
+
+/// Asks the origin for its signed manifest of `resource` and checks it (signature, resource,
+/// never older than `floor`, which then moves to it).
+async fn ask_manifest(
+    conn: &Connection,
+    origin: &ClusterKey,
+    resource: &Resource,
+    floor: &mut Option<(Manifest, [u8; 32])>,
+) -> Result<(Manifest, SignedManifest), PullError> {
+    let reply = exchange::<_, FedReply>(
+        conn,
+        &FedCall::Manifest {
+            resource: resource.clone(),
+        },
+    )
+    .await?;
+    let bytes = match reply {
+        FedReply::Manifest(bytes) => bytes,
+        FedReply::Error(e) => return Err(PullError::Refused(e)),
+        other => {
+            return Err(PullError::Protocol(format!(
+                "expected a manifest, got {other:?}"
+            )))
+        }
+    };
+    let signed = SignedManifest::decode(&bytes)?;
+    let manifest = signed.verify(origin, resource)?;
+    let hash = signed.hash();
+    check_successor(floor.as_ref().map(|(m, h)| (m, *h)), &manifest, hash)?;
+    *floor = Some((manifest.clone(), hash));
+    Ok((manifest, signed))
+}
+
+/// Pulls a followed iroh-docs namespace: the origin's signed manifest first (so a cluster
+/// the namespace is not exported to stops there, hosting nothing), then a one-off iroh-docs
+/// sync with the origin node into this cluster's read-only replica, until the replica's
+/// state is exactly the state a manifest signed right after names (the origin may write
+/// meanwhile: a few rounds), then the content of every entry from the origin node over
+/// iroh-blobs. iroh-docs checks every entry's signatures as it arrives, so entries land
+/// before the state check; the check says the copy is complete and current, and the
+/// manifest is recorded only then. The other members sync the replica from this one.
+async fn pull_ns(
+    state: Arc<NodeState>,
+    dialer: Arc<Dialer>,
+    origin: ClusterKey,
+    resource: Resource,
+    follow: Follow,
+    follow_bytes: Vec<u8>,
+) -> Result<Pulled, PullError> {
+    let started = Instant::now();
+    let id: [u8; 32] = hex::decode(&resource.name)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| PullError::Commit(format!("{resource} does not name a namespace id")))?;
+    let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, &resource)
+        .await
+        .map_err(PullError::Commit)?;
+    let commit = |e: aspen_client::protocol::RpcError| PullError::Commit(e.to_string());
+    let conn = dialer.connect(&state, &origin, &follow).await?;
+    let addr = dialer
+        .address_of(&origin)
+        .ok_or_else(|| PullError::Unreachable("no address for the origin".into()))?;
+    let result = async {
+        let mut floor = accepted.clone();
+        ask_manifest(&conn, &origin, &resource, &mut floor).await?;
+        state.namespaces.host_followed(&id).await.map_err(commit)?;
+        let mut received = 0;
+        for _ in 0..NS_SYNC_ROUNDS {
+            let synced = tokio::time::timeout(
+                CALL_TIMEOUT,
+                iroh_docs::net::connect_and_sync(
+                    &dialer.endpoint,
+                    &state.namespaces.sync,
+                    iroh_docs::NamespaceId::from(&id),
+                    addr.clone(),
+                    None,
+                ),
+            )
+            .await
+            .map_err(|_| {
+                PullError::Timeout(format!("namespace sync took over {CALL_TIMEOUT:?}"))
+            })?;
+            match synced {
+                Ok(synced) => received += synced.outcome.num_recv,
+                // The exchange ran; only closing the stream failed (the origin hung up
+                // first). What arrived is checked against the manifest all the same.
+                Err(iroh_docs::net::ConnectError::Close { .. }) => {}
+                Err(e) => return Err(PullError::Unreachable(format!("namespace sync: {e}"))),
+            }
+            let (manifest, signed) = ask_manifest(&conn, &origin, &resource, &mut floor).await?;
+            if state.namespaces.state_digest(&id).await.map_err(commit)? != manifest.digest {
+                continue;
+            }
+            let fetched = fetch_ns_content(&state, &id, &addr).await?;
+            return Ok((manifest, signed, received, fetched));
+        }
+        Err(PullError::Data(format!(
+            "after {NS_SYNC_ROUNDS} syncs the replica still differs from the state the origin \
+             signs (the origin is writing fast, or its clock and ours disagree)"
+        )))
+    }
+    .await;
+    conn.close(0u32.into(), b"pull done");
+    let (manifest, signed, received, fetched) = result?;
+    record_manifest(
+        &state,
+        &origin,
+        &resource,
+        follow_bytes,
+        stored_state,
+        accepted.as_ref(),
+        &signed,
+    )
+    .await?;
+    tracing::info!(
+        %origin,
+        %resource,
+        seq = manifest.seq,
+        entries_received = received,
+        contents_fetched = fetched,
+        total_ms = started.elapsed().as_millis() as u64,
+        "pulled"
+    );
+    Ok(Pulled {
+        seq: manifest.seq,
+        added: received,
+    })
+}
+
+/// Fetches from the origin node the content of every latest entry of namespace `id` that
+/// this node lacks (at most [`MAX_NS_FETCHES`] per pull; the rest on the next). Returns how
+/// many arrived.
+async fn fetch_ns_content(
+    state: &NodeState,
+    id: &[u8; 32],
+    addr: &EndpointAddr,
+) -> Result<usize, PullError> {
+    let commit = |e: aspen_client::protocol::RpcError| PullError::Commit(e.to_string());
+    let (doc, _) = state.namespaces.ns_open(id).await.map_err(commit)?;
+    let missing = state
+        .namespaces
+        .missing_content(&doc)
+        .await
+        .map_err(commit)?;
+    let mut fetched = 0;
+    for hash in missing.iter().take(MAX_NS_FETCHES) {
+        match state
+            .blobs
+            .fetch_blob_from(hash.as_bytes(), addr.clone())
+            .await
+            .map_err(commit)?
+        {
+            Ok(_) => fetched += 1,
+            Err(reason) => {
+                return Err(PullError::Data(format!(
+                    "content {hash} of namespace {}: {reason}",
+                    hex::encode(id)
+                )))
+            }
+        }
+    }
+    Ok(fetched)
 }
 
 /// Pulls a followed blob prefix: the origin's signed tag list, then every blob this cluster

@@ -137,7 +137,9 @@ impl FedService {
             aspen_sync::ResourceKind::Doc => {
                 aspen_crdt::DocName::new(into.clone())?;
             }
-            _ => {
+            // Hosted under its own id (checked by `local_name`).
+            aspen_sync::ResourceKind::Ns => {}
+            aspen_sync::ResourceKind::Blob => {
                 // A prefix: with one more character it must make a valid tag.
                 aspen_blobs::TagName::new(format!("{into}x"))?;
             }

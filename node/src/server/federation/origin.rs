@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aspen_client::protocol::{NamespaceError, RpcError};
 use aspen_client::wire::{read_frame, write_frame};
 use aspen_crdt::DocName;
 use aspen_federation::{
@@ -230,10 +231,16 @@ async fn manifest(
             ContentDigest::heads(heads)
         }
         aspen_sync::ResourceKind::Blob => tag_list(state, &resource.name).await?.digest(),
-        kind => {
-            return Err(FedError::BadRequest(format!(
-                "serving {kind} resources is not supported yet"
-            )))
+        aspen_sync::ResourceKind::Ns => {
+            let id = ns_id(&resource)?;
+            match state.namespaces.state_digest(&id).await {
+                Ok(digest) => digest,
+                Err(RpcError::Namespace(NamespaceError::Unknown(_))) => {
+                    return Err(FedError::NotFound(resource.to_string()))
+                }
+                Err(RpcError::BadRequest(why)) => return Err(FedError::BadRequest(why)),
+                Err(e) => return Err(internal(e)),
+            }
         }
     };
     let signed = current_manifest(state, &resource, digest).await?;
@@ -316,9 +323,22 @@ async fn blob_tags(
     check_export(state, caller, &resource).await?;
     let list = tag_list(state, &resource.name).await?;
     let signed = current_manifest(state, &resource, list.digest()).await?;
+    let mut tags = list.entries().to_vec();
+    // Test faults: a tag list other than the one signed for.
+    match state.cluster.test_fault {
+        Some(TestFault::FedFlipByte) => {
+            if let Some((_, hash)) = tags.first_mut() {
+                hash[0] ^= 0x5a;
+            }
+        }
+        Some(TestFault::FedExtraChange) => {
+            tags.push((format!("{}unsigned", resource.name), [7; 32]));
+        }
+        _ => {}
+    }
     Ok(FedReply::BlobTags {
         manifest: signed.encode(),
-        tags: list.entries().to_vec(),
+        tags,
     })
 }
 
@@ -423,6 +443,15 @@ async fn current_manifest(
 
 fn doc_name(resource: &Resource) -> Result<DocName, FedError> {
     DocName::new(resource.name.clone()).map_err(|e| FedError::BadRequest(e.to_string()))
+}
+
+/// The namespace id an `ns` resource names (its name is the id in hex, checked when the
+/// manifest is signed; checked here before anything is looked up).
+fn ns_id(resource: &Resource) -> Result<[u8; 32], FedError> {
+    hex::decode(&resource.name)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| FedError::BadRequest(format!("{resource} does not name a namespace id")))
 }
 
 fn internal(e: impl std::fmt::Display) -> FedError {

@@ -504,3 +504,37 @@ pub async fn raw_exchange_as(
     ep.close().await;
     out
 }
+
+/// Syncs `namespace` from `node` over iroh-docs as `secret`, into a fresh in-memory replica.
+pub async fn docs_sync_as(
+    node: &NodeProc,
+    secret: [u8; 32],
+    namespace: [u8; 32],
+) -> Result<iroh_docs::net::SyncFinished, iroh_docs::net::ConnectError> {
+    let ep = aspen_client::endpoint::offline_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(iroh::SecretKey::from_bytes(&secret)),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let sync = iroh_docs::actor::SyncHandle::spawn(
+        iroh_docs::store::Store::memory(),
+        None,
+        "reader".into(),
+    );
+    let id = iroh_docs::NamespaceId::from(&namespace);
+    sync.import_namespace(iroh_docs::Capability::Read(id))
+        .await
+        .unwrap();
+    let opts = iroh_docs::actor::OpenOpts {
+        sync: true,
+        subscribe: None,
+    };
+    sync.open(id, opts).await.unwrap();
+    let addr = node.addr();
+    let result = iroh_docs::net::connect_and_sync(&ep, &sync, id, addr, None).await;
+    let _ = sync.shutdown().await;
+    ep.close().await;
+    result
+}
