@@ -5,7 +5,10 @@
 //!   follower; the time from the follow to the follower's last pull having committed it;
 //! - arrival: single edits on the origin of a small followed document, and the time until the
 //!   follower holds each, once waiting for the follower's pull interval and once asking it to
-//!   pull at once (`fed sync`), which is what a push trigger would cost.
+//!   pull at once (`fed sync`), which is what a push trigger would cost;
+//! - blob pull: a blob of `--blob-mib` random MiB tagged on the origin under an exported
+//!   prefix, followed; from the follow until the follower's pull has fetched it (verified
+//!   streaming from the origin node) and tagged it through its Raft.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use crate::cli::{ClientArgs, Output};
 const WAIT_LIMIT: Duration = Duration::from_secs(300);
 /// How often the follower is polled.
 const POLL: Duration = Duration::from_millis(10);
+const MIB: u64 = 1 << 20;
 
 #[derive(Args, Debug)]
 pub struct FedBenchArgs {
@@ -37,6 +41,9 @@ pub struct FedBenchArgs {
     /// Edits whose arrival is timed, each way.
     #[arg(long, default_value_t = 20)]
     pub edits: usize,
+    /// Size of the followed blob whose pull is timed (0: no blob phase).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub blob_mib: u64,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -125,6 +132,21 @@ pub async fn bench_fed(args: FedBenchArgs) -> Result<()> {
             by_interval.push(t.elapsed());
         }
     }
+    let blob = match args.blob_mib {
+        0 => None,
+        mib => Some(
+            blob_pull(
+                &origin,
+                &follower,
+                origin_key,
+                follower_key,
+                &origin_ticket,
+                &tag,
+                mib,
+            )
+            .await?,
+        ),
+    };
     for name in [&big, &small] {
         let _ = follower
             .fed_unfollow(origin_key, Resource::doc(name.as_str()))
@@ -154,6 +176,11 @@ pub async fn bench_fed(args: FedBenchArgs) -> Result<()> {
                 "changes_per_sec": args.changes as f64 / first_sync.as_secs_f64(),
                 "arrival_by_interval_ms": { "p50": i50, "p99": i99, "n": by_interval.len() },
                 "arrival_by_sync_ms": { "p50": s50, "p99": s99, "n": by_sync.len() },
+                "blob_pull": blob.map(|d| json!({
+                    "mib": args.blob_mib,
+                    "ms": ms(d),
+                    "mib_per_sec": super::transfer::mib_per_sec(args.blob_mib * MIB, d),
+                })),
             })
         ),
         Output::Text => {
@@ -171,9 +198,71 @@ pub async fn bench_fed(args: FedBenchArgs) -> Result<()> {
                 "edit -> follower, with `fed sync`:              p50 {s50:.1} ms, p99 {s99:.1} ms ({} edits)",
                 by_sync.len()
             );
+            if let Some(d) = blob {
+                println!(
+                    "blob pull of {} MiB: {:.0} ms ({:.0} MiB/s)",
+                    args.blob_mib,
+                    ms(d),
+                    super::transfer::mib_per_sec(args.blob_mib * MIB, d)
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Times the follow of a fresh `mib` MiB blob, until the follower's pull has tagged it.
+async fn blob_pull(
+    origin: &Client,
+    follower: &Client,
+    origin_key: [u8; 32],
+    follower_key: [u8; 32],
+    origin_ticket: &ClusterTicket,
+    tag: &str,
+    mib: u64,
+) -> Result<Duration> {
+    let size = mib.saturating_mul(MIB);
+    if size > aspen_blobs::limits::MAX_BLOB_BYTES {
+        bail!(
+            "--blob-mib must be at most {} (the blob size limit)",
+            aspen_blobs::limits::MAX_BLOB_BYTES / MIB
+        );
+    }
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let input = dir.path().join("blob.in");
+    eprintln!("adding a {mib} MiB blob on the origin...");
+    super::transfer::write_random_file(input.clone(), size).await?;
+    let prefix = format!("bench/fed-{tag}-blobs/");
+    let added = origin
+        .blob_add_file(&input, Some(&format!("{prefix}blob")), |_| {})
+        .await?;
+    let resource = Resource::blob(&prefix);
+    origin
+        .fed_export(resource.clone(), vec![follower_key], false)
+        .await?;
+    let started = Instant::now();
+    follower
+        .fed_follow(
+            origin_key,
+            resource.clone(),
+            None,
+            origin_ticket.members.clone(),
+        )
+        .await?;
+    wait_for_pull(follower, origin_key, &resource).await?;
+    let took = started.elapsed();
+    let local = format!("fed/{}/{prefix}blob", &hex::encode(origin_key)[..16]);
+    let info = follower
+        .blob_stat(added.hash, Consistency::Serializable)
+        .await?;
+    if !info.tags.contains(&local) {
+        bail!("the follower did not tag the blob as {local}");
+    }
+    let _ = follower.fed_unfollow(origin_key, resource.clone()).await;
+    let _ = origin.fed_unexport(resource, vec![], false, true).await;
+    let _ = origin.blob_untag(&format!("{prefix}blob")).await;
+    let _ = follower.blob_untag(&local).await;
+    Ok(took)
 }
 
 /// `n` changes of one actor, each setting one of 100 keys.

@@ -55,7 +55,7 @@ pub struct QuicBenchArgs {
     pub output: Output,
 }
 
-fn mib_per_sec(bytes: u64, d: Duration) -> f64 {
+pub(super) fn mib_per_sec(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
 
@@ -77,7 +77,7 @@ fn check_runs(runs: usize) -> Result<()> {
 }
 
 /// Writes `size` random bytes to `path` (off the executor).
-async fn write_random_file(path: PathBuf, size: u64) -> Result<()> {
+pub(super) async fn write_random_file(path: PathBuf, size: u64) -> Result<()> {
     tokio::task::spawn_blocking(move || -> Result<()> {
         use std::io::Write;
         let file = std::fs::File::create(&path)
