@@ -29,8 +29,8 @@ pub mod view;
 
 pub use name::DocName;
 pub use stored::{
-    assemble, changes_in, parse_change, plan_changes, plan_compaction, plan_create, plan_delete,
-    plan_import, read_doc, ChangePlan, Merged, StoredDoc,
+    assemble, changes_in, load_saved, parse_change, plan_changes, plan_compaction, plan_create,
+    plan_delete, plan_import, plan_replace, read_doc, ChangePlan, Merged, StoredDoc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,10 @@ pub enum DocError {
     /// or simply too large once uncompressed).
     #[error("change {index} inflates to more than {max} bytes, the limit for a change")]
     Inflates { index: usize, max: usize },
+    /// Not one saved document (a document chunk, as `save` writes it), or one whose columns
+    /// inflate past [`limits::MAX_DOC_INFLATED_BYTES`].
+    #[error("not an acceptable saved document: {0}")]
+    InvalidDocument(String),
 }
 
 /// Hex form of a change hash, as Automerge tools print it.

@@ -12,6 +12,9 @@ pub const MAX_CHANGES_PER_REQUEST: usize = 256;
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Most bytes a stored document may hold: its snapshot plus its pending changes.
 pub const MAX_DOC_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes the compressed columns of one saved document may inflate to (all together)
+/// before Automerge is given it.
+pub const MAX_DOC_INFLATED_BYTES: usize = 4 * MAX_DOC_BYTES;
 /// A compacted snapshot is stored in chunks of at most this many bytes (one system value).
 pub const SNAPSHOT_CHUNK_BYTES: usize = MAX_VALUE_BYTES;
 /// Most chunks a snapshot may have.

@@ -389,6 +389,106 @@ fn check_chunk(index: usize, bytes: &[u8]) -> Result<(), DocError> {
     }
 }
 
+const CHUNK_DOCUMENT: u8 = 0;
+/// Bit of a column specification that says the column is DEFLATE-compressed.
+const COLUMN_DEFLATE: u64 = 0b1000;
+
+/// Reads an unsigned LEB128 number off the front of `input`.
+fn take_uleb(input: &mut &[u8]) -> Option<u64> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = input.split_first()?;
+        *input = rest;
+        value |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn take_bytes<'a>(input: &mut &'a [u8], n: u64) -> Option<&'a [u8]> {
+    let n = usize::try_from(n).ok()?;
+    let (taken, rest) = (input.get(..n)?, input.get(n..)?);
+    *input = rest;
+    Some(taken)
+}
+
+/// Refuses, before Automerge sees them, bytes that are not exactly one document chunk (what
+/// `save` writes), and a document whose compressed columns inflate past `max` bytes in all:
+/// Automerge inflates columns with an unbounded `read_to_end`. Walks the chunk's layout
+/// (actors, heads, column specifications and lengths) without building anything; every
+/// count is bounded by the bytes that must follow it.
+pub fn check_saved_document(bytes: &[u8], max: usize) -> Result<(), DocError> {
+    let invalid = |reason: &str| DocError::InvalidDocument(reason.to_string());
+    let truncated = || invalid("truncated document chunk");
+    let rest = bytes
+        .strip_prefix(&CHUNK_MAGIC[..])
+        .ok_or_else(|| invalid("not an Automerge chunk (bad magic bytes)"))?;
+    let (&kind, mut rest) = rest
+        .get(4..)
+        .and_then(|r| r.split_first())
+        .ok_or_else(truncated)?;
+    if kind != CHUNK_DOCUMENT {
+        return Err(invalid(&format!("chunk type {kind} is not a document")));
+    }
+    let len = take_uleb(&mut rest).ok_or_else(truncated)?;
+    let mut body = take_bytes(&mut rest, len).ok_or_else(truncated)?;
+    if !rest.is_empty() {
+        return Err(invalid("bytes after the document chunk"));
+    }
+    let actors = take_uleb(&mut body).ok_or_else(truncated)?;
+    for _ in 0..actors {
+        let n = take_uleb(&mut body).ok_or_else(truncated)?;
+        take_bytes(&mut body, n).ok_or_else(truncated)?;
+    }
+    let heads = take_uleb(&mut body).ok_or_else(truncated)?;
+    take_bytes(&mut body, heads.checked_mul(32).ok_or_else(truncated)?).ok_or_else(truncated)?;
+    let mut columns = Vec::new();
+    for _ in 0..2 {
+        let n = take_uleb(&mut body).ok_or_else(truncated)?;
+        for _ in 0..n {
+            let spec = take_uleb(&mut body).ok_or_else(truncated)?;
+            let len = take_uleb(&mut body).ok_or_else(truncated)?;
+            columns.push((spec, len));
+        }
+    }
+    let mut inflated = 0usize;
+    for (spec, len) in columns {
+        let data = take_bytes(&mut body, len).ok_or_else(truncated)?;
+        if spec & COLUMN_DEFLATE == 0 {
+            inflated += data.len();
+        } else {
+            use std::io::Read;
+            let mut decoder = flate2::bufread::DeflateDecoder::new(data);
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match decoder.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => inflated += n,
+                    Err(e) => return Err(invalid(&format!("bad compressed column: {e}"))),
+                }
+                if inflated > max {
+                    break;
+                }
+            }
+        }
+        if inflated > max {
+            return Err(invalid(&format!("its columns inflate past {max} bytes")));
+        }
+    }
+    Ok(())
+}
+
+/// Loads a saved document received from elsewhere: [`check_saved_document`] first, then
+/// Automerge (its panics caught). CPU work: callers off the async executor.
+pub fn load_saved(bytes: &[u8]) -> Result<Automerge, DocError> {
+    check_saved_document(bytes, crate::limits::MAX_DOC_INFLATED_BYTES)?;
+    no_panic(|| Automerge::load(bytes))
+        .map_err(DocError::InvalidDocument)?
+        .map_err(|e| DocError::InvalidDocument(e.to_string()))
+}
+
 /// Parses one raw change (number `index` of a request) with the bounds checked first: its
 /// size, its chunk type, and how far a compressed change inflates. Automerge panics are
 /// caught. CPU work: callers off the async executor.
@@ -540,15 +640,7 @@ pub fn plan_import(
             .iter()
             .all(|h| m.doc.get_change_meta_by_hash(h).is_some())
     }) {
-        let txn = snapshot_txn(stored, &merged.doc).ok_or_else(|| DocError::TooLarge {
-            len: stored.stored_bytes() + total,
-            max: MAX_DOC_BYTES,
-        })?;
-        return Ok(ChangePlan {
-            added: merged.added,
-            txn: Some(txn),
-            heads: merged.doc.get_heads().iter().map(|h| h.0).collect(),
-        });
+        return plan_replace(stored, doc, merged);
     }
     let parsed = new_changes(doc, changes)?;
     if parsed.is_empty() {
@@ -563,6 +655,35 @@ pub fn plan_import(
         added: parsed.iter().map(|c| c.hash().0).collect(),
         txn: Some(txn),
         heads: merged.get_heads().iter().map(|h| h.0).collect(),
+    })
+}
+
+/// Stores `merged.doc` (which must hold every head of `doc`, the stored document) as the
+/// document's one snapshot: for a document pulled whole from another cluster, already
+/// verified against its signed manifest.
+pub fn plan_replace(
+    stored: &StoredDoc,
+    doc: &Automerge,
+    merged: Merged,
+) -> Result<ChangePlan, DocError> {
+    if let Some(h) = doc
+        .get_heads()
+        .iter()
+        .find(|h| merged.doc.get_change_meta_by_hash(h).is_none())
+    {
+        return Err(DocError::InvalidDocument(format!(
+            "it lacks change {} of the stored document",
+            crate::hash_hex(&h.0)
+        )));
+    }
+    let txn = snapshot_txn(stored, &merged.doc).ok_or_else(|| DocError::TooLarge {
+        len: merged.doc.save().len(),
+        max: MAX_DOC_BYTES,
+    })?;
+    Ok(ChangePlan {
+        added: merged.added,
+        txn: Some(txn),
+        heads: merged.doc.get_heads().iter().map(|h| h.0).collect(),
     })
 }
 
@@ -757,7 +878,106 @@ mod tests {
         );
     }
 
+    /// A saved document loads; other chunks, trailing bytes and a column that inflates past
+    /// the bound are refused before Automerge sees them.
+    #[test]
+    fn saved_documents_are_checked_before_loading() {
+        let mut doc = Automerge::new();
+        for i in 0..200 {
+            let ops = crate::patch::parse(&format!(
+                r#"[{{"op": "set", "path": ["k{}"], "value": "{}"}}]"#,
+                i % 7,
+                "x".repeat(i)
+            ))
+            .unwrap();
+            crate::patch::apply(&mut doc, &ops, None, 0).unwrap();
+        }
+        let saved = doc.save();
+        let loaded = load_saved(&saved).unwrap();
+        assert_eq!(loaded.get_heads(), doc.get_heads());
+        // A change, and a document with anything after it: refused.
+        let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        assert!(matches!(
+            load_saved(&change),
+            Err(DocError::InvalidDocument(_))
+        ));
+        let mut longer = saved.clone();
+        longer.extend_from_slice(&change);
+        assert!(matches!(
+            load_saved(&longer),
+            Err(DocError::InvalidDocument(_))
+        ));
+        // A bound below what this document's columns take: refused.
+        assert!(check_saved_document(&saved, 16).is_err());
+        // A column of 256 MiB of zeros, deflated to a few hundred KiB: refused at the bound.
+        let bomb = {
+            use std::io::Write;
+            let mut enc =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..256 {
+                enc.write_all(&zeros).unwrap();
+            }
+            enc.finish().unwrap()
+        };
+        let mut body = vec![0, 0]; // no actors, no heads
+        body.push(1); // one change column: (spec with the deflate bit, length)
+        body.push(COLUMN_DEFLATE as u8 | 0x10);
+        let mut len = Vec::new();
+        let mut n = bomb.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                len.push(b);
+                break;
+            }
+            len.push(b | 0x80);
+        }
+        body.extend_from_slice(&len);
+        body.push(0); // no op columns
+        body.extend_from_slice(&bomb);
+        let mut chunk = CHUNK_MAGIC.to_vec();
+        chunk.extend_from_slice(&[0; 4]);
+        chunk.push(CHUNK_DOCUMENT);
+        let mut n = body.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                chunk.push(b);
+                break;
+            }
+            chunk.push(b | 0x80);
+        }
+        chunk.extend_from_slice(&body);
+        match load_saved(&chunk) {
+            Err(DocError::InvalidDocument(why)) => assert!(why.contains("inflate"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     proptest! {
+        /// Arbitrary bytes, and a real saved document damaged anywhere, offered as a saved
+        /// document: a typed error or a document, never a panic.
+        #[test]
+        fn loading_arbitrary_saved_documents_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+        ) {
+            let _ = load_saved(&bytes);
+            let mut doc = Automerge::new();
+            let ops = crate::patch::parse(r#"[{"op": "set", "path": ["a"], "value": [1, "x"]}]"#).unwrap();
+            crate::patch::apply(&mut doc, &ops, None, 0).unwrap();
+            let mut saved = doc.save();
+            let i = at % saved.len();
+            saved[i] ^= byte | 1;
+            let _ = load_saved(&saved);
+            saved.truncate(i);
+            let _ = load_saved(&saved);
+        }
+
         /// Whatever a node serves (or a disk returns), assembling it is a document or a
         /// typed error, never a panic.
         #[test]

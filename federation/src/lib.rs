@@ -27,6 +27,6 @@ pub use follows::{
 };
 pub use protocol::{
     caller_cluster, check_welcome, FedCall, FedError, FedReply, Hello, HelloReply, FEDERATION_ALPN,
-    MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_FED_TAGS, MAX_REPLY_FRAME,
+    MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_FED_TAGS, MAX_REPLY_FRAME, MAX_SNAPSHOT_BYTES,
 };
 pub use schedule::PullSchedule;

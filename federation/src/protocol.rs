@@ -32,6 +32,8 @@ pub const MAX_CALL_FRAME: usize = 64 * 1024;
 pub const MAX_CHANGES_PAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Most tags one [`FedReply::BlobTags`] lists (export a narrower prefix for more).
 pub const MAX_FED_TAGS: usize = 10_000;
+/// Largest saved document one [`FedReply::DocSnapshot`] carries.
+pub const MAX_SNAPSHOT_BYTES: usize = MAX_CHANGES_PAGE_BYTES;
 /// Largest reply frame: a page of changes, its framing and a manifest.
 pub const MAX_REPLY_FRAME: usize = MAX_CHANGES_PAGE_BYTES + 1024 * 1024;
 
@@ -63,6 +65,12 @@ pub enum FedCall {
     /// of that list. The blobs themselves are then fetched over iroh-blobs (verified
     /// streaming), which admits the caller's node for them. → [`FedReply::BlobTags`]
     BlobTags { prefix: String },
+    /// Document `name` as one saved Automerge document, with the signed manifest of the
+    /// state saved (its heads), for a follower that has none of it yet: Automerge loads a
+    /// saved document far faster than it applies the same changes one by one.
+    /// → [`FedReply::DocSnapshot`], or [`FedError::TooLarge`] past [`MAX_SNAPSHOT_BYTES`]
+    /// (then ask for changes).
+    DocSnapshot { name: String },
 }
 
 /// The answer to a [`FedCall`].
@@ -83,6 +91,11 @@ pub enum FedReply {
     BlobTags {
         manifest: Vec<u8>,
         tags: Vec<(String, [u8; 32])>,
+    },
+    /// A saved document (one document chunk) whose heads are exactly the manifest's.
+    DocSnapshot {
+        manifest: Vec<u8>,
+        document: Vec<u8>,
     },
 }
 
@@ -106,6 +119,9 @@ pub enum FedError {
     Unavailable(String),
     #[error("internal error at the origin: {0}")]
     Internal(String),
+    /// The answer would exceed its bound (a snapshot: ask for changes instead).
+    #[error("too large: {0}")]
+    TooLarge(String),
 }
 
 impl FedError {
@@ -159,6 +175,9 @@ impl fmt::Display for FedCall {
             ),
             FedCall::BlobTags { prefix } => {
                 write!(f, "tags under blob:{}", prefix.escape_default())
+            }
+            FedCall::DocSnapshot { name } => {
+                write!(f, "snapshot of doc:{}", name.escape_default())
             }
         }
     }
@@ -233,6 +252,17 @@ mod tests {
             }),
             vec![1, 1, 5, 1, 2, 6, 6, 1]
         );
+        assert_eq!(
+            encoded(&FedCall::DocSnapshot { name: "d".into() }),
+            vec![3, 1, b'd']
+        );
+        assert_eq!(
+            encoded(&FedReply::DocSnapshot {
+                manifest: vec![5],
+                document: vec![6, 6]
+            }),
+            vec![4, 1, 5, 2, 6, 6]
+        );
         let errors = [
             (FedError::Unproven("x".into()), 0u8),
             (
@@ -246,6 +276,7 @@ mod tests {
             (FedError::BadRequest("x".into()), 3),
             (FedError::Unavailable("x".into()), 4),
             (FedError::Internal("x".into()), 5),
+            (FedError::TooLarge("x".into()), 6),
         ];
         for (error, tag) in errors {
             let bytes = encoded(&FedReply::Error(error.clone()));

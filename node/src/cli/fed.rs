@@ -47,7 +47,8 @@ pub enum FedCommand {
     /// Pull a resource of another cluster from now on: the leader pulls it every interval
     /// (`--fed-pull-interval-ms` of `node run`), verifies it against the origin's signed
     /// manifest and commits it here, so every member serves it, also while the origin is
-    /// offline. Documents and blob prefixes can be followed (namespaces not yet).
+    /// offline. Documents, blob prefixes and iroh-docs namespaces (a read-only replica on
+    /// every member, `aspen docs list ID`) can be followed.
     Follow {
         /// The origin: its cluster key (found through the DHT or the record cache), or a
         /// cluster ticket (its key is then asked for and checked, and its members are
@@ -58,6 +59,7 @@ pub enum FedCommand {
         /// Where it goes here: the local document the origin's changes merge into, or the
         /// local tag prefix for blobs (default: fed/<first 16 hex digits of the origin
         /// key>/<NAME>). Two sites that follow each other's document into their own converge.
+        /// A namespace keeps its id.
         #[arg(long, value_name = "LOCAL_NAME")]
         into: Option<String>,
         #[command(flatten)]

@@ -151,20 +151,7 @@ impl DocService {
         changes: Vec<Vec<u8>>,
         merged: Option<aspen_crdt::Merged>,
     ) -> Result<Vec<[u8; 32]>, RpcError> {
-        self.cluster.read_barrier().await?;
-        let stored = match self.read_stored(name).await? {
-            Some(stored) => stored,
-            None => {
-                let txn = aspen_crdt::plan_create(
-                    name,
-                    rand::random(),
-                    super::identity::unix_now() * 1000,
-                );
-                // Not applied: created meanwhile by someone else, which is as good.
-                self.cluster.propose_system_txn(txn).await?;
-                self.read_existing(name).await?
-            }
-        };
+        let stored = self.stored_or_created(name).await?;
         let cache = self.cache.clone();
         let plan = tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
@@ -182,6 +169,53 @@ impl DocService {
             }
             if let Err(e) = self.compact(name).await {
                 tracing::warn!(doc = %name, "compaction failed: {e}");
+            }
+        }
+        Ok(plan.added)
+    }
+
+    /// Document `name` as stored (after a read barrier), created empty first if need be.
+    async fn stored_or_created(&self, name: &DocName) -> Result<aspen_crdt::StoredDoc, RpcError> {
+        self.cluster.read_barrier().await?;
+        let stored = match self.read_stored(name).await? {
+            Some(stored) => stored,
+            None => {
+                let txn = aspen_crdt::plan_create(
+                    name,
+                    rand::random(),
+                    super::identity::unix_now() * 1000,
+                );
+                // Not applied: created meanwhile by someone else, which is as good.
+                self.cluster.propose_system_txn(txn).await?;
+                self.read_existing(name).await?
+            }
+        };
+        Ok(stored)
+    }
+
+    /// Stores a document pulled whole from another cluster (verified by the caller) as
+    /// document `name` (created if need be): one snapshot, which must hold everything the
+    /// stored document holds. Returns the hashes the caller said were added.
+    pub async fn import_snapshot(
+        &self,
+        name: &DocName,
+        merged: aspen_crdt::Merged,
+    ) -> Result<Vec<[u8; 32]>, RpcError> {
+        let stored = self.stored_or_created(name).await?;
+        let cache = self.cache.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            let doc = cache.load(&stored)?;
+            let plan = aspen_crdt::plan_replace(&stored, &doc, merged);
+            cache.keep(&stored, doc);
+            plan
+        })
+        .await
+        .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
+        if let Some(txn) = plan.txn {
+            if !self.cluster.propose_system_txn(txn).await? {
+                return Err(RpcError::Unavailable(format!(
+                    "document {name} changed while importing; retry"
+                )));
             }
         }
         Ok(plan.added)

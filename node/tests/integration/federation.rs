@@ -512,7 +512,19 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
     .await;
     assert!(closed < 80, "every connection was closed at once: {closed}");
 
-    // B follows honestly first.
+    let heads = sorted_heads(
+        &a_client
+            .doc_get("plans", Consistency::Linearizable)
+            .await
+            .unwrap(),
+    );
+    a_client.close().await;
+
+    // B's first pull comes as one saved document; A flips a byte of it: refused, nothing
+    // committed.
+    let mut lying = refs(&args);
+    lying.extend(["--unsafe-test-fault", "fed-flip-byte"]);
+    a[0].restart(Some(&lying));
     b_client
         .fed_follow(
             a_key,
@@ -522,14 +534,23 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         )
         .await
         .unwrap();
-    let heads = sorted_heads(
-        &a_client
+    let error = wait_until_or_dump("B to reject a damaged snapshot", &a, || async {
+        let s = b_client.fed_sync(None, None).await.ok()?;
+        s[0].last_error.clone()
+    })
+    .await;
+    assert!(error.contains("not an acceptable saved document"), "{error}");
+    assert!(
+        b_client
             .doc_get("plans", Consistency::Linearizable)
             .await
-            .unwrap(),
+            .is_err(),
+        "nothing committed"
     );
+    // Honest again: B's next pull takes it.
+    a[0].restart(Some(&refs(&args)));
+    b_client.fed_sync(None, None).await.unwrap();
     wait_for_heads(&b[0], &a, "plans", &heads).await;
-    a_client.close().await;
 
     // Then A lies, one way at a time; B commits nothing and says why.
     for (fault, expected) in [

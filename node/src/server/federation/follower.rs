@@ -766,13 +766,55 @@ async fn pull_doc(
     let mut fetching = std::time::Duration::ZERO;
     let mut applying = std::time::Duration::ZERO;
     let result = async {
+        let mut floor = accepted.clone();
+        // Nothing here yet: the whole document in one saved snapshot, if the origin can.
+        if local.get_heads().is_empty() {
+            let t = Instant::now();
+            if let Some((manifest, signed, doc, added)) =
+                doc_snapshot(&conn, &origin, &resource, &mut floor).await?
+            {
+                let fetched = t.elapsed();
+                let t = Instant::now();
+                let merged = aspen_crdt::Merged { doc, added };
+                let added = state
+                    .docs
+                    .import_snapshot(&into, merged)
+                    .await
+                    .map_err(|e| PullError::Commit(e.to_string()))?
+                    .len();
+                record_manifest(
+                    &state,
+                    &origin,
+                    &resource,
+                    follow_bytes.clone(),
+                    stored_state.clone(),
+                    accepted.as_ref(),
+                    &signed,
+                )
+                .await?;
+                tracing::info!(
+                    %origin,
+                    %resource,
+                    seq = manifest.seq,
+                    added,
+                    dial_ms = dialed.as_millis() as u64,
+                    fetch_and_load_ms = fetched.as_millis() as u64,
+                    commit_ms = t.elapsed().as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "pulled (snapshot)"
+                );
+                return Ok(Pulled {
+                    seq: manifest.seq,
+                    added,
+                });
+            }
+        }
         let mut pull = Some(DocPull::new(
             local,
             &known,
             aspen_crdt::limits::MAX_DOC_BYTES,
         ));
         let mut last: Option<(Manifest, SignedManifest)> = None;
-        let mut floor = accepted.clone();
         for page in 0.. {
             if page == MAX_PAGES {
                 return Err(PullError::Data(format!(
@@ -887,6 +929,68 @@ async fn pull_doc(
     .await;
     conn.close(0u32.into(), b"pull done");
     result
+}
+
+/// A first pull by snapshot: the origin's saved document, loaded under the inflation bound
+/// and checked to have exactly the heads its signed manifest names (a saved document holds
+/// nothing but the history of its heads, each change named by its hash). `None`: the origin
+/// will not send one (too large, or it does not know the call); pull changes instead.
+async fn doc_snapshot(
+    conn: &Connection,
+    origin: &ClusterKey,
+    resource: &Resource,
+    floor: &mut Option<(Manifest, [u8; 32])>,
+) -> Result<
+    Option<(
+        Manifest,
+        SignedManifest,
+        automerge::Automerge,
+        Vec<[u8; 32]>,
+    )>,
+    PullError,
+> {
+    let reply = exchange::<_, FedReply>(
+        conn,
+        &FedCall::DocSnapshot {
+            name: resource.name.clone(),
+        },
+    )
+    .await;
+    let (manifest_bytes, document) = match reply {
+        Ok(FedReply::DocSnapshot { manifest, document }) => (manifest, document),
+        Ok(FedReply::Error(FedError::TooLarge(_) | FedError::BadRequest(_)))
+        | Err(PullError::Protocol(_)) => return Ok(None),
+        Ok(FedReply::Error(e)) => return Err(PullError::Refused(e)),
+        Ok(other) => {
+            return Err(PullError::Protocol(format!(
+                "expected a snapshot, got {other:?}"
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    let signed = SignedManifest::decode(&manifest_bytes)?;
+    let manifest = signed.verify(origin, resource)?;
+    let hash = signed.hash();
+    check_successor(floor.as_ref().map(|(m, h)| (m, *h)), &manifest, hash)?;
+    *floor = Some((manifest.clone(), hash));
+    let aspen_sync::ContentDigest::Heads(signed_heads) = manifest.digest.clone() else {
+        return Err(PullError::Data("a document manifest without heads".into()));
+    };
+    let (doc, added) = tokio::task::spawn_blocking(move || {
+        let doc = aspen_crdt::load_saved(&document).map_err(|e| PullError::Data(e.to_string()))?;
+        let mut heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+        heads.sort_unstable();
+        if heads != signed_heads {
+            return Err(PullError::Data(
+                "the snapshot's heads are not the ones the origin signed".into(),
+            ));
+        }
+        let added = doc.get_changes_meta(&[]).iter().map(|m| m.hash.0).collect();
+        Ok((doc, added))
+    })
+    .await
+    .map_err(|e| PullError::Commit(format!("pull task failed: {e}")))??;
+    Ok(Some((manifest, signed, doc, added)))
 }
 
 fn data(e: ExchangeError) -> PullError {

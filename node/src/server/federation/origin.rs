@@ -22,6 +22,7 @@ use aspen_crdt::DocName;
 use aspen_federation::{
     caller_cluster, export_key, origin_manifest_key, Export, FedCall, FedError, FedReply, Hello,
     HelloReply, MAX_CALL_FRAME, MAX_CHANGES_PAGE_BYTES, MAX_FED_TAGS, MAX_REPLY_FRAME,
+    MAX_SNAPSHOT_BYTES,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_sync::doc_exchange::{changes_since, MAX_HAVE};
@@ -179,6 +180,7 @@ async fn serve(state: &NodeState, caller: &ClusterKey, call: FedCall) -> FedRepl
         FedCall::Manifest { resource } => manifest(state, caller, resource).await,
         FedCall::DocChanges { name, have } => doc_changes(state, caller, name, have).await,
         FedCall::BlobTags { prefix } => blob_tags(state, caller, prefix).await,
+        FedCall::DocSnapshot { name } => doc_snapshot(state, caller, name).await,
     };
     tracing::debug!(%caller, call = what, ms = started.elapsed().as_millis() as u64, ok = served.is_ok(), "federation request served");
     served.unwrap_or_else(FedReply::Error)
@@ -292,6 +294,41 @@ async fn doc_changes(
         manifest: signed.encode(),
         changes: page.changes,
         more: page.more,
+    })
+}
+
+async fn doc_snapshot(
+    state: &NodeState,
+    caller: &ClusterKey,
+    name: String,
+) -> Result<FedReply, FedError> {
+    let resource = Resource::doc(name);
+    check_export(state, caller, &resource).await?;
+    let doc = doc_name(&resource)?;
+    let (heads, mut document) = state
+        .docs
+        .with_doc(&doc, |doc| {
+            let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+            (heads, doc.save())
+        })
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| FedError::NotFound(resource.to_string()))?;
+    if document.len() > MAX_SNAPSHOT_BYTES {
+        return Err(FedError::TooLarge(format!(
+            "{resource} saves to {} bytes, more than {MAX_SNAPSHOT_BYTES} in one snapshot",
+            document.len()
+        )));
+    }
+    if state.cluster.test_fault == Some(TestFault::FedFlipByte) {
+        if let Some(last) = document.last_mut() {
+            *last ^= 1;
+        }
+    }
+    let signed = current_manifest(state, &resource, ContentDigest::heads(heads)).await?;
+    Ok(FedReply::DocSnapshot {
+        manifest: signed.encode(),
+        document,
     })
 }
 
