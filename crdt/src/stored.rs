@@ -878,6 +878,19 @@ mod tests {
         );
     }
 
+    fn uleb(mut n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
     /// A saved document loads; other chunks, trailing bytes and a column that inflates past
     /// the bound are refused before Automerge sees them.
     #[test]
@@ -923,33 +936,13 @@ mod tests {
         let mut body = vec![0, 0]; // no actors, no heads
         body.push(1); // one change column: (spec with the deflate bit, length)
         body.push(COLUMN_DEFLATE as u8 | 0x10);
-        let mut len = Vec::new();
-        let mut n = bomb.len();
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                len.push(b);
-                break;
-            }
-            len.push(b | 0x80);
-        }
-        body.extend_from_slice(&len);
+        body.extend(uleb(bomb.len()));
         body.push(0); // no op columns
         body.extend_from_slice(&bomb);
         let mut chunk = CHUNK_MAGIC.to_vec();
         chunk.extend_from_slice(&[0; 4]);
         chunk.push(CHUNK_DOCUMENT);
-        let mut n = body.len();
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                chunk.push(b);
-                break;
-            }
-            chunk.push(b | 0x80);
-        }
+        chunk.extend(uleb(body.len()));
         chunk.extend_from_slice(&body);
         match load_saved(&chunk) {
             Err(DocError::InvalidDocument(why)) => assert!(why.contains("inflate"), "{why}"),

@@ -143,19 +143,47 @@ impl DocService {
     }
 
     /// Commits changes pulled from another cluster (verified by the caller) into document
-    /// `name`, creating it first if it does not exist; `merged`: the caller's merge of them
-    /// (see [`aspen_crdt::plan_import`]). Returns the hashes added.
+    /// `name`, creating it if need be ([`aspen_crdt::plan_import`]). Returns the hashes added.
     pub async fn import(
         &self,
         name: &DocName,
         changes: Vec<Vec<u8>>,
         merged: Option<aspen_crdt::Merged>,
     ) -> Result<Vec<[u8; 32]>, RpcError> {
+        self.import_with(name, move |stored, doc| {
+            aspen_crdt::plan_import(stored, doc, changes, merged)
+        })
+        .await
+    }
+
+    /// Stores a document pulled whole from another cluster (verified by the caller) as
+    /// document `name` (created if need be): one snapshot, which must hold everything the
+    /// stored document holds ([`aspen_crdt::plan_replace`]). Returns the hashes added.
+    pub async fn import_snapshot(
+        &self,
+        name: &DocName,
+        merged: aspen_crdt::Merged,
+    ) -> Result<Vec<[u8; 32]>, RpcError> {
+        self.import_with(name, move |stored, doc| {
+            aspen_crdt::plan_replace(stored, doc, merged)
+        })
+        .await
+    }
+
+    /// Plans an import against the stored document (created first if need be), off the
+    /// executor, proposes it, and compacts if it left enough pending changes.
+    async fn import_with(
+        &self,
+        name: &DocName,
+        plan: impl FnOnce(&aspen_crdt::StoredDoc, &Automerge) -> Result<aspen_crdt::ChangePlan, DocError>
+            + Send
+            + 'static,
+    ) -> Result<Vec<[u8; 32]>, RpcError> {
         let stored = self.stored_or_created(name).await?;
         let cache = self.cache.clone();
         let plan = tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
-            let plan = aspen_crdt::plan_import(&stored, &doc, changes, merged);
+            let plan = plan(&stored, &doc);
             cache.keep(&stored, doc);
             plan
         })
@@ -191,34 +219,6 @@ impl DocService {
             }
         };
         Ok(stored)
-    }
-
-    /// Stores a document pulled whole from another cluster (verified by the caller) as
-    /// document `name` (created if need be): one snapshot, which must hold everything the
-    /// stored document holds. Returns the hashes the caller said were added.
-    pub async fn import_snapshot(
-        &self,
-        name: &DocName,
-        merged: aspen_crdt::Merged,
-    ) -> Result<Vec<[u8; 32]>, RpcError> {
-        let stored = self.stored_or_created(name).await?;
-        let cache = self.cache.clone();
-        let plan = tokio::task::spawn_blocking(move || {
-            let doc = cache.load(&stored)?;
-            let plan = aspen_crdt::plan_replace(&stored, &doc, merged);
-            cache.keep(&stored, doc);
-            plan
-        })
-        .await
-        .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
-        if let Some(txn) = plan.txn {
-            if !self.cluster.propose_system_txn(txn).await? {
-                return Err(RpcError::Unavailable(format!(
-                    "document {name} changed while importing; retry"
-                )));
-            }
-        }
-        Ok(plan.added)
     }
 
     /// Replaces the document's pending changes with a compacted snapshot (through Raft), unless

@@ -234,6 +234,32 @@ async fn wait_for_heads(
 }
 
 /// `aspen fed status -o json` of a cluster: its follows.
+/// Follows `resource` of `origin` from a cluster it is not exported to; waits for the
+/// typed refusal.
+async fn refused_follow(
+    client: &Client,
+    origin: [u8; 32],
+    resource: Resource,
+    hints: Vec<aspen_client::NodeTicket>,
+) {
+    client
+        .fed_follow(origin, resource, None, hints)
+        .await
+        .unwrap();
+    client.fed_sync(None, None).await.unwrap();
+    let status = wait_until("the pull to be refused", || async {
+        client.fed_follows().await.ok()?.first()?.last_error.clone()
+    })
+    .await;
+    assert!(status.contains("is not exported to cluster"), "{status}");
+}
+
+/// Stops `node` and returns its node key (to call as that node).
+fn stopped_node_key(node: &mut NodeProc) -> aspen_trust::NodeKey {
+    node.kill9();
+    aspen_node::keyfile::load_key(&node.dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap()
+}
+
 fn follows_of(ticket: &str) -> Vec<serde_json::Value> {
     let out = cli(&["fed", "status", "-o", "json"], Some(ticket));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -406,22 +432,7 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         .unwrap();
 
     // C is not allowed: a typed refusal, no document.
-    c_client
-        .fed_follow(a_key, Resource::doc("plans"), Some("plans".into()), vec![])
-        .await
-        .unwrap();
-    c_client.fed_sync(None, None).await.unwrap();
-    let status = wait_until("C's pull to be refused", || async {
-        c_client
-            .fed_follows()
-            .await
-            .ok()?
-            .first()?
-            .last_error
-            .clone()
-    })
-    .await;
-    assert!(status.contains("is not exported to cluster"), "{status}");
+    refused_follow(&c_client, a_key, Resource::doc("plans"), vec![]).await;
     assert!(c_client
         .doc_get("plans", Consistency::Linearizable)
         .await
@@ -440,9 +451,7 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         .await
         .unwrap();
     c_client.close().await;
-    c[0].kill9();
-    let c_node =
-        aspen_node::keyfile::load_key(&c[0].dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap();
+    let c_node = stopped_node_key(&mut c[0]);
     let ep = aspen_client::endpoint::offline_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         Some(iroh::SecretKey::from_bytes(&c_node.secret_bytes())),
@@ -539,7 +548,10 @@ async fn strangers_and_lying_origins_get_nothing_committed() {
         s[0].last_error.clone()
     })
     .await;
-    assert!(error.contains("not an acceptable saved document"), "{error}");
+    assert!(
+        error.contains("not an acceptable saved document"),
+        "{error}"
+    );
     assert!(
         b_client
             .doc_get("plans", Consistency::Linearizable)
@@ -869,27 +881,17 @@ async fn a_followed_namespace_is_replicated_read_only_and_follows_later_writes()
     assert!(follows[0].last_error.is_none(), "{follows:?}");
 
     // C is not allowed: a typed refusal and no namespace.
-    c_client
-        .fed_follow(a_key, Resource::ns(&id), None, vec![a[0].ticket.clone()])
-        .await
-        .unwrap();
-    let status = wait_until("C's pull to be refused", || async {
-        c_client
-            .fed_follows()
-            .await
-            .ok()?
-            .first()?
-            .last_error
-            .clone()
-    })
+    refused_follow(
+        &c_client,
+        a_key,
+        Resource::ns(&id),
+        vec![a[0].ticket.clone()],
+    )
     .await;
-    assert!(status.contains("is not exported to cluster"), "{status}");
     assert!(c_client.ns_namespaces().await.unwrap().is_empty());
     // C's node proved its cluster to A in that hello; the namespace is still refused to it.
     c_client.close().await;
-    c[0].kill9();
-    let c_node =
-        aspen_node::keyfile::load_key(&c[0].dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap();
+    let c_node = stopped_node_key(&mut c[0]);
     use iroh_docs::net::{AbortReason, ConnectError};
     match docs_sync_as(&a[0], c_node.secret_bytes(), id).await {
         Err(ConnectError::RemoteAbort(AbortReason::NotFound) | ConnectError::Close { .. }) => {}
