@@ -27,8 +27,9 @@ pub enum BenchCommand {
     /// Blob throughput: upload a blob of random bytes to one member (add), wait until the
     /// other members hold their replicas (replica fetch), download it back (get).
     Blob(transfer::BlobBenchArgs),
-    /// Raw iroh QUIC throughput, the baseline for `blob`: one stream between two endpoints
-    /// in this process on 127.0.0.1 (no cluster needed).
+    /// Raw iroh QUIC throughput, the baseline for `blob` and `fed`: one stream between two
+    /// endpoints in this process on 127.0.0.1 (no cluster needed); with `--iroh-blobs`, one
+    /// iroh-blobs fetch between two on-disk stores instead.
     Quic(transfer::QuicBenchArgs),
     /// Federation between two running clusters (--cluster follows --origin): first sync of a
     /// long document history, and the time from an edit on the origin to its arrival.

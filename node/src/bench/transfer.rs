@@ -50,6 +50,11 @@ pub struct QuicBenchArgs {
     /// Runs, one stream each, over one connection.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Instead of a raw stream: one iroh-blobs fetch per run of a blob of that size between
+    /// two on-disk stores in this process (verified streaming, data and outboard written,
+    /// committed): what a blob fetch can reach here with no cluster around it.
+    #[arg(long)]
+    pub iroh_blobs: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
@@ -240,6 +245,80 @@ pub async fn bench_quic(args: QuicBenchArgs) -> Result<()> {
         bail!("--size-mib must be between 1 and 65536");
     }
     let size = args.size_mib * MIB;
+    let (what, times) = if args.iroh_blobs {
+        let what = "iroh-blobs fetch between two on-disk stores on 127.0.0.1";
+        (what, iroh_blobs_runs(size, args.runs).await?)
+    } else {
+        let what = "raw iroh QUIC, one stream on 127.0.0.1";
+        (what, quic_runs(size, args.runs).await?)
+    };
+    let rates: Vec<f64> = times.iter().map(|d| mib_per_sec(size, *d)).collect();
+    let med = median(rates.iter().copied());
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            json!({ "op": if args.iroh_blobs { "iroh-blobs" } else { "quic" },
+                    "size_bytes": size, "mib_per_sec": med, "runs_mib_per_sec": rates })
+        ),
+        Output::Text => {
+            println!("{what}, {} MiB x {}:", size / MIB, args.runs);
+            println!("  median  {:.0} MiB/s", med.unwrap_or(0.0));
+            let all: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            println!("  runs    {} MiB/s", all.join(" / "));
+        }
+    }
+    Ok(())
+}
+
+/// One fetch per run into a fresh store, timed from the dial until the store has committed.
+async fn iroh_blobs_runs(size: u64, runs: usize) -> Result<Vec<Duration>> {
+    use iroh_blobs::store::fs::FsStore;
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let input = dir.path().join("blob.in");
+    write_random_file(input.clone(), size).await?;
+    let source = FsStore::load(dir.path().join("source"))
+        .await
+        .context("cannot open a blob store")?;
+    let hash = source
+        .blobs()
+        .add_path(&input)
+        .await
+        .context("cannot add the blob")?
+        .hash;
+    let local = "127.0.0.1:0".parse().expect("a socket address");
+    let server =
+        aspen_client::endpoint::offline_endpoint(local, None, vec![iroh_blobs::ALPN.to_vec()])
+            .await?;
+    let router = iroh::protocol::Router::builder(server.clone())
+        .accept(
+            iroh_blobs::ALPN,
+            iroh_blobs::BlobsProtocol::new(&source, None),
+        )
+        .spawn();
+    let fetcher = aspen_client::endpoint::offline_endpoint(local, None, vec![]).await?;
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let target = FsStore::load(dir.path().join(format!("target-{run}")))
+            .await
+            .context("cannot open a blob store")?;
+        let started = Instant::now();
+        let conn = fetcher.connect(server.addr(), iroh_blobs::ALPN).await?;
+        let stats = target.remote().fetch(conn.clone(), hash).complete().await?;
+        target.sync_db().await?;
+        times.push(started.elapsed());
+        conn.close(0u32.into(), b"done");
+        if stats.payload_bytes_read != size {
+            bail!("fetched {} of {size} bytes", stats.payload_bytes_read);
+        }
+        target.shutdown().await?;
+    }
+    fetcher.close().await;
+    router.shutdown().await?;
+    Ok(times)
+}
+
+/// One stream per run over one connection, timed until the receiver acknowledged every byte.
+async fn quic_runs(size: u64, runs: usize) -> Result<Vec<Duration>> {
     let local = "127.0.0.1:0".parse().expect("a socket address");
     let server =
         aspen_client::endpoint::offline_endpoint(local, None, vec![QUIC_BENCH_ALPN.to_vec()])
@@ -267,7 +346,7 @@ pub async fn bench_quic(args: QuicBenchArgs) -> Result<()> {
     let conn = sender.connect(addr, QUIC_BENCH_ALPN).await?;
     let chunk = bytes::Bytes::from(vec![0x5a; CHUNK]);
     let mut times = Vec::new();
-    for _ in 0..args.runs {
+    for _ in 0..runs {
         let started = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         let mut left = size;
@@ -293,26 +372,7 @@ pub async fn bench_quic(args: QuicBenchArgs) -> Result<()> {
     sender.close().await;
     server.close().await;
     receiver.abort();
-    let rates: Vec<f64> = times.iter().map(|d| mib_per_sec(size, *d)).collect();
-    let med = median(rates.iter().copied());
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            json!({ "op": "quic", "size_bytes": size, "mib_per_sec": med,
-                    "runs_mib_per_sec": rates })
-        ),
-        Output::Text => {
-            println!(
-                "raw iroh QUIC, one stream on 127.0.0.1, {} MiB x {}:",
-                size / MIB,
-                args.runs
-            );
-            println!("  median  {:.0} MiB/s", med.unwrap_or(0.0));
-            let all: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
-            println!("  runs    {} MiB/s", all.join(" / "));
-        }
-    }
-    Ok(())
+    Ok(times)
 }
 
 #[cfg(test)]
