@@ -58,6 +58,10 @@ fn main() {
             Command::Fed(cmd) => aspen_node::cli::fed::fed(cmd).await,
             Command::Up(args) => aspen_node::up::up(args).await,
             Command::Bench(cmd) => aspen_node::bench::bench(cmd).await,
+            Command::DhtTestnet {
+                nodes,
+                bootstrap_file,
+            } => aspen_node::cli::testnet::dht_testnet(nodes, bootstrap_file).await,
             Command::Discover {
                 cluster_key,
                 dht,

@@ -8,6 +8,7 @@ pub mod doc;
 pub mod fed;
 pub mod kv;
 pub mod namespace;
+pub mod testnet;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -117,6 +118,17 @@ pub enum Command {
     /// Load generator, shaped like etcd's benchmark tool.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Run a local Mainline DHT on 127.0.0.1 until stopped, for finding clusters by key with
+    /// nothing leaving the machine: prints the bootstrap addresses to pass as
+    /// `--dht-bootstrap` to nodes and clients.
+    DhtTestnet {
+        /// How many DHT nodes.
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// Also write the bootstrap addresses to this file (for scripts to wait on).
+        #[arg(long, value_name = "FILE")]
+        bootstrap_file: Option<PathBuf>,
+    },
     /// Find a cluster by its public key (Mainline DHT, else the record cache) and print its
     /// verified record: members, addresses, seq, expiry.
     Discover {

@@ -10,6 +10,7 @@ mod blobs;
 mod discovery;
 mod docs;
 mod e2e;
+mod examples;
 mod faults;
 mod federation;
 mod namespaces;

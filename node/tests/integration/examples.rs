@@ -1,0 +1,75 @@
+//! The runnable examples under `examples/`, each run as its README says (with the binary
+//! under test), and their outcome checked.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::aspen_bin;
+
+/// Longest an example may take here (they take seconds; the machine may be loaded).
+const EXAMPLE_DEADLINE: Duration = Duration::from_secs(300);
+
+/// An example script in its own process group, killed with everything it started if the test
+/// ends first.
+struct Example {
+    child: std::process::Child,
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-9", "--", &group]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `examples/NAME/run.sh` to completion; returns its standard output.
+fn run_example(name: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new("bash")
+        .arg(root.join("examples").join(name).join("run.sh"))
+        .env("ASPEN_BIN", aspen_bin())
+        .stdin(Stdio::null())
+        .stdout(out.reopen().unwrap())
+        .stderr(err.reopen().unwrap())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut example = Example { child };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = example.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < EXAMPLE_DEADLINE,
+            "example {name} still running after {EXAMPLE_DEADLINE:?}; stderr:\n{}",
+            std::fs::read_to_string(err.path()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(out.path()).unwrap();
+    assert!(
+        status.success(),
+        "example {name} failed ({status}); stdout:\n{stdout}\nstderr:\n{}",
+        std::fs::read_to_string(err.path()).unwrap_or_default()
+    );
+    stdout
+}
+
+#[test]
+fn discover_finds_a_cluster_by_key_alone_and_reads_from_it() {
+    let out = run_example("discover");
+    assert!(
+        out.contains("read by key alone: greeting = hello from the site"),
+        "{out}"
+    );
+    assert!(
+        out.contains("from the dht"),
+        "the record came from the DHT:\n{out}"
+    );
+    assert!(out.trim_end().ends_with("discover: OK"), "{out}");
+}
