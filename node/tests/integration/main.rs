@@ -13,4 +13,5 @@ mod e2e;
 mod examples;
 mod faults;
 mod federation;
+mod flake;
 mod namespaces;
