@@ -73,3 +73,21 @@ fn discover_finds_a_cluster_by_key_alone_and_reads_from_it() {
     );
     assert!(out.trim_end().ends_with("discover: OK"), "{out}");
 }
+
+#[test]
+fn edge_sites_keep_working_apart_and_converge() {
+    let out = run_example("edge-sites");
+    let last = out.rsplit("both sites: ").next().unwrap();
+    for want in [
+        "\"tents\": 10",
+        "\"radios\": 3",
+        "\"water\": 35",
+        "\"blankets\": 80",
+    ] {
+        assert!(
+            last.contains(want),
+            "missing {want} in the converged document:\n{out}"
+        );
+    }
+    assert!(out.trim_end().ends_with("edge-sites: OK"), "{out}");
+}
