@@ -48,7 +48,8 @@ impl ClusterHandle {
         let proposer = Proposer::spawn(raft.clone(), sm.clone());
         let reads = {
             let raft = raft.clone();
-            ReadIndexBatcher::spawn(move || super::confirm_read_index(raft.clone()))
+            let floor = super::ReadFloor::default();
+            ReadIndexBatcher::spawn(move || super::confirm_read_index(raft.clone(), floor.clone()))
         };
         ClusterHandle {
             id,
