@@ -2,7 +2,8 @@
 //! follows (pulls) from them.
 
 use crate::protocol::{
-    ClientRequest, ClientResponse, ExportSummary, FedRequest, FedResponse, FollowSummary, Resource,
+    ClientRequest, ClientResponse, ExportSummary, FedRequest, FedResponse, FollowSummary,
+    MirrorSummary, Resource, ViaMirror,
 };
 use crate::{Client, ClientError, NodeTicket};
 
@@ -81,6 +82,27 @@ impl Client {
         .await
     }
 
+    /// [`Client::fed_follow`], with the mirrors to pull from when the origin is unreachable
+    /// (tried in this order, before those the DHT names), set in the same step. Needs
+    /// `cluster:admin`.
+    pub async fn fed_follow_via(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        into: Option<String>,
+        hints: Vec<NodeTicket>,
+        via: Vec<ViaMirror>,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::FollowVia {
+            origin,
+            resource,
+            into,
+            hints,
+            via,
+        })
+        .await
+    }
+
     /// Stops following (what was pulled stays). Needs `cluster:admin`.
     pub async fn fed_unfollow(
         &self,
@@ -112,5 +134,74 @@ impl Client {
             ClientResponse::Fed(FedResponse::Follows(list)) => Ok(list),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
+    }
+}
+
+impl Client {
+    /// Serves this cluster's verified copy of `origin`'s followed `resource` to the clusters
+    /// with these keys (and to any cluster with `public`), as a mirror: readers that cannot
+    /// reach the origin pull it from here and check it against the origin's key. Needs
+    /// `cluster:admin`.
+    pub async fn fed_mirror(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::Mirror {
+            origin,
+            resource,
+            to,
+            public,
+        })
+        .await
+    }
+
+    /// Stops mirroring to these clusters (and to anyone, with `public`); with `all`, stops
+    /// mirroring it. Needs `cluster:admin`.
+    pub async fn fed_unmirror(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::Unmirror {
+            origin,
+            resource,
+            to,
+            public,
+            all,
+        })
+        .await
+    }
+
+    /// Every mirror policy of the cluster. Needs `cluster:admin`.
+    pub async fn fed_mirrors(&self) -> Result<Vec<MirrorSummary>, ClientError> {
+        match self
+            .request(&ClientRequest::Fed(FedRequest::Mirrors))
+            .await?
+        {
+            ClientResponse::Fed(FedResponse::Mirrors(list)) => Ok(list),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sets the mirrors a follow pulls from when its origin is unreachable (in this order,
+    /// before those the DHT names). Needs `cluster:admin`.
+    pub async fn fed_via(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        via: Vec<ViaMirror>,
+    ) -> Result<(), ClientError> {
+        self.fed_done(FedRequest::Via {
+            origin,
+            resource,
+            via,
+        })
+        .await
     }
 }

@@ -38,8 +38,8 @@ pub use protocol::{
     AuthRequest, AuthResponse, BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary,
     ClientRequest, ClientResponse, ClusterIdentity, ClusterRequest, ClusterResponse, ClusterStatus,
     Consistency, DocRequest, DocResponse, DocSummary, ExportSummary, FedRequest, FedResponse,
-    FollowSummary, KvRequest, KvResponse, MemberStatus, NetFaults, NsRequest, NsResponse, Resource,
-    ResourceKind, RpcError, WhoAmI,
+    FollowSummary, KvRequest, KvResponse, MemberStatus, MirrorReport, MirrorSummary, NetFaults,
+    NsRequest, NsResponse, Resource, ResourceKind, RpcError, ViaMirror, WhoAmI,
 };
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 
@@ -1107,7 +1107,7 @@ fn hedge_safe(request: &ClientRequest) -> bool {
         | R::Doc(DocRequest::Get { .. } | DocRequest::List { .. } | DocRequest::Change { .. })
         | R::Blob(BlobRequest::Stat { .. } | BlobRequest::List { .. })
         | R::Ns(NsRequest::Get { .. } | NsRequest::List { .. } | NsRequest::Namespaces)
-        | R::Fed(FedRequest::Exports | FedRequest::Follows) => true,
+        | R::Fed(FedRequest::Exports | FedRequest::Follows | FedRequest::Mirrors) => true,
         _ => false,
     }
 }

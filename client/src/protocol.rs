@@ -273,6 +273,49 @@ pub enum FedRequest {
         origin: Option<[u8; 32]>,
         resource: Option<Resource>,
     },
+    /// Serves this cluster's verified copy of `origin`'s followed `resource` to these
+    /// clusters too (and to any cluster with `public`), as a mirror. → `Done`
+    Mirror {
+        origin: [u8; 32],
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+    },
+    /// Stops mirroring to these clusters (and to anyone, with `public`); with `all`, stops
+    /// mirroring the resource. → `Done`
+    Unmirror {
+        origin: [u8; 32],
+        resource: Resource,
+        to: Vec<[u8; 32]>,
+        public: bool,
+        all: bool,
+    },
+    /// Every mirror policy, in key order. → [`FedResponse::Mirrors`]
+    Mirrors,
+    /// Sets the mirrors a follow pulls from when its origin is unreachable (tried in this
+    /// order, before the mirrors the DHT names; empty: none). → `Done`
+    Via {
+        origin: [u8; 32],
+        resource: Resource,
+        via: Vec<ViaMirror>,
+    },
+    /// [`FedRequest::Follow`] with the mirrors to try when the origin is unreachable, set
+    /// in the same step (so the first pull already knows them). → `Done`
+    FollowVia {
+        origin: [u8; 32],
+        resource: Resource,
+        into: Option<String>,
+        hints: Vec<NodeTicket>,
+        via: Vec<ViaMirror>,
+    },
+}
+
+/// A mirror named for a follow ([`FedRequest::Via`]): its cluster key, and nodes of it to
+/// dial besides those of its DHT record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViaMirror {
+    pub cluster: [u8; 32],
+    pub nodes: Vec<NodeTicket>,
 }
 
 /// Network faults a node injects into its own member-to-member traffic (fault tests only).
@@ -391,6 +434,32 @@ pub enum FedResponse {
     Done,
     Exports(Vec<ExportSummary>),
     Follows(Vec<FollowSummary>),
+    Mirrors(Vec<MirrorSummary>),
+}
+
+/// One mirror policy (`FedRequest::Mirrors`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorSummary {
+    pub origin: [u8; 32],
+    pub resource: Resource,
+    /// Any cluster may pull the copy from here.
+    pub public: bool,
+    /// The cluster keys that may pull it from here.
+    pub to: Vec<[u8; 32]>,
+    pub created_at_ms: u64,
+}
+
+/// What the last pull that tried a mirror found there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorReport {
+    /// The mirror's cluster key.
+    pub cluster: [u8; 32],
+    /// It served verified data.
+    pub ok: bool,
+    /// Why it was refused or skipped (empty when ok).
+    pub detail: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
 }
 
 /// One follow and how its pulls go (`FedRequest::Follows`, `FedRequest::Sync`). The pull
@@ -416,6 +485,12 @@ pub struct FollowSummary {
     pub failures: u32,
     /// Why the last attempt failed (cleared by a success).
     pub last_error: Option<String>,
+    /// The mirrors named for it (`--via`), in the order they are tried.
+    pub via: Vec<[u8; 32]>,
+    /// The mirror the last success came from (None: the origin, or no success yet).
+    pub last_source: Option<[u8; 32]>,
+    /// The mirrors tried while the origin was unreachable, and what each served.
+    pub mirrors: Vec<MirrorReport>,
 }
 
 /// One export (`FedRequest::Exports`).
@@ -962,6 +1037,50 @@ mod tests {
                 }),
                 vec![6, 6, 0, 0],
             ),
+            (
+                R::Fed(FedRequest::Mirror {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                    to: vec![],
+                    public: true,
+                }),
+                cat(&[&[6, 7], &[6; 32], &[0, 1, b'd', 0, 1]]),
+            ),
+            (
+                R::Fed(FedRequest::Unmirror {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                    to: vec![],
+                    public: false,
+                    all: true,
+                }),
+                cat(&[&[6, 8], &[6; 32], &[0, 1, b'd', 0, 0, 1]]),
+            ),
+            (R::Fed(FedRequest::Mirrors), vec![6, 9]),
+            (
+                R::Fed(FedRequest::Via {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                    via: vec![ViaMirror {
+                        cluster: [7; 32],
+                        nodes: vec![],
+                    }],
+                }),
+                cat(&[&[6, 10], &[6; 32], &[0, 1, b'd', 1], &[7; 32], &[0]]),
+            ),
+            (
+                R::Fed(FedRequest::FollowVia {
+                    origin: [6; 32],
+                    resource: Resource::doc("d"),
+                    into: None,
+                    hints: vec![],
+                    via: vec![ViaMirror {
+                        cluster: [7; 32],
+                        nodes: vec![],
+                    }],
+                }),
+                cat(&[&[6, 11], &[6; 32], &[0, 1, b'd', 0, 0, 1], &[7; 32], &[0]]),
+            ),
         ];
         for (message, expected) in table {
             assert_eq!(encoded(&message), expected, "{message:?}");
@@ -1179,12 +1298,34 @@ mod tests {
                     next_attempt_ms: 6,
                     failures: 7,
                     last_error: Some("x".into()),
+                    via: vec![[3; 32]],
+                    last_source: None,
+                    mirrors: vec![MirrorReport {
+                        cluster: [4; 32],
+                        ok: false,
+                        detail: "y".into(),
+                        at_ms: 8,
+                    }],
                 }])),
                 cat(&[
                     &[7, 2, 1],
                     &[2; 32],
-                    &[0, 1, b'd', 1, b'e', 1, 2, 3, 4, 5, 6, 7, 1, 1, b'x'],
+                    &[0, 1, b'd', 1, b'e', 1, 2, 3, 4, 5, 6, 7, 1, 1, b'x', 1],
+                    &[3; 32],
+                    &[0, 1],
+                    &[4; 32],
+                    &[0, 1, b'y', 8],
                 ]),
+            ),
+            (
+                R::Fed(FedResponse::Mirrors(vec![MirrorSummary {
+                    origin: [2; 32],
+                    resource: Resource::doc("d"),
+                    public: false,
+                    to: vec![[3; 32]],
+                    created_at_ms: 4,
+                }])),
+                cat(&[&[7, 3, 1], &[2; 32], &[0, 1, b'd', 0, 1], &[3; 32], &[4]]),
             ),
         ];
         for (message, expected) in table {

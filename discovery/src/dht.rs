@@ -102,7 +102,7 @@ pub enum DhtError {
 /// when the last clone is dropped. The async methods must run inside a Tokio runtime.
 #[derive(Clone, Debug)]
 pub struct ClusterDht {
-    dht: AsyncDht,
+    pub(crate) dht: AsyncDht,
     deadline: Duration,
 }
 
@@ -293,7 +293,7 @@ impl ClusterDht {
 
     /// Runs a mainline call on its own task, under the safety-net deadline. Mainline panics
     /// (`expect`) if its actor thread is gone; the task boundary turns that into an error.
-    async fn guarded<T: Send + 'static>(
+    pub(crate) async fn guarded<T: Send + 'static>(
         &self,
         cluster: ClusterKey,
         what: &'static str,

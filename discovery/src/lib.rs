@@ -48,12 +48,17 @@
 
 mod cache;
 mod dht;
+mod directory;
 mod resolve;
 
 pub use cache::{CacheError, RecordCache, MAX_CACHE_FILE_BYTES};
 pub use dht::{
     ClusterDht, DhtConfig, DhtError, DEFAULT_REQUEST_TIMEOUT, MAX_PUBLISH_ATTEMPTS,
     MIN_QUERY_DEADLINE, QUERY_DEADLINE_FACTOR,
+};
+pub use directory::{
+    directory_target, DirectoryError, MirrorDirectory, DIRECTORY_ENTRY_TTL_SECS, DIRECTORY_SALT,
+    MAX_DIRECTORY_ENTRIES,
 };
 pub use resolve::{CacheProblem, ResolveError, Resolved, Resolver, Source};
 

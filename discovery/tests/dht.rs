@@ -761,3 +761,70 @@ async fn a_corrupt_cache_file_is_ignored_and_replaced() {
     resolve_seq(&resolver, &ka, s.seq).await;
     assert_eq!(cache.load(&ka).unwrap(), Some(s));
 }
+
+#[tokio::test]
+async fn mirrors_announce_themselves_and_garbage_is_replaced() {
+    let net = testnet();
+    let dht = client(&net);
+    let origin = ClusterSecretKey::generate().public();
+    let (b, c) = (
+        ClusterSecretKey::generate().public(),
+        ClusterSecretKey::generate().public(),
+    );
+    let topic = b"aspen/mirrors/1\0 test topic".to_vec();
+    assert_eq!(
+        bounded(dht.find_mirrors(&topic, &origin, NOW))
+            .await
+            .unwrap(),
+        vec![],
+        "nobody announced yet"
+    );
+    // Someone writes garbage under the directory's (public) key first.
+    let signer = SigningKey::from_bytes(&blake3_directory_key(&topic));
+    let item = MutableItem::new(
+        signer,
+        b"\x07garbage",
+        3,
+        Some(aspen_discovery::DIRECTORY_SALT),
+    );
+    bounded(raw_client(&net).put_mutable(item, None))
+        .await
+        .unwrap();
+    // Two mirrors announce at the same moment: both stay listed.
+    let (from_b, from_c) = bounded(async {
+        tokio::join!(
+            dht.announce_mirror(&topic, &origin, &b, NOW),
+            dht.announce_mirror(&topic, &origin, &c, NOW + 1)
+        )
+    })
+    .await;
+    from_b.unwrap();
+    from_c.unwrap();
+    let found = eventually(
+        "both mirrors are listed",
+        || dht.find_mirrors(&topic, &origin, NOW + 2),
+        |r| matches!(r, Ok(found) if found.len() == 2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(found, vec![c, b], "newest first");
+    // Another topic's directory is elsewhere.
+    let other = bounded(dht.find_mirrors(b"another topic", &origin, NOW))
+        .await
+        .unwrap();
+    assert!(other.is_empty());
+    // Entries past their lifetime are not offered.
+    let later = NOW + aspen_discovery::DIRECTORY_ENTRY_TTL_SECS + 10;
+    assert_eq!(
+        bounded(dht.find_mirrors(&topic, &origin, later))
+            .await
+            .unwrap(),
+        vec![]
+    );
+}
+
+/// The directory's signing key, derived as the crate derives it (so a raw client can
+/// write to it, as anyone can).
+fn blake3_directory_key(topic: &[u8]) -> [u8; 32] {
+    blake3::derive_key("aspen mirror directory v1 signing key", topic)
+}

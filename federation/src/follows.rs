@@ -6,8 +6,13 @@
 //!   encoding). It is the floor for the next pull: a manifest older than it is a replay or a
 //!   rollback ([`aspen_sync::check_successor`]). Kept apart from the follow so recording a
 //!   pull never races an edit of the follow.
+//! - `fed/t/<origin hex>/blob/<prefix>` -> the tag list (a `BlobTagList`, postcard) the last
+//!   accepted manifest of a followed blob prefix pins, when it fits one value: what a mirror
+//!   serves (the local tags may differ: tags the origin removed stay here).
 //! - `fed/m/<kind>/<name>` -> the last manifest this cluster signed for one of its own
 //!   exported resources (the origin side; the chain continues from it).
+//! - `fed/r/<origin hex>/<kind>/<name>` -> an [`crate::Export`]: which clusters may pull
+//!   this cluster's copy of a followed resource from it, as a mirror ([`crate::mirrors`]).
 
 use std::net::SocketAddr;
 
@@ -19,6 +24,8 @@ use serde::{Deserialize, Serialize};
 pub const FOLLOW_PREFIX: &[u8] = b"fed/f/";
 /// Where the last accepted manifest of each follow lives.
 pub const FOLLOW_STATE_PREFIX: &[u8] = b"fed/s/";
+/// Where the accepted tag list of each followed blob prefix lives.
+pub const FOLLOW_TAGS_PREFIX: &[u8] = b"fed/t/";
 /// Where an origin keeps the last manifest it signed per resource.
 pub const ORIGIN_MANIFEST_PREFIX: &[u8] = b"fed/m/";
 /// Most follows a cluster keeps.
@@ -27,8 +34,11 @@ pub const MAX_FOLLOWS: usize = 1024;
 pub const MAX_HINTS: usize = 8;
 /// Most addresses per hinted node (as many as a node ticket may carry).
 pub const MAX_HINT_ADDRS: usize = 16;
-/// Largest encoded follow accepted when reading one back.
-const MAX_FOLLOW_BYTES: usize = 4096;
+/// Most mirrors a follow names to pull from when the origin is unreachable (`--via`).
+pub const MAX_VIA: usize = 4;
+/// Largest encoded follow accepted when reading one back (hints and mirrors at their bounds
+/// fit).
+const MAX_FOLLOW_BYTES: usize = 16 * 1024;
 /// The prefix, under `fed/`, of a followed document's default local name.
 pub const DEFAULT_DOC_PREFIX: &str = "fed/";
 
@@ -42,6 +52,25 @@ pub struct Follow {
     pub hints: Vec<Hint>,
     /// When the follow was created (Unix milliseconds).
     pub created_at_ms: u64,
+    /// Mirrors to pull from when the origin cannot be reached, tried in this order before
+    /// those the DHT names. Everything a mirror serves is verified against the origin's key.
+    pub via: Vec<Via>,
+}
+
+/// A mirror named for a follow: its cluster key, and nodes of it to dial besides its DHT
+/// record's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Via {
+    pub cluster: [u8; 32],
+    pub nodes: Vec<Hint>,
+}
+
+/// The layout of a follow before mirrors (read back from older clusters).
+#[derive(Deserialize)]
+struct FollowV1 {
+    into: String,
+    hints: Vec<Hint>,
+    created_at_ms: u64,
 }
 
 /// An origin node to dial, from a cluster ticket.
@@ -63,13 +92,42 @@ impl Follow {
                 bytes.len()
             )));
         }
-        let follow: Follow =
-            postcard::from_bytes(bytes).map_err(|e| FollowError::Stored(e.to_string()))?;
+        let follow = match postcard::from_bytes::<Follow>(bytes) {
+            Ok(follow) => follow,
+            Err(e) => match postcard::from_bytes::<FollowV1>(bytes) {
+                Ok(old) => Follow {
+                    into: old.into,
+                    hints: old.hints,
+                    created_at_ms: old.created_at_ms,
+                    via: Vec::new(),
+                },
+                Err(_) => return Err(FollowError::Stored(e.to_string())),
+            },
+        };
         follow.check_hints()?;
         Ok(follow)
     }
 
     fn check_hints(&self) -> Result<(), FollowError> {
+        if self.via.len() > MAX_VIA {
+            return Err(FollowError::TooManyMirrors {
+                count: self.via.len(),
+                max: MAX_VIA,
+            });
+        }
+        let nodes = self.via.iter().flat_map(|v| &v.nodes);
+        if let Some(h) = nodes.clone().find(|h| h.addrs.len() > MAX_HINT_ADDRS) {
+            return Err(FollowError::TooManyHints {
+                count: h.addrs.len(),
+                max: MAX_HINT_ADDRS,
+            });
+        }
+        if let Some(v) = self.via.iter().find(|v| v.nodes.len() > MAX_HINTS) {
+            return Err(FollowError::TooManyHints {
+                count: v.nodes.len(),
+                max: MAX_HINTS,
+            });
+        }
         if self.hints.len() > MAX_HINTS {
             return Err(FollowError::TooManyHints {
                 count: self.hints.len(),
@@ -114,7 +172,7 @@ pub fn local_name(
     })
 }
 
-fn key_with(prefix: &[u8], origin: Option<&ClusterKey>, resource: &Resource) -> Vec<u8> {
+pub(crate) fn key_with(prefix: &[u8], origin: Option<&ClusterKey>, resource: &Resource) -> Vec<u8> {
     let mut key = prefix.to_vec();
     if let Some(origin) = origin {
         key.extend_from_slice(hex::encode(origin.to_bytes()).as_bytes());
@@ -134,6 +192,11 @@ pub fn follow_key(origin: &ClusterKey, resource: &Resource) -> Vec<u8> {
 /// The key of the last manifest accepted for that follow.
 pub fn follow_state_key(origin: &ClusterKey, resource: &Resource) -> Vec<u8> {
     key_with(FOLLOW_STATE_PREFIX, Some(origin), resource)
+}
+
+/// The key of the tag list the last accepted manifest of a followed blob prefix pins.
+pub fn follow_tags_key(origin: &ClusterKey, resource: &Resource) -> Vec<u8> {
+    key_with(FOLLOW_TAGS_PREFIX, Some(origin), resource)
 }
 
 /// The key of the last manifest this cluster signed for its own `resource`.
@@ -179,6 +242,8 @@ pub enum FollowError {
     NsInto,
     #[error("{count} dialing hints exceed the limit of {max}")]
     TooManyHints { count: usize, max: usize },
+    #[error("{count} mirrors exceed the limit of {max} per follow")]
+    TooManyMirrors { count: usize, max: usize },
     #[error("stored follow: {0}")]
     Stored(String),
 }
@@ -201,10 +266,23 @@ mod tests {
                 addrs: vec!["127.0.0.1:5".parse().unwrap()],
             }],
             created_at_ms: 7,
+            via: vec![Via {
+                cluster: [3; 32],
+                nodes: vec![],
+            }],
         };
-        let expected = [&[1, b'd', 1][..], &[2; 32], &[1, 0, 127, 0, 0, 1, 5], &[7]].concat();
+        let v1 = [&[1, b'd', 1][..], &[2; 32], &[1, 0, 127, 0, 0, 1, 5], &[7]].concat();
+        let expected = [&v1[..], &[1], &[3; 32], &[0]].concat();
         assert_eq!(f.encode(), expected);
         assert_eq!(Follow::decode(&expected).unwrap(), f);
+        // A follow stored before mirrors existed reads back with none.
+        assert_eq!(
+            Follow::decode(&v1).unwrap(),
+            Follow {
+                via: vec![],
+                ..f.clone()
+            }
+        );
         let o = origin();
         let hexo = o.to_string();
         assert_eq!(
@@ -259,10 +337,24 @@ mod tests {
                 MAX_HINTS + 1
             ],
             created_at_ms: 0,
+            via: vec![],
         };
         assert!(matches!(
             Follow::decode(&f.encode()),
             Err(FollowError::TooManyHints { .. })
+        ));
+        let via = Via {
+            cluster: [1; 32],
+            nodes: vec![],
+        };
+        let f = Follow {
+            hints: vec![],
+            via: vec![via; MAX_VIA + 1],
+            ..f
+        };
+        assert!(matches!(
+            Follow::decode(&f.encode()),
+            Err(FollowError::TooManyMirrors { .. })
         ));
     }
 

@@ -7,6 +7,7 @@
 //! - [`follows`]: the resources this cluster pulls from others, and the last manifest it
 //!   accepted for each;
 //! - [`schedule`]: when a follow is pulled next (interval with jitter, capped backoff).
+//! - [`mirrors`]: serving a followed resource onward, verified against its origin's key.
 //!
 //! Policy lives in the system key space, replicated through Raft, so every member enforces
 //! the same and a new leader continues where the old one stopped. This crate decides (key
@@ -14,6 +15,7 @@
 
 pub mod exports;
 pub mod follows;
+pub mod mirrors;
 pub mod protocol;
 pub mod schedule;
 
@@ -22,8 +24,12 @@ pub use exports::{
     MAX_EXPORTS, MAX_EXPORT_TARGETS,
 };
 pub use follows::{
-    follow_key, follow_state_key, local_name, origin_manifest_key, parse_follow_key, Follow,
-    FollowError, Hint, FOLLOW_PREFIX, FOLLOW_STATE_PREFIX, MAX_FOLLOWS, ORIGIN_MANIFEST_PREFIX,
+    follow_key, follow_state_key, follow_tags_key, local_name, origin_manifest_key,
+    parse_follow_key, Follow, FollowError, Hint, Via, FOLLOW_PREFIX, FOLLOW_STATE_PREFIX,
+    FOLLOW_TAGS_PREFIX, MAX_FOLLOWS, MAX_VIA, ORIGIN_MANIFEST_PREFIX,
+};
+pub use mirrors::{
+    directory_topic, mirror_key, parse_mirror_key, MAX_MIRRORS, MAX_MIRRORS_TRIED, MIRROR_PREFIX,
 };
 pub use protocol::{
     caller_cluster, check_welcome, FedCall, FedError, FedReply, Hello, HelloReply, FEDERATION_ALPN,

@@ -71,6 +71,44 @@ pub enum FedCall {
     /// → [`FedReply::DocSnapshot`], or [`FedError::TooLarge`] past [`MAX_SNAPSHOT_BYTES`]
     /// (then ask for changes).
     DocSnapshot { name: String },
+    /// Another call (encoded, one of the four above), answered by a mirror from its verified
+    /// copy of `origin`'s resource: the last manifest `origin` signed that the mirror
+    /// accepted, and exactly the data it names. A mirror's answers are checked like the
+    /// origin's, against `origin`'s key. Nested mirrored calls are refused.
+    Mirrored { origin: [u8; 32], call: Vec<u8> },
+}
+
+impl FedCall {
+    /// `call` addressed to a mirror of `origin`'s resource.
+    pub fn via_mirror(origin: &ClusterKey, call: &FedCall) -> FedCall {
+        FedCall::Mirrored {
+            origin: origin.to_bytes(),
+            call: postcard::to_allocvec(call).expect("a call encodes"),
+        }
+    }
+
+    /// The origin and the call inside a [`FedCall::Mirrored`] (one level only).
+    pub fn open_mirrored(
+        origin: &[u8; 32],
+        call: &[u8],
+    ) -> Result<(ClusterKey, FedCall), FedError> {
+        let origin = ClusterKey::from_bytes(origin)
+            .map_err(|_| FedError::BadRequest("the origin is not a cluster key".into()))?;
+        let inner = match postcard::take_from_bytes::<FedCall>(call) {
+            Ok((inner, [])) => inner,
+            _ => {
+                return Err(FedError::BadRequest(
+                    "a mirrored call that does not decode".into(),
+                ))
+            }
+        };
+        if matches!(inner, FedCall::Mirrored { .. }) {
+            return Err(FedError::BadRequest(
+                "a mirrored call inside a mirrored call".into(),
+            ));
+        }
+        Ok((origin, inner))
+    }
 }
 
 /// The answer to a [`FedCall`].
@@ -179,6 +217,10 @@ impl fmt::Display for FedCall {
             FedCall::DocSnapshot { name } => {
                 write!(f, "snapshot of doc:{}", name.escape_default())
             }
+            FedCall::Mirrored { origin, call } => match FedCall::open_mirrored(origin, call) {
+                Ok((origin, call)) => write!(f, "{call}, mirrored from cluster {origin}"),
+                Err(_) => f.write_str("a malformed mirrored call"),
+            },
         }
     }
 }
@@ -257,6 +299,13 @@ mod tests {
             vec![3, 1, b'd']
         );
         assert_eq!(
+            encoded(&FedCall::Mirrored {
+                origin: [1; 32],
+                call: vec![3, 1, b'd']
+            }),
+            [vec![4], vec![1; 32], vec![3, 3, 1, b'd']].concat()
+        );
+        assert_eq!(
             encoded(&FedReply::DocSnapshot {
                 manifest: vec![5],
                 document: vec![6, 6]
@@ -332,9 +381,50 @@ mod tests {
         assert!(check_welcome(&hello.certificate, &other, &node, now).is_err());
     }
 
+    #[test]
+    fn a_mirrored_call_opens_one_level_only() {
+        let origin = ClusterSecretKey::generate().public();
+        let call = FedCall::DocSnapshot { name: "d".into() };
+        let FedCall::Mirrored {
+            origin: o,
+            call: inner,
+        } = FedCall::via_mirror(&origin, &call)
+        else {
+            panic!("not mirrored")
+        };
+        assert_eq!(
+            FedCall::open_mirrored(&o, &inner).unwrap(),
+            (origin, call.clone())
+        );
+        let nested = FedCall::via_mirror(&origin, &FedCall::via_mirror(&origin, &call));
+        let FedCall::Mirrored {
+            origin: o,
+            call: inner,
+        } = nested
+        else {
+            panic!("not mirrored")
+        };
+        assert!(matches!(
+            FedCall::open_mirrored(&o, &inner),
+            Err(FedError::BadRequest(_))
+        ));
+        // Trailing bytes and garbage are refused, not ignored.
+        let FedCall::Mirrored {
+            call: mut inner, ..
+        } = FedCall::via_mirror(&origin, &call)
+        else {
+            panic!("not mirrored")
+        };
+        inner.push(0);
+        assert!(FedCall::open_mirrored(&o, &inner).is_err());
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Some(FedCall::Mirrored { origin, call }) = decode::<FedCall>(&bytes) {
+                let _ = FedCall::open_mirrored(&origin, &call);
+            }
             let _ = decode::<Hello>(&bytes);
             let _ = decode::<HelloReply>(&bytes);
             let _ = decode::<FedCall>(&bytes);

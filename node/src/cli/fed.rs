@@ -1,9 +1,12 @@
 //! `aspen fed ...`: federation with other clusters. Exports: the resources this cluster
 //! lets other clusters pull, and which clusters (by cluster key) may. Follows: the resources
-//! of other clusters this cluster pulls, and how those pulls go.
+//! of other clusters this cluster pulls, and how those pulls go. Mirrors: followed resources
+//! this cluster serves onward, verified against their origin's key.
 
 use anyhow::{bail, Context, Result};
-use aspen_client::{Client, ClusterTicket, FollowSummary, NodeTicket, Resource, ResourceKind};
+use aspen_client::{
+    Client, ClusterTicket, FollowSummary, NodeTicket, Resource, ResourceKind, ViaMirror,
+};
 use aspen_trust::ClusterKey;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
@@ -62,6 +65,49 @@ pub enum FedCommand {
         /// A namespace keeps its id.
         #[arg(long, value_name = "LOCAL_NAME")]
         into: Option<String>,
+        /// A mirror to pull from when the origin cannot be reached: its cluster key or a
+        /// cluster ticket (repeatable; tried in order, before the mirrors the DHT names).
+        /// Whatever a mirror serves is verified against the origin's key. Replaces the
+        /// follow's list when given.
+        #[arg(long, value_name = "CLUSTER")]
+        via: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Serve this cluster's copy of a followed resource to other clusters, as a mirror:
+    /// readers that cannot reach the origin pull it from here and verify it against the
+    /// origin's key (a mirror serves exactly the origin's last manifest it accepted, and the
+    /// data it names). The leader announces the mirror in the resource's DHT directory.
+    /// Documents and blob prefixes can be mirrored.
+    Mirror {
+        /// The origin's cluster key.
+        origin: String,
+        #[command(flatten)]
+        resource: ResourceArgs,
+        /// A cluster key that may pull it from here (repeatable).
+        #[arg(long = "to", value_name = "CLUSTER_KEY")]
+        to: Vec<String>,
+        /// Any cluster may pull it from here.
+        #[arg(long)]
+        public: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop mirroring: to the clusters named with --to, to anyone (--public), or, with
+    /// neither, at all.
+    Unmirror {
+        origin: String,
+        #[command(flatten)]
+        resource: ResourceArgs,
+        #[arg(long = "to", value_name = "CLUSTER_KEY")]
+        to: Vec<String>,
+        #[arg(long)]
+        public: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List what this cluster mirrors, and to whom.
+    Mirrors {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -198,6 +244,9 @@ pub async fn fed(cmd: FedCommand) -> Result<()> {
         | FedCommand::Unexport { client, .. }
         | FedCommand::Exports { client }
         | FedCommand::Follow { client, .. }
+        | FedCommand::Mirror { client, .. }
+        | FedCommand::Unmirror { client, .. }
+        | FedCommand::Mirrors { client }
         | FedCommand::Unfollow { client, .. }
         | FedCommand::Follows { client }
         | FedCommand::Sync { client, .. }
@@ -241,6 +290,7 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
             origin,
             resource,
             into,
+            via,
             client,
         } => {
             let resource = resource.resource()?;
@@ -248,8 +298,104 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
             if c.identity().await?.1.cluster_key == origin {
                 bail!("that is this cluster's own key: follow another cluster's resources");
             }
-            c.fed_follow(origin, resource.clone(), into, hints).await?;
+            if via.len() > aspen_federation::MAX_VIA {
+                bail!(
+                    "{} mirrors named; a follow takes at most {}",
+                    via.len(),
+                    aspen_federation::MAX_VIA
+                );
+            }
+            let mut mirrors = Vec::new();
+            for v in &via {
+                let (cluster, nodes) = origin_of(v, &client)
+                    .await
+                    .with_context(|| format!("--via {v}"))?;
+                mirrors.push(ViaMirror { cluster, nodes });
+            }
+            if via.is_empty() {
+                c.fed_follow(origin, resource.clone(), into, hints).await?;
+            } else {
+                c.fed_follow_via(origin, resource.clone(), into, hints, mirrors)
+                    .await?;
+            }
             done(client.output, "following", &resource);
+        }
+        FedCommand::Mirror {
+            origin,
+            resource,
+            to,
+            public,
+            client,
+        } => {
+            if to.is_empty() && !public {
+                bail!("mirror to whom? name cluster keys with --to KEY, or use --public");
+            }
+            let resource = resource.resource()?;
+            c.fed_mirror(
+                origin_key(&origin)?.to_bytes(),
+                resource.clone(),
+                cluster_keys(&to)?,
+                public,
+            )
+            .await?;
+            done(client.output, "mirroring", &resource);
+        }
+        FedCommand::Unmirror {
+            origin,
+            resource,
+            to,
+            public,
+            client,
+        } => {
+            let resource = resource.resource()?;
+            let all = to.is_empty() && !public;
+            c.fed_unmirror(
+                origin_key(&origin)?.to_bytes(),
+                resource.clone(),
+                cluster_keys(&to)?,
+                public,
+                all,
+            )
+            .await?;
+            done(client.output, "unmirrored", &resource);
+        }
+        FedCommand::Mirrors { client } => {
+            let list = c.fed_mirrors().await?;
+            match client.output {
+                Output::Json => {
+                    let items: Vec<_> = list
+                        .iter()
+                        .map(|m| {
+                            json!({
+                                "origin": hex::encode(m.origin),
+                                "kind": m.resource.kind.to_string(),
+                                "name": m.resource.name,
+                                "public": m.public,
+                                "to": m.to.iter().map(hex::encode).collect::<Vec<_>>(),
+                                "created_at_ms": m.created_at_ms,
+                            })
+                        })
+                        .collect();
+                    println!("{}", json!({ "mirrors": items }));
+                }
+                Output::Text => {
+                    if list.is_empty() {
+                        println!("nothing is mirrored");
+                    }
+                    for m in &list {
+                        let mut to: Vec<String> = m.to.iter().map(hex::encode).collect();
+                        if m.public {
+                            to.insert(0, "any cluster".into());
+                        }
+                        println!(
+                            "{} of {}  to {}",
+                            m.resource,
+                            hex::encode(m.origin),
+                            to.join(", ")
+                        );
+                    }
+                }
+            }
         }
         FedCommand::Unfollow {
             origin,
@@ -363,6 +509,14 @@ fn print_follows(output: Output, list: &[FollowSummary]) {
                         "lag_ms": (f.last_success_ms > 0).then(|| now.saturating_sub(f.last_success_ms)),
                         "failures": f.failures,
                         "last_error": f.last_error,
+                        "via": f.via.iter().map(hex::encode).collect::<Vec<_>>(),
+                        "last_source": f.last_source.map(hex::encode),
+                        "mirrors": f.mirrors.iter().map(|m| json!({
+                            "cluster": hex::encode(m.cluster),
+                            "ok": m.ok,
+                            "detail": m.detail,
+                            "at_ms": m.at_ms,
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -388,6 +542,25 @@ fn print_follows(output: Output, list: &[FollowSummary]) {
                     f.next_attempt_ms.saturating_sub(now) as f64 / 1000.0,
                     f.failures
                 );
+                if let Some(m) = f.last_source {
+                    println!("  last pulled from mirror {}", hex::encode(m));
+                }
+                if !f.via.is_empty() {
+                    let via: Vec<String> = f.via.iter().map(hex::encode).collect();
+                    println!("  mirrors to try: {}", via.join(", "));
+                }
+                for m in &f.mirrors {
+                    let verdict = if m.ok {
+                        "served verified data".to_string()
+                    } else {
+                        format!("refused: {}", m.detail)
+                    };
+                    println!(
+                        "  mirror {} {}: {verdict}",
+                        hex::encode(m.cluster),
+                        ago(m.at_ms)
+                    );
+                }
                 if let Some(e) = &f.last_error {
                     println!("  last error: {e}");
                 }

@@ -14,7 +14,8 @@
 //!   caller must be allowed to read a tag that names the blob, or the blob must be the content
 //!   of an entry of a namespace the caller may read, or the caller is a node of another
 //!   cluster that proved it in a federation hello and a tag naming the blob is under a blob
-//!   prefix exported to that cluster. Requests for the children of a hash
+//!   prefix exported to that cluster, or under the local prefix of a followed blob prefix
+//!   this cluster mirrors to that cluster. Requests for the children of a hash
 //!   sequence and pushes are refused.
 //!
 //! - [`GatedDocs`] serves members' iroh-docs syncs through the engine (live sync, as iroh-docs
@@ -346,7 +347,8 @@ impl NodeState {
         self.namespaces.ticket_peers().contains(peer.as_bytes())
     }
 
-    /// Whether some tag naming `hash` is under a blob prefix exported to `cluster`.
+    /// Whether some tag naming `hash` is under a blob prefix exported to `cluster`, or under
+    /// the local prefix of a followed blob prefix mirrored to `cluster`.
     async fn blob_exported_to(&self, cluster: &aspen_trust::ClusterKey, hash: &[u8; 32]) -> bool {
         let prefix = aspen_federation::export_key(&aspen_sync::Resource::blob(""));
         let Ok(exports) = self
@@ -357,7 +359,7 @@ impl NodeState {
         else {
             return false;
         };
-        let allowed: Vec<String> = exports
+        let mut allowed: Vec<String> = exports
             .iter()
             .filter_map(|(key, value)| {
                 let export = aspen_federation::Export::decode(value).ok()?;
@@ -365,6 +367,7 @@ impl NodeState {
                 export.allows(&cluster.to_bytes()).then_some(resource.name)
             })
             .collect();
+        allowed.extend(self.mirrored_blob_prefixes(cluster).await);
         if allowed.is_empty() {
             return false;
         }
@@ -375,6 +378,43 @@ impl NodeState {
             .tags_of(hash)
             .iter()
             .any(|t| allowed.iter().any(|p| t.as_str().starts_with(p.as_str())))
+    }
+
+    /// The local tag prefixes of the followed blob prefixes mirrored to `cluster`.
+    async fn mirrored_blob_prefixes(&self, cluster: &aspen_trust::ClusterKey) -> Vec<String> {
+        let Ok(policies) = self
+            .cluster
+            .sm
+            .system_scan(
+                aspen_federation::MIRROR_PREFIX.to_vec(),
+                aspen_federation::MAX_MIRRORS + 1,
+            )
+            .await
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in policies {
+            let Ok((origin, resource)) = aspen_federation::parse_mirror_key(&key) else {
+                continue;
+            };
+            let allows = aspen_federation::Export::decode(&value)
+                .is_ok_and(|p| p.allows(&cluster.to_bytes()));
+            if !allows || resource.kind != aspen_sync::ResourceKind::Blob {
+                continue;
+            }
+            let follow = self
+                .cluster
+                .sm
+                .system_get(aspen_federation::follow_key(&origin, &resource))
+                .await;
+            if let Ok(Some(bytes)) = follow {
+                if let Ok(follow) = aspen_federation::Follow::decode(&bytes) {
+                    out.push(follow.into);
+                }
+            }
+        }
+        out
     }
 
     /// Whether non-member `peer` may fetch the blob `hash`: it may read a tag naming it, or

@@ -322,7 +322,7 @@ impl RunningNode {
             republish_interval: Duration::from_secs(config.dht.republish_interval_secs),
             record_validity: Duration::from_secs(config.dht.record_validity_secs),
         };
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(keep_cluster_ticket(state.clone(), dir.clone())),
             tokio::spawn(announce_address(state.clone())),
             tokio::spawn(publisher::run(state.clone(), dht.clone(), timing)),
@@ -338,9 +338,16 @@ impl RunningNode {
                     dht.clone(),
                     Some(aspen_discovery::RecordCache::new(dir.join("records"))),
                 ),
+                dht.clone(),
                 config.federation.schedule(),
             )),
         ];
+        if let Some(dht) = &dht {
+            tasks.push(tokio::spawn(federation::mirror::run_announcer(
+                state.clone(),
+                dht.clone(),
+            )));
+        }
         tracing::info!(node = format!("{id:016x}"), addrs = ?state.cluster.me.addrs, "node listening");
         Ok(RunningNode {
             state,

@@ -168,36 +168,41 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
 }
 
 /// Federation arguments for a node: the local DHT, and a short pull interval.
-fn fed_args(bootstrap: &str) -> Vec<String> {
+pub(crate) fn fed_args(bootstrap: &str) -> Vec<String> {
+    fed_args_every(bootstrap, 300)
+}
+
+/// Federation arguments with a pull interval of `ms` milliseconds.
+pub(crate) fn fed_args_every(bootstrap: &str, ms: u64) -> Vec<String> {
     [
         "--dht-bootstrap",
         bootstrap,
         "--dht-timeout-ms",
         "300",
         "--fed-pull-interval-ms",
-        "300",
+        &ms.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-fn refs(args: &[String]) -> Vec<&str> {
+pub(crate) fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-async fn cluster_key(client: &Client) -> [u8; 32] {
+pub(crate) async fn cluster_key(client: &Client) -> [u8; 32] {
     client.identity().await.unwrap().1.cluster_key
 }
 
-fn sorted_heads(doc: &automerge::Automerge) -> Vec<automerge::ChangeHash> {
+pub(crate) fn sorted_heads(doc: &automerge::Automerge) -> Vec<automerge::ChangeHash> {
     let mut heads = doc.get_heads();
     heads.sort();
     heads
 }
 
 /// Puts `count` keys `{prefix}{i}` into document `name` through `client`.
-async fn edit(client: &Client, name: &str, prefix: &str, count: usize) {
+pub(crate) async fn edit(client: &Client, name: &str, prefix: &str, count: usize) {
     for i in 0..count {
         let key = format!("{prefix}{i}");
         client
@@ -211,7 +216,7 @@ async fn edit(client: &Client, name: &str, prefix: &str, count: usize) {
 }
 
 /// Waits until `node` alone (serializable) holds document `name` with exactly `heads`.
-async fn wait_for_heads(
+pub(crate) async fn wait_for_heads(
     node: &NodeProc,
     others: &[NodeProc],
     name: &str,
@@ -260,7 +265,7 @@ fn stopped_node_key(node: &mut NodeProc) -> aspen_trust::NodeKey {
     aspen_node::keyfile::load_key(&node.dir.join(aspen_node::keyfile::NODE_KEY_FILE)).unwrap()
 }
 
-fn follows_of(ticket: &str) -> Vec<serde_json::Value> {
+pub(crate) fn follows_of(ticket: &str) -> Vec<serde_json::Value> {
     let out = cli(&["fed", "status", "-o", "json"], Some(ticket));
     assert!(out.status.success(), "{}", stderr(&out));
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();

@@ -14,4 +14,5 @@ mod examples;
 mod faults;
 mod federation;
 mod flake;
+mod mirrors;
 mod namespaces;

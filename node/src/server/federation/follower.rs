@@ -16,19 +16,26 @@
 //!
 //! Any failure leaves the committed copy as it was and is kept in the follow's status; the
 //! next attempt backs off ([`aspen_federation::PullSchedule`]).
+//!
+//! When the origin cannot be reached, the same pull runs against its mirrors (the follow's
+//! `--via` list, then the clusters the DHT directory of the resource names), each call
+//! wrapped in [`FedCall::Mirrored`]. Nothing else changes: every answer is verified against
+//! the origin's key and the last accepted manifest, so a mirror that is stale (older than
+//! what we hold), forges data or signs with its own key is refused, reported in the follow's
+//! status, and the next one tried. Mirrors that failed last time are tried last.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aspen_client::protocol::FollowSummary;
+use aspen_client::protocol::{FollowSummary, MirrorReport};
 use aspen_client::wire::{read_frame, write_frame};
 use aspen_crdt::DocName;
-use aspen_discovery::Resolver;
+use aspen_discovery::{ClusterDht, Resolver};
 use aspen_federation::{
-    check_welcome, follow_state_key, parse_follow_key, FedCall, FedError, FedReply, Follow, Hello,
-    HelloReply, PullSchedule, FEDERATION_ALPN, FOLLOW_PREFIX, MAX_CALL_FRAME, MAX_FED_TAGS,
-    MAX_FOLLOWS, MAX_REPLY_FRAME,
+    check_welcome, directory_topic, follow_state_key, follow_tags_key, parse_follow_key, FedCall,
+    FedError, FedReply, Follow, Hello, HelloReply, Hint, PullSchedule, FEDERATION_ALPN,
+    FOLLOW_PREFIX, MAX_CALL_FRAME, MAX_FED_TAGS, MAX_FOLLOWS, MAX_MIRRORS_TRIED, MAX_REPLY_FRAME,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_sync::doc_exchange::{DocPull, ExchangeError};
@@ -76,6 +83,10 @@ pub struct PullStatus {
     pub next_attempt_ms: u64,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// The mirror the last success came from (None: the origin).
+    pub last_source: Option<[u8; 32]>,
+    /// The mirrors the last pull that needed them tried, and what each served.
+    pub mirrors: Vec<MirrorReport>,
     running: bool,
     forced: bool,
 }
@@ -138,7 +149,7 @@ impl Pulls {
 pub enum PullError {
     #[error("origin unreachable: {0}")]
     Unreachable(String),
-    #[error("refused by the origin: {0}")]
+    #[error("refused: {0}")]
     Refused(FedError),
     #[error("bad answer from the origin: {0}")]
     Protocol(String),
@@ -150,6 +161,8 @@ pub enum PullError {
     Timeout(String),
     #[error("cannot commit locally: {0}")]
     Commit(String),
+    #[error("{0}")]
+    NoSource(String),
 }
 
 /// What a successful pull did.
@@ -157,6 +170,39 @@ pub enum PullError {
 pub struct Pulled {
     pub seq: u64,
     pub added: usize,
+    /// The mirror it came from (None: the origin).
+    pub via: Option<[u8; 32]>,
+}
+
+/// Where a pull's data comes from: the origin, or a mirror of it. Everything it serves is
+/// checked against the origin's key either way.
+struct Source {
+    conn: Connection,
+    /// The node answering (blobs are fetched from it, namespaces synced with it).
+    addr: EndpointAddr,
+    origin: ClusterKey,
+    /// The mirror's cluster, when not the origin.
+    mirror: Option<ClusterKey>,
+    /// Our endpoint (a namespace sync dials the node itself).
+    endpoint: Endpoint,
+}
+
+impl Source {
+    /// One call, addressed to the origin's resource at a mirror when this is one.
+    async fn ask(&self, call: FedCall) -> Result<FedReply, PullError> {
+        match &self.mirror {
+            None => exchange(&self.conn, &call).await,
+            Some(_) => exchange(&self.conn, &FedCall::via_mirror(&self.origin, &call)).await,
+        }
+    }
+
+    /// Names the source in logs and errors.
+    fn describe(&self) -> String {
+        match &self.mirror {
+            None => "origin".into(),
+            Some(m) => format!("mirror {}", &m.to_string()[..16]),
+        }
+    }
 }
 
 /// Dials origins. A connection lives for one pull (a connection kept between pulls would
@@ -165,16 +211,19 @@ pub struct Pulled {
 struct Dialer {
     endpoint: Endpoint,
     resolver: Resolver,
+    dht: Option<ClusterDht>,
     last_good: Mutex<HashMap<[u8; 32], EndpointAddr>>,
 }
 
 impl Dialer {
+    /// Reaches a member of `origin` (the cluster to reach: an origin or a mirror): the
+    /// address that worked last, the hints, then its DHT record's members.
     async fn connect(
         &self,
         state: &NodeState,
         origin: &ClusterKey,
-        follow: &Follow,
-    ) -> Result<Connection, PullError> {
+        hints: &[Hint],
+    ) -> Result<(Connection, EndpointAddr), PullError> {
         let certificate = state
             .own_certificate()
             .await
@@ -188,7 +237,7 @@ impl Dialer {
             .get(&origin.to_bytes())
             .cloned();
         let mut candidates: Vec<EndpointAddr> = last_good.into_iter().collect();
-        for hint in &follow.hints {
+        for hint in hints {
             let mut addr = EndpointAddr::new(key_of(&hint.node)?);
             for a in &hint.addrs {
                 addr = addr.with_ip_addr(*a);
@@ -200,8 +249,8 @@ impl Dialer {
                 continue;
             }
             tried.push(addr.clone());
-            match self.dial(addr, origin, &certificate).await {
-                Ok(conn) => return Ok(conn),
+            match self.dial(addr.clone(), origin, &certificate).await {
+                Ok(conn) => return Ok((conn, addr)),
                 Err(e @ PullError::Refused(_)) => return Err(e),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -218,8 +267,8 @@ impl Dialer {
                         continue;
                     }
                     tried.push(addr.clone());
-                    match self.dial(addr, origin, &certificate).await {
-                        Ok(conn) => return Ok(conn),
+                    match self.dial(addr.clone(), origin, &certificate).await {
+                        Ok(conn) => return Ok((conn, addr)),
                         Err(e @ PullError::Refused(_)) => return Err(e),
                         Err(e) => problems.push(e.to_string()),
                     }
@@ -234,13 +283,53 @@ impl Dialer {
         Err(PullError::Unreachable(problems.join("; ")))
     }
 
-    /// The address of the origin node that answered last.
-    fn address_of(&self, origin: &ClusterKey) -> Option<EndpointAddr> {
-        self.last_good
-            .lock()
-            .expect("lock")
-            .get(&origin.to_bytes())
-            .cloned()
+    /// The mirrors to try for `origin`'s `resource`, in order: the follow's `via` list, then
+    /// those the DHT directory names (those in `failed_last` last); never the origin or this
+    /// cluster; at most [`MAX_MIRRORS_TRIED`]. `problems` gets why the DHT could not be asked.
+    async fn mirrors_of(
+        &self,
+        origin: &ClusterKey,
+        resource: &Resource,
+        follow: &Follow,
+        own: Option<ClusterKey>,
+        failed_last: &[[u8; 32]],
+        problems: &mut Vec<String>,
+    ) -> Vec<(ClusterKey, Vec<Hint>)> {
+        let mut out: Vec<(ClusterKey, Vec<Hint>)> = Vec::new();
+        for via in &follow.via {
+            if let Ok(key) = ClusterKey::from_bytes(&via.cluster) {
+                out.push((key, via.nodes.clone()));
+            }
+        }
+        let named = out.len();
+        if let Some(dht) = &self.dht {
+            let topic = directory_topic(origin, resource);
+            let found = tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                dht.find_mirrors(&topic, origin, unix_now()),
+            )
+            .await;
+            match found {
+                Ok(Ok(keys)) => {
+                    tracing::debug!(%origin, %resource, mirrors = keys.len(), "mirror directory read");
+                    for key in keys {
+                        if !out.iter().any(|(k, _)| *k == key) {
+                            out.push((key, Vec::new()));
+                        }
+                    }
+                }
+                Ok(Err(e)) => problems.push(format!("mirror directory: {e}")),
+                Err(_) => problems.push(format!(
+                    "mirror directory: no DHT answer within {RESOLVE_TIMEOUT:?}"
+                )),
+            }
+        }
+        // The named ones keep their order; of the DHT's, those that failed go last (a stable
+        // sort keeps the order within each group).
+        out[named..].sort_by_key(|(k, _)| failed_last.contains(&k.to_bytes()));
+        out.retain(|(k, _)| k != origin && Some(*k) != own);
+        out.truncate(MAX_MIRRORS_TRIED);
+        out
     }
 
     /// Connects, says hello, and checks the node answering is a member of `origin`.
@@ -385,11 +474,16 @@ pub fn summary(
         next_attempt_ms: status.next_attempt_ms,
         failures: status.failures,
         last_error: status.last_error.clone(),
+        via: follow.via.iter().map(|v| v.cluster).collect(),
+        last_source: status.last_source,
+        mirrors: status.mirrors.clone(),
     }
 }
 
-/// Records `signed` as the last manifest accepted for a follow (unless it already is), on
-/// the condition that the follow and the previous state are unchanged.
+/// Records `signed` as the last manifest accepted for a follow (unless it already is, and
+/// there are no `extra` writes), on the condition that the follow and the previous state
+/// are unchanged.
+#[allow(clippy::too_many_arguments)]
 async fn record_manifest(
     state: &NodeState,
     origin: &ClusterKey,
@@ -398,8 +492,9 @@ async fn record_manifest(
     stored_state: Option<Vec<u8>>,
     accepted: Option<&(Manifest, [u8; 32])>,
     signed: &SignedManifest,
+    extra: Vec<SystemOp>,
 ) -> Result<(), PullError> {
-    if accepted.is_some_and(|(_, h)| *h == signed.hash()) {
+    if extra.is_empty() && accepted.is_some_and(|(_, h)| *h == signed.hash()) {
         return Ok(());
     }
     let txn = SystemTxn {
@@ -410,10 +505,14 @@ async fn record_manifest(
             ),
             (follow_state_key(origin, resource), stored_state),
         ],
-        writes: vec![SystemOp::Put {
-            key: follow_state_key(origin, resource),
-            value: signed.encode(),
-        }],
+        writes: [
+            vec![SystemOp::Put {
+                key: follow_state_key(origin, resource),
+                value: signed.encode(),
+            }],
+            extra,
+        ]
+        .concat(),
     };
     if !state
         .cluster
@@ -428,7 +527,8 @@ async fn record_manifest(
     Ok(())
 }
 
-/// Pulls one follow, by the kind of its resource.
+/// Pulls one follow: from the origin, or, when the origin cannot be reached, from its
+/// mirrors in turn until one serves verified data. Returns what each mirror tried did.
 async fn pull(
     state: Arc<NodeState>,
     dialer: Arc<Dialer>,
@@ -436,31 +536,126 @@ async fn pull(
     resource: Resource,
     follow: Follow,
     follow_bytes: Vec<u8>,
+    failed_last: Vec<[u8; 32]>,
+) -> (Result<Pulled, PullError>, Vec<MirrorReport>) {
+    let mut reports = Vec::new();
+    let unreachable = match dialer.connect(&state, &origin, &follow.hints).await {
+        Ok((conn, addr)) => {
+            let source = Source {
+                conn,
+                addr,
+                origin,
+                mirror: None,
+                endpoint: dialer.endpoint.clone(),
+            };
+            let pulled = pull_from(&state, &source, &resource, &follow, follow_bytes).await;
+            source.conn.close(0u32.into(), b"pull done");
+            return (pulled, reports);
+        }
+        Err(e @ (PullError::Unreachable(_) | PullError::Timeout(_))) => e,
+        Err(e) => return (Err(e), reports),
+    };
+    if resource.kind == ResourceKind::Ns {
+        // Namespaces are not mirrored (their entries come over iroh-docs from the origin).
+        return (Err(unreachable), reports);
+    }
+    let own = state
+        .cluster_secret()
+        .await
+        .ok()
+        .flatten()
+        .map(|k| k.public());
+    let mut problems = vec![unreachable.to_string()];
+    let mirrors = dialer
+        .mirrors_of(
+            &origin,
+            &resource,
+            &follow,
+            own,
+            &failed_last,
+            &mut problems,
+        )
+        .await;
+    for (mirror, hints) in &mirrors {
+        let outcome = match dialer.connect(&state, mirror, hints).await {
+            Ok((conn, addr)) => {
+                let source = Source {
+                    conn,
+                    addr,
+                    origin,
+                    mirror: Some(*mirror),
+                    endpoint: dialer.endpoint.clone(),
+                };
+                let pulled =
+                    pull_from(&state, &source, &resource, &follow, follow_bytes.clone()).await;
+                source.conn.close(0u32.into(), b"pull done");
+                pulled
+            }
+            Err(e) => Err(e),
+        };
+        let at_ms = unix_now_ms();
+        match outcome {
+            Ok(mut pulled) => {
+                reports.push(MirrorReport {
+                    cluster: mirror.to_bytes(),
+                    ok: true,
+                    detail: String::new(),
+                    at_ms,
+                });
+                pulled.via = Some(mirror.to_bytes());
+                return (Ok(pulled), reports);
+            }
+            Err(e) => {
+                tracing::info!(%origin, %resource, %mirror, "mirror refused: {e}");
+                reports.push(MirrorReport {
+                    cluster: mirror.to_bytes(),
+                    ok: false,
+                    detail: e.to_string(),
+                    at_ms,
+                });
+            }
+        }
+    }
+    let summary = if mirrors.is_empty() {
+        "no mirror known".to_string()
+    } else {
+        format!(
+            "none of {} mirrors served verified data (see the mirrors)",
+            mirrors.len()
+        )
+    };
+    problems.push(summary);
+    (Err(PullError::NoSource(problems.join("; "))), reports)
+}
+
+/// One pull from one source, by the kind of the resource.
+async fn pull_from(
+    state: &NodeState,
+    source: &Source,
+    resource: &Resource,
+    follow: &Follow,
+    follow_bytes: Vec<u8>,
 ) -> Result<Pulled, PullError> {
     match resource.kind {
-        ResourceKind::Doc => pull_doc(state, dialer, origin, resource, follow, follow_bytes).await,
-        ResourceKind::Blob => {
-            pull_blobs(state, dialer, origin, resource, follow, follow_bytes).await
-        }
-        ResourceKind::Ns => pull_ns(state, dialer, origin, resource, follow, follow_bytes).await,
+        ResourceKind::Doc => pull_doc(state, source, resource, follow, follow_bytes).await,
+        ResourceKind::Blob => pull_blobs(state, source, resource, follow, follow_bytes).await,
+        ResourceKind::Ns => pull_ns(state, source, resource, follow_bytes).await,
     }
 }
 
 /// Asks the origin for its signed manifest of `resource` and checks it (signature, resource,
 /// never older than `floor`, which then moves to it).
 async fn ask_manifest(
-    conn: &Connection,
-    origin: &ClusterKey,
+    source: &Source,
     resource: &Resource,
     floor: &mut Option<(Manifest, [u8; 32])>,
 ) -> Result<(Manifest, SignedManifest), PullError> {
-    let reply = exchange::<_, FedReply>(
-        conn,
-        &FedCall::Manifest {
+    let origin = &source.origin;
+    let reply = source
+        .ask(FedCall::Manifest {
             resource: resource.clone(),
-        },
-    )
-    .await?;
+        })
+        .await?;
     let bytes = match reply {
         FedReply::Manifest(bytes) => bytes,
         FedReply::Error(e) => return Err(PullError::Refused(e)),
@@ -487,13 +682,12 @@ async fn ask_manifest(
 /// before the state check; the check says the copy is complete and current, and the
 /// manifest is recorded only then. The other members sync the replica from this one.
 async fn pull_ns(
-    state: Arc<NodeState>,
-    dialer: Arc<Dialer>,
-    origin: ClusterKey,
-    resource: Resource,
-    follow: Follow,
+    state: &NodeState,
+    source: &Source,
+    resource: &Resource,
     follow_bytes: Vec<u8>,
 ) -> Result<Pulled, PullError> {
+    let (origin, resource) = (source.origin, resource.clone());
     let started = Instant::now();
     let id: [u8; 32] = hex::decode(&resource.name)
         .ok()
@@ -503,20 +697,17 @@ async fn pull_ns(
         .await
         .map_err(PullError::Commit)?;
     let commit = |e: aspen_client::protocol::RpcError| PullError::Commit(e.to_string());
-    let conn = dialer.connect(&state, &origin, &follow).await?;
-    let addr = dialer
-        .address_of(&origin)
-        .ok_or_else(|| PullError::Unreachable("no address for the origin".into()))?;
+    let addr = source.addr.clone();
     let result = async {
         let mut floor = accepted.clone();
-        ask_manifest(&conn, &origin, &resource, &mut floor).await?;
+        ask_manifest(source, &resource, &mut floor).await?;
         state.namespaces.host_followed(&id).await.map_err(commit)?;
         let mut received = 0;
         for _ in 0..NS_SYNC_ROUNDS {
             let synced = tokio::time::timeout(
                 CALL_TIMEOUT,
                 iroh_docs::net::connect_and_sync(
-                    &dialer.endpoint,
+                    &source.endpoint,
                     &state.namespaces.sync,
                     iroh_docs::NamespaceId::from(&id),
                     addr.clone(),
@@ -534,11 +725,11 @@ async fn pull_ns(
                 Err(iroh_docs::net::ConnectError::Close { .. }) => {}
                 Err(e) => return Err(PullError::Unreachable(format!("namespace sync: {e}"))),
             }
-            let (manifest, signed) = ask_manifest(&conn, &origin, &resource, &mut floor).await?;
+            let (manifest, signed) = ask_manifest(source, &resource, &mut floor).await?;
             if state.namespaces.state_digest(&id).await.map_err(commit)? != manifest.digest {
                 continue;
             }
-            let fetched = fetch_ns_content(&state, &id, &addr).await?;
+            let fetched = fetch_ns_content(state, &id, &addr).await?;
             return Ok((manifest, signed, received, fetched));
         }
         Err(PullError::Data(format!(
@@ -547,16 +738,16 @@ async fn pull_ns(
         )))
     }
     .await;
-    conn.close(0u32.into(), b"pull done");
     let (manifest, signed, received, fetched) = result?;
     record_manifest(
-        &state,
+        state,
         &origin,
         &resource,
         follow_bytes,
         stored_state,
         accepted.as_ref(),
         &signed,
+        Vec::new(),
     )
     .await?;
     tracing::info!(
@@ -571,6 +762,7 @@ async fn pull_ns(
     Ok(Pulled {
         seq: manifest.seq,
         added: received,
+        via: None,
     })
 }
 
@@ -614,29 +806,23 @@ async fn fetch_ns_content(
 /// already verified), each tagged here under the follow's local prefix through Raft. Tags
 /// the origin removed stay here.
 async fn pull_blobs(
-    state: Arc<NodeState>,
-    dialer: Arc<Dialer>,
-    origin: ClusterKey,
-    resource: Resource,
-    follow: Follow,
+    state: &NodeState,
+    source: &Source,
+    resource: &Resource,
+    follow: &Follow,
     follow_bytes: Vec<u8>,
 ) -> Result<Pulled, PullError> {
+    let origin = source.origin;
     let started = Instant::now();
-    let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, &resource)
+    let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, resource)
         .await
         .map_err(PullError::Commit)?;
-    let conn = dialer.connect(&state, &origin, &follow).await?;
-    let addr = dialer
-        .address_of(&origin)
-        .ok_or_else(|| PullError::Unreachable("no address for the origin".into()))?;
-    let reply = exchange::<_, FedReply>(
-        &conn,
-        &FedCall::BlobTags {
+    let addr = source.addr.clone();
+    let reply = source
+        .ask(FedCall::BlobTags {
             prefix: resource.name.clone(),
-        },
-    )
-    .await;
-    conn.close(0u32.into(), b"pull done");
+        })
+        .await;
     let (manifest_bytes, tags) = match reply? {
         FedReply::BlobTags { manifest, tags } => (manifest, tags),
         FedReply::Error(e) => return Err(PullError::Refused(e)),
@@ -647,7 +833,7 @@ async fn pull_blobs(
         }
     };
     let signed = SignedManifest::decode(&manifest_bytes)?;
-    let manifest = signed.verify(&origin, &resource)?;
+    let manifest = signed.verify(&origin, resource)?;
     check_successor(
         accepted.as_ref().map(|(m, h)| (m, *h)),
         &manifest,
@@ -665,6 +851,29 @@ async fn pull_blobs(
             "the tag list does not match the signed manifest".into(),
         ));
     }
+    // The list the manifest pins, kept beside it for serving as a mirror (when it fits one
+    // value; a longer list is not mirrored).
+    let tags_key = follow_tags_key(&origin, resource);
+    let encoded = postcard::to_allocvec(&list).expect("a tag list encodes");
+    let kept = state
+        .cluster
+        .sm
+        .system_get(tags_key.clone())
+        .await
+        .map_err(|e| PullError::Commit(e.to_string()))?;
+    let extra = if encoded.len() > aspen_kv::limits::MAX_VALUE_BYTES {
+        match kept {
+            Some(_) => vec![SystemOp::Delete { key: tags_key }],
+            None => vec![],
+        }
+    } else if kept.as_ref() != Some(&encoded) {
+        vec![SystemOp::Put {
+            key: tags_key,
+            value: encoded,
+        }]
+    } else {
+        vec![]
+    };
     let mut added = 0;
     let mut bytes = 0u64;
     for (tag, hash) in list.entries() {
@@ -710,18 +919,20 @@ async fn pull_blobs(
         added += 1;
     }
     record_manifest(
-        &state,
+        state,
         &origin,
-        &resource,
+        resource,
         follow_bytes,
         stored_state,
         accepted.as_ref(),
         &signed,
+        extra,
     )
     .await?;
     tracing::info!(
         %origin,
         %resource,
+        source = source.describe(),
         seq = manifest.seq,
         added,
         bytes,
@@ -731,18 +942,19 @@ async fn pull_blobs(
     Ok(Pulled {
         seq: manifest.seq,
         added,
+        via: None,
     })
 }
 
 /// Pulls one followed document (see the module docs).
 async fn pull_doc(
-    state: Arc<NodeState>,
-    dialer: Arc<Dialer>,
-    origin: ClusterKey,
-    resource: Resource,
-    follow: Follow,
+    state: &NodeState,
+    source: &Source,
+    resource: &Resource,
+    follow: &Follow,
     follow_bytes: Vec<u8>,
 ) -> Result<Pulled, PullError> {
+    let (origin, resource) = (source.origin, resource.clone());
     let into = DocName::new(follow.into.clone()).map_err(|e| PullError::Commit(e.to_string()))?;
     let (stored_state, accepted) = accepted_manifest(&state.cluster, &origin, &resource)
         .await
@@ -761,8 +973,6 @@ async fn pull_doc(
         .map_err(|e| PullError::Commit(e.to_string()))?
         .unwrap_or_default();
     let started = Instant::now();
-    let conn = dialer.connect(&state, &origin, &follow).await?;
-    let dialed = started.elapsed();
     let mut fetching = std::time::Duration::ZERO;
     let mut applying = std::time::Duration::ZERO;
     let result = async {
@@ -771,7 +981,7 @@ async fn pull_doc(
         if local.get_heads().is_empty() {
             let t = Instant::now();
             if let Some((manifest, signed, doc, added)) =
-                doc_snapshot(&conn, &origin, &resource, &mut floor).await?
+                doc_snapshot(source, &resource, &mut floor).await?
             {
                 let fetched = t.elapsed();
                 let t = Instant::now();
@@ -783,21 +993,22 @@ async fn pull_doc(
                     .map_err(|e| PullError::Commit(e.to_string()))?
                     .len();
                 record_manifest(
-                    &state,
+                    state,
                     &origin,
                     &resource,
                     follow_bytes.clone(),
                     stored_state.clone(),
                     accepted.as_ref(),
                     &signed,
+                    Vec::new(),
                 )
                 .await?;
                 tracing::info!(
                     %origin,
                     %resource,
+                    source = source.describe(),
                     seq = manifest.seq,
                     added,
-                    dial_ms = dialed.as_millis() as u64,
                     fetch_and_load_ms = fetched.as_millis() as u64,
                     commit_ms = t.elapsed().as_millis() as u64,
                     total_ms = started.elapsed().as_millis() as u64,
@@ -806,6 +1017,7 @@ async fn pull_doc(
                 return Ok(Pulled {
                     seq: manifest.seq,
                     added,
+                    via: None,
                 });
             }
         }
@@ -823,14 +1035,12 @@ async fn pull_doc(
             }
             let have = pull.as_ref().expect("kept").have();
             let t = Instant::now();
-            let reply = exchange::<_, FedReply>(
-                &conn,
-                &FedCall::DocChanges {
+            let reply = source
+                .ask(FedCall::DocChanges {
                     name: resource.name.clone(),
                     have,
-                },
-            )
-            .await?;
+                })
+                .await?;
             let (manifest_bytes, changes, more) = match reply {
                 FedReply::DocChanges {
                     manifest,
@@ -900,21 +1110,22 @@ async fn pull_doc(
         }
         let verifying = t.elapsed();
         record_manifest(
-            &state,
+            state,
             &origin,
             &resource,
             follow_bytes,
             stored_state,
             accepted.as_ref(),
             &signed,
+            Vec::new(),
         )
         .await?;
         tracing::info!(
             %origin,
             %resource,
+            source = source.describe(),
             seq = manifest.seq,
             added,
-            dial_ms = dialed.as_millis() as u64,
             fetch_ms = fetching.as_millis() as u64,
             apply_ms = applying.as_millis() as u64,
             verify_ms = verifying.as_millis() as u64,
@@ -924,10 +1135,10 @@ async fn pull_doc(
         Ok(Pulled {
             seq: manifest.seq,
             added,
+            via: None,
         })
     }
     .await;
-    conn.close(0u32.into(), b"pull done");
     result
 }
 
@@ -936,8 +1147,7 @@ async fn pull_doc(
 /// nothing but the history of its heads, each change named by its hash). `None`: the origin
 /// will not send one (too large, or it does not know the call); pull changes instead.
 async fn doc_snapshot(
-    conn: &Connection,
-    origin: &ClusterKey,
+    source: &Source,
     resource: &Resource,
     floor: &mut Option<(Manifest, [u8; 32])>,
 ) -> Result<
@@ -949,13 +1159,12 @@ async fn doc_snapshot(
     )>,
     PullError,
 > {
-    let reply = exchange::<_, FedReply>(
-        conn,
-        &FedCall::DocSnapshot {
+    let origin = &source.origin;
+    let reply = source
+        .ask(FedCall::DocSnapshot {
             name: resource.name.clone(),
-        },
-    )
-    .await;
+        })
+        .await;
     let (manifest_bytes, document) = match reply {
         Ok(FedReply::DocSnapshot { manifest, document }) => (manifest, document),
         Ok(FedReply::Error(FedError::TooLarge(_) | FedError::BadRequest(_)))
@@ -1003,15 +1212,18 @@ pub async fn run(
     pulls: Arc<Pulls>,
     endpoint: Endpoint,
     resolver: Resolver,
+    dht: Option<ClusterDht>,
     schedule: PullSchedule,
 ) {
     let dialer = Arc::new(Dialer {
         endpoint,
         resolver,
+        dht,
         last_good: Default::default(),
     });
     let mut follows_changed = state.cluster.sm.watch_system_prefix(FOLLOW_PREFIX);
-    let mut running: JoinSet<(FollowId, Result<Pulled, PullError>)> = JoinSet::new();
+    let mut running: JoinSet<(FollowId, Result<Pulled, PullError>, Vec<MirrorReport>)> =
+        JoinSet::new();
     loop {
         if !state.cluster.is_leader() {
             if !running.is_empty() {
@@ -1053,6 +1265,12 @@ pub async fn run(
                     s.running = true;
                     s.forced = false;
                     s.last_attempt_ms = unix_now_ms();
+                    let failed_last = s
+                        .mirrors
+                        .iter()
+                        .filter(|m| !m.ok)
+                        .map(|m| m.cluster)
+                        .collect();
                     let work = pull(
                         state.clone(),
                         dialer.clone(),
@@ -1060,16 +1278,20 @@ pub async fn run(
                         resource.clone(),
                         follow.clone(),
                         bytes.clone(),
+                        failed_last,
                     );
                     running.spawn(async move {
-                        let result = tokio::time::timeout(PULL_TIMEOUT, work)
+                        let (result, reports) = tokio::time::timeout(PULL_TIMEOUT, work)
                             .await
                             .unwrap_or_else(|_| {
-                                Err(PullError::Timeout(format!(
-                                    "the pull took over {PULL_TIMEOUT:?}"
-                                )))
+                                (
+                                    Err(PullError::Timeout(format!(
+                                        "the pull took over {PULL_TIMEOUT:?}"
+                                    ))),
+                                    Vec::new(),
+                                )
                             });
-                        (id, result)
+                        (id, result, reports)
                     });
                 } else if let Some(t) = s.next_attempt {
                     wake_at = wake_at.min(t);
@@ -1078,8 +1300,8 @@ pub async fn run(
         }
         tokio::select! {
             Some(joined) = running.join_next() => {
-                if let Ok((id, result)) = joined {
-                    record(&pulls, &schedule, id, result);
+                if let Ok((id, result, reports)) = joined {
+                    record(&pulls, &schedule, id, result, reports);
                 }
             }
             _ = tokio::time::sleep_until(wake_at) => {}
@@ -1090,10 +1312,19 @@ pub async fn run(
 }
 
 /// Records a finished pull and schedules the next one.
-fn record(pulls: &Pulls, schedule: &PullSchedule, id: FollowId, result: Result<Pulled, PullError>) {
+fn record(
+    pulls: &Pulls,
+    schedule: &PullSchedule,
+    id: FollowId,
+    result: Result<Pulled, PullError>,
+    reports: Vec<MirrorReport>,
+) {
     let mut status = pulls.status.lock().expect("lock");
     if let Some(s) = status.get_mut(&id) {
         s.running = false;
+        if !reports.is_empty() {
+            s.mirrors = reports;
+        }
         match result {
             Ok(pulled) => {
                 tracing::debug!(
@@ -1104,6 +1335,7 @@ fn record(pulls: &Pulls, schedule: &PullSchedule, id: FollowId, result: Result<P
                 s.failures = 0;
                 s.last_error = None;
                 s.last_success_ms = unix_now_ms();
+                s.last_source = pulled.via;
             }
             Err(e) => {
                 tracing::info!(origin = %hex::encode(&id.0[..8]), resource = %id.1, "pull failed: {e}");

@@ -1,23 +1,27 @@
-//! Federation: the client requests that manage it (exports, follows, sync, status), the
-//! origin side of `aspen/federation/1` ([`origin`]) and the follower's pulls ([`follower`]).
+//! Federation: the client requests that manage it (exports, follows, mirrors, sync,
+//! status), the origin side of `aspen/federation/1` ([`origin`]), a mirror's side of it
+//! ([`mirror`]) and the follower's pulls ([`follower`]).
 //!
 //! The policy decisions are `aspen_federation`'s; this reads the stored export or follow
 //! after a read barrier and writes the edited one with a system transaction that requires
 //! the old value (retried when a concurrent edit won), like grants.
 
 pub mod follower;
+pub mod mirror;
 pub mod origin;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aspen_client::protocol::{
-    ExportSummary, FedRequest, FedResponse, FollowSummary, Resource, RpcError,
+    ExportSummary, FedRequest, FedResponse, FollowSummary, MirrorSummary, Resource, RpcError,
+    ViaMirror,
 };
 use aspen_client::NodeTicket;
 use aspen_federation::{
-    edit_export, export_key, follow_key, follow_state_key, local_name, resource_of_key, Export,
-    ExportEdit, Follow, Hint, EXPORT_PREFIX, FOLLOW_PREFIX, MAX_EXPORTS, MAX_FOLLOWS,
+    edit_export, export_key, follow_key, follow_state_key, local_name, mirror_key,
+    parse_mirror_key, resource_of_key, Export, ExportEdit, Follow, Hint, Via, EXPORT_PREFIX,
+    FOLLOW_PREFIX, MAX_EXPORTS, MAX_FOLLOWS, MAX_MIRRORS, MAX_VIA, MIRROR_PREFIX,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_trust::ClusterKey;
@@ -89,7 +93,8 @@ impl FedService {
                 to,
                 public,
             } => {
-                self.edit(&resource, ExportEdit::Add { to, public }).await?;
+                self.edit(&resource, None, ExportEdit::Add { to, public })
+                    .await?;
                 Ok(FedResponse::Done)
             }
             FedRequest::Unexport {
@@ -98,8 +103,63 @@ impl FedService {
                 public,
                 all,
             } => {
-                self.edit(&resource, ExportEdit::Remove { to, public, all })
+                self.edit(&resource, None, ExportEdit::Remove { to, public, all })
                     .await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::Mirror {
+                origin,
+                resource,
+                to,
+                public,
+            } => {
+                let origin = origin_key(&origin)?;
+                self.cluster.read_barrier().await?;
+                if self
+                    .cluster
+                    .sm
+                    .system_get(follow_key(&origin, &resource))
+                    .await?
+                    .is_none()
+                {
+                    return Err(RpcError::BadRequest(format!(
+                        "{resource} of cluster {origin} is not followed: a cluster mirrors only \
+                         what it follows (aspen fed follow first)"
+                    )));
+                }
+                if resource.kind == aspen_sync::ResourceKind::Ns {
+                    return Err(RpcError::BadRequest(
+                        "namespaces cannot be mirrored yet (documents and blob prefixes can)"
+                            .into(),
+                    ));
+                }
+                self.edit(&resource, Some(&origin), ExportEdit::Add { to, public })
+                    .await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::Unmirror {
+                origin,
+                resource,
+                to,
+                public,
+                all,
+            } => {
+                let origin = origin_key(&origin)?;
+                self.edit(
+                    &resource,
+                    Some(&origin),
+                    ExportEdit::Remove { to, public, all },
+                )
+                .await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::Mirrors => Ok(FedResponse::Mirrors(self.mirrors().await?)),
+            FedRequest::Via {
+                origin,
+                resource,
+                via,
+            } => {
+                self.set_via(origin, resource, via).await?;
                 Ok(FedResponse::Done)
             }
             FedRequest::Exports => Ok(FedResponse::Exports(self.exports().await?)),
@@ -109,7 +169,19 @@ impl FedService {
                 into,
                 hints,
             } => {
-                self.follow(origin, resource, into, hints).await?;
+                self.follow(origin, resource, into, hints, None).await?;
+                Ok(FedResponse::Done)
+            }
+            FedRequest::FollowVia {
+                origin,
+                resource,
+                into,
+                hints,
+                via,
+            } => {
+                let via = self.checked_via(&origin, via).await?;
+                self.follow(origin, resource, into, hints, Some(via))
+                    .await?;
                 Ok(FedResponse::Done)
             }
             FedRequest::Unfollow { origin, resource } => {
@@ -129,6 +201,7 @@ impl FedService {
         resource: Resource,
         into: Option<String>,
         hints: Vec<NodeTicket>,
+        new_via: Option<Vec<Via>>,
     ) -> Result<(), RpcError> {
         let origin = origin_key(&origin)?;
         let into = local_name(&origin, &resource, into.as_deref())
@@ -144,37 +217,13 @@ impl FedService {
                 aspen_blobs::TagName::new(format!("{into}x"))?;
             }
         }
-        if hints.len() > aspen_federation::follows::MAX_HINTS {
-            return Err(RpcError::BadRequest(format!(
-                "{} origin nodes named; the limit is {}",
-                hints.len(),
-                aspen_federation::follows::MAX_HINTS
-            )));
-        }
-        if let Some(t) = hints
-            .iter()
-            .find(|t| t.addrs.len() > aspen_federation::follows::MAX_HINT_ADDRS)
-        {
-            return Err(RpcError::BadRequest(format!(
-                "origin node {} has {} addresses; the limit is {}",
-                hex::encode(t.endpoint_id),
-                t.addrs.len(),
-                aspen_federation::follows::MAX_HINT_ADDRS
-            )));
-        }
-        let hints: Vec<Hint> = hints
-            .into_iter()
-            .map(|t| Hint {
-                node: t.endpoint_id,
-                addrs: t.addrs,
-            })
-            .collect();
+        let hints = hints_of(hints)?;
         let key = follow_key(&origin, &resource);
         for _ in 0..EDIT_ATTEMPTS {
             self.cluster.read_barrier().await?;
             let stored = self.cluster.sm.system_get(key.clone()).await?;
-            let created_at_ms = match stored.as_deref().map(Follow::decode) {
-                Some(Ok(old)) => old.created_at_ms,
+            let (created_at_ms, via) = match stored.as_deref().map(Follow::decode) {
+                Some(Ok(old)) => (old.created_at_ms, old.via),
                 Some(Err(e)) => return Err(internal(e)),
                 None => {
                     let count = self
@@ -188,13 +237,14 @@ impl FedService {
                             "{MAX_FOLLOWS} resources are followed; the limit is {MAX_FOLLOWS}"
                         )));
                     }
-                    super::identity::unix_now() * 1000
+                    (super::identity::unix_now() * 1000, Vec::new())
                 }
             };
             let follow = Follow {
                 into: into.clone(),
                 hints: hints.clone(),
                 created_at_ms,
+                via: new_via.clone().unwrap_or(via),
             };
             let txn = SystemTxn {
                 require: vec![(key.clone(), stored)],
@@ -224,12 +274,19 @@ impl FedService {
                 "{resource} of cluster {origin} is not followed"
             )));
         }
+        // A mirror serves only what it follows: the mirror policy goes with the follow.
         let txn = SystemTxn {
             require: vec![],
             writes: vec![
                 SystemOp::Delete { key },
                 SystemOp::Delete {
                     key: follow_state_key(&origin, &resource),
+                },
+                SystemOp::Delete {
+                    key: mirror_key(&origin, &resource),
+                },
+                SystemOp::Delete {
+                    key: aspen_federation::follow_tags_key(&origin, &resource),
                 },
             ],
         };
@@ -317,8 +374,142 @@ impl FedService {
             .collect()
     }
 
-    async fn edit(&self, resource: &Resource, edit: ExportEdit) -> Result<(), RpcError> {
-        let key = export_key(resource);
+    /// Every mirror policy, in key order (after a read barrier).
+    async fn mirrors(&self) -> Result<Vec<MirrorSummary>, RpcError> {
+        self.cluster.read_barrier().await?;
+        let entries = self
+            .cluster
+            .sm
+            .system_scan(MIRROR_PREFIX.to_vec(), MAX_MIRRORS + 1)
+            .await?;
+        entries
+            .into_iter()
+            .map(|(key, value)| {
+                let (origin, resource) = parse_mirror_key(&key).map_err(internal)?;
+                let policy = Export::decode(&value).map_err(internal)?;
+                Ok(MirrorSummary {
+                    origin: origin.to_bytes(),
+                    resource,
+                    public: policy.public,
+                    to: policy.to,
+                    created_at_ms: policy.created_at_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// Sets the mirrors a follow pulls from when its origin is unreachable.
+    async fn set_via(
+        &self,
+        origin: [u8; 32],
+        resource: Resource,
+        via: Vec<ViaMirror>,
+    ) -> Result<(), RpcError> {
+        let checked = self.checked_via(&origin, via).await?;
+        let origin = origin_key(&origin)?;
+        let key = follow_key(&origin, &resource);
+        for _ in 0..EDIT_ATTEMPTS {
+            self.cluster.read_barrier().await?;
+            let stored = self.cluster.sm.system_get(key.clone()).await?;
+            let Some(old) = stored
+                .as_deref()
+                .map(Follow::decode)
+                .transpose()
+                .map_err(internal)?
+            else {
+                return Err(RpcError::BadRequest(format!(
+                    "{resource} of cluster {origin} is not followed"
+                )));
+            };
+            let follow = Follow {
+                via: checked.clone(),
+                ..old
+            };
+            let txn = SystemTxn {
+                require: vec![(key.clone(), stored)],
+                writes: vec![SystemOp::Put {
+                    key: key.clone(),
+                    value: follow.encode(),
+                }],
+            };
+            txn.validate()?;
+            if self.cluster.propose_system_txn(txn).await? {
+                tracing::info!(%origin, %resource, mirrors = checked.len(), "follow mirrors set");
+                return Ok(());
+            }
+        }
+        Err(RpcError::Unavailable(
+            "the follow kept changing concurrently; retry".into(),
+        ))
+    }
+
+    /// The mirrors named for a follow of `origin`'s resource, checked: within bounds, real
+    /// cluster keys, neither the origin nor this cluster; duplicates dropped.
+    async fn checked_via(
+        &self,
+        origin: &[u8; 32],
+        via: Vec<ViaMirror>,
+    ) -> Result<Vec<Via>, RpcError> {
+        let origin = origin_key(origin)?;
+        if via.len() > MAX_VIA {
+            return Err(RpcError::BadRequest(format!(
+                "{} mirrors named; a follow takes at most {MAX_VIA}",
+                via.len()
+            )));
+        }
+        let own = self.cluster_key().await?;
+        let mut checked: Vec<Via> = Vec::new();
+        for v in via {
+            let cluster = origin_key(&v.cluster)?;
+            if cluster == origin {
+                return Err(RpcError::BadRequest(
+                    "the origin itself is not a mirror of its resource".into(),
+                ));
+            }
+            if Some(cluster) == own {
+                return Err(RpcError::BadRequest(
+                    "this cluster cannot be a mirror for itself".into(),
+                ));
+            }
+            if checked.iter().any(|c| c.cluster == v.cluster) {
+                continue;
+            }
+            checked.push(Via {
+                cluster: v.cluster,
+                nodes: hints_of(v.nodes)?,
+            });
+        }
+        Ok(checked)
+    }
+
+    /// This cluster's key (None before the identity exists).
+    async fn cluster_key(&self) -> Result<Option<ClusterKey>, RpcError> {
+        Ok(self
+            .cluster
+            .sm
+            .system_get(super::identity::SECRET_KEY.to_vec())
+            .await?
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .map(|b| aspen_trust::ClusterSecretKey::from_bytes(&b).public()))
+    }
+
+    /// Edits the export of `resource` (`mirror_of`: None), or the mirror policy of
+    /// `mirror_of`'s `resource`; both are [`Export`]s, edited the same way.
+    async fn edit(
+        &self,
+        resource: &Resource,
+        mirror_of: Option<&ClusterKey>,
+        edit: ExportEdit,
+    ) -> Result<(), RpcError> {
+        let (key, prefix, limit, what) = match mirror_of {
+            None => (export_key(resource), EXPORT_PREFIX, MAX_EXPORTS, "exported"),
+            Some(origin) => (
+                mirror_key(origin, resource),
+                MIRROR_PREFIX,
+                MAX_MIRRORS,
+                "mirrored",
+            ),
+        };
         for _ in 0..EDIT_ATTEMPTS {
             self.cluster.read_barrier().await?;
             let stored = self.cluster.sm.system_get(key.clone()).await?;
@@ -328,18 +519,18 @@ impl FedService {
                 .transpose()
                 .map_err(internal)?;
             if old.is_none() && matches!(edit, ExportEdit::Remove { .. }) {
-                return Err(RpcError::BadRequest(format!("{resource} is not exported")));
+                return Err(RpcError::BadRequest(format!("{resource} is not {what}")));
             }
             if old.is_none() {
                 let count = self
                     .cluster
                     .sm
-                    .system_scan(EXPORT_PREFIX.to_vec(), MAX_EXPORTS + 1)
+                    .system_scan(prefix.to_vec(), limit + 1)
                     .await?
                     .len();
-                if count >= MAX_EXPORTS {
+                if count >= limit {
                     return Err(RpcError::BadRequest(format!(
-                        "{MAX_EXPORTS} resources are exported; the limit is {MAX_EXPORTS}"
+                        "{limit} resources are {what}; the limit is {limit}"
                     )));
                 }
             }
@@ -361,7 +552,7 @@ impl FedService {
             };
             txn.validate()?;
             if self.cluster.propose_system_txn(txn).await? {
-                tracing::info!(%resource, ?new, "export changed");
+                tracing::info!(%resource, ?new, what, "export or mirror policy changed");
                 return Ok(());
             }
         }
@@ -373,6 +564,31 @@ impl FedService {
 
 fn internal(e: impl std::fmt::Display) -> RpcError {
     RpcError::Internal(format!("stored federation state: {e}"))
+}
+
+/// Dialing hints from node tickets, within the follow's bounds.
+fn hints_of(tickets: Vec<NodeTicket>) -> Result<Vec<Hint>, RpcError> {
+    use aspen_federation::follows::{MAX_HINTS, MAX_HINT_ADDRS};
+    if tickets.len() > MAX_HINTS {
+        return Err(RpcError::BadRequest(format!(
+            "{} nodes named; the limit is {MAX_HINTS}",
+            tickets.len()
+        )));
+    }
+    if let Some(t) = tickets.iter().find(|t| t.addrs.len() > MAX_HINT_ADDRS) {
+        return Err(RpcError::BadRequest(format!(
+            "node {} has {} addresses; the limit is {MAX_HINT_ADDRS}",
+            hex::encode(t.endpoint_id),
+            t.addrs.len()
+        )));
+    }
+    Ok(tickets
+        .into_iter()
+        .map(|t| Hint {
+            node: t.endpoint_id,
+            addrs: t.addrs,
+        })
+        .collect())
 }
 
 fn origin_key(bytes: &[u8; 32]) -> Result<ClusterKey, RpcError> {

@@ -181,6 +181,9 @@ async fn serve(state: &NodeState, caller: &ClusterKey, call: FedCall) -> FedRepl
         FedCall::DocChanges { name, have } => doc_changes(state, caller, name, have).await,
         FedCall::BlobTags { prefix } => blob_tags(state, caller, prefix).await,
         FedCall::DocSnapshot { name } => doc_snapshot(state, caller, name).await,
+        FedCall::Mirrored { origin, call } => {
+            super::mirror::serve(state, caller, &origin, &call).await
+        }
     };
     tracing::debug!(%caller, call = what, ms = started.elapsed().as_millis() as u64, ok = served.is_ok(), "federation request served");
     served.unwrap_or_else(FedReply::Error)
