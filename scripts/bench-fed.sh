@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Federation benchmarks reported in BENCHMARKS.md: two local clusters of NODES nodes each
-# (default 1), the second following documents of the first.
+# Federation benchmarks reported in BENCHMARKS.md: local clusters of NODES nodes each
+# (default 1): a follower following documents and blobs of an origin, and a reader pulling a
+# blob of the origin through a mirror (a fourth cluster) while knowing no address of the
+# origin.
 #
 #   scripts/bench-fed.sh [NODES] [CHANGES] [PULL_INTERVAL_MS]
 #
 # Builds the release binary, starts the nodes with `aspen node run` in a temporary directory
 # (DHT off: the follower dials the origin by its ticket), forms both clusters, runs
-# `aspen bench fed -o json` three times and stops everything. Nothing leaves 127.0.0.1.
+# `aspen bench fed -o json` and `aspen bench fed --mirror ... -o json` three times each and
+# stops everything. Nothing leaves 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${1:-1}
@@ -38,10 +41,17 @@ form() {
 }
 form origin
 form follower
+form mirror
+form reader
 
 for run in 1 2 3; do
   echo "{\"nodes\":$NODES,\"run\":$run,\"result\":$(ASPEN_IDENTITY="$DIR/follower.key" "$ASPEN" bench fed \
     --cluster "$(cat "$DIR/follower/n1/cluster.ticket")" \
     --origin "$(cat "$DIR/origin/n1/cluster.ticket")" --origin-identity "$DIR/origin.key" \
     --changes "$CHANGES" --edits 20 -o json)}"
+  echo "{\"nodes\":$NODES,\"run\":$run,\"result\":$(ASPEN_IDENTITY="$DIR/reader.key" "$ASPEN" bench fed \
+    --cluster "$(cat "$DIR/reader/n1/cluster.ticket")" \
+    --origin "$(cat "$DIR/origin/n1/cluster.ticket")" --origin-identity "$DIR/origin.key" \
+    --mirror "$(cat "$DIR/mirror/n1/cluster.ticket")" --mirror-identity "$DIR/mirror.key" \
+    -o json)}"
 done

@@ -9,6 +9,12 @@
 //! - blob pull: a blob of `--blob-mib` random MiB tagged on the origin under an exported
 //!   prefix, followed; from the follow until the follower's pull has fetched it (verified
 //!   streaming from the origin node) and tagged it through its Raft.
+//!
+//! With `--mirror`, only a blob pull, through a mirror: a third cluster follows the origin's
+//! prefix and mirrors it to `--cluster`, which follows the origin naming that mirror and
+//! knowing no address of the origin (run it with the DHT off, on a cluster that never
+//! reached the origin), so every byte comes from the mirror, verified against the origin's
+//! key. Timed like the direct blob pull, for a side-by-side figure.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -44,6 +50,13 @@ pub struct FedBenchArgs {
     /// Size of the followed blob whose pull is timed (0: no blob phase).
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub blob_mib: u64,
+    /// Time only a blob pull through this mirror cluster (its ticket), as the module docs
+    /// describe.
+    #[arg(long, value_name = "TICKET", requires = "mirror_identity")]
+    pub mirror: Option<String>,
+    /// An admin identity on the mirror cluster.
+    #[arg(long, value_name = "FILE")]
+    pub mirror_identity: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -65,6 +78,48 @@ pub async fn bench_fed(args: FedBenchArgs) -> Result<()> {
     let origin_key = origin.identity().await?.1.cluster_key;
     let follower_key = follower.identity().await?.1.cluster_key;
     let tag = format!("{:08x}", rand::random::<u32>());
+    if let (Some(mirror), Some(identity)) = (&args.mirror, &args.mirror_identity) {
+        if args.blob_mib == 0 {
+            bail!("--mirror times a blob pull: --blob-mib must be at least 1");
+        }
+        let ticket: ClusterTicket = mirror
+            .trim()
+            .parse()
+            .context("--mirror is not a cluster ticket")?;
+        let mut options = args.client.options().await?;
+        let key = crate::cli::auth::load_identity(Some(identity.clone())).await?;
+        options.identity = Some(iroh::SecretKey::from_bytes(&key.secret_bytes()));
+        let mirror = Client::connect_with(ticket.clone(), options).await?;
+        let parties = Parties {
+            origin: &origin,
+            origin_key,
+            origin_ticket: &origin_ticket,
+            follower: &follower,
+            follower_key,
+        };
+        let took = mirror_blob_pull(&parties, &mirror, &ticket, &tag, args.blob_mib).await;
+        mirror.close().await;
+        origin.close().await;
+        follower.close().await;
+        let took = took?;
+        let rate = super::transfer::mib_per_sec(args.blob_mib * MIB, took);
+        match args.client.output {
+            Output::Json => println!(
+                "{}",
+                json!({ "mirror_blob_pull": {
+                    "mib": args.blob_mib,
+                    "ms": took.as_secs_f64() * 1000.0,
+                    "mib_per_sec": rate,
+                }})
+            ),
+            Output::Text => println!(
+                "blob pull of {} MiB through a mirror: {:.0} ms ({rate:.0} MiB/s)",
+                args.blob_mib,
+                took.as_secs_f64() * 1000.0
+            ),
+        }
+        return Ok(());
+    }
 
     // First sync of a long history.
     let big = format!("bench/fed-{tag}");
@@ -262,6 +317,108 @@ async fn blob_pull(
     let _ = origin.fed_unexport(resource, vec![], false, true).await;
     let _ = origin.blob_untag(&format!("{prefix}blob")).await;
     let _ = follower.blob_untag(&local).await;
+    Ok(took)
+}
+
+/// The two clusters every phase involves.
+struct Parties<'a> {
+    origin: &'a Client,
+    origin_key: [u8; 32],
+    origin_ticket: &'a ClusterTicket,
+    follower: &'a Client,
+    follower_key: [u8; 32],
+}
+
+/// Times the follow of a fresh `mib` MiB blob through `mirror`: from the follower's follow
+/// until its pull, served by the mirror, has tagged it.
+async fn mirror_blob_pull(
+    p: &Parties<'_>,
+    mirror: &Client,
+    mirror_ticket: &ClusterTicket,
+    tag: &str,
+    mib: u64,
+) -> Result<Duration> {
+    let size = mib.saturating_mul(MIB);
+    if size > aspen_blobs::limits::MAX_BLOB_BYTES {
+        bail!(
+            "--blob-mib must be at most {} (the blob size limit)",
+            aspen_blobs::limits::MAX_BLOB_BYTES / MIB
+        );
+    }
+    let mirror_key = mirror.identity().await?.1.cluster_key;
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let input = dir.path().join("blob.in");
+    eprintln!("adding a {mib} MiB blob on the origin...");
+    super::transfer::write_random_file(input.clone(), size).await?;
+    let prefix = format!("bench/fed-{tag}-mirrored/");
+    let added = p
+        .origin
+        .blob_add_file(&input, Some(&format!("{prefix}blob")), |_| {})
+        .await?;
+    let resource = Resource::blob(&prefix);
+    p.origin
+        .fed_export(resource.clone(), vec![mirror_key], false)
+        .await?;
+    eprintln!("the mirror pulls it from the origin...");
+    mirror
+        .fed_follow(
+            p.origin_key,
+            resource.clone(),
+            None,
+            p.origin_ticket.members.clone(),
+        )
+        .await?;
+    wait_for_pull(mirror, p.origin_key, &resource).await?;
+    mirror
+        .fed_mirror(p.origin_key, resource.clone(), vec![p.follower_key], false)
+        .await?;
+    let started = Instant::now();
+    p.follower
+        .fed_follow_via(
+            p.origin_key,
+            resource.clone(),
+            None,
+            vec![],
+            vec![aspen_client::ViaMirror {
+                cluster: mirror_key,
+                nodes: mirror_ticket.members.clone(),
+            }],
+        )
+        .await?;
+    let pulled = wait_for_pull(p.follower, p.origin_key, &resource).await;
+    let took = started.elapsed();
+    let source = p
+        .follower
+        .fed_follows()
+        .await?
+        .into_iter()
+        .find(|f| f.origin == p.origin_key && f.resource == resource)
+        .and_then(|f| f.last_source);
+    let local = format!("fed/{}/{prefix}blob", &hex::encode(p.origin_key)[..16]);
+    let tagged = p
+        .follower
+        .blob_stat(added.hash, Consistency::Serializable)
+        .await
+        .map(|info| info.tags.contains(&local));
+    let _ = p
+        .follower
+        .fed_unfollow(p.origin_key, resource.clone())
+        .await;
+    let _ = mirror.fed_unfollow(p.origin_key, resource.clone()).await;
+    let _ = p.origin.fed_unexport(resource, vec![], false, true).await;
+    let _ = p.origin.blob_untag(&format!("{prefix}blob")).await;
+    let _ = mirror.blob_untag(&local).await;
+    let _ = p.follower.blob_untag(&local).await;
+    pulled?;
+    if source != Some(mirror_key) {
+        bail!(
+            "the follower's pull did not come from the mirror (the follower must not know \
+             the origin's address: DHT off, and no earlier follow of the origin)"
+        );
+    }
+    if !tagged? {
+        bail!("the follower did not tag the blob as {local}");
+    }
     Ok(took)
 }
 
