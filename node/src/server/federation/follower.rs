@@ -147,7 +147,7 @@ impl Pulls {
 /// Why a pull failed (shown in `aspen fed status`).
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error("origin unreachable: {0}")]
+    #[error("unreachable: {0}")]
     Unreachable(String),
     #[error("refused: {0}")]
     Refused(FedError),
@@ -252,6 +252,7 @@ impl Dialer {
             match self.dial(addr.clone(), origin, &certificate).await {
                 Ok(conn) => return Ok((conn, addr)),
                 Err(e @ PullError::Refused(_)) => return Err(e),
+                Err(PullError::Unreachable(why)) => problems.push(why),
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -270,6 +271,7 @@ impl Dialer {
                     match self.dial(addr.clone(), origin, &certificate).await {
                         Ok(conn) => return Ok((conn, addr)),
                         Err(e @ PullError::Refused(_)) => return Err(e),
+                        Err(PullError::Unreachable(why)) => problems.push(why),
                         Err(e) => problems.push(e.to_string()),
                     }
                 }
@@ -565,7 +567,7 @@ async fn pull(
         .ok()
         .flatten()
         .map(|k| k.public());
-    let mut problems = vec![unreachable.to_string()];
+    let mut problems = vec![format!("origin {unreachable}")];
     let mirrors = dialer
         .mirrors_of(
             &origin,
