@@ -91,3 +91,21 @@ fn edge_sites_keep_working_apart_and_converge() {
     }
     assert!(out.trim_end().ends_with("edge-sites: OK"), "{out}");
 }
+
+#[test]
+fn forge_clones_from_its_own_cluster_and_refuses_a_rewritten_ref() {
+    if Command::new("git").arg("--version").output().is_err() {
+        panic!("the forge example needs git on the PATH (Debian: apt install git)");
+    }
+    let out = run_example("forge");
+    assert!(
+        out.contains("B's clone: 3 commits"),
+        "B cloned A's repository:\n{out}"
+    );
+    assert!(
+        out.contains("refused: data rejected: the tag list does not match the signed manifest"),
+        "C refused the rewritten ref:\n{out}"
+    );
+    assert!(out.contains("through mirror"), "{out}");
+    assert!(out.trim_end().ends_with("forge: OK"), "{out}");
+}

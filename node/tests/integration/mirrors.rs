@@ -267,15 +267,17 @@ async fn a_mirrored_blob_prefix_is_served_verified_while_the_origin_is_offline()
     };
     via(None).await.unwrap();
     let local = format!("fed/{}/", &hex::encode(a_key)[..16]);
+    // C's tags under `prefix` (listed after `prefix`: tags sort by name).
     let tags_on_c = |prefix: String| {
         let c_client = c_client.clone();
         async move {
             let (tags, _) = c_client
-                .blob_list(Some(prefix), 1000, Consistency::Linearizable)
+                .blob_list(Some(prefix.clone()), 1000, Consistency::Linearizable)
                 .await
                 .ok()?;
             Some(
                 tags.into_iter()
+                    .filter(|t| t.tag.starts_with(&prefix))
                     .map(|t| (t.tag, t.hash))
                     .collect::<Vec<_>>(),
             )
