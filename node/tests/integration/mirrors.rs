@@ -151,6 +151,28 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
     );
     assert_eq!(report(follow, &d_key)["ok"], true, "{follow}");
 
+    // Default deny: B mirrors to C only. D, which also lost A, finds B on the DHT and asks
+    // it: refused, with the same answer as for a resource B does not mirror at all.
+    let d_ticket = ticket_text(&d);
+    let refusal = wait_until_or_dump("D to be refused by B", &d, || async {
+        let follows = follows_of(&d_ticket);
+        let report = follows[0]["mirrors"]
+            .as_array()?
+            .iter()
+            .find(|m| m["cluster"] == hex::encode(b_key))?
+            .clone();
+        Some(report)
+    })
+    .await;
+    assert_eq!(refusal["ok"], false, "{refusal}");
+    assert!(
+        refusal["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("is not exported to cluster {}", hex::encode(d_key))),
+        "{refusal}"
+    );
+
     // Mirrors chain: B, whose origin is gone, catches up from D (A -> D -> B).
     sync_until(&b_client, &b, &local, &three).await;
     let follow = &follows_of(&b_ticket)[0];
