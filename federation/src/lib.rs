@@ -8,11 +8,14 @@
 //!   accepted for each;
 //! - [`schedule`]: when a follow is pulled next (interval with jitter, capped backoff).
 //! - [`mirrors`]: serving a followed resource onward, verified against its origin's key.
+//! - [`announce`]: announcements of new manifests (push triggers): the gossip topic, the
+//!   check a follower makes before it acts, and the per-origin rate limit after it.
 //!
 //! Policy lives in the system key space, replicated through Raft, so every member enforces
 //! the same and a new leader continues where the old one stopped. This crate decides (key
 //! layout, validation, edits, timing); the node does the I/O and the proposing.
 
+pub mod announce;
 pub mod exports;
 pub mod follows;
 pub mod mirrors;

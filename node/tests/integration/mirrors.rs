@@ -166,10 +166,10 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
     .await;
     assert_eq!(refusal["ok"], false, "{refusal}");
     assert!(
-        refusal["detail"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("is not exported to cluster {}", hex::encode(d_key))),
+        refusal["detail"].as_str().unwrap().contains(&format!(
+            "is not exported to cluster {}",
+            hex::encode(d_key)
+        )),
         "{refusal}"
     );
 

@@ -1,0 +1,243 @@
+//! Push triggers: what an announcement of a new manifest is, and when a follower acts on one.
+//!
+//! Polling alone makes a change wait for the follower's next pull. An origin (or a mirror)
+//! can instead announce each new signed manifest of a resource on a gossip topic derived
+//! from the origin key and the resource ([`gossip_topic`]); a follower that hears it pulls at
+//! once. An announcement is the encoded [`SignedManifest`], nothing else, so it proves
+//! itself: a follower acts only on one the origin signed for exactly that resource and that
+//! is newer than the manifest it already accepted ([`check_announcement`]). Anyone on the
+//! topic can send bytes, so the check comes first and the rate limit after it
+//! ([`AnnouncementLimiter`]): forged or replayed announcements cost a signature check and
+//! never use up an honest origin's budget. The pull itself then verifies everything, as any
+//! pull does; the announcement only says "now".
+//!
+//! This module decides; the node wires it to iroh-gossip (not built yet, see the crate's
+//! status in ARCHITECTURE.md).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aspen_sync::{Manifest, ManifestError, Resource, SignedManifest};
+use aspen_trust::ClusterKey;
+
+/// Largest announcement (iroh-gossip's default message bound).
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 4096;
+/// Pulls one origin's announcements may trigger in a burst.
+pub const ANNOUNCEMENT_BURST: u32 = 10;
+/// After the burst, one triggered pull per this long, per origin.
+pub const ANNOUNCEMENT_REFILL: Duration = Duration::from_millis(200);
+/// Most origins the limiter tracks (a follower follows at most this many resources).
+pub const MAX_LIMITED_ORIGINS: usize = crate::MAX_FOLLOWS;
+
+/// The gossip topic of `origin`'s `resource` (32 bytes, an iroh-gossip `TopicId`).
+pub fn gossip_topic(origin: &ClusterKey, resource: &Resource) -> [u8; 32] {
+    blake3::derive_key(
+        "aspen federation announcements v1 topic",
+        &crate::directory_topic(origin, resource),
+    )
+}
+
+/// Why an announcement is ignored.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnouncementError {
+    #[error("{len} bytes exceed the limit of {MAX_ANNOUNCEMENT_BYTES}")]
+    TooLarge { len: usize },
+    #[error("not the origin's manifest of the resource: {0}")]
+    NotAuthentic(ManifestError),
+    #[error("seq {got} is not newer than the accepted seq {have} (a replay, or old news)")]
+    NotNewer { have: u64, got: u64 },
+}
+
+/// The manifest an announcement carries, if `origin` signed it for `resource` and it is
+/// newer than `accepted` (the follow's last accepted manifest).
+pub fn check_announcement(
+    bytes: &[u8],
+    origin: &ClusterKey,
+    resource: &Resource,
+    accepted: Option<&Manifest>,
+) -> Result<Manifest, AnnouncementError> {
+    if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+        return Err(AnnouncementError::TooLarge { len: bytes.len() });
+    }
+    let signed = SignedManifest::decode(bytes).map_err(AnnouncementError::NotAuthentic)?;
+    let manifest = signed
+        .verify(origin, resource)
+        .map_err(AnnouncementError::NotAuthentic)?;
+    if let Some(have) = accepted {
+        if manifest.seq <= have.seq {
+            return Err(AnnouncementError::NotNewer {
+                have: have.seq,
+                got: manifest.seq,
+            });
+        }
+    }
+    Ok(manifest)
+}
+
+/// A token bucket per origin, consulted only for announcements that passed
+/// [`check_announcement`].
+#[derive(Debug, Default)]
+pub struct AnnouncementLimiter {
+    buckets: HashMap<[u8; 32], (u32, Instant)>,
+}
+
+impl AnnouncementLimiter {
+    /// Whether an authentic announcement of `origin` at `now` may trigger a pull (and takes
+    /// a token if so).
+    pub fn allow(&mut self, origin: &ClusterKey, now: Instant) -> bool {
+        let key = origin.to_bytes();
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_LIMITED_ORIGINS {
+            // Full buckets are the same as no bucket: forget those first.
+            self.buckets
+                .retain(|_, (tokens, _)| *tokens < ANNOUNCEMENT_BURST);
+            if self.buckets.len() >= MAX_LIMITED_ORIGINS {
+                return false;
+            }
+        }
+        let (tokens, since) = self.buckets.entry(key).or_insert((ANNOUNCEMENT_BURST, now));
+        let refills =
+            now.saturating_duration_since(*since).as_nanos() / ANNOUNCEMENT_REFILL.as_nanos();
+        if refills > 0 {
+            let refills = u32::try_from(refills).unwrap_or(u32::MAX);
+            *tokens = tokens.saturating_add(refills).min(ANNOUNCEMENT_BURST);
+            *since += ANNOUNCEMENT_REFILL * refills.min(ANNOUNCEMENT_BURST);
+            if *tokens == ANNOUNCEMENT_BURST {
+                *since = now;
+            }
+        }
+        if *tokens == 0 {
+            return false;
+        }
+        *tokens -= 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aspen_sync::manifest::MANIFEST_VERSION;
+    use aspen_sync::ContentDigest;
+    use aspen_trust::ClusterSecretKey;
+    use proptest::prelude::*;
+
+    fn manifest(origin: &ClusterSecretKey, resource: &Resource, seq: u64) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            origin: origin.public().to_bytes(),
+            resource: resource.clone(),
+            seq,
+            digest: ContentDigest::heads(vec![[seq as u8; 32]]),
+            parent: (seq > 1).then_some([seq as u8 - 1; 32]),
+            issued_at: 1_000,
+        }
+    }
+
+    #[test]
+    fn topics_are_per_origin_and_resource() {
+        let a = ClusterSecretKey::from_bytes(&[1; 32]).public();
+        let b = ClusterSecretKey::from_bytes(&[2; 32]).public();
+        let doc = Resource::doc("plans");
+        assert_eq!(gossip_topic(&a, &doc), gossip_topic(&a, &doc));
+        assert_ne!(gossip_topic(&a, &doc), gossip_topic(&b, &doc));
+        assert_ne!(
+            gossip_topic(&a, &doc),
+            gossip_topic(&a, &Resource::blob("plans"))
+        );
+        // Not the DHT directory's address material.
+        assert_ne!(
+            gossip_topic(&a, &doc).to_vec(),
+            crate::directory_topic(&a, &doc)
+        );
+    }
+
+    #[test]
+    fn only_the_origins_newer_manifests_count() {
+        let origin = ClusterSecretKey::generate();
+        let doc = Resource::doc("plans");
+        let m2 = manifest(&origin, &doc, 2);
+        let signed = SignedManifest::sign(&m2, &origin).unwrap().encode();
+        let key = origin.public();
+        assert_eq!(check_announcement(&signed, &key, &doc, None).unwrap(), m2);
+        let m1 = manifest(&origin, &doc, 1);
+        assert_eq!(
+            check_announcement(&signed, &key, &doc, Some(&m1)).unwrap(),
+            m2
+        );
+        // A replay (or old news): not newer than what the follower holds.
+        assert!(matches!(
+            check_announcement(&signed, &key, &doc, Some(&m2)),
+            Err(AnnouncementError::NotNewer { have: 2, got: 2 })
+        ));
+        // Signed by another key, for another resource, or damaged: not authentic.
+        let liar = ClusterSecretKey::generate();
+        let forged = SignedManifest::sign(&manifest(&liar, &doc, 9), &liar)
+            .unwrap()
+            .encode();
+        assert!(matches!(
+            check_announcement(&forged, &key, &doc, None),
+            Err(AnnouncementError::NotAuthentic(_))
+        ));
+        assert!(matches!(
+            check_announcement(&signed, &key, &Resource::doc("other"), None),
+            Err(AnnouncementError::NotAuthentic(_))
+        ));
+        let mut damaged = signed.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(check_announcement(&damaged, &key, &doc, None).is_err());
+        assert!(matches!(
+            check_announcement(&vec![0; MAX_ANNOUNCEMENT_BYTES + 1], &key, &doc, None),
+            Err(AnnouncementError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn each_origin_has_its_own_budget() {
+        let mut limiter = AnnouncementLimiter::default();
+        let a = ClusterSecretKey::from_bytes(&[1; 32]).public();
+        let b = ClusterSecretKey::from_bytes(&[2; 32]).public();
+        let t0 = Instant::now();
+        for _ in 0..ANNOUNCEMENT_BURST {
+            assert!(limiter.allow(&a, t0));
+        }
+        assert!(!limiter.allow(&a, t0), "the burst is spent");
+        // Another origin is not affected by a's announcements.
+        assert!(limiter.allow(&b, t0));
+        // Tokens come back with time, up to the burst.
+        assert!(limiter.allow(&a, t0 + ANNOUNCEMENT_REFILL));
+        assert!(!limiter.allow(&a, t0 + ANNOUNCEMENT_REFILL));
+        let later = t0 + ANNOUNCEMENT_REFILL * 1000;
+        for _ in 0..ANNOUNCEMENT_BURST {
+            assert!(limiter.allow(&a, later));
+        }
+        assert!(!limiter.allow(&a, later));
+    }
+
+    proptest! {
+        #[test]
+        fn the_check_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let key = ClusterSecretKey::from_bytes(&[3; 32]).public();
+            let _ = check_announcement(&bytes, &key, &Resource::doc("d"), None);
+        }
+
+        #[test]
+        fn a_steady_origin_gets_at_most_the_refill_rate(
+            gaps in proptest::collection::vec(0u64..400, 1..200)
+        ) {
+            let mut limiter = AnnouncementLimiter::default();
+            let a = ClusterSecretKey::from_bytes(&[1; 32]).public();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut allowed = 0u64;
+            for gap in gaps {
+                now += Duration::from_millis(gap);
+                allowed += u64::from(limiter.allow(&a, now));
+            }
+            let elapsed = now.duration_since(t0).as_millis() as u64;
+            let bound = u64::from(ANNOUNCEMENT_BURST)
+                + elapsed / ANNOUNCEMENT_REFILL.as_millis() as u64;
+            prop_assert!(allowed <= bound, "{allowed} > {bound}");
+        }
+    }
+}
