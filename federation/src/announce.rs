@@ -11,8 +11,8 @@
 //! never use up an honest origin's budget. The pull itself then verifies everything, as any
 //! pull does; the announcement only says "now".
 //!
-//! This module decides; the node wires it to iroh-gossip (not built yet, see the crate's
-//! status in ARCHITECTURE.md).
+//! This module decides; the node wires it to iroh-gossip
+//! (`node/src/server/federation/triggers.rs`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,9 +23,9 @@ use aspen_trust::ClusterKey;
 /// Largest announcement (iroh-gossip's default message bound).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 4096;
 /// Pulls one origin's announcements may trigger in a burst.
-pub const ANNOUNCEMENT_BURST: u32 = 10;
+pub const ANNOUNCEMENT_BURST: u32 = 20;
 /// After the burst, one triggered pull per this long, per origin.
-pub const ANNOUNCEMENT_REFILL: Duration = Duration::from_millis(200);
+pub const ANNOUNCEMENT_REFILL: Duration = Duration::from_millis(50);
 /// Most origins the limiter tracks (a follower follows at most this many resources).
 pub const MAX_LIMITED_ORIGINS: usize = crate::MAX_FOLLOWS;
 

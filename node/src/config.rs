@@ -202,6 +202,9 @@ pub enum TestFault {
     FedWrongKey,
     /// Federation: add a change (or a tag) nobody signed for to what is served.
     FedExtraChange,
+    /// Federation: at every check for changed exports, also announce a manifest signed by
+    /// another key and the previously announced one again (a replay).
+    FedForgedAnnouncements,
 }
 
 impl Default for NodeConfig {

@@ -343,6 +343,26 @@ impl NodeState {
         {
             return true;
         }
+        // Announcements of new manifests (iroh-gossip): nodes of other clusters that proved
+        // their cluster to us, and the nodes of origins and mirrors our pulls reached (their
+        // certificates checked in the hello).
+        if alpn == iroh_gossip::ALPN
+            && (self
+                .fed
+                .peers
+                .cluster_of(peer.as_bytes(), super::identity::unix_now())
+                .is_some()
+                || self
+                    .fed
+                    .pulls
+                    .reached
+                    .lock()
+                    .expect("lock")
+                    .values()
+                    .any(|a| a.id == *peer))
+        {
+            return true;
+        }
         // Peers named in a hosted namespace's ticket (its origin, for an imported one).
         self.namespaces.ticket_peers().contains(peer.as_bytes())
     }

@@ -189,7 +189,10 @@ impl RunningNode {
         let (key, bootstrap_secret) = key;
         let secret = SecretKey::from_bytes(&key.secret_bytes());
         let gate = gate::PeerGate::default();
-        let endpoint = bind_endpoint(&dir, config.bind, secret, &gate).await?;
+        // Addresses of other clusters' nodes that federation reached (iroh's own dials by
+        // id, gossip's, look there; nothing else is ever looked up).
+        let fed_addrs = iroh::address_lookup::MemoryLookup::new();
+        let endpoint = bind_endpoint(&dir, config.bind, secret, &gate, &fed_addrs).await?;
         let addrs = listen_addrs(&endpoint, config.bind);
         let me = Member {
             endpoint_id: key.public(),
@@ -339,7 +342,17 @@ impl RunningNode {
                     Some(aspen_discovery::RecordCache::new(dir.join("records"))),
                 ),
                 dht.clone(),
+                fed_addrs,
                 config.federation.schedule(),
+            )),
+            tokio::spawn(federation::triggers::run_origin(
+                state.clone(),
+                state.namespaces.gossip.clone(),
+            )),
+            tokio::spawn(federation::triggers::run_follower(
+                state.clone(),
+                state.namespaces.gossip.clone(),
+                state.fed.pulls.clone(),
             )),
         ];
         if let Some(dht) = &dht {
@@ -390,6 +403,7 @@ async fn node_endpoint(
     bind: SocketAddr,
     secret: SecretKey,
     gate: &gate::PeerGate,
+    addrs: &iroh::address_lookup::MemoryLookup,
 ) -> Result<Endpoint, aspen_client::endpoint::EndpointError> {
     use iroh::endpoint::{QuicTransportConfig, VarInt};
     let transport = QuicTransportConfig::builder()
@@ -400,6 +414,7 @@ async fn node_endpoint(
     aspen_client::endpoint::offline_builder(bind, Some(secret), vec![])?
         .transport_config(transport)
         .hooks(gate.clone())
+        .address_lookup(addrs.clone())
         .bind()
         .await
         .map_err(|e| aspen_client::endpoint::EndpointError::Bind(bind, format!("{e:#}")))
@@ -412,6 +427,7 @@ async fn bind_endpoint(
     bind: SocketAddr,
     secret: SecretKey,
     gate: &gate::PeerGate,
+    addrs: &iroh::address_lookup::MemoryLookup,
 ) -> Result<Endpoint, StartError> {
     if bind.port() == 0 {
         let previous = tokio::fs::read_to_string(dir.join(NODE_TICKET_FILE))
@@ -426,13 +442,13 @@ async fn bind_endpoint(
             });
         if let Some(port) = previous {
             let again = SocketAddr::new(bind.ip(), port);
-            if let Ok(ep) = node_endpoint(again, secret.clone(), gate).await {
+            if let Ok(ep) = node_endpoint(again, secret.clone(), gate, addrs).await {
                 return Ok(ep);
             }
             tracing::info!("previous port {port} is taken; binding a new one");
         }
     }
-    Ok(node_endpoint(bind, secret, gate).await?)
+    Ok(node_endpoint(bind, secret, gate, addrs).await?)
 }
 
 /// The addresses to advertise: the bound sockets, with unspecified IPs (0.0.0.0, ::)

@@ -5,6 +5,7 @@
 mod common;
 
 mod access;
+mod announcements;
 mod bad_input;
 mod blobs;
 mod discovery;

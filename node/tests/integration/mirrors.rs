@@ -54,12 +54,12 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
     // B and C pull only when told to (a 10-minute interval).
     let slow = fed_args_every(&bootstrap, 600_000);
     let mut a = form(&root.path().join("a"), 1, &refs(&fast)).await;
-    let b = form(&root.path().join("b"), 1, &refs(&slow)).await;
-    let c = form(&root.path().join("c"), 1, &refs(&slow)).await;
+    let mut b = form(&root.path().join("b"), 1, &refs(&slow)).await;
+    let mut c = form(&root.path().join("c"), 1, &refs(&slow)).await;
     let mut d = form(&root.path().join("d"), 1, &refs(&fast)).await;
     let a_client = client_of(&a[0]).await;
-    let b_client = client_of(&b[0]).await;
-    let c_client = client_of(&c[0]).await;
+    let mut b_client = client_of(&b[0]).await;
+    let mut c_client = client_of(&c[0]).await;
     let d_client = client_of(&d[0]).await;
     let a_key = cluster_key(&a_client).await;
     let b_key = cluster_key(&b_client).await;
@@ -124,19 +124,28 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
     );
     assert!(out.status.success(), "{}", stderr(&out));
     sync_until(&c_client, &c, &local, &one).await;
-    // A moves on: C pulls it from A; D keeps up; B (told nothing) stays behind.
+    // A moves on while B is down (B stays behind): C and D pull it. Then C goes down too,
+    // and A moves on again: only D has the latest when A goes offline.
+    b_client.close().await;
+    b[0].kill9();
     edit(&a_client, "plans", "two", 5).await;
     let two = heads_of(&a_client, "plans").await;
     sync_until(&c_client, &c, &local, &two).await;
+    c_client.close().await;
+    c[0].kill9();
     edit(&a_client, "plans", "three", 5).await;
     let three = heads_of(&a_client, "plans").await;
     wait_for_heads(&d[0], &d, &local, &three).await;
 
-    // A goes offline. C's next pulls: A unreachable; B (named) serves an older manifest than
-    // C holds: refused; D (found through the DHT directory, C was never told of it) serves
-    // A's latest, verified against A's key.
+    // A goes offline; B and C come back. C's next pulls: A unreachable; B (named) serves an
+    // older manifest than C holds: refused; D (found through the DHT directory, C was never
+    // told of it) serves A's latest, verified against A's key.
     a_client.close().await;
     a[0].kill9();
+    b[0].restart(None);
+    c[0].restart(None);
+    b_client = client_of(&b[0]).await;
+    c_client = client_of(&c[0]).await;
     sync_until(&c_client, &c, &local, &three).await;
     let follow = &follows_of(&c_ticket)[0];
     assert_eq!(follow["last_source"], hex::encode(d_key), "{follow}");

@@ -99,6 +99,11 @@ pub struct Pulls {
     wake: tokio::sync::Notify,
     /// Counts finished pulls (sync requests wait on it).
     finished: tokio::sync::watch::Sender<u64>,
+    /// Per cluster (origin or mirror): the address of the node that last answered a hello
+    /// with that cluster's certificate. Tried first by the next dial; the announcement
+    /// listener joins an origin's topics through its node, and the gate admits these nodes
+    /// on the gossip ALPN.
+    pub reached: Mutex<HashMap<[u8; 32], EndpointAddr>>,
 }
 
 impl Pulls {
@@ -212,7 +217,9 @@ struct Dialer {
     endpoint: Endpoint,
     resolver: Resolver,
     dht: Option<ClusterDht>,
-    last_good: Mutex<HashMap<[u8; 32], EndpointAddr>>,
+    pulls: Arc<Pulls>,
+    /// Addresses of nodes reached, for iroh's own dials by id (gossip).
+    addrs: iroh::address_lookup::MemoryLookup,
 }
 
 impl Dialer {
@@ -231,7 +238,8 @@ impl Dialer {
         let mut problems = Vec::new();
         let mut tried = Vec::new();
         let last_good = self
-            .last_good
+            .pulls
+            .reached
             .lock()
             .expect("lock")
             .get(&origin.to_bytes())
@@ -365,7 +373,9 @@ impl Dialer {
                         unix_now(),
                     )
                     .map_err(|e| PullError::Protocol(e.to_string()))?;
-                    self.last_good
+                    self.addrs.add_endpoint_info(remembered.clone());
+                    self.pulls
+                        .reached
                         .lock()
                         .expect("lock")
                         .insert(origin.to_bytes(), remembered);
@@ -1215,13 +1225,15 @@ pub async fn run(
     endpoint: Endpoint,
     resolver: Resolver,
     dht: Option<ClusterDht>,
+    addrs: iroh::address_lookup::MemoryLookup,
     schedule: PullSchedule,
 ) {
     let dialer = Arc::new(Dialer {
         endpoint,
         resolver,
         dht,
-        last_good: Default::default(),
+        pulls: pulls.clone(),
+        addrs,
     });
     let mut follows_changed = state.cluster.sm.watch_system_prefix(FOLLOW_PREFIX);
     let mut running: JoinSet<(FollowId, Result<Pulled, PullError>, Vec<MirrorReport>)> =

@@ -9,6 +9,7 @@
 pub mod follower;
 pub mod mirror;
 pub mod origin;
+pub mod triggers;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -222,6 +222,17 @@ async fn manifest(
     resource: Resource,
 ) -> Result<FedReply, FedError> {
     check_export(state, caller, &resource).await?;
+    let signed = signed_now(state, &resource).await?;
+    Ok(FedReply::Manifest(signed.encode()))
+}
+
+/// The signed manifest of this cluster's `resource` as it is now (signed and committed first
+/// if it changed since the last one). Exports are the caller's business.
+pub(super) async fn signed_now(
+    state: &NodeState,
+    resource: &Resource,
+) -> Result<SignedManifest, FedError> {
+    let resource = resource.clone();
     let digest = match resource.kind {
         aspen_sync::ResourceKind::Doc => {
             let name = doc_name(&resource)?;
@@ -248,8 +259,7 @@ async fn manifest(
             }
         }
     };
-    let signed = current_manifest(state, &resource, digest).await?;
-    Ok(FedReply::Manifest(signed.encode()))
+    current_manifest(state, &resource, digest).await
 }
 
 async fn doc_changes(
