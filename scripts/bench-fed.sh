@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NODES=${1:-1}
 CHANGES=${2:-100000}
-INTERVAL=${3:-1000}
+# A long pull interval by default: edits then arrive by announcement alone.
+INTERVAL=${3:-600000}
 if [ -z "${ASPEN_BIN:-}" ]; then
   cargo build --release -q -p aspen-node
 fi
