@@ -38,6 +38,9 @@ use crate::server::NodeState;
 pub const CHANGE_CHECK: Duration = Duration::from_millis(200);
 /// How often a follower's leader re-reads its follows (and joins new topics).
 const FOLLOW_CHECK: Duration = Duration::from_secs(1);
+/// A topic joined this long ago with no neighbor is joined again: the origin may have
+/// joined it only after us (a new export), or restarted.
+pub const REJOIN_AFTER: Duration = Duration::from_secs(5);
 
 /// One topic the origin announces on.
 struct Announcing {
@@ -175,7 +178,7 @@ fn forgeries(signed: &aspen_sync::SignedManifest, previous: Option<Vec<u8>>) -> 
 /// The follower side (every member runs it; the leader listens).
 pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pulls>) {
     let limiter = Arc::new(Mutex::new(AnnouncementLimiter::default()));
-    let mut listening: HashMap<FollowId, (EndpointId, DropAbort)> = HashMap::new();
+    let mut listening: HashMap<FollowId, Listening> = HashMap::new();
     loop {
         tokio::time::sleep(FOLLOW_CHECK).await;
         if !state.cluster.is_leader() {
@@ -205,13 +208,21 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                 continue;
             };
             let id = (origin.to_bytes(), resource.clone());
-            if listening.get(&id).is_some_and(|(n, _)| *n == node) {
+            let keep = listening.get(&id).is_some_and(|l| {
+                l.node == node
+                    && (l.neighbors.load(std::sync::atomic::Ordering::Relaxed) > 0
+                        || l.since.elapsed() < REJOIN_AFTER)
+            });
+            if keep {
                 continue;
             }
+            // (Re)join: a new follow, the origin reached at another node, or no neighbor.
+            listening.remove(&id);
             let Some(topic) = join(&gossip, &origin, &resource, vec![node]).await else {
                 continue;
             };
             let (_sender, receiver) = topic.split();
+            let neighbors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let task = tokio::spawn(listen(
                 state.clone(),
                 pulls.clone(),
@@ -219,10 +230,29 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                 origin,
                 resource,
                 receiver,
+                neighbors.clone(),
             ));
-            listening.insert(id, (node, DropAbort(task)));
+            listening.insert(
+                id,
+                Listening {
+                    node,
+                    since: tokio::time::Instant::now(),
+                    neighbors,
+                    _task: DropAbort(task),
+                },
+            );
         }
     }
+}
+
+/// One topic a follower listens on.
+struct Listening {
+    /// The origin node it joined through.
+    node: EndpointId,
+    since: tokio::time::Instant,
+    /// Its current neighbors on the topic.
+    neighbors: Arc<std::sync::atomic::AtomicUsize>,
+    _task: DropAbort,
 }
 
 /// Acts on one topic's announcements: checked, then rate-limited, then a pull now.
@@ -233,8 +263,21 @@ async fn listen(
     origin: ClusterKey,
     resource: Resource,
     mut receiver: iroh_gossip::api::GossipReceiver,
+    neighbors: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    use std::sync::atomic::Ordering;
     while let Some(event) = receiver.next().await {
+        match &event {
+            Ok(Event::NeighborUp(_)) => {
+                neighbors.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::NeighborDown(_)) => {
+                let _ = neighbors.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+            }
+            _ => {}
+        }
         let message = match event {
             Ok(Event::Received(message)) => message,
             // Joined (or rejoined) the origin: what was announced meanwhile was missed, so
