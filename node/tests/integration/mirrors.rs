@@ -76,8 +76,8 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
         .await
         .unwrap();
 
-    // B and D follow A and mirror their copies to C (B through the CLI; D to B as well). A
-    // cluster mirrors only what it follows.
+    // B and D follow A and mirror their copies to C (B through the CLI). A cluster mirrors
+    // only what it follows.
     let a_hex = hex::encode(a_key);
     let c_hex = hex::encode(c_key);
     let out = cli(
@@ -102,7 +102,7 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
         .await
         .unwrap();
     d_client
-        .fed_mirror(a_key, plans.clone(), vec![b_key, c_key], false)
+        .fed_mirror(a_key, plans.clone(), vec![c_key], false)
         .await
         .unwrap();
     let one = heads_of(&a_client, "plans").await;
@@ -182,7 +182,12 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
         "{refusal}"
     );
 
-    // Mirrors chain: B, whose origin is gone, catches up from D (A -> D -> B).
+    // Mirrors chain: D mirrors to B too, and B, whose origin is gone, catches up from D
+    // (A -> D -> B). (Until now nothing could serve B: it had to stay stale.)
+    d_client
+        .fed_mirror(a_key, plans.clone(), vec![b_key], false)
+        .await
+        .unwrap();
     sync_until(&b_client, &b, &local, &three).await;
     let follow = &follows_of(&b_ticket)[0];
     assert_eq!(follow["last_source"], hex::encode(d_key), "{follow}");
