@@ -3,9 +3,14 @@
 //! Polling alone makes a change wait for the follower's next pull. An origin (or a mirror)
 //! can instead announce each new signed manifest of a resource on a gossip topic derived
 //! from the origin key and the resource ([`gossip_topic`]); a follower that hears it pulls at
-//! once. An announcement is the encoded [`SignedManifest`], nothing else, so it proves
-//! itself: a follower acts only on one the origin signed for exactly that resource and that
-//! is newer than the manifest it already accepted ([`check_announcement`]). Anyone on the
+//! once. An [`Announcement`] carries the encoded [`SignedManifest`], so it proves itself: a
+//! follower acts only on one the origin signed for exactly that resource and that is newer
+//! than the manifest it already accepted ([`check_announcement`]). A mirror announces the
+//! manifests it accepted in its own envelope, naming itself: iroh-gossip drops a message
+//! whose bytes it has already seen, and the origin's announcement usually reaches a
+//! mirror's readers (relayed by the mirror) before the mirror has pulled what it names, so
+//! a reader that pulled from the mirror then got nothing new and needs a second, distinct
+//! "now". The mirror's name is a hint: nothing checks that it is true. Anyone on the
 //! topic can send bytes, so the check comes first and the rate limit after it
 //! ([`AnnouncementLimiter`]): forged or replayed announcements cost a signature check and
 //! never use up an honest origin's budget. The pull itself then verifies everything, as any
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use aspen_sync::{Manifest, ManifestError, Resource, SignedManifest};
 use aspen_trust::ClusterKey;
+use serde::{Deserialize, Serialize};
 
 /// Largest announcement (iroh-gossip's default message bound).
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 4096;
@@ -37,29 +43,78 @@ pub fn gossip_topic(origin: &ClusterKey, resource: &Resource) -> [u8; 32] {
     )
 }
 
+/// One message on an announcement topic. Wire tags are stable (postcard enum index;
+/// golden-bytes tested): new kinds are appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Announcement {
+    /// Tag 0: the origin's new manifest.
+    Origin { manifest: Vec<u8> },
+    /// Tag 1: a mirror (the cluster key it claims) now serves this origin manifest.
+    Mirror { mirror: [u8; 32], manifest: Vec<u8> },
+}
+
+impl Announcement {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("an announcement encodes")
+    }
+
+    /// Parses an announcement: at most [`MAX_ANNOUNCEMENT_BYTES`], nothing after it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(AnnouncementError::TooLarge { len: bytes.len() });
+        }
+        let (announcement, rest): (Self, _) = postcard::take_from_bytes(bytes)
+            .map_err(|e| AnnouncementError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(AnnouncementError::Malformed(format!(
+                "{} bytes after the announcement",
+                rest.len()
+            )));
+        }
+        Ok(announcement)
+    }
+
+    /// The signed manifest it carries (still encoded).
+    pub fn manifest(&self) -> &[u8] {
+        match self {
+            Announcement::Origin { manifest } | Announcement::Mirror { manifest, .. } => manifest,
+        }
+    }
+
+    /// The mirror it claims to come from (None: the origin).
+    pub fn mirror(&self) -> Option<[u8; 32]> {
+        match self {
+            Announcement::Origin { .. } => None,
+            Announcement::Mirror { mirror, .. } => Some(*mirror),
+        }
+    }
+}
+
 /// Why an announcement is ignored.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnouncementError {
     #[error("{len} bytes exceed the limit of {MAX_ANNOUNCEMENT_BYTES}")]
     TooLarge { len: usize },
+    #[error("not an announcement: {0}")]
+    Malformed(String),
     #[error("not the origin's manifest of the resource: {0}")]
     NotAuthentic(ManifestError),
     #[error("seq {got} is not newer than the accepted seq {have} (a replay, or old news)")]
     NotNewer { have: u64, got: u64 },
 }
 
-/// The manifest an announcement carries, if `origin` signed it for `resource` and it is
-/// newer than `accepted` (the follow's last accepted manifest).
+/// The manifest an announcement carries (and the mirror it names, if any), if `origin`
+/// signed it for `resource` and it is newer than `accepted` (the follow's last accepted
+/// manifest).
 pub fn check_announcement(
     bytes: &[u8],
     origin: &ClusterKey,
     resource: &Resource,
     accepted: Option<&Manifest>,
-) -> Result<Manifest, AnnouncementError> {
-    if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
-        return Err(AnnouncementError::TooLarge { len: bytes.len() });
-    }
-    let signed = SignedManifest::decode(bytes).map_err(AnnouncementError::NotAuthentic)?;
+) -> Result<(Manifest, Option<[u8; 32]>), AnnouncementError> {
+    let announcement = Announcement::decode(bytes)?;
+    let signed =
+        SignedManifest::decode(announcement.manifest()).map_err(AnnouncementError::NotAuthentic)?;
     let manifest = signed
         .verify(origin, resource)
         .map_err(AnnouncementError::NotAuthentic)?;
@@ -71,7 +126,7 @@ pub fn check_announcement(
             });
         }
     }
-    Ok(manifest)
+    Ok((manifest, announcement.mirror()))
 }
 
 /// A token bucket per origin, consulted only for announcements that passed
@@ -151,18 +206,63 @@ mod tests {
         );
     }
 
+    fn by_origin(signed: &SignedManifest) -> Vec<u8> {
+        Announcement::Origin {
+            manifest: signed.encode(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let origin = Announcement::Origin {
+            manifest: vec![7, 8],
+        };
+        assert_eq!(origin.encode(), [0, 2, 7, 8]);
+        let mirror = Announcement::Mirror {
+            mirror: [9; 32],
+            manifest: vec![7],
+        };
+        let mut expected = vec![1];
+        expected.extend([9; 32]);
+        expected.extend([1, 7]);
+        assert_eq!(mirror.encode(), expected);
+        assert_eq!(Announcement::decode(&expected).unwrap(), mirror);
+        expected.push(0);
+        assert!(matches!(
+            Announcement::decode(&expected),
+            Err(AnnouncementError::Malformed(_))
+        ));
+    }
+
     #[test]
     fn only_the_origins_newer_manifests_count() {
         let origin = ClusterSecretKey::generate();
         let doc = Resource::doc("plans");
         let m2 = manifest(&origin, &doc, 2);
-        let signed = SignedManifest::sign(&m2, &origin).unwrap().encode();
+        let signed = by_origin(&SignedManifest::sign(&m2, &origin).unwrap());
         let key = origin.public();
-        assert_eq!(check_announcement(&signed, &key, &doc, None).unwrap(), m2);
+        assert_eq!(
+            check_announcement(&signed, &key, &doc, None).unwrap(),
+            (m2.clone(), None)
+        );
         let m1 = manifest(&origin, &doc, 1);
         assert_eq!(
-            check_announcement(&signed, &key, &doc, Some(&m1)).unwrap(),
+            check_announcement(&signed, &key, &doc, Some(&m1))
+                .unwrap()
+                .0,
             m2
+        );
+        // A mirror's envelope carries the same proof, and names the mirror.
+        let relayed = Announcement::Mirror {
+            mirror: [5; 32],
+            manifest: SignedManifest::sign(&m2, &origin).unwrap().encode(),
+        }
+        .encode();
+        assert_ne!(relayed, signed, "distinct bytes: gossip does not drop it");
+        assert_eq!(
+            check_announcement(&relayed, &key, &doc, Some(&m1)).unwrap(),
+            (m2.clone(), Some([5; 32]))
         );
         // A replay (or old news): not newer than what the follower holds.
         assert!(matches!(
@@ -171,9 +271,7 @@ mod tests {
         ));
         // Signed by another key, for another resource, or damaged: not authentic.
         let liar = ClusterSecretKey::generate();
-        let forged = SignedManifest::sign(&manifest(&liar, &doc, 9), &liar)
-            .unwrap()
-            .encode();
+        let forged = by_origin(&SignedManifest::sign(&manifest(&liar, &doc, 9), &liar).unwrap());
         assert!(matches!(
             check_announcement(&forged, &key, &doc, None),
             Err(AnnouncementError::NotAuthentic(_))
@@ -182,6 +280,9 @@ mod tests {
             check_announcement(&signed, &key, &Resource::doc("other"), None),
             Err(AnnouncementError::NotAuthentic(_))
         ));
+        // The bare manifest, without an envelope, is not an announcement.
+        let bare = SignedManifest::sign(&m2, &origin).unwrap().encode();
+        assert!(check_announcement(&bare, &key, &doc, None).is_err());
         let mut damaged = signed.clone();
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
@@ -219,6 +320,18 @@ mod tests {
         fn the_check_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let key = ClusterSecretKey::from_bytes(&[3; 32]).public();
             let _ = check_announcement(&bytes, &key, &Resource::doc("d"), None);
+        }
+
+        #[test]
+        fn announcements_round_trip(
+            mirror in proptest::option::of(any::<[u8; 32]>()),
+            manifest in proptest::collection::vec(any::<u8>(), 0..1024),
+        ) {
+            let announcement = match mirror {
+                None => Announcement::Origin { manifest },
+                Some(mirror) => Announcement::Mirror { mirror, manifest },
+            };
+            prop_assert_eq!(Announcement::decode(&announcement.encode()).unwrap(), announcement);
         }
 
         #[test]

@@ -77,8 +77,9 @@ pub enum FedCommand {
     /// Serve this cluster's copy of a followed resource to other clusters, as a mirror:
     /// readers that cannot reach the origin pull it from here and verify it against the
     /// origin's key (a mirror serves exactly the origin's last manifest it accepted, and the
-    /// data it names). The leader announces the mirror in the resource's DHT directory.
-    /// Documents and blob prefixes can be mirrored.
+    /// data it names). The leader announces the mirror in the resource's DHT directory,
+    /// and each manifest it accepts on the resource's gossip topic. Documents, blob
+    /// prefixes and namespaces can be mirrored.
     Mirror {
         /// The origin's cluster key.
         origin: String,

@@ -291,8 +291,25 @@ impl NodeState {
             .collect()
     }
 
-    /// The namespaces exported to `cluster`.
+    /// The namespaces exported or mirrored to `cluster`.
     async fn namespaces_exported_to(&self, cluster: &aspen_trust::ClusterKey) -> Vec<[u8; 32]> {
+        let mut out = self.own_namespaces_exported_to(cluster).await;
+        for (_, resource) in self
+            .mirrored_to(cluster, aspen_sync::ResourceKind::Ns)
+            .await
+        {
+            if let Some(id) = hex::decode(&resource.name)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+            {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    /// The namespaces this cluster exports to `cluster` (its own).
+    async fn own_namespaces_exported_to(&self, cluster: &aspen_trust::ClusterKey) -> Vec<[u8; 32]> {
         let prefix = aspen_federation::export_key(&aspen_sync::Resource {
             kind: aspen_sync::ResourceKind::Ns,
             name: String::new(),
@@ -400,8 +417,12 @@ impl NodeState {
             .any(|t| allowed.iter().any(|p| t.as_str().starts_with(p.as_str())))
     }
 
-    /// The local tag prefixes of the followed blob prefixes mirrored to `cluster`.
-    async fn mirrored_blob_prefixes(&self, cluster: &aspen_trust::ClusterKey) -> Vec<String> {
+    /// The followed resources of `kind` this cluster mirrors to `cluster`.
+    async fn mirrored_to(
+        &self,
+        cluster: &aspen_trust::ClusterKey,
+        kind: aspen_sync::ResourceKind,
+    ) -> Vec<(aspen_trust::ClusterKey, aspen_sync::Resource)> {
         let Ok(policies) = self
             .cluster
             .sm
@@ -413,16 +434,24 @@ impl NodeState {
         else {
             return Vec::new();
         };
+        policies
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let (origin, resource) = aspen_federation::parse_mirror_key(&key).ok()?;
+                let allows = aspen_federation::Export::decode(&value)
+                    .is_ok_and(|p| p.allows(&cluster.to_bytes()));
+                (allows && resource.kind == kind).then_some((origin, resource))
+            })
+            .collect()
+    }
+
+    /// The local tag prefixes of the followed blob prefixes mirrored to `cluster`.
+    async fn mirrored_blob_prefixes(&self, cluster: &aspen_trust::ClusterKey) -> Vec<String> {
         let mut out = Vec::new();
-        for (key, value) in policies {
-            let Ok((origin, resource)) = aspen_federation::parse_mirror_key(&key) else {
-                continue;
-            };
-            let allows = aspen_federation::Export::decode(&value)
-                .is_ok_and(|p| p.allows(&cluster.to_bytes()));
-            if !allows || resource.kind != aspen_sync::ResourceKind::Blob {
-                continue;
-            }
+        for (origin, resource) in self
+            .mirrored_to(cluster, aspen_sync::ResourceKind::Blob)
+            .await
+        {
             let follow = self
                 .cluster
                 .sm

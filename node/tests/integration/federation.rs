@@ -154,6 +154,20 @@ async fn exports_are_replicated_policy_that_only_admins_change() {
         stranger.fed_unfollow([3; 32], Resource::doc("plans")).await,
         stranger.fed_follows().await.map(|_| ()),
         stranger.fed_sync(None, None).await.map(|_| ()),
+        // Mirrors: neither the policy nor the mirror list of a follow.
+        stranger
+            .fed_mirror([3; 32], Resource::doc("plans"), vec![], true)
+            .await,
+        stranger
+            .fed_unmirror([3; 32], Resource::doc("plans"), vec![], false, true)
+            .await,
+        stranger.fed_mirrors().await.map(|_| ()),
+        stranger
+            .fed_via([3; 32], Resource::doc("plans"), vec![])
+            .await,
+        stranger
+            .fed_follow_via([3; 32], Resource::doc("plans"), None, vec![], vec![])
+            .await,
     ] {
         match result {
             Err(ClientError::Rpc(RpcError::PermissionDenied { needed, .. })) => {

@@ -361,3 +361,100 @@ async fn a_mirrored_blob_prefix_is_served_verified_while_the_origin_is_offline()
         client.close().await;
     }
 }
+
+/// A followed iroh-docs namespace, mirrored: C gets A's entries and their content from B
+/// while A is offline (iroh-docs checks each entry's signatures, and C checks the whole
+/// state against A's signed digest); D, to which B does not mirror, is refused and hosts
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_namespace_is_served_while_the_origin_is_offline() {
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--fed-pull-interval-ms", "300"];
+    let mut a = form(&root.path().join("a"), 1, &args).await;
+    let b = form(&root.path().join("b"), 1, &args).await;
+    let c = form(&root.path().join("c"), 1, &args).await;
+    let d = form(&root.path().join("d"), 1, &args).await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let c_client = client_of(&c[0]).await;
+    let d_client = client_of(&d[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    let (c_key, d_key) = (cluster_key(&c_client).await, cluster_key(&d_client).await);
+    let id = a_client.ns_create().await.unwrap();
+    let entries: &[(&[u8], Vec<u8>)] = &[(b"k1", b"one".to_vec()), (b"k2", vec![7; 100_000])];
+    for (key, value) in entries {
+        a_client
+            .ns_set(id, key.to_vec(), value.clone())
+            .await
+            .unwrap();
+    }
+    let ns = Resource::ns(&id);
+    a_client
+        .fed_export(ns.clone(), vec![b_key, c_key, d_key], false)
+        .await
+        .unwrap();
+    b_client
+        .fed_follow(a_key, ns.clone(), None, vec![a[0].ticket.clone()])
+        .await
+        .unwrap();
+    b_client
+        .fed_mirror(a_key, ns.clone(), vec![c_key], false)
+        .await
+        .unwrap();
+    let holds_all = |client: Client| async move {
+        for (key, value) in entries {
+            let (_, got) = client.ns_get(id, key.to_vec()).await.ok()?;
+            if got.as_ref() != Some(value) {
+                return None;
+            }
+        }
+        Some(())
+    };
+    wait_until_or_dump("B to hold A's entries", &b, || holds_all(b_client.clone())).await;
+
+    // A goes offline; C, which never reached A, gets everything from B.
+    a_client.close().await;
+    a[0].kill9();
+    let (a_ticket, b_ticket) = (a[0].ticket.clone(), b[0].ticket.clone());
+    let via = |client: Client| {
+        let (ns, a_ticket, b_ticket) = (ns.clone(), a_ticket.clone(), b_ticket.clone());
+        async move {
+            let mirror = ViaMirror {
+                cluster: b_key,
+                nodes: vec![b_ticket],
+            };
+            client
+                .fed_follow_via(a_key, ns, None, vec![a_ticket], vec![mirror])
+                .await
+        }
+    };
+    via(c_client.clone()).await.unwrap();
+    wait_until_or_dump("A's entries to reach C through B", &c, || {
+        holds_all(c_client.clone())
+    })
+    .await;
+    let follow = c_client.fed_follows().await.unwrap().remove(0);
+    assert_eq!(follow.last_source, Some(b_key), "{follow:?}");
+    assert!(follow.seq >= 1, "{follow:?}");
+
+    // Default deny: B does not mirror to D. D is refused, says why, and hosts nothing.
+    via(d_client.clone()).await.unwrap();
+    let detail = wait_until_or_dump("D to be refused by B", &d, || async {
+        let _ = d_client.fed_sync(None, None).await;
+        let follow = d_client.fed_follows().await.ok()?.remove(0);
+        let report = follow.mirrors.iter().find(|m| m.cluster == b_key)?;
+        (!report.ok).then(|| report.detail.clone())
+    })
+    .await;
+    assert!(
+        detail.contains(&format!(
+            "is not exported to cluster {}",
+            hex::encode(d_key)
+        )),
+        "{detail}"
+    );
+    assert!(d_client.ns_namespaces().await.unwrap().is_empty());
+    for client in [b_client, c_client, d_client] {
+        client.close().await;
+    }
+}

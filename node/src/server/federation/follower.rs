@@ -567,10 +567,6 @@ async fn pull(
         Err(e @ (PullError::Unreachable(_) | PullError::Timeout(_))) => e,
         Err(e) => return (Err(e), reports),
     };
-    if resource.kind == ResourceKind::Ns {
-        // Namespaces are not mirrored (their entries come over iroh-docs from the origin).
-        return (Err(unreachable), reports);
-    }
     let own = state
         .cluster_secret()
         .await

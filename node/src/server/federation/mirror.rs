@@ -7,7 +7,9 @@
 //! same answer) and has accepted a manifest for it. The answer is that manifest, exactly as
 //! the origin signed it, and exactly the data it names: a document forked at the signed
 //! heads (local edits merged into the followed document are never served as the origin's),
-//! the tag list the manifest pins. The reader verifies all of it against the origin's key,
+//! the tag list the manifest pins. A mirrored namespace is synced from the read-only
+//! replica over iroh-docs, which the gate opens to the caller for it (`gate.rs`). The
+//! reader verifies all of it against the origin's key,
 //! so a mirror can serve old data or nothing, but never data the origin did not sign.
 //! Because a mirror serves what it accepted, whatever it pulled from (the origin, or
 //! another mirror), mirrors chain.

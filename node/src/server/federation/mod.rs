@@ -128,12 +128,6 @@ impl FedService {
                          what it follows (aspen fed follow first)"
                     )));
                 }
-                if resource.kind == aspen_sync::ResourceKind::Ns {
-                    return Err(RpcError::BadRequest(
-                        "namespaces cannot be mirrored yet (documents and blob prefixes can)"
-                            .into(),
-                    ));
-                }
                 self.edit(&resource, Some(&origin), ExportEdit::Add { to, public })
                     .await?;
                 Ok(FedResponse::Done)

@@ -7,20 +7,29 @@
 //!   ([`aspen_federation::announce::gossip_topic`]). It joins each topic with no bootstrap:
 //!   followers join through it.
 //! - A follower's leader joins the topic of each followed document or blob prefix through
-//!   the origin node its pulls last reached. Each message must be the origin's manifest of
-//!   that resource, newer than the one accepted ([`check_announcement`]); only then does the
-//!   per-origin rate limit count it, and the follow is pulled at once. The pull verifies
-//!   everything as any pull does. Joining (or rejoining) a topic also pulls once, for what
-//!   was announced while the follower was not listening.
+//!   the origin node its pulls last reached, and the nodes of the mirrors the follow names
+//!   or last pulled from. Each message must be the origin's manifest of that resource,
+//!   newer than the one accepted ([`check_announcement`]); only then does the per-origin
+//!   rate limit count it, and the follow is pulled at once. The pull verifies everything as
+//!   any pull does. Joining (or rejoining) a topic also pulls once, for what was announced
+//!   while the follower was not listening.
+//! - A follower that mirrors the resource also announces, in a mirror's envelope, each
+//!   manifest it accepts: its readers hear the origin's announcement relayed through it,
+//!   often before it has pulled, and pull from it too early; the mirror's own announcement
+//!   comes once it serves the new state.
 //!
-//! Namespaces are left out: their entries already travel live over iroh-docs.
+//! Namespaces are left out: iroh-docs has its own live sync for them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aspen_federation::announce::{check_announcement, gossip_topic, AnnouncementLimiter};
-use aspen_federation::{resource_of_key, EXPORT_PREFIX, MAX_EXPORTS};
+use aspen_federation::announce::{
+    check_announcement, gossip_topic, Announcement, AnnouncementLimiter,
+};
+use aspen_federation::{
+    mirror_key, resource_of_key, EXPORT_PREFIX, FOLLOW_STATE_PREFIX, MAX_EXPORTS,
+};
 use aspen_sync::{Resource, ResourceKind};
 use aspen_trust::ClusterKey;
 use futures::StreamExt;
@@ -143,7 +152,10 @@ pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
             if topic.last == Some(hash) {
                 continue;
             }
-            if let Err(e) = topic.sender.broadcast(signed.encode().into()).await {
+            let announcement = Announcement::Origin {
+                manifest: signed.encode(),
+            };
+            if let Err(e) = topic.sender.broadcast(announcement.encode().into()).await {
                 tracing::debug!(%resource, "cannot announce: {e}");
             }
             tracing::debug!(%resource, "new manifest announced");
@@ -172,15 +184,23 @@ fn forgeries(signed: &aspen_sync::SignedManifest, previous: Option<Vec<u8>>) -> 
     }
     // The previous announcement, replayed (a follower that pulled it holds it already).
     out.extend(previous);
-    out
+    out.into_iter()
+        .map(|manifest| Announcement::Origin { manifest }.encode())
+        .collect()
 }
 
-/// The follower side (every member runs it; the leader listens).
+/// The follower side (every member runs it; the leader listens, and announces what it
+/// mirrors).
 pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pulls>) {
     let limiter = Arc::new(Mutex::new(AnnouncementLimiter::default()));
     let mut listening: HashMap<FollowId, Listening> = HashMap::new();
+    // A newly accepted manifest is announced (when mirrored) at once, not at the next check.
+    let mut accepted_changed = state.cluster.sm.watch_system_prefix(FOLLOW_STATE_PREFIX);
     loop {
-        tokio::time::sleep(FOLLOW_CHECK).await;
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_CHECK) => {}
+            Ok(()) = accepted_changed.changed() => {}
+        }
         if !state.cluster.is_leader() {
             listening.clear();
             continue;
@@ -193,65 +213,135 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                 .iter()
                 .any(|(fo, fr, _, _)| fo.to_bytes() == *o && fr == r)
         });
-        for (origin, resource, _, _) in follows {
+        for (origin, resource, follow, _) in follows {
             if resource.kind == ResourceKind::Ns {
                 continue;
             }
-            let Some(node) = pulls
-                .reached
-                .lock()
-                .expect("lock")
-                .get(&origin.to_bytes())
-                .map(|a| a.id)
-            else {
-                // Not reached yet: the first pull will tell us where.
-                continue;
-            };
             let id = (origin.to_bytes(), resource.clone());
-            let keep = listening.get(&id).is_some_and(|l| {
-                l.node == node
-                    && (l.neighbors.load(std::sync::atomic::Ordering::Relaxed) > 0
-                        || l.since.elapsed() < REJOIN_AFTER)
-            });
-            if keep {
+            let nodes = bootstrap(&pulls, &id, &follow);
+            if nodes.is_empty() {
+                // Nothing reached yet: the first pull will tell us where.
                 continue;
             }
-            // (Re)join: a new follow, the origin reached at another node, or no neighbor.
-            listening.remove(&id);
-            let Some(topic) = join(&gossip, &origin, &resource, vec![node]).await else {
-                continue;
-            };
-            let (_sender, receiver) = topic.split();
-            let neighbors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let task = tokio::spawn(listen(
-                state.clone(),
-                pulls.clone(),
-                limiter.clone(),
-                origin,
-                resource,
-                receiver,
-                neighbors.clone(),
-            ));
-            listening.insert(
-                id,
-                Listening {
-                    node,
-                    since: tokio::time::Instant::now(),
-                    neighbors,
-                    _task: DropAbort(task),
-                },
-            );
+            if let Some(l) = listening.get_mut(&id) {
+                // Joined again when other nodes were reached, or when none of those joined
+                // through became a neighbor (it may have subscribed only after our join, or
+                // restarted). Followers that joined through us do not count: announcements
+                // do not start there.
+                let lonely = l.since.elapsed() >= REJOIN_AFTER && {
+                    let up = l.neighbors.lock().expect("lock");
+                    !nodes.iter().any(|n| up.contains(n))
+                };
+                if l.nodes != nodes || lonely {
+                    if let Err(e) = l.sender.join_peers(nodes.clone()).await {
+                        tracing::debug!(%resource, "cannot join the topic again: {e}");
+                    }
+                    l.nodes = nodes;
+                    l.since = tokio::time::Instant::now();
+                }
+            } else {
+                let Some(topic) = join(&gossip, &origin, &resource, nodes.clone()).await else {
+                    continue;
+                };
+                let (sender, receiver) = topic.split();
+                let neighbors = Arc::new(Mutex::new(HashSet::new()));
+                let task = tokio::spawn(listen(
+                    state.clone(),
+                    pulls.clone(),
+                    limiter.clone(),
+                    origin,
+                    resource.clone(),
+                    receiver,
+                    neighbors.clone(),
+                ));
+                listening.insert(
+                    id.clone(),
+                    Listening {
+                        nodes,
+                        since: tokio::time::Instant::now(),
+                        neighbors,
+                        sender,
+                        announced: None,
+                        _task: DropAbort(task),
+                    },
+                );
+            }
+            if let Some(l) = listening.get_mut(&id) {
+                announce_as_mirror(&state, &origin, &resource, l).await;
+            }
         }
+    }
+}
+
+/// The nodes a follow's topic is joined through: the origin's node its pulls reached, then
+/// those of the mirrors it last pulled from and names.
+fn bootstrap(pulls: &Pulls, id: &FollowId, follow: &aspen_federation::Follow) -> Vec<EndpointId> {
+    let last_source = pulls.status_of(id).last_source;
+    let reached = pulls.reached.lock().expect("lock");
+    let mut nodes: Vec<EndpointId> = Vec::new();
+    let clusters = std::iter::once(id.0)
+        .chain(last_source)
+        .chain(follow.via.iter().map(|v| v.cluster));
+    for cluster in clusters {
+        if let Some(addr) = reached.get(&cluster) {
+            if !nodes.contains(&addr.id) {
+                nodes.push(addr.id);
+            }
+        }
+    }
+    nodes
+}
+
+/// When this cluster mirrors the resource, announces the manifest it accepted last (once
+/// per manifest), naming itself.
+async fn announce_as_mirror(
+    state: &NodeState,
+    origin: &ClusterKey,
+    resource: &Resource,
+    listening: &mut Listening,
+) {
+    let get = |key: Vec<u8>| state.cluster.sm.system_get(key);
+    let Ok(Some(_policy)) = get(mirror_key(origin, resource)).await else {
+        return;
+    };
+    let Ok(Some(stored)) = get(aspen_federation::follow_state_key(origin, resource)).await else {
+        return;
+    };
+    let hash = *blake3::hash(&stored).as_bytes();
+    if listening.announced == Some(hash) {
+        return;
+    }
+    let Ok(Some(own)) = state.cluster_secret().await else {
+        return;
+    };
+    let announcement = Announcement::Mirror {
+        mirror: own.public().to_bytes(),
+        manifest: stored,
+    };
+    match listening
+        .sender
+        .broadcast(announcement.encode().into())
+        .await
+    {
+        Ok(()) => {
+            tracing::debug!(%origin, %resource, "accepted manifest announced as a mirror");
+            listening.announced = Some(hash);
+        }
+        Err(e) => tracing::debug!(%resource, "cannot announce as a mirror: {e}"),
     }
 }
 
 /// One topic a follower listens on.
 struct Listening {
-    /// The origin node it joined through.
-    node: EndpointId,
+    /// The nodes it joined through (see [`bootstrap`]).
+    nodes: Vec<EndpointId>,
     since: tokio::time::Instant,
     /// Its current neighbors on the topic.
-    neighbors: Arc<std::sync::atomic::AtomicUsize>,
+    neighbors: Arc<Mutex<HashSet<EndpointId>>>,
+    /// Sends this cluster's own announcements as a mirror.
+    sender: GossipSender,
+    /// The hash of the accepted manifest announced last as a mirror.
+    announced: Option<[u8; 32]>,
     _task: DropAbort,
 }
 
@@ -263,18 +353,15 @@ async fn listen(
     origin: ClusterKey,
     resource: Resource,
     mut receiver: iroh_gossip::api::GossipReceiver,
-    neighbors: Arc<std::sync::atomic::AtomicUsize>,
+    neighbors: Arc<Mutex<HashSet<EndpointId>>>,
 ) {
-    use std::sync::atomic::Ordering;
     while let Some(event) = receiver.next().await {
         match &event {
-            Ok(Event::NeighborUp(_)) => {
-                neighbors.fetch_add(1, Ordering::Relaxed);
+            Ok(Event::NeighborUp(peer)) => {
+                neighbors.lock().expect("lock").insert(*peer);
             }
-            Ok(Event::NeighborDown(_)) => {
-                let _ = neighbors.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(1))
-                });
+            Ok(Event::NeighborDown(peer)) => {
+                neighbors.lock().expect("lock").remove(peer);
             }
             _ => {}
         }
@@ -302,13 +389,14 @@ async fn listen(
             }
         };
         match check_announcement(&message.content, &origin, &resource, accepted.as_ref()) {
-            Ok(manifest) => {
+            Ok((manifest, mirror)) => {
                 let allowed = limiter
                     .lock()
                     .expect("lock")
                     .allow(&origin, std::time::Instant::now());
                 if allowed {
-                    tracing::debug!(%origin, %resource, seq = manifest.seq, "announced; pulling now");
+                    let by = mirror.map_or("origin".to_string(), |m| hex::encode(&m[..8]));
+                    tracing::info!(%origin, %resource, seq = manifest.seq, by, "announced; pulling now");
                     pulls.force(&[(origin.to_bytes(), resource.clone())]);
                 } else {
                     tracing::info!(%origin, %resource, "announcement over the origin's rate; left to polling");
