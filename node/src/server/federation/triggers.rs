@@ -2,7 +2,7 @@
 //! about the time of one pull instead of at their next poll (which stays as the fallback).
 //!
 //! - The origin's leader checks its exported documents and blob prefixes every
-//!   [`CHANGE_CHECK`]; when one changed, it signs the next manifest (as a request for it
+//!   [`CHANGE_CHECK`] in which documents, blob tags or exports changed; when one changed, it signs the next manifest (as a request for it
 //!   would) and broadcasts it on the resource's topic
 //!   ([`aspen_federation::announce::gossip_topic`]). It joins each topic with no bootstrap:
 //!   followers join through it.
@@ -43,8 +43,11 @@ use super::follower::{accepted_manifest, list_follows, FollowId, Pulls};
 use crate::config::TestFault;
 use crate::server::NodeState;
 
-/// How often the origin's leader looks for changed exports.
+/// How often the origin's leader looks for changed exports (when documents, blob tags or
+/// exports changed since it last looked).
 pub const CHANGE_CHECK: Duration = Duration::from_millis(200);
+/// How often it looks even when nothing seemed to change.
+const FULL_CHECK: Duration = Duration::from_secs(10);
 /// How often a follower's leader re-reads its follows (and joins new topics).
 const FOLLOW_CHECK: Duration = Duration::from_secs(1);
 /// A topic joined this long ago with no neighbor is joined again: the origin may have
@@ -91,12 +94,33 @@ async fn join(
 pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
     let mut topics: HashMap<Resource, Announcing> = HashMap::new();
     let mut own: Option<ClusterKey> = None;
+    // Exports are looked at again only when documents, blob tags or the exports themselves
+    // changed (or every FULL_CHECK): signing reads every exported document.
+    let sm = &state.cluster.sm;
+    let mut changes = [
+        sm.watch_system_prefix(aspen_crdt::layout::DATA_PREFIX),
+        sm.watch_system_prefix(aspen_blobs::layout::TAG_PREFIX),
+        sm.watch_system_prefix(EXPORT_PREFIX),
+    ];
+    let mut checked_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(CHANGE_CHECK).await;
         if !state.cluster.is_leader() {
             topics.clear();
+            checked_at = None;
             continue;
         }
+        let mut changed = false;
+        for watch in &mut changes {
+            changed |= watch.has_changed().unwrap_or(true);
+            watch.borrow_and_update();
+        }
+        let due = checked_at.is_none_or(|at| at.elapsed() >= FULL_CHECK);
+        let forging = state.cluster.test_fault == Some(TestFault::FedForgedAnnouncements);
+        if !changed && !due && !forging {
+            continue;
+        }
+        checked_at = Some(tokio::time::Instant::now());
         let secret = match state.cluster_secret().await {
             Ok(Some(secret)) => secret,
             _ => continue,
