@@ -298,3 +298,93 @@ async fn edits_arrive_through_a_mirror_that_announces_what_it_serves() {
         client.close().await;
     }
 }
+
+/// A followed blob prefix is announced too: each blob tagged on the origin reaches a
+/// follower that polls every 10 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_blob_tagged_on_the_origin_arrives_when_announced() {
+    const BLOBS: usize = 5;
+    let root = tempfile::tempdir().unwrap();
+    let a = form(&root.path().join("a"), 1, &[]).await;
+    let b = form(
+        &root.path().join("b"),
+        1,
+        &["--fed-pull-interval-ms", "600000"],
+    )
+    .await;
+    let a_client = client_of(&a[0]).await;
+    let b_client = client_of(&b[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    let site = Resource::blob("site/");
+    a_client
+        .fed_export(site.clone(), vec![b_key], false)
+        .await
+        .unwrap();
+    b_client
+        .fed_follow(a_key, site, Some("got/".into()), vec![a[0].ticket.clone()])
+        .await
+        .unwrap();
+    wait_until_or_dump("the first pull", &b, || async {
+        let f = b_client.fed_follows().await.ok()?.remove(0);
+        (f.last_success_ms > 0).then_some(())
+    })
+    .await;
+    let tagged_on_b = |tag: String| {
+        let b_client = b_client.clone();
+        async move {
+            let (tags, _) = b_client
+                .blob_list(Some("got/".into()), 100, Consistency::Serializable)
+                .await
+                .ok()?;
+            tags.iter().any(|t| t.tag == tag).then_some(())
+        }
+    };
+    let mut i = 0;
+    let mut add = || {
+        i += 1;
+        let path = root.path().join(format!("blob-{i}"));
+        std::fs::write(&path, format!("blob {i}")).unwrap();
+        let a_client = a_client.clone();
+        async move {
+            a_client
+                .blob_add_file(&path, Some(&format!("site/{i}")), |_| {})
+                .await
+                .unwrap();
+            format!("got/{i}")
+        }
+    };
+    // The follower joins the topic after its first pull: tag until one arrives.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no blob reached B by announcement"
+        );
+        let tag = add().await;
+        let arrived = tokio::time::timeout(Duration::from_secs(2), async {
+            while tagged_on_b(tag.clone()).await.is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if arrived.is_ok() {
+            break;
+        }
+    }
+    for _ in 0..BLOBS {
+        let tag = add().await;
+        let arrived = tokio::time::timeout(ARRIVAL_BOUND, async {
+            while tagged_on_b(tag.clone()).await.is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            arrived.is_ok(),
+            "{tag} did not reach B within {ARRIVAL_BOUND:?}; B's log:\n{}",
+            b[0].log()
+        );
+    }
+    a_client.close().await;
+    b_client.close().await;
+}
