@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use aspen_client::protocol::Resource;
-use aspen_client::Consistency;
+use aspen_client::{Client, Consistency};
 
 use crate::common::*;
 use crate::federation::{cluster_key, sorted_heads};
@@ -15,6 +15,67 @@ use crate::federation::{cluster_key, sorted_heads};
 const ARRIVAL_BOUND: Duration = Duration::from_secs(20);
 /// Edits timed from origin to follower.
 const EDITS: usize = 100;
+
+/// Sets `round` in the origin's document "news"; returns its new heads, sorted.
+async fn edit_round(origin: Client, value: i64) -> Vec<automerge::ChangeHash> {
+    let changed = origin
+        .doc_change("news", None, move |tx| {
+            use automerge::transaction::Transactable;
+            tx.put(automerge::ROOT, "round", value).map(|_| ())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let mut heads = changed.heads;
+    heads.sort();
+    heads
+}
+
+/// How long until `follower`'s copy of "news" has `heads` (None: not within `bound`).
+async fn arrival(
+    follower: Client,
+    heads: Vec<automerge::ChangeHash>,
+    bound: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if let Ok(doc) = follower.doc_get("news", Consistency::Serializable).await {
+            if sorted_heads(&doc) == heads {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Makes `count` edits on the origin, each waited for on `follower` within
+/// [`ARRIVAL_BOUND`]; returns how long each took, sorted. Panics with the logs of `nodes`
+/// when one does not arrive.
+async fn timed_edits(
+    origin: &Client,
+    follower: &Client,
+    count: usize,
+    nodes: &[&NodeProc],
+) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(count);
+    for i in 0..count {
+        // Values the warm-up edits (counting from 1) do not reach.
+        let heads = edit_round(origin.clone(), 1_000_000 + i as i64).await;
+        match arrival(follower.clone(), heads, ARRIVAL_BOUND).await {
+            Some(t) => took.push(t),
+            None => {
+                let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+                panic!(
+                    "edit {i} did not arrive within {ARRIVAL_BOUND:?}; the logs:\n{}",
+                    logs.join("\n-----\n")
+                )
+            }
+        }
+    }
+    took.sort();
+    took
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_edit_arrives_when_announced_and_forged_announcements_are_ignored() {
@@ -56,35 +117,10 @@ async fn each_edit_arrives_when_announced_and_forged_announcements_are_ignored()
     let round = std::sync::atomic::AtomicI64::new(0);
     let edit = || {
         let value = round.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let a_client = a_client.clone();
-        async move {
-            let changed = a_client
-                .doc_change("news", None, move |tx| {
-                    use automerge::transaction::Transactable;
-                    tx.put(automerge::ROOT, "round", value).map(|_| ())
-                })
-                .await
-                .unwrap()
-                .unwrap();
-            let mut heads = changed.heads;
-            heads.sort();
-            heads
-        }
+        edit_round(a_client.clone(), value)
     };
     let arrived = |heads: Vec<automerge::ChangeHash>, bound: Duration| {
-        let b_client = b_client.clone();
-        async move {
-            let started = Instant::now();
-            while started.elapsed() < bound {
-                if let Ok(doc) = b_client.doc_get("news", Consistency::Serializable).await {
-                    if sorted_heads(&doc) == heads {
-                        return Some(started.elapsed());
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            None
-        }
+        arrival(b_client.clone(), heads, bound)
     };
     // The follow's first pull (at once, as for any new follow) tells the follower where the
     // origin is; it then joins the topic. From here on only announcements bring edits: edit
@@ -100,19 +136,7 @@ async fn each_edit_arrives_when_announced_and_forged_announcements_are_ignored()
         async move { arrived(edited.await, Duration::from_secs(2)).await }
     })
     .await;
-    let mut took = Vec::with_capacity(EDITS);
-    for i in 0..EDITS {
-        let heads = edit().await;
-        match arrived(heads, ARRIVAL_BOUND).await {
-            Some(t) => took.push(t),
-            None => panic!(
-                "edit {i} did not reach the follower within {ARRIVAL_BOUND:?}; its log:\n{}\nthe origin's log:\n{}",
-                b[0].log(),
-                a[0].log()
-            ),
-        }
-    }
-    took.sort();
+    let took = timed_edits(&a_client, &b_client, EDITS, &[&b[0], &a[0]]).await;
     eprintln!(
         "edit -> follower by announcement: p50 {:?}, p99 {:?}, max {:?} ({EDITS} edits)",
         took[EDITS / 2],
@@ -223,35 +247,10 @@ async fn edits_arrive_through_a_mirror_that_announces_what_it_serves() {
     let mut value = 0i64;
     let mut edit = || {
         value += 1;
-        let a_client = a_client.clone();
-        async move {
-            let changed = a_client
-                .doc_change("news", None, move |tx| {
-                    use automerge::transaction::Transactable;
-                    tx.put(automerge::ROOT, "round", value).map(|_| ())
-                })
-                .await
-                .unwrap()
-                .unwrap();
-            let mut heads = changed.heads;
-            heads.sort();
-            heads
-        }
+        edit_round(a_client.clone(), value)
     };
     let on_c = |heads: Vec<automerge::ChangeHash>, bound: Duration| {
-        let c_client = c_client.clone();
-        async move {
-            let started = Instant::now();
-            while started.elapsed() < bound {
-                if let Ok(doc) = c_client.doc_get("news", Consistency::Serializable).await {
-                    if sorted_heads(&doc) == heads {
-                        return Some(started.elapsed());
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            None
-        }
+        arrival(c_client.clone(), heads, bound)
     };
     // Both followers join their topics after their first pulls: edit until one arrives.
     let mut first = None;
@@ -265,19 +264,7 @@ async fn edits_arrive_through_a_mirror_that_announces_what_it_serves() {
         );
         first = on_c(edit().await, Duration::from_secs(2)).await;
     }
-    let mut took = Vec::with_capacity(MIRRORED_EDITS);
-    for i in 0..MIRRORED_EDITS {
-        let heads = edit().await;
-        match on_c(heads, ARRIVAL_BOUND).await {
-            Some(t) => took.push(t),
-            None => panic!(
-                "edit {i} did not reach C within {ARRIVAL_BOUND:?}; C's log:\n{}\nB's log:\n{}",
-                c[0].log(),
-                b[0].log()
-            ),
-        }
-    }
-    took.sort();
+    let took = timed_edits(&a_client, &c_client, MIRRORED_EDITS, &[&c[0], &b[0]]).await;
     eprintln!(
         "edit -> reader through a mirror: p50 {:?}, max {:?} ({MIRRORED_EDITS} edits)",
         took[MIRRORED_EDITS / 2],
