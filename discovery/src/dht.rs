@@ -150,34 +150,10 @@ impl ClusterDht {
     /// and "nobody could be asked" stay distinct.
     pub async fn fetch(&self, key: &ClusterKey) -> Result<Option<SignedRecord>, DhtError> {
         let cluster = *key;
-        let dht = self.dht.clone();
-        let (item, outcome) = self
-            .guarded(cluster, "lookup", async move {
-                let public = cluster.to_bytes();
-                let mut get = dht.get_mutable_detailed(&public, Some(RECORD_SALT), None);
-                let mut best: Option<MutableItem> = None;
-                while let Some(item) = get.items.next().await {
-                    // Mainline's order: higher seq wins, then the larger value (deterministic).
-                    let newer = match &best {
-                        None => true,
-                        Some(b) => (item.seq(), item.value()) > (b.seq(), b.value()),
-                    };
-                    if newer {
-                        best = Some(item);
-                    }
-                }
-                (best, get.outcome.recv().await)
-            })
+        let item = self
+            .best_item(cluster.to_bytes(), RECORD_SALT, cluster, "lookup")
             .await?;
-        debug!(%cluster, ?outcome, found = item.is_some(), "DHT lookup done");
-        match item {
-            Some(item) => to_signed(cluster, &item).map(Some),
-            None if outcome.responded() == 0 => Err(DhtError::Unreachable {
-                cluster,
-                queried: outcome.queried,
-            }),
-            None => Ok(None),
-        }
+        item.map(|item| to_signed(cluster, &item)).transpose()
     }
 
     /// Publishes `record` with BEP-44 compare-and-swap: reads the current item, signs `record`
@@ -293,6 +269,45 @@ impl ClusterDht {
 
     /// Runs a mainline call on its own task, under the safety-net deadline. Mainline panics
     /// (`expect`) if its actor thread is gone; the task boundary turns that into an error.
+    /// The item stored under `public` and `salt` that Mainline's order ranks first (higher
+    /// seq, then the larger value: deterministic). `Ok(None)`: nodes answered, none held
+    /// one; [`DhtError::Unreachable`]: nobody answered. `cluster` and `what` name the lookup
+    /// in errors.
+    pub(crate) async fn best_item(
+        &self,
+        public: [u8; 32],
+        salt: &'static [u8],
+        cluster: ClusterKey,
+        what: &'static str,
+    ) -> Result<Option<MutableItem>, DhtError> {
+        let dht = self.dht.clone();
+        let (item, outcome) = self
+            .guarded(cluster, what, async move {
+                let mut get = dht.get_mutable_detailed(&public, Some(salt), None);
+                let mut best: Option<MutableItem> = None;
+                while let Some(item) = get.items.next().await {
+                    let newer = match &best {
+                        None => true,
+                        Some(b) => (item.seq(), item.value()) > (b.seq(), b.value()),
+                    };
+                    if newer {
+                        best = Some(item);
+                    }
+                }
+                (best, get.outcome.recv().await)
+            })
+            .await?;
+        debug!(%cluster, what, ?outcome, found = item.is_some(), "DHT lookup done");
+        match item {
+            Some(item) => Ok(Some(item)),
+            None if outcome.responded() == 0 => Err(DhtError::Unreachable {
+                cluster,
+                queried: outcome.queried,
+            }),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) async fn guarded<T: Send + 'static>(
         &self,
         cluster: ClusterKey,

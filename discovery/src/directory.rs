@@ -14,7 +14,6 @@
 
 use aspen_trust::{bep44_signable, ClusterKey};
 use ed25519_dalek::{Signer, SigningKey};
-use futures::StreamExt;
 use mainline::errors::PutMutableError;
 use mainline::MutableItem;
 use tracing::debug;
@@ -126,34 +125,10 @@ impl ClusterDht {
         origin: &ClusterKey,
     ) -> Result<Option<(i64, Option<MirrorDirectory>)>, DhtError> {
         let public = directory_signer(topic).verifying_key().to_bytes();
-        let dht = self.dht.clone();
-        let (item, outcome) = self
-            .guarded(*origin, "mirror lookup", async move {
-                let mut get = dht.get_mutable_detailed(&public, Some(DIRECTORY_SALT), None);
-                let mut best: Option<MutableItem> = None;
-                while let Some(item) = get.items.next().await {
-                    let newer = match &best {
-                        None => true,
-                        Some(b) => (item.seq(), item.value()) > (b.seq(), b.value()),
-                    };
-                    if newer {
-                        best = Some(item);
-                    }
-                }
-                (best, get.outcome.recv().await)
-            })
+        let item = self
+            .best_item(public, DIRECTORY_SALT, *origin, "mirror lookup")
             .await?;
-        match item {
-            Some(item) => Ok(Some((
-                item.seq(),
-                MirrorDirectory::decode(item.value()).ok(),
-            ))),
-            None if outcome.responded() == 0 => Err(DhtError::Unreachable {
-                cluster: *origin,
-                queried: outcome.queried,
-            }),
-            None => Ok(None),
-        }
+        Ok(item.map(|item| (item.seq(), MirrorDirectory::decode(item.value()).ok())))
     }
 
     /// The clusters that announced, within the TTL of `now`, that they mirror `topic`

@@ -362,41 +362,17 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
         }
         FedCommand::Mirrors { client } => {
             let list = c.fed_mirrors().await?;
-            match client.output {
-                Output::Json => {
-                    let items: Vec<_> = list
-                        .iter()
-                        .map(|m| {
-                            json!({
-                                "origin": hex::encode(m.origin),
-                                "kind": m.resource.kind.to_string(),
-                                "name": m.resource.name,
-                                "public": m.public,
-                                "to": m.to.iter().map(hex::encode).collect::<Vec<_>>(),
-                                "created_at_ms": m.created_at_ms,
-                            })
-                        })
-                        .collect();
-                    println!("{}", json!({ "mirrors": items }));
-                }
-                Output::Text => {
-                    if list.is_empty() {
-                        println!("nothing is mirrored");
-                    }
-                    for m in &list {
-                        let mut to: Vec<String> = m.to.iter().map(hex::encode).collect();
-                        if m.public {
-                            to.insert(0, "any cluster".into());
-                        }
-                        println!(
-                            "{} of {}  to {}",
-                            m.resource,
-                            hex::encode(m.origin),
-                            to.join(", ")
-                        );
-                    }
-                }
-            }
+            let rows: Vec<PolicyRow> = list
+                .iter()
+                .map(|m| PolicyRow {
+                    origin: Some(m.origin),
+                    resource: &m.resource,
+                    public: m.public,
+                    to: &m.to,
+                    created_at_ms: m.created_at_ms,
+                })
+                .collect();
+            print_policies(client.output, "mirrors", "nothing is mirrored", &rows);
         }
         FedCommand::Unfollow {
             origin,
@@ -455,38 +431,76 @@ async fn fed_with(c: &Client, cmd: FedCommand) -> Result<()> {
         }
         FedCommand::Exports { client } => {
             let list = c.fed_exports().await?;
-            match client.output {
-                Output::Json => {
-                    let items: Vec<_> = list
-                        .iter()
-                        .map(|e| {
-                            json!({
-                                "kind": e.resource.kind.to_string(),
-                                "name": e.resource.name,
-                                "public": e.public,
-                                "to": e.to.iter().map(hex::encode).collect::<Vec<_>>(),
-                                "created_at_ms": e.created_at_ms,
-                            })
-                        })
-                        .collect();
-                    println!("{}", json!({ "exports": items }));
+            let rows: Vec<PolicyRow> = list
+                .iter()
+                .map(|e| PolicyRow {
+                    origin: None,
+                    resource: &e.resource,
+                    public: e.public,
+                    to: &e.to,
+                    created_at_ms: e.created_at_ms,
+                })
+                .collect();
+            print_policies(client.output, "exports", "nothing is exported", &rows);
+        }
+    }
+    Ok(())
+}
+
+/// One export (this cluster's resource) or mirror policy (another origin's), as listed.
+struct PolicyRow<'a> {
+    /// The origin, for a mirror.
+    origin: Option<[u8; 32]>,
+    resource: &'a Resource,
+    public: bool,
+    to: &'a [[u8; 32]],
+    created_at_ms: u64,
+}
+
+/// Lists export or mirror policies: JSON under `list_name`, or one line each.
+fn print_policies(output: Output, list_name: &str, nothing: &str, rows: &[PolicyRow]) {
+    let to_hex = |to: &[[u8; 32]]| to.iter().map(hex::encode).collect::<Vec<_>>();
+    match output {
+        Output::Json => {
+            let items: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    let mut item = json!({
+                        "kind": r.resource.kind.to_string(),
+                        "name": r.resource.name,
+                        "public": r.public,
+                        "to": to_hex(r.to),
+                        "created_at_ms": r.created_at_ms,
+                    });
+                    if let Some(origin) = r.origin {
+                        item["origin"] = json!(hex::encode(origin));
+                    }
+                    item
+                })
+                .collect();
+            println!("{}", json!({ list_name: items }));
+        }
+        Output::Text => {
+            if rows.is_empty() {
+                println!("{nothing}");
+            }
+            for r in rows {
+                let mut to = to_hex(r.to);
+                if r.public {
+                    to.insert(0, "any cluster".into());
                 }
-                Output::Text => {
-                    if list.is_empty() {
-                        println!("nothing is exported");
-                    }
-                    for e in &list {
-                        let mut to: Vec<String> = e.to.iter().map(hex::encode).collect();
-                        if e.public {
-                            to.insert(0, "any cluster".into());
-                        }
-                        println!("{}  to {}", e.resource, to.join(", "));
-                    }
+                match r.origin {
+                    Some(origin) => println!(
+                        "{} of {}  to {}",
+                        r.resource,
+                        hex::encode(origin),
+                        to.join(", ")
+                    ),
+                    None => println!("{}  to {}", r.resource, to.join(", ")),
                 }
             }
         }
     }
-    Ok(())
 }
 
 fn print_follows(output: Output, list: &[FollowSummary]) {

@@ -423,25 +423,15 @@ impl NodeState {
         cluster: &aspen_trust::ClusterKey,
         kind: aspen_sync::ResourceKind,
     ) -> Vec<(aspen_trust::ClusterKey, aspen_sync::Resource)> {
-        let Ok(policies) = self
-            .cluster
-            .sm
-            .system_scan(
-                aspen_federation::MIRROR_PREFIX.to_vec(),
-                aspen_federation::MAX_MIRRORS + 1,
-            )
+        let policies = super::federation::mirror::mirror_policies(&self.cluster)
             .await
-        else {
-            return Vec::new();
-        };
+            .unwrap_or_default();
         policies
             .into_iter()
-            .filter_map(|(key, value)| {
-                let (origin, resource) = aspen_federation::parse_mirror_key(&key).ok()?;
-                let allows = aspen_federation::Export::decode(&value)
-                    .is_ok_and(|p| p.allows(&cluster.to_bytes()));
-                (allows && resource.kind == kind).then_some((origin, resource))
+            .filter(|(_, resource, policy)| {
+                resource.kind == kind && policy.allows(&cluster.to_bytes())
             })
+            .map(|(origin, resource, _)| (origin, resource))
             .collect()
     }
 

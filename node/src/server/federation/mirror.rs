@@ -17,7 +17,7 @@
 use aspen_crdt::DocName;
 use aspen_federation::{
     follow_key, follow_state_key, follow_tags_key, mirror_key, Export, FedCall, FedError, FedReply,
-    Follow, MAX_CHANGES_PAGE_BYTES, MAX_SNAPSHOT_BYTES,
+    Follow, MAX_CHANGES_PAGE_BYTES,
 };
 use aspen_sync::doc_exchange::{changes_since, MAX_HAVE};
 use aspen_sync::{BlobTagList, ContentDigest, Manifest, Resource, SignedManifest};
@@ -82,18 +82,8 @@ pub(super) async fn serve(
             })
         }
         FedCall::DocSnapshot { .. } => {
-            let mut document = at_signed_heads(state, &copy, |doc| doc.save()).await?;
-            if document.len() > MAX_SNAPSHOT_BYTES {
-                return Err(FedError::TooLarge(format!(
-                    "{resource} saves to {} bytes, more than {MAX_SNAPSHOT_BYTES} in one snapshot",
-                    document.len()
-                )));
-            }
-            if state.cluster.test_fault == Some(TestFault::FedFlipByte) {
-                if let Some(last) = document.last_mut() {
-                    *last ^= 1;
-                }
-            }
+            let document = at_signed_heads(state, &copy, |doc| doc.save()).await?;
+            let document = super::origin::snapshot_to_serve(state, &resource, document)?;
             Ok(FedReply::DocSnapshot { manifest, document })
         }
         FedCall::BlobTags { .. } => {
@@ -312,13 +302,12 @@ enum Round<'a> {
     Unlisted(&'a mut usize),
 }
 
-async fn announce(
-    state: &NodeState,
-    dht: &aspen_discovery::ClusterDht,
-    round: Round<'_>,
-) -> Result<(), String> {
-    let policies = state
-        .cluster
+/// Every mirror policy: the origin, the resource and who it is mirrored to, in key order
+/// (no read barrier).
+pub(crate) async fn mirror_policies(
+    cluster: &crate::server::ClusterHandle,
+) -> Result<Vec<(ClusterKey, Resource, Export)>, String> {
+    let entries = cluster
         .sm
         .system_scan(
             aspen_federation::MIRROR_PREFIX.to_vec(),
@@ -326,6 +315,23 @@ async fn announce(
         )
         .await
         .map_err(|e| e.to_string())?;
+    entries
+        .into_iter()
+        .map(|(key, value)| {
+            let (origin, resource) =
+                aspen_federation::parse_mirror_key(&key).map_err(|e| e.to_string())?;
+            let policy = Export::decode(&value).map_err(|e| e.to_string())?;
+            Ok((origin, resource, policy))
+        })
+        .collect()
+}
+
+async fn announce(
+    state: &NodeState,
+    dht: &aspen_discovery::ClusterDht,
+    round: Round<'_>,
+) -> Result<(), String> {
+    let policies = mirror_policies(&state.cluster).await?;
     if policies.is_empty() {
         return Ok(());
     }
@@ -335,7 +341,7 @@ async fn announce(
         .map_err(|e| e.to_string())?
         .ok_or("no cluster identity yet")?
         .public();
-    let chosen: Vec<&(Vec<u8>, Vec<u8>)> = match &round {
+    let chosen: Vec<&(ClusterKey, Resource, Export)> = match &round {
         Round::All => policies.iter().collect(),
         Round::Unlisted(from) => {
             let start = **from % policies.len();
@@ -352,14 +358,11 @@ async fn announce(
         *from = from.wrapping_add(chosen.len());
     }
     let mut failed = Vec::new();
-    for (key, _) in chosen {
-        let Ok((origin, resource)) = aspen_federation::parse_mirror_key(key) else {
-            continue;
-        };
-        let topic = aspen_federation::directory_topic(&origin, &resource);
+    for (origin, resource, _) in chosen {
+        let topic = aspen_federation::directory_topic(origin, resource);
         let now = crate::server::identity::unix_now();
         if only_unlisted {
-            match dht.find_mirrors(&topic, &origin, now).await {
+            match dht.find_mirrors(&topic, origin, now).await {
                 Ok(listed) if listed.contains(&own) => continue,
                 Ok(_) => tracing::debug!(%origin, %resource, "mirror not listed; announcing again"),
                 Err(e) => {
@@ -368,7 +371,7 @@ async fn announce(
                 }
             }
         }
-        match dht.announce_mirror(&topic, &origin, &own, now).await {
+        match dht.announce_mirror(&topic, origin, &own, now).await {
             Ok(()) => tracing::debug!(%origin, %resource, "mirror announced on the DHT"),
             Err(e) => failed.push(format!("{resource} of {origin}: {e}")),
         }

@@ -20,9 +20,9 @@ use aspen_client::protocol::{
 };
 use aspen_client::NodeTicket;
 use aspen_federation::{
-    edit_export, export_key, follow_key, follow_state_key, local_name, mirror_key,
-    parse_mirror_key, resource_of_key, Export, ExportEdit, Follow, Hint, Via, EXPORT_PREFIX,
-    FOLLOW_PREFIX, MAX_EXPORTS, MAX_FOLLOWS, MAX_MIRRORS, MAX_VIA, MIRROR_PREFIX,
+    edit_export, export_key, follow_key, follow_state_key, local_name, mirror_key, resource_of_key,
+    Export, ExportEdit, Follow, Hint, Via, EXPORT_PREFIX, FOLLOW_PREFIX, MAX_EXPORTS, MAX_FOLLOWS,
+    MAX_MIRRORS, MAX_VIA, MIRROR_PREFIX,
 };
 use aspen_kv::api::{SystemOp, SystemTxn};
 use aspen_trust::ClusterKey;
@@ -372,25 +372,19 @@ impl FedService {
     /// Every mirror policy, in key order (after a read barrier).
     async fn mirrors(&self) -> Result<Vec<MirrorSummary>, RpcError> {
         self.cluster.read_barrier().await?;
-        let entries = self
-            .cluster
-            .sm
-            .system_scan(MIRROR_PREFIX.to_vec(), MAX_MIRRORS + 1)
-            .await?;
-        entries
+        let policies = mirror::mirror_policies(&self.cluster)
+            .await
+            .map_err(internal)?;
+        Ok(policies
             .into_iter()
-            .map(|(key, value)| {
-                let (origin, resource) = parse_mirror_key(&key).map_err(internal)?;
-                let policy = Export::decode(&value).map_err(internal)?;
-                Ok(MirrorSummary {
-                    origin: origin.to_bytes(),
-                    resource,
-                    public: policy.public,
-                    to: policy.to,
-                    created_at_ms: policy.created_at_ms,
-                })
+            .map(|(origin, resource, policy)| MirrorSummary {
+                origin: origin.to_bytes(),
+                resource,
+                public: policy.public,
+                to: policy.to,
+                created_at_ms: policy.created_at_ms,
             })
-            .collect()
+            .collect())
     }
 
     /// Sets the mirrors a follow pulls from when its origin is unreachable.

@@ -262,6 +262,27 @@ pub(super) async fn signed_now(
     current_manifest(state, &resource, digest).await
 }
 
+/// A saved document as served (origin or mirror): at most [`MAX_SNAPSHOT_BYTES`], and with
+/// its last byte flipped under the `fed-flip-byte` test fault.
+pub(super) fn snapshot_to_serve(
+    state: &NodeState,
+    resource: &Resource,
+    mut document: Vec<u8>,
+) -> Result<Vec<u8>, FedError> {
+    if document.len() > MAX_SNAPSHOT_BYTES {
+        return Err(FedError::TooLarge(format!(
+            "{resource} saves to {} bytes, more than {MAX_SNAPSHOT_BYTES} in one snapshot",
+            document.len()
+        )));
+    }
+    if state.cluster.test_fault == Some(TestFault::FedFlipByte) {
+        if let Some(last) = document.last_mut() {
+            *last ^= 1;
+        }
+    }
+    Ok(document)
+}
+
 async fn doc_changes(
     state: &NodeState,
     caller: &ClusterKey,
@@ -318,7 +339,7 @@ async fn doc_snapshot(
     let resource = Resource::doc(name);
     check_export(state, caller, &resource).await?;
     let doc = doc_name(&resource)?;
-    let (heads, mut document) = state
+    let (heads, document) = state
         .docs
         .with_doc(&doc, |doc| {
             let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
@@ -327,17 +348,7 @@ async fn doc_snapshot(
         .await
         .map_err(internal)?
         .ok_or_else(|| FedError::NotFound(resource.to_string()))?;
-    if document.len() > MAX_SNAPSHOT_BYTES {
-        return Err(FedError::TooLarge(format!(
-            "{resource} saves to {} bytes, more than {MAX_SNAPSHOT_BYTES} in one snapshot",
-            document.len()
-        )));
-    }
-    if state.cluster.test_fault == Some(TestFault::FedFlipByte) {
-        if let Some(last) = document.last_mut() {
-            *last ^= 1;
-        }
-    }
+    let document = snapshot_to_serve(state, &resource, document)?;
     let signed = current_manifest(state, &resource, ContentDigest::heads(heads)).await?;
     Ok(FedReply::DocSnapshot {
         manifest: signed.encode(),
