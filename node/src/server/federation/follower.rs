@@ -59,6 +59,10 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(300);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a dial (QUIC handshake and hello) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for an origin whose follow was last served by a mirror (the origin was
+/// unreachable then): a dead origin would otherwise hold every pull, announced ones too,
+/// for [`CONNECT_TIMEOUT`] per address before its mirrors are asked.
+pub const SUSPECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest finding an origin through the DHT may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most pages of changes one pull takes (each at most 8 MiB; a document is at most 16 MiB,
@@ -224,12 +228,14 @@ struct Dialer {
 
 impl Dialer {
     /// Reaches a member of `origin` (the cluster to reach: an origin or a mirror): the
-    /// address that worked last, the hints, then its DHT record's members.
+    /// address that worked last, the hints, then its DHT record's members, each given
+    /// `timeout` to connect and answer the hello.
     async fn connect(
         &self,
         state: &NodeState,
         origin: &ClusterKey,
         hints: &[Hint],
+        timeout: Duration,
     ) -> Result<(Connection, EndpointAddr), PullError> {
         let certificate = state
             .own_certificate()
@@ -257,7 +263,7 @@ impl Dialer {
                 continue;
             }
             tried.push(addr.clone());
-            match self.dial(addr.clone(), origin, &certificate).await {
+            match self.dial(addr.clone(), origin, &certificate, timeout).await {
                 Ok(conn) => return Ok((conn, addr)),
                 Err(e @ PullError::Refused(_)) => return Err(e),
                 Err(PullError::Unreachable(why)) => problems.push(why),
@@ -276,7 +282,7 @@ impl Dialer {
                         continue;
                     }
                     tried.push(addr.clone());
-                    match self.dial(addr.clone(), origin, &certificate).await {
+                    match self.dial(addr.clone(), origin, &certificate, timeout).await {
                         Ok(conn) => return Ok((conn, addr)),
                         Err(e @ PullError::Refused(_)) => return Err(e),
                         Err(PullError::Unreachable(why)) => problems.push(why),
@@ -348,6 +354,7 @@ impl Dialer {
         addr: EndpointAddr,
         origin: &ClusterKey,
         certificate: &[u8],
+        timeout: Duration,
     ) -> Result<Connection, PullError> {
         let node = addr.id;
         let remembered = addr.clone();
@@ -384,14 +391,12 @@ impl Dialer {
                 HelloReply::Refused(e) => Err(PullError::Refused(e)),
             }
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, greet)
-            .await
-            .map_err(|_| {
-                PullError::Unreachable(format!(
-                    "{}: no hello answer within {CONNECT_TIMEOUT:?}",
-                    node.fmt_short()
-                ))
-            })?
+        tokio::time::timeout(timeout, greet).await.map_err(|_| {
+            PullError::Unreachable(format!(
+                "{}: no hello answer within {timeout:?}",
+                node.fmt_short()
+            ))
+        })?
     }
 }
 
@@ -539,6 +544,14 @@ async fn record_manifest(
     Ok(())
 }
 
+/// What the follow's previous pulls found, for ordering this one's sources.
+struct Previously {
+    /// The mirrors that failed (tried last this time).
+    failed_mirrors: Vec<[u8; 32]>,
+    /// A mirror served the last success: the origin was unreachable then.
+    origin_down: bool,
+}
+
 /// Pulls one follow: from the origin, or, when the origin cannot be reached, from its
 /// mirrors in turn until one serves verified data. Returns what each mirror tried did.
 async fn pull(
@@ -548,10 +561,18 @@ async fn pull(
     resource: Resource,
     follow: Follow,
     follow_bytes: Vec<u8>,
-    failed_last: Vec<[u8; 32]>,
+    previously: Previously,
 ) -> (Result<Pulled, PullError>, Vec<MirrorReport>) {
     let mut reports = Vec::new();
-    let unreachable = match dialer.connect(&state, &origin, &follow.hints).await {
+    let timeout = if previously.origin_down {
+        SUSPECT_CONNECT_TIMEOUT
+    } else {
+        CONNECT_TIMEOUT
+    };
+    let unreachable = match dialer
+        .connect(&state, &origin, &follow.hints, timeout)
+        .await
+    {
         Ok((conn, addr)) => {
             let source = Source {
                 conn,
@@ -580,12 +601,12 @@ async fn pull(
             &resource,
             &follow,
             own,
-            &failed_last,
+            &previously.failed_mirrors,
             &mut problems,
         )
         .await;
     for (mirror, hints) in &mirrors {
-        let outcome = match dialer.connect(&state, mirror, hints).await {
+        let outcome = match dialer.connect(&state, mirror, hints, CONNECT_TIMEOUT).await {
             Ok((conn, addr)) => {
                 let source = Source {
                     conn,
@@ -1275,12 +1296,15 @@ pub async fn run(
                     s.running = true;
                     s.forced = false;
                     s.last_attempt_ms = unix_now_ms();
-                    let failed_last = s
-                        .mirrors
-                        .iter()
-                        .filter(|m| !m.ok)
-                        .map(|m| m.cluster)
-                        .collect();
+                    let previously = Previously {
+                        failed_mirrors: s
+                            .mirrors
+                            .iter()
+                            .filter(|m| !m.ok)
+                            .map(|m| m.cluster)
+                            .collect(),
+                        origin_down: s.last_source.is_some(),
+                    };
                     let work = pull(
                         state.clone(),
                         dialer.clone(),
@@ -1288,7 +1312,7 @@ pub async fn run(
                         resource.clone(),
                         follow.clone(),
                         bytes.clone(),
-                        failed_last,
+                        previously,
                     );
                     running.spawn(async move {
                         let (result, reports) = tokio::time::timeout(PULL_TIMEOUT, work)

@@ -50,9 +50,12 @@ pub const CHANGE_CHECK: Duration = Duration::from_millis(200);
 const FULL_CHECK: Duration = Duration::from_secs(10);
 /// How often a follower's leader re-reads its follows (and joins new topics).
 const FOLLOW_CHECK: Duration = Duration::from_secs(1);
-/// A topic joined this long ago with no neighbor is joined again: the origin may have
-/// joined it only after us (a new export), or restarted.
-pub const REJOIN_AFTER: Duration = Duration::from_secs(5);
+/// A topic joined this long ago without one of the nodes joined through as a neighbor is
+/// joined again: the origin may have subscribed only after our join (a new export), or
+/// restarted. Each further try waits twice as long, up to [`REJOIN_MAX`].
+pub const REJOIN_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between tries to join a topic (an origin that stays down).
+pub const REJOIN_MAX: Duration = Duration::from_secs(60);
 
 /// One topic the origin announces on.
 struct Announcing {
@@ -252,14 +255,23 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                 // through became a neighbor (it may have subscribed only after our join, or
                 // restarted). Followers that joined through us do not count: announcements
                 // do not start there.
-                let lonely = l.since.elapsed() >= REJOIN_AFTER && {
+                let connected = {
                     let up = l.neighbors.lock().expect("lock");
-                    !nodes.iter().any(|n| up.contains(n))
+                    nodes.iter().any(|n| up.contains(n))
                 };
-                if l.nodes != nodes || lonely {
+                if connected {
+                    l.rejoin_after = REJOIN_FIRST;
+                }
+                let moved = l.nodes != nodes;
+                if moved || (!connected && l.since.elapsed() >= l.rejoin_after) {
                     if let Err(e) = l.sender.join_peers(nodes.clone()).await {
                         tracing::debug!(%resource, "cannot join the topic again: {e}");
                     }
+                    l.rejoin_after = if moved {
+                        REJOIN_FIRST
+                    } else {
+                        (l.rejoin_after * 2).min(REJOIN_MAX)
+                    };
                     l.nodes = nodes;
                     l.since = tokio::time::Instant::now();
                 }
@@ -283,6 +295,7 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                     Listening {
                         nodes,
                         since: tokio::time::Instant::now(),
+                        rejoin_after: REJOIN_FIRST,
                         neighbors,
                         sender,
                         announced: None,
@@ -359,7 +372,9 @@ async fn announce_as_mirror(
 struct Listening {
     /// The nodes it joined through (see [`bootstrap`]).
     nodes: Vec<EndpointId>,
+    /// When it last joined, and how long to wait then before joining again.
     since: tokio::time::Instant,
+    rejoin_after: Duration,
     /// Its current neighbors on the topic.
     neighbors: Arc<Mutex<HashSet<EndpointId>>>,
     /// Sends this cluster's own announcements as a mirror.
