@@ -342,12 +342,13 @@ impl RunningNode {
                     Some(aspen_discovery::RecordCache::new(dir.join("records"))),
                 ),
                 dht.clone(),
-                fed_addrs,
+                fed_addrs.clone(),
                 config.federation.schedule(),
             )),
             tokio::spawn(federation::triggers::run_origin(
                 state.clone(),
                 state.namespaces.gossip.clone(),
+                fed_addrs,
             )),
             tokio::spawn(federation::triggers::run_follower(
                 state.clone(),

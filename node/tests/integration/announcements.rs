@@ -375,3 +375,70 @@ async fn each_blob_tagged_on_the_origin_arrives_when_announced() {
     a_client.close().await;
     b_client.close().await;
 }
+
+/// A follower of a 3-node origin that reached a member other than the leader hears the
+/// leader's announcements through that member (every member stays on the topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_reached_another_member_hears_the_leader() {
+    const MEMBER_EDITS: usize = 10;
+    let root = tempfile::tempdir().unwrap();
+    let a = form(&root.path().join("a"), 3, &[]).await;
+    let b = form(
+        &root.path().join("b"),
+        1,
+        &["--fed-pull-interval-ms", "600000"],
+    )
+    .await;
+    let a_client = client_for(&a.iter().collect::<Vec<_>>()).await;
+    let b_client = client_of(&b[0]).await;
+    let (a_key, b_key) = (cluster_key(&a_client).await, cluster_key(&b_client).await);
+    a_client.doc_create("news").await.unwrap();
+    a_client
+        .fed_export(Resource::doc("news"), vec![b_key], false)
+        .await
+        .unwrap();
+    // B knows only a member that is not the leader (A's members all run the same code; the
+    // leader is the one that announces).
+    let leader = a_client.status().await.unwrap().leader.unwrap();
+    let other = a.iter().find(|n| n.node_id() != leader).unwrap();
+    b_client
+        .fed_follow(
+            a_key,
+            Resource::doc("news"),
+            Some("news".into()),
+            vec![other.ticket.clone()],
+        )
+        .await
+        .unwrap();
+    wait_until_or_dump("the first pull", &b, || async {
+        let f = b_client.fed_follows().await.ok()?.remove(0);
+        (f.last_success_ms > 0).then_some(())
+    })
+    .await;
+    let mut value = 0;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no edit reached B by announcement; B's log:\n{}",
+            b[0].log()
+        );
+        value += 1;
+        let heads = edit_round(a_client.clone(), value).await;
+        if arrival(b_client.clone(), heads, Duration::from_secs(2))
+            .await
+            .is_some()
+        {
+            break;
+        }
+    }
+    let nodes: Vec<&NodeProc> = b.iter().chain(a.iter()).collect();
+    let took = timed_edits(&a_client, &b_client, MEMBER_EDITS, &nodes).await;
+    eprintln!(
+        "edit -> follower through a non-leader member: p50 {:?}, max {:?}",
+        took[MEMBER_EDITS / 2],
+        took[MEMBER_EDITS - 1]
+    );
+    a_client.close().await;
+    b_client.close().await;
+}

@@ -1,11 +1,11 @@
 //! Push triggers: new manifests announced over iroh-gossip, so a change reaches followers in
 //! about the time of one pull instead of at their next poll (which stays as the fallback).
 //!
-//! - The origin's leader checks its exported documents and blob prefixes every
-//!   [`CHANGE_CHECK`] in which documents, blob tags or exports changed; when one changed, it signs the next manifest (as a request for it
-//!   would) and broadcasts it on the resource's topic
-//!   ([`aspen_federation::announce::gossip_topic`]). It joins each topic with no bootstrap:
-//!   followers join through it.
+//! - Every member of the origin stays on the topic of each exported document and blob
+//!   prefix ([`aspen_federation::announce::gossip_topic`]), joined to the other members:
+//!   followers join through whichever member their pulls reached. The leader checks its
+//!   exports every [`CHANGE_CHECK`] in which documents, blob tags or exports changed; when
+//!   one changed, it signs the next manifest (as a request for it would) and broadcasts it.
 //! - A follower's leader joins the topic of each followed document or blob prefix through
 //!   the origin node its pulls last reached, and the nodes of the mirrors the follow names
 //!   or last pulled from. Each message must be the origin's manifest of that resource,
@@ -33,7 +33,7 @@ use aspen_federation::{
 use aspen_sync::{Resource, ResourceKind};
 use aspen_trust::ClusterKey;
 use futures::StreamExt;
-use iroh::EndpointId;
+use iroh::{EndpointAddr, EndpointId};
 use iroh_gossip::api::{Event, GossipSender};
 use iroh_gossip::net::Gossip;
 use iroh_gossip::proto::TopicId;
@@ -93,10 +93,17 @@ async fn join(
     }
 }
 
-/// The origin side (every member runs it; the leader announces).
-pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
+/// The origin side. Every member stays on the topic of each exported document and blob
+/// prefix, joined to the other members, because a follower joins through whichever member
+/// its pulls reached; only the leader signs and announces.
+pub async fn run_origin(
+    state: Arc<NodeState>,
+    gossip: Gossip,
+    addrs: iroh::address_lookup::MemoryLookup,
+) {
     let mut topics: HashMap<Resource, Announcing> = HashMap::new();
-    let mut own: Option<ClusterKey> = None;
+    let mut members: Vec<EndpointId> = Vec::new();
+    let mut was_leader = false;
     // Exports are looked at again only when documents, blob tags or the exports themselves
     // changed (or every FULL_CHECK): signing reads every exported document.
     let sm = &state.cluster.sm;
@@ -108,27 +115,23 @@ pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
     let mut checked_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(CHANGE_CHECK).await;
-        if !state.cluster.is_leader() {
-            topics.clear();
-            checked_at = None;
-            continue;
-        }
-        let mut changed = false;
+        let leader = state.cluster.is_leader();
+        let mut changed = leader != was_leader;
+        was_leader = leader;
         for watch in &mut changes {
             changed |= watch.has_changed().unwrap_or(true);
             watch.borrow_and_update();
         }
         let due = checked_at.is_none_or(|at| at.elapsed() >= FULL_CHECK);
-        let forging = state.cluster.test_fault == Some(TestFault::FedForgedAnnouncements);
+        let forging = leader && state.cluster.test_fault == Some(TestFault::FedForgedAnnouncements);
         if !changed && !due && !forging {
             continue;
         }
         checked_at = Some(tokio::time::Instant::now());
-        let secret = match state.cluster_secret().await {
-            Ok(Some(secret)) => secret,
-            _ => continue,
+        let Ok(Some(secret)) = state.cluster_secret().await else {
+            continue;
         };
-        let origin = *own.get_or_insert(secret.public());
+        let origin = secret.public();
         let Ok(exports) = state
             .cluster
             .sm
@@ -143,17 +146,28 @@ pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
             .filter(|r| r.kind != ResourceKind::Ns)
             .collect();
         topics.retain(|r, _| exported.contains(r));
+        // The other members, dialled by id on the topics (their addresses from the
+        // membership).
+        let others: Vec<EndpointAddr> = state
+            .cluster
+            .members()
+            .into_iter()
+            .filter(|(id, _)| *id != state.cluster.id)
+            .filter_map(|(_, m)| crate::server::blobs::endpoint_addr(&m))
+            .collect();
+        for addr in &others {
+            addrs.add_endpoint_info(addr.clone());
+        }
+        let now_members: Vec<EndpointId> = others.iter().map(|a| a.id).collect();
+        if now_members != members {
+            for topic in topics.values() {
+                let _ = topic.sender.join_peers(now_members.clone()).await;
+            }
+            members = now_members;
+        }
         for resource in exported {
-            let signed = match super::origin::signed_now(&state, &resource).await {
-                Ok(signed) => signed,
-                Err(aspen_federation::FedError::NotFound(_)) => continue,
-                Err(e) => {
-                    tracing::debug!(%resource, "cannot sign a manifest to announce: {e}");
-                    continue;
-                }
-            };
             if !topics.contains_key(&resource) {
-                let Some(topic) = join(&gossip, &origin, &resource, Vec::new()).await else {
+                let Some(topic) = join(&gossip, &origin, &resource, members.clone()).await else {
                     continue;
                 };
                 let (sender, mut receiver) = topic.split();
@@ -168,8 +182,19 @@ pub async fn run_origin(state: Arc<NodeState>, gossip: Gossip) {
                     },
                 );
             }
+            if !leader {
+                continue;
+            }
+            let signed = match super::origin::signed_now(&state, &resource).await {
+                Ok(signed) => signed,
+                Err(aspen_federation::FedError::NotFound(_)) => continue,
+                Err(e) => {
+                    tracing::debug!(%resource, "cannot sign a manifest to announce: {e}");
+                    continue;
+                }
+            };
             let topic = topics.get_mut(&resource).expect("inserted above");
-            if state.cluster.test_fault == Some(TestFault::FedForgedAnnouncements) {
+            if forging {
                 // Every check, changed or not: a forgery and a replay.
                 for message in forgeries(&signed, topic.previous.clone()) {
                     let _ = topic.sender.broadcast(message.into()).await;
