@@ -708,6 +708,72 @@ pub struct RangeResponse {
     pub revision: Revision,
 }
 
+/// A read of what changed, for watches: the events of keys in `[start, end)` (or of the key
+/// `start` when `end` is `None`; an empty `end` means "to the end of the key space"), from
+/// revision `from` on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesRequest {
+    pub start: Key,
+    pub end: Option<Key>,
+    /// The first revision whose events are wanted (0: the next one, "from now").
+    pub from: Revision,
+    /// Within revision `from`, only keys after this one (resuming a fragment).
+    pub after: Option<Key>,
+    /// Also return each key's value before the event.
+    pub prev_kv: bool,
+}
+
+impl ChangesRequest {
+    pub fn validate(&self) -> Result<(), LimitError> {
+        for key in [Some(&self.start), self.end.as_ref(), self.after.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if key.len() > MAX_KEY_BYTES {
+                return Err(LimitError::KeyTooLarge {
+                    len: key.len(),
+                    max: MAX_KEY_BYTES,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What happened to a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One key's change at one revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    /// A put: the key-value written. A delete: the key, with `mod_revision` the revision of
+    /// the delete and every other field empty (as etcd reports it).
+    pub kv: KeyValue,
+    /// The key-value before the event, when asked for and the key existed.
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// One page of changes: whole revisions in order (each revision's events in key order),
+/// except that a revision over [`crate::limits::MAX_CHANGES_BYTES`] is split after a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesPage {
+    pub events: Vec<Event>,
+    /// Where the next page starts: revision `next_from`, after key `next_after` (set only
+    /// when this page ended inside a revision). Every earlier event of the range was in
+    /// this page or before it.
+    pub next_from: Revision,
+    pub next_after: Option<Key>,
+    /// The store's revision when read.
+    pub revision: Revision,
+    /// Its compaction point.
+    pub compacted: Revision,
+}
+
 /// A read refused by the state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ReadError {

@@ -36,3 +36,9 @@ pub const MAX_SYSTEM_TXN_OPS: usize = 2048;
 /// Most key and value bytes one system transaction carries (a compacted document of up to
 /// 16 chunks of one maximal value, plus the keys it replaces).
 pub const MAX_SYSTEM_TXN_BYTES: usize = 20 * 1024 * 1024;
+/// A page of watch events stops at the first revision boundary after this many key and
+/// value bytes (a single revision over it is split into fragments).
+pub const MAX_CHANGES_BYTES: usize = 4 * 1024 * 1024;
+/// A page of watch events stops at the first revision boundary after this many changed keys
+/// were looked at (most of them may be outside the watched range).
+pub const MAX_CHANGES_SCANNED: usize = 16 * 1024;

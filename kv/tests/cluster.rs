@@ -1057,3 +1057,127 @@ async fn system_prefix_watches_fire_on_every_replica() {
         );
     }
 }
+
+/// Watches read what changed: every replica reports the same events, in revision order, a
+/// transaction's writes at one revision, deletes with the previous value; the revision
+/// receiver moves with each apply; a compacted start is refused; a node that caught up by
+/// snapshot reports the same events from the compaction point on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_the_same_state_diffs_on_every_replica() {
+    let mut c = Cluster::new(20);
+    c.form(&[1, 2, 3]).await;
+    let mut revisions: Vec<_> = c.nodes.values().map(|n| n.sm.watch_revision()).collect();
+    let r1 = c.put("a", "1").await;
+    c.put("b", "1").await;
+    let txn = WriteOp::Txn(Txn {
+        compare: vec![],
+        success: vec![
+            TxnOp::Put {
+                key: b"c".to_vec(),
+                value: b"1".to_vec(),
+                prev_kv: false,
+            },
+            TxnOp::Delete {
+                start: b"b".to_vec(),
+                end: None,
+                prev_kv: false,
+            },
+        ],
+        failure: vec![],
+    });
+    c.write(vec![txn]).await[0].as_ref().unwrap();
+    c.write(vec![WriteOp::Delete {
+        start: b"a".to_vec(),
+        end: Some(b"z".to_vec()),
+        prev_kv: false,
+    }])
+    .await[0]
+        .as_ref()
+        .unwrap();
+    let last = c.put("z", "1").await;
+    assert_eq!(last, r1 + 4);
+    c.converge().await;
+    for rx in &mut revisions {
+        tokio::time::timeout(TIMEOUT, rx.wait_for(|r| *r == last))
+            .await
+            .expect("the revision moves")
+            .unwrap();
+    }
+    let everything = |from: Revision| ChangesRequest {
+        start: Vec::new(),
+        end: Some(Vec::new()),
+        from,
+        after: None,
+        prev_kv: true,
+    };
+    let shape = |page: &ChangesPage| -> Vec<(Revision, String, EventKind, Option<String>)> {
+        page.events
+            .iter()
+            .map(|e| {
+                (
+                    e.kv.mod_revision,
+                    String::from_utf8(e.kv.key.clone()).unwrap(),
+                    e.kind,
+                    e.prev_kv
+                        .as_ref()
+                        .map(|p| String::from_utf8(p.value.clone()).unwrap()),
+                )
+            })
+            .collect()
+    };
+    let want = vec![
+        (r1, "a".into(), EventKind::Put, None),
+        (r1 + 1, "b".into(), EventKind::Put, None),
+        (r1 + 2, "b".into(), EventKind::Delete, Some("1".into())),
+        (r1 + 2, "c".into(), EventKind::Put, None),
+        (r1 + 3, "a".into(), EventKind::Delete, Some("1".into())),
+        (r1 + 3, "c".into(), EventKind::Delete, Some("1".into())),
+        (r1 + 4, "z".into(), EventKind::Put, None),
+    ];
+    for node in c.nodes.values() {
+        let page = node.sm.changes(everything(r1)).await.unwrap();
+        assert_eq!(shape(&page), want);
+        assert_eq!(page.next_from, last + 1);
+    }
+
+    // Compaction: a watch cannot start below the compaction point; from it, it is exact.
+    c.write(vec![WriteOp::Compact { revision: r1 + 2 }]).await[0]
+        .as_ref()
+        .unwrap();
+    c.converge().await;
+    let leader = c.leader().await;
+    let sm = c.nodes[&leader].sm.clone();
+    assert!(matches!(
+        sm.changes(everything(r1 + 1)).await,
+        Err(ReadError::Compacted { .. })
+    ));
+    let compacted = sm.changes(everything(r1 + 2)).await.unwrap();
+    assert_eq!(shape(&compacted), want[2..]);
+
+    // A node that catches up by snapshot reports the same.
+    c.stop(3).await;
+    for i in 0..30 {
+        c.put(&format!("k{i:02}"), "v").await;
+    }
+    let raft = c.nodes[&leader].raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    let m = raft
+        .wait(Some(TIMEOUT))
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= 30), "snapshot")
+        .await
+        .unwrap();
+    let index = m.snapshot.unwrap().index;
+    raft.trigger().purge_log(index).await.unwrap();
+    raft.wait(Some(TIMEOUT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "purged")
+        .await
+        .unwrap();
+    c.start(3).await;
+    c.converge().await;
+    let reference = sm.changes(everything(r1 + 2)).await.unwrap();
+    assert_eq!(reference.events.len(), want.len() - 2 + 30);
+    assert_eq!(
+        c.nodes[&3].sm.changes(everything(r1 + 2)).await.unwrap(),
+        reference
+    );
+}

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use openraft::{AnyError, StorageIOError};
 use redb::{Database, TableDefinition};
 
+mod changes;
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};
@@ -114,6 +115,7 @@ fn open_databases(
         Ok(())
     })?;
     let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
+    changes::rebuild_if_missing(&sm_db).map_err(|e| OpenError::Db(PathBuf::from("state"), e))?;
     Ok((
         LogStore::new(log_db, Arc::downgrade(&sm_db), io),
         StateMachineStore::new(sm_db, snapshots, io),
@@ -125,6 +127,7 @@ pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb:
     txn.open_table(SM_META)?;
     txn.open_table(KV)?;
     txn.open_table(HISTORY)?;
+    txn.open_table(changes::CHANGES)?;
     txn.open_table(SESSIONS)?;
     txn.open_table(SESSION_FLOORS)?;
     txn.open_table(SESSION_SEEN)?;

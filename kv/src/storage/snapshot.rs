@@ -440,6 +440,8 @@ pub(super) fn install(
         sm_meta.insert("last_applied", encode(&meta.last_log_id).as_slice())?;
         sm_meta.insert("membership", encode(&meta.last_membership).as_slice())?;
     }
+    // The watch index is derived from the history, not shipped.
+    super::changes::rebuild(&txn)?;
     txn.commit()?;
     Ok(())
 }
