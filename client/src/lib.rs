@@ -21,6 +21,7 @@ mod fed;
 mod namespaces;
 pub mod protocol;
 pub mod ticket;
+mod watch;
 pub mod wire;
 
 use std::collections::{BTreeSet, HashMap};
@@ -41,7 +42,9 @@ pub use protocol::{
     FollowSummary, KvRequest, KvResponse, MemberStatus, MirrorReport, MirrorSummary, NetFaults,
     NsRequest, NsResponse, Resource, ResourceKind, RpcError, ViaMirror, WhoAmI,
 };
+pub use protocol::{WatchCanceled, WatchRequest};
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
+pub use watch::{Watch, WatchError, WatchUpdate};
 
 use protocol::{CLIENT_ALPN, MAX_CLIENT_FRAME};
 

@@ -13,7 +13,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use aspen_kv::api::{Command, CommandResult, LimitError, RangeRequest, RangeResponse, ReadError};
+use aspen_kv::api::{
+    Command, CommandResult, Event, Key, LimitError, RangeRequest, RangeResponse, ReadError,
+    Revision,
+};
 use aspen_kv::{NodeId, StateDigest};
 pub use aspen_sync::{Resource, ResourceKind};
 
@@ -69,6 +72,60 @@ pub enum KvRequest {
         request: RangeRequest,
         consistency: Consistency,
     },
+    /// Opens a watch on this stream: the node answers with a sequence of
+    /// [`KvResponse::Watch`] frames (the first one `Created`) until either side closes the
+    /// stream. Each watch is its own QUIC stream; many share one connection.
+    Watch(WatchRequest),
+}
+
+/// What a watch follows: the events of keys in `[start, end)` (or of the key `start` when
+/// `end` is `None`; an empty `end` means "to the end of the key space"), from revision `from`
+/// (0: from the next revision) or, resuming inside a revision, after key `after` in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    pub start: Key,
+    pub end: Option<Key>,
+    pub from: Revision,
+    pub after: Option<Key>,
+    /// Also send each key's value before the event.
+    pub prev_kv: bool,
+    /// Send `Progress` after this long without events (0: never).
+    pub progress_every_ms: u64,
+}
+
+/// One frame of a watch stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchMessage {
+    /// The watch runs: its events start at revision `from`; `revision` is the node's current
+    /// revision.
+    Created { from: Revision, revision: Revision },
+    /// Events in revision order, each revision's events together, except that a revision
+    /// too large for one frame comes in several with `fragment` set on all but the last.
+    /// `revision`: the node's revision when they were read.
+    Events {
+        events: Vec<Event>,
+        revision: Revision,
+        fragment: bool,
+    },
+    /// Nothing changed in the range up to `revision` (sent when asked for).
+    Progress { revision: Revision },
+    /// The watch ended: the stream closes after this.
+    Canceled(WatchCanceled),
+}
+
+/// Why a watch ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WatchCanceled {
+    /// The watch's next revision was compacted away (it started too far back, or fell behind
+    /// a compaction): events would be missing, so none are skipped silently.
+    #[error("revision {requested} is compacted (compacted up to {compacted}): restart the watch from a newer revision after reading the current state")]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    /// The node could not read its store.
+    #[error("the node cannot read its store: {0}")]
+    Storage(String),
 }
 
 /// Membership and the cluster's identity.
@@ -347,6 +404,7 @@ pub enum ClientResponse {
 pub enum KvResponse {
     Write { results: Vec<CommandResult> },
     Range(RangeResponse),
+    Watch(WatchMessage),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,6 +22,8 @@ pub enum FrameError {
     Decode(#[from] postcard::Error),
     #[error("stream read failed: {0}")]
     Read(String),
+    #[error("stream reset by the peer with code {0}")]
+    Reset(u64),
     #[error("stream write failed: {0}")]
     Write(String),
 }
@@ -71,7 +73,7 @@ pub async fn read_frame<T: DeserializeOwned>(
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| match e {
         ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-        ReadExactError::ReadError(e) => FrameError::Read(e.to_string()),
+        ReadExactError::ReadError(e) => read_error(e),
     })?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
@@ -83,10 +85,17 @@ pub async fn read_frame<T: DeserializeOwned>(
         match recv.read_chunk(want).await {
             Ok(Some(bytes)) => body.extend_from_slice(&bytes),
             Ok(None) => return Err(FrameError::Truncated),
-            Err(e) => return Err(FrameError::Read(e.to_string())),
+            Err(e) => return Err(read_error(e)),
         }
     }
     decode_body(&body)
+}
+
+fn read_error(e: iroh::endpoint::ReadError) -> FrameError {
+    match e {
+        iroh::endpoint::ReadError::Reset(code) => FrameError::Reset(code.into_inner()),
+        e => FrameError::Read(e.to_string()),
+    }
 }
 
 #[cfg(test)]

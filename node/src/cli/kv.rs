@@ -61,6 +61,39 @@ pub enum KvCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print every change to KEY, to the keys with --prefix P, or to [--from A, --to B), one
+    /// event per line, until stopped (Ctrl-C). Starts at the next revision, or at --rev N
+    /// (history back to the compaction point). Events come in revision order, each
+    /// revision's together, and the watch survives member failures without missing or
+    /// repeating one. Text: `PUT KEY VALUE` / `DELETE KEY`, with the revision.
+    Watch {
+        /// The key to watch (omit with --prefix or --from).
+        #[arg(required_unless_present_any = ["prefix", "from"], conflicts_with_all = ["prefix", "from"])]
+        key: Option<String>,
+        /// Watch every key starting with P ("" for all keys).
+        #[arg(long, conflicts_with = "from")]
+        prefix: Option<String>,
+        /// Watch [A, B) (B omitted: to the end of the key space).
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// Start at this revision (0: the next one).
+        #[arg(long, default_value_t = 0)]
+        rev: u64,
+        /// Also print each key's previous value.
+        #[arg(long)]
+        prev_kv: bool,
+        /// Print a progress line (the current revision) after this many seconds without
+        /// events (0: never).
+        #[arg(long, default_value_t = 0.0)]
+        progress: f64,
+        /// Stop after this many events (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List keys with PREFIX (all keys if omitted), or in [--from, --to).
     Scan {
         prefix: Option<String>,
@@ -85,7 +118,8 @@ pub async fn kv(cmd: KvCommand) -> Result<()> {
         | KvCommand::Del { client, .. }
         | KvCommand::Compact { client, .. }
         | KvCommand::Cas { client, .. }
-        | KvCommand::Scan { client, .. } => client.clone(),
+        | KvCommand::Scan { client, .. }
+        | KvCommand::Watch { client, .. } => client.clone(),
     };
     let c = args.client().await?;
     let result = kv_with(&c, cmd).await;
@@ -192,6 +226,51 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
                 Output::Text => println!("compacted history before revision {revision}"),
             }
         }
+        KvCommand::Watch {
+            key,
+            prefix,
+            from,
+            to,
+            rev,
+            prev_kv,
+            progress,
+            count,
+            client,
+        } => {
+            if !(progress.is_finite() && progress >= 0.0) {
+                bail!("--progress must be a number of seconds");
+            }
+            let (start, end) = match (key, prefix, from) {
+                (Some(k), _, _) => (client.bytes(&k)?, None),
+                (None, Some(p), _) => {
+                    let start = client.bytes(&p)?;
+                    let end = prefix_end(&start);
+                    (start, Some(end))
+                }
+                (None, None, Some(f)) => (
+                    client.bytes(&f)?,
+                    Some(match to {
+                        Some(t) => client.bytes(&t)?,
+                        None => Vec::new(),
+                    }),
+                ),
+                (None, None, None) => bail!("name a KEY, --prefix or --from"),
+            };
+            watch(
+                c,
+                &client,
+                aspen_client::WatchRequest {
+                    start,
+                    end,
+                    from: rev,
+                    after: None,
+                    prev_kv,
+                    progress_every_ms: (progress * 1000.0) as u64,
+                },
+                count,
+            )
+            .await?;
+        }
         KvCommand::Scan {
             prefix,
             from,
@@ -273,4 +352,62 @@ impl ReadArgs {
     fn consistency(&self) -> Consistency {
         Consistency::serializable_if(self.serializable)
     }
+}
+
+/// Prints a watch's events, one per line, until `count` events (0: forever) or an error.
+async fn watch(
+    c: &Client,
+    client: &ClientArgs,
+    request: aspen_client::WatchRequest,
+    count: u64,
+) -> Result<()> {
+    use aspen_client::WatchUpdate;
+    use aspen_kv::api::EventKind;
+    use futures::StreamExt;
+    let mut watch = c.watch(request);
+    let mut seen = 0u64;
+    while let Some(update) = watch.next().await {
+        match update? {
+            WatchUpdate::Events { events, .. } => {
+                for e in events {
+                    let kind = match e.kind {
+                        EventKind::Put => "PUT",
+                        EventKind::Delete => "DELETE",
+                    };
+                    match client.output {
+                        Output::Json => println!(
+                            "{}",
+                            json!({
+                                "type": kind,
+                                "revision": e.kv.mod_revision,
+                                "kv": client.kv_json(&e.kv),
+                                "prev_kv": e.prev_kv.as_ref().map(|p| client.kv_json(p)),
+                            })
+                        ),
+                        Output::Text => {
+                            let mut line =
+                                format!("{} {kind} {}", e.kv.mod_revision, client.show(&e.kv.key));
+                            if e.kind == EventKind::Put {
+                                line.push(' ');
+                                line.push_str(&client.show(&e.kv.value));
+                            }
+                            if let Some(p) = &e.prev_kv {
+                                line.push_str(&format!(" (was {})", client.show(&p.value)));
+                            }
+                            println!("{line}");
+                        }
+                    }
+                    seen += 1;
+                    if count > 0 && seen >= count {
+                        return Ok(());
+                    }
+                }
+            }
+            WatchUpdate::Progress { revision } => match client.output {
+                Output::Json => println!("{}", json!({ "type": "PROGRESS", "revision": revision })),
+                Output::Text => println!("{revision} PROGRESS"),
+            },
+        }
+    }
+    Ok(())
 }

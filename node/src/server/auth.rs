@@ -338,6 +338,12 @@ fn kv_needs(request: &KvRequest, out: &mut Vec<Need>) {
             request.start.clone(),
             request.end.clone(),
         )),
+        KvRequest::Watch(watch) => out.push(Need::Range(
+            Kind::Kv,
+            Action::Read,
+            watch.start.clone(),
+            watch.end.clone(),
+        )),
     }
 }
 

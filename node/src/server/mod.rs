@@ -823,6 +823,19 @@ impl ProtocolHandler for ClientService {
                     read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME),
                 );
                 let response = match read.await {
+                    Ok(Ok(ClientRequest::Kv(aspen_client::KvRequest::Watch(watch)))) => {
+                        // A watch keeps the stream: authorized like its range read, then
+                        // served until it ends.
+                        let request =
+                            ClientRequest::Kv(aspen_client::KvRequest::Watch(watch.clone()));
+                        match state.authorize(&request, &caller).await {
+                            Ok(_) => {
+                                kv::serve_watch(&state.cluster, watch, send, recv).await;
+                                return;
+                            }
+                            Err(e) => ClientResponse::Error(e),
+                        }
+                    }
                     Ok(Ok(request)) => state.serve_client(request, &caller, recv).await,
                     Ok(Err(e)) => {
                         ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))
@@ -862,33 +875,41 @@ impl NodeState {
         caller: &auth::Caller,
         recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        let members = self.cluster.member_keys();
-        let needs = auth::needs(&request);
-        let mut access = self
-            .auth
-            .access(caller, members.clone(), identity::unix_now());
-        let blob_hashes = match access.check(&needs) {
+        let blob_hashes = match self.authorize(&request, caller).await {
             Ok(h) => h,
+            Err(e) => return ClientResponse::Error(e),
+        };
+        let access = self
+            .auth
+            .access(caller, self.cluster.member_keys(), identity::unix_now());
+        self.handle_client(request, &access, blob_hashes, recv)
+            .await
+    }
+
+    /// Checks that `caller` may make `request` (catching up with the leader's policy once
+    /// before refusing); returns the blob hashes the request names.
+    async fn authorize(
+        &self,
+        request: &ClientRequest,
+        caller: &auth::Caller,
+    ) -> Result<Vec<[u8; 32]>, RpcError> {
+        let needs = auth::needs(request);
+        let check = || {
+            self.auth
+                .access(caller, self.cluster.member_keys(), identity::unix_now())
+                .check(&needs)
+        };
+        match check() {
             // The policy here may lag behind what the cluster committed (a grant made through
             // another member, or entries replayed after a restart): catch up, then decide.
             Err(denied @ RpcError::PermissionDenied { .. }) => match self.catch_up_policy().await {
-                Err(e) => {
-                    return ClientResponse::Error(RpcError::Unavailable(format!(
-                        "cannot confirm the access policy with the leader ({e}); retry"
-                    )))
-                }
-                Ok(false) => return ClientResponse::Error(denied),
-                Ok(true) => {
-                    access = self.auth.access(caller, members, identity::unix_now());
-                    match access.check(&needs) {
-                        Ok(h) => h,
-                        Err(e) => return ClientResponse::Error(e),
-                    }
-                }
+                Err(e) => Err(RpcError::Unavailable(format!(
+                    "cannot confirm the access policy with the leader ({e}); retry"
+                ))),
+                Ok(false) => Err(denied),
+                Ok(true) => check(),
             },
-            Err(e) => return ClientResponse::Error(e),
-        };
-        self.handle_client(request, &access, blob_hashes, recv)
-            .await
+            other => other,
+        }
     }
 }

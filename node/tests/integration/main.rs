@@ -17,3 +17,4 @@ mod federation;
 mod flake;
 mod mirrors;
 mod namespaces;
+mod watch;

@@ -1,0 +1,189 @@
+//! Watches over the client protocol: the SDK's stream and `aspen kv watch`, against real
+//! processes; resumed across the loss of the member serving them with no gap and no
+//! duplicate; compacted starts refused; a key without a grant refused.
+
+use aspen_client::{ClientError, RpcError, WatchError, WatchRequest, WatchUpdate};
+use aspen_kv::api::{prefix_end, Event, EventKind};
+use futures::StreamExt;
+
+use crate::common::*;
+
+fn prefix(p: &str) -> WatchRequest {
+    WatchRequest {
+        start: p.as_bytes().to_vec(),
+        end: Some(prefix_end(p.as_bytes())),
+        from: 0,
+        after: None,
+        prev_kv: true,
+        progress_every_ms: 0,
+    }
+}
+
+/// The next `n` events of `watch` (progress updates skipped).
+async fn next_events(watch: &mut aspen_client::Watch, n: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let update = tokio::time::timeout(DEADLINE, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events within {DEADLINE:?}", out.len()))
+            .expect("the watch ended");
+        match update.expect("a watch update") {
+            WatchUpdate::Events { events, .. } => out.extend(events),
+            WatchUpdate::Progress { .. } => {}
+        }
+    }
+    out
+}
+
+/// Every event of a 3-node cluster's writes reaches the watch exactly once and in order,
+/// while each member in turn is killed and restarted (one of them was serving the watch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_sees_every_change_once_in_order_across_member_failures() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    // From an explicit revision: the watch may open after the first write.
+    let marker = client
+        .put(b"x/start".to_vec(), b"x".to_vec())
+        .await
+        .unwrap();
+    let mut watch = client.watch(WatchRequest {
+        from: marker.revision + 1,
+        ..prefix("w/")
+    });
+    let first = client.put(b"w/000".to_vec(), b"0".to_vec()).await.unwrap();
+    let got = next_events(&mut watch, 1).await;
+    assert_eq!(got[0].kv.mod_revision, first.revision);
+    let mut want = vec![(first.revision, "w/000".to_string(), EventKind::Put)];
+    let mut i = 1;
+    for victim in nodes.iter_mut() {
+        // Some writes, then the member goes, more writes, it comes back.
+        for _ in 0..5 {
+            let key = format!("w/{i:03}");
+            let r = client
+                .put(key.as_bytes().to_vec(), i.to_string().into_bytes())
+                .await
+                .unwrap();
+            want.push((r.revision, key, EventKind::Put));
+            i += 1;
+        }
+        // Outside the range: never seen.
+        client
+            .put(b"x/other".to_vec(), b"x".to_vec())
+            .await
+            .unwrap();
+        victim.kill9();
+        for _ in 0..5 {
+            let key = format!("w/{i:03}");
+            let r = client
+                .put(key.as_bytes().to_vec(), i.to_string().into_bytes())
+                .await
+                .unwrap();
+            want.push((r.revision, key, EventKind::Put));
+            i += 1;
+        }
+        let gone = format!("w/{:03}", i - 1);
+        let r = client.delete(gone.as_bytes().to_vec()).await.unwrap();
+        want.push((r.revision, gone, EventKind::Delete));
+        victim.restart(None);
+    }
+    let got = next_events(&mut watch, want.len() - 1).await;
+    let got: Vec<(u64, String, EventKind)> =
+        std::iter::once((first.revision, "w/000".to_string(), EventKind::Put))
+            .chain(got.iter().map(|e| {
+                (
+                    e.kv.mod_revision,
+                    String::from_utf8(e.kv.key.clone()).unwrap(),
+                    e.kind,
+                )
+            }))
+            .collect();
+    assert_eq!(got, want);
+    drop(watch);
+    client.close().await;
+}
+
+/// `aspen kv watch`: history from --rev, live events, JSON lines; a compacted start is an
+/// error that says so; a key without a grant is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_history_then_live_events_and_refuses_what_it_must() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let ticket = ticket_text(&nodes);
+    let client = client_of(&nodes[0]).await;
+    let r1 = client.put(b"k".to_vec(), b"one".to_vec()).await.unwrap();
+    client.put(b"k".to_vec(), b"two".to_vec()).await.unwrap();
+    client.delete(b"k".to_vec()).await.unwrap();
+    // History from r1 (three events), then a live write; --count stops it. However late the
+    // CLI starts, the fourth event is the live one.
+    let watch_args: Vec<String> = [
+        "kv",
+        "watch",
+        "k",
+        "--rev",
+        &r1.revision.to_string(),
+        "--prev-kv",
+        "--count",
+        "4",
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (cluster, args) = (ticket.clone(), watch_args.clone());
+    let running = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args, Some(&cluster))
+    });
+    let live = client.put(b"k".to_vec(), b"live".to_vec()).await.unwrap();
+    let out = tokio::time::timeout(DEADLINE, running)
+        .await
+        .expect("the CLI watch ends after 4 events")
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[0]["type"], "PUT");
+    assert_eq!(lines[0]["kv"]["value"], "one");
+    assert_eq!(lines[1]["kv"]["value"], "two");
+    assert_eq!(lines[1]["prev_kv"]["value"], "one");
+    assert_eq!(lines[2]["type"], "DELETE");
+    assert_eq!(lines[2]["prev_kv"]["value"], "two");
+    assert_eq!(lines[3]["kv"]["value"], "live");
+    assert_eq!(lines[3]["revision"], live.revision);
+
+    // Compacted: the watch cannot start there, and says why.
+    client.put(b"k".to_vec(), b"three".to_vec()).await.unwrap();
+    let last = client.put(b"k".to_vec(), b"four".to_vec()).await.unwrap();
+    client.compact(last.revision).await.unwrap();
+    let out = cli(
+        &["kv", "watch", "k", "--rev", &r1.revision.to_string()],
+        Some(&ticket),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("compacted"), "{}", stderr(&out));
+
+    // Default deny: a key without a grant gets no watch.
+    let stranger = aspen_client::Client::connect_with(
+        aspen_client::ClusterTicket {
+            members: vec![nodes[0].ticket.clone()],
+        },
+        stranger_options(),
+    )
+    .await
+    .unwrap();
+    let mut refused = stranger.watch(prefix(""));
+    match tokio::time::timeout(DEADLINE, refused.next())
+        .await
+        .unwrap()
+    {
+        Some(Err(WatchError::Client(ClientError::Rpc(RpcError::PermissionDenied { .. })))) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    stranger.close().await;
+    client.close().await;
+}
