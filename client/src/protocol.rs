@@ -879,6 +879,17 @@ mod tests {
                 vec![0, 0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0],
             ),
             (
+                R::Kv(K::Watch(WatchRequest {
+                    start: b"a".to_vec(),
+                    end: Some(vec![]),
+                    from: 7,
+                    after: None,
+                    prev_kv: true,
+                    progress_every_ms: 9,
+                })),
+                vec![0, 2, 1, b'a', 1, 0, 7, 0, 1, 9],
+            ),
+            (
                 R::Kv(K::Range {
                     request: RangeRequest::key(b"k".to_vec()),
                     consistency: Consistency::Serializable,
@@ -1159,6 +1170,45 @@ mod tests {
         };
         let table: Vec<(ClientResponse, Vec<u8>)> = vec![
             (R::Kv(KvResponse::Write { results: vec![] }), vec![0, 0, 0]),
+            (
+                R::Kv(KvResponse::Watch(WatchMessage::Created {
+                    from: 3,
+                    revision: 2,
+                })),
+                vec![0, 2, 0, 3, 2],
+            ),
+            (
+                R::Kv(KvResponse::Watch(WatchMessage::Events {
+                    events: vec![Event {
+                        kind: aspen_kv::api::EventKind::Delete,
+                        kv: aspen_kv::api::KeyValue {
+                            key: b"k".to_vec(),
+                            value: vec![],
+                            create_revision: 0,
+                            mod_revision: 4,
+                            version: 0,
+                            lease: 0,
+                        },
+                        prev_kv: None,
+                    }],
+                    revision: 5,
+                    fragment: true,
+                })),
+                vec![0, 2, 1, 1, 1, 1, b'k', 0, 0, 4, 0, 0, 0, 5, 1],
+            ),
+            (
+                R::Kv(KvResponse::Watch(WatchMessage::Progress { revision: 6 })),
+                vec![0, 2, 2, 6],
+            ),
+            (
+                R::Kv(KvResponse::Watch(WatchMessage::Canceled(
+                    WatchCanceled::Compacted {
+                        requested: 1,
+                        compacted: 2,
+                    },
+                ))),
+                vec![0, 2, 3, 0, 1, 2],
+            ),
             (R::Cluster(ClusterResponse::Done), vec![1, 0]),
             (
                 R::Cluster(ClusterResponse::Identity(ClusterIdentity {
