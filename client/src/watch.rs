@@ -136,9 +136,15 @@ impl Client {
         let mut backoff = Duration::from_millis(50);
         let mut exclude: Vec<[u8; 32]> = Vec::new();
         loop {
-            let Some(target) = self.pick_target(&exclude) else {
+            let Some(target) = self.pick_target(&exclude).or_else(|| {
                 exclude.clear();
-                continue;
+                self.pick_target(&[])
+            }) else {
+                return WatchError::Client(ClientError::Unavailable {
+                    attempts: 0,
+                    elapsed: Duration::ZERO,
+                    last: "the client knows no member".into(),
+                });
             };
             let attempt = WatchRequest {
                 from: cursor.from,

@@ -156,6 +156,17 @@ async fn the_cli_prints_history_then_live_events_and_refuses_what_it_must() {
     assert_eq!(lines[3]["kv"]["value"], "live");
     assert_eq!(lines[3]["revision"], live.revision);
 
+    // Progress: an idle watch that asked for it hears the current revision.
+    let mut idle = client.watch(WatchRequest {
+        progress_every_ms: 200,
+        ..prefix("idle/")
+    });
+    match tokio::time::timeout(DEADLINE, idle.next()).await.unwrap() {
+        Some(Ok(WatchUpdate::Progress { revision })) => assert_eq!(revision, live.revision),
+        other => panic!("expected progress, got {other:?}"),
+    }
+    drop(idle);
+
     // Compacted: the watch cannot start there, and says why.
     client.put(b"k".to_vec(), b"three".to_vec()).await.unwrap();
     let last = client.put(b"k".to_vec(), b"four".to_vec()).await.unwrap();
