@@ -205,6 +205,9 @@ pub enum TestFault {
     /// Federation: at every check for changed exports, also announce a manifest signed by
     /// another key and the previously announced one again (a replay).
     FedForgedAnnouncements,
+    /// Watches: a watch reopened from a revision (a resume) starts one revision later,
+    /// skipping that revision's events.
+    WatchSkipOnResume,
 }
 
 impl Default for NodeConfig {

@@ -124,6 +124,10 @@ async fn serve_watch_frames(
     if changes.from == 0 {
         changes.from = current + 1;
         changes.after = None;
+    } else if cluster.test_fault == Some(crate::config::TestFault::WatchSkipOnResume)
+        && changes.after.is_none()
+    {
+        changes.from += 1;
     }
     send_message(
         send,

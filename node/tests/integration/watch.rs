@@ -198,3 +198,55 @@ async fn the_cli_prints_history_then_live_events_and_refuses_what_it_must() {
     stranger.close().await;
     client.close().await;
 }
+
+/// Negative control: a node that skips a revision when a watch is reopened from one (test
+/// fault `watch-skip-on-resume`) is caught by the same comparison as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_watch_that_skips_on_resume_is_caught() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(
+        root.path(),
+        1,
+        &["--unsafe-test-fault", "watch-skip-on-resume"],
+    )
+    .await;
+    let client = client_of(&nodes[0]).await;
+    // From now (0): the first opening is not a resume, so nothing is skipped yet. A
+    // progress update shows the watch runs: writes from then on are in it.
+    let mut watch = client.watch(WatchRequest {
+        from: 0,
+        progress_every_ms: 100,
+        ..prefix("w/")
+    });
+    match tokio::time::timeout(DEADLINE, watch.next()).await.unwrap() {
+        Some(Ok(WatchUpdate::Progress { .. })) => {}
+        other => panic!("expected progress first, got {other:?}"),
+    }
+    let first = client.put(b"w/a".to_vec(), b"1".to_vec()).await.unwrap();
+    let mut want = vec![first.revision];
+    let mut got: Vec<u64> = next_events(&mut watch, 1)
+        .await
+        .iter()
+        .map(|e| e.kv.mod_revision)
+        .collect();
+    assert_eq!(got, want, "nothing is skipped before a resume");
+    // The node restarts: the watch reopens from its cursor.
+    nodes[0].kill9();
+    nodes[0].restart(None);
+    for key in ["w/b", "w/c"] {
+        let r = client
+            .put(key.as_bytes().to_vec(), b"2".to_vec())
+            .await
+            .unwrap();
+        want.push(r.revision);
+    }
+    let last = *want.last().unwrap();
+    while got.last() != Some(&last) {
+        let events = next_events(&mut watch, 1).await;
+        got.extend(events.iter().map(|e| e.kv.mod_revision));
+    }
+    assert_ne!(got, want, "the comparison must catch the skipped revision");
+    assert!(!got.contains(&want[1]), "{got:?} vs {want:?}");
+    drop(watch);
+    client.close().await;
+}
