@@ -89,9 +89,13 @@ pub struct WatchRequest {
     pub after: Option<Key>,
     /// Also send each key's value before the event.
     pub prev_kv: bool,
-    /// Send `Progress` after this long without events (0: never).
+    /// Send `Progress` after this long without events (0: never; at most
+    /// [`MAX_PROGRESS_EVERY_MS`]).
     pub progress_every_ms: u64,
 }
+
+/// Longest progress interval a watch may ask for (a day; longer ones are refused).
+pub const MAX_PROGRESS_EVERY_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// One frame of a watch stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,7 +90,7 @@ impl Cursor {
                 self.from = last.kv.mod_revision;
                 self.after = Some(last.kv.key.clone());
             } else {
-                self.from = last.kv.mod_revision + 1;
+                self.from = last.kv.mod_revision.saturating_add(1);
                 self.after = None;
             }
         }
@@ -254,7 +254,7 @@ impl Client {
                 }
                 WatchMessage::Progress { revision } => {
                     if cursor.after.is_none() {
-                        cursor.from = cursor.from.max(revision + 1);
+                        cursor.from = cursor.from.max(revision.saturating_add(1));
                     }
                     WatchUpdate::Progress { revision }
                 }

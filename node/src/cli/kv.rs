@@ -237,8 +237,9 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
             count,
             client,
         } => {
-            if !(progress.is_finite() && progress >= 0.0) {
-                bail!("--progress must be a number of seconds");
+            let max_progress = aspen_client::protocol::MAX_PROGRESS_EVERY_MS as f64 / 1000.0;
+            if !(progress.is_finite() && (0.0..=max_progress).contains(&progress)) {
+                bail!("--progress must be a number of seconds from 0 to {max_progress}");
             }
             let (start, end) = match (key, prefix, from) {
                 (Some(k), _, _) => (client.bytes(&k)?, None),

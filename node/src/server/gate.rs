@@ -22,7 +22,8 @@
 //!   does) and everyone else's through iroh-docs' own sync handler with an accept decision of
 //!   ours: each namespace asked for must be one the caller may read (a grant, its ticket
 //!   names the caller, or it is exported to the cluster the caller proved in a federation
-//!   hello); others are refused as not found.
+//!   hello, or it is a followed namespace this cluster mirrors to that cluster); others are
+//!   refused as not found.
 //!
 //! iroh-gossip cannot be gated per topic with the stock crate (the topic is inside messages
 //! it reads itself): a peer admitted on its ALPN can join the topic of any namespace whose id

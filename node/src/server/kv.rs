@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aspen_client::protocol::{
     ClientResponse, Consistency, KvRequest, KvResponse, RpcError, WatchCanceled, WatchMessage,
-    WatchRequest, MAX_CLIENT_FRAME,
+    WatchRequest, MAX_CLIENT_FRAME, MAX_PROGRESS_EVERY_MS,
 };
 use aspen_kv::api::{ChangesRequest, ReadError};
 use iroh::endpoint::{RecvStream, SendStream, VarInt};
@@ -54,7 +54,7 @@ impl KvService {
 pub const WATCH_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stream reset code of a watch cancelled because its watcher did not read.
 pub const WATCH_TOO_SLOW: u32 = 0x5157;
-/// Shortest progress interval a watch may ask for.
+/// Shortest progress interval a watch may ask for (shorter ones are raised to it).
 pub const MIN_PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Serves one watch on its stream (access already checked) until the watcher closes it, the
@@ -115,6 +115,13 @@ async fn serve_watch_frames(
     };
     if let Err(e) = changes.validate() {
         return send_frame(send, &ClientResponse::Error(e.into())).await;
+    }
+    if request.progress_every_ms > MAX_PROGRESS_EVERY_MS {
+        let e = RpcError::BadRequest(format!(
+            "progress every {} ms: the longest interval is {MAX_PROGRESS_EVERY_MS} ms (a day)",
+            request.progress_every_ms
+        ));
+        return send_frame(send, &ClientResponse::Error(e)).await;
     }
     let mut revisions = cluster.sm.watch_revision();
     let current = match cluster.sm.status().await {

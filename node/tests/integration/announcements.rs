@@ -49,6 +49,28 @@ async fn arrival(
     None
 }
 
+/// Waits for the follow's first successful pull (at once, as for any new follow): it tells
+/// the follower where the origin is, and it joins the topic after it.
+async fn first_pull(follower: &Client, nodes: &[NodeProc]) {
+    wait_until_or_dump("the first pull", nodes, || async {
+        let f = follower.fed_follows().await.ok()?.remove(0);
+        (f.last_success_ms > 0).then_some(())
+    })
+    .await;
+}
+
+/// Edits on the origin until one reaches `follower` within 2 s: from then on it hears
+/// announcements (its topic join may come before the origin's, and is retried).
+async fn warm_up(origin: &Client, follower: &Client, nodes: &[NodeProc]) {
+    let value = std::sync::atomic::AtomicI64::new(0);
+    wait_until_or_dump("the follower to hear announcements", nodes, || async {
+        let v = value.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let heads = edit_round(origin.clone(), v).await;
+        arrival(follower.clone(), heads, Duration::from_secs(2)).await
+    })
+    .await;
+}
+
 /// Makes `count` edits on the origin, each waited for on `follower` within
 /// [`ARRIVAL_BOUND`]; returns how long each took, sorted. Panics with the logs of `nodes`
 /// when one does not arrive.
@@ -114,28 +136,9 @@ async fn each_edit_arrives_when_announced_and_forged_announcements_are_ignored()
         .await
         .unwrap();
 
-    let round = std::sync::atomic::AtomicI64::new(0);
-    let edit = || {
-        let value = round.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        edit_round(a_client.clone(), value)
-    };
-    let arrived = |heads: Vec<automerge::ChangeHash>, bound: Duration| {
-        arrival(b_client.clone(), heads, bound)
-    };
-    // The follow's first pull (at once, as for any new follow) tells the follower where the
-    // origin is; it then joins the topic. From here on only announcements bring edits: edit
-    // until one arrives.
-    wait_until_or_dump("the first pull", &b, || async {
-        let f = b_client.fed_follows().await.ok()?.remove(0);
-        (f.last_success_ms > 0).then_some(())
-    })
-    .await;
-    wait_until_or_dump("the follower to hear announcements", &b, || {
-        let edited = edit();
-        let arrived = &arrived;
-        async move { arrived(edited.await, Duration::from_secs(2)).await }
-    })
-    .await;
+    // From here on only announcements bring edits.
+    first_pull(&b_client, &b).await;
+    warm_up(&a_client, &b_client, &b).await;
     let took = timed_edits(&a_client, &b_client, EDITS, &[&b[0], &a[0]]).await;
     eprintln!(
         "edit -> follower by announcement: p50 {:?}, p99 {:?}, max {:?} ({EDITS} edits)",
@@ -244,26 +247,8 @@ async fn edits_arrive_through_a_mirror_that_announces_what_it_serves() {
         (f.last_source == Some(b_key)).then_some(())
     })
     .await;
-    let mut value = 0i64;
-    let mut edit = || {
-        value += 1;
-        edit_round(a_client.clone(), value)
-    };
-    let on_c = |heads: Vec<automerge::ChangeHash>, bound: Duration| {
-        arrival(c_client.clone(), heads, bound)
-    };
-    // Both followers join their topics after their first pulls: edit until one arrives.
-    let mut first = None;
-    let deadline = Instant::now() + DEADLINE;
-    while first.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "no edit reached C by announcement; C's log:\n{}\nB's log:\n{}",
-            c[0].log(),
-            b[0].log()
-        );
-        first = on_c(edit().await, Duration::from_secs(2)).await;
-    }
+    // Both followers join their topics after their first pulls.
+    warm_up(&a_client, &c_client, &c).await;
     let took = timed_edits(&a_client, &c_client, MIRRORED_EDITS, &[&c[0], &b[0]]).await;
     eprintln!(
         "edit -> reader through a mirror: p50 {:?}, max {:?} ({MIRRORED_EDITS} edits)",
@@ -311,11 +296,7 @@ async fn each_blob_tagged_on_the_origin_arrives_when_announced() {
         .fed_follow(a_key, site, Some("got/".into()), vec![a[0].ticket.clone()])
         .await
         .unwrap();
-    wait_until_or_dump("the first pull", &b, || async {
-        let f = b_client.fed_follows().await.ok()?.remove(0);
-        (f.last_success_ms > 0).then_some(())
-    })
-    .await;
+    first_pull(&b_client, &b).await;
     let tagged_on_b = |tag: String| {
         let b_client = b_client.clone();
         async move {
@@ -410,28 +391,8 @@ async fn a_follower_that_reached_another_member_hears_the_leader() {
         )
         .await
         .unwrap();
-    wait_until_or_dump("the first pull", &b, || async {
-        let f = b_client.fed_follows().await.ok()?.remove(0);
-        (f.last_success_ms > 0).then_some(())
-    })
-    .await;
-    let mut value = 0;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no edit reached B by announcement; B's log:\n{}",
-            b[0].log()
-        );
-        value += 1;
-        let heads = edit_round(a_client.clone(), value).await;
-        if arrival(b_client.clone(), heads, Duration::from_secs(2))
-            .await
-            .is_some()
-        {
-            break;
-        }
-    }
+    first_pull(&b_client, &b).await;
+    warm_up(&a_client, &b_client, &b).await;
     let nodes: Vec<&NodeProc> = b.iter().chain(a.iter()).collect();
     let took = timed_edits(&a_client, &b_client, MEMBER_EDITS, &nodes).await;
     eprintln!(

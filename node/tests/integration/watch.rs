@@ -19,6 +19,24 @@ fn prefix(p: &str) -> WatchRequest {
     }
 }
 
+/// Puts five new keys `w/NNN` from `*next` on; returns (revision, key, PUT) of each.
+async fn five_puts(
+    client: &aspen_client::Client,
+    next: &mut usize,
+) -> Vec<(u64, String, EventKind)> {
+    let mut noted = Vec::new();
+    for _ in 0..5 {
+        let key = format!("w/{:03}", *next);
+        let r = client
+            .put(key.as_bytes().to_vec(), next.to_string().into_bytes())
+            .await
+            .unwrap();
+        noted.push((r.revision, key, EventKind::Put));
+        *next += 1;
+    }
+    noted
+}
+
 /// The next `n` events of `watch` (progress updates skipped).
 async fn next_events(watch: &mut aspen_client::Watch, n: usize) -> Vec<Event> {
     let mut out = Vec::new();
@@ -58,30 +76,14 @@ async fn a_watch_sees_every_change_once_in_order_across_member_failures() {
     let mut i = 1;
     for victim in nodes.iter_mut() {
         // Some writes, then the member goes, more writes, it comes back.
-        for _ in 0..5 {
-            let key = format!("w/{i:03}");
-            let r = client
-                .put(key.as_bytes().to_vec(), i.to_string().into_bytes())
-                .await
-                .unwrap();
-            want.push((r.revision, key, EventKind::Put));
-            i += 1;
-        }
+        want.extend(five_puts(&client, &mut i).await);
         // Outside the range: never seen.
         client
             .put(b"x/other".to_vec(), b"x".to_vec())
             .await
             .unwrap();
         victim.kill9();
-        for _ in 0..5 {
-            let key = format!("w/{i:03}");
-            let r = client
-                .put(key.as_bytes().to_vec(), i.to_string().into_bytes())
-                .await
-                .unwrap();
-            want.push((r.revision, key, EventKind::Put));
-            i += 1;
-        }
+        want.extend(five_puts(&client, &mut i).await);
         let gone = format!("w/{:03}", i - 1);
         let r = client.delete(gone.as_bytes().to_vec()).await.unwrap();
         want.push((r.revision, gone, EventKind::Delete));
@@ -166,6 +168,42 @@ async fn the_cli_prints_history_then_live_events_and_refuses_what_it_must() {
         other => panic!("expected progress, got {other:?}"),
     }
     drop(idle);
+
+    // Bad input: typed refusals, and the node keeps serving.
+    let refusal = |request: WatchRequest| {
+        let client = client.clone();
+        async move {
+            let mut watch = client.watch(request);
+            match tokio::time::timeout(DEADLINE, watch.next()).await.unwrap() {
+                Some(Err(WatchError::Client(ClientError::Rpc(e)))) => e.to_string(),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    };
+    let e = refusal(WatchRequest {
+        progress_every_ms: u64::MAX,
+        ..prefix("k")
+    })
+    .await;
+    assert!(e.contains("progress every"), "{e}");
+    let e = refusal(WatchRequest {
+        start: vec![b'k'; aspen_kv::limits::MAX_KEY_BYTES + 1],
+        end: None,
+        ..prefix("")
+    })
+    .await;
+    assert!(e.contains("key"), "{e}");
+    let out = cli(&["kv", "watch", "k", "--progress", "1e12"], Some(&ticket));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--progress must be"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        client.get(b"k".to_vec()).await.is_ok(),
+        "the node still serves"
+    );
 
     // Compacted: the watch cannot start there, and says why.
     client.put(b"k".to_vec(), b"three".to_vec()).await.unwrap();

@@ -27,9 +27,7 @@ use std::time::Duration;
 use aspen_federation::announce::{
     check_announcement, gossip_topic, Announcement, AnnouncementLimiter,
 };
-use aspen_federation::{
-    mirror_key, resource_of_key, EXPORT_PREFIX, FOLLOW_STATE_PREFIX, MAX_EXPORTS,
-};
+use aspen_federation::{resource_of_key, EXPORT_PREFIX, FOLLOW_STATE_PREFIX, MAX_EXPORTS};
 use aspen_sync::{Resource, ResourceKind};
 use aspen_trust::ClusterKey;
 use futures::StreamExt;
@@ -260,6 +258,13 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
         let Ok(follows) = list_follows(&state.cluster).await else {
             continue;
         };
+        // What this cluster mirrors (one scan, not a read per follow).
+        let mirrored: Vec<(ClusterKey, Resource)> = super::mirror::mirror_policies(&state.cluster)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(o, r, _)| (o, r))
+            .collect();
         listening.retain(|(o, r), _| {
             follows
                 .iter()
@@ -328,7 +333,8 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                     },
                 );
             }
-            if let Some(l) = listening.get_mut(&id) {
+            let mirrors = mirrored.iter().any(|(o, r)| *o == origin && *r == resource);
+            if let Some(l) = listening.get_mut(&id).filter(|_| mirrors) {
                 announce_as_mirror(&state, &origin, &resource, l).await;
             }
         }
@@ -354,19 +360,19 @@ fn bootstrap(pulls: &Pulls, id: &FollowId, follow: &aspen_federation::Follow) ->
     nodes
 }
 
-/// When this cluster mirrors the resource, announces the manifest it accepted last (once
-/// per manifest), naming itself.
+/// Announces the manifest this cluster accepted last for a resource it mirrors (once per
+/// manifest), naming itself.
 async fn announce_as_mirror(
     state: &NodeState,
     origin: &ClusterKey,
     resource: &Resource,
     listening: &mut Listening,
 ) {
-    let get = |key: Vec<u8>| state.cluster.sm.system_get(key);
-    let Ok(Some(_policy)) = get(mirror_key(origin, resource)).await else {
-        return;
-    };
-    let Ok(Some(stored)) = get(aspen_federation::follow_state_key(origin, resource)).await else {
+    let accepted = state
+        .cluster
+        .sm
+        .system_get(aspen_federation::follow_state_key(origin, resource));
+    let Ok(Some(stored)) = accepted.await else {
         return;
     };
     let hash = *blake3::hash(&stored).as_bytes();
