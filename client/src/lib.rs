@@ -18,6 +18,7 @@ mod auth;
 mod blobs;
 pub mod endpoint;
 mod fed;
+mod lease;
 mod namespaces;
 pub mod protocol;
 pub mod ticket;
@@ -35,6 +36,7 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use blobs::BlobAdded;
+pub use lease::{is_lease_gone, KeepAlive, KeptAlive, Lease, LeaseRevoked};
 pub use protocol::{
     AuthRequest, AuthResponse, BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary,
     ClientRequest, ClientResponse, ClusterIdentity, ClusterRequest, ClusterResponse, ClusterStatus,
@@ -42,7 +44,7 @@ pub use protocol::{
     FollowSummary, KvRequest, KvResponse, MemberStatus, MirrorReport, MirrorSummary, NetFaults,
     NsRequest, NsResponse, Resource, ResourceKind, RpcError, ViaMirror, WhoAmI,
 };
-pub use protocol::{WatchCanceled, WatchRequest};
+pub use protocol::{LeaseStatus, WatchCanceled, WatchRequest};
 pub use ticket::{ClusterTicket, NodeTicket, TicketError};
 pub use watch::{Watch, WatchError, WatchUpdate};
 
@@ -1102,7 +1104,7 @@ fn hedge_safe(request: &ClientRequest) -> bool {
     use ClientRequest as R;
     match request {
         R::Kv(KvRequest::Write { commands }) => commands.iter().all(|c| c.session.is_some()),
-        R::Kv(KvRequest::Range { .. })
+        R::Kv(KvRequest::Range { .. } | KvRequest::Lease(_))
         | R::Cluster(
             ClusterRequest::Status | ClusterRequest::Identity | ClusterRequest::StateDigest,
         )

@@ -14,8 +14,8 @@
 use serde::{Deserialize, Serialize};
 
 use aspen_kv::api::{
-    Command, CommandResult, Event, Key, LimitError, RangeRequest, RangeResponse, ReadError,
-    Revision,
+    ApplyError, Command, CommandResult, Event, Key, LeaseId, LimitError, RangeRequest,
+    RangeResponse, ReadError, Revision,
 };
 use aspen_kv::{NodeId, StateDigest};
 pub use aspen_sync::{Resource, ResourceKind};
@@ -74,8 +74,61 @@ pub enum KvRequest {
     },
     /// Opens a watch on this stream: the node answers with a sequence of
     /// [`KvResponse::Watch`] frames (the first one `Created`) until either side closes the
-    /// stream. Each watch is its own QUIC stream; many share one connection.
+    /// stream. Each watch is its own QUIC stream; many share one connection (at most
+    /// [`MAX_WATCHES_PER_CONNECTION`] at once).
     Watch(WatchRequest),
+    /// Leases: keep alive, inspect, list (they are granted and revoked with writes:
+    /// [`aspen_kv::api::WriteOp::LeaseGrant`], [`aspen_kv::api::WriteOp::LeaseRevoke`]).
+    /// → [`KvResponse::Lease`]
+    Lease(LeaseRequest),
+}
+
+/// Most watches one client connection may have open at once (each is a QUIC stream); the
+/// next one is refused with [`RpcError::TooManyWatches`].
+pub const MAX_WATCHES_PER_CONNECTION: usize = 4096;
+
+/// Most lease ids one [`LeaseRequest::List`] returns (continue with `after`).
+pub const MAX_LEASES_PER_LIST: usize = 10_000;
+
+/// A lease request. Leases are granted and revoked with writes (idempotent across retries
+/// like any write; a grant with id 0 gets one picked by the node). Keys are attached with a
+/// put that names the lease ([`aspen_kv::api::WriteOp::PutWith`]); when the lease ends
+/// (revoked, or not kept alive for its time to live) they are deleted, at one revision, with
+/// watch events like any delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseRequest {
+    /// Restarts the lease's time to live, from now. Acknowledged only by the leader, after it
+    /// confirmed its leadership: the lease then lives at least `ttl_secs` from when this
+    /// request was sent. → [`LeaseResponse::KeptAlive`]
+    KeepAlive { id: LeaseId },
+    /// The lease's time to live, time left, and attached keys when `keys` (those the caller
+    /// may read). → [`LeaseResponse::TimeToLive`]
+    TimeToLive { id: LeaseId, keys: bool },
+    /// Lease ids after `after`, in order, at most [`MAX_LEASES_PER_LIST`].
+    /// → [`LeaseResponse::List`]
+    List { after: LeaseId },
+}
+
+/// The answer to a [`LeaseRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseResponse {
+    KeptAlive { id: LeaseId, ttl_secs: u64 },
+    TimeToLive(LeaseStatus),
+    List { ids: Vec<LeaseId>, more: bool },
+}
+
+/// A lease as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub id: LeaseId,
+    /// The time to live it was granted with.
+    pub ttl_secs: u64,
+    /// Time left before it expires, by the leader's clock.
+    pub remaining_ms: u64,
+    /// Keys attached.
+    pub key_count: u64,
+    /// The attached keys, when asked for (only those the caller may read).
+    pub keys: Vec<Key>,
 }
 
 /// What a watch follows: the events of keys in `[start, end)` (or of the key `start` when
@@ -409,6 +462,7 @@ pub enum KvResponse {
     Write { results: Vec<CommandResult> },
     Range(RangeResponse),
     Watch(WatchMessage),
+    Lease(LeaseResponse),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -823,6 +877,14 @@ pub enum RpcError {
     /// A presented capability token was refused.
     #[error("token refused: {0}")]
     Token(String),
+    /// The state machine refused the request (a lease that does not exist, for example).
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The connection already has the most watches open it may.
+    #[error(
+        "this connection already has {max} watches open; close some or open another connection"
+    )]
+    TooManyWatches { max: usize },
 }
 
 impl RpcError {
@@ -881,6 +943,18 @@ mod tests {
                     commands: vec![put],
                 }),
                 vec![0, 0, 1, 1, 1, 2, 1, 0, 1, b'k', 1, b'v', 0],
+            ),
+            (
+                R::Kv(K::Lease(LeaseRequest::KeepAlive { id: 7 })),
+                vec![0, 3, 0, 7],
+            ),
+            (
+                R::Kv(K::Lease(LeaseRequest::TimeToLive { id: 7, keys: true })),
+                vec![0, 3, 1, 7, 1],
+            ),
+            (
+                R::Kv(K::Lease(LeaseRequest::List { after: 2 })),
+                vec![0, 3, 2, 2],
             ),
             (
                 R::Kv(K::Watch(WatchRequest {
@@ -1387,6 +1461,38 @@ mod tests {
                 cat(&[&[6, 12], &[8; 32], &[1, b'x']]),
             ),
             (R::Error(RpcError::Token("t".into())), vec![6, 13, 1, b't']),
+            (
+                R::Error(RpcError::Apply(ApplyError::LeaseNotFound { id: 7 })),
+                vec![6, 14, 5, 7],
+            ),
+            (
+                R::Error(RpcError::TooManyWatches { max: 2 }),
+                vec![6, 15, 2],
+            ),
+            (
+                R::Kv(KvResponse::Lease(LeaseResponse::KeptAlive {
+                    id: 1,
+                    ttl_secs: 2,
+                })),
+                vec![0, 3, 0, 1, 2],
+            ),
+            (
+                R::Kv(KvResponse::Lease(LeaseResponse::TimeToLive(LeaseStatus {
+                    id: 1,
+                    ttl_secs: 2,
+                    remaining_ms: 3,
+                    key_count: 1,
+                    keys: vec![b"k".to_vec()],
+                }))),
+                vec![0, 3, 1, 1, 2, 3, 1, 1, 1, b'k'],
+            ),
+            (
+                R::Kv(KvResponse::Lease(LeaseResponse::List {
+                    ids: vec![9],
+                    more: false,
+                })),
+                vec![0, 3, 2, 1, 9, 0],
+            ),
             (R::Fed(FedResponse::Done), vec![7, 0]),
             (
                 R::Fed(FedResponse::Exports(vec![ExportSummary {

@@ -23,10 +23,16 @@ use crate::{Client, ClientError, ConnectError};
 /// Reset code a node uses for a watch whose watcher stopped reading (see the node's
 /// `WATCH_SEND_TIMEOUT`).
 pub const WATCH_TOO_SLOW: u32 = 0x5157;
+/// The node's shortest progress interval (it raises shorter ones to this).
+const MIN_PROGRESS: Duration = Duration::from_millis(100);
 /// Updates a watch holds for its reader before it stops reading from the node.
 const WATCH_BUFFER: usize = 16;
 /// Longest wait between attempts to reopen a watch.
 const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(2);
+/// Progress interval the SDK asks for when the caller asked for none: a node that sends
+/// nothing for this long plus the attempt timeout is taken for dead and the watch moves
+/// (a killed member's connection may otherwise look open until QUIC's idle timeout).
+const LIVENESS_PROGRESS: Duration = Duration::from_secs(2);
 
 /// One update of a watch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,11 +155,24 @@ impl Client {
             let attempt = WatchRequest {
                 from: cursor.from,
                 after: cursor.after.clone(),
+                progress_every_ms: if request.progress_every_ms == 0 {
+                    LIVENESS_PROGRESS.as_millis() as u64
+                } else {
+                    request.progress_every_ms
+                },
                 ..request.clone()
             };
+            let show_progress = request.progress_every_ms > 0;
             let mut delivered = false;
             match self
-                .watch_once(&target, attempt, &mut cursor, tx, &mut delivered)
+                .watch_once(
+                    &target,
+                    attempt,
+                    show_progress,
+                    &mut cursor,
+                    tx,
+                    &mut delivered,
+                )
                 .await
             {
                 Ended::Final(e) => return e,
@@ -192,10 +211,15 @@ impl Client {
         &self,
         target: &crate::NodeTicket,
         request: WatchRequest,
+        show_progress: bool,
         cursor: &mut Cursor,
         tx: &mpsc::Sender<Result<WatchUpdate, WatchError>>,
         delivered: &mut bool,
     ) -> Ended {
+        // The node sends something at least every progress interval: silence longer than
+        // that and an attempt timeout means it is gone.
+        let silence = Duration::from_millis(request.progress_every_ms).max(MIN_PROGRESS)
+            + self.inner.options.attempt_timeout;
         let conn = match self.connection(target).await {
             Ok(c) => c,
             Err(ConnectError::Refused(e)) => return Ended::Final(ClientError::Rpc(e).into()),
@@ -214,8 +238,14 @@ impl Client {
             return Ended::Retry(e.to_string());
         }
         loop {
-            let frame =
-                crate::wire::read_frame::<ClientResponse>(&mut recv, MAX_CLIENT_FRAME).await;
+            let read = crate::wire::read_frame::<ClientResponse>(&mut recv, MAX_CLIENT_FRAME);
+            let frame = match tokio::time::timeout(silence, read).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    self.forget(target);
+                    return Ended::Retry(format!("no word from the node for {silence:?}"));
+                }
+            };
             let message = match frame {
                 Ok(ClientResponse::Kv(KvResponse::Watch(m))) => m,
                 Ok(ClientResponse::Error(e)) if e.is_retryable() => {
@@ -255,6 +285,9 @@ impl Client {
                 WatchMessage::Progress { revision } => {
                     if cursor.after.is_none() {
                         cursor.from = cursor.from.max(revision.saturating_add(1));
+                    }
+                    if !show_progress {
+                        continue;
                     }
                     WatchUpdate::Progress { revision }
                 }

@@ -14,6 +14,8 @@ use crate::limits::*;
 pub type Key = Vec<u8>;
 /// A store revision: increases by one with every committed write that changes state.
 pub type Revision = u64;
+/// A lease's id: 1 to [`MAX_LEASE_ID`] (0 means "no lease" on a key).
+pub type LeaseId = u64;
 
 /// One Raft log entry's worth of client commands, stamped by the leader.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -72,6 +74,73 @@ pub enum WriteOp {
     /// An atomic, conditional write of several system keys (Automerge documents use it).
     /// Like [`WriteOp::System`], only nodes propose it.
     SystemTxn(SystemTxn),
+    /// Creates lease `id` with a time to live of `ttl_secs` (the node picks `id` when the
+    /// client leaves it 0). Leaves the revision unchanged.
+    LeaseGrant { id: LeaseId, ttl_secs: u64 },
+    /// Deletes lease `id` and every key attached to it (at one new revision, if any).
+    LeaseRevoke { id: LeaseId },
+    /// The leader's verdict that lease `id` ran out: a revoke that applies only to the grant
+    /// numbered `grant` (a lease revoked and granted again under the same id is not the one
+    /// that expired). Only nodes propose it.
+    LeaseExpire { id: LeaseId, grant: u64 },
+    /// Set `key` to `value`, with etcd's put options (a lease, or keeping the current value
+    /// or lease). A plain [`WriteOp::Put`] is this with default options.
+    PutWith {
+        key: Key,
+        value: Vec<u8>,
+        prev_kv: bool,
+        options: PutOptions,
+    },
+}
+
+/// etcd's put options.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutOptions {
+    /// Attach the key to this lease (0: none; a key put without a lease leaves its old one).
+    pub lease: LeaseId,
+    /// Keep the key's current value (`value` must be empty; the key must exist).
+    pub ignore_value: bool,
+    /// Keep the key's current lease (`lease` must be 0; the key must exist).
+    pub ignore_lease: bool,
+}
+
+impl PutOptions {
+    pub fn validate(&self, value: &[u8]) -> Result<(), LimitError> {
+        if self.ignore_value && !value.is_empty() {
+            return Err(LimitError::InvalidPutOptions(
+                "a put that keeps the current value must carry an empty value".into(),
+            ));
+        }
+        if self.ignore_lease && self.lease != 0 {
+            return Err(LimitError::InvalidPutOptions(
+                "a put that keeps the current lease cannot name a lease".into(),
+            ));
+        }
+        check_lease_id(self.lease, true)
+    }
+}
+
+/// Checks a lease id: 1 to [`MAX_LEASE_ID`], or 0 where "none" is allowed.
+pub fn check_lease_id(id: LeaseId, zero_ok: bool) -> Result<(), LimitError> {
+    if (id == 0 && !zero_ok) || id > MAX_LEASE_ID {
+        return Err(LimitError::LeaseIdOutOfRange {
+            id,
+            max: MAX_LEASE_ID,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a lease's time to live against [`MIN_LEASE_TTL_SECS`] and [`MAX_LEASE_TTL_SECS`].
+pub fn check_lease_ttl(ttl_secs: u64) -> Result<(), LimitError> {
+    if !(MIN_LEASE_TTL_SECS..=MAX_LEASE_TTL_SECS).contains(&ttl_secs) {
+        return Err(LimitError::LeaseTtlOutOfRange {
+            ttl_secs,
+            min: MIN_LEASE_TTL_SECS,
+            max: MAX_LEASE_TTL_SECS,
+        });
+    }
+    Ok(())
 }
 
 /// A conditional write of one system key: if the key's current value is `expect` (when given),
@@ -209,6 +278,8 @@ pub enum CompareTarget {
     CreateRevision(Revision),
     ModRevision(Revision),
     Value(Vec<u8>),
+    /// The lease the key is attached to (0: none, or absent).
+    Lease(LeaseId),
 }
 
 /// How the key's side relates to the constant: `key_side op constant`.
@@ -233,12 +304,21 @@ pub enum TxnOp {
         end: Option<Key>,
         prev_kv: bool,
     },
+    /// A put with etcd's options (see [`WriteOp::PutWith`]).
+    PutWith {
+        key: Key,
+        value: Vec<u8>,
+        prev_kv: bool,
+        options: PutOptions,
+    },
 }
 
 impl TxnOp {
     fn payload_bytes(&self) -> usize {
         match self {
-            TxnOp::Put { key, value, .. } => key.len() + value.len(),
+            TxnOp::Put { key, value, .. } | TxnOp::PutWith { key, value, .. } => {
+                key.len() + value.len()
+            }
             TxnOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
         }
     }
@@ -246,6 +326,15 @@ impl TxnOp {
     fn validate(&self) -> Result<(), LimitError> {
         match self {
             TxnOp::Put { key, value, .. } => check_put(key, value),
+            TxnOp::PutWith {
+                key,
+                value,
+                options,
+                ..
+            } => {
+                check_put(key, value)?;
+                options.validate(value)
+            }
             TxnOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
         }
     }
@@ -258,7 +347,7 @@ impl TxnOp {
             Some(next)
         };
         match self {
-            TxnOp::Put { key, .. } => Some((key, just(key))),
+            TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => Some((key, just(key))),
             TxnOp::Delete {
                 start, end: None, ..
             } => Some((start, just(start))),
@@ -287,6 +376,7 @@ impl Compare {
             }
             CompareTarget::ModRevision(r) => Some(current.map_or(0, |c| c.mod_revision).cmp(r)),
             CompareTarget::Value(v) => current.map(|c| c.value.as_slice().cmp(v.as_slice())),
+            CompareTarget::Lease(l) => Some(current.map_or(0, |c| c.lease).cmp(l)),
         };
         let Some(ord) = ord else {
             return false;
@@ -402,9 +492,14 @@ impl WriteOp {
     /// Key and value bytes this op carries (for batch sizing).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            WriteOp::Put { key, value, .. } => key.len() + value.len(),
+            WriteOp::Put { key, value, .. } | WriteOp::PutWith { key, value, .. } => {
+                key.len() + value.len()
+            }
             WriteOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
-            WriteOp::Compact { .. } => 8,
+            WriteOp::Compact { .. }
+            | WriteOp::LeaseGrant { .. }
+            | WriteOp::LeaseRevoke { .. }
+            | WriteOp::LeaseExpire { .. } => 8,
             WriteOp::System(w) => {
                 w.key.len()
                     + w.new.as_ref().map_or(0, Vec::len)
@@ -441,8 +536,24 @@ impl WriteOp {
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
             WriteOp::Put { key, value, .. } => check_put(key, value),
+            WriteOp::PutWith {
+                key,
+                value,
+                options,
+                ..
+            } => {
+                check_put(key, value)?;
+                options.validate(value)
+            }
             WriteOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
             WriteOp::Compact { .. } => Ok(()),
+            WriteOp::LeaseGrant { id, ttl_secs } => {
+                check_lease_id(*id, false)?;
+                check_lease_ttl(*ttl_secs)
+            }
+            WriteOp::LeaseRevoke { id } | WriteOp::LeaseExpire { id, .. } => {
+                check_lease_id(*id, false)
+            }
             WriteOp::Txn(t) => t.validate(),
             WriteOp::SystemTxn(t) => t.validate(),
             WriteOp::System(w) => {
@@ -458,9 +569,13 @@ impl WriteOp {
         }
     }
 
-    /// Whether this op writes the system key space (which clients may not do).
+    /// Whether only nodes may propose this op: writes of the system key space, and lease
+    /// expiry (the leader's verdict).
     pub fn is_system(&self) -> bool {
-        matches!(self, WriteOp::System(_) | WriteOp::SystemTxn(_))
+        matches!(
+            self,
+            WriteOp::System(_) | WriteOp::SystemTxn(_) | WriteOp::LeaseExpire { .. }
+        )
     }
 }
 
@@ -526,6 +641,12 @@ pub enum LimitError {
     TxnWritesOverlap { key: Key },
     #[error("system transaction carries {len} bytes, the limit is {max}")]
     SystemTxnTooLarge { len: usize, max: usize },
+    #[error("lease id {id} is out of range: lease ids are 1 to {max}")]
+    LeaseIdOutOfRange { id: LeaseId, max: LeaseId },
+    #[error("a lease's time to live must be {min} to {max} seconds, not {ttl_secs}")]
+    LeaseTtlOutOfRange { ttl_secs: u64, min: u64, max: u64 },
+    #[error("{0}")]
+    InvalidPutOptions(String),
 }
 
 /// A key and its metadata, as stored at some revision.
@@ -539,8 +660,8 @@ pub struct KeyValue {
     pub mod_revision: Revision,
     /// Number of writes since the key was created (1 after creation).
     pub version: u64,
-    /// Lease the key is attached to (0: none). Reserved for leases.
-    pub lease: u64,
+    /// Lease the key is attached to (0: none): the key is deleted when the lease ends.
+    pub lease: LeaseId,
 }
 
 /// What one command did.
@@ -577,6 +698,20 @@ pub enum WriteOutcome {
         revision: Revision,
         applied: bool,
     },
+    /// A lease was granted. `grant`: its grant number (see [`WriteOp::LeaseExpire`]).
+    LeaseGrant {
+        revision: Revision,
+        id: LeaseId,
+        ttl_secs: u64,
+        grant: u64,
+    },
+    /// A lease was revoked (or expired): `deleted` keys went with it, at `revision`.
+    /// `revoked` is false only for a [`WriteOp::LeaseExpire`] of a lease already gone.
+    LeaseRevoke {
+        revision: Revision,
+        deleted: u64,
+        revoked: bool,
+    },
 }
 
 impl WriteOutcome {
@@ -588,7 +723,9 @@ impl WriteOutcome {
             | WriteOutcome::Compact { revision }
             | WriteOutcome::Txn { revision, .. }
             | WriteOutcome::System { revision, .. }
-            | WriteOutcome::SystemTxn { revision, .. } => *revision,
+            | WriteOutcome::SystemTxn { revision, .. }
+            | WriteOutcome::LeaseGrant { revision, .. }
+            | WriteOutcome::LeaseRevoke { revision, .. } => *revision,
         }
     }
 }
@@ -614,6 +751,16 @@ pub enum ApplyError {
         requested: Revision,
         current: Revision,
     },
+    #[error("lease {id} not found")]
+    LeaseNotFound { id: LeaseId },
+    #[error("lease {id} already exists")]
+    LeaseExists { id: LeaseId },
+    #[error("{max} leases exist already; revoke some first")]
+    TooManyLeases { max: u64 },
+    #[error("lease {id} already holds {max} keys")]
+    LeaseFull { id: LeaseId, max: u64 },
+    #[error("key {key:?} not found (a put that keeps the current value or lease needs it)")]
+    KeyNotFound { key: Key },
 }
 
 /// The result of one command in a batch.
@@ -772,6 +919,20 @@ pub struct ChangesPage {
     pub revision: Revision,
     /// Its compaction point.
     pub compacted: Revision,
+}
+
+/// A lease as the store holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub id: LeaseId,
+    /// The time to live it was granted with (each keep-alive extends it by this much).
+    pub ttl_secs: u64,
+    /// Its grant number (see [`WriteOp::LeaseExpire`]).
+    pub grant: u64,
+    /// How many keys are attached.
+    pub key_count: u64,
+    /// The attached keys, in key order, when asked for.
+    pub keys: Vec<Key>,
 }
 
 /// A read refused by the state machine.

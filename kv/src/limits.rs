@@ -42,3 +42,16 @@ pub const MAX_CHANGES_BYTES: usize = 4 * 1024 * 1024;
 /// A page of watch events stops at the first revision boundary after this many changed keys
 /// were looked at (most of them may be outside the watched range).
 pub const MAX_CHANGES_SCANNED: usize = 16 * 1024;
+/// Largest lease id (etcd's ids are positive 64-bit signed integers; so are ours).
+pub const MAX_LEASE_ID: u64 = i64::MAX as u64;
+/// Shortest lease time to live: a few election timeouts, so a leader change (which extends
+/// every lease by its full TTL) fits inside it.
+pub const MIN_LEASE_TTL_SECS: u64 = 2;
+/// Longest lease time to live (etcd's limit, about 285 years).
+pub const MAX_LEASE_TTL_SECS: u64 = 9_000_000_000;
+/// Most leases a store holds (the leader keeps each one's deadline in memory).
+pub const MAX_LEASES: u64 = 100_000;
+/// Most keys attached to one lease (its expiry deletes them all in one apply).
+pub const MAX_KEYS_PER_LEASE: u64 = 10_000;
+/// Most expired leases the leader proposes to revoke in one batch.
+pub const MAX_EXPIRIES_PER_BATCH: usize = 256;

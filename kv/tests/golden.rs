@@ -158,3 +158,91 @@ fn system_txn_encoding_is_stable() {
     });
     assert_eq!(bytes(&out), [0, 5, 7, 1]);
 }
+
+#[test]
+fn lease_encodings_are_stable() {
+    assert_eq!(
+        bytes(&WriteOp::LeaseGrant {
+            id: 7,
+            ttl_secs: 10
+        }),
+        [6, 7, 10]
+    );
+    assert_eq!(bytes(&WriteOp::LeaseRevoke { id: 300 }), [7, 0xac, 0x02]);
+    assert_eq!(bytes(&WriteOp::LeaseExpire { id: 1, grant: 2 }), [8, 1, 2]);
+    let options = PutOptions {
+        lease: 5,
+        ignore_value: false,
+        ignore_lease: true,
+    };
+    let put = WriteOp::PutWith {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: true,
+        options: options.clone(),
+    };
+    assert_eq!(bytes(&put), [9, 1, b'k', 1, b'v', 1, 5, 0, 1]);
+    let txn_put = TxnOp::PutWith {
+        key: b"k".to_vec(),
+        value: vec![],
+        prev_kv: false,
+        options,
+    };
+    assert_eq!(bytes(&txn_put), [2, 1, b'k', 0, 0, 5, 0, 1]);
+    let compare = Compare {
+        key: b"k".to_vec(),
+        target: CompareTarget::Lease(5),
+        op: CompareOp::Equal,
+    };
+    assert_eq!(bytes(&compare), [1, b'k', 4, 5, 0]);
+    let granted: CommandResult = Ok(WriteOutcome::LeaseGrant {
+        revision: 1,
+        id: 2,
+        ttl_secs: 3,
+        grant: 4,
+    });
+    assert_eq!(bytes(&granted), [0, 6, 1, 2, 3, 4]);
+    let revoked: CommandResult = Ok(WriteOutcome::LeaseRevoke {
+        revision: 9,
+        deleted: 2,
+        revoked: true,
+    });
+    assert_eq!(bytes(&revoked), [0, 7, 9, 2, 1]);
+    let errors: [(ApplyError, &[u8]); 6] = [
+        (ApplyError::LeaseNotFound { id: 7 }, &[5, 7]),
+        (ApplyError::LeaseExists { id: 7 }, &[6, 7]),
+        (ApplyError::TooManyLeases { max: 9 }, &[7, 9]),
+        (ApplyError::LeaseFull { id: 1, max: 2 }, &[8, 1, 2]),
+        (
+            ApplyError::KeyNotFound { key: b"k".to_vec() },
+            &[9, 1, b'k'],
+        ),
+        (
+            ApplyError::Limit(LimitError::LeaseTtlOutOfRange {
+                ttl_secs: 1,
+                min: 2,
+                max: 3,
+            }),
+            &[0, 9, 1, 2, 3],
+        ),
+    ];
+    for (e, want) in errors {
+        assert_eq!(bytes(&e), want, "{e:?}");
+    }
+    assert_eq!(
+        bytes(&LimitError::LeaseIdOutOfRange { id: 0, max: 1 }),
+        [8, 0, 1]
+    );
+    assert_eq!(
+        bytes(&LimitError::InvalidPutOptions("x".into())),
+        [10, 1, b'x']
+    );
+    let record = LeaseRecord {
+        id: 1,
+        ttl_secs: 2,
+        grant: 3,
+        key_count: 1,
+        keys: vec![b"k".to_vec()],
+    };
+    assert_eq!(bytes(&record), [1, 2, 3, 1, 1, 1, b'k']);
+}

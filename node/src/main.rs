@@ -51,6 +51,7 @@ fn main() {
             Command::Node(NodeCommand::Run(args)) => aspen_node::run::run(args).await,
             Command::Cluster(cmd) => aspen_node::cli::cluster::cluster(cmd).await,
             Command::Kv(cmd) => aspen_node::cli::kv::kv(cmd).await,
+            Command::Lease(cmd) => aspen_node::cli::lease::lease(cmd).await,
             Command::Doc(cmd) => aspen_node::cli::doc::doc(cmd).await,
             Command::Blob(cmd) => aspen_node::cli::blob::blob(cmd).await,
             Command::Docs(cmd) => aspen_node::cli::namespace::docs(cmd).await,

@@ -30,6 +30,7 @@ use openraft::{AnyError, StorageIOError};
 use redb::{Database, TableDefinition};
 
 mod changes;
+mod leases;
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};
@@ -133,6 +134,8 @@ pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb:
     txn.open_table(SESSION_SEEN)?;
     txn.open_table(SESSION_IDLE)?;
     txn.open_table(SYSTEM)?;
+    txn.open_table(leases::LEASES)?;
+    txn.open_table(leases::LEASE_KEYS)?;
     Ok(())
 }
 

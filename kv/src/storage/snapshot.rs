@@ -72,6 +72,11 @@ enum SnapshotRow {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    /// A lease (its attached keys are rebuilt from the key space).
+    Lease {
+        id: u64,
+        value: Vec<u8>,
+    },
 }
 
 /// Why a snapshot could not be built, read or installed.
@@ -284,6 +289,16 @@ pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf)
             },
         )?;
     }
+    for item in txn.open_table(super::leases::LEASES)?.iter()? {
+        let (k, v) = item?;
+        put(
+            &mut w,
+            SnapshotRow::Lease {
+                id: k.value(),
+                value: v.value().to_vec(),
+            },
+        )?;
+    }
     let total = rows + 1;
     write_row(&mut w, &SnapshotRow::End { rows: total })?;
     let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -380,6 +395,8 @@ pub(super) fn install(
         let mut seen = txn.open_table(SESSION_SEEN)?;
         let mut idle = txn.open_table(SESSION_IDLE)?;
         let mut system = txn.open_table(SYSTEM)?;
+        let mut leases = txn.open_table(super::leases::LEASES)?;
+        leases.retain(|_, _| false)?;
         system.retain(|_, _| false)?;
         seen.retain(|_, _| false)?;
         idle.retain(|_, _| false)?;
@@ -426,6 +443,9 @@ pub(super) fn install(
                 SnapshotRow::System { key, value } => {
                     system.insert(key.as_slice(), value.as_slice())?;
                 }
+                SnapshotRow::Lease { id, value } => {
+                    leases.insert(id, value.as_slice())?;
+                }
                 SnapshotRow::End { rows: expected } => {
                     if expected != rows {
                         return Err(SnapshotError::Malformed(format!(
@@ -442,6 +462,7 @@ pub(super) fn install(
     }
     // The watch index is derived from the history, not shipped.
     super::changes::rebuild(&txn)?;
+    super::leases::rebuild_keys(&txn)?;
     txn.commit()?;
     Ok(())
 }
@@ -598,9 +619,16 @@ mod tests {
         let db = Database::create(dir.path().join("s.redb")).unwrap();
         let txn = db.begin_write().unwrap();
         super::super::create_sm_tables(&txn).unwrap();
+        let stored = super::super::state_machine::StoredKv {
+            value: b"v".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        };
         txn.open_table(KV)
             .unwrap()
-            .insert(b"k".as_slice(), b"v".as_slice())
+            .insert(b"k".as_slice(), encode(&stored).as_slice())
             .unwrap();
         txn.commit().unwrap();
         let snaps = dir.path().join("snaps");

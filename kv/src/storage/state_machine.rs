@@ -11,19 +11,21 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::leases::{self, StoredLease, LEASES, LEASE_KEYS};
 use super::snapshot::{self, SnapshotFile};
 use super::{
     any, blocking, encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
     SESSION_SEEN, SM_META, SYSTEM,
 };
 use crate::api::*;
+use crate::lessor::Lessor;
 use crate::limits::{
-    MAX_BATCH_COMMANDS, MAX_RANGE_BYTES, MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH,
-    MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
+    MAX_BATCH_COMMANDS, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_RANGE_BYTES, MAX_RANGE_LIMIT,
+    MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
 };
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -75,7 +77,27 @@ pub struct StateMachineStore {
     system_watches: Arc<std::sync::Mutex<Vec<SystemWatch>>>,
     /// The revision after the last apply (see [`Self::watch_revision`]).
     revision: Arc<tokio::sync::watch::Sender<Revision>>,
+    /// Which leases exist, and on the leader when they run out.
+    lessor: Arc<Lessor>,
 }
+
+/// What apply did to leases, told to the [`Lessor`] once the batch committed.
+#[derive(Debug)]
+enum LeaseChange {
+    Granted {
+        id: LeaseId,
+        ttl_secs: u64,
+        grant: u64,
+    },
+    Removed(LeaseId),
+}
+
+/// A plain put's options: no lease (a key put without one leaves its old lease).
+const NO_PUT_OPTIONS: PutOptions = PutOptions {
+    lease: 0,
+    ignore_value: false,
+    ignore_lease: false,
+};
 
 /// Most system prefix watches one store keeps (each is checked on every apply).
 pub const MAX_SYSTEM_WATCHES: usize = 16;
@@ -156,6 +178,11 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 impl StateMachineStore {
     pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf, io: IoMode) -> Self {
         let revision = current_revision(&db).unwrap_or(0);
+        let lessor = Arc::new(Lessor::default());
+        match leases::all(&db) {
+            Ok(all) => lessor.reset(all, tokio::time::Instant::now()),
+            Err(e) => tracing::error!("cannot load leases: {e}"),
+        }
         StateMachineStore {
             db,
             snapshot_dir,
@@ -164,6 +191,49 @@ impl StateMachineStore {
             applies: Default::default(),
             system_watches: Default::default(),
             revision: Arc::new(tokio::sync::watch::channel(revision).0),
+            lessor,
+        }
+    }
+
+    /// The lease clock (see [`Lessor`]): the node promotes it when it becomes leader, renews
+    /// leases on keep-alives and proposes expiries from it.
+    pub fn lessor(&self) -> Arc<Lessor> {
+        self.lessor.clone()
+    }
+
+    /// One lease, with its attached keys when `keys`. Reads local state, like [`Self::range`].
+    pub async fn lease(&self, id: LeaseId, keys: bool) -> Result<Option<LeaseRecord>, ReadError> {
+        let db = self.db.clone();
+        self.io
+            .run(move || leases::read(&db, id, keys))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    }
+
+    /// Lease ids after `after`, at most `limit`, and whether more remain.
+    pub async fn leases(
+        &self,
+        after: LeaseId,
+        limit: usize,
+    ) -> Result<(Vec<LeaseId>, bool), ReadError> {
+        let db = self.db.clone();
+        self.io
+            .run(move || leases::list(&db, after, limit))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    }
+
+    fn tell_lessor(&self, changes: Vec<LeaseChange>) {
+        let now = tokio::time::Instant::now();
+        for change in changes {
+            match change {
+                LeaseChange::Granted {
+                    id,
+                    ttl_secs,
+                    grant,
+                } => self.lessor.granted(id, ttl_secs, grant, now),
+                LeaseChange::Removed(id) => self.lessor.removed(id),
+            }
         }
     }
 
@@ -400,6 +470,10 @@ impl StateMachineStore {
                     let (k, v) = item?;
                     feed("system", k.value(), v.value());
                 }
+                for item in txn.open_table(LEASES)?.iter()? {
+                    let (k, v) = item?;
+                    feed("leases", &k.value().to_be_bytes(), v.value());
+                }
                 for item in txn.open_table(SESSION_IDLE)?.iter()? {
                     let (k, _) = item?;
                     let (ms, client) = k.value();
@@ -627,8 +701,14 @@ struct Applier<'t> {
     seen: redb::Table<'t, u64, u64>,
     idle: redb::Table<'t, (u64, u64), ()>,
     system: redb::Table<'t, &'static [u8], &'static [u8]>,
+    leases: redb::Table<'t, u64, &'static [u8]>,
+    lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
     revision: Revision,
     compacted: Revision,
+    /// Leases granted so far (numbers each grant).
+    lease_grants: u64,
+    /// What this transaction did to leases, for the lessor.
+    lease_changes: Vec<LeaseChange>,
     /// The leader's timestamp of the batch being applied (never a local clock).
     now_ms: u64,
 }
@@ -719,9 +799,72 @@ impl Applier<'_> {
                 prev_kv,
             } => {
                 let revision = self.revision + 1;
-                let prev = self.put(key, value, *prev_kv, revision)?;
+                let prev = self.put(key, value, *prev_kv, &NO_PUT_OPTIONS, revision)?;
                 self.revision = revision;
                 Ok(Ok(WriteOutcome::Put { revision, prev }))
+            }
+            WriteOp::PutWith {
+                key,
+                value,
+                prev_kv,
+                options,
+            } => {
+                if let Err(e) = self.check_puts(&[(key, options)])? {
+                    return Ok(Err(e));
+                }
+                let revision = self.revision + 1;
+                let prev = self.put(key, value, *prev_kv, options, revision)?;
+                self.revision = revision;
+                Ok(Ok(WriteOutcome::Put { revision, prev }))
+            }
+            WriteOp::LeaseGrant { id, ttl_secs } => {
+                if self.leases.get(*id)?.is_some() {
+                    return Ok(Err(ApplyError::LeaseExists { id: *id }));
+                }
+                if self.leases.len()? >= MAX_LEASES {
+                    return Ok(Err(ApplyError::TooManyLeases { max: MAX_LEASES }));
+                }
+                self.lease_grants += 1;
+                let grant = self.lease_grants;
+                let lease = StoredLease {
+                    ttl_secs: *ttl_secs,
+                    grant,
+                    keys: 0,
+                };
+                self.leases.insert(*id, encode(&lease).as_slice())?;
+                self.lease_changes.push(LeaseChange::Granted {
+                    id: *id,
+                    ttl_secs: *ttl_secs,
+                    grant,
+                });
+                Ok(Ok(WriteOutcome::LeaseGrant {
+                    revision: self.revision,
+                    id: *id,
+                    ttl_secs: *ttl_secs,
+                    grant,
+                }))
+            }
+            WriteOp::LeaseRevoke { id } => {
+                if self.leases.get(*id)?.is_none() {
+                    return Ok(Err(ApplyError::LeaseNotFound { id: *id }));
+                }
+                self.end_lease(*id)
+            }
+            WriteOp::LeaseExpire { id, grant } => {
+                let current = match self.leases.get(*id)? {
+                    Some(v) => Some(leases::decode(v.value())?.grant),
+                    None => None,
+                };
+                if current == Some(*grant) {
+                    self.end_lease(*id)
+                } else {
+                    // Revoked already (perhaps granted again): nothing of it is left.
+                    Ok(Ok(WriteOutcome::LeaseRevoke {
+                        revision: self.revision,
+                        deleted: 0,
+                        revoked: false,
+                    }))
+                }
             }
             WriteOp::Delete {
                 start,
@@ -760,6 +903,17 @@ impl Applier<'_> {
                 } else {
                     &txn.failure
                 };
+                // Leases are checked for the whole branch first: it applies entirely or not.
+                let puts: Vec<(&Key, &PutOptions)> = branch
+                    .iter()
+                    .filter_map(|op| match op {
+                        TxnOp::PutWith { key, options, .. } => Some((key, options)),
+                        _ => None,
+                    })
+                    .collect();
+                if let Err(e) = self.check_puts(&puts)? {
+                    return Ok(Err(e));
+                }
                 // The branch's writes touch distinct keys (checked by `validate`), so they
                 // all happen at one revision, in any order.
                 let revision = self.revision + 1;
@@ -773,7 +927,17 @@ impl Applier<'_> {
                             value,
                             prev_kv,
                         } => {
-                            let prev = self.put(key, value, *prev_kv, revision)?;
+                            let prev = self.put(key, value, *prev_kv, &NO_PUT_OPTIONS, revision)?;
+                            changed = true;
+                            done.push((None, prev.into_iter().collect()));
+                        }
+                        TxnOp::PutWith {
+                            key,
+                            value,
+                            prev_kv,
+                            options,
+                        } => {
+                            let prev = self.put(key, value, *prev_kv, options, revision)?;
                             changed = true;
                             done.push((None, prev.into_iter().collect()));
                         }
@@ -929,12 +1093,104 @@ impl Applier<'_> {
             }
         }
     }
-    /// Sets `key` at `revision`; returns the previous value when `prev_kv`.
+    /// Checks puts with options before any of them is applied: the keys exist where an
+    /// option keeps their value or lease, the leases exist and have room.
+    fn check_puts(&self, puts: &[(&Key, &PutOptions)]) -> SmResult<Result<(), ApplyError>> {
+        let mut added: HashMap<LeaseId, u64> = HashMap::new();
+        for (key, options) in puts {
+            let needs_key = options.ignore_value || options.ignore_lease;
+            if !needs_key && options.lease == 0 {
+                continue;
+            }
+            let current = match self.kv.get(key.as_slice())? {
+                Some(v) => Some(postcard::from_bytes::<StoredKv>(v.value()).map_err(corrupt)?),
+                None => None,
+            };
+            if needs_key && current.is_none() {
+                return Ok(Err(ApplyError::KeyNotFound { key: key.to_vec() }));
+            }
+            let lease = options.lease;
+            if options.ignore_lease || lease == 0 || current.is_some_and(|c| c.lease == lease) {
+                continue;
+            }
+            let Some(stored) = self.leases.get(lease)? else {
+                return Ok(Err(ApplyError::LeaseNotFound { id: lease }));
+            };
+            let keys = leases::decode(stored.value())?.keys;
+            let add = added.entry(lease).or_default();
+            *add += 1;
+            if keys + *add > MAX_KEYS_PER_LEASE {
+                return Ok(Err(ApplyError::LeaseFull {
+                    id: lease,
+                    max: MAX_KEYS_PER_LEASE,
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Attaches `key` to `lease` (or detaches it): its `lease_keys` row and the lease's key
+    /// count. Lease 0 is no lease.
+    fn attach(&mut self, lease: LeaseId, key: &[u8], attach: bool) -> SmResult<()> {
+        if lease == 0 {
+            return Ok(());
+        }
+        if attach {
+            self.lease_keys.insert((lease, key), ())?;
+        } else {
+            self.lease_keys.remove((lease, key))?;
+        }
+        let stored = match self.leases.get(lease)? {
+            Some(v) => Some(leases::decode(v.value())?),
+            None => None,
+        };
+        // A lease being ended is removed before its keys are deleted.
+        if let Some(mut stored) = stored {
+            stored.keys = if attach {
+                stored.keys + 1
+            } else {
+                stored.keys.saturating_sub(1)
+            };
+            self.leases.insert(lease, encode(&stored).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Revokes (or expires) lease `id`, which exists: removes it, then deletes its keys at
+    /// one new revision.
+    fn end_lease(&mut self, id: LeaseId) -> SmResult<CommandResult> {
+        let mut keys: Vec<Key> = Vec::new();
+        for item in self
+            .lease_keys
+            .range((id, [].as_slice())..(id + 1, [].as_slice()))?
+        {
+            keys.push(item?.0.value().1.to_vec());
+        }
+        self.leases.remove(id)?;
+        self.lease_changes.push(LeaseChange::Removed(id));
+        let revision = self.revision + 1;
+        let mut deleted = 0;
+        for key in &keys {
+            deleted += self.delete(key, None, false, revision)?.0;
+        }
+        if deleted > 0 {
+            self.revision = revision;
+        }
+        Ok(Ok(WriteOutcome::LeaseRevoke {
+            revision: self.revision,
+            deleted,
+            revoked: true,
+        }))
+    }
+
+    /// Sets `key` at `revision` (options already checked by [`Self::check_puts`]); returns
+    /// the previous value when `prev_kv`.
     fn put(
         &mut self,
         key: &Key,
         value: &[u8],
         prev_kv: bool,
+        options: &PutOptions,
         revision: Revision,
     ) -> SmResult<Option<KeyValue>> {
         let prev: Option<StoredKv> = match self.kv.get(key.as_slice())? {
@@ -945,12 +1201,26 @@ impl Applier<'_> {
             Some(p) => (p.create_revision, p.version + 1),
             None => (revision, 1),
         };
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        let lease = if options.ignore_lease {
+            old_lease
+        } else {
+            options.lease
+        };
+        if lease != old_lease {
+            self.attach(old_lease, key, false)?;
+            self.attach(lease, key, true)?;
+        }
+        let value = match &prev {
+            Some(p) if options.ignore_value => p.value.clone(),
+            _ => value.to_vec(),
+        };
         let stored = StoredKv {
-            value: value.to_vec(),
+            value,
             create_revision,
             mod_revision: revision,
             version,
-            lease: 0,
+            lease,
         };
         self.kv.insert(key.as_slice(), encode(&stored).as_slice())?;
         self.history.insert(
@@ -975,14 +1245,9 @@ impl Applier<'_> {
         revision: Revision,
     ) -> SmResult<(u64, Vec<KeyValue>)> {
         let kv = &mut self.kv;
-        let mut doomed: Vec<(Key, Option<StoredKv>)> = Vec::new();
+        let mut doomed: Vec<(Key, StoredKv)> = Vec::new();
         let mut collect = |k: &[u8], v: &[u8]| -> SmResult<()> {
-            let prev = if prev_kv {
-                Some(postcard::from_bytes(v).map_err(corrupt)?)
-            } else {
-                None
-            };
-            doomed.push((k.to_vec(), prev));
+            doomed.push((k.to_vec(), postcard::from_bytes(v).map_err(corrupt)?));
             Ok(())
         };
         match end {
@@ -1006,16 +1271,18 @@ impl Applier<'_> {
         }
         let tombstone = encode(&None::<StoredKv>);
         let mut prev = Vec::new();
-        for (k, p) in &doomed {
+        let count = doomed.len() as u64;
+        for (k, p) in doomed {
             self.kv.remove(k.as_slice())?;
             self.history
                 .insert((k.as_slice(), revision), tombstone.as_slice())?;
             self.changes.insert((revision, k.as_slice()), ())?;
-            if let Some(p) = p {
-                prev.push(p.clone().into_kv(k.clone()));
+            self.attach(p.lease, &k, false)?;
+            if prev_kv {
+                prev.push(p.into_kv(k));
             }
         }
-        Ok((doomed.len() as u64, prev))
+        Ok((count, prev))
     }
 }
 
@@ -1025,13 +1292,16 @@ impl Applier<'_> {
 /// gave ~11.7k puts/s with p99 ~40 ms, every 16 ~10-11k with p99 ~15-20 ms.
 const SM_DURABLE_EVERY: u64 = 32;
 
-/// Applies `entries` in one transaction; returns each entry's response and the revision
-/// after them.
-fn apply_entries(
-    db: &Database,
-    n: u64,
-    entries: Vec<Entry>,
-) -> SmResult<(Vec<BatchResponse>, Revision)> {
+/// What one apply transaction produced.
+struct Applied {
+    responses: Vec<BatchResponse>,
+    /// The store revision after it.
+    revision: Revision,
+    lease_changes: Vec<LeaseChange>,
+}
+
+/// Applies `entries` in one transaction.
+fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied> {
     let started = std::time::Instant::now();
     let count = entries.len();
     let mut txn = db.begin_write()?;
@@ -1042,12 +1312,14 @@ fn apply_entries(
     })?;
     let mut responses = Vec::with_capacity(entries.len());
     let revision_after;
+    let lease_changes;
     {
-        let (revision, compacted) = {
+        let (revision, compacted, lease_grants) = {
             let meta = txn.open_table(SM_META)?;
             (
                 meta_get(&meta, "revision")?.unwrap_or(0),
                 meta_get(&meta, "compacted")?.unwrap_or(0),
+                meta_get(&meta, "lease_grants")?.unwrap_or(0u64),
             )
         };
         let mut applier = Applier {
@@ -1059,8 +1331,12 @@ fn apply_entries(
             seen: txn.open_table(SESSION_SEEN)?,
             idle: txn.open_table(SESSION_IDLE)?,
             system: txn.open_table(SYSTEM)?,
+            leases: txn.open_table(LEASES)?,
+            lease_keys: txn.open_table(LEASE_KEYS)?,
             revision,
             compacted,
+            lease_grants,
+            lease_changes: Vec::new(),
             now_ms: 0,
         };
         let mut last_applied = None;
@@ -1093,12 +1369,17 @@ fn apply_entries(
             }
         }
         let (revision, compacted) = (applier.revision, applier.compacted);
+        let grants_after = applier.lease_grants;
         revision_after = revision;
+        lease_changes = std::mem::take(&mut applier.lease_changes);
         drop(applier);
         let mut meta = txn.open_table(SM_META)?;
         meta.insert("last_applied", encode(&last_applied).as_slice())?;
         meta.insert("revision", encode(&revision).as_slice())?;
         meta.insert("compacted", encode(&compacted).as_slice())?;
+        if grants_after != lease_grants {
+            meta.insert("lease_grants", encode(&grants_after).as_slice())?;
+        }
         if let Some(m) = membership {
             meta.insert("membership", encode(&m).as_slice())?;
         }
@@ -1109,7 +1390,11 @@ fn apply_entries(
         micros = started.elapsed().as_micros() as u64,
         "applied"
     );
-    Ok((responses, revision_after))
+    Ok(Applied {
+        responses,
+        revision: revision_after,
+        lease_changes,
+    })
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -1150,13 +1435,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .applies
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let writes = SystemWrites::of(&entries);
-        let (responses, revision) = blocking(self.io, move || {
+        let applied = blocking(self.io, move || {
             apply_entries(&db, n, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
         })
         .await?;
+        let Applied {
+            responses,
+            revision,
+            lease_changes,
+        } = applied;
         if !writes.is_empty() {
             self.notify_system_watches(Some(&writes));
+        }
+        if !lease_changes.is_empty() {
+            self.tell_lessor(lease_changes);
         }
         self.publish_revision(revision);
         // Committed and readable now: tell local proposers without waiting for openraft.
@@ -1193,17 +1486,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
         let path = snapshot.path().to_path_buf();
         drop(snapshot);
-        let revision = blocking(self.io, move || {
+        let (revision, all_leases) = blocking(self.io, move || {
             snapshot::install(&db, &path, &meta)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
             snapshot::make_current(&dir, &path)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
-            current_revision(&db)
-                .map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)).into())
+            let read = || Ok::<_, redb::Error>((current_revision(&db)?, leases::all(&db)?));
+            read().map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)).into())
         })
         .await?;
-        // A snapshot replaces the whole system key space.
+        // A snapshot replaces the whole system key space, and every lease.
         self.notify_system_watches(None);
+        self.lessor.reset(all_leases, tokio::time::Instant::now());
         self.publish_revision(revision);
         Ok(())
     }

@@ -17,6 +17,10 @@ pub enum KvCommand {
         /// Also print the previous value.
         #[arg(long)]
         prev: bool,
+        /// Attach KEY to this lease (from `aspen lease grant`): it is deleted when the lease
+        /// ends. A put without --lease detaches the key from its lease.
+        #[arg(long, default_value_t = 0)]
+        lease: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -133,11 +137,15 @@ async fn kv_with(c: &Client, cmd: KvCommand) -> Result<()> {
             key,
             value,
             prev,
+            lease,
             client,
         } => {
-            let r = c
-                .put_with(client.bytes(&key)?, client.bytes(&value)?, prev)
-                .await?;
+            let (key, value) = (client.bytes(&key)?, client.bytes(&value)?);
+            let r = if lease == 0 {
+                c.put_with(key, value, prev).await?
+            } else {
+                c.put_with_lease(key, value, lease, prev).await?
+            };
             match client.output {
                 Output::Json => {
                     println!(

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod doc;
 pub mod fed;
 pub mod kv;
+pub mod lease;
 pub mod namespace;
 pub mod testnet;
 
@@ -97,6 +98,10 @@ pub enum Command {
     /// Read and write keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// Leases: keys that live only while a lease is kept alive (grant, keepalive, ttl,
+    /// list, revoke).
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
     /// Automerge documents: create, edit (JSON patch or raw changes), read, list, delete.
     #[command(subcommand)]
     Doc(doc::DocCommand),
@@ -327,6 +332,7 @@ impl ConnectArgs {
             "create_revision": kv.create_revision,
             "mod_revision": kv.mod_revision,
             "version": kv.version,
+            "lease": kv.lease,
         })
     }
 }

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use aspen_client::protocol::{
     AuthListing, AuthRequest, AuthResponse, BlobRequest, BlobResponse, ClientRequest,
-    ClientResponse, ClusterRequest, DocRequest, DocResponse, GrantSummary, KvRequest, NsRequest,
-    NsResponse, RoleSummary, RpcError, TokenSummary,
+    ClientResponse, ClusterRequest, DocRequest, DocResponse, GrantSummary, KvRequest, LeaseRequest,
+    NsRequest, NsResponse, RoleSummary, RpcError, TokenSummary,
 };
 use aspen_kv::api::{Command, SystemOp, SystemTxn, TxnOp, WriteOp};
 use aspen_trust::{Action, BuiltinRole, CapabilityToken, Kind, Permission, VerifiedToken};
@@ -275,7 +275,14 @@ fn ns(action: Action, id: &[u8; 32]) -> Need {
 /// What each write command needs (kv keys; compaction is a cluster-wide act).
 fn command_needs(command: &Command, out: &mut Vec<Need>) {
     match &command.op {
-        WriteOp::Put { key, .. } => out.push(Need::One(Kind::Kv, Action::Write, key.clone())),
+        WriteOp::Put { key, .. } | WriteOp::PutWith { key, .. } => {
+            out.push(Need::One(Kind::Kv, Action::Write, key.clone()))
+        }
+        // Anyone who may write some key may hold leases; revoking one also needs write
+        // access to each key attached (checked by the key-value service, which reads them).
+        WriteOp::LeaseGrant { .. } | WriteOp::LeaseRevoke { .. } => {
+            out.push(Need::AnyOf(Kind::Kv, Action::Write))
+        }
         WriteOp::Delete { start, end, .. } => out.push(Need::Range(
             Kind::Kv,
             Action::Write,
@@ -289,7 +296,7 @@ fn command_needs(command: &Command, out: &mut Vec<Need>) {
             }
             for op in txn.success.iter().chain(&txn.failure) {
                 match op {
-                    TxnOp::Put { key, .. } => {
+                    TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => {
                         out.push(Need::One(Kind::Kv, Action::Write, key.clone()))
                     }
                     TxnOp::Delete { start, end, .. } => out.push(Need::Range(
@@ -302,7 +309,7 @@ fn command_needs(command: &Command, out: &mut Vec<Need>) {
             }
         }
         // Refused from clients anyway (the client service checks); members only.
-        WriteOp::System(_) | WriteOp::SystemTxn(SystemTxn { .. }) => {
+        WriteOp::System(_) | WriteOp::SystemTxn(SystemTxn { .. }) | WriteOp::LeaseExpire { .. } => {
             out.push(cluster(Action::Admin))
         }
     }
@@ -344,6 +351,13 @@ fn kv_needs(request: &KvRequest, out: &mut Vec<Need>) {
             watch.start.clone(),
             watch.end.clone(),
         )),
+        // A lease is kept alive by whoever holds it; its keys were written under write access.
+        KvRequest::Lease(LeaseRequest::KeepAlive { .. }) => {
+            out.push(Need::AnyOf(Kind::Kv, Action::Write))
+        }
+        KvRequest::Lease(LeaseRequest::TimeToLive { .. } | LeaseRequest::List { .. }) => {
+            out.push(Need::AnyOf(Kind::Kv, Action::Read))
+        }
     }
 }
 

@@ -8,14 +8,17 @@ use std::sync::Arc;
 
 use aspen_client::protocol::{ClusterStatus, MemberStatus, RpcError};
 use aspen_client::NodeTicket;
-use aspen_kv::api::{Command, CommandResult, SystemTxn, WriteOp, WriteOutcome};
+use aspen_kv::api::{
+    ApplyError, Command, CommandResult, LeaseId, SystemTxn, WriteOp, WriteOutcome,
+};
+use aspen_kv::lessor::RenewError;
 use aspen_kv::limits::MAX_BATCH_COMMANDS;
 use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
 use openraft::StoredMembership;
 
 use super::peers::Peers;
 use super::proposer::{ProposeError, Proposer};
-use super::raft_protocol::{RaftRequest, RaftResponse};
+use super::raft_protocol::{LeaderLeaseCall, RaftRequest, RaftResponse};
 use super::read_index::ReadIndexBatcher;
 use super::{ticket_of, LEADER_CALL_TIMEOUT};
 use crate::config::TestFault;
@@ -167,18 +170,29 @@ impl ClusterHandle {
         if self.test_fault == Some(TestFault::StaleReads) {
             return Ok(());
         }
-        let index = if self.is_leader() {
-            self.read_index().await?
-        } else {
-            match self.call_leader(RaftRequest::ReadIndex).await? {
-                RaftResponse::ReadIndex(r) => r?,
-                other => {
-                    return Err(RpcError::Internal(format!(
-                        "unexpected read-index response {other:?}"
-                    )))
-                }
+        if self.is_leader() {
+            return self.leader_barrier().await;
+        }
+        let index = match self.call_leader(RaftRequest::ReadIndex).await? {
+            RaftResponse::ReadIndex(r) => r?,
+            other => {
+                return Err(RpcError::Internal(format!(
+                    "unexpected read-index response {other:?}"
+                )))
             }
         };
+        self.wait_applied(index).await
+    }
+
+    /// [`Self::read_barrier`] on the leader: never calls another node (so node-to-node
+    /// handlers can use it).
+    async fn leader_barrier(&self) -> Result<(), RpcError> {
+        let index = self.read_index().await?;
+        self.wait_applied(index).await
+    }
+
+    /// Waits until this node applied `index`.
+    async fn wait_applied(&self, index: Option<u64>) -> Result<(), RpcError> {
         // Usually applied already: skip openraft's waiter (it clones metrics per check).
         let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
         if let Some(index) = index.filter(|i| applied < Some(*i)) {
@@ -276,6 +290,71 @@ impl ClusterHandle {
             .propose(commands)
             .await
             .map_err(RpcError::from)
+    }
+
+    /// A keep-alive of lease `id`, answered by the leader (forwarded there from a
+    /// follower): its time to live in seconds. The leader renews the deadline first, then
+    /// confirms its leadership with a quorum, and only then answers (see `aspen_kv::lessor`).
+    pub async fn lease_keep_alive(&self, id: LeaseId) -> Result<u64, RpcError> {
+        self.leader_lease_call(LeaderLeaseCall::KeepAlive(id)).await
+    }
+
+    /// Time left on lease `id` by the leader's clock, in milliseconds.
+    pub async fn lease_remaining_ms(&self, id: LeaseId) -> Result<u64, RpcError> {
+        self.leader_lease_call(LeaderLeaseCall::Remaining(id)).await
+    }
+
+    async fn leader_lease_call(&self, call: LeaderLeaseCall) -> Result<u64, RpcError> {
+        if self.is_leader() {
+            return self.lease_call_here(call).await;
+        }
+        match self.call_leader(RaftRequest::Lease(call)).await? {
+            RaftResponse::Lease(r) => r,
+            other => Err(RpcError::Internal(format!(
+                "unexpected lease response {other:?}"
+            ))),
+        }
+    }
+
+    /// Answers a lease call on this node, which must lead.
+    pub async fn lease_call_here(&self, call: LeaderLeaseCall) -> Result<u64, RpcError> {
+        let lessor = self.sm.lessor();
+        let now = tokio::time::Instant::now;
+        let ask = || match call {
+            LeaderLeaseCall::KeepAlive(id) => lessor.renew(id, now()).map(|ttl| ttl.as_secs()),
+            LeaderLeaseCall::Remaining(id) => {
+                if !lessor.is_leader() {
+                    Err(RenewError::NotLeader)
+                } else {
+                    lessor
+                        .remaining(id, now())
+                        .map(|d| d.as_millis() as u64)
+                        .ok_or(RenewError::NotFound(id))
+                }
+            }
+        };
+        let answer = match ask() {
+            // A lease granted under an earlier leader may not be applied here yet: catch up
+            // with what this leader committed, then ask again.
+            Err(RenewError::NotFound(_)) => {
+                self.leader_barrier().await?;
+                ask()
+            }
+            other => other,
+        };
+        match answer {
+            Ok(value) => {
+                if matches!(call, LeaderLeaseCall::KeepAlive(_)) {
+                    // Confirmed after the renewal: no later leader was elected before it.
+                    self.read_index().await?;
+                }
+                Ok(value)
+            }
+            Err(RenewError::NotFound(id)) => Err(RpcError::Apply(ApplyError::LeaseNotFound { id })),
+            Err(RenewError::NotLeader) => Err(RpcError::Unavailable(
+                "leadership changing (the lease clock is not running here yet); retry".into(),
+            )),
+        }
     }
 
     /// Proposes one system transaction; whether its conditions held (it applied).

@@ -12,6 +12,7 @@ use aspen_client::protocol::{
 use aspen_kv::api::{ChangesRequest, ReadError};
 use iroh::endpoint::{RecvStream, SendStream, VarInt};
 
+use super::auth::Access;
 use super::ClusterHandle;
 
 pub struct KvService {
@@ -23,14 +24,24 @@ impl KvService {
         KvService { cluster }
     }
 
-    /// Serves one key-value request (access already checked).
-    pub async fn handle(&self, request: KvRequest) -> Result<KvResponse, RpcError> {
+    /// Serves one key-value request (access already checked, except for what a lease
+    /// revocation deletes, which is checked here).
+    pub async fn handle(
+        &self,
+        request: KvRequest,
+        access: &Access<'_>,
+    ) -> Result<KvResponse, RpcError> {
         match request {
-            KvRequest::Write { commands } => {
+            KvRequest::Write { mut commands } => {
+                super::leases::assign_lease_ids(&mut commands);
                 ClusterHandle::validate(&commands, true)?;
+                super::leases::check_revokes(&self.cluster, &commands, access).await?;
                 let results = self.cluster.propose(commands).await?;
                 Ok(KvResponse::Write { results })
             }
+            KvRequest::Lease(request) => Ok(KvResponse::Lease(
+                super::leases::handle(&self.cluster, request, access).await?,
+            )),
             KvRequest::Range {
                 request,
                 consistency,

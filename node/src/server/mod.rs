@@ -17,6 +17,7 @@ mod federation;
 mod gate;
 pub mod identity;
 mod kv;
+mod leases;
 mod membership;
 pub mod namespaces;
 mod peers;
@@ -333,6 +334,7 @@ impl RunningNode {
             tokio::spawn(namespaces::run_sync(state.namespaces.clone())),
             tokio::spawn(namespaces::run_content_repair(state.namespaces.clone())),
             tokio::spawn(auth::run_policy_reload(state.clone(), auth_changes)),
+            tokio::spawn(leases::run_clock(state.cluster.clone())),
             tokio::spawn(federation::follower::run(
                 state.clone(),
                 state.fed.pulls.clone(),
@@ -502,7 +504,7 @@ impl NodeState {
             return ClientResponse::Error(e);
         }
         let result = match request {
-            ClientRequest::Kv(r) => self.kv.handle(r).await.map(ClientResponse::Kv),
+            ClientRequest::Kv(r) => self.kv.handle(r, access).await.map(ClientResponse::Kv),
             ClientRequest::Cluster(r) => self
                 .handle_cluster(r, access)
                 .await
@@ -598,6 +600,11 @@ impl NodeState {
                 })
             }
             RaftRequest::ReadIndex => RaftResponse::ReadIndex(self.cluster.read_index().await),
+            RaftRequest::Lease(call) => RaftResponse::Lease(if self.cluster.is_leader() {
+                self.cluster.lease_call_here(call).await
+            } else {
+                Err(self.cluster.not_leader())
+            }),
             RaftRequest::Hello(member) => {
                 if member.endpoint_id != *remote.as_bytes() {
                     return RaftResponse::Refused("hello for another node's key".into());

@@ -1,5 +1,5 @@
 //! The node-to-node protocol, `aspen/raft/1`: Raft RPCs plus the few calls members make to
-//! each other (forwarded writes, read index, address announcements). One request and one
+//! each other (forwarded writes, read index, lease keep-alives, address announcements). One request and one
 //! response per bi-stream, each one frame. Variants are only ever appended.
 //!
 //! Only members are heard: a node that belongs to a cluster drops a connection from any other
@@ -9,7 +9,7 @@
 //! the cluster the node was told to join (by `--join KEY`, or by its bootstrap secret).
 
 use aspen_client::RpcError;
-use aspen_kv::api::{Command, CommandResult};
+use aspen_kv::api::{Command, CommandResult, LeaseId};
 use aspen_kv::{Member, NodeId, TypeConfig};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -45,6 +45,17 @@ pub enum RaftRequest {
         certificate: Vec<u8>,
         secret: Option<[u8; 32]>,
     },
+    /// Leader: a lease call that only the leader's lease clock can answer.
+    Lease(LeaderLeaseCall),
+}
+
+/// What a follower asks the leader's lease clock on a client's behalf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaderLeaseCall {
+    /// Renew the lease, confirm leadership, answer its TTL in seconds.
+    KeepAlive(LeaseId),
+    /// Time left on the lease, in milliseconds.
+    Remaining(LeaseId),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +73,8 @@ pub enum RaftResponse {
     /// This node belongs to no cluster yet and does not know the caller: introduce yourself.
     NotIntroduced,
     Introduced,
+    /// Seconds (keep-alive) or milliseconds (time left).
+    Lease(Result<u64, RpcError>),
 }
 
 #[cfg(test)]
@@ -95,6 +108,18 @@ mod tests {
         assert_eq!(
             postcard::to_allocvec(&RaftResponse::NotIntroduced).unwrap(),
             [7]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&RaftRequest::Lease(LeaderLeaseCall::KeepAlive(5))).unwrap(),
+            [7, 0, 5]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&RaftRequest::Lease(LeaderLeaseCall::Remaining(5))).unwrap(),
+            [7, 1, 5]
+        );
+        assert_eq!(
+            postcard::to_allocvec(&RaftResponse::Lease(Ok(9))).unwrap(),
+            [9, 0, 9]
         );
     }
 

@@ -15,6 +15,7 @@ mod examples;
 mod faults;
 mod federation;
 mod flake;
+mod leases;
 mod mirrors;
 mod namespaces;
 mod watch;
