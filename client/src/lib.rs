@@ -16,6 +16,7 @@
 
 mod auth;
 mod blobs;
+mod coordination;
 pub mod endpoint;
 mod fed;
 mod lease;
@@ -36,6 +37,7 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
 
 pub use blobs::BlobAdded;
+pub use coordination::{Held, LeaseSession};
 pub use lease::{is_lease_gone, KeepAlive, KeptAlive, Lease, LeaseRevoked};
 pub use protocol::{
     AuthRequest, AuthResponse, BlobInfo, BlobRequest, BlobResponse, BlobStoreStats, BlobTagSummary,

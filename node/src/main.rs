@@ -52,6 +52,8 @@ fn main() {
             Command::Cluster(cmd) => aspen_node::cli::cluster::cluster(cmd).await,
             Command::Kv(cmd) => aspen_node::cli::kv::kv(cmd).await,
             Command::Lease(cmd) => aspen_node::cli::lease::lease(cmd).await,
+            Command::Lock(args) => aspen_node::cli::coordination::lock(args).await,
+            Command::Elect(args) => aspen_node::cli::coordination::elect(args).await,
             Command::Doc(cmd) => aspen_node::cli::doc::doc(cmd).await,
             Command::Blob(cmd) => aspen_node::cli::blob::blob(cmd).await,
             Command::Docs(cmd) => aspen_node::cli::namespace::docs(cmd).await,
@@ -74,6 +76,9 @@ fn main() {
     // Do not wait for lingering connection tasks.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     if let Err(e) = result {
+        if let Some(aspen_node::cli::coordination::ChildExit(code)) = e.downcast_ref() {
+            std::process::exit(*code);
+        }
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }

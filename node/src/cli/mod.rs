@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod blob;
 pub mod cluster;
+pub mod coordination;
 pub mod doc;
 pub mod fed;
 pub mod kv;
@@ -102,6 +103,11 @@ pub enum Command {
     /// list, revoke).
     #[command(subcommand)]
     Lease(lease::LeaseCommand),
+    /// Run a command while holding a distributed lock (its fencing token in
+    /// ASPEN_LOCK_TOKEN), or hold the lock until stopped.
+    Lock(coordination::LockArgs),
+    /// Campaign in an election and lead until stopped, or --listen to the leader.
+    Elect(coordination::ElectArgs),
     /// Automerge documents: create, edit (JSON patch or raw changes), read, list, delete.
     #[command(subcommand)]
     Doc(doc::DocCommand),

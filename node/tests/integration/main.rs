@@ -8,6 +8,7 @@ mod access;
 mod announcements;
 mod bad_input;
 mod blobs;
+mod coordination;
 mod discovery;
 mod docs;
 mod e2e;

@@ -272,6 +272,86 @@ pub fn ticket_text(nodes: &[NodeProc]) -> String {
 
 /// Runs the CLI to completion.
 pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
+    cli_command(args, cluster).output().expect("run aspen")
+}
+
+/// A CLI process left running (killed when dropped, also when the test panics), its
+/// standard output readable line by line as it comes.
+pub struct CliProc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl CliProc {
+    pub fn spawn(args: &[&str], cluster: Option<&str>) -> CliProc {
+        use std::io::BufRead;
+        let mut child = cli_command(args, cluster)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run aspen");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        CliProc { child, lines }
+    }
+
+    /// The next line of output, waiting up to [`DEADLINE`] (None: the process ended).
+    pub fn next_line(&self) -> Option<String> {
+        tokio::task::block_in_place(|| match self.lines.recv_timeout(DEADLINE) {
+            Ok(line) => Some(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no output within {DEADLINE:?}")
+            }
+        })
+    }
+
+    /// SIGINT, as Ctrl-C sends.
+    pub fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit (up to [`DEADLINE`]).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        tokio::task::block_in_place(|| loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the CLI did not exit within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        })
+    }
+}
+
+impl Drop for CliProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The CLI command as tests run it: the admin identity, no DHT, the cluster given.
+pub fn cli_command(args: &[&str], cluster: Option<&str>) -> Command {
     let mut cmd = Command::new(aspen_bin());
     cmd.args(args)
         .env_remove("ASPEN_CLUSTER")
@@ -289,7 +369,7 @@ pub fn cli(args: &[&str], cluster: Option<&str>) -> Output {
     if let Some(c) = cluster {
         cmd.env("ASPEN_CLUSTER", c);
     }
-    cmd.output().expect("run aspen")
+    cmd
 }
 
 pub fn stdout(o: &Output) -> String {
