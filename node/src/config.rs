@@ -25,6 +25,16 @@ pub struct NodeConfig {
     pub blobs: BlobSettings,
     /// Federation with other clusters.
     pub federation: FederationSettings,
+    /// Automatic compaction (etcd's `--auto-compaction-mode` and `-retention`): how
+    /// `auto_compaction_retention` is read.
+    pub auto_compaction_mode: CompactionMode,
+    /// History to keep: "0" (off, the default), a time ("90s", "30m", "12h"; a bare number
+    /// is hours, as in etcd) in periodic mode, or a number of revisions in revision mode.
+    pub auto_compaction_retention: String,
+    /// How often the leader checks (default: a tenth of the retention in periodic mode, at
+    /// least 100 ms and at most an hour; 5 minutes in revision mode). Tests only.
+    #[serde(skip)]
+    pub auto_compaction_every: Option<Duration>,
     /// A deliberate bug, for the test harness's negative controls only (never from a file).
     #[serde(skip)]
     pub test_fault: Option<TestFault>,
@@ -220,6 +230,9 @@ impl Default for NodeConfig {
             dht: DhtSettings::default(),
             blobs: BlobSettings::default(),
             federation: FederationSettings::default(),
+            auto_compaction_mode: CompactionMode::Periodic,
+            auto_compaction_retention: "0".into(),
+            auto_compaction_every: None,
             test_fault: None,
             allow_fault_injection: false,
             join: None,
@@ -242,6 +255,94 @@ pub enum ConfigError {
     Blobs(String),
     #[error("federation: {0}")]
     Federation(String),
+    #[error("auto compaction retention {0:?}: {1}")]
+    AutoCompaction(String, &'static str),
+}
+
+/// How the automatic compaction retention is read.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CompactionMode {
+    /// Keep the history of the last RETENTION (a time).
+    #[default]
+    Periodic,
+    /// Keep the last RETENTION revisions.
+    Revision,
+}
+
+/// What the leader's compaction loop does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Off,
+    /// Every `every`, compact to the revision the store had `retention` ago.
+    Periodic {
+        retention: Duration,
+        every: Duration,
+    },
+    /// Every `every`, compact to the current revision minus `retention`.
+    Revision {
+        retention: u64,
+        every: Duration,
+    },
+}
+
+/// Default check interval of revision mode (as etcd's).
+pub const REVISION_COMPACTION_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// Parses a periodic retention: a number with an optional unit s, m or h (bare: hours).
+fn parse_retention(text: &str) -> Result<Duration, &'static str> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&text[..i], &text[i..]),
+        None => (text, "h"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| "expected a number with an optional unit s, m or h (e.g. 30m)")?;
+    let secs = match unit {
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err("the unit must be s, m or h"),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 10.0 * 365.0 * 24.0 * 3600.0 {
+        return Err("must be between 0 and ten years");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl NodeConfig {
+    /// The automatic compaction policy the settings describe.
+    pub fn auto_compaction(&self) -> Result<AutoCompaction, ConfigError> {
+        let text = &self.auto_compaction_retention;
+        let err = |why| ConfigError::AutoCompaction(text.clone(), why);
+        match self.auto_compaction_mode {
+            CompactionMode::Periodic => {
+                let retention = parse_retention(text).map_err(err)?;
+                if retention.is_zero() {
+                    return Ok(AutoCompaction::Off);
+                }
+                let every = self.auto_compaction_every.unwrap_or_else(|| {
+                    (retention / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600))
+                });
+                Ok(AutoCompaction::Periodic { retention, every })
+            }
+            CompactionMode::Revision => {
+                let retention: u64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| err("expected a number of revisions"))?;
+                if retention == 0 {
+                    return Ok(AutoCompaction::Off);
+                }
+                let every = self
+                    .auto_compaction_every
+                    .unwrap_or(REVISION_COMPACTION_EVERY);
+                Ok(AutoCompaction::Revision { retention, every })
+            }
+        }
+    }
 }
 
 impl NodeConfig {
@@ -261,6 +362,7 @@ impl NodeConfig {
         }
         self.blobs.validate()?;
         self.federation.validate()?;
+        self.auto_compaction()?;
         self.dht.validate()
     }
 }
@@ -268,6 +370,61 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_compaction_settings_parse_like_etcd() {
+        let policy = |mode, retention: &str| {
+            NodeConfig {
+                auto_compaction_mode: mode,
+                auto_compaction_retention: retention.into(),
+                ..NodeConfig::default()
+            }
+            .auto_compaction()
+        };
+        use CompactionMode::*;
+        assert_eq!(policy(Periodic, "0").unwrap(), AutoCompaction::Off);
+        assert_eq!(
+            policy(Periodic, "1").unwrap(),
+            AutoCompaction::Periodic {
+                retention: Duration::from_secs(3600),
+                every: Duration::from_secs(360)
+            }
+        );
+        assert_eq!(
+            policy(Periodic, "30m").unwrap(),
+            AutoCompaction::Periodic {
+                retention: Duration::from_secs(1800),
+                every: Duration::from_secs(180)
+            }
+        );
+        assert_eq!(
+            policy(Periodic, "0.5s").unwrap(),
+            AutoCompaction::Periodic {
+                retention: Duration::from_millis(500),
+                every: Duration::from_millis(100)
+            }
+        );
+        assert_eq!(
+            policy(Revision, "1000").unwrap(),
+            AutoCompaction::Revision {
+                retention: 1000,
+                every: REVISION_COMPACTION_EVERY
+            }
+        );
+        for (mode, bad) in [
+            (Periodic, "abc"),
+            (Periodic, "5x"),
+            (Periodic, "-1h"),
+            (Periodic, "1e300h"),
+            (Revision, "1h"),
+            (Revision, "-3"),
+        ] {
+            assert!(
+                matches!(policy(mode, bad), Err(ConfigError::AutoCompaction(..))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {

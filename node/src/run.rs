@@ -28,6 +28,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(n) = args.keep_log_after_snapshot {
         config.keep_log_after_snapshot = n;
     }
+    if let Some(r) = args.auto_compaction_retention {
+        config.auto_compaction_retention = r;
+    }
+    if let Some(m) = args.auto_compaction_mode {
+        config.auto_compaction_mode = m;
+    }
+    if let Some(s) = args.auto_compaction_every {
+        anyhow::ensure!(
+            s.is_finite() && (0.01..=86400.0).contains(&s),
+            "--auto-compaction-every must be 0.01 to 86400 seconds"
+        );
+        config.auto_compaction_every = Some(Duration::from_secs_f64(s));
+    }
     args.dht.apply(&mut config.dht);
     if let Some(n) = args.blob_replicas {
         config.blobs.replicas = n;

@@ -173,8 +173,8 @@ pub struct RunArgs {
     /// port (or a free one).
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
-    /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot, and a
-    /// [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
+    /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot,
+    /// auto_compaction_mode, auto_compaction_retention, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
     /// record_validity_secs, and a [blobs] table: replicas, gc_grace_secs, gc_interval_secs).
     /// Flags override it.
     #[arg(long)]
@@ -185,6 +185,17 @@ pub struct RunArgs {
     /// Log entries to keep behind a snapshot.
     #[arg(long)]
     pub keep_log_after_snapshot: Option<u64>,
+    /// Compact history automatically, keeping this much (etcd's flag): a time in periodic
+    /// mode ("90s", "30m", "12h"; a bare number is hours), a number of revisions in
+    /// revision mode. 0: never (the default; `aspen kv compact` compacts by hand).
+    #[arg(long, value_name = "RETENTION")]
+    pub auto_compaction_retention: Option<String>,
+    /// How --auto-compaction-retention is read.
+    #[arg(long, value_enum)]
+    pub auto_compaction_mode: Option<crate::config::CompactionMode>,
+    /// Seconds between the leader's automatic compaction checks (tests only).
+    #[arg(long, hide = true)]
+    pub auto_compaction_every: Option<f64>,
     /// Run with a deliberate bug (fault-test negative controls only). Never use this.
     #[arg(long, hide = true, value_enum)]
     pub unsafe_test_fault: Option<crate::config::TestFault>,

@@ -11,6 +11,7 @@ mod admission;
 pub mod auth;
 pub mod blobs;
 pub mod cluster;
+mod compaction;
 mod docs;
 mod faulty_blobs;
 mod federation;
@@ -80,6 +81,8 @@ pub enum StartError {
     /// The blob store or the iroh-docs engine could not start.
     #[error("{0}")]
     Blobs(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
@@ -335,6 +338,10 @@ impl RunningNode {
             tokio::spawn(namespaces::run_content_repair(state.namespaces.clone())),
             tokio::spawn(auth::run_policy_reload(state.clone(), auth_changes)),
             tokio::spawn(leases::run_clock(state.cluster.clone())),
+            tokio::spawn(compaction::run(
+                state.cluster.clone(),
+                config.auto_compaction()?,
+            )),
             tokio::spawn(federation::follower::run(
                 state.clone(),
                 state.fed.pulls.clone(),

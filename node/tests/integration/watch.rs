@@ -288,3 +288,94 @@ async fn negative_control_a_watch_that_skips_on_resume_is_caught() {
     drop(watch);
     client.close().await;
 }
+
+/// `--auto-compaction-retention`: in revision mode the leader keeps the last N revisions,
+/// in periodic mode a time's worth; a watch or read from before the compaction point is
+/// refused as compacted; a malformed retention stops the node with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_compaction_keeps_what_it_is_told() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(
+        root.path(),
+        1,
+        &[
+            "--auto-compaction-mode",
+            "revision",
+            "--auto-compaction-retention",
+            "3",
+            "--auto-compaction-every",
+            "0.1",
+        ],
+    )
+    .await;
+    let client = client_of(&nodes[0]).await;
+    let mut last = 0;
+    for i in 0..10 {
+        last = client
+            .put(b"c".to_vec(), i.to_string().into_bytes())
+            .await
+            .unwrap()
+            .revision;
+    }
+    let status = wait_until("compacted to the last 3 revisions", || {
+        let client = client.clone();
+        async move {
+            let s = client.status().await.unwrap();
+            (s.compacted_revision == last - 3).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(status.revision, last);
+    let mut old = client.watch(WatchRequest {
+        from: last - 4,
+        ..prefix("c")
+    });
+    match tokio::time::timeout(DEADLINE, old.next()).await.unwrap() {
+        Some(Err(WatchError::Canceled(aspen_client::WatchCanceled::Compacted {
+            compacted,
+            ..
+        }))) => assert_eq!(compacted, last - 3),
+        other => panic!("expected compacted, got {other:?}"),
+    }
+    let kept = client
+        .get_with(
+            b"c".to_vec(),
+            last - 3,
+            aspen_client::Consistency::Linearizable,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.value, b"6");
+    client.close().await;
+    drop(nodes);
+
+    // Periodic: history older than the retention goes.
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &["--auto-compaction-retention", "1s"]).await;
+    let client = client_of(&nodes[0]).await;
+    let first = client.put(b"p".to_vec(), b"1".to_vec()).await.unwrap();
+    wait_until("periodic compaction past the first write", || {
+        let client = client.clone();
+        async move {
+            // Writes keep the revision moving; compaction follows a second behind.
+            client.put(b"p".to_vec(), b"n".to_vec()).await.unwrap();
+            let s = client.status().await.unwrap();
+            (s.compacted_revision > first.revision).then_some(())
+        }
+    })
+    .await;
+    client.close().await;
+
+    // A malformed retention: the node refuses to start and says why.
+    let out = std::process::Command::new(aspen_bin())
+        .args(["node", "run", "--data-dir"])
+        .arg(root.path().join("bad"))
+        .args(["--auto-compaction-retention", "5x"])
+        .env("ASPEN_NO_DHT", "true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auto compaction retention"), "{err}");
+}
