@@ -306,7 +306,7 @@ fn parse_retention(text: &str) -> Result<Duration, &'static str> {
         "h" => value * 3600.0,
         _ => return Err("the unit must be s, m or h"),
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 10.0 * 365.0 * 24.0 * 3600.0 {
+    if !secs.is_finite() || !(0.0..=10.0 * 365.0 * 24.0 * 3600.0).contains(&secs) {
         return Err("must be between 0 and ten years");
     }
     Ok(Duration::from_secs_f64(secs))
