@@ -212,6 +212,10 @@ struct Inner {
     client_id: u64,
     next_seq: AtomicU64,
     in_flight: Mutex<BTreeSet<u64>>,
+    /// The watch stream to each member that has watches (see `watch.rs`).
+    watch_streams: Mutex<HashMap<[u8; 32], Arc<watch::WatchStream>>>,
+    /// Ids of watches on watch streams (never reused).
+    next_watch_id: AtomicU64,
 }
 
 impl Client {
@@ -260,6 +264,8 @@ impl Client {
                 client_id: rand::random(),
                 next_seq: AtomicU64::new(1),
                 in_flight: Mutex::new(BTreeSet::new()),
+                watch_streams: Default::default(),
+                next_watch_id: AtomicU64::new(1),
             }),
         }
     }
@@ -295,6 +301,7 @@ impl Client {
             }
             task.abort();
         }
+        self.inner.watch_streams.lock().expect("lock").clear();
         for (_, c) in self.inner.conns.lock().expect("lock").drain() {
             c.close(0u32.into(), b"client closed");
         }

@@ -72,15 +72,30 @@ pub enum KvRequest {
         request: RangeRequest,
         consistency: Consistency,
     },
-    /// Opens a watch on this stream: the node answers with a sequence of
-    /// [`KvResponse::Watch`] frames (the first one `Created`) until either side closes the
-    /// stream. Each watch is its own QUIC stream; many share one connection (at most
-    /// [`MAX_WATCHES_PER_CONNECTION`] at once).
+    /// Retired (one watch per stream): refused; open a [`KvRequest::Watches`] stream. Kept
+    /// so that the tags after it keep their values.
     Watch(WatchRequest),
     /// Leases: keep alive, inspect, list (they are granted and revoked with writes:
     /// [`aspen_kv::api::WriteOp::LeaseGrant`], [`aspen_kv::api::WriteOp::LeaseRevoke`]).
     /// → [`KvResponse::Lease`]
     Lease(LeaseRequest),
+    /// Makes this stream a watch stream: after this frame the client sends
+    /// [`WatchControl`] frames (create and cancel watches, each with an id the client
+    /// picks) and the node sends [`KvResponse::Watched`] frames until either side closes it.
+    /// One stream carries every watch of a connection, at most
+    /// [`MAX_WATCHES_PER_CONNECTION`] at once. A reader that leaves frames unread for long
+    /// (30 s) has the stream reset, cancelling its watches as too slow.
+    Watches,
+}
+
+/// What a client sends on a [`KvRequest::Watches`] stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchControl {
+    /// Starts watch `id` (an id not in use on this stream). The node answers
+    /// [`WatchMessage::Created`] then its updates, or [`WatchMessage::Refused`].
+    Create { id: u64, request: WatchRequest },
+    /// Stops watch `id`; nothing more is sent for it.
+    Cancel { id: u64 },
 }
 
 /// Most watches one client connection may have open at once (each is a QUIC stream); the
@@ -168,6 +183,9 @@ pub enum WatchMessage {
     Progress { revision: Revision },
     /// The watch ended: the stream closes after this.
     Canceled(WatchCanceled),
+    /// The watch was not created (a bad request, no permission, too many watches, an id in
+    /// use); nothing more is sent for it.
+    Refused(RpcError),
 }
 
 /// Why a watch ended.
@@ -459,10 +477,17 @@ pub enum ClientResponse {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvResponse {
-    Write { results: Vec<CommandResult> },
+    Write {
+        results: Vec<CommandResult>,
+    },
     Range(RangeResponse),
     Watch(WatchMessage),
     Lease(LeaseResponse),
+    /// A frame of watch `id` on a [`KvRequest::Watches`] stream.
+    Watched {
+        id: u64,
+        message: WatchMessage,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1558,6 +1583,53 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = crate::wire::decode_body::<ClientRequest>(&bytes);
             let _ = crate::wire::decode_body::<ClientResponse>(&bytes);
+            let _ = crate::wire::decode_body::<WatchControl>(&bytes);
         }
+
+        #[test]
+        fn watch_controls_round_trip(id in any::<u64>(), from in any::<u64>(), start in proptest::collection::vec(any::<u8>(), 0..16), cancel in any::<bool>()) {
+            let control = if cancel {
+                WatchControl::Cancel { id }
+            } else {
+                WatchControl::Create {
+                    id,
+                    request: WatchRequest {
+                        start,
+                        end: None,
+                        from,
+                        after: None,
+                        prev_kv: false,
+                        progress_every_ms: 0,
+                    },
+                }
+            };
+            let back: WatchControl = crate::wire::decode_body(&encoded(&control)).unwrap();
+            prop_assert_eq!(back, control);
+        }
+    }
+
+    #[test]
+    fn golden_bytes_watch_streams() {
+        assert_eq!(encoded(&ClientRequest::Kv(KvRequest::Watches)), [0, 4]);
+        assert_eq!(encoded(&WatchControl::Cancel { id: 3 }), [1, 3]);
+        let create = WatchControl::Create {
+            id: 2,
+            request: WatchRequest {
+                start: b"k".to_vec(),
+                end: None,
+                from: 0,
+                after: None,
+                prev_kv: false,
+                progress_every_ms: 5,
+            },
+        };
+        assert_eq!(encoded(&create), [0, 2, 1, b'k', 0, 0, 0, 0, 5]);
+        let watched = ClientResponse::Kv(KvResponse::Watched {
+            id: 9,
+            message: WatchMessage::Progress { revision: 4 },
+        });
+        assert_eq!(encoded(&watched), [0, 4, 9, 2, 4]);
+        let refused = WatchMessage::Refused(RpcError::TooManyWatches { max: 1 });
+        assert_eq!(encoded(&refused), [4, 15, 1]);
     }
 }

@@ -1,13 +1,18 @@
 //! Watches: a `Stream` of what changed in a key range, resumed across disconnects and
 //! member failures from exactly where it stopped.
 //!
-//! Each watch is one QUIC stream on the client's connection to a member. The SDK keeps a
-//! cursor (the next revision, and within a revision split into fragments, the last key
-//! delivered) and, when the stream or the member fails, opens the watch again on a member
-//! from that cursor: the node reads what changed from its history, so nothing is missed or
-//! repeated. A member that lags behind the cursor simply waits until it has caught up.
+//! All watches a client has on one member share one QUIC stream (a
+//! [`KvRequest::Watches`] stream): a [`WatchStream`] writes their create and cancel frames
+//! and routes the node's frames to each watch by id. Each watch keeps a cursor (the next
+//! revision, and within a revision split into fragments, the last key delivered) and, when
+//! its stream or member fails, opens the watch again on a member from that cursor: the node
+//! reads what changed from its history, so nothing is missed or repeated. A member that lags
+//! behind the cursor simply waits until it has caught up.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,18 +20,24 @@ use aspen_kv::api::{Event, Key, Revision};
 use tokio::sync::mpsc;
 
 use crate::protocol::{
-    ClientRequest, ClientResponse, KvRequest, KvResponse, WatchCanceled, WatchMessage,
-    WatchRequest, MAX_CLIENT_FRAME,
+    ClientRequest, ClientResponse, KvRequest, KvResponse, WatchCanceled, WatchControl,
+    WatchMessage, WatchRequest, MAX_CLIENT_FRAME,
 };
-use crate::{Client, ClientError, ConnectError};
+use crate::{Client, ClientError, ConnectError, NodeTicket};
 
-/// Reset code a node uses for a watch whose watcher stopped reading (see the node's
+/// Reset code a node uses for a watch stream whose reader stopped reading (see the node's
 /// `WATCH_SEND_TIMEOUT`).
 pub const WATCH_TOO_SLOW: u32 = 0x5157;
 /// The node's shortest progress interval (it raises shorter ones to this).
 const MIN_PROGRESS: Duration = Duration::from_millis(100);
-/// Updates a watch holds for its reader before it stops reading from the node.
+/// Updates a watch holds for its reader before it stops taking frames from its stream.
 const WATCH_BUFFER: usize = 16;
+/// Frames a watch stream holds for one watch before it waits for that watch.
+const ROUTE_BUFFER: usize = 16;
+/// How long a watch stream waits for one watch to take a frame before cancelling that
+/// watch as too slow (shorter than the node's 30 s, so the node never resets the stream of
+/// the other watches because of one).
+const WATCH_READER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between attempts to reopen a watch.
 const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(2);
 /// Progress interval the SDK asks for when the caller asked for none: a node that sends
@@ -54,7 +65,7 @@ pub enum WatchUpdate {
 pub enum WatchError {
     #[error("watch cancelled: {0}")]
     Canceled(#[from] WatchCanceled),
-    #[error("watch cancelled by the node: this watcher did not read its events in time")]
+    #[error("watch cancelled: this watcher did not read its events in time")]
     TooSlow,
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -103,7 +114,7 @@ impl Cursor {
     }
 }
 
-/// How one attempt at a watch stream ended.
+/// How one attempt at a watch ended.
 enum Ended {
     /// Final: tell the reader and stop.
     Final(WatchError),
@@ -113,12 +124,180 @@ enum Ended {
     Retry(String),
 }
 
+/// Where a watch stream sends one watch's frames.
+struct Route {
+    frames: mpsc::Sender<WatchMessage>,
+    /// Set when the stream gave up on this watch because it did not take its frames.
+    too_slow: Arc<AtomicBool>,
+}
+
+/// The one watch stream of a client to one member.
+pub(crate) struct WatchStream {
+    control: mpsc::UnboundedSender<WatchControl>,
+    routes: Arc<Mutex<HashMap<u64, Route>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    heard: Arc<Heard>,
+}
+
+/// When a stream last heard from its node. A stream waiting for one of its watches to take
+/// a frame reads nothing meanwhile; that silence is not the node's.
+#[derive(Default)]
+struct Heard {
+    at: Mutex<Option<Instant>>,
+    busy: AtomicBool,
+}
+
+impl Heard {
+    /// Whether the node may be gone: nothing heard for `silence`, and not because the
+    /// stream was busy with a slow watch.
+    fn silent_for(&self, silence: Duration) -> bool {
+        !self.busy.load(Ordering::Relaxed)
+            && self
+                .at
+                .lock()
+                .expect("lock")
+                .is_none_or(|at| at.elapsed() >= silence)
+    }
+}
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl WatchStream {
+    fn is_open(&self) -> bool {
+        !self.control.is_closed() && self.tasks.iter().all(|t| !t.is_finished())
+    }
+
+    /// Ends the stream: every watch on it retries elsewhere.
+    fn kill(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.routes.lock().expect("lock").clear();
+    }
+}
+
+/// Unregisters a watch from its stream (and cancels it on the node) when dropped.
+struct Registration {
+    stream: Arc<WatchStream>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self
+            .stream
+            .routes
+            .lock()
+            .expect("lock")
+            .remove(&self.id)
+            .is_some()
+        {
+            let _ = self
+                .stream
+                .control
+                .send(WatchControl::Cancel { id: self.id });
+        }
+    }
+}
+
+/// Opens a watch stream on `conn` and starts its writer and router.
+async fn open_watch_stream(conn: &iroh::endpoint::Connection) -> Result<WatchStream, String> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("open stream: {e}"))?;
+    crate::wire::write_frame(
+        &mut send,
+        &ClientRequest::Kv(KvRequest::Watches),
+        MAX_CLIENT_FRAME,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (control, mut controls) = mpsc::unbounded_channel::<WatchControl>();
+    let routes: Arc<Mutex<HashMap<u64, Route>>> = Default::default();
+    let writer = tokio::spawn(async move {
+        while let Some(c) = controls.recv().await {
+            if crate::wire::write_frame(&mut send, &c, MAX_CLIENT_FRAME)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let table = routes.clone();
+    let cancel = control.clone();
+    let heard = Arc::new(Heard::default());
+    let noted = heard.clone();
+    let router = tokio::spawn(async move {
+        let fail_all = |message: Option<WatchMessage>, too_slow: bool| {
+            for (_, route) in table.lock().expect("lock").drain() {
+                route.too_slow.store(too_slow, Ordering::Relaxed);
+                if let Some(m) = &message {
+                    let _ = route.frames.try_send(m.clone());
+                }
+            }
+        };
+        loop {
+            let frame =
+                crate::wire::read_frame::<ClientResponse>(&mut recv, MAX_CLIENT_FRAME).await;
+            *noted.at.lock().expect("lock") = Some(Instant::now());
+            let (id, message) = match frame {
+                Ok(ClientResponse::Kv(KvResponse::Watched { id, message })) => (id, message),
+                // The stream itself was refused (no permission to watch anything).
+                Ok(ClientResponse::Error(e)) => {
+                    return fail_all(Some(WatchMessage::Refused(e)), false)
+                }
+                Ok(_) => return fail_all(None, false),
+                Err(crate::wire::FrameError::Reset(code)) if code == u64::from(WATCH_TOO_SLOW) => {
+                    return fail_all(None, true)
+                }
+                Err(_) => return fail_all(None, false),
+            };
+            let route = table
+                .lock()
+                .expect("lock")
+                .get(&id)
+                .map(|r| (r.frames.clone(), r.too_slow.clone()));
+            let Some((frames, too_slow)) = route else {
+                continue; // Cancelled meanwhile.
+            };
+            noted.busy.store(true, Ordering::Relaxed);
+            let delivered = tokio::time::timeout(WATCH_READER_TIMEOUT, frames.send(message)).await;
+            *noted.at.lock().expect("lock") = Some(Instant::now());
+            noted.busy.store(false, Ordering::Relaxed);
+            match delivered {
+                Ok(_) => {}
+                Err(_) => {
+                    // This watch's reader stalls the others: it alone is cancelled.
+                    too_slow.store(true, Ordering::Relaxed);
+                    table.lock().expect("lock").remove(&id);
+                    let _ = cancel.send(WatchControl::Cancel { id });
+                }
+            }
+        }
+    });
+    Ok(WatchStream {
+        control,
+        routes,
+        tasks: vec![writer, router],
+        heard,
+    })
+}
+
 impl Client {
     /// Watches a key range (see [`WatchRequest`]; `from` 0 starts at the next revision).
     /// Events come in revision order with no gap and no duplicate, across disconnects and
     /// member failures; a watch that can no longer be continued exactly (its next revision
-    /// was compacted, the node cancelled a watcher that did not read, access was refused)
-    /// ends with an error.
+    /// was compacted, it did not read its events in time, access was refused) ends with an
+    /// error.
     pub fn watch(&self, request: WatchRequest) -> Watch {
         let (tx, updates) = mpsc::channel(WATCH_BUFFER);
         let client = self.clone();
@@ -127,6 +306,40 @@ impl Client {
             let _ = tx.send(Err(error)).await;
         });
         Watch { updates, task }
+    }
+
+    /// The watch stream to `target`, opened if there is none (or it failed).
+    async fn watch_stream(&self, target: &NodeTicket) -> Result<Arc<WatchStream>, Ended> {
+        if let Some(s) = self
+            .inner
+            .watch_streams
+            .lock()
+            .expect("lock")
+            .get(&target.endpoint_id)
+        {
+            if s.is_open() {
+                return Ok(s.clone());
+            }
+        }
+        let conn = match self.connection(target).await {
+            Ok(c) => c,
+            Err(ConnectError::Refused(e)) => return Err(Ended::Final(ClientError::Rpc(e).into())),
+            Err(ConnectError::Transport(e)) => return Err(Ended::Retry(e)),
+        };
+        let stream = match open_watch_stream(&conn).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.forget(target);
+                return Err(Ended::Retry(e));
+            }
+        };
+        let mut streams = self.inner.watch_streams.lock().expect("lock");
+        // Another watch may have opened one meanwhile: share it.
+        if let Some(s) = streams.get(&target.endpoint_id).filter(|s| s.is_open()) {
+            return Ok(s.clone());
+        }
+        streams.insert(target.endpoint_id, stream.clone());
+        Ok(stream)
     }
 
     async fn run_watch(
@@ -141,6 +354,7 @@ impl Client {
         let mut failing_since: Option<Instant> = None;
         let mut backoff = Duration::from_millis(50);
         let mut exclude: Vec<[u8; 32]> = Vec::new();
+        let show_progress = request.progress_every_ms > 0;
         loop {
             let Some(target) = self.pick_target(&exclude).or_else(|| {
                 exclude.clear();
@@ -155,26 +369,30 @@ impl Client {
             let attempt = WatchRequest {
                 from: cursor.from,
                 after: cursor.after.clone(),
-                progress_every_ms: if request.progress_every_ms == 0 {
-                    LIVENESS_PROGRESS.as_millis() as u64
-                } else {
+                progress_every_ms: if show_progress {
                     request.progress_every_ms
+                } else {
+                    LIVENESS_PROGRESS.as_millis() as u64
                 },
                 ..request.clone()
             };
-            let show_progress = request.progress_every_ms > 0;
             let mut delivered = false;
-            match self
-                .watch_once(
-                    &target,
-                    attempt,
-                    show_progress,
-                    &mut cursor,
-                    tx,
-                    &mut delivered,
-                )
-                .await
-            {
+            let ended = match self.watch_stream(&target).await {
+                Ok(stream) => {
+                    self.watch_once(
+                        &target,
+                        stream,
+                        attempt,
+                        show_progress,
+                        &mut cursor,
+                        tx,
+                        &mut delivered,
+                    )
+                    .await
+                }
+                Err(e) => e,
+            };
+            match ended {
                 Ended::Final(e) => return e,
                 Ended::ReaderGone => {
                     return WatchError::Client(ClientError::Io("reader gone".into()))
@@ -206,10 +424,12 @@ impl Client {
         }
     }
 
-    /// One watch stream on one member, until it ends.
+    /// One watch on one member's watch stream, until it ends.
+    #[allow(clippy::too_many_arguments)]
     async fn watch_once(
         &self,
-        target: &crate::NodeTicket,
+        target: &NodeTicket,
+        stream: Arc<WatchStream>,
         request: WatchRequest,
         show_progress: bool,
         cursor: &mut Cursor,
@@ -220,47 +440,43 @@ impl Client {
         // that and an attempt timeout means it is gone.
         let silence = Duration::from_millis(request.progress_every_ms).max(MIN_PROGRESS)
             + self.inner.options.attempt_timeout;
-        let conn = match self.connection(target).await {
-            Ok(c) => c,
-            Err(ConnectError::Refused(e)) => return Ended::Final(ClientError::Rpc(e).into()),
-            Err(ConnectError::Transport(e)) => return Ended::Retry(e),
+        let id = self.inner.next_watch_id.fetch_add(1, Ordering::Relaxed);
+        let (frames_tx, mut frames) = mpsc::channel(ROUTE_BUFFER);
+        let too_slow = Arc::new(AtomicBool::new(false));
+        stream.routes.lock().expect("lock").insert(
+            id,
+            Route {
+                frames: frames_tx,
+                too_slow: too_slow.clone(),
+            },
+        );
+        let registration = Registration {
+            stream: stream.clone(),
+            id,
         };
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.forget(target);
-                return Ended::Retry(format!("open stream: {e}"));
-            }
-        };
-        let opening = ClientRequest::Kv(KvRequest::Watch(request));
-        if let Err(e) = crate::wire::write_frame(&mut send, &opening, MAX_CLIENT_FRAME).await {
-            self.forget(target);
-            return Ended::Retry(e.to_string());
+        if stream
+            .control
+            .send(WatchControl::Create { id, request })
+            .is_err()
+        {
+            return Ended::Retry("the watch stream closed".into());
         }
         loop {
-            let read = crate::wire::read_frame::<ClientResponse>(&mut recv, MAX_CLIENT_FRAME);
-            let frame = match tokio::time::timeout(silence, read).await {
-                Ok(frame) => frame,
-                Err(_) => {
-                    self.forget(target);
-                    return Ended::Retry(format!("no word from the node for {silence:?}"));
-                }
-            };
-            let message = match frame {
-                Ok(ClientResponse::Kv(KvResponse::Watch(m))) => m,
-                Ok(ClientResponse::Error(e)) if e.is_retryable() => {
-                    return Ended::Retry(e.to_string())
-                }
-                Ok(ClientResponse::Error(e)) => return Ended::Final(ClientError::Rpc(e).into()),
-                Ok(other) => {
-                    return Ended::Final(ClientError::Protocol(format!("{other:?}")).into())
-                }
-                Err(crate::wire::FrameError::Reset(code)) if code == u64::from(WATCH_TOO_SLOW) => {
+            let message = match tokio::time::timeout(silence, frames.recv()).await {
+                Ok(Some(m)) => m,
+                Ok(None) if too_slow.load(Ordering::Relaxed) => {
                     return Ended::Final(WatchError::TooSlow)
                 }
-                Err(e) => {
+                Ok(None) => return Ended::Retry("the watch stream failed".into()),
+                // The stream hears from the node for other watches (or is busy): alive.
+                Err(_) if !stream.heard.silent_for(silence) => continue,
+                Err(_) => {
+                    // Probably a dead member: drop the stream (its other watches move too)
+                    // and the connection.
+                    drop(registration);
+                    stream.kill();
                     self.forget(target);
-                    return Ended::Retry(e.to_string());
+                    return Ended::Retry(format!("no word from the node for {silence:?}"));
                 }
             };
             let update = match message {
@@ -292,6 +508,8 @@ impl Client {
                     WatchUpdate::Progress { revision }
                 }
                 WatchMessage::Canceled(reason) => return Ended::Final(reason.into()),
+                WatchMessage::Refused(e) if e.is_retryable() => return Ended::Retry(e.to_string()),
+                WatchMessage::Refused(e) => return Ended::Final(ClientError::Rpc(e).into()),
             };
             *delivered = true;
             if tx.send(Ok(update)).await.is_err() {

@@ -351,6 +351,8 @@ fn kv_needs(request: &KvRequest, out: &mut Vec<Need>) {
             watch.start.clone(),
             watch.end.clone(),
         )),
+        // Each watch on the stream is authorized for its range as it is created.
+        KvRequest::Watches => out.push(Need::AnyOf(Kind::Kv, Action::Read)),
         // A lease is kept alive by whoever holds it; its keys were written under write access.
         KvRequest::Lease(LeaseRequest::KeepAlive { .. }) => {
             out.push(Need::AnyOf(Kind::Kv, Action::Write))

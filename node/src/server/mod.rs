@@ -26,6 +26,7 @@ mod proposer;
 pub mod publisher;
 pub mod raft_protocol;
 mod read_index;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -826,9 +827,12 @@ impl ProtocolHandler for ClientService {
             return Ok(());
         };
         let caller = Arc::new(auth::Caller::new(key));
+        // Watches open on this connection (all its watch streams together).
+        let watches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let state = self.state.clone();
             let caller = caller.clone();
+            let watches = watches.clone();
             tokio::spawn(async move {
                 // A stream that never delivers its request is dropped (keep-alives would
                 // otherwise keep it open for as long as the caller likes).
@@ -837,14 +841,13 @@ impl ProtocolHandler for ClientService {
                     read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME),
                 );
                 let response = match read.await {
-                    Ok(Ok(ClientRequest::Kv(aspen_client::KvRequest::Watch(watch)))) => {
-                        // A watch keeps the stream: authorized like its range read, then
-                        // served until it ends.
-                        let request =
-                            ClientRequest::Kv(aspen_client::KvRequest::Watch(watch.clone()));
+                    Ok(Ok(request @ ClientRequest::Kv(aspen_client::KvRequest::Watches))) => {
+                        // A watch stream keeps the stream; each watch on it is authorized
+                        // as it is created.
                         match state.authorize(&request, &caller).await {
                             Ok(_) => {
-                                kv::serve_watch(&state.cluster, watch, send, recv).await;
+                                watch::serve_watches(state.clone(), caller, watches, send, recv)
+                                    .await;
                                 return;
                             }
                             Err(e) => ClientResponse::Error(e),

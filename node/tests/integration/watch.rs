@@ -379,3 +379,128 @@ async fn auto_compaction_keeps_what_it_is_told() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auto compaction retention"), "{err}");
 }
+
+/// All watches of a connection share one stream: more watches than a connection has
+/// streams (128) run side by side with ordinary requests; a connection holds at most
+/// `MAX_WATCHES_PER_CONNECTION` watches, the next one is refused with a typed error, and a
+/// cancelled watch makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_share_one_stream_and_a_connection_holds_a_bounded_number() {
+    use aspen_client::protocol::MAX_WATCHES_PER_CONNECTION;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let client = client_of(&nodes[0]).await;
+    // Each watch reports progress once it runs.
+    let open = |key: String| {
+        client.watch(WatchRequest {
+            progress_every_ms: 1000,
+            ..prefix(&key)
+        })
+    };
+    let mut watches: Vec<aspen_client::Watch> = (0..MAX_WATCHES_PER_CONNECTION)
+        .map(|i| open(format!("m/{i:05}")))
+        .collect();
+    for w in watches.iter_mut() {
+        match tokio::time::timeout(DEADLINE, w.next()).await.unwrap() {
+            Some(Ok(WatchUpdate::Progress { .. })) => {}
+            other => panic!("expected the watch to run, got {other:?}"),
+        }
+    }
+    // Requests still flow on the connection, and events reach their watches.
+    let put = client
+        .put(b"m/00200".to_vec(), b"x".to_vec())
+        .await
+        .unwrap();
+    let got = loop {
+        match tokio::time::timeout(DEADLINE, watches[200].next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WatchUpdate::Events { events, .. })) => break events,
+            Some(Ok(WatchUpdate::Progress { .. })) => continue,
+            other => panic!("expected the event, got {other:?}"),
+        }
+    };
+    assert_eq!(got[0].kv.mod_revision, put.revision);
+    // One more is refused, with the limit.
+    let mut extra = open("m/extra".into());
+    match tokio::time::timeout(DEADLINE, extra.next()).await.unwrap() {
+        Some(Err(WatchError::Client(ClientError::Rpc(RpcError::TooManyWatches { max })))) => {
+            assert_eq!(max, MAX_WATCHES_PER_CONNECTION)
+        }
+        other => panic!("expected too many watches, got {other:?}"),
+    }
+    // A cancelled watch makes room (its cancel reaches the node soon after the drop).
+    drop(watches.pop());
+    let started = std::time::Instant::now();
+    loop {
+        let mut again = open("m/again".into());
+        match tokio::time::timeout(DEADLINE, again.next()).await.unwrap() {
+            Some(Ok(_)) => break,
+            Some(Err(WatchError::Client(ClientError::Rpc(RpcError::TooManyWatches {
+                ..
+            }))))
+                if started.elapsed() < DEADLINE => {}
+            other => panic!("expected room for a watch, got {other:?}"),
+        }
+    }
+    drop(watches);
+    client.close().await;
+}
+
+/// A watch whose reader stops reading is cancelled as too slow (after the events it had
+/// taken, with nothing skipped), while another watch on the same connection sees every
+/// event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_cancelled_as_too_slow_and_others_go_on() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let client = client_of(&nodes[0]).await;
+    let start = client.put(b"x".to_vec(), b"0".to_vec()).await.unwrap();
+    let from = WatchRequest {
+        from: start.revision + 1,
+        ..prefix("s/")
+    };
+    let mut stalled = client.watch(from.clone());
+    let mut reader = client.watch(from);
+    let mut want = Vec::new();
+    for i in 0..100 {
+        let r = client
+            .put(format!("s/{i:03}").into_bytes(), vec![b'v'; 1024])
+            .await
+            .unwrap();
+        want.push(r.revision);
+    }
+    let seen: Vec<u64> = next_events(&mut reader, want.len())
+        .await
+        .iter()
+        .map(|e| e.kv.mod_revision)
+        .collect();
+    assert_eq!(seen, want);
+    // The stalled watch: what it had taken, in order from the start, then the reason.
+    let mut got = Vec::new();
+    let reason = loop {
+        match tokio::time::timeout(DEADLINE, stalled.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WatchUpdate::Events { events, .. })) => {
+                got.extend(events.iter().map(|e| e.kv.mod_revision))
+            }
+            Some(Ok(WatchUpdate::Progress { .. })) => {}
+            Some(Err(e)) => break e,
+            None => panic!("the watch ended without a reason"),
+        }
+    };
+    assert!(matches!(reason, WatchError::TooSlow), "{reason}");
+    assert!(
+        got.len() < want.len(),
+        "it was cancelled, not fed everything"
+    );
+    assert_eq!(
+        got,
+        want[..got.len()],
+        "nothing skipped before the cancellation"
+    );
+    client.close().await;
+}
