@@ -5,7 +5,10 @@
 //! forwarded writes hit followers too) while a nemesis kills (-9) and restarts, pauses (SIGSTOP) and resumes, or partitions the
 //! leader or a follower (faults injected into the node's member transport), makes the network
 //! lossy, or removes and re-adds a member. `aspen-check` must then find the history
-//! linearizable, and every replica must end with the same state digest. A negative control runs the same workload against nodes with a
+//! linearizable, and every replica must end with the same state digest. Watchers of the same
+//! keys (one through each member) run throughout; each must deliver exactly the committed
+//! history of the range, rebuilt from reads at every revision: no gap, no duplicate, no
+//! reordering, across every resume the faults force. A negative control runs the same workload against nodes with a
 //! deliberate bug (linearizable reads served without ReadIndex) and the checker must catch it.
 //!
 //! Reproduce or extend a run (see TESTING.md):
@@ -19,8 +22,11 @@ use std::time::Duration;
 
 use crate::common::*;
 use aspen_check::{check, History, Op, OpMix, Outcome, Recorder};
-use aspen_client::{Client, ClientOptions, ClusterTicket, Consistency, NetFaults};
-use aspen_kv::api::{prefix_end, RangeRequest, Txn};
+use aspen_client::{
+    Client, ClientOptions, ClusterTicket, Consistency, NetFaults, WatchRequest, WatchUpdate,
+};
+use aspen_kv::api::{prefix_end, EventKind, RangeRequest, Txn};
+use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -185,6 +191,132 @@ async fn run_client(
     client.close().await;
 }
 
+/// One watch event: (revision, key, kind, value).
+type Seen = (u64, Vec<u8>, EventKind, Vec<u8>);
+
+/// Watchers of the workload's keys from a revision on, one through each member (each on its
+/// own client preferring that member), recording every event they deliver.
+struct Watchers {
+    from: u64,
+    seen: Vec<Arc<std::sync::Mutex<Vec<Seen>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    clients: Vec<Client>,
+}
+
+impl Watchers {
+    async fn start(nodes: &[NodeProc], from: u64) -> Watchers {
+        let mut w = Watchers {
+            from,
+            seen: Vec::new(),
+            tasks: Vec::new(),
+            clients: Vec::new(),
+        };
+        for i in 0..nodes.len() {
+            let client = client_preferring(nodes, i).await;
+            let mut watch = client.watch(WatchRequest {
+                start: b"lin/".to_vec(),
+                end: Some(prefix_end(b"lin/")),
+                from,
+                after: None,
+                prev_kv: false,
+                progress_every_ms: 0,
+            });
+            let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Default::default();
+            let out = seen.clone();
+            w.tasks.push(tokio::spawn(async move {
+                while let Some(update) = watch.next().await {
+                    match update {
+                        Ok(WatchUpdate::Events { events, .. }) => {
+                            let mut out = out.lock().unwrap();
+                            for e in events {
+                                out.push((e.kv.mod_revision, e.kv.key, e.kind, e.kv.value));
+                            }
+                        }
+                        Ok(WatchUpdate::Progress { .. }) => {}
+                        Err(e) => panic!("a watcher failed: {e}"),
+                    }
+                }
+            }));
+            w.seen.push(seen);
+            w.clients.push(client);
+        }
+        w
+    }
+
+    /// Waits until every watcher delivered revision `to`, then compares each one's events
+    /// with the committed history of the range rebuilt from reads at every revision.
+    async fn check(self, client: &Client, to: u64) {
+        let mut want: Vec<Seen> = Vec::new();
+        let read = |revision: u64| {
+            let req = RangeRequest {
+                start: b"lin/".to_vec(),
+                end: Some(prefix_end(b"lin/")),
+                limit: 0,
+                revision,
+            };
+            async move {
+                client
+                    .range(req, Consistency::Linearizable)
+                    .await
+                    .unwrap()
+                    .kvs
+            }
+        };
+        let mut before = read(self.from - 1).await;
+        for revision in self.from..=to {
+            let now = read(revision).await;
+            let mut events: Vec<Seen> = now
+                .iter()
+                .filter(|kv| kv.mod_revision == revision)
+                .map(|kv| (revision, kv.key.clone(), EventKind::Put, kv.value.clone()))
+                .collect();
+            events.extend(
+                before
+                    .iter()
+                    .filter(|kv| !now.iter().any(|n| n.key == kv.key))
+                    .map(|kv| (revision, kv.key.clone(), EventKind::Delete, Vec::new())),
+            );
+            events.sort_by(|a, b| a.1.cmp(&b.1));
+            want.extend(events);
+            before = now;
+        }
+        for (i, seen) in self.seen.iter().enumerate() {
+            wait_until(&format!("watcher {i} to reach revision {to}"), || async {
+                seen.lock()
+                    .unwrap()
+                    .last()
+                    .is_some_and(|e| e.0 >= to)
+                    .then_some(())
+            })
+            .await;
+            let got = seen.lock().unwrap().clone();
+            if got != want {
+                let first = got.iter().zip(&want).position(|(g, w)| g != w);
+                panic!(
+                    "watcher {i} delivered {} events, the history has {}; first difference at \
+                     {first:?}: got {:?}, want {:?}",
+                    got.len(),
+                    want.len(),
+                    first.map(|f| &got[f]),
+                    first.map(|f| &want[f]),
+                );
+            }
+        }
+        eprintln!(
+            "{} watchers each delivered the committed history exactly: {} events over revisions {}..={to}",
+            self.seen.len(),
+            want.len(),
+            self.from
+        );
+        for t in self.tasks {
+            t.abort();
+        }
+        for c in self.clients {
+            c.close().await;
+        }
+    }
+}
+
 /// The leader as reported by a live, running node (waits for an election if needed), as an
 /// index into `nodes`.
 async fn leader_index(nodes: &[NodeProc], live: &[usize]) -> usize {
@@ -303,6 +435,13 @@ async fn histories_stay_linearizable_under_faults() {
     let mut rng = StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
     let mut nodes = form(root.path(), 3, &["--unsafe-allow-fault-injection"]).await;
+    let admin = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let start = admin
+        .put(b"start".to_vec(), b"".to_vec())
+        .await
+        .unwrap()
+        .revision;
+    let watchers = Watchers::start(&nodes, start + 1).await;
     let workload = Workload::start(&nodes, seed).await;
     workload.progress(OPS_PER_STEP, "before any fault").await;
 
@@ -400,6 +539,16 @@ async fn histories_stay_linearizable_under_faults() {
     let history = workload.stop().await;
     assert_linearizable(&history, seed);
     assert_replicas_identical(&nodes).await;
+    let end = admin
+        .range(
+            RangeRequest::prefix(b"lin/".to_vec()),
+            Consistency::Linearizable,
+        )
+        .await
+        .unwrap()
+        .revision;
+    watchers.check(&admin, end).await;
+    admin.close().await;
 }
 
 /// Negative control: with reads served from local state (no ReadIndex), followers answer
