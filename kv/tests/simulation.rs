@@ -9,9 +9,13 @@
 //!
 //! Each seed drives clients doing gets, puts, deletes and compare-and-swaps on a few keys while
 //! a nemesis crashes and restarts nodes (also with the power cut in the middle of a commit)
-//! and partitions the network. At the end the network
-//! heals, every replica must reach the same state digest, and the recorded history must be
-//! linearizable. The same seed replays the same run (`simulation_replays_exactly`).
+//! and partitions the network. Watchers follow the same keys as a watch does: pages of what
+//! changed from one node's state machine, resumed from their cursor on another node whenever
+//! theirs crashes (and now and then regardless). At the end the network heals, every replica
+//! must reach the same state digest, the recorded history must be linearizable, and each
+//! watcher must have delivered exactly the committed history of the keys (rebuilt from MVCC
+//! reads at every revision). The same seed replays the same run
+//! (`simulation_replays_exactly`).
 //!
 //! ```sh
 //! cargo test -p aspen-kv --test simulation                      # CI: 50 seeds
@@ -35,6 +39,7 @@ use tokio::time::Instant;
 
 const NODES: u64 = 3;
 const CLIENTS: u64 = 4;
+const WATCHERS: u64 = 2;
 const KEYS: u64 = 3;
 /// Simulated time the workload and the nemesis run for, per seed.
 const RUN_FOR: Duration = Duration::from_secs(8);
@@ -47,6 +52,8 @@ const HEAL_DEADLINE: Duration = Duration::from_secs(120);
 struct Running {
     raft: Raft,
     sm: StateMachineStore,
+    /// Which start of the node this is (a crashed node's store must not be read).
+    generation: u64,
 }
 
 /// The simulated cluster: nodes that are up, their disks, and the network.
@@ -60,6 +67,7 @@ struct World {
     started: Instant,
     /// A deliberate bug, for the negative controls.
     bug: Option<Bug>,
+    starts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl World {
@@ -91,7 +99,15 @@ impl World {
         .await
         .unwrap_or_else(|e| panic!("node {id} cannot start: {e}"));
         self.router.register(id, raft.clone());
-        self.up.lock().unwrap().insert(id, Running { raft, sm });
+        let generation = self.starts.fetch_add(1, Ordering::SeqCst);
+        self.up.lock().unwrap().insert(
+            id,
+            Running {
+                raft,
+                sm,
+                generation,
+            },
+        );
     }
 
     /// Power loss: the node stops at once and its disks keep only what was synced.
@@ -314,6 +330,110 @@ async fn client(
     }
 }
 
+/// One watch event: (revision, key, kind, value).
+type Seen = (Revision, Key, EventKind, Vec<u8>);
+
+/// A watcher, as the SDK runs a watch but at the state machine: reads pages of what changed
+/// in the workload's keys from one running node from its cursor, waits for that node's
+/// revision to move, and moves to another node (resuming from the cursor) when its node
+/// crashes or after a while.
+async fn watcher(
+    world: World,
+    mut rng: StdRng,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) {
+    let (mut from, mut after): (Revision, Option<Key>) = (1, None);
+    let mut resumed = false;
+    while !stop.load(Ordering::SeqCst) {
+        let up = world.up_ids();
+        if up.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let Some(node) = world.node(up[rng.random_range(0..up.len())]) else {
+            continue;
+        };
+        if resumed && after.is_none() && world.bug == Some(Bug::WatchSkipOnResume) {
+            from += 1;
+        }
+        resumed = true;
+        let stay = Instant::now() + Duration::from_millis(rng.random_range(100..1000));
+        let mut revisions = node.sm.watch_revision();
+        let alive = || {
+            world
+                .up
+                .lock()
+                .unwrap()
+                .values()
+                .any(|n| n.generation == node.generation)
+        };
+        while !stop.load(Ordering::SeqCst) && Instant::now() < stay && alive() {
+            let request = ChangesRequest {
+                start: b"k".to_vec(),
+                end: Some(b"l".to_vec()),
+                from,
+                after: after.clone(),
+                prev_kv: false,
+            };
+            // Storage runs inline: no other task runs (no crash happens) during the read.
+            let Ok(page) = node.sm.changes(request).await else {
+                break;
+            };
+            seen.lock().unwrap().extend(
+                page.events
+                    .into_iter()
+                    .map(|e| (e.kv.mod_revision, e.kv.key, e.kind, e.kv.value)),
+            );
+            from = page.next_from;
+            after = page.next_after;
+            if after.is_none() && from > page.revision {
+                tokio::select! {
+                    _ = revisions.changed() => {
+                        // Let a few revisions gather (simulated time costs nothing).
+                        tokio::time::sleep(Duration::from_millis(rng.random_range(0..50))).await;
+                    }
+                    _ = tokio::time::sleep_until(stay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The committed history of the workload's keys up to `to`, from reads at every revision
+/// (the MVCC history, not the index watches read).
+async fn committed_events(sm: &StateMachineStore, to: Revision) -> Vec<Seen> {
+    let read = |revision: Revision| async move {
+        let request = RangeRequest {
+            start: b"k".to_vec(),
+            end: Some(b"l".to_vec()),
+            limit: 0,
+            revision,
+        };
+        sm.range(request).await.unwrap().kvs
+    };
+    let mut want = Vec::new();
+    let mut before = Vec::new();
+    for revision in 1..=to {
+        let now = read(revision).await;
+        let mut events: Vec<Seen> = now
+            .iter()
+            .filter(|kv| kv.mod_revision == revision)
+            .map(|kv| (revision, kv.key.clone(), EventKind::Put, kv.value.clone()))
+            .collect();
+        events.extend(
+            before
+                .iter()
+                .filter(|kv: &&KeyValue| !now.iter().any(|n| n.key == kv.key))
+                .map(|kv| (revision, kv.key.clone(), EventKind::Delete, Vec::new())),
+        );
+        events.sort_by(|a, b| a.1.cmp(&b.1));
+        want.extend(events);
+        before = now;
+    }
+    want
+}
+
 /// Deliberate bugs the negative controls run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -321,6 +441,8 @@ enum Bug {
     LyingDisks,
     /// Linearizable reads served from any node's local state, without ReadIndex.
     StaleReads,
+    /// Watchers skip a revision when they resume on another node.
+    WatchSkipOnResume,
 }
 
 /// What one seed did; equal for two runs of the same seed.
@@ -328,6 +450,8 @@ enum Bug {
 struct RunSummary {
     history: History,
     digest: StateDigest,
+    /// What each watcher delivered.
+    watched: Vec<Vec<Seen>>,
     crashes: u32,
     partitions: u32,
 }
@@ -471,6 +595,7 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         snapshots: Arc::new(tempfile::tempdir().unwrap()),
         started: Instant::now(),
         bug,
+        starts: Default::default(),
     };
     for id in 1..=NODES {
         if bug == Some(Bug::LyingDisks) {
@@ -501,6 +626,19 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
             ))
         })
         .collect();
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let watched: Vec<Arc<Mutex<Vec<Seen>>>> = (0..WATCHERS).map(|_| Default::default()).collect();
+    let watchers: Vec<_> = watched
+        .iter()
+        .map(|seen| {
+            tokio::spawn(watcher(
+                world.clone(),
+                StdRng::seed_from_u64(rng.random()),
+                watch_stop.clone(),
+                seen.clone(),
+            ))
+        })
+        .collect();
     let until = Instant::now() + RUN_FOR;
     let (crashes, partitions) =
         nemesis(world.clone(), StdRng::seed_from_u64(rng.random()), until).await;
@@ -520,6 +658,40 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         digests.windows(2).all(|w| w[0] == w[1]),
         "seed {seed}: replicas differ after healing: {digests:?}"
     );
+    // Every watcher catches up, and delivered exactly the committed history.
+    let to = digests[0].revision;
+    let deadline = Instant::now() + HEAL_DEADLINE;
+    while watched
+        .iter()
+        .any(|w| w.lock().unwrap().last().map_or(0, |e| e.0) < to)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: a watcher did not catch up to {to}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    watch_stop.store(true, Ordering::SeqCst);
+    for w in watchers {
+        w.abort();
+        let _ = w.await;
+    }
+    let any = world.node(world.up_ids()[0]).unwrap();
+    let want = committed_events(&any.sm, to).await;
+    let watched: Vec<Vec<Seen>> = watched.iter().map(|w| w.lock().unwrap().clone()).collect();
+    for (i, got) in watched.iter().enumerate() {
+        if *got != want {
+            let first = got.iter().zip(&want).position(|(g, w)| g != w);
+            panic!(
+                "seed {seed} (replay: ASPEN_SIM_SEED={seed}): watcher {i} delivered {} events, \
+                 the committed history has {}; first difference at {first:?}: {:?} vs {:?}",
+                got.len(),
+                want.len(),
+                first.map(|f| &got[f]),
+                first.map(|f| &want[f])
+            );
+        }
+    }
     for id in world.up_ids() {
         let node = world.node(id).unwrap();
         let _ = node.raft.shutdown().await;
@@ -527,6 +699,7 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
     RunSummary {
         history,
         digest: digests[0],
+        watched,
         crashes,
         partitions,
     }
@@ -673,6 +846,15 @@ fn negative_control_stale_reads_are_caught() {
     assert!(caught.contains("not linearizable"), "{caught}");
 }
 
+/// Negative control: watchers that skip a revision when they resume on another node must be
+/// caught by the comparison with the committed history.
+#[test]
+fn negative_control_watch_skip_on_resume_is_caught() {
+    let caught =
+        first_failure_with(Bug::WatchSkipOnResume, 10).expect("skipped events went unnoticed");
+    assert!(caught.contains("watcher"), "{caught}");
+}
+
 /// Negative control: with disks that acknowledge a sync before it is durable, a crash loses
 /// a node's latest acknowledged log entries, votes or applies. The harness must notice, by a
 /// non-linearizable history, replicas that disagree, a node that cannot reopen its files, or
@@ -684,6 +866,7 @@ fn negative_control_lying_disks_are_caught() {
     // Only the detections this harness has, not any panic (a broken harness must not pass).
     let detected = [
         "not linearizable",
+        "watcher",
         "replicas differ",
         "cannot reopen",
         "cannot start",
