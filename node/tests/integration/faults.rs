@@ -8,7 +8,9 @@
 //! linearizable, and every replica must end with the same state digest. Watchers of the same
 //! keys (one through each member) run throughout; each must deliver exactly the committed
 //! history of the range, rebuilt from reads at every revision: no gap, no duplicate, no
-//! reordering, across every resume the faults force. A negative control runs the same workload against nodes with a
+//! reordering, across every resume the faults force. A lease kept alive throughout keeps its
+//! keys through every fault; once its keep-alives stop, the keys go exactly once, no earlier
+//! than its TTL after the last acknowledged keep-alive was sent. A negative control runs the same workload against nodes with a
 //! deliberate bug (linearizable reads served without ReadIndex) and the checker must catch it.
 //!
 //! Reproduce or extend a run (see TESTING.md):
@@ -317,6 +319,130 @@ impl Watchers {
     }
 }
 
+/// The fault run's lease: TTL, and how long after it ran out its keys must be gone.
+const LEASE_TTL: u64 = 15;
+const LEASE_EXPIRY_BOUND: Duration = Duration::from_secs(20);
+
+/// A lease with two keys, kept alive in the background; the send time of every acknowledged
+/// keep-alive is noted.
+struct KeptLease {
+    id: u64,
+    acked: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    keeper: tokio::task::JoinHandle<()>,
+    client: Client,
+}
+
+impl KeptLease {
+    async fn start(nodes: &[NodeProc]) -> KeptLease {
+        let client = client_preferring(nodes, 1).await;
+        let lease = client.lease_grant(LEASE_TTL, 0).await.unwrap();
+        for key in ["lease/a", "lease/b"] {
+            client
+                .put_with_lease(key.as_bytes().to_vec(), b"v".to_vec(), lease.id, false)
+                .await
+                .unwrap();
+        }
+        let acked: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>> = Default::default();
+        let noted = acked.clone();
+        let mut stream = client.lease_keep_alive(lease.id);
+        let keeper = tokio::spawn(async move {
+            while let Some(ack) = stream.next().await {
+                match ack {
+                    Ok(k) => noted.lock().unwrap().push(k.sent_at),
+                    Err(e) if aspen_client::is_lease_gone(&e) => panic!("the lease was lost: {e}"),
+                    Err(_) => {}
+                }
+            }
+        });
+        KeptLease {
+            id: lease.id,
+            acked,
+            keeper,
+            client,
+        }
+    }
+
+    /// The keys are there (checked after each fault round).
+    async fn assert_kept(&self, admin: &Client) {
+        assert!(!self.keeper.is_finished(), "the keep-alives stopped");
+        for key in ["lease/a", "lease/b"] {
+            assert!(
+                admin.get(key.as_bytes().to_vec()).await.unwrap().is_some(),
+                "{key} lost while its lease {} was kept alive",
+                self.id
+            );
+        }
+    }
+
+    /// Stops the keep-alives; the keys must stay until TTL after the last acknowledged one
+    /// was sent, then go (both at one revision, seen once by a watch from before).
+    async fn stop_and_check_expiry(self, admin: &Client) {
+        let from = admin
+            .put(b"lease-marker".to_vec(), b"".to_vec())
+            .await
+            .unwrap()
+            .revision;
+        let mut watch = admin.watch(WatchRequest {
+            start: b"lease/".to_vec(),
+            end: Some(prefix_end(b"lease/")),
+            from,
+            after: None,
+            prev_kv: false,
+            progress_every_ms: 0,
+        });
+        self.keeper.abort();
+        let _ = self.keeper.await;
+        let last = *self
+            .acked
+            .lock()
+            .unwrap()
+            .last()
+            .expect("some keep-alive acknowledged");
+        let deadline = last + Duration::from_secs(LEASE_TTL);
+        loop {
+            let present = admin.get(b"lease/a".to_vec()).await.unwrap().is_some();
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            assert!(present, "lease/a deleted before its lease could run out");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let mut deletes = Vec::new();
+        while deletes.len() < 2 {
+            match tokio::time::timeout(LEASE_EXPIRY_BOUND, watch.next()).await {
+                Ok(Some(Ok(WatchUpdate::Events { events, .. }))) => deletes.extend(events),
+                Ok(Some(Ok(WatchUpdate::Progress { .. }))) => {}
+                other => panic!("the lease's keys were not deleted in time: {other:?}"),
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() <= deadline + LEASE_EXPIRY_BOUND,
+            "the keys went too late"
+        );
+        assert!(
+            deletes.iter().all(|e| e.kind == EventKind::Delete),
+            "{deletes:?}"
+        );
+        assert_eq!(deletes.len(), 2, "{deletes:?}");
+        assert_eq!(deletes[0].kv.mod_revision, deletes[1].kv.mod_revision);
+        // Exactly once: nothing more for them after a later write is seen.
+        let later = admin.put(b"lease/z".to_vec(), b"".to_vec()).await.unwrap();
+        match tokio::time::timeout(DEADLINE, watch.next()).await {
+            Ok(Some(Ok(WatchUpdate::Events { events, .. }))) => {
+                assert_eq!(events.len(), 1, "{events:?}");
+                assert_eq!(events[0].kv.mod_revision, later.revision);
+            }
+            other => panic!("expected the later write, got {other:?}"),
+        }
+        eprintln!(
+            "lease {} kept through every fault ({} keep-alives), its keys deleted once after it ran out",
+            self.id,
+            self.acked.lock().unwrap().len()
+        );
+        self.client.close().await;
+    }
+}
+
 /// The leader as reported by a live, running node (waits for an election if needed), as an
 /// index into `nodes`.
 async fn leader_index(nodes: &[NodeProc], live: &[usize]) -> usize {
@@ -442,6 +568,7 @@ async fn histories_stay_linearizable_under_faults() {
         .unwrap()
         .revision;
     let watchers = Watchers::start(&nodes, start + 1).await;
+    let lease = KeptLease::start(&nodes).await;
     let workload = Workload::start(&nodes, seed).await;
     workload.progress(OPS_PER_STEP, "before any fault").await;
 
@@ -535,6 +662,7 @@ async fn histories_stay_linearizable_under_faults() {
             }
         }
         workload.progress(OPS_PER_STEP, "after healing").await;
+        lease.assert_kept(&admin).await;
     }
     let history = workload.stop().await;
     assert_linearizable(&history, seed);
@@ -548,6 +676,7 @@ async fn histories_stay_linearizable_under_faults() {
         .unwrap()
         .revision;
     watchers.check(&admin, end).await;
+    lease.stop_and_check_expiry(&admin).await;
     admin.close().await;
 }
 

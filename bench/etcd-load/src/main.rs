@@ -1,0 +1,274 @@
+//! `etcd-load`: watch and lease load against an etcd 3.5 server, in the same shapes as
+//! Aspen's own watch and lease benchmarks, so the two can be compared on one machine.
+//! `scripts/bench-etcd.sh` installs etcd, starts it on 127.0.0.1 and runs these.
+//!
+//! All traffic goes over ONE `etcd_client::Client` (one tonic channel, so one HTTP/2
+//! connection). Every watcher and every keep-alive task makes its own RPC call on it, so
+//! each is its own HTTP/2 stream on that connection (etcd-client opens a new gRPC `Watch`
+//! stream per `watch()` call; no watches share a stream).
+//!
+//! Load shapes:
+//!
+//! * `watch-latency --watchers W --puts P --interval-ms 20`: W watchers all watch the key
+//!   `bench/watch`; the run waits until etcd has confirmed every watch as created. Then one
+//!   writer does P sequential puts of a 256-byte value to that key, starting one every
+//!   interval (after a put's response it sleeps until its start + interval, so puts never
+//!   pile up). For each put, t0 is the instant just before it is sent; each watcher stamps
+//!   the instant it receives the event, matched to the put by revision (the put response
+//!   header's revision = the event's mod_revision). One sample per (watcher, put):
+//!   receipt - t0. Prints the sample count, p50, p99 and max in ms.
+//! * `watch-throughput --watchers W --puts P`: the same W watchers; one writer does P
+//!   sequential puts (256-byte values) as fast as it can, each waiting for its response.
+//!   Elapsed = from the first put's start until the last watcher received its last event.
+//!   Prints events delivered (all watchers) per second, W*P / elapsed, and the put rate.
+//! * `lease-keepalive --clients C --seconds S`: grants C leases (TTL 60 s); C concurrent
+//!   tasks, each with its own lease and its own `LeaseKeepAlive` stream, repeatedly send one
+//!   keep-alive and wait for its answer, for S seconds. Prints acknowledged keep-alives per
+//!   second (all tasks together). The leases are revoked afterwards.
+//!
+//! Each run prints one line of `key=value` fields, starting with the subcommand's name.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use etcd_client::{Client, WatchStream};
+
+const WATCH_KEY: &str = "bench/watch";
+const VALUE_SIZE: usize = 256;
+/// Upper bound on how long watchers wait for their events, so a run always ends.
+const WATCH_DEADLINE: Duration = Duration::from_secs(300);
+
+#[derive(Parser)]
+#[command(about = "Watch and lease load against etcd 3.5")]
+struct Cli {
+    /// etcd client URL.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    endpoint: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Put -> watch event latency, one put per interval.
+    WatchLatency {
+        #[arg(long, default_value_t = 1)]
+        watchers: usize,
+        #[arg(long, default_value_t = 200)]
+        puts: usize,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
+    /// Watch events delivered per second while one writer puts back to back.
+    WatchThroughput {
+        #[arg(long, default_value_t = 1000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 2000)]
+        puts: usize,
+    },
+    /// Acknowledged lease keep-alives per second.
+    LeaseKeepalive {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let client = Client::connect([cli.endpoint.as_str()], None)
+        .await
+        .with_context(|| format!("connecting to {}", cli.endpoint))?;
+    match cli.cmd {
+        Cmd::WatchLatency { watchers, puts, interval_ms } => {
+            watch_latency(client, watchers, puts, Duration::from_millis(interval_ms)).await
+        }
+        Cmd::WatchThroughput { watchers, puts } => watch_throughput(client, watchers, puts).await,
+        Cmd::LeaseKeepalive { clients, seconds } => {
+            lease_keepalive(client, clients, Duration::from_secs(seconds)).await
+        }
+    }
+}
+
+/// Opens `n` watches on [`WATCH_KEY`], each its own `watch()` call (own gRPC stream) on the
+/// shared client, and returns once etcd has answered `created` for every one of them.
+async fn create_watchers(client: &Client, n: usize) -> Result<Vec<WatchStream>> {
+    let mut streams = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut stream = client.clone().watch(WATCH_KEY, None).await?;
+        let resp = stream
+            .message()
+            .await?
+            .with_context(|| format!("watch {i} closed before it was created"))?;
+        ensure!(resp.created(), "watch {i}: first response is not `created`");
+        streams.push(stream);
+    }
+    Ok(streams)
+}
+
+/// Spawns one task per watch stream. Each collects `(mod_revision, receipt instant)` for
+/// every event until it has seen `expect` events (or the stream ends, or the deadline).
+fn spawn_receivers(
+    streams: Vec<WatchStream>,
+    expect: usize,
+) -> Vec<tokio::task::JoinHandle<Result<Vec<(i64, Instant)>>>> {
+    streams
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut seen = Vec::with_capacity(expect);
+                let deadline = tokio::time::Instant::now() + WATCH_DEADLINE;
+                while seen.len() < expect {
+                    let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
+                        Ok(msg) => msg?,
+                        Err(_) => break, // deadline: report what arrived
+                    };
+                    let Some(resp) = msg else { break };
+                    let now = Instant::now();
+                    if resp.canceled() {
+                        bail!("watch canceled: {}", resp.cancel_reason());
+                    }
+                    for ev in resp.events() {
+                        if let Some(kv) = ev.kv() {
+                            seen.push((kv.mod_revision(), now));
+                        }
+                    }
+                }
+                Ok(seen)
+            })
+        })
+        .collect()
+}
+
+async fn collect(
+    handles: Vec<tokio::task::JoinHandle<Result<Vec<(i64, Instant)>>>>,
+) -> Result<Vec<Vec<(i64, Instant)>>> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await??);
+    }
+    Ok(out)
+}
+
+/// One put of a 256-byte value; returns the revision it created.
+async fn put(client: &mut Client, value: &[u8]) -> Result<i64> {
+    let resp = client.put(WATCH_KEY, value.to_vec(), None).await?;
+    Ok(resp.header().context("put response without header")?.revision())
+}
+
+async fn watch_latency(client: Client, watchers: usize, puts: usize, interval: Duration) -> Result<()> {
+    let streams = create_watchers(&client, watchers).await?;
+    let handles = spawn_receivers(streams, puts);
+
+    let value = vec![b'x'; VALUE_SIZE];
+    let mut writer = client.clone();
+    let mut sent = Vec::with_capacity(puts); // (revision, t0)
+    for _ in 0..puts {
+        let t0 = Instant::now();
+        let rev = put(&mut writer, &value).await?;
+        sent.push((rev, t0));
+        tokio::time::sleep_until((t0 + interval).into()).await;
+    }
+
+    let t0_of: std::collections::HashMap<i64, Instant> = sent.into_iter().collect();
+    let mut samples: Vec<f64> = Vec::with_capacity(watchers * puts);
+    for seen in collect(handles).await? {
+        for (rev, at) in seen {
+            if let Some(t0) = t0_of.get(&rev) {
+                samples.push(at.duration_since(*t0).as_secs_f64() * 1e3);
+            }
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    ensure!(!samples.is_empty(), "no watch events received");
+    println!(
+        "watch-latency watchers={watchers} puts={puts} interval_ms={} samples={} expected={} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
+        interval.as_millis(),
+        samples.len(),
+        watchers * puts,
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1],
+    );
+    Ok(())
+}
+
+async fn watch_throughput(client: Client, watchers: usize, puts: usize) -> Result<()> {
+    let streams = create_watchers(&client, watchers).await?;
+    let handles = spawn_receivers(streams, puts);
+
+    let value = vec![b'x'; VALUE_SIZE];
+    let mut writer = client.clone();
+    let start = Instant::now();
+    for _ in 0..puts {
+        put(&mut writer, &value).await?;
+    }
+    let puts_done = start.elapsed();
+
+    let mut events = 0usize;
+    let mut last = start;
+    for seen in collect(handles).await? {
+        events += seen.len();
+        if let Some(&(_, at)) = seen.last() {
+            last = last.max(at);
+        }
+    }
+    let elapsed = last.duration_since(start).as_secs_f64();
+    println!(
+        "watch-throughput watchers={watchers} puts={puts} events={events} expected={} elapsed_s={elapsed:.3} events_per_s={:.0} puts_per_s={:.0}",
+        watchers * puts,
+        events as f64 / elapsed,
+        puts as f64 / puts_done.as_secs_f64(),
+    );
+    Ok(())
+}
+
+async fn lease_keepalive(client: Client, clients: usize, run_for: Duration) -> Result<()> {
+    let mut ids = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        ids.push(client.clone().lease_grant(60, None).await?.id());
+    }
+    let start = Instant::now();
+    let deadline = start + run_for;
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+                let mut acked = 0u64;
+                while Instant::now() < deadline {
+                    keeper.keep_alive().await?;
+                    let resp = stream.message().await?.context("keep-alive stream closed")?;
+                    ensure!(resp.ttl() > 0, "lease {id} expired");
+                    acked += 1;
+                }
+                anyhow::Ok(acked)
+            })
+        })
+        .collect();
+    let mut acked = 0u64;
+    for t in tasks {
+        acked += t.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut c = client.clone();
+    for id in ids {
+        c.lease_revoke(id).await?;
+    }
+    println!(
+        "lease-keepalive clients={clients} seconds={} acked={acked} elapsed_s={elapsed:.3} keepalives_per_s={:.0}",
+        run_for.as_secs(),
+        acked as f64 / elapsed,
+    );
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
