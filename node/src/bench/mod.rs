@@ -3,6 +3,7 @@
 
 mod federation;
 mod transfer;
+mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,15 @@ pub enum BenchCommand {
     /// Federation between two running clusters (--cluster follows --origin): first sync of a
     /// long document history, and the time from an edit on the origin to its arrival.
     Fed(federation::FedBenchArgs),
+    /// Watch latency: W watchers of one key (one connection), a put every --interval-ms;
+    /// put-to-event p50/p99 over every watcher and put.
+    WatchLatency(watch::WatchBenchArgs),
+    /// Watch throughput: W watchers of one key, puts as fast as one writer goes; events
+    /// delivered per second.
+    WatchThroughput(watch::WatchBenchArgs),
+    /// Lease keep-alives per second: C loops on one connection, each keeping its own lease
+    /// alive one keep-alive after another.
+    LeaseKeepalive(watch::LeaseBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +78,9 @@ pub async fn bench(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Blob(a) => return transfer::bench_blob(a).await,
         BenchCommand::Quic(a) => return transfer::bench_quic(a).await,
         BenchCommand::Fed(a) => return federation::bench_fed(a).await,
+        BenchCommand::WatchLatency(a) => return watch::bench_watch(a, false).await,
+        BenchCommand::WatchThroughput(a) => return watch::bench_watch(a, true).await,
+        BenchCommand::LeaseKeepalive(a) => return watch::bench_lease(a).await,
     };
     if args.clients == 0 || args.conns == 0 || args.total == 0 || args.key_space == 0 {
         bail!("--clients, --conns, --total and --key-space must be at least 1");
