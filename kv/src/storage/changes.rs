@@ -64,7 +64,7 @@ pub(crate) fn rebuild_if_missing(db: &redb::Database) -> Result<(), redb::Error>
     Ok(())
 }
 
-fn in_range(key: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
+pub(crate) fn in_range(key: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
     match end {
         None => key == start,
         Some([]) => key >= start,
@@ -86,7 +86,7 @@ pub(crate) fn read(db: &redb::Database, req: &ChangesRequest) -> Result<ChangesP
 }
 
 /// [`read`] with the page bounds as arguments (tests use small ones).
-fn read_bounded(
+pub(crate) fn read_bounded(
     db: &redb::Database,
     req: &ChangesRequest,
     max_bytes: usize,
@@ -185,15 +185,10 @@ fn read_bounded(
                 event.prev_kv = decode(v.value())?.map(|p| p.into_kv(key.to_vec()));
             }
         }
-        bytes += event_bytes(&event);
+        bytes += super::recent::event_bytes(&event);
         page.events.push(event);
     }
     Ok(page)
-}
-
-fn event_bytes(e: &Event) -> usize {
-    let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 48;
-    kv(&e.kv) + e.prev_kv.as_ref().map_or(0, kv)
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use redb::{Database, TableDefinition};
 
 mod changes;
 mod leases;
+mod recent;
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};

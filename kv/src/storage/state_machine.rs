@@ -66,7 +66,7 @@ pub struct StoreStatus {
 /// for reads.
 #[derive(Clone)]
 pub struct StateMachineStore {
-    db: Arc<Database>,
+    pub(super) db: Arc<Database>,
     snapshot_dir: PathBuf,
     /// Proposals this node waits for, by [`Batch::proposal`].
     waiters: Arc<std::sync::Mutex<HashMap<u128, oneshot::Sender<Vec<CommandResult>>>>>,
@@ -79,6 +79,8 @@ pub struct StateMachineStore {
     revision: Arc<tokio::sync::watch::Sender<Revision>>,
     /// Which leases exist, and on the leader when they run out.
     lessor: Arc<Lessor>,
+    /// The last revisions' events, for caught-up watchers.
+    pub(super) recent: Arc<super::recent::RecentChanges>,
 }
 
 /// What apply did to leases, told to the [`Lessor`] once the batch committed.
@@ -178,6 +180,8 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 impl StateMachineStore {
     pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf, io: IoMode) -> Self {
         let revision = current_revision(&db).unwrap_or(0);
+        let recent = Arc::new(super::recent::RecentChanges::default());
+        recent.reset(revision, compaction_point(&db).unwrap_or(0));
         let lessor = Arc::new(Lessor::default());
         match leases::all(&db) {
             Ok(all) => lessor.reset(all, tokio::time::Instant::now()),
@@ -192,6 +196,7 @@ impl StateMachineStore {
             system_watches: Default::default(),
             revision: Arc::new(tokio::sync::watch::channel(revision).0),
             lessor,
+            recent,
         }
     }
 
@@ -254,6 +259,10 @@ impl StateMachineStore {
     /// One page of what changed in a key range from a revision on (see
     /// [`ChangesRequest`]). Reads local state, like [`Self::range`].
     pub async fn changes(&self, req: ChangesRequest) -> Result<ChangesPage, ReadError> {
+        // A caught-up watcher's page is usually in memory.
+        if let Some(page) = self.recent.read(&req) {
+            return Ok(page);
+        }
         let db = self.db.clone();
         self.io
             .run(move || super::changes::read(&db, &req))
@@ -507,6 +516,13 @@ pub struct StateDigest {
     pub hash: [u8; 32],
 }
 
+/// The store's compaction point.
+fn compaction_point(db: &Database) -> SmResult<Revision> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(SM_META)?;
+    Ok(meta_get(&meta, "compacted")?.unwrap_or(0))
+}
+
 /// The store's current revision (a small read; redb reads never wait for writers).
 fn current_revision(db: &Database) -> SmResult<Revision> {
     let txn = db.begin_read()?;
@@ -709,6 +725,9 @@ struct Applier<'t> {
     lease_grants: u64,
     /// What this transaction did to leases, for the lessor.
     lease_changes: Vec<LeaseChange>,
+    /// Every event this transaction applied (with the previous value), for the in-memory
+    /// recent changes.
+    events: Vec<(Revision, Event)>,
     /// The leader's timestamp of the batch being applied (never a local clock).
     now_ms: u64,
 }
@@ -1222,17 +1241,22 @@ impl Applier<'_> {
             version,
             lease,
         };
+        let before = prev.map(|p| p.into_kv(key.clone()));
+        self.events.push((
+            revision,
+            Event {
+                kind: EventKind::Put,
+                kv: stored.clone().into_kv(key.clone()),
+                prev_kv: before.clone(),
+            },
+        ));
         self.kv.insert(key.as_slice(), encode(&stored).as_slice())?;
         self.history.insert(
             (key.as_slice(), revision),
             encode(&Some(&stored)).as_slice(),
         )?;
         self.changes.insert((revision, key.as_slice()), ())?;
-        Ok(if prev_kv {
-            prev.map(|p| p.into_kv(key.clone()))
-        } else {
-            None
-        })
+        Ok(if prev_kv { before } else { None })
     }
 
     /// Deletes `[start, end)` (`None`: just `start`; empty: to the end) at `revision`; returns
@@ -1278,8 +1302,25 @@ impl Applier<'_> {
                 .insert((k.as_slice(), revision), tombstone.as_slice())?;
             self.changes.insert((revision, k.as_slice()), ())?;
             self.attach(p.lease, &k, false)?;
+            let before = p.into_kv(k.clone());
+            let gone = KeyValue {
+                key: k,
+                value: Vec::new(),
+                create_revision: 0,
+                mod_revision: revision,
+                version: 0,
+                lease: 0,
+            };
+            self.events.push((
+                revision,
+                Event {
+                    kind: EventKind::Delete,
+                    kv: gone,
+                    prev_kv: Some(before.clone()),
+                },
+            ));
             if prev_kv {
-                prev.push(p.into_kv(k));
+                prev.push(before);
             }
         }
         Ok((count, prev))
@@ -1295,9 +1336,13 @@ const SM_DURABLE_EVERY: u64 = 32;
 /// What one apply transaction produced.
 struct Applied {
     responses: Vec<BatchResponse>,
-    /// The store revision after it.
+    /// The store revision before and after it, and the compaction point after it.
+    revision_before: Revision,
     revision: Revision,
+    compacted: Revision,
     lease_changes: Vec<LeaseChange>,
+    /// Each revision's events, in key order.
+    revisions: Vec<(Revision, Vec<Event>)>,
 }
 
 /// Applies `entries` in one transaction.
@@ -1312,7 +1357,9 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
     })?;
     let mut responses = Vec::with_capacity(entries.len());
     let revision_after;
+    let (revision_before, compacted_after);
     let lease_changes;
+    let mut events;
     {
         let (revision, compacted, lease_grants) = {
             let meta = txn.open_table(SM_META)?;
@@ -1337,8 +1384,10 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
             compacted,
             lease_grants,
             lease_changes: Vec::new(),
+            events: Vec::new(),
             now_ms: 0,
         };
+        revision_before = revision;
         let mut last_applied = None;
         let mut membership = None;
         for entry in &entries {
@@ -1371,7 +1420,9 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
         let (revision, compacted) = (applier.revision, applier.compacted);
         let grants_after = applier.lease_grants;
         revision_after = revision;
+        compacted_after = compacted;
         lease_changes = std::mem::take(&mut applier.lease_changes);
+        events = std::mem::take(&mut applier.events);
         drop(applier);
         let mut meta = txn.open_table(SM_META)?;
         meta.insert("last_applied", encode(&last_applied).as_slice())?;
@@ -1390,10 +1441,22 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
         micros = started.elapsed().as_micros() as u64,
         "applied"
     );
+    // Group by revision, each revision's events in key order (as the store pages them).
+    events.sort_by(|a, b| (a.0, &a.1.kv.key).cmp(&(b.0, &b.1.kv.key)));
+    let mut revisions: Vec<(Revision, Vec<Event>)> = Vec::new();
+    for (revision, event) in events {
+        match revisions.last_mut() {
+            Some((r, list)) if *r == revision => list.push(event),
+            _ => revisions.push((revision, vec![event])),
+        }
+    }
     Ok(Applied {
         responses,
+        revision_before,
         revision: revision_after,
+        compacted: compacted_after,
         lease_changes,
+        revisions,
     })
 }
 
@@ -1442,9 +1505,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await?;
         let Applied {
             responses,
+            revision_before,
             revision,
+            compacted,
             lease_changes,
+            revisions,
         } = applied;
+        self.recent
+            .applied(revision_before, revision, compacted, revisions);
         if !writes.is_empty() {
             self.notify_system_watches(Some(&writes));
         }
@@ -1486,15 +1554,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
         let path = snapshot.path().to_path_buf();
         drop(snapshot);
-        let (revision, all_leases) = blocking(self.io, move || {
+        let (revision, compacted, all_leases) = blocking(self.io, move || {
             snapshot::install(&db, &path, &meta)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
             snapshot::make_current(&dir, &path)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
-            let read = || Ok::<_, redb::Error>((current_revision(&db)?, leases::all(&db)?));
+            let read = || {
+                Ok::<_, redb::Error>((
+                    current_revision(&db)?,
+                    compaction_point(&db)?,
+                    leases::all(&db)?,
+                ))
+            };
             read().map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)).into())
         })
         .await?;
+        self.recent.reset(revision, compacted);
         // A snapshot replaces the whole system key space, and every lease.
         self.notify_system_watches(None);
         self.lessor.reset(all_leases, tokio::time::Instant::now());
