@@ -10,7 +10,9 @@
 //!
 //! Why a keep-alive acknowledged at time t keeps the lease until at least t + TTL, across
 //! leader changes: the node acknowledges it only after renewing the deadline and then
-//! confirming its leadership with a quorum (a ReadIndex round that starts after the renewal).
+//! confirming its leadership with a quorum (a ReadIndex round that starts after the renewal),
+//! applying up to that read index, and finding the lease still there (so an expiry committed
+//! earlier, perhaps by a previous leader, is never answered with an acknowledgement).
 //! A later leader's election needs a vote from that quorum, so it happens after the renewal,
 //! and its promotion gives the lease a full TTL from then. An old leader that has lost its
 //! quorum cannot get an expiry committed: its entries lose to the new leader's log.

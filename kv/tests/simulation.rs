@@ -14,8 +14,11 @@
 //! theirs crashes (and now and then regardless). At the end the network heals, every replica
 //! must reach the same state digest, the recorded history must be linearizable, and each
 //! watcher must have delivered exactly the committed history of the keys (rebuilt from MVCC
-//! reads at every revision). The same seed replays the same run
-//! (`simulation_replays_exactly`).
+//! reads at every revision). A lease with two keys is kept alive for part of the run, as a node
+//! does it (renew on the leader's lease clock, confirm leadership, apply that far, check the
+//! lease is still there): its keys must never be deleted earlier than its TTL after the last
+//! acknowledged keep-alive was sent, and must be deleted exactly once after the keep-alives
+//! stop. The same seed replays the same run (`simulation_replays_exactly`).
 //!
 //! ```sh
 //! cargo test -p aspen-kv --test simulation                      # CI: 50 seeds
@@ -100,14 +103,13 @@ impl World {
         .unwrap_or_else(|e| panic!("node {id} cannot start: {e}"));
         self.router.register(id, raft.clone());
         let generation = self.starts.fetch_add(1, Ordering::SeqCst);
-        self.up.lock().unwrap().insert(
-            id,
-            Running {
-                raft,
-                sm,
-                generation,
-            },
-        );
+        let running = Running {
+            raft,
+            sm,
+            generation,
+        };
+        tokio::spawn(lease_clock(self.clone(), running.clone(), id));
+        self.up.lock().unwrap().insert(id, running);
     }
 
     /// Power loss: the node stops at once and its disks keep only what was synced.
@@ -330,6 +332,199 @@ async fn client(
     }
 }
 
+/// The simulated lease, its TTL, and the keys attached to it.
+const LEASE_ID: LeaseId = 7;
+const LEASE_TTL: u64 = 3;
+const LEASE_KEYS: [&[u8]; 2] = [b"lease/a", b"lease/b"];
+
+/// A node's lease clock, as the node runs it (`node/src/server/leases.rs`): promoted in each
+/// term the node leads, stopped otherwise, proposing the expiry of leases whose deadline
+/// passed. Ends when the node stops.
+async fn lease_clock(world: World, node: Running, id: NodeId) {
+    let lessor = node.sm.lessor();
+    let mut metrics = node.raft.metrics();
+    let mut leading: Option<u64> = None;
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.current_leader == Some(id) && m.state.is_leader(),
+                m.current_term,
+            )
+        };
+        match (leader, leading) {
+            (true, Some(t)) if t == term => {}
+            (true, _) => {
+                let now = Instant::now();
+                // The bug: deadlines counted as if the lease's TTL had already run since.
+                let base = if world.bug == Some(Bug::NoLeaseExtension) {
+                    now.checked_sub(Duration::from_secs(LEASE_TTL))
+                        .unwrap_or(now)
+                } else {
+                    now
+                };
+                lessor.promote(base);
+                leading = Some(term);
+            }
+            (false, Some(_)) => {
+                lessor.demote();
+                leading = None;
+            }
+            (false, None) => {}
+        }
+        let next = leading.and(lessor.next_check());
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let due = lessor.expired(Instant::now(), aspen_kv::limits::MAX_EXPIRIES_PER_BATCH);
+                if !due.is_empty() {
+                    let batch = Batch {
+                        proposed_at_ms: world.now_ms(),
+                        proposal: 0,
+                        commands: due
+                            .into_iter()
+                            .map(|(id, grant)| Command {
+                                session: None,
+                                op: WriteOp::LeaseExpire { id, grant },
+                            })
+                            .collect(),
+                    };
+                    let raft = node.raft.clone();
+                    tokio::spawn(async move {
+                        let _ = raft.client_write(batch).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What the lease client and the observer saw.
+#[derive(Debug, Default)]
+struct LeaseLog {
+    /// The revision that attached the first key (the lease exists from then until it ends).
+    attached: Option<Revision>,
+    /// When each acknowledged keep-alive was sent.
+    acked: Vec<Instant>,
+    /// When a node was first seen without the lease's first key, after it was attached.
+    first_gone: Option<Instant>,
+}
+
+/// One keep-alive as a node serves it (`ClusterHandle::lease_call_here`): renew on the
+/// leader's clock, confirm leadership and apply that far, and find the lease still there.
+async fn keep_alive(world: &World, rng: &mut StdRng) -> bool {
+    let Some(node) = world.leader_hint(rng).and_then(|l| world.node(l)) else {
+        return false;
+    };
+    let lessor = node.sm.lessor();
+    let mut renewed = lessor.renew(LEASE_ID, Instant::now());
+    if matches!(renewed, Err(aspen_kv::lessor::RenewError::NotFound(_))) {
+        // Perhaps not applied here yet: catch up, then ask again.
+        let confirm = tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable());
+        if !matches!(confirm.await, Ok(Ok(_))) {
+            return false;
+        }
+        renewed = lessor.renew(LEASE_ID, Instant::now());
+    }
+    if renewed.is_err() {
+        return false;
+    }
+    let confirm = tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable());
+    matches!(confirm.await, Ok(Ok(_))) && lessor.remaining(LEASE_ID, Instant::now()).is_some()
+}
+
+/// Grants the lease and attaches the keys (retried writes, one session), then keeps the
+/// lease alive every second until `keep_until`.
+async fn lease_client(
+    world: World,
+    mut rng: StdRng,
+    log: Arc<Mutex<LeaseLog>>,
+    keep_until: Instant,
+) {
+    let put = |key: &[u8]| WriteOp::PutWith {
+        key: key.to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+        options: PutOptions {
+            lease: LEASE_ID,
+            ..Default::default()
+        },
+    };
+    let setup = [
+        WriteOp::LeaseGrant {
+            id: LEASE_ID,
+            ttl_secs: LEASE_TTL,
+        },
+        put(LEASE_KEYS[0]),
+        put(LEASE_KEYS[1]),
+    ];
+    let mut attached = None;
+    for (seq, op) in setup.into_iter().enumerate() {
+        let session = Session {
+            client_id: 1000,
+            seq: seq as u64 + 1,
+            acked_below: seq as u64 + 1,
+        };
+        loop {
+            if Instant::now() >= keep_until {
+                return;
+            }
+            match write(&world, &mut rng, session, op.clone()).await {
+                Some(Ok(outcome)) => {
+                    if seq == 1 {
+                        attached = Some(outcome.revision());
+                    }
+                    break;
+                }
+                // The lease ran out before the keys were attached: nothing more to do.
+                Some(Err(_)) => return,
+                None => {}
+            }
+        }
+    }
+    log.lock().unwrap().attached = attached;
+    while Instant::now() < keep_until {
+        let sent = Instant::now();
+        if keep_alive(&world, &mut rng).await {
+            log.lock().unwrap().acked.push(sent);
+        }
+        tokio::time::sleep_until(sent + Duration::from_secs(1)).await;
+    }
+}
+
+/// Notes when a running node is first seen without the lease's first key (after it was
+/// attached), looking at every node as soon as its revision moves.
+async fn lease_observer(world: World, log: Arc<Mutex<LeaseLog>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let attached = {
+            let log = log.lock().unwrap();
+            match (log.attached, log.first_gone) {
+                (Some(r), None) => r,
+                _ => continue,
+            }
+        };
+        let nodes: Vec<Running> = world.up.lock().unwrap().values().cloned().collect();
+        for node in nodes {
+            // Storage runs inline: no crash happens during these reads. A node that has not
+            // applied the attachment yet is no evidence.
+            let Ok(status) = node.sm.status().await else {
+                continue;
+            };
+            if status.revision < attached {
+                continue;
+            }
+            if let Ok(None) = node.sm.get(LEASE_KEYS[0].to_vec(), 0).await {
+                log.lock().unwrap().first_gone.get_or_insert(Instant::now());
+            }
+        }
+    }
+}
+
 /// One watch event: (revision, key, kind, value).
 type Seen = (Revision, Key, EventKind, Vec<u8>);
 
@@ -434,6 +629,28 @@ async fn committed_events(sm: &StateMachineStore, to: Revision) -> Vec<Seen> {
     want
 }
 
+/// Every event of the lease's keys, from the start (the store's history, read through the
+/// changes index).
+async fn committed_lease_events(sm: &StateMachineStore) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut request = ChangesRequest {
+        start: b"lease/".to_vec(),
+        end: Some(b"lease0".to_vec()),
+        from: 1,
+        after: None,
+        prev_kv: false,
+    };
+    loop {
+        let page = sm.changes(request.clone()).await.unwrap();
+        events.extend(page.events);
+        if page.next_after.is_none() && page.next_from > page.revision {
+            return events;
+        }
+        request.from = page.next_from;
+        request.after = page.next_after;
+    }
+}
+
 /// Deliberate bugs the negative controls run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -443,6 +660,8 @@ enum Bug {
     StaleReads,
     /// Watchers skip a revision when they resume on another node.
     WatchSkipOnResume,
+    /// A new leader's lease clock does not give leases a full TTL (counts from a TTL ago).
+    NoLeaseExtension,
 }
 
 /// What one seed did; equal for two runs of the same seed.
@@ -640,6 +859,19 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         })
         .collect();
     let until = Instant::now() + RUN_FOR;
+    let lease_log: Arc<Mutex<LeaseLog>> = Default::default();
+    let keep_until = Instant::now() + Duration::from_millis(rng.random_range(2000..6000));
+    let lease_client = tokio::spawn(lease_client(
+        world.clone(),
+        StdRng::seed_from_u64(rng.random()),
+        lease_log.clone(),
+        keep_until,
+    ));
+    let observer = tokio::spawn(lease_observer(
+        world.clone(),
+        lease_log.clone(),
+        watch_stop.clone(),
+    ));
     let (crashes, partitions) =
         nemesis(world.clone(), StdRng::seed_from_u64(rng.random()), until).await;
     stop.store(true, Ordering::SeqCst);
@@ -658,8 +890,45 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         digests.windows(2).all(|w| w[0] == w[1]),
         "seed {seed}: replicas differ after healing: {digests:?}"
     );
+    // The lease: never gone while a keep-alive sent within its TTL was acknowledged; gone
+    // once, after the keep-alives stopped.
+    lease_client.await.unwrap();
+    let ttl = Duration::from_secs(LEASE_TTL);
+    if lease_log.lock().unwrap().attached.is_some() {
+        let deadline = Instant::now() + HEAL_DEADLINE;
+        while lease_log.lock().unwrap().first_gone.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: the lease's keys were never deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = lease_log.lock().unwrap();
+        let gone = log.first_gone.unwrap();
+        for sent in &log.acked {
+            assert!(
+                *sent >= gone || *sent + ttl <= gone,
+                "seed {seed} (replay: ASPEN_SIM_SEED={seed}): a lease key was deleted {:?} after \
+                 a keep-alive sent {:?} earlier was acknowledged (TTL {ttl:?})",
+                gone - *sent,
+                gone.duration_since(world.started),
+            );
+            assert!(
+                *sent < gone,
+                "seed {seed}: a keep-alive sent after the lease's keys were deleted was acknowledged"
+            );
+        }
+    }
+    // The expiry may have come after the first convergence: converge again.
+    let digests = heal_and_converge(&world).await;
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "seed {seed}: replicas differ after the lease expired: {digests:?}"
+    );
     // Every watcher catches up, and delivered exactly the committed history.
-    let to = digests[0].revision;
+    let any = world.node(world.up_ids()[0]).unwrap();
+    let want = committed_events(&any.sm, digests[0].revision).await;
+    let to = want.last().map_or(0, |e| e.0);
     let deadline = Instant::now() + HEAL_DEADLINE;
     while watched
         .iter()
@@ -676,8 +945,23 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         w.abort();
         let _ = w.await;
     }
-    let any = world.node(world.up_ids()[0]).unwrap();
-    let want = committed_events(&any.sm, to).await;
+    let _ = observer.await;
+    // Exactly once: each lease key was put once and deleted once (or never attached).
+    let lease_events = committed_lease_events(&world.node(world.up_ids()[0]).unwrap().sm).await;
+    for key in LEASE_KEYS {
+        let kinds: Vec<EventKind> = lease_events
+            .iter()
+            .filter(|e| e.kv.key == key)
+            .map(|e| e.kind)
+            .collect();
+        if lease_log.lock().unwrap().attached.is_some() {
+            assert_eq!(
+                kinds,
+                [EventKind::Put, EventKind::Delete],
+                "seed {seed}: {key:?}"
+            );
+        }
+    }
     let watched: Vec<Vec<Seen>> = watched.iter().map(|w| w.lock().unwrap().clone()).collect();
     for (i, got) in watched.iter().enumerate() {
         if *got != want {
@@ -853,6 +1137,15 @@ fn negative_control_watch_skip_on_resume_is_caught() {
     let caught =
         first_failure_with(Bug::WatchSkipOnResume, 10).expect("skipped events went unnoticed");
     assert!(caught.contains("watcher"), "{caught}");
+}
+
+/// Negative control: a lease clock that does not give leases a full TTL when its node becomes
+/// leader expires a lease early after a leader change; the lease check must notice.
+#[test]
+fn negative_control_leases_not_extended_on_promotion_are_caught() {
+    let caught =
+        first_failure_with(Bug::NoLeaseExtension, 30).expect("early lease expiry went unnoticed");
+    assert!(caught.contains("lease key was deleted"), "{caught}");
 }
 
 /// Negative control: with disks that acknowledge a sync before it is durable, a crash loses

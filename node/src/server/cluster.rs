@@ -344,9 +344,15 @@ impl ClusterHandle {
         };
         match answer {
             Ok(value) => {
-                if matches!(call, LeaderLeaseCall::KeepAlive(_)) {
-                    // Confirmed after the renewal: no later leader was elected before it.
-                    self.read_index().await?;
+                if let LeaderLeaseCall::KeepAlive(id) = call {
+                    // Confirmed after the renewal, so no later leader was elected before it;
+                    // and applied that far, so an expiry committed before it has removed the
+                    // lease here (an acknowledged keep-alive of a lease whose keys are gone
+                    // would be a lie).
+                    self.leader_barrier().await?;
+                    if lessor.remaining(id, now()).is_none() {
+                        return Err(RpcError::Apply(ApplyError::LeaseNotFound { id }));
+                    }
                 }
                 Ok(value)
             }
