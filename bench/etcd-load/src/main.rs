@@ -1,14 +1,28 @@
-//! `etcd-load`: watch and lease load against an etcd 3.5 server, in the same shapes as
-//! Aspen's own watch and lease benchmarks, so the two can be compared on one machine.
-//! `scripts/bench-etcd.sh` installs etcd, starts it on 127.0.0.1 and runs these.
+//! `etcd-load`: put, get, watch and lease load against etcd 3.5, in the same shapes as
+//! Aspen's own benchmarks (`aspen bench put|get|watch-*|lease-keepalive`), so the two can be
+//! compared on one machine. `scripts/bench-etcd.sh` (watch, lease) and
+//! `scripts/bench-vs-etcd.sh` (put, get) install etcd, start it on 127.0.0.1 and run these.
 //!
-//! All traffic goes over ONE `etcd_client::Client` (one tonic channel, so one HTTP/2
-//! connection). Every watcher and every keep-alive task makes its own RPC call on it, so
-//! each is its own HTTP/2 stream on that connection (etcd-client opens a new gRPC `Watch`
-//! stream per `watch()` call; no watches share a stream).
+//! `--endpoint` takes one client URL or several, comma-separated (all members of a cluster).
+//! One `etcd_client::Client` is one tonic channel balancing over those endpoints (one HTTP/2
+//! connection per endpoint); every call on it is its own HTTP/2 stream. The watch and lease
+//! loads use ONE `Client`: every watcher and every keep-alive task makes its own RPC call on
+//! it (etcd-client opens a new gRPC `Watch` stream per `watch()` call; no watches share a
+//! stream).
 //!
 //! Load shapes:
 //!
+//! * `put --clients N --conns C --total T --key-space K --val-size V`: the shape of
+//!   `node/src/bench/mod.rs`. C `Client`s are connected (and warmed up with a `status` call
+//!   per endpoint); N tasks, task i using client i mod C, share a counter of T requests. Each
+//!   task takes the next request while the counter is below T: a put of a V-byte value to a
+//!   uniformly random key `bench/{:010}` of the K keys, waiting for its response. Latency is
+//!   per successful request; req/s = successful requests / elapsed (first request to last
+//!   response); p50/p99 nearest-rank. etcd has no idempotency session: a put is a plain `Put`.
+//! * `get ... [--serializable]`: the same with gets of such keys, linearizable (etcd's
+//!   default; a follower asks the leader for a read index) or serializable (local read).
+//!   Like `scripts/bench.sh`, the caller fills the key space beforehand (a `put` run of K
+//!   requests); a key not yet written is still a successful get.
 //! * `watch-latency --watchers W --puts P --interval-ms 20`: W watchers all watch the key
 //!   `bench/watch`; the run waits until etcd has confirmed every watch as created. Then one
 //!   writer does P sequential puts of a 256-byte value to that key, starting one every
@@ -28,11 +42,14 @@
 //!
 //! Each run prints one line of `key=value` fields, starting with the subcommand's name.
 
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Parser, Subcommand};
-use etcd_client::{Client, WatchStream};
+use clap::{Args, Parser, Subcommand};
+use etcd_client::{Client, GetOptions, WatchStream};
 
 const WATCH_KEY: &str = "bench/watch";
 const VALUE_SIZE: usize = 256;
@@ -40,17 +57,26 @@ const VALUE_SIZE: usize = 256;
 const WATCH_DEADLINE: Duration = Duration::from_secs(300);
 
 #[derive(Parser)]
-#[command(about = "Watch and lease load against etcd 3.5")]
+#[command(about = "Put, get, watch and lease load against etcd 3.5")]
 struct Cli {
-    /// etcd client URL.
-    #[arg(long, default_value = "http://127.0.0.1:2379")]
-    endpoint: String,
+    /// etcd client URL(s), comma-separated.
+    #[arg(
+        long,
+        visible_alias = "endpoints",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    endpoint: Vec<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Puts of random keys in the key space.
+    Put(KvArgs),
+    /// Gets of random keys in the key space (linearizable unless --serializable).
+    Get(KvArgs),
     /// Put -> watch event latency, one put per interval.
     WatchLatency {
         #[arg(long, default_value_t = 1)]
@@ -76,20 +102,154 @@ enum Cmd {
     },
 }
 
+/// The flags of `aspen bench put|get`.
+#[derive(Args)]
+struct KvArgs {
+    /// Concurrent requests in flight (tasks, each waiting for its response).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// `Client`s (channels) the tasks are spread over.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Total requests.
+    #[arg(long, default_value_t = 10_000)]
+    total: u64,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    key_space: u64,
+    /// Value size in bytes (put).
+    #[arg(long, default_value_t = VALUE_SIZE)]
+    val_size: usize,
+    /// Serializable reads (get).
+    #[arg(long)]
+    serializable: bool,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let client = Client::connect([cli.endpoint.as_str()], None)
-        .await
-        .with_context(|| format!("connecting to {}", cli.endpoint))?;
+    let endpoints = &cli.endpoint;
     match cli.cmd {
+        Cmd::Put(args) => kv_load(endpoints, true, args).await,
+        Cmd::Get(args) => kv_load(endpoints, false, args).await,
         Cmd::WatchLatency { watchers, puts, interval_ms } => {
+            let client = connect(endpoints).await?;
             watch_latency(client, watchers, puts, Duration::from_millis(interval_ms)).await
         }
-        Cmd::WatchThroughput { watchers, puts } => watch_throughput(client, watchers, puts).await,
+        Cmd::WatchThroughput { watchers, puts } => {
+            watch_throughput(connect(endpoints).await?, watchers, puts).await
+        }
         Cmd::LeaseKeepalive { clients, seconds } => {
+            let client = connect(endpoints).await?;
             lease_keepalive(client, clients, Duration::from_secs(seconds)).await
         }
+    }
+}
+
+async fn connect(endpoints: &[String]) -> Result<Client> {
+    Client::connect(endpoints, None)
+        .await
+        .with_context(|| format!("connecting to {}", endpoints.join(",")))
+}
+
+/// `put` and `get`: the loop of Aspen's `aspen bench put|get` (see the module doc).
+async fn kv_load(endpoints: &[String], is_put: bool, args: KvArgs) -> Result<()> {
+    ensure!(
+        args.clients > 0 && args.conns > 0 && args.total > 0 && args.key_space > 0,
+        "--clients, --conns, --total and --key-space must be at least 1"
+    );
+    let mut conns = Vec::with_capacity(args.conns);
+    for _ in 0..args.conns {
+        let mut client = connect(endpoints).await?;
+        // Warm up before measuring (the channel balances over the endpoints).
+        for _ in endpoints {
+            client.status().await?;
+        }
+        conns.push(client);
+    }
+    let issued = Arc::new(AtomicU64::new(0));
+    let value = vec![b'x'; args.val_size];
+    let serializable = args.serializable;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let mut client = conns[i % conns.len()].clone();
+            let issued = issued.clone();
+            let value = value.clone();
+            let (total, key_space) = (args.total, args.key_space);
+            tokio::spawn(async move {
+                let mut keys = RandomKeys::new(i);
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                while issued.fetch_add(1, Ordering::Relaxed) < total {
+                    let key = keys.next(key_space);
+                    let t = Instant::now();
+                    let ok = if is_put {
+                        client.put(key, value.clone(), None).await.is_ok()
+                    } else {
+                        let options = serializable.then(|| GetOptions::new().with_serializable());
+                        client.get(key, options).await.is_ok()
+                    };
+                    if ok {
+                        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(args.total as usize);
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let op = match (is_put, serializable) {
+        (true, _) => "put",
+        (false, false) => "get-linearizable",
+        (false, true) => "get-serializable",
+    };
+    let pct = |q| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            percentile(&latencies, q)
+        }
+    };
+    println!(
+        "{op} clients={} conns={} total={} ok={} errors={errors} seconds={elapsed:.3} requests_per_sec={:.0} p50_ms={:.3} p99_ms={:.3}",
+        args.clients,
+        args.conns,
+        args.total,
+        latencies.len(),
+        latencies.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.99),
+    );
+    ensure!(errors == 0, "{errors} requests failed");
+    Ok(())
+}
+
+/// Uniformly random keys `bench/{:010}` (splitmix64, seeded per task from std's random
+/// hasher keys, so no `rand` dependency).
+struct RandomKeys(u64);
+
+impl RandomKeys {
+    fn new(task: usize) -> Self {
+        Self(std::collections::hash_map::RandomState::new().hash_one(task))
+    }
+
+    fn next(&mut self, key_space: u64) -> String {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        format!("bench/{:010}", (z ^ (z >> 31)) % key_space)
     }
 }
 
