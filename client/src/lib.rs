@@ -126,8 +126,9 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Rpc(RpcError),
+    /// (Not a `source`: the message already carries it, and error chains would repeat it.)
     #[error("write refused: {0}")]
-    Apply(#[from] ApplyError),
+    Apply(ApplyError),
     #[error(transparent)]
     Limit(#[from] LimitError),
     #[error(transparent)]
@@ -142,6 +143,12 @@ pub enum ClientError {
     Namespace(#[from] protocol::NamespaceError),
     #[error("{0}")]
     Io(String),
+}
+
+impl From<ApplyError> for ClientError {
+    fn from(e: ApplyError) -> Self {
+        ClientError::Apply(e)
+    }
 }
 
 /// A document as a node stores it: load `snapshot` (a saved Automerge document), then apply
