@@ -864,6 +864,124 @@ pub struct ClusterStatus {
     pub revision: u64,
     pub compacted_revision: u64,
     pub members: Vec<MemberStatus>,
+    /// What the node has done since it started.
+    pub figures: NodeFigures,
+}
+
+/// Key figures of one node since it started (its Prometheus metrics, `--metrics`, have
+/// the full detail).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFigures {
+    pub uptime_secs: u64,
+    /// Client requests answered, and how many of them with an error.
+    pub requests: u64,
+    pub request_errors: u64,
+    /// Raft entries and client commands applied to the state machine.
+    pub applied_entries: u64,
+    pub applied_commands: u64,
+    /// Durable Raft log commits, and their mean duration in microseconds.
+    pub log_flushes: u64,
+    pub log_flush_mean_us: u64,
+    /// Automerge changes committed through this node.
+    pub doc_changes: u64,
+    /// Blob bytes received, and sent on iroh-blobs connections this node served.
+    pub blob_bytes_in: u64,
+    pub blob_bytes_out: u64,
+    /// Watches open on this node.
+    pub watches: u64,
+    /// Where the node serves Prometheus metrics, if it does.
+    pub metrics_addr: Option<String>,
+}
+
+impl ClientRequest {
+    /// A short stable name for what the request does (`kv_put`, `doc_change`, ...), the
+    /// `op` label of the node's request metrics.
+    pub fn operation(&self) -> &'static str {
+        use aspen_kv::api::WriteOp;
+        match self {
+            ClientRequest::Kv(r) => match r {
+                KvRequest::Write { commands } => match commands.as_slice() {
+                    [one] => match &one.op {
+                        WriteOp::Put { .. } | WriteOp::PutWith { .. } => "kv_put",
+                        WriteOp::Delete { .. } => "kv_delete",
+                        WriteOp::Compact { .. } => "kv_compact",
+                        WriteOp::Txn(_) => "kv_txn",
+                        WriteOp::LeaseGrant { .. } => "lease_grant",
+                        WriteOp::LeaseRevoke { .. } => "lease_revoke",
+                        WriteOp::System(_)
+                        | WriteOp::SystemTxn(_)
+                        | WriteOp::LeaseExpire { .. } => "kv_system",
+                    },
+                    _ => "kv_write_batch",
+                },
+                KvRequest::Range { .. } => "kv_range",
+                KvRequest::Watch(_) => "kv_watch",
+                KvRequest::Watches => "kv_watches",
+                KvRequest::Lease(LeaseRequest::KeepAlive { .. }) => "lease_keepalive",
+                KvRequest::Lease(LeaseRequest::TimeToLive { .. }) => "lease_ttl",
+                KvRequest::Lease(LeaseRequest::List { .. }) => "lease_list",
+            },
+            ClientRequest::Cluster(r) => match r {
+                ClusterRequest::Status => "cluster_status",
+                ClusterRequest::Identity => "cluster_identity",
+                ClusterRequest::Init { .. } => "cluster_init",
+                ClusterRequest::Admit { .. } => "cluster_admit",
+                ClusterRequest::CreateInvite { .. } => "cluster_invite",
+                ClusterRequest::Join { .. } => "cluster_join",
+                ClusterRequest::RemoveMember { .. } => "cluster_remove_member",
+                ClusterRequest::StateDigest => "cluster_state_digest",
+                ClusterRequest::SetNetFaults(_) => "cluster_net_faults",
+            },
+            ClientRequest::Doc(r) => match r {
+                DocRequest::Create { .. } => "doc_create",
+                DocRequest::Change { .. } => "doc_change",
+                DocRequest::Get { .. } => "doc_get",
+                DocRequest::List { .. } => "doc_list",
+                DocRequest::Delete { .. } => "doc_delete",
+            },
+            ClientRequest::Blob(r) => match r {
+                BlobRequest::Add { .. } => "blob_add",
+                BlobRequest::Stat { .. } => "blob_stat",
+                BlobRequest::List { .. } => "blob_list",
+                BlobRequest::Tag { .. } => "blob_tag",
+                BlobRequest::Untag { .. } => "blob_untag",
+                BlobRequest::Stats => "blob_stats",
+            },
+            ClientRequest::Ns(r) => match r {
+                NsRequest::Create => "ns_create",
+                NsRequest::Set { .. } => "ns_set",
+                NsRequest::Get { .. } => "ns_get",
+                NsRequest::List { .. } => "ns_list",
+                NsRequest::Namespaces => "ns_namespaces",
+                NsRequest::Share { .. } => "ns_share",
+                NsRequest::Import { .. } => "ns_import",
+            },
+            ClientRequest::Auth(r) => match r {
+                AuthRequest::PresentToken { .. } => "auth_present_token",
+                AuthRequest::WhoAmI => "auth_whoami",
+                AuthRequest::Grant { .. } => "auth_grant",
+                AuthRequest::Revoke { .. } => "auth_revoke",
+                AuthRequest::RoleCreate { .. } => "auth_role_create",
+                AuthRequest::List => "auth_list",
+                AuthRequest::TokenRevoke { .. } => "auth_token_revoke",
+                AuthRequest::Recover { .. } => "auth_recover",
+            },
+            ClientRequest::Fed(r) => match r {
+                FedRequest::Export { .. } => "fed_export",
+                FedRequest::Unexport { .. } => "fed_unexport",
+                FedRequest::Exports => "fed_exports",
+                FedRequest::Follow { .. } => "fed_follow",
+                FedRequest::Unfollow { .. } => "fed_unfollow",
+                FedRequest::Follows => "fed_follows",
+                FedRequest::Sync { .. } => "fed_sync",
+                FedRequest::Mirror { .. } => "fed_mirror",
+                FedRequest::Unmirror { .. } => "fed_unmirror",
+                FedRequest::Mirrors => "fed_mirrors",
+                FedRequest::Via { .. } => "fed_via",
+                FedRequest::FollowVia { .. } => "fed_follow_via",
+            },
+        }
+    }
 }
 
 /// An error the server reports.
@@ -913,6 +1031,29 @@ pub enum RpcError {
 }
 
 impl RpcError {
+    /// A short stable name for the kind of error (`not_leader`, `permission_denied`, ...),
+    /// the `kind` label of the node's error metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RpcError::NotLeader { .. } => "not_leader",
+            RpcError::Unavailable(_) => "unavailable",
+            RpcError::Limit(_) => "limit",
+            RpcError::Read(_) => "read",
+            RpcError::NotInitialized => "not_initialized",
+            RpcError::AlreadyInitialized => "already_initialized",
+            RpcError::BadRequest(_) => "bad_request",
+            RpcError::Membership(_) => "membership",
+            RpcError::Internal(_) => "internal",
+            RpcError::Doc(_) => "doc",
+            RpcError::Blob(_) => "blob",
+            RpcError::Namespace(_) => "namespace",
+            RpcError::PermissionDenied { .. } => "permission_denied",
+            RpcError::Token(_) => "token",
+            RpcError::Apply(_) => "apply",
+            RpcError::TooManyWatches { .. } => "too_many_watches",
+        }
+    }
+
     /// Worth retrying elsewhere or later (leader change, election in progress).
     pub fn is_retryable(&self) -> bool {
         matches!(self, RpcError::NotLeader { .. } | RpcError::Unavailable(_))

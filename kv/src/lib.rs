@@ -15,11 +15,13 @@
 pub mod api;
 pub mod lessor;
 pub mod limits;
+pub mod metrics;
 pub mod raft_types;
 pub mod storage;
 pub mod testing;
 
 pub use lessor::Lessor;
+pub use metrics::StorageMetrics;
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
 pub use storage::{
     open, open_with_backends, IoMode, LogStore, StateDigest, StateMachineStore, StoreStatus,

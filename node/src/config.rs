@@ -31,6 +31,11 @@ pub struct NodeConfig {
     /// History to keep: "0" (off, the default), a time ("90s", "30m", "12h"; a bare number
     /// is hours, as in etcd) in periodic mode, or a number of revisions in revision mode.
     pub auto_compaction_retention: String,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address. Off by default; a
+    /// non-loopback address needs `metrics_token_file`.
+    pub metrics: Option<SocketAddr>,
+    /// A file holding the bearer token scrapers must present to `metrics`.
+    pub metrics_token_file: Option<PathBuf>,
     /// How often the leader checks (default: a tenth of the retention in periodic mode, at
     /// least 100 ms and at most an hour; 5 minutes in revision mode). Tests only.
     #[serde(skip)]
@@ -233,6 +238,8 @@ impl Default for NodeConfig {
             auto_compaction_mode: CompactionMode::Periodic,
             auto_compaction_retention: "0".into(),
             auto_compaction_every: None,
+            metrics: None,
+            metrics_token_file: None,
             test_fault: None,
             allow_fault_injection: false,
             join: None,

@@ -41,6 +41,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
         config.auto_compaction_every = Some(Duration::from_secs_f64(s));
     }
+    if let Some(a) = args.metrics {
+        config.metrics = Some(a);
+    }
+    if let Some(f) = args.metrics_token_file {
+        config.metrics_token_file = Some(f);
+    }
     args.dht.apply(&mut config.dht);
     if let Some(n) = args.blob_replicas {
         config.blobs.replicas = n;
@@ -90,11 +96,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let node = RunningNode::start(&config).await?;
     let ticket = node.node_ticket();
     let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
+    let metrics = node.state.cluster.metrics.serving.get().copied();
     match args.output {
         Output::Json => println!(
             "{}",
             serde_json::json!({ "node_id": format!("{:016x}", node.state.cluster.id), "addrs": addrs,
-                                "ticket": ticket.to_string(), "data_dir": config.data_dir })
+                                "ticket": ticket.to_string(), "data_dir": config.data_dir,
+                                "metrics": metrics.map(|a| format!("http://{a}/metrics")) })
         ),
         Output::Text => {
             println!(
@@ -104,6 +112,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             );
             println!("node ticket: {ticket}");
             println!("data dir: {}", config.data_dir.display());
+            if let Some(a) = metrics {
+                println!("metrics: http://{a}/metrics");
+            }
         }
     }
     let joined = async {

@@ -21,6 +21,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
 use super::{any, blocking, encode, IoMode, LOG, RAFT_STATE};
+use crate::metrics::StorageMetrics;
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// How long a purge waits for the state machine to apply what it purges (see `purge`).
@@ -57,10 +58,17 @@ pub struct LogStore {
     /// The writer thread's queue; `None` in [`IoMode::Inline`], where jobs run on the caller.
     writer: Option<mpsc::Sender<Job>>,
     io: IoMode,
+    /// Log flush figures.
+    metrics: Arc<StorageMetrics>,
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<Database>, sm_db: Weak<Database>, io: IoMode) -> Self {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        sm_db: Weak<Database>,
+        io: IoMode,
+        metrics: Arc<StorageMetrics>,
+    ) -> Self {
         let pending = Arc::new(RwLock::new(BTreeMap::new()));
         let writer = match io {
             IoMode::Inline => None,
@@ -68,10 +76,11 @@ impl LogStore {
                 let (writer, jobs) = mpsc::channel();
                 // The thread holds the database weakly: it closes when the last store handle
                 // drops, even if the thread has not noticed yet.
-                let (db2, pending2) = (Arc::downgrade(&db), pending.clone());
+                let (db2, pending2, metrics2) =
+                    (Arc::downgrade(&db), pending.clone(), metrics.clone());
                 std::thread::Builder::new()
                     .name("aspen-log-writer".into())
-                    .spawn(move || write_loop(&db2, &pending2, jobs))
+                    .spawn(move || write_loop(&db2, &pending2, &metrics2, jobs))
                     .expect("spawn the log writer thread");
                 Some(writer)
             }
@@ -82,6 +91,7 @@ impl LogStore {
             pending,
             writer,
             io,
+            metrics,
         }
     }
 
@@ -91,9 +101,12 @@ impl LogStore {
             Some(w) => w.send(job).map_err(|_| "log writer stopped".to_string()),
             None => {
                 match job {
-                    Job::Append { entries, done } => {
-                        commit_appends(&self.db, &self.pending, vec![(entries, done)])
-                    }
+                    Job::Append { entries, done } => commit_appends(
+                        &self.db,
+                        &self.pending,
+                        &self.metrics,
+                        vec![(entries, done)],
+                    ),
                     Job::Other { op, done } => run_other(&self.db, op, done),
                 }
                 Ok(())
@@ -136,6 +149,7 @@ type Group = Vec<(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>;
 fn write_loop(
     db: &std::sync::Weak<Database>,
     pending: &RwLock<BTreeMap<u64, Entry>>,
+    metrics: &StorageMetrics,
     jobs: mpsc::Receiver<Job>,
 ) {
     while let Ok(first) = jobs.recv() {
@@ -156,7 +170,7 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
-                commit_appends(db, pending, group);
+                commit_appends(db, pending, metrics, group);
                 if let Some(Job::Other { op, done }) = next_other {
                     run_other(db, op, done);
                 }
@@ -171,7 +185,12 @@ fn run_other(db: &Database, op: DurableOp, done: oneshot::Sender<Result<(), Stri
 }
 
 /// Commits a group of appends in one durable transaction, then tells openraft.
-fn commit_appends(db: &Database, pending: &RwLock<BTreeMap<u64, Entry>>, group: Group) {
+fn commit_appends(
+    db: &Database,
+    pending: &RwLock<BTreeMap<u64, Entry>>,
+    metrics: &StorageMetrics,
+    group: Group,
+) {
     let started = std::time::Instant::now();
     let r = commit(db, |txn| {
         let mut table = txn.open_table(LOG)?;
@@ -182,9 +201,11 @@ fn commit_appends(db: &Database, pending: &RwLock<BTreeMap<u64, Entry>>, group: 
         }
         Ok(())
     });
+    let took = started.elapsed();
+    metrics.log_flushed(group.len(), took);
     tracing::trace!(
         appends = group.len(),
-        micros = started.elapsed().as_micros() as u64,
+        micros = took.as_micros() as u64,
         "log group commit"
     );
     if r.is_ok() {

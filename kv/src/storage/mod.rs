@@ -118,10 +118,9 @@ fn open_databases(
     })?;
     let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
     changes::rebuild_if_missing(&sm_db).map_err(|e| OpenError::Db(PathBuf::from("state"), e))?;
-    Ok((
-        LogStore::new(log_db, Arc::downgrade(&sm_db), io),
-        StateMachineStore::new(sm_db, snapshots, io),
-    ))
+    let sm = StateMachineStore::new(sm_db, snapshots, io);
+    let log = LogStore::new(log_db, Arc::downgrade(&sm.db), io, sm.metrics());
+    Ok((log, sm))
 }
 
 /// Creates every state-machine table (a no-op for existing ones).

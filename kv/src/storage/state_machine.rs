@@ -81,6 +81,8 @@ pub struct StateMachineStore {
     lessor: Arc<Lessor>,
     /// The last revisions' events, for caught-up watchers.
     pub(super) recent: Arc<super::recent::RecentChanges>,
+    /// Log flush and apply figures (shared with the log store).
+    metrics: Arc<crate::metrics::StorageMetrics>,
 }
 
 /// What apply did to leases, told to the [`Lessor`] once the batch committed.
@@ -197,7 +199,13 @@ impl StateMachineStore {
             revision: Arc::new(tokio::sync::watch::channel(revision).0),
             lessor,
             recent,
+            metrics: Default::default(),
         }
+    }
+
+    /// The store's metrics (log flushes and applies), for the node to register and serve.
+    pub fn metrics(&self) -> Arc<crate::metrics::StorageMetrics> {
+        self.metrics.clone()
     }
 
     /// The lease clock (see [`Lessor`]): the node promotes it when it becomes leader, renews
@@ -1498,6 +1506,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .applies
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let writes = SystemWrites::of(&entries);
+        let (entry_count, command_count) = (
+            entries.len() as u64,
+            entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(b) => b.commands.len() as u64,
+                    _ => 0,
+                })
+                .sum::<u64>(),
+        );
+        let started = std::time::Instant::now();
         let applied = blocking(self.io, move || {
             apply_entries(&db, n, entries)
                 .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
@@ -1511,6 +1530,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             lease_changes,
             revisions,
         } = applied;
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.applied_entries.inc_by(entry_count);
+        self.metrics.applied_commands.inc_by(command_count);
         self.recent
             .applied(revision_before, revision, compacted, revisions);
         if !writes.is_empty() {

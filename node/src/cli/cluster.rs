@@ -179,6 +179,20 @@ fn print_status(s: &ClusterStatus, output: Output) {
             "revision": s.revision,
             "compacted_revision": s.compacted_revision,
             "members": members,
+            "figures": {
+                "uptime_secs": s.figures.uptime_secs,
+                "requests": s.figures.requests,
+                "request_errors": s.figures.request_errors,
+                "applied_entries": s.figures.applied_entries,
+                "applied_commands": s.figures.applied_commands,
+                "log_flushes": s.figures.log_flushes,
+                "log_flush_mean_us": s.figures.log_flush_mean_us,
+                "doc_changes": s.figures.doc_changes,
+                "blob_bytes_in": s.figures.blob_bytes_in,
+                "blob_bytes_out": s.figures.blob_bytes_out,
+                "watches": s.figures.watches,
+                "metrics": s.figures.metrics_addr.as_ref().map(|a| format!("http://{a}/metrics")),
+            },
         });
         println!("{v}");
         return;
@@ -195,6 +209,38 @@ fn print_status(s: &ClusterStatus, output: Output) {
     println!("commit    {}", opt(s.commit_index));
     println!("applied   {}", opt(s.applied_index));
     println!("revision  {}", s.revision);
+    let f = &s.figures;
+    println!(
+        "this node since it started ({}):",
+        indicatif::HumanDuration(std::time::Duration::from_secs(f.uptime_secs))
+    );
+    println!(
+        "  requests  {} ({} errors), watches open {}",
+        f.requests, f.request_errors, f.watches
+    );
+    let per_entry = if f.applied_entries == 0 {
+        0.0
+    } else {
+        f.applied_commands as f64 / f.applied_entries as f64
+    };
+    println!(
+        "  applied   {} commands in {} entries ({per_entry:.1} per entry)",
+        f.applied_commands, f.applied_entries
+    );
+    println!(
+        "  log       {} flushes, mean {:.2} ms",
+        f.log_flushes,
+        f.log_flush_mean_us as f64 / 1000.0
+    );
+    println!(
+        "  documents {} changes committed; blobs {} in, {} out",
+        f.doc_changes,
+        indicatif::HumanBytes(f.blob_bytes_in),
+        indicatif::HumanBytes(f.blob_bytes_out)
+    );
+    if let Some(a) = &f.metrics_addr {
+        println!("  metrics   http://{a}/metrics");
+    }
     println!("members:");
     for m in &s.members {
         let role = if s.leader == Some(m.node_id) {

@@ -174,7 +174,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
     /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot,
-    /// auto_compaction_mode, auto_compaction_retention, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
+    /// auto_compaction_mode, auto_compaction_retention, metrics, metrics_token_file, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
     /// record_validity_secs, and a [blobs] table: replicas, gc_grace_secs, gc_interval_secs).
     /// Flags override it.
     #[arg(long)]
@@ -193,6 +193,15 @@ pub struct RunArgs {
     /// How --auto-compaction-retention is read.
     #[arg(long, value_enum)]
     pub auto_compaction_mode: Option<crate::config::CompactionMode>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (port 0: any
+    /// free port; the node prints where). Off by default. A non-loopback address needs
+    /// --metrics-token-file.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// File holding a bearer token every scrape must present (`Authorization: Bearer ...`;
+    /// Prometheus' `authorization.credentials_file`).
+    #[arg(long, value_name = "FILE", requires = "metrics")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Seconds between the leader's automatic compaction checks (tests only).
     #[arg(long, hide = true)]
     pub auto_compaction_every: Option<f64>,

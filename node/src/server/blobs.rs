@@ -355,6 +355,7 @@ impl BlobService {
             ))
             .into());
         }
+        self.cluster.metrics.blob_bytes_in.inc_by(size);
         // Committed in the store before the cluster is told this node holds it.
         self.persist().await?;
         let previous = match &tag {
@@ -686,17 +687,21 @@ impl BlobService {
                 }
                 Ok(None) => break Err("the transfer ended without a result".to_string()),
                 Ok(Some(GetProgressItem::Progress(read))) => {
+                    let more = read.saturating_sub(counted);
                     blobs
                         .counters
                         .fetched_bytes
-                        .fetch_add(read.saturating_sub(counted), Ordering::Relaxed);
+                        .fetch_add(more, Ordering::Relaxed);
+                    blobs.cluster.metrics.blob_bytes_in.inc_by(more);
                     counted = counted.max(read);
                 }
                 Ok(Some(GetProgressItem::Done(stats))) => {
-                    blobs.counters.fetched_bytes.fetch_add(
-                        stats.payload_bytes_read.saturating_sub(counted),
-                        Ordering::Relaxed,
-                    );
+                    let more = stats.payload_bytes_read.saturating_sub(counted);
+                    blobs
+                        .counters
+                        .fetched_bytes
+                        .fetch_add(more, Ordering::Relaxed);
+                    blobs.cluster.metrics.blob_bytes_in.inc_by(more);
                     break Ok(());
                 }
                 Ok(Some(GetProgressItem::Error(e))) if is_verification_failure(&e) => {

@@ -37,6 +37,8 @@ pub struct ClusterHandle {
     reads: ReadIndexBatcher,
     /// A deliberate bug this node runs with (fault tests only).
     pub test_fault: Option<TestFault>,
+    /// What the node measures (served by `--metrics`).
+    pub metrics: Arc<super::metrics::NodeMetrics>,
 }
 
 impl ClusterHandle {
@@ -48,7 +50,8 @@ impl ClusterHandle {
         peers: Arc<Peers>,
         test_fault: Option<TestFault>,
     ) -> Self {
-        let proposer = Proposer::spawn(raft.clone(), sm.clone());
+        let metrics = Arc::new(super::metrics::NodeMetrics::new(id, sm.metrics()));
+        let proposer = Proposer::spawn(raft.clone(), sm.clone(), metrics.clone());
         let reads = {
             let raft = raft.clone();
             let floor = super::ReadFloor::default();
@@ -63,6 +66,7 @@ impl ClusterHandle {
             proposer,
             reads,
             test_fault,
+            metrics,
         }
     }
 
@@ -246,6 +250,7 @@ impl ClusterHandle {
             revision: store.revision,
             compacted_revision: store.compacted,
             members,
+            figures: self.metrics.figures(),
         })
     }
 

@@ -46,7 +46,13 @@ impl DocService {
     pub async fn handle(&self, request: DocRequest) -> Result<DocResponse, RpcError> {
         match request {
             DocRequest::Create { name, incarnation } => self.create(name, incarnation).await,
-            DocRequest::Change { name, changes } => self.change(name, changes).await,
+            DocRequest::Change { name, changes } => {
+                let r = self.change(name, changes).await;
+                if let Ok(DocResponse::Changed { added, .. }) = &r {
+                    self.cluster.metrics.doc_changes.inc_by(added.len() as u64);
+                }
+                r
+            }
             DocRequest::Get { name, consistency } => self.get(name, consistency).await,
             DocRequest::List {
                 start_after,

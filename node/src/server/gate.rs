@@ -107,10 +107,15 @@ impl ProtocolHandler for GatedBlobs {
             return Ok(());
         };
         let peer = conn.remote_id();
+        let metrics = node.cluster.metrics.clone();
         if node.is_member_key(peer.as_bytes()) {
             drop(node);
-            iroh_blobs::provider::handle_connection(conn, self.store.clone(), EventSender::DEFAULT)
-                .await;
+            let served = iroh_blobs::provider::handle_connection(
+                conn.clone(),
+                self.store.clone(),
+                EventSender::DEFAULT,
+            );
+            count_sent(&conn, &metrics.blob_bytes_out, served).await;
             return Ok(());
         }
         drop(node);
@@ -124,7 +129,9 @@ impl ProtocolHandler for GatedBlobs {
                 decide(&node, peer, msg).await;
             }
         });
-        iroh_blobs::provider::handle_connection(conn, self.store.clone(), events).await;
+        let served =
+            iroh_blobs::provider::handle_connection(conn.clone(), self.store.clone(), events);
+        count_sent(&conn, &metrics.blob_bytes_out, served).await;
         decider.abort();
         Ok(())
     }
@@ -189,6 +196,31 @@ impl ProtocolHandler for GatedDocs {
 }
 
 /// The node behind a gate, or `None` (and `conn` closed) while it stops.
+/// Runs `serve` (one iroh-blobs connection) and adds what the connection sends to `sent`:
+/// every second while it runs, and the rest when it ends.
+async fn count_sent(
+    conn: &Connection,
+    sent: &prometheus_client::metrics::counter::Counter,
+    serve: impl std::future::Future<Output = ()>,
+) {
+    let mut counted = 0u64;
+    let mut add = || {
+        let now = conn.stats().udp_tx.bytes;
+        sent.inc_by(now.saturating_sub(counted));
+        counted = counted.max(now);
+    };
+    tokio::pin!(serve);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut serve => break,
+            _ = tick.tick() => add(),
+        }
+    }
+    add();
+}
+
 fn running_node(slot: &NodeSlot, conn: &Connection) -> Option<Arc<NodeState>> {
     let node = slot.get().and_then(Weak::upgrade);
     if node.is_none() {

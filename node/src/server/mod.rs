@@ -20,6 +20,7 @@ pub mod identity;
 mod kv;
 mod leases;
 mod membership;
+pub mod metrics;
 pub mod namespaces;
 mod peers;
 mod proposer;
@@ -84,6 +85,8 @@ pub enum StartError {
     Blobs(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
@@ -366,6 +369,23 @@ impl RunningNode {
                 state.fed.pulls.clone(),
             )),
         ];
+        if let Some(addr) = config.metrics {
+            let token = match &config.metrics_token_file {
+                Some(path) => Some(metrics::read_token(path).await?),
+                None => None,
+            };
+            let listener = metrics::bind(addr, token.as_deref()).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| metrics::MetricsError::Bind(addr, e))?;
+            let _ = state.cluster.metrics.serving.set(bound);
+            tracing::info!(%bound, "serving metrics");
+            tasks.push(tokio::spawn(metrics::serve(
+                listener,
+                Arc::downgrade(&state),
+                token,
+            )));
+        }
         if let Some(dht) = &dht {
             tasks.push(tokio::spawn(federation::mirror::run_announcer(
                 state.clone(),
@@ -840,7 +860,8 @@ impl ProtocolHandler for ClientService {
                     REQUEST_READ_TIMEOUT,
                     read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME),
                 );
-                let response = match read.await {
+                let (op, arrived) = ("bad_request", std::time::Instant::now());
+                let (op, response) = match read.await {
                     Ok(Ok(request @ ClientRequest::Kv(aspen_client::KvRequest::Watches))) => {
                         // A watch stream keeps the stream; each watch on it is authorized
                         // as it is created.
@@ -850,17 +871,28 @@ impl ProtocolHandler for ClientService {
                                     .await;
                                 return;
                             }
-                            Err(e) => ClientResponse::Error(e),
+                            Err(e) => ("kv_watches", ClientResponse::Error(e)),
                         }
                     }
-                    Ok(Ok(request)) => state.serve_client(request, &caller, recv).await,
-                    Ok(Err(e)) => {
-                        ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}")))
+                    Ok(Ok(request)) => {
+                        let op = request.operation();
+                        (op, state.serve_client(request, &caller, recv).await)
                     }
-                    Err(_) => ClientResponse::Error(RpcError::BadRequest(format!(
-                        "no complete request within {REQUEST_READ_TIMEOUT:?}"
-                    ))),
+                    Ok(Err(e)) => (
+                        op,
+                        ClientResponse::Error(RpcError::BadRequest(format!("bad frame: {e}"))),
+                    ),
+                    Err(_) => (
+                        op,
+                        ClientResponse::Error(RpcError::BadRequest(format!(
+                            "no complete request within {REQUEST_READ_TIMEOUT:?}"
+                        ))),
+                    ),
                 };
+                state
+                    .cluster
+                    .metrics
+                    .served(op, arrived.elapsed(), &response);
                 if let Err(e) = write_frame(&mut send, &response, MAX_CLIENT_FRAME).await {
                     tracing::debug!("cannot answer client: {e}");
                 }

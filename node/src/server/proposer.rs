@@ -14,6 +14,8 @@ use aspen_kv::{Raft, StateMachineStore};
 use openraft::error::ClientWriteError;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::metrics::NodeMetrics;
+
 /// Raft entries proposed but not yet applied, at most.
 const MAX_IN_FLIGHT_BATCHES: usize = 2;
 /// Proposals waiting to be batched, at most (back-pressure beyond this).
@@ -49,9 +51,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn spawn(raft: Raft, sm: StateMachineStore) -> Self {
+    pub fn spawn(raft: Raft, sm: StateMachineStore, metrics: Arc<NodeMetrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(raft, sm, rx));
+        tokio::spawn(run(raft, sm, metrics, rx));
         Proposer { tx }
     }
 
@@ -82,7 +84,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn run(raft: Raft, sm: StateMachineStore, mut rx: mpsc::Receiver<Proposal>) {
+async fn run(
+    raft: Raft,
+    sm: StateMachineStore,
+    metrics: Arc<NodeMetrics>,
+    mut rx: mpsc::Receiver<Proposal>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
     // Proposal ids: a random per-boot nonce and a counter, so a waiter never matches a batch
     // proposed by another node or by an earlier run of this one.
@@ -124,6 +131,7 @@ async fn run(raft: Raft, sm: StateMachineStore, mut rx: mpsc::Receiver<Proposal>
             proposals = replies.len(),
             "proposing a batch"
         );
+        metrics.proposal_commands.observe(count as f64);
         counter += 1;
         let proposal = nonce | counter;
         // The state machine answers as soon as the batch is applied; openraft's own answer

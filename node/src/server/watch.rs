@@ -77,8 +77,10 @@ pub async fn serve_watches(
                             continue;
                         }
                         open.fetch_add(1, Ordering::Relaxed);
+                        state.cluster.metrics.watches.inc();
                         let task = tokio::spawn(run_watch(state.cluster.clone(), id, request, out.clone()));
-                        running.insert(id, Running { task, open: open.clone() });
+                        let metrics = state.cluster.metrics.clone();
+                        running.insert(id, Running { task, open: open.clone(), metrics });
                     }
                     WatchControl::Cancel { id } => {
                         running.remove(&id);
@@ -118,12 +120,14 @@ pub async fn serve_watches(
 struct Running {
     task: tokio::task::JoinHandle<()>,
     open: Arc<AtomicUsize>,
+    metrics: Arc<super::metrics::NodeMetrics>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.watches.dec();
     }
 }
 

@@ -17,6 +17,7 @@ mod faults;
 mod federation;
 mod flake;
 mod leases;
+mod metrics;
 mod mirrors;
 mod namespaces;
 mod watch;

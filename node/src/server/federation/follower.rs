@@ -111,6 +111,12 @@ pub struct Pulls {
 }
 
 impl Pulls {
+    /// Every follow's pull status on this node (empty unless it leads).
+    pub fn all(&self) -> Vec<(FollowId, PullStatus)> {
+        let status = self.status.lock().expect("lock");
+        status.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn status_of(&self, id: &FollowId) -> PullStatus {
         self.status
             .lock()
