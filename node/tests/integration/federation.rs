@@ -292,12 +292,36 @@ async fn a_cluster_follows_a_document_by_key_alone_and_catches_up_after_an_outag
     let root = tempfile::tempdir().unwrap();
     let args = fed_args(&bootstrap);
     let mut a = form(&root.path().join("a"), 3, &refs(&args)).await;
-    let b = form(&root.path().join("b"), 3, &refs(&args)).await;
+    let mut b_args = args.clone();
+    b_args.extend(["--metrics".to_string(), "127.0.0.1:0".to_string()]);
+    let b = form(&root.path().join("b"), 3, &refs(&b_args)).await;
     let a_client = client_for(&a.iter().collect::<Vec<_>>()).await;
     let b_client = client_for(&b.iter().collect::<Vec<_>>()).await;
     let a_key = cluster_key(&a_client).await;
     let b_key = cluster_key(&b_client).await;
     let b_ticket = ticket_text(&b);
+    let mut b_metrics = Vec::new();
+    for node in &b {
+        let c = client_of(node).await;
+        b_metrics.push(crate::metrics::metrics_addr(&c).await);
+        c.close().await;
+    }
+    // The follow's series, on B's leader (the only node that pulls).
+    let follow_series = |name: &str| {
+        format!(
+            "aspen_fed_follow_{name}{{origin=\"{}\",kind=\"doc\",name=\"plans\"}}",
+            hex::encode(a_key)
+        )
+    };
+    let on_leader = |series: String| {
+        let addrs = b_metrics.clone();
+        async move {
+            addrs.iter().find_map(|addr| {
+                let s = crate::metrics::scrape(*addr, None);
+                s.get(&series).copied()
+            })
+        }
+    };
 
     a_client.doc_create("plans").await.unwrap();
     a_client
@@ -325,6 +349,11 @@ async fn a_cluster_follows_a_document_by_key_alone_and_catches_up_after_an_outag
     assert_eq!(follows.len(), 1, "{follows:?}");
     assert!(follows[0]["seq"].as_u64().unwrap() >= 1, "{follows:?}");
     assert_eq!(follows[0]["into"], local.as_str());
+    let since = wait_until("the follow's lag to show in B's metrics", || {
+        on_leader(follow_series("since_success_seconds"))
+    })
+    .await;
+    assert!(since >= 0.0, "{since}");
 
     // A goes away entirely; B keeps serving its verified copy and reports the failures.
     a_client.close().await;
@@ -334,6 +363,12 @@ async fn a_cluster_follows_a_document_by_key_alone_and_catches_up_after_an_outag
     wait_until_or_dump("B to notice that A is unreachable", &b, || async {
         let follows = follows_of(&b_ticket);
         follows[0]["last_error"].as_str().map(|_| ())
+    })
+    .await;
+    wait_until("the follow's failures to show in B's metrics", || async {
+        on_leader(follow_series("failures"))
+            .await
+            .filter(|f| *f >= 1.0)
     })
     .await;
     for node in &b {

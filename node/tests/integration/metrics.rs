@@ -13,7 +13,7 @@ use aspen_client::Client;
 use crate::common::*;
 
 /// A scrape's samples: series (name with labels, as printed) -> value.
-type Samples = BTreeMap<String, f64>;
+pub(crate) type Samples = BTreeMap<String, f64>;
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
 fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -38,7 +38,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16
     (status, body.to_string())
 }
 
-fn scrape(addr: SocketAddr, token: Option<&str>) -> Samples {
+pub(crate) fn scrape(addr: SocketAddr, token: Option<&str>) -> Samples {
     let (status, body) = http(addr, "GET", "/metrics", token);
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -54,14 +54,14 @@ fn scrape(addr: SocketAddr, token: Option<&str>) -> Samples {
         .collect()
 }
 
-fn get(samples: &Samples, series: &str) -> f64 {
+pub(crate) fn get(samples: &Samples, series: &str) -> f64 {
     *samples
         .get(series)
         .unwrap_or_else(|| panic!("no series {series} in {samples:#?}"))
 }
 
 /// Where the node serves metrics, as its status says.
-async fn metrics_addr(client: &Client) -> SocketAddr {
+pub(crate) async fn metrics_addr(client: &Client) -> SocketAddr {
     let status = client.status().await.unwrap();
     status
         .figures
