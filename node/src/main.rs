@@ -4,6 +4,12 @@ use clap::Parser;
 
 use aspen_node::cli::{Cli, Command, NodeCommand};
 
+/// mimalloc instead of the system allocator: a node allocates and frees small buffers on
+/// every request from many threads, where glibc's malloc took ~15% of a loaded node's CPU
+/// (BENCHMARKS.md, "Where write time goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Node(_)) {
