@@ -517,12 +517,24 @@ pub fn parse_change(index: usize, bytes: Vec<u8>) -> Result<Change, DocError> {
 /// The changes of `changes` that `doc` does not have yet (parsed, duplicates dropped, in the
 /// order given).
 fn new_changes(doc: &Automerge, changes: Vec<Vec<u8>>) -> Result<Vec<Change>, DocError> {
+    new_changes_beside(doc, &HashSet::new(), changes)
+}
+
+/// [`new_changes`], the changes in `present` counting as in the document.
+fn new_changes_beside(
+    doc: &Automerge,
+    present: &HashSet<automerge::ChangeHash>,
+    changes: Vec<Vec<u8>>,
+) -> Result<Vec<Change>, DocError> {
     let mut parsed = Vec::new();
     let mut seen = HashSet::new();
     for (index, bytes) in changes.into_iter().enumerate() {
         let change = parse_change(index, bytes)?;
         let hash = change.hash();
-        if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
+        if present.contains(&hash)
+            || doc.get_change_meta_by_hash(&hash).is_some()
+            || !seen.insert(hash)
+        {
             continue;
         }
         parsed.push(change);
@@ -614,19 +626,23 @@ fn check_request(changes: &[Vec<u8>]) -> Result<(), DocError> {
     Ok(())
 }
 
-/// The first of `parsed` that could not be applied to `doc` (a dependency neither in the
-/// document nor among `parsed`, directly or through another of them), with the dependencies
-/// it lacks: what a trial apply would leave waiting, found without applying anything.
-fn missing_dependencies(doc: &Automerge, parsed: &[Change]) -> Option<DocError> {
+/// The first of `parsed` that could not be applied to `doc` with the changes `present` (a
+/// dependency in neither nor among `parsed`, directly or through another of them), with the
+/// dependencies it lacks: what a trial apply would leave waiting, found without applying
+/// anything.
+fn missing_dependencies(
+    doc: &Automerge,
+    present: &HashSet<automerge::ChangeHash>,
+    parsed: &[Change],
+) -> Option<DocError> {
+    let have =
+        |d: &automerge::ChangeHash| present.contains(d) || doc.get_change_meta_by_hash(d).is_some();
     let mut ready: HashSet<automerge::ChangeHash> = HashSet::new();
     loop {
         let before = ready.len();
         for change in parsed {
             if !ready.contains(&change.hash())
-                && change
-                    .deps()
-                    .iter()
-                    .all(|d| ready.contains(d) || doc.get_change_meta_by_hash(d).is_some())
+                && change.deps().iter().all(|d| ready.contains(d) || have(d))
             {
                 ready.insert(change.hash());
             }
@@ -641,7 +657,7 @@ fn missing_dependencies(doc: &Automerge, parsed: &[Change]) -> Option<DocError> 
         missing: change
             .deps()
             .iter()
-            .filter(|d| !ready.contains(d) && doc.get_change_meta_by_hash(d).is_none())
+            .filter(|d| !ready.contains(d) && !have(d))
             .map(|d| d.to_string())
             .collect(),
     })
@@ -673,46 +689,120 @@ pub struct BatchPlan {
 /// Plans several requests' changes to one document as one transaction. Each request is
 /// checked as [`plan_changes`] checks it, against `doc` with the requests accepted before it
 /// applied (so a request may build on an earlier one of the batch); a refused request changes
-/// nothing. The accepted changes are applied to `doc` itself rather than to a copy: every
-/// dependency is checked to be present first, so Automerge applies them all or refuses
-/// them; if it refuses midway (or panics), `doc` is rebuilt from `stored` and the changes
-/// accepted before. On return `doc` is the document `stored` describes with every accepted
-/// change applied. `Err`: that rebuild failed (what is stored is corrupt), and `doc` must be
-/// dropped. CPU work: callers off the async executor.
+/// nothing. The accepted changes are applied to `doc` itself rather than to a copy, all in
+/// one call (applying a change costs Automerge time in proportion to the document, so one
+/// apply for the batch is much cheaper than one per request): every dependency is checked to
+/// be present first, so Automerge applies them all or refuses; if it refuses (or panics),
+/// `doc` is rebuilt from `stored` and the requests are applied one by one, so that only the
+/// refused ones are refused. On return `doc` is the document `stored` describes with every
+/// accepted change applied. `Err`: a rebuild failed (what is stored is corrupt), and `doc`
+/// must be dropped. CPU work: callers off the async executor.
 pub fn plan_batch(
     stored: &StoredDoc,
     doc: &mut Automerge,
     requests: Vec<Vec<Vec<u8>>>,
 ) -> Result<BatchPlan, DocError> {
-    let mut plan = BatchPlan {
-        outcomes: Vec::with_capacity(requests.len()),
-        txn: None,
-        added: Vec::new(),
-        added_bytes: 0,
-    };
-    // The raw changes accepted so far (to rebuild `doc` from `stored` if need be).
-    let mut writes: Vec<SystemOp> = Vec::new();
+    // Every request checked, nothing applied: the new changes of each accepted one.
+    let mut present = HashSet::new();
+    let mut added_bytes = 0;
+    let mut checked: Vec<Result<Vec<Change>, DocError>> = Vec::with_capacity(requests.len());
     for changes in requests {
-        // `Err((refusal, damaged))`: refused; `damaged`: `doc` may hold part of it.
         let outcome = (|| {
-            let refuse = |e| Err((e, false));
-            if let Err(e) = check_request(&changes) {
-                return refuse(e);
-            }
-            let parsed = match new_changes(doc, changes) {
-                Ok(parsed) => parsed,
-                Err(e) => return refuse(e),
-            };
-            let added_bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
-            let len = stored.stored_bytes() + plan.added_bytes + added_bytes;
+            check_request(&changes)?;
+            let parsed = new_changes_beside(doc, &present, changes)?;
+            let bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
+            let len = stored.stored_bytes() + added_bytes + bytes;
             if len > MAX_DOC_BYTES {
-                return refuse(DocError::TooLarge {
+                return Err(DocError::TooLarge {
                     len,
                     max: MAX_DOC_BYTES,
                 });
             }
-            if let Some(e) = missing_dependencies(doc, &parsed) {
-                return refuse(e);
+            if let Some(e) = missing_dependencies(doc, &present, &parsed) {
+                return Err(e);
+            }
+            added_bytes += bytes;
+            present.extend(parsed.iter().map(Change::hash));
+            Ok(parsed)
+        })();
+        checked.push(outcome);
+    }
+    // The accepted changes applied at once, the heads after each request worked out from
+    // the dependencies (a new change is a head until a later one depends on it).
+    let all: Vec<Change> = checked
+        .iter()
+        .flat_map(|c| c.iter().flatten().cloned())
+        .collect();
+    let hashes: Vec<_> = all.iter().map(Change::hash).collect();
+    let mut heads: std::collections::BTreeSet<_> = doc.get_heads().into_iter().collect();
+    let applied = all.is_empty()
+        || matches!(no_panic(|| doc.apply_changes(all)), Ok(Ok(())))
+            && hashes
+                .iter()
+                .all(|h| doc.get_change_meta_by_hash(h).is_some());
+    if !applied {
+        *doc = stored.load()?;
+        return plan_one_by_one(stored, doc, checked);
+    }
+    let mut plan = BatchPlan {
+        outcomes: Vec::with_capacity(checked.len()),
+        txn: None,
+        added: Vec::new(),
+        added_bytes: 0,
+    };
+    let mut writes = Vec::new();
+    for outcome in checked {
+        plan.outcomes.push(outcome.map(|new| {
+            heads.extend(new.iter().map(Change::hash));
+            for change in &new {
+                for dep in change.deps() {
+                    heads.remove(dep);
+                }
+            }
+            let added = new.iter().map(|c| c.hash().0).collect();
+            for change in new {
+                plan.added.push(change.hash().0);
+                plan.added_bytes += change.raw_bytes().len();
+                writes.push(SystemOp::Put {
+                    key: layout::change_key(&stored.name, &change.hash().0),
+                    value: change.raw_bytes().to_vec(),
+                });
+            }
+            Accepted {
+                added,
+                heads: heads.iter().map(|h| h.0).collect(),
+            }
+        }));
+    }
+    if !writes.is_empty() {
+        plan.txn = Some(SystemTxn {
+            require: vec![stored.require_meta()],
+            writes,
+        });
+    }
+    Ok(plan)
+}
+
+/// [`plan_batch`] once Automerge refused the batch as a whole: `doc` is as stored, and the
+/// requests `checked` accepted are applied one at a time (each dependency checked again, as
+/// an earlier request may now be refused), `doc` rebuilt after each refusal.
+fn plan_one_by_one(
+    stored: &StoredDoc,
+    doc: &mut Automerge,
+    checked: Vec<Result<Vec<Change>, DocError>>,
+) -> Result<BatchPlan, DocError> {
+    let mut plan = BatchPlan {
+        outcomes: Vec::with_capacity(checked.len()),
+        txn: None,
+        added: Vec::new(),
+        added_bytes: 0,
+    };
+    let mut writes: Vec<SystemOp> = Vec::new();
+    let none = HashSet::new();
+    for outcome in checked {
+        let outcome = outcome.and_then(|parsed| {
+            if let Some(e) = missing_dependencies(doc, &none, &parsed) {
+                return Err(e);
             }
             let new: Vec<(ChangeHash, Vec<u8>)> = parsed
                 .iter()
@@ -733,10 +823,14 @@ pub fn plan_batch(
                     .then(|| "Automerge did not apply it".to_string()),
             };
             match refused {
-                Some(reason) => Err((DocError::InvalidChange { index: 0, reason }, true)),
+                Some(reason) => Err(DocError::InvalidChange { index: 0, reason }),
                 None => Ok(new),
             }
-        })();
+        });
+        if matches!(outcome, Err(DocError::InvalidChange { .. })) {
+            // `doc` may hold part of it.
+            *doc = rebuild(stored, &writes)?;
+        }
         match outcome {
             Ok(new) => {
                 for (hash, bytes) in &new {
@@ -752,12 +846,7 @@ pub fn plan_batch(
                     heads: doc.get_heads().iter().map(|h| h.0).collect(),
                 }));
             }
-            Err((refusal, damaged)) => {
-                if damaged {
-                    *doc = rebuild(stored, &writes)?;
-                }
-                plan.outcomes.push(Err(refusal));
-            }
+            Err(refusal) => plan.outcomes.push(Err(refusal)),
         }
     }
     if !writes.is_empty() {
@@ -1070,6 +1159,36 @@ mod tests {
         // Nothing new: no transaction.
         let plan = plan_batch(&stored, &mut doc, vec![vec![c[3].clone()]]).unwrap();
         assert!(plan.txn.is_none() && plan.added.is_empty());
+    }
+
+    #[test]
+    fn a_batch_applied_at_once_answers_each_request_with_its_own_heads() {
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut a = Automerge::new();
+        let mut b = Automerge::new();
+        let ca = test_changes(&mut a, 0, 3);
+        let cb = test_changes(&mut b, 10, 2);
+        let requests = vec![
+            vec![ca[0].clone()],
+            vec![cb[0].clone()],
+            vec![ca[2].clone(), ca[1].clone()],
+            vec![cb[1].clone(), ca[0].clone()],
+        ];
+        let plan = plan_batch(&stored, &mut doc, requests.clone()).unwrap();
+        // Each request's heads are what Automerge gives applying the requests one by one.
+        let mut reference = Automerge::new();
+        for (request, outcome) in requests.into_iter().zip(&plan.outcomes) {
+            reference
+                .apply_changes(request.into_iter().map(|c| Change::from_bytes(c).unwrap()))
+                .unwrap();
+            let heads: Vec<_> = reference.get_heads().iter().map(|h| h.0).collect();
+            assert_eq!(outcome.as_ref().unwrap().heads, heads);
+        }
+        assert_eq!(plan.outcomes[3].as_ref().unwrap().added.len(), 1);
+        assert_eq!(plan.added.len(), 5);
+        assert_eq!(doc.get_heads(), reference.get_heads());
+        assert_eq!(crate::view::to_json(&doc), crate::view::to_json(&reference));
     }
 
     #[test]
