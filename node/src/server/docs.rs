@@ -200,14 +200,10 @@ impl DocService {
             match self.commit(&name, changes, compact).await {
                 Ok(outcomes) => {
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(
-                            outcome
-                                .map(|a| DocResponse::Changed {
-                                    added: a.added,
-                                    heads: a.heads,
-                                })
-                                .map_err(Into::into),
-                        );
+                        let _ = reply.send(outcome.map(|a| DocResponse::Changed {
+                            added: a.added,
+                            heads: a.heads,
+                        }));
                     }
                 }
                 Err(e) => {
