@@ -517,29 +517,42 @@ pub fn parse_change(index: usize, bytes: Vec<u8>) -> Result<Change, DocError> {
 /// The changes of `changes` that `doc` does not have yet (parsed, duplicates dropped, in the
 /// order given).
 fn new_changes(doc: &Automerge, changes: Vec<Vec<u8>>) -> Result<Vec<Change>, DocError> {
-    new_changes_beside(doc, &HashSet::new(), changes)
+    Ok(new_changes_beside(doc, &HashSet::new(), changes)?.new)
 }
 
-/// [`new_changes`], the changes in `present` counting as in the document.
+/// A request's changes as checked for a batch.
+struct Checked {
+    /// The changes neither the document nor an earlier request of the batch has.
+    new: Vec<Change>,
+    /// Its changes that only an earlier request of the batch has.
+    earlier: Vec<automerge::ChangeHash>,
+}
+
+/// [`new_changes`], the changes in `present` (earlier requests') counting as in the
+/// document.
 fn new_changes_beside(
     doc: &Automerge,
     present: &HashSet<automerge::ChangeHash>,
     changes: Vec<Vec<u8>>,
-) -> Result<Vec<Change>, DocError> {
-    let mut parsed = Vec::new();
+) -> Result<Checked, DocError> {
+    let mut checked = Checked {
+        new: Vec::new(),
+        earlier: Vec::new(),
+    };
     let mut seen = HashSet::new();
     for (index, bytes) in changes.into_iter().enumerate() {
         let change = parse_change(index, bytes)?;
         let hash = change.hash();
-        if present.contains(&hash)
-            || doc.get_change_meta_by_hash(&hash).is_some()
-            || !seen.insert(hash)
-        {
+        if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
             continue;
         }
-        parsed.push(change);
+        if present.contains(&hash) {
+            checked.earlier.push(hash);
+        } else {
+            checked.new.push(change);
+        }
     }
-    Ok(parsed)
+    Ok(checked)
 }
 
 /// `doc` with `parsed` applied (a copy): every change must be applied (none left waiting for
@@ -705,11 +718,12 @@ pub fn plan_batch(
     // Every request checked, nothing applied: the new changes of each accepted one.
     let mut present = HashSet::new();
     let mut added_bytes = 0;
-    let mut checked: Vec<Result<Vec<Change>, DocError>> = Vec::with_capacity(requests.len());
+    let mut checked: Vec<Result<Checked, DocError>> = Vec::with_capacity(requests.len());
     for changes in requests {
         let outcome = (|| {
             check_request(&changes)?;
-            let parsed = new_changes_beside(doc, &present, changes)?;
+            let request = new_changes_beside(doc, &present, changes)?;
+            let parsed = &request.new;
             let bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
             let len = stored.stored_bytes() + added_bytes + bytes;
             if len > MAX_DOC_BYTES {
@@ -718,12 +732,12 @@ pub fn plan_batch(
                     max: MAX_DOC_BYTES,
                 });
             }
-            if let Some(e) = missing_dependencies(doc, &present, &parsed) {
+            if let Some(e) = missing_dependencies(doc, &present, parsed) {
                 return Err(e);
             }
             added_bytes += bytes;
             present.extend(parsed.iter().map(Change::hash));
-            Ok(parsed)
+            Ok(request)
         })();
         checked.push(outcome);
     }
@@ -731,7 +745,8 @@ pub fn plan_batch(
     // the dependencies (a new change is a head until a later one depends on it).
     let all: Vec<Change> = checked
         .iter()
-        .flat_map(|c| c.iter().flatten().cloned())
+        .flatten()
+        .flat_map(|c| c.new.iter().cloned())
         .collect();
     let hashes: Vec<_> = all.iter().map(Change::hash).collect();
     let mut heads: std::collections::BTreeSet<_> = doc.get_heads().into_iter().collect();
@@ -752,7 +767,7 @@ pub fn plan_batch(
     };
     let mut writes = Vec::new();
     for outcome in checked {
-        plan.outcomes.push(outcome.map(|new| {
+        plan.outcomes.push(outcome.map(|Checked { new, .. }| {
             heads.extend(new.iter().map(Change::hash));
             for change in &new {
                 for dep in change.deps() {
@@ -784,12 +799,13 @@ pub fn plan_batch(
 }
 
 /// [`plan_batch`] once Automerge refused the batch as a whole: `doc` is as stored, and the
-/// requests `checked` accepted are applied one at a time (each dependency checked again, as
-/// an earlier request may now be refused), `doc` rebuilt after each refusal.
+/// requests `checked` accepted are applied one at a time (their dependencies checked again,
+/// as an earlier request may now be refused; a change that only an earlier request had
+/// becomes the later one's to add), `doc` rebuilt after each refusal.
 fn plan_one_by_one(
     stored: &StoredDoc,
     doc: &mut Automerge,
-    checked: Vec<Result<Vec<Change>, DocError>>,
+    checked: Vec<Result<Checked, DocError>>,
 ) -> Result<BatchPlan, DocError> {
     let mut plan = BatchPlan {
         outcomes: Vec::with_capacity(checked.len()),
@@ -797,24 +813,35 @@ fn plan_one_by_one(
         added: Vec::new(),
         added_bytes: 0,
     };
+    let by_hash: std::collections::HashMap<automerge::ChangeHash, Change> = checked
+        .iter()
+        .flatten()
+        .flat_map(|c| c.new.iter().map(|c| (c.hash(), c.clone())))
+        .collect();
     let mut writes: Vec<SystemOp> = Vec::new();
     let none = HashSet::new();
     for outcome in checked {
-        let outcome = outcome.and_then(|parsed| {
-            if let Some(e) = missing_dependencies(doc, &none, &parsed) {
+        let mut damaged = false;
+        let outcome = outcome.and_then(|Checked { mut new, earlier }| {
+            for hash in earlier {
+                if doc.get_change_meta_by_hash(&hash).is_none() {
+                    new.extend(by_hash.get(&hash).cloned());
+                }
+            }
+            if let Some(e) = missing_dependencies(doc, &none, &new) {
                 return Err(e);
             }
-            let new: Vec<(ChangeHash, Vec<u8>)> = parsed
+            let raw: Vec<(ChangeHash, Vec<u8>)> = new
                 .iter()
                 .map(|c| (c.hash().0, c.raw_bytes().to_vec()))
                 .collect();
-            if parsed.is_empty() {
-                return Ok(new);
+            if new.is_empty() {
+                return Ok(raw);
             }
-            let refused = match no_panic(|| doc.apply_changes(parsed)) {
+            let refused = match no_panic(|| doc.apply_changes(new)) {
                 Err(reason) => Some(reason),
                 Ok(Err(e)) => Some(e.to_string()),
-                Ok(Ok(())) => new
+                Ok(Ok(())) => raw
                     .iter()
                     .any(|(h, _)| {
                         doc.get_change_meta_by_hash(&automerge::ChangeHash(*h))
@@ -823,12 +850,15 @@ fn plan_one_by_one(
                     .then(|| "Automerge did not apply it".to_string()),
             };
             match refused {
-                Some(reason) => Err(DocError::InvalidChange { index: 0, reason }),
-                None => Ok(new),
+                Some(reason) => {
+                    damaged = true;
+                    Err(DocError::InvalidChange { index: 0, reason })
+                }
+                None => Ok(raw),
             }
         });
-        if matches!(outcome, Err(DocError::InvalidChange { .. })) {
-            // `doc` may hold part of it.
+        if damaged {
+            // `doc` may hold part of the refused request.
             *doc = rebuild(stored, &writes)?;
         }
         match outcome {
@@ -1159,6 +1189,33 @@ mod tests {
         // Nothing new: no transaction.
         let plan = plan_batch(&stored, &mut doc, vec![vec![c[3].clone()]]).unwrap();
         assert!(plan.txn.is_none() && plan.added.is_empty());
+    }
+
+    #[test]
+    fn a_change_sent_again_in_a_batch_is_committed_even_if_its_first_request_is_refused() {
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut author = Automerge::new();
+        let c = test_changes(&mut author, 0, 1);
+        let mut rival = Automerge::new().with_actor(author.get_actor().clone());
+        let clash = test_changes(&mut rival, 100, 1);
+        let hash = Change::from_bytes(c[0].clone()).unwrap().hash().0;
+        let plan = plan_batch(
+            &stored,
+            &mut doc,
+            vec![
+                vec![c[0].clone(), clash[0].clone()], // refused by Automerge as a whole
+                vec![c[0].clone()],                   // so this one adds c[0]
+            ],
+        )
+        .unwrap();
+        assert!(matches!(
+            plan.outcomes[0],
+            Err(DocError::InvalidChange { .. })
+        ));
+        assert_eq!(plan.outcomes[1].as_ref().unwrap().added, vec![hash]);
+        assert_eq!(plan.added, vec![hash]);
+        assert_eq!(doc.get_heads(), author.get_heads());
     }
 
     #[test]
