@@ -9,8 +9,14 @@
 //! else (another incarnation, a new snapshot after a compaction, a change that went away)
 //! loads from storage. The cache is local to one node and never touches replicated state.
 //!
+//! A compaction this node proposes is told to the cache before it is proposed
+//! ([`DocCache::compacting`]): its snapshot holds exactly the old snapshot and the pending
+//! changes it deletes, so a cached document built from those changes stays usable once the
+//! compaction applies, instead of being loaded again from the new snapshot.
+//!
 //! A document is taken out of the cache while a request uses it, so no two requests share
-//! one; a request that finds it taken loads its own copy.
+//! one; a request that finds it taken loads its own copy (the node's document service commits
+//! changes to one document from one task, so only other kinds of requests ever do).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +37,8 @@ pub const MAX_CACHED_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Default)]
 pub struct DocCache {
     entries: Mutex<HashMap<DocName, Cached>>,
+    /// The last compaction this node proposed, per document (at most [`MAX_CACHED_DOCS`]).
+    compactions: Mutex<HashMap<DocName, Compaction>>,
     clock: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -46,11 +54,38 @@ struct Cached {
     kept_at: u64,
 }
 
+/// A compaction of one incarnation of a document: snapshot `new` holds exactly snapshot
+/// `old` and the pending changes `covered`, and the compaction deletes all of `covered`.
+#[derive(Clone)]
+struct Compaction {
+    incarnation: [u8; 16],
+    old: Option<[u8; 32]>,
+    new: [u8; 32],
+    covered: HashSet<ChangeHash>,
+}
+
 impl Cached {
     /// This document brought up to `stored`, if `stored` is a later state of it.
-    fn catch_up(mut self, stored: &StoredDoc) -> Option<Automerge> {
-        if self.incarnation != stored.meta.incarnation || self.snapshot != stored.snapshot_hash() {
+    fn catch_up(
+        mut self,
+        stored: &StoredDoc,
+        compaction: Option<&Compaction>,
+    ) -> Option<Automerge> {
+        if self.incarnation != stored.meta.incarnation {
             return None;
+        }
+        if self.snapshot != stored.snapshot_hash() {
+            // Compacted since: usable if the compaction replaced this document's snapshot
+            // and only changes it was built from, for then the new snapshot holds nothing
+            // this document lacks.
+            let c = compaction.filter(|c| {
+                c.incarnation == self.incarnation
+                    && c.old == self.snapshot
+                    && Some(c.new) == stored.snapshot_hash()
+                    && c.covered.is_subset(&self.changes)
+            })?;
+            self.changes.retain(|h| !c.covered.contains(h));
+            self.snapshot = Some(c.new);
         }
         let pending: HashSet<ChangeHash> = stored.changes.iter().map(|(h, _)| *h).collect();
         if !self.changes.is_subset(&pending) {
@@ -80,7 +115,15 @@ impl DocCache {
             .lock()
             .expect("cache lock")
             .remove(&stored.name);
-        if let Some(doc) = cached.and_then(|c| c.catch_up(stored)) {
+        // Only looked up when the snapshot changed (rarely), and copied out of the lock.
+        let compaction = cached
+            .as_ref()
+            .filter(|c| c.snapshot != stored.snapshot_hash())
+            .and_then(|_| {
+                let compactions = self.compactions.lock().expect("cache lock");
+                compactions.get(&stored.name).cloned()
+            });
+        if let Some(doc) = cached.and_then(|c| c.catch_up(stored, compaction.as_ref())) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(doc);
         }
@@ -88,20 +131,23 @@ impl DocCache {
         stored.load()
     }
 
-    /// Keeps `doc`, the document `stored` describes (as [`Self::load`] returned it), for the
-    /// next request.
-    pub fn keep(&self, stored: &StoredDoc, doc: Automerge) {
+    /// Keeps `doc` for the next request: the document `stored` describes (as [`Self::load`]
+    /// returned it) with the changes `added` applied, all of them committed (stored) since
+    /// `stored` was read.
+    pub fn keep(&self, stored: &StoredDoc, doc: Automerge, added: &[ChangeHash]) {
         let bytes = stored.stored_bytes();
         if bytes > MAX_CACHED_BYTES {
             return;
         }
+        let mut changes: HashSet<ChangeHash> = stored.changes.iter().map(|(h, _)| *h).collect();
+        changes.extend(added);
         let mut entries = self.entries.lock().expect("cache lock");
         entries.insert(
             stored.name.clone(),
             Cached {
                 incarnation: stored.meta.incarnation,
                 snapshot: stored.snapshot_hash(),
-                changes: stored.changes.iter().map(|(h, _)| *h).collect(),
+                changes,
                 doc,
                 bytes,
                 kept_at: self.clock.fetch_add(1, Ordering::Relaxed),
@@ -119,9 +165,34 @@ impl DocCache {
         }
     }
 
+    /// Tells the cache that this node proposes a compaction of `stored` that deletes every
+    /// pending change of it, replacing them with `snapshot` (the BLAKE3 of the saved
+    /// document `stored` describes). Told before proposing: until a stored document has that
+    /// snapshot, this changes nothing.
+    pub fn compacting(&self, stored: &StoredDoc, snapshot: [u8; 32]) {
+        if stored.changes.len() > crate::limits::MAX_COMPACTED_CHANGES {
+            return; // Some changes stay pending: not a compaction of all of them.
+        }
+        let mut compactions = self.compactions.lock().expect("cache lock");
+        if compactions.len() >= MAX_CACHED_DOCS && !compactions.contains_key(&stored.name) {
+            let any = compactions.keys().next().cloned().expect("not empty");
+            compactions.remove(&any);
+        }
+        compactions.insert(
+            stored.name.clone(),
+            Compaction {
+                incarnation: stored.meta.incarnation,
+                old: stored.snapshot_hash(),
+                new: snapshot,
+                covered: stored.changes.iter().map(|(h, _)| *h).collect(),
+            },
+        );
+    }
+
     /// Drops document `name` (deleted).
     pub fn forget(&self, name: &DocName) {
         self.entries.lock().expect("cache lock").remove(name);
+        self.compactions.lock().expect("cache lock").remove(name);
     }
 
     /// Loads served from the cache and from storage so far.
@@ -158,7 +229,7 @@ mod tests {
         let v1 = test_doc([1; 16], Some(snapshot.clone()), first.clone());
         let doc = cache.load(&v1).unwrap();
         assert!(same(&doc, &v1.load().unwrap()));
-        cache.keep(&v1, doc);
+        cache.keep(&v1, doc, &[]);
         assert_eq!(cache.hits_and_misses(), (0, 1));
 
         let v2 = test_doc([1; 16], Some(snapshot), [first, later].concat());
@@ -175,7 +246,7 @@ mod tests {
         let more = changes(&mut author, 3, 2);
         let cache = DocCache::default();
         let v1 = test_doc([1; 16], None, first.clone());
-        let keep = |cache: &DocCache| cache.keep(&v1, v1.load().unwrap());
+        let keep = |cache: &DocCache| cache.keep(&v1, v1.load().unwrap(), &[]);
 
         // Deleted and re-created: another incarnation.
         keep(&cache);
@@ -220,6 +291,53 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_this_node_proposed_keeps_the_cached_document() {
+        let mut author = Automerge::new();
+        let first = changes(&mut author, 0, 4);
+        let later = changes(&mut author, 4, 2);
+        let cache = DocCache::default();
+        let v1 = test_doc([1; 16], None, first.clone());
+        let doc = v1.load().unwrap();
+        let snapshot = doc.save();
+        // Kept with two more changes committed on top of `v1`.
+        let mut kept = doc.clone();
+        let added: Vec<ChangeHash> = later
+            .iter()
+            .map(|c| {
+                let c = Change::from_bytes(c.clone()).unwrap();
+                let h = c.hash().0;
+                kept.apply_changes([c]).unwrap();
+                h
+            })
+            .collect();
+        cache.keep(&v1, kept, &added);
+        // The compaction of `v1` applied: its snapshot, and the two later changes pending.
+        cache.compacting(&v1, *blake3::hash(&snapshot).as_bytes());
+        let v2 = test_doc([1; 16], Some(snapshot.clone()), later.clone());
+        let loaded = cache.load(&v2).unwrap();
+        assert_eq!(cache.hits_and_misses(), (1, 0), "caught up, not reloaded");
+        assert!(same(&loaded, &v2.load().unwrap()));
+        cache.keep(&v2, loaded, &[]);
+        // Another node's compaction (a snapshot this node did not make) loads from storage.
+        let mut all = Automerge::new();
+        for c in first.iter().chain(&later) {
+            all.apply_changes([Change::from_bytes(c.clone()).unwrap()])
+                .unwrap();
+        }
+        let v3 = test_doc([1; 16], Some(all.save()), vec![]);
+        assert!(same(&cache.load(&v3).unwrap(), &all));
+        assert_eq!(cache.hits_and_misses(), (1, 1));
+        // A compaction of changes the cached document lacks does not apply to it.
+        let cache = DocCache::default();
+        let v0 = test_doc([1; 16], None, first[..2].to_vec());
+        cache.keep(&v0, v0.load().unwrap(), &[]);
+        cache.compacting(&v1, *blake3::hash(&snapshot).as_bytes());
+        let v2 = test_doc([1; 16], Some(snapshot), later);
+        assert!(same(&cache.load(&v2).unwrap(), &v2.load().unwrap()));
+        assert_eq!(cache.hits_and_misses(), (0, 1));
+    }
+
+    #[test]
     fn the_cache_is_bounded() {
         let cache = DocCache::default();
         let mut author = Automerge::new();
@@ -227,7 +345,7 @@ mod tests {
         for i in 0..MAX_CACHED_DOCS + 10 {
             let mut doc = test_doc([1; 16], None, one.clone());
             doc.name = DocName::new(format!("d{i}")).unwrap();
-            cache.keep(&doc, doc.load().unwrap());
+            cache.keep(&doc, doc.load().unwrap(), &[]);
         }
         let entries = cache.entries.lock().unwrap();
         assert_eq!(entries.len(), MAX_CACHED_DOCS);

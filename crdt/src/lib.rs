@@ -10,7 +10,8 @@
 //! - the key layout ([`layout`]) and the documents' names ([`DocName`]);
 //! - what a stored document is and how to load it ([`StoredDoc`]), and how a node keeps
 //!   loaded documents between requests ([`cache`]);
-//! - which changes may be committed ([`plan_changes`]: they parse, their dependencies are
+//! - which changes may be committed ([`plan_changes`], and [`plan_batch`] for several
+//!   requests at once: they parse, their dependencies are
 //!   present, the document stays within [`limits`]), and the transactions that create,
 //!   compact and delete documents;
 //! - the JSON forms users see: a document's JSON view, its history, and a small patch
@@ -29,8 +30,9 @@ pub mod view;
 
 pub use name::DocName;
 pub use stored::{
-    assemble, changes_in, load_saved, parse_change, plan_changes, plan_compaction, plan_create,
-    plan_delete, plan_import, plan_replace, read_doc, ChangePlan, Merged, StoredDoc,
+    assemble, changes_in, load_saved, parse_change, plan_batch, plan_changes, plan_compaction,
+    plan_create, plan_delete, plan_import, plan_replace, read_doc, Accepted, BatchPlan, ChangePlan,
+    Compaction, Merged, StoredDoc,
 };
 
 use serde::{Deserialize, Serialize};

@@ -10,6 +10,10 @@ pub const MAX_CHANGE_BYTES: usize = MAX_VALUE_BYTES;
 pub const MAX_CHANGES_PER_REQUEST: usize = 256;
 /// Most bytes one request may submit (all its changes together).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Most changes one node commits to one document in one transaction (requests that arrive
+/// together are checked and committed together, up to this many changes and
+/// [`MAX_REQUEST_BYTES`] in all; a single request always goes alone if it is larger).
+pub const MAX_BATCH_CHANGES: usize = 1024;
 /// Most bytes a stored document may hold: its snapshot plus its pending changes.
 pub const MAX_DOC_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes the compressed columns of one saved document may inflate to (all together)

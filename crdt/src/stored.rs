@@ -110,6 +110,11 @@ impl StoredDoc {
         self.changes.iter().map(|(_, c)| c.len()).sum()
     }
 
+    /// Whether the document has enough pending changes (or bytes of them) to be compacted.
+    pub fn wants_compaction(&self) -> bool {
+        self.changes.len() >= COMPACT_AFTER_CHANGES || self.pending_bytes() >= COMPACT_AFTER_BYTES
+    }
+
     fn corrupt(&self, reason: String) -> DocError {
         DocError::Corrupt {
             name: self.name.to_string(),
@@ -512,7 +517,28 @@ pub fn parse_change(index: usize, bytes: Vec<u8>) -> Result<Change, DocError> {
 /// The changes of `changes` that `doc` does not have yet (parsed, duplicates dropped, in the
 /// order given).
 fn new_changes(doc: &Automerge, changes: Vec<Vec<u8>>) -> Result<Vec<Change>, DocError> {
-    let mut parsed = Vec::new();
+    Ok(new_changes_beside(doc, &HashSet::new(), changes)?.new)
+}
+
+/// A request's changes as checked for a batch.
+struct Checked {
+    /// The changes neither the document nor an earlier request of the batch has.
+    new: Vec<Change>,
+    /// Its changes that only an earlier request of the batch has.
+    earlier: Vec<automerge::ChangeHash>,
+}
+
+/// [`new_changes`], the changes in `present` (earlier requests') counting as in the
+/// document.
+fn new_changes_beside(
+    doc: &Automerge,
+    present: &HashSet<automerge::ChangeHash>,
+    changes: Vec<Vec<u8>>,
+) -> Result<Checked, DocError> {
+    let mut checked = Checked {
+        new: Vec::new(),
+        earlier: Vec::new(),
+    };
     let mut seen = HashSet::new();
     for (index, bytes) in changes.into_iter().enumerate() {
         let change = parse_change(index, bytes)?;
@@ -520,9 +546,13 @@ fn new_changes(doc: &Automerge, changes: Vec<Vec<u8>>) -> Result<Vec<Change>, Do
         if doc.get_change_meta_by_hash(&hash).is_some() || !seen.insert(hash) {
             continue;
         }
-        parsed.push(change);
+        if present.contains(&hash) {
+            checked.earlier.push(hash);
+        } else {
+            checked.new.push(change);
+        }
     }
-    Ok(parsed)
+    Ok(checked)
 }
 
 /// `doc` with `parsed` applied (a copy): every change must be applied (none left waiting for
@@ -560,19 +590,7 @@ pub fn plan_changes(
     doc: &Automerge,
     changes: Vec<Vec<u8>>,
 ) -> Result<ChangePlan, DocError> {
-    if changes.len() > MAX_CHANGES_PER_REQUEST {
-        return Err(DocError::TooManyChanges {
-            len: changes.len(),
-            max: MAX_CHANGES_PER_REQUEST,
-        });
-    }
-    let total: usize = changes.iter().map(Vec::len).sum();
-    if total > MAX_REQUEST_BYTES {
-        return Err(DocError::TooLarge {
-            len: total,
-            max: MAX_REQUEST_BYTES,
-        });
-    }
+    check_request(&changes)?;
     let parsed = new_changes(doc, changes)?;
     if parsed.is_empty() {
         return Ok(unchanged(doc));
@@ -601,6 +619,293 @@ pub fn plan_changes(
         }),
         heads: trial.get_heads().iter().map(|h| h.0).collect(),
     })
+}
+
+/// Checks a request's size before anything is parsed.
+fn check_request(changes: &[Vec<u8>]) -> Result<(), DocError> {
+    if changes.len() > MAX_CHANGES_PER_REQUEST {
+        return Err(DocError::TooManyChanges {
+            len: changes.len(),
+            max: MAX_CHANGES_PER_REQUEST,
+        });
+    }
+    let total: usize = changes.iter().map(Vec::len).sum();
+    if total > MAX_REQUEST_BYTES {
+        return Err(DocError::TooLarge {
+            len: total,
+            max: MAX_REQUEST_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The first of `parsed` that could not be applied to `doc` with the changes `present` (a
+/// dependency in neither nor among `parsed`, directly or through another of them), with the
+/// dependencies it lacks: what a trial apply would leave waiting, found without applying
+/// anything.
+fn missing_dependencies(
+    doc: &Automerge,
+    present: &HashSet<automerge::ChangeHash>,
+    parsed: &[Change],
+) -> Option<DocError> {
+    let have =
+        |d: &automerge::ChangeHash| present.contains(d) || doc.get_change_meta_by_hash(d).is_some();
+    let mut ready: HashSet<automerge::ChangeHash> = HashSet::new();
+    loop {
+        let before = ready.len();
+        for change in parsed {
+            if !ready.contains(&change.hash())
+                && change.deps().iter().all(|d| ready.contains(d) || have(d))
+            {
+                ready.insert(change.hash());
+            }
+        }
+        if ready.len() == before {
+            break;
+        }
+    }
+    let change = parsed.iter().find(|c| !ready.contains(&c.hash()))?;
+    Some(DocError::MissingDependencies {
+        change: change.hash().to_string(),
+        missing: change
+            .deps()
+            .iter()
+            .filter(|d| !ready.contains(d) && !have(d))
+            .map(|d| d.to_string())
+            .collect(),
+    })
+}
+
+/// One request of a batch as [`plan_batch`] accepted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// Hashes of the changes the document did not have yet, in request order.
+    pub added: Vec<ChangeHash>,
+    /// Heads the document has with this request and the ones accepted before it applied.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// What [`plan_batch`] decided.
+#[derive(Debug)]
+pub struct BatchPlan {
+    /// Each request's outcome, in the order given.
+    pub outcomes: Vec<Result<Accepted, DocError>>,
+    /// The one transaction that stores every accepted new change; `None` when no request adds
+    /// any.
+    pub txn: Option<SystemTxn>,
+    /// Hashes of every change the transaction stores.
+    pub added: Vec<ChangeHash>,
+    /// Bytes of those changes.
+    pub added_bytes: usize,
+}
+
+/// Plans several requests' changes to one document as one transaction. Each request is
+/// checked as [`plan_changes`] checks it, against `doc` with the requests accepted before it
+/// applied (so a request may build on an earlier one of the batch); a refused request changes
+/// nothing. The accepted changes are applied to `doc` itself rather than to a copy, all in
+/// one call (applying a change costs Automerge time in proportion to the document, so one
+/// apply for the batch is much cheaper than one per request): every dependency is checked to
+/// be present first, so Automerge applies them all or refuses; if it refuses (or panics),
+/// `doc` is rebuilt from `stored` and the requests are applied one by one, so that only the
+/// refused ones are refused. On return `doc` is the document `stored` describes with every
+/// accepted change applied. `Err`: a rebuild failed (what is stored is corrupt), and `doc`
+/// must be dropped. CPU work: callers off the async executor.
+pub fn plan_batch(
+    stored: &StoredDoc,
+    doc: &mut Automerge,
+    requests: Vec<Vec<Vec<u8>>>,
+) -> Result<BatchPlan, DocError> {
+    // Every request checked, nothing applied: the new changes of each accepted one.
+    let mut present = HashSet::new();
+    let mut added_bytes = 0;
+    let mut checked: Vec<Result<Checked, DocError>> = Vec::with_capacity(requests.len());
+    for changes in requests {
+        let outcome = (|| {
+            check_request(&changes)?;
+            let request = new_changes_beside(doc, &present, changes)?;
+            let parsed = &request.new;
+            let bytes: usize = parsed.iter().map(|c| c.raw_bytes().len()).sum();
+            let len = stored.stored_bytes() + added_bytes + bytes;
+            if len > MAX_DOC_BYTES {
+                return Err(DocError::TooLarge {
+                    len,
+                    max: MAX_DOC_BYTES,
+                });
+            }
+            if let Some(e) = missing_dependencies(doc, &present, parsed) {
+                return Err(e);
+            }
+            added_bytes += bytes;
+            present.extend(parsed.iter().map(Change::hash));
+            Ok(request)
+        })();
+        checked.push(outcome);
+    }
+    // The accepted changes applied at once, the heads after each request worked out from
+    // the dependencies (a new change is a head until a later one depends on it).
+    let all: Vec<Change> = checked
+        .iter()
+        .flatten()
+        .flat_map(|c| c.new.iter().cloned())
+        .collect();
+    let hashes: Vec<_> = all.iter().map(Change::hash).collect();
+    let mut heads: std::collections::BTreeSet<_> = doc.get_heads().into_iter().collect();
+    let applied = all.is_empty()
+        || matches!(no_panic(|| doc.apply_changes(all)), Ok(Ok(())))
+            && hashes
+                .iter()
+                .all(|h| doc.get_change_meta_by_hash(h).is_some());
+    if !applied {
+        *doc = stored.load()?;
+        return plan_one_by_one(stored, doc, checked);
+    }
+    let mut plan = BatchPlan {
+        outcomes: Vec::with_capacity(checked.len()),
+        txn: None,
+        added: Vec::new(),
+        added_bytes: 0,
+    };
+    let mut writes = Vec::new();
+    for outcome in checked {
+        plan.outcomes.push(outcome.map(|Checked { new, .. }| {
+            heads.extend(new.iter().map(Change::hash));
+            for change in &new {
+                for dep in change.deps() {
+                    heads.remove(dep);
+                }
+            }
+            let added = new.iter().map(|c| c.hash().0).collect();
+            for change in new {
+                plan.added.push(change.hash().0);
+                plan.added_bytes += change.raw_bytes().len();
+                writes.push(SystemOp::Put {
+                    key: layout::change_key(&stored.name, &change.hash().0),
+                    value: change.raw_bytes().to_vec(),
+                });
+            }
+            Accepted {
+                added,
+                heads: heads.iter().map(|h| h.0).collect(),
+            }
+        }));
+    }
+    if !writes.is_empty() {
+        plan.txn = Some(SystemTxn {
+            require: vec![stored.require_meta()],
+            writes,
+        });
+    }
+    Ok(plan)
+}
+
+/// [`plan_batch`] once Automerge refused the batch as a whole: `doc` is as stored, and the
+/// requests `checked` accepted are applied one at a time (their dependencies checked again,
+/// as an earlier request may now be refused; a change that only an earlier request had
+/// becomes the later one's to add), `doc` rebuilt after each refusal.
+fn plan_one_by_one(
+    stored: &StoredDoc,
+    doc: &mut Automerge,
+    checked: Vec<Result<Checked, DocError>>,
+) -> Result<BatchPlan, DocError> {
+    let mut plan = BatchPlan {
+        outcomes: Vec::with_capacity(checked.len()),
+        txn: None,
+        added: Vec::new(),
+        added_bytes: 0,
+    };
+    let by_hash: std::collections::HashMap<automerge::ChangeHash, Change> = checked
+        .iter()
+        .flatten()
+        .flat_map(|c| c.new.iter().map(|c| (c.hash(), c.clone())))
+        .collect();
+    let mut writes: Vec<SystemOp> = Vec::new();
+    let none = HashSet::new();
+    for outcome in checked {
+        let mut damaged = false;
+        let outcome = outcome.and_then(|Checked { mut new, earlier }| {
+            for hash in earlier {
+                if doc.get_change_meta_by_hash(&hash).is_none() {
+                    new.extend(by_hash.get(&hash).cloned());
+                }
+            }
+            if let Some(e) = missing_dependencies(doc, &none, &new) {
+                return Err(e);
+            }
+            let raw: Vec<(ChangeHash, Vec<u8>)> = new
+                .iter()
+                .map(|c| (c.hash().0, c.raw_bytes().to_vec()))
+                .collect();
+            if new.is_empty() {
+                return Ok(raw);
+            }
+            let refused = match no_panic(|| doc.apply_changes(new)) {
+                Err(reason) => Some(reason),
+                Ok(Err(e)) => Some(e.to_string()),
+                Ok(Ok(())) => raw
+                    .iter()
+                    .any(|(h, _)| {
+                        doc.get_change_meta_by_hash(&automerge::ChangeHash(*h))
+                            .is_none()
+                    })
+                    .then(|| "Automerge did not apply it".to_string()),
+            };
+            match refused {
+                Some(reason) => {
+                    damaged = true;
+                    Err(DocError::InvalidChange { index: 0, reason })
+                }
+                None => Ok(raw),
+            }
+        });
+        if damaged {
+            // `doc` may hold part of the refused request.
+            *doc = rebuild(stored, &writes)?;
+        }
+        match outcome {
+            Ok(new) => {
+                for (hash, bytes) in &new {
+                    plan.added_bytes += bytes.len();
+                    plan.added.push(*hash);
+                    writes.push(SystemOp::Put {
+                        key: layout::change_key(&stored.name, hash),
+                        value: bytes.clone(),
+                    });
+                }
+                plan.outcomes.push(Ok(Accepted {
+                    added: new.into_iter().map(|(h, _)| h).collect(),
+                    heads: doc.get_heads().iter().map(|h| h.0).collect(),
+                }));
+            }
+            Err(refusal) => plan.outcomes.push(Err(refusal)),
+        }
+    }
+    if !writes.is_empty() {
+        plan.txn = Some(SystemTxn {
+            require: vec![stored.require_meta()],
+            writes,
+        });
+    }
+    Ok(plan)
+}
+
+/// The document `stored` describes with the changes `writes` puts applied (all of them
+/// applied once already).
+fn rebuild(stored: &StoredDoc, writes: &[SystemOp]) -> Result<Automerge, DocError> {
+    let mut doc = stored.load()?;
+    let mut changes = Vec::new();
+    for op in writes {
+        if let SystemOp::Put { value, .. } = op {
+            changes.push(
+                no_panic(|| Change::from_bytes(value.clone()))
+                    .map_err(|e| stored.corrupt(e))?
+                    .map_err(|e| stored.corrupt(e.to_string()))?,
+            );
+        }
+    }
+    no_panic(|| doc.apply_changes(changes))
+        .map_err(|e| stored.corrupt(e))?
+        .map_err(|e| stored.corrupt(format!("re-applying accepted changes: {e}")))?;
+    Ok(doc)
 }
 
 fn unchanged(doc: &Automerge) -> ChangePlan {
@@ -647,7 +952,7 @@ pub fn plan_import(
         return Ok(unchanged(doc));
     }
     let merged = applied_copy(doc, &parsed)?;
-    let txn = snapshot_txn(stored, &merged).ok_or_else(|| DocError::TooLarge {
+    let (txn, _) = snapshot_txn(stored, &merged).ok_or_else(|| DocError::TooLarge {
         len: stored.stored_bytes() + total,
         max: MAX_DOC_BYTES,
     })?;
@@ -676,7 +981,7 @@ pub fn plan_replace(
             crate::hash_hex(&h.0)
         )));
     }
-    let txn = snapshot_txn(stored, &merged.doc).ok_or_else(|| DocError::TooLarge {
+    let (txn, _) = snapshot_txn(stored, &merged.doc).ok_or_else(|| DocError::TooLarge {
         len: merged.doc.save().len(),
         max: MAX_DOC_BYTES,
     })?;
@@ -690,18 +995,26 @@ pub fn plan_replace(
 /// If the document has enough pending changes, the transaction that replaces them with a
 /// compacted snapshot of `doc` (loaded from `stored`). `None`: nothing to do, or the
 /// snapshot would exceed [`MAX_DOC_BYTES`] (the changes then stay as they are).
-pub fn plan_compaction(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
-    if stored.changes.len() < COMPACT_AFTER_CHANGES && stored.pending_bytes() < COMPACT_AFTER_BYTES
-    {
+pub fn plan_compaction(stored: &StoredDoc, doc: &Automerge) -> Option<Compaction> {
+    if !stored.wants_compaction() {
         return None;
     }
-    snapshot_txn(stored, doc)
+    let (txn, snapshot) = snapshot_txn(stored, doc)?;
+    Some(Compaction { txn, snapshot })
+}
+
+/// A compaction planned by [`plan_compaction`].
+#[derive(Debug)]
+pub struct Compaction {
+    pub txn: SystemTxn,
+    /// BLAKE3 of the new snapshot (as its header records it).
+    pub snapshot: [u8; 32],
 }
 
 /// The transaction that stores `doc` (`stored` with changes merged in) as the document's
 /// snapshot, replacing the pending changes `stored` lists; `None` if the snapshot would
 /// exceed [`MAX_DOC_BYTES`].
-fn snapshot_txn(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
+fn snapshot_txn(stored: &StoredDoc, doc: &Automerge) -> Option<(SystemTxn, [u8; 32])> {
     let saved = doc.save();
     if saved.len() > MAX_DOC_BYTES {
         return None;
@@ -735,7 +1048,7 @@ fn snapshot_txn(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
             key: layout::change_key(&stored.name, hash),
         });
     }
-    Some(SystemTxn {
+    let txn = SystemTxn {
         require: vec![
             stored.require_meta(),
             (
@@ -744,7 +1057,8 @@ fn snapshot_txn(stored: &StoredDoc, doc: &Automerge) -> Option<SystemTxn> {
             ),
         ],
         writes,
-    })
+    };
+    Some((txn, header.hash))
 }
 
 #[cfg(test)]
@@ -822,6 +1136,146 @@ mod tests {
         let plan = plan_import(&stored_local, &local, history, Some(stale)).unwrap();
         assert_eq!(plan.added.len(), MAX_CHANGES_PER_REQUEST + 1);
         assert_eq!(plan.heads.len(), 2, "both histories");
+    }
+
+    #[test]
+    fn a_batch_checks_each_request_against_the_ones_before_it() {
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut author = Automerge::new();
+        let c = test_changes(&mut author, 0, 4);
+        // The same actor and sequence number as c[0], another change: Automerge refuses it
+        // only when applying (after the dependency check), so `doc` is rebuilt.
+        let mut rival = Automerge::new().with_actor(author.get_actor().clone());
+        let clash = test_changes(&mut rival, 100, 1);
+        let plan = plan_batch(
+            &stored,
+            &mut doc,
+            vec![
+                vec![c[0].clone()],
+                vec![c[2].clone()], // lacks c[1]: refused, changes nothing
+                vec![c[1].clone(), c[2].clone()],
+                clash,
+                vec![c[0].clone()], // already there: accepted, adds nothing
+                vec![b"junk".to_vec()],
+                vec![c[3].clone()],
+            ],
+        )
+        .unwrap();
+        let hash = |c: &Vec<u8>| Change::from_bytes(c.clone()).unwrap().hash().0;
+        let o = &plan.outcomes;
+        assert_eq!(o[0].as_ref().unwrap().added, vec![hash(&c[0])]);
+        assert!(matches!(o[1], Err(DocError::MissingDependencies { .. })));
+        assert_eq!(o[2].as_ref().unwrap().added, vec![hash(&c[1]), hash(&c[2])]);
+        assert_eq!(o[2].as_ref().unwrap().heads, vec![hash(&c[2])]);
+        assert!(
+            matches!(o[3], Err(DocError::InvalidChange { .. })),
+            "{:?}",
+            o[3]
+        );
+        assert!(o[4].as_ref().unwrap().added.is_empty());
+        assert_eq!(o[4].as_ref().unwrap().heads, vec![hash(&c[2])]);
+        assert!(matches!(o[5], Err(DocError::InvalidChange { .. })));
+        assert_eq!(o[6].as_ref().unwrap().heads, vec![hash(&c[3])]);
+        assert_eq!(plan.added, c.iter().map(hash).collect::<Vec<_>>());
+        assert_eq!(plan.added_bytes, c.iter().map(Vec::len).sum::<usize>());
+        // `doc` is the author's document, and the transaction stores exactly its changes.
+        assert_eq!(doc.get_heads(), author.get_heads());
+        assert_eq!(doc.save(), author.save());
+        let txn = plan.txn.unwrap();
+        assert_eq!(txn.require, vec![stored.require_meta()]);
+        assert_eq!(txn.writes.len(), 4);
+
+        // Nothing new: no transaction.
+        let plan = plan_batch(&stored, &mut doc, vec![vec![c[3].clone()]]).unwrap();
+        assert!(plan.txn.is_none() && plan.added.is_empty());
+    }
+
+    #[test]
+    fn a_change_sent_again_in_a_batch_is_committed_even_if_its_first_request_is_refused() {
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut author = Automerge::new();
+        let c = test_changes(&mut author, 0, 1);
+        let mut rival = Automerge::new().with_actor(author.get_actor().clone());
+        let clash = test_changes(&mut rival, 100, 1);
+        let hash = Change::from_bytes(c[0].clone()).unwrap().hash().0;
+        let plan = plan_batch(
+            &stored,
+            &mut doc,
+            vec![
+                vec![c[0].clone(), clash[0].clone()], // refused by Automerge as a whole
+                vec![c[0].clone()],                   // so this one adds c[0]
+            ],
+        )
+        .unwrap();
+        assert!(matches!(
+            plan.outcomes[0],
+            Err(DocError::InvalidChange { .. })
+        ));
+        assert_eq!(plan.outcomes[1].as_ref().unwrap().added, vec![hash]);
+        assert_eq!(plan.added, vec![hash]);
+        assert_eq!(doc.get_heads(), author.get_heads());
+    }
+
+    #[test]
+    fn a_batch_applied_at_once_answers_each_request_with_its_own_heads() {
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut a = Automerge::new();
+        let mut b = Automerge::new();
+        let ca = test_changes(&mut a, 0, 3);
+        let cb = test_changes(&mut b, 10, 2);
+        let requests = vec![
+            vec![ca[0].clone()],
+            vec![cb[0].clone()],
+            vec![ca[2].clone(), ca[1].clone()],
+            vec![cb[1].clone(), ca[0].clone()],
+        ];
+        let plan = plan_batch(&stored, &mut doc, requests.clone()).unwrap();
+        // Each request's heads are what Automerge gives applying the requests one by one.
+        let mut reference = Automerge::new();
+        for (request, outcome) in requests.into_iter().zip(&plan.outcomes) {
+            reference
+                .apply_changes(request.into_iter().map(|c| Change::from_bytes(c).unwrap()))
+                .unwrap();
+            let heads: Vec<_> = reference.get_heads().iter().map(|h| h.0).collect();
+            assert_eq!(outcome.as_ref().unwrap().heads, heads);
+        }
+        assert_eq!(plan.outcomes[3].as_ref().unwrap().added.len(), 1);
+        assert_eq!(plan.added.len(), 5);
+        assert_eq!(doc.get_heads(), reference.get_heads());
+        assert_eq!(crate::view::to_json(&doc), crate::view::to_json(&reference));
+    }
+
+    #[test]
+    fn a_batch_stays_within_the_document_limit() {
+        use automerge::transaction::Transactable;
+        let stored = empty_stored();
+        let mut doc = stored.load().unwrap();
+        let mut author = Automerge::new();
+        // Changes of ~0.9 MiB of incompressible bytes each: the 18th would pass 16 MiB.
+        let mut state = 1u64;
+        let requests: Vec<Vec<Vec<u8>>> = (0..18)
+            .map(|i| {
+                let bytes: Vec<u8> = (0..MAX_CHANGE_BYTES * 9 / 10 / 8)
+                    .flat_map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state.to_le_bytes()
+                    })
+                    .collect();
+                let mut tx = author.transaction();
+                tx.put(automerge::ROOT, format!("k{i}"), bytes).unwrap();
+                tx.commit();
+                vec![author.get_last_local_change().unwrap().raw_bytes().to_vec()]
+            })
+            .collect();
+        let plan = plan_batch(&stored, &mut doc, requests).unwrap();
+        assert!(plan.outcomes[..17].iter().all(Result::is_ok));
+        assert!(matches!(plan.outcomes[17], Err(DocError::TooLarge { .. })));
+        assert!(plan.added_bytes <= MAX_DOC_BYTES);
     }
 
     #[test]

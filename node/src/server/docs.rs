@@ -2,20 +2,31 @@
 //!
 //! What may be committed is decided by `aspen_crdt`; this module reads the stored document
 //! from the state machine (one consistent view), runs the Automerge work on the blocking pool,
-//! and proposes the resulting system transaction through Raft. Every write first passes the
-//! read barrier, so it is checked against everything committed before it began. Loaded
-//! documents are kept between requests ([`aspen_crdt::cache`]), so a commit applies only the
-//! changes committed since the node last loaded the document.
+//! and proposes the resulting system transaction through Raft. Loaded documents are kept
+//! between requests ([`aspen_crdt::cache`]), so a commit applies only the changes committed
+//! since the node last loaded the document.
+//!
+//! Changes to one document are committed by one task per document on this node (its
+//! writer), which takes every request waiting for the document at once: one read barrier,
+//! one read of the stored document, each request checked against the document with the
+//! requests before it applied ([`aspen_crdt::plan_batch`]), and one transaction through Raft
+//! for all of them. Every request passed the read barrier after it arrived, so it is checked
+//! against everything committed before it began. The writer also starts compactions, which
+//! run in a task of their own: no request waits for one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use aspen_client::protocol::{Consistency, DocRequest, DocResponse, DocSummary, RpcError};
 use aspen_crdt::cache::DocCache;
 use aspen_crdt::layout::{DocMeta, META_PREFIX};
-use aspen_crdt::limits::{COMPACT_AFTER_BYTES, COMPACT_AFTER_CHANGES, MAX_LIST_LIMIT};
-use aspen_crdt::{DocError, DocName, StoredDoc};
+use aspen_crdt::limits::{
+    COMPACT_AFTER_BYTES, COMPACT_AFTER_CHANGES, MAX_BATCH_CHANGES, MAX_LIST_LIMIT,
+    MAX_REQUEST_BYTES,
+};
+use aspen_crdt::{Accepted, DocError, DocName, StoredDoc};
 use automerge::Automerge;
+use tokio::sync::oneshot;
 
 use super::ClusterHandle;
 
@@ -23,13 +34,52 @@ use super::ClusterHandle;
 #[derive(Default)]
 pub struct Compactions(Mutex<HashSet<DocName>>);
 
-/// Serves Automerge documents; holds the documents it has loaded between requests.
+/// What waits for one document's writer task.
+#[derive(Default)]
+struct Writer {
+    /// Change requests, oldest first.
+    waiting: VecDeque<Waiting>,
+    /// Whether to start a compaction (if the document still wants one).
+    compact: bool,
+}
+
+struct Waiting {
+    changes: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<DocResponse, RpcError>>,
+}
+
+type Writers = Arc<Mutex<HashMap<DocName, Writer>>>;
+
+/// Serves Automerge documents; holds the documents it has loaded between requests. Cheap to
+/// clone (the writer and compaction tasks hold clones).
+#[derive(Clone)]
 pub struct DocService {
     cluster: ClusterHandle,
     /// Automerge documents loaded on this node, kept between requests.
     cache: Arc<DocCache>,
     /// Documents being compacted by this node.
-    compactions: Compactions,
+    compactions: Arc<Compactions>,
+    /// Documents whose writer task runs, with what waits for it.
+    writers: Writers,
+}
+
+/// Removes a writer that stops without emptying its queue (it panicked): requests still
+/// waiting get an error instead of waiting forever, and the next request starts a new writer.
+struct WriterGuard {
+    writers: Writers,
+    name: DocName,
+    done: bool,
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.writers
+                .lock()
+                .expect("writers lock")
+                .remove(&self.name);
+        }
+    }
 }
 
 impl DocService {
@@ -38,6 +88,7 @@ impl DocService {
             cluster,
             cache: Default::default(),
             compactions: Default::default(),
+            writers: Default::default(),
         }
     }
 
@@ -91,39 +142,194 @@ impl DocService {
         }
     }
 
+    /// Queues the changes for the document's writer (started if none runs) and waits for
+    /// its answer.
     async fn change(&self, name: String, changes: Vec<Vec<u8>>) -> Result<DocResponse, RpcError> {
         let name = DocName::new(name)?;
-        self.cluster.read_barrier().await?;
-        let stored = self.read_existing(&name).await?;
-        let cache = self.cache.clone();
-        let (stored, plan) = tokio::task::spawn_blocking(move || {
-            let doc = cache.load(&stored)?;
-            let plan = aspen_crdt::plan_changes(&stored, &doc, changes);
-            // Still the document `stored` describes (the plan applies to a copy).
-            cache.keep(&stored, doc);
-            Ok::<_, DocError>((stored, plan?))
-        })
-        .await
-        .map_err(|e| RpcError::Internal(format!("document task failed: {e}")))??;
-        if let Some(txn) = plan.txn {
-            let added_bytes = txn.payload_bytes();
-            if !self.cluster.propose_system_txn(txn).await? {
-                // Deleted (or deleted and re-created) since we read it.
-                return Err(DocError::NotFound(name.to_string()).into());
-            }
-            let pending = stored.changes.len() + plan.added.len();
-            if pending >= COMPACT_AFTER_CHANGES
-                || stored.pending_bytes() + added_bytes >= COMPACT_AFTER_BYTES
-            {
-                if let Err(e) = self.compact(&name).await {
-                    tracing::warn!(doc = %name, "compaction failed: {e}");
+        let (reply, answer) = oneshot::channel();
+        self.to_writer(&name, |w| w.waiting.push_back(Waiting { changes, reply }));
+        answer
+            .await
+            .map_err(|_| RpcError::Internal("the document writer stopped".into()))?
+    }
+
+    /// Updates what waits for document `name`'s writer, starting the writer if none runs.
+    fn to_writer(&self, name: &DocName, update: impl FnOnce(&mut Writer)) {
+        let start = {
+            let mut writers = self.writers.lock().expect("writers lock");
+            let start = !writers.contains_key(name);
+            update(writers.entry(name.clone()).or_default());
+            start
+        };
+        if start {
+            tokio::spawn(self.clone().write(name.clone()));
+        }
+    }
+
+    /// Document `name`'s writer: commits what waits for it, batch after batch, until nothing
+    /// does.
+    async fn write(self, name: DocName) {
+        let mut guard = WriterGuard {
+            writers: self.writers.clone(),
+            name: name.clone(),
+            done: false,
+        };
+        loop {
+            let (batch, compact) = {
+                let mut writers = self.writers.lock().expect("writers lock");
+                let w = writers
+                    .get_mut(&name)
+                    .expect("a writer's entry stays while it runs");
+                let (mut changes, mut bytes) = (0, 0);
+                let mut batch = Vec::new();
+                while let Some(next) = w.waiting.front() {
+                    let n = next.changes.len();
+                    let b: usize = next.changes.iter().map(Vec::len).sum();
+                    if !batch.is_empty()
+                        && (changes + n > MAX_BATCH_CHANGES || bytes + b > MAX_REQUEST_BYTES)
+                    {
+                        break;
+                    }
+                    (changes, bytes) = (changes + n, bytes + b);
+                    batch.extend(w.waiting.pop_front());
+                }
+                let compact = std::mem::take(&mut w.compact);
+                if batch.is_empty() && !compact {
+                    writers.remove(&name);
+                    guard.done = true;
+                    return;
+                }
+                (batch, compact)
+            };
+            let (changes, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|w| (w.changes, w.reply)).unzip();
+            match self.commit(&name, changes, compact).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome.map(|a| DocResponse::Changed {
+                            added: a.added,
+                            heads: a.heads,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
                 }
             }
         }
-        Ok(DocResponse::Changed {
-            added: plan.added,
-            heads: plan.heads,
-        })
+    }
+
+    /// Checks and commits one batch of change requests to document `name` (one outcome per
+    /// request, in order); with `compact`, also starts a compaction if the document wants one.
+    async fn commit(
+        &self,
+        name: &DocName,
+        requests: Vec<Vec<Vec<u8>>>,
+        compact: bool,
+    ) -> Result<Vec<Result<Accepted, RpcError>>, RpcError> {
+        if !requests.is_empty() {
+            self.cluster.read_barrier().await?;
+        }
+        let cache = self.cache.clone();
+        let compactions = self.compactions.clone();
+        let doc_name = name.clone();
+        // One trip to the blocking pool: read the stored document, bring the loaded copy up
+        // to it, and check the requests against it.
+        let planned = self
+            .cluster
+            .sm
+            .system_view(move |view| {
+                let stored = match aspen_crdt::read_doc(view, &doc_name)? {
+                    Ok(Some(stored)) => stored,
+                    Ok(None) => return Ok(Err(DocError::NotFound(doc_name.to_string()))),
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok((|| {
+                    let mut doc = cache.load(&stored)?;
+                    // The document exactly as stored, for a compaction of it.
+                    let copy = (compact
+                        && stored.wants_compaction()
+                        && compactions.0.lock().expect("lock").insert(doc_name.clone()))
+                    .then(|| (stored.clone(), doc.clone()));
+                    let plan = aspen_crdt::plan_batch(&stored, &mut doc, requests);
+                    if plan.is_err() {
+                        if let Some((stored, _)) = &copy {
+                            compactions.0.lock().expect("lock").remove(&stored.name);
+                        }
+                    }
+                    Ok::<_, DocError>((stored, doc, plan?, copy))
+                })())
+            })
+            .await??;
+        let (stored, doc, mut plan, copy) = planned;
+        if let Some((stored, doc)) = copy {
+            tokio::spawn(self.clone().compact(stored, doc));
+        }
+        let outcomes = |plan: aspen_crdt::BatchPlan| {
+            plan.outcomes
+                .into_iter()
+                .map(|o| o.map_err(RpcError::from))
+                .collect()
+        };
+        let Some(txn) = plan.txn.take() else {
+            self.cache.keep(&stored, doc, &[]);
+            return Ok(outcomes(plan));
+        };
+        let failed = match self.cluster.propose_system_txn(txn).await {
+            Ok(true) => None,
+            // Deleted (or deleted and re-created) since we read it.
+            Ok(false) => Some(DocError::NotFound(name.to_string()).into()),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            // `doc` holds changes that were not committed: dropped. Requests refused are
+            // still refused; the ones accepted get the failure.
+            drop(doc);
+            return Ok(plan
+                .outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Ok(_) => Err(e.clone()),
+                    Err(refused) => Err(refused.into()),
+                })
+                .collect());
+        }
+        self.cache.keep(&stored, doc, &plan.added);
+        if stored.changes.len() + plan.added.len() >= COMPACT_AFTER_CHANGES
+            || stored.pending_bytes() + plan.added_bytes >= COMPACT_AFTER_BYTES
+        {
+            self.to_writer(name, |w| w.compact = true);
+        }
+        Ok(outcomes(plan))
+    }
+
+    /// Compacts `stored` (whose compaction this node has claimed in `compactions`), `doc`
+    /// being the document it describes: saves it and proposes the snapshot through Raft.
+    async fn compact(self, stored: StoredDoc, doc: Automerge) {
+        let name = stored.name.clone();
+        let cache = self.cache.clone();
+        let result = async {
+            let planned = tokio::task::spawn_blocking(move || {
+                let plan = aspen_crdt::plan_compaction(&stored, &doc)?;
+                // Told before it is proposed, so a load right after it applies uses it.
+                cache.compacting(&stored, plan.snapshot);
+                Some(plan.txn)
+            })
+            .await
+            .map_err(|e| RpcError::Internal(format!("compaction task failed: {e}")))?;
+            if let Some(txn) = planned {
+                let applied = self.cluster.propose_system_txn(txn).await?;
+                tracing::debug!(doc = %name, applied, "compaction");
+            }
+            Ok::<_, RpcError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(doc = %name, "compaction failed: {e}");
+        }
+        self.compactions.0.lock().expect("lock").remove(&name);
     }
 
     /// Runs `f` on the blocking pool over document `name` as this node has it (no read
@@ -140,7 +346,7 @@ impl DocService {
         tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
             let out = f(&doc);
-            cache.keep(&stored, doc);
+            cache.keep(&stored, doc, &[]);
             Ok::<_, DocError>(Some(out))
         })
         .await
@@ -177,7 +383,8 @@ impl DocService {
     }
 
     /// Plans an import against the stored document (created first if need be), off the
-    /// executor, proposes it, and compacts if it left enough pending changes.
+    /// executor, proposes it, and has the document's writer compact it if it left enough
+    /// pending changes.
     async fn import_with(
         &self,
         name: &DocName,
@@ -190,7 +397,7 @@ impl DocService {
         let plan = tokio::task::spawn_blocking(move || {
             let doc = cache.load(&stored)?;
             let plan = plan(&stored, &doc);
-            cache.keep(&stored, doc);
+            cache.keep(&stored, doc, &[]);
             plan
         })
         .await
@@ -201,9 +408,7 @@ impl DocService {
                     "document {name} was deleted or compacted while importing; retry"
                 )));
             }
-            if let Err(e) = self.compact(name).await {
-                tracing::warn!(doc = %name, "compaction failed: {e}");
-            }
+            self.to_writer(name, |w| w.compact = true);
         }
         Ok(plan.added)
     }
@@ -225,43 +430,6 @@ impl DocService {
             }
         };
         Ok(stored)
-    }
-
-    /// Replaces the document's pending changes with a compacted snapshot (through Raft), unless
-    /// another compaction of it runs on this node.
-    async fn compact(&self, name: &DocName) -> Result<(), RpcError> {
-        if !self
-            .compactions
-            .0
-            .lock()
-            .expect("lock")
-            .insert(name.clone())
-        {
-            return Ok(());
-        }
-        let result = async {
-            self.cluster.read_barrier().await?;
-            let Some(stored) = self.read_stored(name).await? else {
-                return Ok(());
-            };
-            let cache = self.cache.clone();
-            let txn = tokio::task::spawn_blocking(move || {
-                let doc = cache.load(&stored)?;
-                let txn = aspen_crdt::plan_compaction(&stored, &doc);
-                cache.keep(&stored, doc);
-                Ok::<_, DocError>(txn)
-            })
-            .await
-            .map_err(|e| RpcError::Internal(format!("compaction task failed: {e}")))??;
-            if let Some(txn) = txn {
-                let applied = self.cluster.propose_system_txn(txn).await?;
-                tracing::debug!(doc = %name, applied, "compaction");
-            }
-            Ok(())
-        }
-        .await;
-        self.compactions.0.lock().expect("lock").remove(name);
-        result
     }
 
     async fn get(&self, name: String, consistency: Consistency) -> Result<DocResponse, RpcError> {
