@@ -32,6 +32,10 @@ pub struct UpArgs {
     /// background (stop them with `kill $(cat DATA_DIR/node-*/pid)`).
     #[arg(long)]
     pub detach: bool,
+    /// Every node serves Prometheus metrics on a free loopback port (the message lists
+    /// where; `aspen node run --metrics`).
+    #[arg(long)]
+    pub metrics: bool,
     /// Output format of the "cluster is up" message.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: crate::cli::Output,
@@ -75,6 +79,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .arg("--no-dht")
             .arg("--data-dir")
             .arg(dir);
+        if args.metrics {
+            cmd.arg("--metrics").arg("127.0.0.1:0");
+        }
         if !args.detach {
             cmd.arg("--exit-on-stdin-close").stdin(Stdio::piped());
         } else {
@@ -147,11 +154,22 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let ticket = ClusterTicket {
         members: tickets.clone(),
     };
-    let client = Client::connect_with(ticket.clone(), options).await?;
+    let client = Client::connect_with(ticket.clone(), options.clone()).await?;
     let status = retry_while_starting(|| client.status())
         .await
         .context("the cluster does not answer")?;
     client.close().await;
+    let mut metrics = Vec::new();
+    if args.metrics {
+        for node in &tickets {
+            let c = Client::connect_node(node.clone(), options.clone()).await?;
+            let s = retry_while_starting(|| c.status()).await;
+            c.close().await;
+            if let Some(addr) = s.context("a node does not answer")?.figures.metrics_addr {
+                metrics.push(format!("http://{addr}/metrics"));
+            }
+        }
+    }
     let ticket_path = args.data_dir.join(CLUSTER_TICKET_FILE);
     std::fs::write(&ticket_path, format!("{ticket}\n"))
         .context("cannot write the cluster ticket")?;
@@ -164,10 +182,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
             "cluster_ticket_file": ticket_path,
             "identity_file": admin_path,
             "data_dir": args.data_dir,
+            "metrics": metrics,
         });
         println!("{v}");
     } else {
         print_up_message(&args, &status, &ticket_path, &admin_path);
+        if !metrics.is_empty() {
+            println!("Metrics (Prometheus): {}", metrics.join(" "));
+            println!();
+        }
     }
     if args.detach {
         std::mem::forget(children);

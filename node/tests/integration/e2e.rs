@@ -315,10 +315,11 @@ struct UpProc {
 }
 
 impl UpProc {
-    fn start(dir: &std::path::Path) -> UpProc {
+    fn start(dir: &std::path::Path, extra: &[&str]) -> UpProc {
         let child = std::process::Command::new(aspen_bin())
             .args(["up", "--nodes", "3", "-o", "json", "--data-dir"])
             .arg(dir)
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             // Kept next to the data (and shown if the test fails).
@@ -371,7 +372,7 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("up");
     let ticket_file = dir.join("cluster.ticket");
-    let mut up = UpProc::start(&dir);
+    let mut up = UpProc::start(&dir, &["--metrics"]);
     let ticket = wait_for("aspen up to write cluster.ticket", || {
         std::fs::read_to_string(&ticket_file).ok()
     });
@@ -396,6 +397,15 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
     );
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+    // `--metrics`: the node serves Prometheus on a loopback port its status names.
+    let url = v["figures"]["metrics"].as_str().expect("metrics served");
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|a| a.strip_suffix("/metrics"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(crate::metrics::scrape(addr, None).contains_key("aspen_raft_term"));
 
     // Nodes never outlive `aspen up`, even when it is killed with SIGKILL.
     let pids = up.pids();
@@ -409,7 +419,7 @@ async fn aspen_up_starts_a_usable_cluster_that_comes_back() {
     drop(up);
 
     // Run again on the same data: the same cluster, with its data.
-    let _up = UpProc::start(&dir);
+    let _up = UpProc::start(&dir, &[]);
     let fresh = || {
         let m = std::fs::metadata(&ticket_file).ok()?.modified().ok()?;
         (m != before)
