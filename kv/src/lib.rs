@@ -17,12 +17,14 @@ pub mod lessor;
 pub mod limits;
 pub mod metrics;
 pub mod raft_types;
+pub mod read_index;
 pub mod storage;
 pub mod testing;
 
 pub use lessor::Lessor;
 pub use metrics::StorageMetrics;
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
+pub use read_index::{ReadIndex, ReadIndexError};
 pub use storage::{
     open, open_with_backends, IoMode, LogStore, StateDigest, StateMachineStore, StoreStatus,
     SystemView,

@@ -881,10 +881,15 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
     // The history first: it is what clients saw, whatever happens while healing.
     let history = recorder.history();
     let report = check(&history);
-    assert!(
-        report.is_linearizable(),
-        "seed {seed} (replay: ASPEN_SIM_SEED={seed}): history not linearizable: {report}"
-    );
+    if !report.is_linearizable() {
+        // Kept for study (aspen_check::History::from_json reads it back).
+        let path = std::env::temp_dir().join(format!("aspen-sim-history-{seed}.json"));
+        let _ = std::fs::write(&path, history.to_json());
+        panic!(
+            "seed {seed} (replay: ASPEN_SIM_SEED={seed}): history not linearizable (saved to {}): {report}",
+            path.display()
+        );
+    }
     let digests = heal_and_converge(&world).await;
     assert!(
         digests.windows(2).all(|w| w[0] == w[1]),

@@ -53,9 +53,11 @@ impl ClusterHandle {
         let metrics = Arc::new(super::metrics::NodeMetrics::new(id, sm.metrics()));
         let proposer = Proposer::spawn(raft.clone(), sm.clone(), metrics.clone());
         let reads = {
-            let raft = raft.clone();
-            let floor = super::ReadFloor::default();
-            ReadIndexBatcher::spawn(move || super::confirm_read_index(raft.clone(), floor.clone()))
+            let reads = Arc::new(aspen_kv::ReadIndex::new(raft.clone()));
+            ReadIndexBatcher::spawn(move || {
+                let reads = reads.clone();
+                async move { super::confirm_read_index(&reads).await }
+            })
         };
         ClusterHandle {
             id,

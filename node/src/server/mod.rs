@@ -117,41 +117,11 @@ pub struct NodeState {
     admission: Arc<admission::Admission>,
 }
 
-/// The lowest read index a leadership may hand out: the leader's last log index when it
-/// first confirmed a read under its current vote.
-pub(super) type ReadFloor = Arc<std::sync::Mutex<Option<(openraft::Vote<NodeId>, Option<u64>)>>>;
-
-/// One leadership confirmation (ReadIndex) through openraft.
-///
-/// openraft 0.9 restores a node whose persisted vote is its own committed vote as leader at
-/// startup, with its committed index unknown (it is not persisted), and then offers
-/// max(committed, first log id of its term) as the read index: possibly far below what was
-/// committed before the restart, so a read right after a full-cluster restart could miss
-/// acknowledged writes (seen as a node denying its admin: its access policy had not been
-/// replayed yet). So the read index is never below the leader's last log index as of its
-/// first read under this vote: every entry in a leader's log is committed while it stays
-/// leader, so this costs the first read of a leadership a wait, never a stale answer.
-async fn confirm_read_index(raft: Raft, floor: ReadFloor) -> Result<Option<u64>, RpcError> {
-    match raft.get_read_log_id().await {
-        Ok((read, _applied)) => {
-            // Read after the core answered, so at least its state at startup is reported.
-            let (vote, last) = {
-                let m = raft.metrics();
-                let m = m.borrow();
-                (m.vote, m.last_log_index)
-            };
-            let floor = {
-                let mut floor = floor.lock().expect("read floor lock");
-                match &*floor {
-                    Some((v, index)) if *v == vote => *index,
-                    _ => {
-                        *floor = Some((vote, last));
-                        last
-                    }
-                }
-            };
-            Ok(read.map(|l| l.index).max(floor))
-        }
+/// One leadership confirmation (ReadIndex) through openraft, never below what the leader had
+/// in its log when its leadership served its first read ([`aspen_kv::ReadIndex`]).
+async fn confirm_read_index(reads: &aspen_kv::ReadIndex) -> Result<Option<u64>, RpcError> {
+    match reads.confirm().await {
+        Ok(index) => Ok(index),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
             Err(RpcError::NotLeader { leader: None })
         }
