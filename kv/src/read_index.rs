@@ -5,17 +5,17 @@
 //! max(committed, first log id of its term) as the read index: possibly below entries that
 //! were committed, and acknowledged to clients, before the restart. A read at that index can
 //! miss acknowledged writes. (Seen as a node denying its admin after a full-cluster restart
-//! because its access policy had not been replayed yet; and simulation seed 5893, whose
-//! reads use openraft's own read point, returned a key as absent after a leader came back
-//! with its committed vote; with this floor the same seed passes.)
+//! because its access policy had not been replayed yet; and as simulation seed 5893, while
+//! the simulation still read at openraft's own read point, returning a key as absent after
+//! a leader came back with its committed vote.)
 //!
 //! So a [`ReadIndex`] never hands out an index below the leader's last log index as of its
 //! first read under the current vote: every entry in a leader's log is committed while it
 //! stays leader (a leader's log holds only entries of earlier terms that it must commit and
 //! its own), so this costs the first read of a leadership a wait, never a stale answer.
 //!
-//! The node reads through this type. The deterministic simulation does not yet: with it,
-//! runs stopped replaying exactly (see TESTING.md, "Known gaps").
+//! The node and the deterministic simulation both read through this type, so the simulation
+//! checks the read path the node runs.
 
 use std::sync::Mutex;
 

@@ -55,6 +55,8 @@ const HEAL_DEADLINE: Duration = Duration::from_secs(120);
 struct Running {
     raft: Raft,
     sm: StateMachineStore,
+    /// Read points as the node takes them (ReadIndex with the restart floor).
+    reads: Arc<aspen_kv::ReadIndex>,
     /// Which start of the node this is (a crashed node's store must not be read).
     generation: u64,
 }
@@ -104,6 +106,7 @@ impl World {
         self.router.register(id, raft.clone());
         let generation = self.starts.fetch_add(1, Ordering::SeqCst);
         let running = Running {
+            reads: Arc::new(aspen_kv::ReadIndex::new(raft.clone())),
             raft,
             sm,
             generation,
@@ -192,6 +195,31 @@ async fn write(
     None
 }
 
+/// Confirms `node`'s leadership the way the node does before a linearizable read
+/// ([`aspen_kv::ReadIndex`]) and waits until it has applied that far; `false` if it could not
+/// within the client deadline.
+async fn linearizable(node: &Running) -> bool {
+    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let index = match tokio::time::timeout(CLIENT_DEADLINE, node.reads.confirm()).await {
+        Ok(Ok(index)) => index,
+        _ => return false,
+    };
+    // Waits on the metrics itself (openraft's `wait` races a timer in a `select!`).
+    let mut metrics = node.raft.metrics();
+    let applied = async move {
+        loop {
+            if metrics.borrow().last_applied.map(|l| l.index) >= index {
+                return true;
+            }
+            if metrics.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, applied).await.unwrap_or(false)
+}
+
 /// A linearizable read: the leader confirms its leadership (ReadIndex) and waits until it has
 /// applied that far, then reads its state machine.
 async fn read(world: &World, rng: &mut StdRng, key: &[u8]) -> Option<Option<Vec<u8>>> {
@@ -203,11 +231,9 @@ async fn read(world: &World, rng: &mut StdRng, key: &[u8]) -> Option<Option<Vec<
         return Some(kv.map(|kv| kv.value));
     }
     let node = world.node(world.leader_hint(rng)?)?;
-    let confirm = node.raft.ensure_linearizable();
-    tokio::time::timeout(CLIENT_DEADLINE, confirm)
-        .await
-        .ok()?
-        .ok()?;
+    if !linearizable(&node).await {
+        return None;
+    }
     let kv = node.sm.get(key.to_vec(), 0).await.ok()?;
     Some(kv.map(|kv| kv.value))
 }
@@ -220,11 +246,8 @@ async fn read_range(
     end: Option<Vec<u8>>,
 ) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let node = world.node(world.leader_hint(rng)?)?;
-    if world.bug != Some(Bug::StaleReads) {
-        tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable())
-            .await
-            .ok()?
-            .ok()?;
+    if world.bug != Some(Bug::StaleReads) && !linearizable(&node).await {
+        return None;
     }
     let req = RangeRequest {
         start,
@@ -424,8 +447,7 @@ async fn keep_alive(world: &World, rng: &mut StdRng) -> bool {
     let mut renewed = lessor.renew(LEASE_ID, Instant::now());
     if matches!(renewed, Err(aspen_kv::lessor::RenewError::NotFound(_))) {
         // Perhaps not applied here yet: catch up, then ask again.
-        let confirm = tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable());
-        if !matches!(confirm.await, Ok(Ok(_))) {
+        if !linearizable(&node).await {
             return false;
         }
         renewed = lessor.renew(LEASE_ID, Instant::now());
@@ -433,8 +455,7 @@ async fn keep_alive(world: &World, rng: &mut StdRng) -> bool {
     if renewed.is_err() {
         return false;
     }
-    let confirm = tokio::time::timeout(CLIENT_DEADLINE, node.raft.ensure_linearizable());
-    matches!(confirm.await, Ok(Ok(_))) && lessor.remaining(LEASE_ID, Instant::now()).is_some()
+    linearizable(&node).await && lessor.remaining(LEASE_ID, Instant::now()).is_some()
 }
 
 /// Grants the lease and attaches the keys (retried writes, one session), then keeps the
@@ -1037,11 +1058,12 @@ fn run_seeds(seeds: &[u64]) -> Vec<RunSummary> {
 }
 
 fn run_scenario(seed: u64, bug: Option<Bug>) -> RunSummary {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let mut rt = tokio::runtime::Builder::new_current_thread();
+    rt.enable_all().start_paused(true);
+    // `select!` draws from this RNG; seeded, a run replays exactly (.cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    rt.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let rt = rt.build().unwrap();
     rt.block_on(simulate(seed, bug))
 }
 
