@@ -285,7 +285,7 @@ impl NodeMetrics {
         }
     }
 
-    /// Reads Raft's and the store's state into the gauges (before a scrape or a status).
+    /// Reads Raft's and the store's state into the gauges (before each scrape).
     async fn refresh(&self, node: &NodeState) {
         let cluster = &node.cluster;
         let m = cluster.raft.metrics().borrow().clone();
