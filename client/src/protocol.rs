@@ -626,11 +626,13 @@ pub struct FollowSummary {
     pub failures: u32,
     /// Why the last attempt failed (cleared by a success).
     pub last_error: Option<String>,
-    /// The mirrors named for it (`--via`), in the order they are tried.
+    /// The mirrors named for it (`--via`), in the order they are tried (after the DHT's
+    /// mirrors only if one failed when last tried).
     pub via: Vec<[u8; 32]>,
     /// The mirror the last success came from (None: the origin, or no success yet).
     pub last_source: Option<[u8; 32]>,
-    /// The mirrors tried while the origin was unreachable, and what each served.
+    /// What each mirror served the last time a pull tried it (mirrors are tried while the
+    /// origin is unreachable); at most 8, the most recently tried.
     pub mirrors: Vec<MirrorReport>,
 }
 

@@ -66,7 +66,8 @@ pub enum FedCommand {
         #[arg(long, value_name = "LOCAL_NAME")]
         into: Option<String>,
         /// A mirror to pull from when the origin cannot be reached: its cluster key or a
-        /// cluster ticket (repeatable; tried in order, before the mirrors the DHT names).
+        /// cluster ticket (repeatable; tried in order, before the mirrors the DHT names,
+        /// except that a mirror refused or unreachable on the last pull goes after those).
         /// Whatever a mirror serves is verified against the origin's key. Replaces the
         /// follow's list when given.
         #[arg(long, value_name = "CLUSTER")]

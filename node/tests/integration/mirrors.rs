@@ -36,6 +36,16 @@ async fn sync_until(
     .await;
 }
 
+/// The first follow's status (JSON, through the CLI) once a pull of it has succeeded: a
+/// pull's data lands a moment before the pull records how it went.
+async fn settled_follow(ticket: &str, nodes: &[NodeProc]) -> serde_json::Value {
+    wait_until_or_dump("the follow's pull to be recorded", nodes, || async {
+        let follow = follows_of(ticket).remove(0);
+        (follow["last_success_ms"].as_u64() > Some(0)).then_some(follow)
+    })
+    .await
+}
+
 /// The mirror report of `mirror` in a follow's status (JSON).
 fn report<'a>(follow: &'a serde_json::Value, mirror: &[u8; 32]) -> &'a serde_json::Value {
     follow["mirrors"]
@@ -147,7 +157,7 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
     b_client = client_of(&b[0]).await;
     c_client = client_of(&c[0]).await;
     sync_until(&c_client, &c, &local, &three).await;
-    let follow = &follows_of(&c_ticket)[0];
+    let follow = &settled_follow(&c_ticket, &c).await;
     assert_eq!(follow["last_source"], hex::encode(d_key), "{follow}");
     let stale = report(follow, &b_key);
     assert_eq!(stale["ok"], false, "{follow}");
@@ -189,7 +199,7 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
         .await
         .unwrap();
     sync_until(&b_client, &b, &local, &three).await;
-    let follow = &follows_of(&b_ticket)[0];
+    let follow = &settled_follow(&b_ticket, &b).await;
     assert_eq!(follow["last_source"], hex::encode(d_key), "{follow}");
 
     // D lies, one way at a time. Each round C follows into a fresh copy naming D first: C
@@ -217,7 +227,9 @@ async fn mirrors_serve_the_origins_data_while_it_is_offline_and_liars_are_refuse
             .await
             .unwrap();
         sync_until(&c_client, &c, &into, &three).await;
-        let follow = follows_of(&c_ticket).remove(0);
+        // Refollowing starts the follow's status afresh. A later pull (a sync, an
+        // announcement) asks B first, as D failed: D's refusal stays on record.
+        let follow = settled_follow(&c_ticket, &c).await;
         assert_eq!(
             follow["last_source"],
             hex::encode(b_key),
@@ -336,7 +348,11 @@ async fn a_mirrored_blob_prefix_is_served_verified_while_the_origin_is_offline()
             .unwrap();
         assert_eq!(&std::fs::read(&out).unwrap(), bytes);
     }
-    let follow = c_client.fed_follows().await.unwrap().remove(0);
+    let follow = wait_until_or_dump("C's pull to be recorded", &b, || async {
+        let follow = c_client.fed_follows().await.ok()?.remove(0);
+        (follow.last_success_ms > 0).then_some(follow)
+    })
+    .await;
     assert_eq!(follow.last_source, Some(b_key), "{follow:?}");
 
     // B tampers with the tag list: C refuses it and tags nothing.

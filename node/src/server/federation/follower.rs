@@ -89,10 +89,28 @@ pub struct PullStatus {
     pub last_error: Option<String>,
     /// The mirror the last success came from (None: the origin).
     pub last_source: Option<[u8; 32]>,
-    /// The mirrors the last pull that needed them tried, and what each served.
+    /// Each mirror's outcome the last time a pull tried it (at most [`MAX_MIRRORS_TRIED`],
+    /// the most recently tried).
     pub mirrors: Vec<MirrorReport>,
     running: bool,
     forced: bool,
+    /// The stored follow this status describes. Unfollowing and following the same
+    /// resource again is a new follow: its status starts afresh, and what a pull of the
+    /// old one finds afterwards is dropped.
+    follow: Vec<u8>,
+}
+
+impl PullStatus {
+    /// Records what a pull found at each mirror it tried: a mirror's latest outcome
+    /// replaces its earlier one; the most recently tried are kept.
+    fn merge_reports(&mut self, reports: Vec<MirrorReport>) {
+        for report in reports {
+            self.mirrors.retain(|m| m.cluster != report.cluster);
+            self.mirrors.push(report);
+        }
+        let excess = self.mirrors.len().saturating_sub(MAX_MIRRORS_TRIED);
+        self.mirrors.drain(..excess);
+    }
 }
 
 /// The pull state the follower task and the federation service share.
@@ -306,7 +324,8 @@ impl Dialer {
     }
 
     /// The mirrors to try for `origin`'s `resource`, in order: the follow's `via` list, then
-    /// those the DHT directory names (those in `failed_last` last); never the origin or this
+    /// those the DHT directory names, except that those in `failed_last` (refused or
+    /// unreachable when last tried) go after all the others; never the origin or this
     /// cluster; at most [`MAX_MIRRORS_TRIED`]. `problems` gets why the DHT could not be asked.
     async fn mirrors_of(
         &self,
@@ -323,7 +342,6 @@ impl Dialer {
                 out.push((key, via.nodes.clone()));
             }
         }
-        let named = out.len();
         if let Some(dht) = &self.dht {
             let topic = directory_topic(origin, resource);
             let found = tokio::time::timeout(
@@ -346,9 +364,9 @@ impl Dialer {
                 )),
             }
         }
-        // The named ones keep their order; of the DHT's, those that failed go last (a stable
-        // sort keeps the order within each group).
-        out[named..].sort_by_key(|(k, _)| failed_last.contains(&k.to_bytes()));
+        // Those that failed last time go last: a named mirror that served forged data is
+        // not asked first again. A stable sort keeps the order within each group.
+        out.sort_by_key(|(k, _)| failed_last.contains(&k.to_bytes()));
         out.retain(|(k, _)| k != origin && Some(*k) != own);
         out.truncate(MAX_MIRRORS_TRIED);
         out
@@ -1259,8 +1277,15 @@ pub async fn run(
         addrs,
     });
     let mut follows_changed = state.cluster.sm.watch_system_prefix(FOLLOW_PREFIX);
-    let mut running: JoinSet<(FollowId, Result<Pulled, PullError>, Vec<MirrorReport>)> =
-        JoinSet::new();
+    // Each pull ends with: which follow (and the stored follow it pulled), its outcome, and
+    // what it found at the mirrors it tried.
+    type Finished = (
+        FollowId,
+        Vec<u8>,
+        Result<Pulled, PullError>,
+        Vec<MirrorReport>,
+    );
+    let mut running: JoinSet<Finished> = JoinSet::new();
     loop {
         if !state.cluster.is_leader() {
             if !running.is_empty() {
@@ -1297,6 +1322,13 @@ pub async fn run(
                 if s.running {
                     continue;
                 }
+                if s.follow != *bytes {
+                    *s = PullStatus {
+                        follow: bytes.clone(),
+                        forced: s.forced,
+                        ..PullStatus::default()
+                    };
+                }
                 let due = s.forced || s.next_attempt.is_none_or(|t| t <= now);
                 if due && running.len() < MAX_CONCURRENT_PULLS {
                     s.running = true;
@@ -1320,6 +1352,7 @@ pub async fn run(
                         bytes.clone(),
                         previously,
                     );
+                    let pulled_follow = bytes.clone();
                     running.spawn(async move {
                         let (result, reports) = tokio::time::timeout(PULL_TIMEOUT, work)
                             .await
@@ -1331,7 +1364,7 @@ pub async fn run(
                                     Vec::new(),
                                 )
                             });
-                        (id, result, reports)
+                        (id, pulled_follow, result, reports)
                     });
                 } else if let Some(t) = s.next_attempt {
                     wake_at = wake_at.min(t);
@@ -1340,8 +1373,8 @@ pub async fn run(
         }
         tokio::select! {
             Some(joined) = running.join_next() => {
-                if let Ok((id, result, reports)) = joined {
-                    record(&pulls, &schedule, id, result, reports);
+                if let Ok((id, follow, result, reports)) = joined {
+                    record(&pulls, &schedule, id, &follow, result, reports);
                 }
             }
             _ = tokio::time::sleep_until(wake_at) => {}
@@ -1351,20 +1384,21 @@ pub async fn run(
     }
 }
 
-/// Records a finished pull and schedules the next one.
+/// Records a finished pull of the stored follow `follow` and schedules the next one.
 fn record(
     pulls: &Pulls,
     schedule: &PullSchedule,
     id: FollowId,
+    follow: &[u8],
     result: Result<Pulled, PullError>,
     reports: Vec<MirrorReport>,
 ) {
     let mut status = pulls.status.lock().expect("lock");
-    if let Some(s) = status.get_mut(&id) {
+    // A status that describes another follow: this one was removed while its pull ran,
+    // and the status (and any pull running for it) is the new follow's.
+    if let Some(s) = status.get_mut(&id).filter(|s| s.follow == follow) {
         s.running = false;
-        if !reports.is_empty() {
-            s.mirrors = reports;
-        }
+        s.merge_reports(reports);
         match result {
             Ok(pulled) => {
                 tracing::debug!(
@@ -1389,4 +1423,81 @@ fn record(
     }
     drop(status);
     pulls.finished.send_modify(|n| *n += 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(cluster: u8, ok: bool, at_ms: u64) -> MirrorReport {
+        MirrorReport {
+            cluster: [cluster; 32],
+            ok,
+            detail: String::new(),
+            at_ms,
+        }
+    }
+
+    fn ok(via: u8) -> Result<Pulled, PullError> {
+        Ok(Pulled {
+            seq: 1,
+            added: 0,
+            via: Some([via; 32]),
+        })
+    }
+
+    #[test]
+    fn a_mirrors_latest_outcome_replaces_its_earlier_one_and_the_list_is_bounded() {
+        let mut s = PullStatus::default();
+        s.merge_reports(vec![report(1, false, 1), report(2, true, 1)]);
+        // A later pull that succeeded at mirror 2 first keeps mirror 1's refusal.
+        s.merge_reports(vec![report(2, true, 2)]);
+        assert_eq!(s.mirrors, vec![report(1, false, 1), report(2, true, 2)]);
+        s.merge_reports((10..30).map(|c| report(c, true, 3)).collect());
+        assert_eq!(s.mirrors.len(), MAX_MIRRORS_TRIED);
+        assert_eq!(
+            s.mirrors[0].cluster, [22; 32],
+            "the most recently tried are kept"
+        );
+    }
+
+    #[test]
+    fn a_pull_of_a_replaced_follow_is_not_recorded_as_the_new_ones() {
+        let pulls = Pulls::default();
+        let id: FollowId = ([9; 32], Resource::doc("plans"));
+        let schedule = PullSchedule::default();
+        pulls.status.lock().unwrap().insert(
+            id.clone(),
+            PullStatus {
+                follow: b"new".to_vec(),
+                running: true,
+                ..PullStatus::default()
+            },
+        );
+        record(
+            &pulls,
+            &schedule,
+            id.clone(),
+            b"old",
+            ok(4),
+            vec![report(4, true, 5)],
+        );
+        let s = pulls.status_of(&id);
+        assert!(s.running, "the new follow's pull is still running");
+        assert_eq!((s.last_success_ms, s.last_source), (0, None));
+        assert!(s.mirrors.is_empty() && s.next_attempt.is_none());
+
+        record(
+            &pulls,
+            &schedule,
+            id.clone(),
+            b"new",
+            ok(4),
+            vec![report(4, true, 5)],
+        );
+        let s = pulls.status_of(&id);
+        assert!(s.last_success_ms > 0);
+        assert_eq!(s.last_source, Some([4; 32]));
+        assert_eq!(s.mirrors, vec![report(4, true, 5)]);
+    }
 }
