@@ -61,12 +61,25 @@ struct Running {
     generation: u64,
 }
 
+/// One node's disks: the two Raft log files and the state machine's database.
+#[derive(Default)]
+struct NodeDisks {
+    log: [SimDisk; 2],
+    state: SimDisk,
+}
+
+impl NodeDisks {
+    fn all(&self) -> [&SimDisk; 3] {
+        [&self.log[0], &self.log[1], &self.state]
+    }
+}
+
 /// The simulated cluster: nodes that are up, their disks, and the network.
 #[derive(Clone)]
 struct World {
     router: MemRouter,
     up: Arc<Mutex<BTreeMap<NodeId, Running>>>,
-    disks: Arc<BTreeMap<NodeId, (SimDisk, SimDisk)>>,
+    disks: Arc<BTreeMap<NodeId, NodeDisks>>,
     configs: Arc<BTreeMap<NodeId, Arc<openraft::Config>>>,
     snapshots: Arc<tempfile::TempDir>,
     started: Instant,
@@ -86,10 +99,10 @@ impl World {
 
     /// Starts `id` from whatever its disks hold.
     async fn start(&self, id: NodeId) {
-        let (log_disk, sm_disk) = &self.disks[&id];
+        let disks = &self.disks[&id];
         let (log, sm) = aspen_kv::open_with_backends(
-            log_disk.backend(),
-            sm_disk.backend(),
+            [disks.log[0].backend(), disks.log[1].backend()],
+            disks.state.backend(),
             self.snapshots.path().join(format!("node-{id}")),
             IoMode::Inline,
         )
@@ -127,9 +140,9 @@ impl World {
         } else {
             mode
         };
-        let (log_disk, sm_disk) = &self.disks[&id];
-        log_disk.crash(mode, rng);
-        sm_disk.crash(mode, rng);
+        for disk in self.disks[&id].all() {
+            disk.crash(mode, rng);
+        }
         let _ = node.raft.shutdown().await;
     }
 
@@ -718,19 +731,27 @@ async fn nemesis(world: World, mut rng: StdRng, until: Instant) -> (u32, u32) {
             4 => {
                 // Power cut in the middle of whatever the node writes next (a log append, an
                 // apply or a snapshot install), then a restart.
-                let (log_disk, sm_disk) = &world.disks[&victim];
-                let disk = if rng.random_bool(0.5) {
-                    log_disk
+                // The log's two files are armed together: whichever is active (or being
+                // compacted into) is the one written.
+                let node_disks = &world.disks[&victim];
+                let disks: Vec<&SimDisk> = if rng.random_bool(0.5) {
+                    node_disks.log.iter().collect()
                 } else {
-                    sm_disk
+                    vec![&node_disks.state]
                 };
-                let fired_before = disk.power_cuts();
-                disk.arm_power_cut(rng.random_range(0..30), mode, rng.random());
+                let cuts = |disks: &[&SimDisk]| disks.iter().map(|d| d.power_cuts()).sum::<u64>();
+                let fired_before = cuts(&disks);
+                let after = rng.random_range(0..30);
+                for disk in &disks {
+                    disk.arm_power_cut(after, mode, rng.random());
+                }
                 let deadline = Instant::now() + Duration::from_secs(2);
-                while disk.power_cuts() == fired_before && Instant::now() < deadline {
+                while cuts(&disks) == fired_before && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                disk.disarm_power_cut();
+                for disk in &disks {
+                    disk.disarm_power_cut();
+                }
                 world.crash(victim, mode, &mut rng).await;
                 crashes += 1;
                 tokio::time::sleep(outage).await;
@@ -839,8 +860,9 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
     };
     for id in 1..=NODES {
         if bug == Some(Bug::LyingDisks) {
-            world.disks[&id].0.set_lying(true);
-            world.disks[&id].1.set_lying(true);
+            for disk in world.disks[&id].all() {
+                disk.set_lying(true);
+            }
         }
         world.start(id).await;
     }

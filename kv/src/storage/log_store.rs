@@ -1,26 +1,27 @@
-//! The Raft log and vote.
+//! The Raft log and vote, in the log's own files (see `wal`).
 //!
 //! All log writes go through one dedicated writer thread, in order. `append` makes the entries
 //! readable at once (an in-memory `pending` map), queues them and returns; the writer drains
-//! everything queued, commits it in ONE `Durability::Immediate` transaction (one fsync for many
-//! appends: group commit), then signals openraft that those entries are durable. openraft's
-//! core never waits for a disk.
+//! everything queued, writes it as records and syncs once (one `fdatasync` for many appends:
+//! group commit), then signals openraft that those entries are durable. openraft's core never
+//! waits for a disk.
 //!
-//! Readers look at `pending` first and redb second: an entry leaves `pending` only after its
-//! commit, so it is always in one of them. Truncate, purge and vote saves are rare; they are
-//! queued behind earlier appends and awaited.
+//! Readers look at `pending` first and the files second: an entry leaves `pending` only after
+//! it is written, so it is always in one of them. Truncate, purge and vote saves are rare; they
+//! are queued behind earlier appends and awaited.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::{mpsc, Arc, RwLock, Weak};
+use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, RaftLogReader, StorageIOError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadableDatabase};
 use tokio::sync::oneshot;
 
-use super::{any, blocking, encode, IoMode, LOG, RAFT_STATE};
+use super::wal::{Wal, WalError, WalReader};
+use super::{any, blocking, encode, IoMode};
 use crate::metrics::StorageMetrics;
 use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -31,8 +32,8 @@ const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
 
-/// A durable change other than an append, run on the writer thread.
-type DurableOp = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send>;
+/// A durable change other than an append, run on the writer thread (then synced).
+type DurableOp = Box<dyn FnOnce(&mut Wal) -> Result<(), WalError> + Send>;
 
 enum Job {
     Append {
@@ -46,14 +47,16 @@ enum Job {
     },
 }
 
-/// The log store. Cheap to clone; clones share the database, the pending entries and the
+/// The log store. Cheap to clone; clones share the files, the pending entries and the
 /// writer thread.
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    /// The writing side; only the writer thread (or, inline, the caller) locks it.
+    wal: Arc<Mutex<Wal>>,
+    reader: WalReader,
     /// The state machine's database, made durable before every purge.
     sm_db: Weak<Database>,
-    /// Appended but not yet durable, by index.
+    /// Appended but not yet written, by index.
     pending: Arc<RwLock<BTreeMap<u64, Entry>>>,
     /// The writer thread's queue; `None` in [`IoMode::Inline`], where jobs run on the caller.
     writer: Option<mpsc::Sender<Job>>,
@@ -64,29 +67,32 @@ pub struct LogStore {
 
 impl LogStore {
     pub(crate) fn new(
-        db: Arc<Database>,
+        wal: Wal,
         sm_db: Weak<Database>,
         io: IoMode,
         metrics: Arc<StorageMetrics>,
     ) -> Self {
+        let reader = wal.reader();
+        let wal = Arc::new(Mutex::new(wal));
         let pending = Arc::new(RwLock::new(BTreeMap::new()));
         let writer = match io {
             IoMode::Inline => None,
             IoMode::Threads => {
                 let (writer, jobs) = mpsc::channel();
-                // The thread holds the database weakly: it closes when the last store handle
+                // The thread holds the files weakly: they close when the last store handle
                 // drops, even if the thread has not noticed yet.
-                let (db2, pending2, metrics2) =
-                    (Arc::downgrade(&db), pending.clone(), metrics.clone());
+                let (wal2, pending2, metrics2) =
+                    (Arc::downgrade(&wal), pending.clone(), metrics.clone());
                 std::thread::Builder::new()
                     .name("aspen-log-writer".into())
-                    .spawn(move || write_loop(&db2, &pending2, &metrics2, jobs))
+                    .spawn(move || write_loop(&wal2, &pending2, &metrics2, jobs))
                     .expect("spawn the log writer thread");
                 Some(writer)
             }
         };
         LogStore {
-            db,
+            wal,
+            reader,
             sm_db,
             pending,
             writer,
@@ -100,40 +106,25 @@ impl LogStore {
         match &self.writer {
             Some(w) => w.send(job).map_err(|_| "log writer stopped".to_string()),
             None => {
+                let mut wal = self.wal.lock().expect("wal lock");
                 match job {
                     Job::Append { entries, done } => commit_appends(
-                        &self.db,
+                        &mut wal,
                         &self.pending,
                         &self.metrics,
                         vec![(entries, done)],
                     ),
-                    Job::Other { op, done } => run_other(&self.db, op, done),
+                    Job::Other { op, done } => run_other(&mut wal, op, done),
                 }
                 Ok(())
             }
         }
     }
 
-    fn read_state<T: serde::de::DeserializeOwned>(
-        db: &Database,
-        key: &str,
-    ) -> Result<Option<T>, StorageError> {
-        let txn = db.begin_read().map_err(|e| StorageIOError::read(any(e)))?;
-        let table = txn
-            .open_table(RAFT_STATE)
-            .map_err(|e| StorageIOError::read(any(e)))?;
-        match table.get(key).map_err(|e| StorageIOError::read(any(e)))? {
-            None => Ok(None),
-            Some(v) => Ok(Some(
-                postcard::from_bytes(v.value()).map_err(|e| StorageIOError::read(any(e)))?,
-            )),
-        }
-    }
-
     /// Runs `op` durably, after every write queued before it.
     async fn durable(
         &self,
-        op: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+        op: impl FnOnce(&mut Wal) -> Result<(), WalError> + Send + 'static,
     ) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         self.submit(Job::Other {
@@ -147,16 +138,16 @@ impl LogStore {
 type Group = Vec<(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>;
 
 fn write_loop(
-    db: &std::sync::Weak<Database>,
+    wal: &Weak<Mutex<Wal>>,
     pending: &RwLock<BTreeMap<u64, Entry>>,
     metrics: &StorageMetrics,
     jobs: mpsc::Receiver<Job>,
 ) {
     while let Ok(first) = jobs.recv() {
-        let Some(db) = db.upgrade() else { return };
-        let db = &*db;
+        let Some(wal) = wal.upgrade() else { return };
+        let mut wal = wal.lock().expect("wal lock");
         match first {
-            Job::Other { op, done } => run_other(db, op, done),
+            Job::Other { op, done } => run_other(&mut wal, op, done),
             Job::Append { entries, done } => {
                 let mut group = vec![(entries, done)];
                 let mut next_other = None;
@@ -170,37 +161,44 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
-                commit_appends(db, pending, metrics, group);
+                commit_appends(&mut wal, pending, metrics, group);
                 if let Some(Job::Other { op, done }) = next_other {
-                    run_other(db, op, done);
+                    run_other(&mut wal, op, done);
                 }
             }
         }
     }
 }
 
-fn run_other(db: &Database, op: DurableOp, done: oneshot::Sender<Result<(), String>>) {
-    let r = commit(db, |txn| op(txn));
+fn run_other(wal: &mut Wal, op: DurableOp, done: oneshot::Sender<Result<(), String>>) {
+    let r = op(wal).and_then(|()| wal.sync());
     let _ = done.send(r.map_err(|e| e.to_string()));
 }
 
-/// Commits a group of appends in one durable transaction, then tells openraft.
+/// Writes a group of appends and syncs once, then tells openraft.
 fn commit_appends(
-    db: &Database,
+    wal: &mut Wal,
     pending: &RwLock<BTreeMap<u64, Entry>>,
     metrics: &StorageMetrics,
     group: Group,
 ) {
     let started = std::time::Instant::now();
-    let r = commit(db, |txn| {
-        let mut table = txn.open_table(LOG)?;
-        for (entries, _) in &group {
-            for (log_id, bytes) in entries {
-                table.insert(log_id.index, bytes.as_slice())?;
+    let entries: Vec<(LogId, &[u8])> = group
+        .iter()
+        .flat_map(|(entries, _)| entries.iter().map(|(id, b)| (*id, b.as_slice())))
+        .collect();
+    let written = wal.append(&entries);
+    if written.is_ok() {
+        // Written now (durable or not, readers find these in the files).
+        let mut p = pending.write().expect("pending lock");
+        for (log_id, _) in &entries {
+            // Only if not replaced meanwhile (truncate + re-append).
+            if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
+                p.remove(&log_id.index);
             }
         }
-        Ok(())
-    });
+    }
+    let r = written.and_then(|()| wal.sync());
     let took = started.elapsed();
     metrics.log_flushed(group.len(), took);
     tracing::trace!(
@@ -208,35 +206,12 @@ fn commit_appends(
         micros = took.as_micros() as u64,
         "log group commit"
     );
-    if r.is_ok() {
-        // Durable now: readers find these in redb.
-        let mut p = pending.write().expect("pending lock");
-        for (entries, _) in &group {
-            for (log_id, _) in entries {
-                // Only if not replaced meanwhile (truncate + re-append).
-                if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
-                    p.remove(&log_id.index);
-                }
-            }
-        }
-    }
     for (_, done) in group {
         match &r {
             Ok(()) => done.log_io_completed(Ok(())),
             Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
         }
     }
-}
-
-fn commit(
-    db: &Database,
-    f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-) -> Result<(), redb::Error> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    f(&txn)?;
-    txn.commit()?;
-    Ok(())
 }
 
 /// The state machine's last applied index, as committed (durably or not) in its database.
@@ -269,28 +244,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 .map(|(i, e)| (*i, e.clone()))
                 .collect()
         };
-        let db = self.db.clone();
-        let durable = blocking(self.io, move || {
-            let txn = db
-                .begin_read()
+        let reader = self.reader.clone();
+        let written = blocking(self.io, move || {
+            let raw = reader
+                .read_range((start, end))
                 .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let table = txn
-                .open_table(LOG)
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let mut out = Vec::new();
-            let iter = table
-                .range::<u64>((start, end))
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            for item in iter {
-                let (_, v) = item.map_err(|e| StorageIOError::read_logs(any(e)))?;
-                let entry: Entry = postcard::from_bytes(v.value())
-                    .map_err(|e| StorageIOError::read_logs(any(e)))?;
-                out.push(entry);
-            }
-            Ok(out)
+            raw.into_iter()
+                .map(|(_, bytes)| {
+                    postcard::from_bytes::<Entry>(&bytes)
+                        .map_err(|e| StorageIOError::read_logs(any(e)).into())
+                })
+                .collect::<Result<Vec<Entry>, StorageError>>()
         })
         .await?;
-        for entry in durable {
+        for entry in written {
             found.entry(entry.log_id.index).or_insert(entry);
         }
         Ok(found.into_values().collect())
@@ -308,30 +275,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .values()
             .next_back()
             .map(|e| e.log_id);
-        let db = self.db.clone();
-        let (last_purged, durable_last) = blocking(self.io, move || {
-            let last_purged: Option<LogId> = Self::read_state(&db, "last_purged")?.flatten();
-            let txn = db
-                .begin_read()
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let table = txn
-                .open_table(LOG)
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
-            let last = match table
-                .last()
-                .map_err(|e| StorageIOError::read_logs(any(e)))?
-            {
-                Some((_, v)) => {
-                    let entry: Entry = postcard::from_bytes(v.value())
-                        .map_err(|e| StorageIOError::read_logs(any(e)))?;
-                    Some(entry.log_id)
-                }
-                None => None,
-            };
-            Ok((last_purged, last))
-        })
-        .await?;
-        let last_log_id = pending_last.max(durable_last).or(last_purged);
+        let last_purged = self.reader.purged();
+        let last_log_id = pending_last.max(self.reader.last()).or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id,
@@ -343,19 +288,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let bytes = encode(vote);
-        self.durable(move |txn| {
-            txn.open_table(RAFT_STATE)?
-                .insert("vote", bytes.as_slice())?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StorageIOError::write_vote(AnyError::error(e)).into())
+        let vote = *vote;
+        self.durable(move |wal| wal.save_vote(&vote))
+            .await
+            .map_err(|e| StorageIOError::write_vote(AnyError::error(e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        let db = self.db.clone();
-        blocking(self.io, move || Self::read_state(&db, "vote")).await
+        Ok(self.reader.vote())
     }
 
     async fn append<I>(
@@ -393,13 +333,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write()
             .expect("pending lock")
             .retain(|i, _| *i < index);
-        self.durable(move |txn| {
-            txn.open_table(LOG)?
-                .retain_in::<u64, _>(index.., |_, _| false)?;
-            Ok(())
-        })
-        .await
-        .map_err(write_err)
+        self.durable(move |wal| wal.truncate(index))
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -432,22 +368,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             // A durable commit persists every earlier commit: the applied state is on disk.
             blocking(self.io, move || {
-                commit(&sm_db, |_| Ok(()))
-                    .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+                let commit = || -> Result<(), redb::Error> {
+                    let mut txn = sm_db.begin_write()?;
+                    txn.set_durability(Durability::Immediate)?;
+                    txn.commit()?;
+                    Ok(())
+                };
+                commit().map_err(|e| StorageIOError::write_state_machine(any(e)).into())
             })
             .await?;
         }
-        let bytes = encode(&Some(log_id));
         let index = log_id.index;
-        self.durable(move |txn| {
-            txn.open_table(RAFT_STATE)?
-                .insert("last_purged", bytes.as_slice())?;
-            txn.open_table(LOG)?
-                .retain_in::<u64, _>(..=index, |_, _| false)?;
-            Ok(())
-        })
-        .await
-        .map_err(write_err)?;
+        self.durable(move |wal| wal.purge(log_id))
+            .await
+            .map_err(write_err)?;
         self.pending
             .write()
             .expect("pending lock")
