@@ -100,6 +100,16 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let file = options.open(&path).map_err(io_err(&path))?;
+        // One process per store: the lock goes when the file is closed (or the process dies).
+        file.try_lock().map_err(|e| {
+            let why = match e {
+                std::fs::TryLockError::WouldBlock => {
+                    std::io::Error::new(std::io::ErrorKind::WouldBlock, "in use by another process")
+                }
+                std::fs::TryLockError::Error(e) => e,
+            };
+            OpenError::Io(path.clone(), why)
+        })?;
         let backend = redb::backends::FileBackend::new(file)
             .map_err(|e| OpenError::Db(path.clone(), e.into()))?;
         files.push(Box::new(backend) as Box<dyn StorageBackend>);
@@ -250,7 +260,7 @@ fn create_tables(
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot create {0}: {1}")]
+    #[error("cannot open or create {0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("cannot open database {0}: {1}")]
     Db(PathBuf, redb::Error),
@@ -351,6 +361,16 @@ mod tests {
             let entries = log.try_get_log_entries(0..100).await.unwrap();
             assert_eq!(entries, (5..=9).map(entry).collect::<Vec<_>>());
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = open(dir.path()).unwrap();
+        // Even with the state machine closed, the log files stay locked while the log is open.
+        drop(sm);
+        let err = open(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[tokio::test]
