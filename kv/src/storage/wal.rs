@@ -31,7 +31,8 @@
 //! - **The file opened is complete.** Compaction writes the live state (vote, purge point,
 //!   live entries) into the inactive file, syncs it, and only then writes and syncs that
 //!   file's header with the next epoch. Opening picks the valid header with the highest
-//!   epoch; a compaction cut short leaves the old file in charge.
+//!   epoch; a compaction cut short leaves the old file in charge. Once the new file is in
+//!   charge, the old one is emptied.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -497,6 +498,9 @@ impl Wal {
             s.active = other;
             s.slots = slots;
         }
+        // The old file lost to the new epoch: its space goes back (unsynced, as whatever
+        // survives of it in a crash is still the older epoch).
+        self.reader.files[1 - other].set_len(0)?;
         tracing::debug!(
             from_bytes = self.end,
             to_bytes = end,
@@ -807,6 +811,14 @@ mod tests {
         let before = observe(&wal);
         assert_eq!(before.entries.len(), 5);
         assert_eq!(before.purged, Some(log_id(1, 1995)));
+        let sizes = [
+            disks[0].backend().len().unwrap(),
+            disks[1].backend().len().unwrap(),
+        ];
+        assert!(
+            sizes.contains(&0),
+            "the file that lost is emptied: {sizes:?}"
+        );
         drop(wal);
         assert_eq!(observe(&open(&disks, tiny())), before);
     }
