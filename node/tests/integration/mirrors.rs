@@ -21,7 +21,9 @@ async fn heads_of(client: &Client, name: &str) -> Vec<automerge::ChangeHash> {
 }
 
 /// Pulls now on `client`'s cluster until its copy `name` has `heads` (its own interval is
-/// long: only these syncs pull).
+/// long: only these syncs pull), then waits, without forcing more pulls, until the pull
+/// that brought them has finished and recorded the manifest: the copy lands a moment before,
+/// and a cluster killed in between would restart without it.
 async fn sync_until(
     client: &Client,
     nodes: &[NodeProc],
@@ -32,6 +34,13 @@ async fn sync_until(
         let _ = client.fed_sync(None, None).await;
         let doc = client.doc_get(name, Consistency::Linearizable).await.ok()?;
         (sorted_heads(&doc) == heads).then_some(())
+    })
+    .await;
+    wait_until_or_dump(&format!("the pull of {name} to finish"), nodes, || async {
+        let follows = client.fed_follows().await.ok()?;
+        let follow = follows.iter().find(|f| f.into == name)?;
+        (follow.last_success_ms > 0 && follow.last_success_ms >= follow.last_attempt_ms)
+            .then_some(())
     })
     .await;
 }
@@ -426,7 +435,14 @@ async fn a_mirrored_namespace_is_served_while_the_origin_is_offline() {
         }
         Some(())
     };
-    wait_until_or_dump("B to hold A's entries", &b, || holds_all(b_client.clone())).await;
+    // Entries land as iroh-docs delivers them, before B's pull checks the whole state and
+    // records A's manifest (what B serves as a mirror): wait for both, before A goes.
+    wait_until_or_dump("B to hold A's entries", &b, || async {
+        holds_all(b_client.clone()).await?;
+        let follow = b_client.fed_follows().await.ok()?.remove(0);
+        (follow.seq >= 1).then_some(())
+    })
+    .await;
 
     // A goes offline; C, which never reached A, gets everything from B.
     a_client.close().await;
