@@ -33,6 +33,8 @@
 //!   file's header with the next epoch. Opening picks the valid header with the highest
 //!   epoch; a compaction cut short leaves the old file in charge. Once the new file is in
 //!   charge, the old one is emptied.
+//! - **A failure stops the log.** After a failed write, sync or compaction what is on disk
+//!   is unknown, so every later change is refused until the log is opened again.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -86,6 +88,13 @@ pub enum WalError {
     Io(#[from] io::Error),
     #[error("log record at offset {offset}: {reason}")]
     Corrupt { offset: u64, reason: String },
+    #[error("a log record of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    /// After a failed write, sync or compaction what is on disk is unknown (a failed
+    /// `fsync` may have dropped dirty pages; a compaction may have made the other file win):
+    /// every later change is refused until the log is opened again.
+    #[error("the log stopped after an earlier failure: {0}")]
+    Stopped(String),
 }
 
 /// Where one live entry's bytes are.
@@ -104,6 +113,28 @@ struct State {
     slots: BTreeMap<u64, Slot>,
     vote: Option<Vote>,
     purged: Option<LogId>,
+}
+
+impl State {
+    /// Inserts `slot`, dropping its index and every later one (Raft appends are contiguous; a
+    /// conflicting suffix is truncated first anyway). Returns the record bytes dropped.
+    fn put(&mut self, slot: Slot) -> u64 {
+        let dropped = self.drop_from(slot.log_id.index);
+        self.slots.insert(slot.log_id.index, slot);
+        dropped
+    }
+
+    /// Drops the entry at `from` and every later one; returns the record bytes dropped.
+    fn drop_from(&mut self, from: u64) -> u64 {
+        record_bytes(&self.slots.split_off(&from))
+    }
+
+    /// Drops every entry up to `upto`, the new purge point; returns the record bytes dropped.
+    fn drop_through(&mut self, upto: LogId) -> u64 {
+        let kept = self.slots.split_off(&(upto.index + 1));
+        self.purged = Some(upto);
+        record_bytes(&std::mem::replace(&mut self.slots, kept))
+    }
 }
 
 /// The reading side, shared by every clone of the log store.
@@ -161,6 +192,8 @@ pub(crate) struct Wal {
     /// Records written since the last sync (not yet durable).
     unsynced: bool,
     sizes: Sizes,
+    /// The failure that stopped the log (see [`WalError::Stopped`]).
+    stopped: Option<String>,
 }
 
 fn checksum(epoch: u64, kind: u8, payload: &[u8]) -> u32 {
@@ -197,15 +230,18 @@ fn read_epoch(file: &dyn StorageBackend) -> Result<Option<u64>, WalError> {
 }
 
 /// Appends one record to `buf`.
-fn encode_record(buf: &mut Vec<u8>, epoch: u64, kind: u8, payload: &[u8]) {
-    assert!(
-        payload.len() <= MAX_RECORD_BYTES,
-        "a log record over the limit"
-    );
+fn encode_record(buf: &mut Vec<u8>, epoch: u64, kind: u8, payload: &[u8]) -> Result<(), WalError> {
+    if payload.len() > MAX_RECORD_BYTES {
+        return Err(WalError::TooLarge {
+            len: payload.len(),
+            max: MAX_RECORD_BYTES,
+        });
+    }
     buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     buf.extend_from_slice(&checksum(epoch, kind, payload).to_le_bytes());
     buf.push(kind);
     buf.extend_from_slice(payload);
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(offset: u64, bytes: &[u8]) -> Result<T, WalError> {
@@ -285,30 +321,19 @@ impl Wal {
             match kind {
                 KIND_ENTRY => {
                     let entry: crate::raft_types::Entry = decode(at, &payload)?;
-                    let index = entry.log_id.index;
-                    // An entry replaces its index and everything after (Raft appends are
-                    // contiguous; a conflicting suffix was truncated first anyway).
-                    live -= dropped_bytes(&state.slots.split_off(&index));
-                    state.slots.insert(
-                        index,
-                        Slot {
-                            log_id: entry.log_id,
-                            offset: payload_at,
-                            len: n as u32,
-                        },
-                    );
+                    live -= state.put(Slot {
+                        log_id: entry.log_id,
+                        offset: payload_at,
+                        len: n as u32,
+                    });
                     live += (RECORD_HEADER + n) as u64;
                 }
                 KIND_VOTE => state.vote = Some(decode(at, &payload)?),
                 KIND_PURGED => {
-                    let upto: LogId = decode(at, &payload)?;
-                    let kept = state.slots.split_off(&(upto.index + 1));
-                    live -= dropped_bytes(&std::mem::replace(&mut state.slots, kept));
-                    state.purged = Some(upto);
+                    live -= state.drop_through(decode(at, &payload)?);
                 }
                 KIND_TRUNCATED => {
-                    let from: u64 = decode(at, &payload)?;
-                    live -= dropped_bytes(&state.slots.split_off(&from));
+                    live -= state.drop_from(decode(at, &payload)?);
                 }
                 other => {
                     return Err(WalError::Corrupt {
@@ -347,6 +372,7 @@ impl Wal {
             live,
             unsynced: false,
             sizes,
+            stopped: None,
         }
     }
 
@@ -360,7 +386,26 @@ impl Wal {
     }
 
     /// Writes `records` (encoded) at the end of the active file, growing it first if needed.
+    /// Runs one change of the files; its failure stops the log.
+    fn guarded(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> Result<(), WalError>,
+    ) -> Result<(), WalError> {
+        if let Some(why) = &self.stopped {
+            return Err(WalError::Stopped(why.clone()));
+        }
+        let r = change(self);
+        if let Err(e @ (WalError::Io(_) | WalError::Corrupt { .. })) = &r {
+            self.stopped = Some(e.to_string());
+        }
+        r
+    }
+
     fn write(&mut self, records: &[u8]) -> Result<(), WalError> {
+        self.guarded(|wal| wal.write_unguarded(records))
+    }
+
+    fn write_unguarded(&mut self, records: &[u8]) -> Result<(), WalError> {
         let need = self.end + records.len() as u64;
         if need > self.len {
             let grow_by = self.sizes.grow_by;
@@ -382,6 +427,13 @@ impl Wal {
         Ok(())
     }
 
+    /// Writes one record of `kind` (not an entry) at the end of the active file.
+    fn write_record(&mut self, kind: u8, payload: &[u8]) -> Result<(), WalError> {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, self.epoch, kind, payload)?;
+        self.write(&buf)
+    }
+
     /// Appends entries (id and postcard bytes); durable at the next [`Self::sync`], readable
     /// at once.
     pub(crate) fn append(&mut self, entries: &[(LogId, &[u8])]) -> Result<(), WalError> {
@@ -390,7 +442,7 @@ impl Wal {
         let mut slots = Vec::with_capacity(entries.len());
         for (log_id, bytes) in entries {
             let offset = self.end + (buf.len() + RECORD_HEADER) as u64;
-            encode_record(&mut buf, self.epoch, KIND_ENTRY, bytes);
+            encode_record(&mut buf, self.epoch, KIND_ENTRY, bytes)?;
             slots.push(Slot {
                 log_id: *log_id,
                 offset,
@@ -400,8 +452,7 @@ impl Wal {
         self.write(&buf)?;
         let mut s = self.reader.state.write().expect("wal lock");
         for slot in slots {
-            self.live -= dropped_bytes(&s.slots.split_off(&slot.log_id.index));
-            s.slots.insert(slot.log_id.index, slot);
+            self.live -= s.put(slot);
             self.live += RECORD_HEADER as u64 + u64::from(slot.len);
         }
         Ok(())
@@ -409,30 +460,25 @@ impl Wal {
 
     /// Drops the entry at `from` and every later one (durable at the next sync).
     pub(crate) fn truncate(&mut self, from: u64) -> Result<(), WalError> {
-        let mut buf = Vec::new();
-        encode_record(&mut buf, self.epoch, KIND_TRUNCATED, &postcard_bytes(&from));
-        self.write(&buf)?;
-        let mut s = self.reader.state.write().expect("wal lock");
-        self.live -= dropped_bytes(&s.slots.split_off(&from));
+        self.write_record(KIND_TRUNCATED, &postcard_bytes(&from))?;
+        self.live -= self.reader.state.write().expect("wal lock").drop_from(from);
         Ok(())
     }
 
     /// Drops every entry up to `upto` and records it as the purge point.
     pub(crate) fn purge(&mut self, upto: LogId) -> Result<(), WalError> {
-        let mut buf = Vec::new();
-        encode_record(&mut buf, self.epoch, KIND_PURGED, &postcard_bytes(&upto));
-        self.write(&buf)?;
-        let mut s = self.reader.state.write().expect("wal lock");
-        let kept = s.slots.split_off(&(upto.index + 1));
-        self.live -= dropped_bytes(&std::mem::replace(&mut s.slots, kept));
-        s.purged = Some(upto);
+        self.write_record(KIND_PURGED, &postcard_bytes(&upto))?;
+        self.live -= self
+            .reader
+            .state
+            .write()
+            .expect("wal lock")
+            .drop_through(upto);
         Ok(())
     }
 
     pub(crate) fn save_vote(&mut self, vote: &Vote) -> Result<(), WalError> {
-        let mut buf = Vec::new();
-        encode_record(&mut buf, self.epoch, KIND_VOTE, &postcard_bytes(vote));
-        self.write(&buf)?;
+        self.write_record(KIND_VOTE, &postcard_bytes(vote))?;
         self.reader.state.write().expect("wal lock").vote = Some(*vote);
         Ok(())
     }
@@ -440,14 +486,16 @@ impl Wal {
     /// Makes everything written so far durable; then compacts if the active file is mostly
     /// dead records.
     pub(crate) fn sync(&mut self) -> Result<(), WalError> {
-        if self.unsynced {
-            self.active().sync_data()?;
-            self.unsynced = false;
-        }
-        if self.end > self.sizes.compact_at && self.live * 2 < self.end {
-            self.compact()?;
-        }
-        Ok(())
+        self.guarded(|wal| {
+            if wal.unsynced {
+                wal.active().sync_data()?;
+                wal.unsynced = false;
+            }
+            if wal.end > wal.sizes.compact_at && wal.live * 2 < wal.end {
+                wal.compact()?;
+            }
+            Ok(())
+        })
     }
 
     /// Rewrites the live state into the other file under the next epoch and switches to it
@@ -460,15 +508,15 @@ impl Wal {
         };
         let mut buf = Vec::new();
         if let Some(vote) = &vote {
-            encode_record(&mut buf, epoch, KIND_VOTE, &postcard_bytes(vote));
+            encode_record(&mut buf, epoch, KIND_VOTE, &postcard_bytes(vote))?;
         }
         if let Some(purged) = &purged {
-            encode_record(&mut buf, epoch, KIND_PURGED, &postcard_bytes(purged));
+            encode_record(&mut buf, epoch, KIND_PURGED, &postcard_bytes(purged))?;
         }
         let mut slots = BTreeMap::new();
         for (log_id, bytes) in self.reader.read_range(..)? {
             let offset = HEADER_LEN + (buf.len() + RECORD_HEADER) as u64;
-            encode_record(&mut buf, epoch, KIND_ENTRY, &bytes);
+            encode_record(&mut buf, epoch, KIND_ENTRY, &bytes)?;
             slots.insert(
                 log_id.index,
                 Slot {
@@ -489,10 +537,7 @@ impl Wal {
         file.sync_data()?;
         file.write(0, &header(epoch))?;
         file.sync_data()?;
-        let live = slots
-            .values()
-            .map(|s| RECORD_HEADER as u64 + u64::from(s.len))
-            .sum();
+        let live = record_bytes(&slots);
         {
             let mut s = self.reader.state.write().expect("wal lock");
             s.active = other;
@@ -516,7 +561,8 @@ impl Wal {
     }
 }
 
-fn dropped_bytes(slots: &BTreeMap<u64, Slot>) -> u64 {
+/// The record bytes (headers included) of `slots`' entries.
+fn record_bytes(slots: &BTreeMap<u64, Slot>) -> u64 {
     slots
         .values()
         .map(|s| RECORD_HEADER as u64 + u64::from(s.len))
@@ -824,6 +870,25 @@ mod tests {
     }
 
     #[test]
+    fn after_a_failed_sync_every_change_is_refused() {
+        let disks = [SimDisk::new(), SimDisk::new()];
+        let mut wal = open(&disks, tiny());
+        let id = log_id(1, 1);
+        wal.append(&[(id, &entry_bytes(id))]).unwrap();
+        for d in &disks {
+            d.arm_power_cut(0, CrashMode::LoseUnsynced, 1);
+        }
+        assert!(matches!(wal.sync(), Err(WalError::Io(_))));
+        for d in &disks {
+            d.disarm_power_cut();
+        }
+        let id = log_id(1, 2);
+        let err = wal.append(&[(id, &entry_bytes(id))]).unwrap_err();
+        assert!(matches!(err, WalError::Stopped(_)), "{err}");
+        assert!(matches!(wal.sync(), Err(WalError::Stopped(_))));
+    }
+
+    #[test]
     fn a_header_with_records_but_no_valid_epoch_is_refused_not_emptied() {
         let disks = [SimDisk::new(), SimDisk::new()];
         let mut wal = open(&disks, tiny());
@@ -851,7 +916,12 @@ mod tests {
             hex(&crc32fast::hash(&h[..16]).to_le_bytes())
         );
         let mut rec = Vec::new();
-        encode_record(&mut rec, 7, KIND_VOTE, &[1, 2, 3]);
+        encode_record(&mut rec, 7, KIND_VOTE, &[1, 2, 3]).unwrap();
+        // Over the limit: a typed error, nothing encoded.
+        let mut none = Vec::new();
+        let err = encode_record(&mut none, 7, KIND_ENTRY, &vec![0; MAX_RECORD_BYTES + 1]);
+        assert!(matches!(err, Err(WalError::TooLarge { .. })), "{err:?}");
+        assert!(none.is_empty());
         assert_eq!(hex(&rec[..4]), "03000000");
         assert_eq!(rec[8], KIND_VOTE);
         assert_eq!(&rec[9..], &[1, 2, 3]);

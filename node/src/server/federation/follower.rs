@@ -1474,28 +1474,23 @@ mod tests {
                 ..PullStatus::default()
             },
         );
-        record(
-            &pulls,
-            &schedule,
-            id.clone(),
-            b"old",
-            ok(4),
-            vec![report(4, true, 5)],
-        );
-        let s = pulls.status_of(&id);
+        let finish = |follow: &[u8]| {
+            record(
+                &pulls,
+                &schedule,
+                id.clone(),
+                follow,
+                ok(4),
+                vec![report(4, true, 5)],
+            );
+            pulls.status_of(&id)
+        };
+        let s = finish(b"old");
         assert!(s.running, "the new follow's pull is still running");
         assert_eq!((s.last_success_ms, s.last_source), (0, None));
         assert!(s.mirrors.is_empty() && s.next_attempt.is_none());
 
-        record(
-            &pulls,
-            &schedule,
-            id.clone(),
-            b"new",
-            ok(4),
-            vec![report(4, true, 5)],
-        );
-        let s = pulls.status_of(&id);
+        let s = finish(b"new");
         assert!(s.last_success_ms > 0);
         assert_eq!(s.last_source, Some([4; 32]));
         assert_eq!(s.mirrors, vec![report(4, true, 5)]);
