@@ -1,18 +1,20 @@
 //! The Raft log and vote, in the log's own files (see `wal`).
 //!
 //! All log writes go through one dedicated writer thread, in order. `append` makes the entries
-//! readable at once (an in-memory `pending` map), queues them and returns; the writer drains
+//! readable at once (the in-memory [`LogTail`]), queues them and returns; the writer drains
 //! everything queued, writes it as records and syncs once (one `fdatasync` for many appends:
 //! group commit), then signals openraft that those entries are durable. openraft's core never
 //! waits for a disk.
 //!
-//! Readers look at `pending` first and the files second: an entry leaves `pending` only after
-//! it is written, so it is always in one of them. Truncate, purge and vote saves are rare; they
-//! are queued behind earlier appends and awaited.
+//! Readers look at the tail first and the files second: an entry leaves the tail only after it
+//! is written, so it is always in one of them. The tail also keeps the newest written entries
+//! (up to a [`TailBudget`]): openraft reads back what was just appended to apply and
+//! replicate it, and those reads then need neither a file read nor a thread hop. Truncate,
+//! purge and vote saves are rare; they are queued behind earlier appends and awaited.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -32,6 +34,27 @@ const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
 
+/// How many written entries the [`LogTail`] keeps in memory (entries not yet written are
+/// always kept, whatever their size). Beyond it the oldest go, newest kept.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TailBudget {
+    /// Encoded bytes.
+    pub bytes: usize,
+    pub entries: usize,
+}
+
+/// A node's: covers what followers a little behind and the state machine read back.
+pub(crate) const NODE_TAIL: TailBudget = TailBudget {
+    bytes: 8 << 20,
+    entries: 8192,
+};
+
+/// The simulation's: a few entries, so reads from the files happen all the time there.
+pub(crate) const SIMULATION_TAIL: TailBudget = TailBudget {
+    bytes: 2048,
+    entries: 4,
+};
+
 /// A durable change other than an append, run on the writer thread (then synced).
 type DurableOp = Box<dyn FnOnce(&mut Wal) -> Result<(), WalError> + Send>;
 
@@ -47,8 +70,114 @@ enum Job {
     },
 }
 
-/// The log store. Cheap to clone; clones share the files, the pending entries and the
-/// writer thread.
+/// The newest entries of the log, decoded.
+///
+/// Invariants: the entries are consecutive and, when there are any, end at the log's last
+/// entry (appends add at the end, truncation cuts the end off in the files too, purges and
+/// evictions only remove from the front); an entry not yet written to the files is always
+/// here. So a read starting at or after the first entry here is answered from here alone.
+struct LogTail {
+    /// By index: the entry, its encoded size, whether it is written to the files.
+    entries: BTreeMap<u64, (Entry, usize, bool)>,
+    /// Encoded bytes of the entries here.
+    bytes: usize,
+    budget: TailBudget,
+}
+
+impl LogTail {
+    fn new(budget: TailBudget) -> Self {
+        LogTail {
+            entries: BTreeMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.entries.keys().next().copied()
+    }
+
+    fn last(&self) -> Option<LogId> {
+        self.entries.values().next_back().map(|(e, _, _)| e.log_id)
+    }
+
+    fn append(&mut self, entry: Entry, size: usize) {
+        let index = entry.log_id.index;
+        debug_assert!(
+            self.entries
+                .keys()
+                .next_back()
+                .is_none_or(|last| last + 1 == index),
+            "log tail: entry {index} does not follow {:?}",
+            self.entries.keys().next_back()
+        );
+        self.bytes += size;
+        if let Some((_, old, _)) = self.entries.insert(index, (entry, size, false)) {
+            self.bytes -= old;
+        }
+        self.evict();
+    }
+
+    /// Marks `written` as in the files (unless replaced meanwhile by truncate and re-append).
+    fn written(&mut self, written: &[LogId]) {
+        for log_id in written {
+            if let Some((e, _, w)) = self.entries.get_mut(&log_id.index) {
+                if e.log_id == *log_id {
+                    *w = true;
+                }
+            }
+        }
+        self.evict();
+    }
+
+    /// Drops the oldest written entries while over the budget, always keeping the newest.
+    fn evict(&mut self) {
+        while self.entries.len() > 1
+            && (self.bytes > self.budget.bytes || self.entries.len() > self.budget.entries)
+        {
+            match self.entries.first_entry() {
+                Some(first) if first.get().2 => {
+                    self.bytes -= first.remove().1;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Keeps only the entries `keep` accepts.
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let bytes = &mut self.bytes;
+        self.entries.retain(|i, (_, size, _)| {
+            let kept = keep(*i);
+            if !kept {
+                *bytes -= *size;
+            }
+            kept
+        });
+    }
+
+    /// The entries here in `range`.
+    fn range(&self, range: (Bound<u64>, Bound<u64>)) -> BTreeMap<u64, Entry> {
+        self.entries
+            .range(range)
+            .map(|(i, (e, _, _))| (*i, e.clone()))
+            .collect()
+    }
+
+    /// Whether every existing entry in a range starting at `start` is here.
+    fn covers(&self, start: Bound<u64>) -> bool {
+        let Some(first) = self.first() else {
+            return false;
+        };
+        match start {
+            Bound::Included(s) => s >= first,
+            Bound::Excluded(s) => s >= first,
+            Bound::Unbounded => false,
+        }
+    }
+}
+
+/// The log store. Cheap to clone; clones share the files, the log tail and the writer thread.
 #[derive(Clone)]
 pub struct LogStore {
     /// The writing side; only the writer thread (or, inline, the caller) locks it.
@@ -56,8 +185,8 @@ pub struct LogStore {
     reader: WalReader,
     /// The state machine's database, made durable before every purge.
     sm_db: Weak<Database>,
-    /// Appended but not yet written, by index.
-    pending: Arc<RwLock<BTreeMap<u64, Entry>>>,
+    /// The newest entries, among them every one not yet written.
+    tail: Arc<RwLock<LogTail>>,
     /// The writer thread's queue; `None` in [`IoMode::Inline`], where jobs run on the caller.
     writer: Option<mpsc::Sender<Job>>,
     io: IoMode,
@@ -70,22 +199,22 @@ impl LogStore {
         wal: Wal,
         sm_db: Weak<Database>,
         io: IoMode,
+        tail: TailBudget,
         metrics: Arc<StorageMetrics>,
     ) -> Self {
         let reader = wal.reader();
         let wal = Arc::new(Mutex::new(wal));
-        let pending = Arc::new(RwLock::new(BTreeMap::new()));
+        let tail = Arc::new(RwLock::new(LogTail::new(tail)));
         let writer = match io {
             IoMode::Inline => None,
             IoMode::Threads => {
                 let (writer, jobs) = mpsc::channel();
                 // The thread holds the files weakly: they close when the last store handle
                 // drops, even if the thread has not noticed yet.
-                let (wal2, pending2, metrics2) =
-                    (Arc::downgrade(&wal), pending.clone(), metrics.clone());
+                let (wal2, tail2, metrics2) = (Arc::downgrade(&wal), tail.clone(), metrics.clone());
                 std::thread::Builder::new()
                     .name("aspen-log-writer".into())
-                    .spawn(move || write_loop(&wal2, &pending2, &metrics2, jobs))
+                    .spawn(move || write_loop(&wal2, &tail2, &metrics2, jobs))
                     .expect("spawn the log writer thread");
                 Some(writer)
             }
@@ -94,7 +223,7 @@ impl LogStore {
             wal,
             reader,
             sm_db,
-            pending,
+            tail,
             writer,
             io,
             metrics,
@@ -108,12 +237,9 @@ impl LogStore {
             None => {
                 let mut wal = self.wal.lock().expect("wal lock");
                 match job {
-                    Job::Append { entries, done } => commit_appends(
-                        &mut wal,
-                        &self.pending,
-                        &self.metrics,
-                        vec![(entries, done)],
-                    ),
+                    Job::Append { entries, done } => {
+                        commit_appends(&mut wal, &self.tail, &self.metrics, vec![(entries, done)])
+                    }
                     Job::Other { op, done } => run_other(&mut wal, op, done),
                 }
                 Ok(())
@@ -139,7 +265,7 @@ type Group = Vec<(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>;
 
 fn write_loop(
     wal: &Weak<Mutex<Wal>>,
-    pending: &RwLock<BTreeMap<u64, Entry>>,
+    tail: &RwLock<LogTail>,
     metrics: &StorageMetrics,
     jobs: mpsc::Receiver<Job>,
 ) {
@@ -161,7 +287,7 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
-                commit_appends(&mut wal, pending, metrics, group);
+                commit_appends(&mut wal, tail, metrics, group);
                 if let Some(Job::Other { op, done }) = next_other {
                     run_other(&mut wal, op, done);
                 }
@@ -176,12 +302,7 @@ fn run_other(wal: &mut Wal, op: DurableOp, done: oneshot::Sender<Result<(), Stri
 }
 
 /// Writes a group of appends and syncs once, then tells openraft.
-fn commit_appends(
-    wal: &mut Wal,
-    pending: &RwLock<BTreeMap<u64, Entry>>,
-    metrics: &StorageMetrics,
-    group: Group,
-) {
+fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetrics, group: Group) {
     let started = std::time::Instant::now();
     let entries: Vec<(LogId, &[u8])> = group
         .iter()
@@ -190,13 +311,8 @@ fn commit_appends(
     let written = wal.append(&entries);
     if written.is_ok() {
         // Written now (durable or not, readers find these in the files).
-        let mut p = pending.write().expect("pending lock");
-        for (log_id, _) in &entries {
-            // Only if not replaced meanwhile (truncate + re-append).
-            if p.get(&log_id.index).is_some_and(|e| e.log_id == *log_id) {
-                p.remove(&log_id.index);
-            }
-        }
+        let ids: Vec<LogId> = entries.iter().map(|(id, _)| *id).collect();
+        tail.write().expect("log tail lock").written(&ids);
     }
     let r = written.and_then(|()| wal.sync());
     let took = started.elapsed();
@@ -237,12 +353,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        // Pending first (see the module docs for why this order never misses an entry).
+        // The tail first (see the module docs for why this order never misses an entry).
         let mut found: BTreeMap<u64, Entry> = {
-            let p = self.pending.read().expect("pending lock");
-            p.range((start, end))
-                .map(|(i, e)| (*i, e.clone()))
-                .collect()
+            let tail = self.tail.read().expect("log tail lock");
+            let found = tail.range((start, end));
+            if tail.covers(start) {
+                return Ok(found.into_values().collect());
+            }
+            found
         };
         let reader = self.reader.clone();
         let written = blocking(self.io, move || {
@@ -268,15 +386,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let pending_last = self
-            .pending
-            .read()
-            .expect("pending lock")
-            .values()
-            .next_back()
-            .map(|e| e.log_id);
+        let tail_last = self.tail.read().expect("log tail lock").last();
         let last_purged = self.reader.purged();
-        let last_log_id = pending_last.max(self.reader.last()).or(last_purged);
+        let last_log_id = tail_last.max(self.reader.last()).or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id,
@@ -315,9 +427,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let encoded: Vec<(LogId, Vec<u8>)> =
             entries.iter().map(|e| (e.log_id, encode(e))).collect();
         {
-            let mut p = self.pending.write().expect("pending lock");
-            for e in entries {
-                p.insert(e.log_id.index, e);
+            let mut tail = self.tail.write().expect("log tail lock");
+            for (e, (_, bytes)) in entries.into_iter().zip(&encoded) {
+                tail.append(e, bytes.len());
             }
         }
         self.submit(Job::Append {
@@ -329,10 +441,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let index = log_id.index;
-        self.pending
+        self.tail
             .write()
-            .expect("pending lock")
-            .retain(|i, _| *i < index);
+            .expect("log tail lock")
+            .retain(|i| i < index);
         self.durable(move |wal| wal.truncate(index))
             .await
             .map_err(write_err)
@@ -382,10 +494,150 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.durable(move |wal| wal.purge(log_id))
             .await
             .map_err(write_err)?;
-        self.pending
+        self.tail
             .write()
-            .expect("pending lock")
-            .retain(|i, _| *i > index);
+            .expect("log tail lock")
+            .retain(|i| i > index);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Appends entries of these encoded sizes.
+        Append(Vec<usize>),
+        /// The writer wrote the oldest this many entries not yet written.
+        Write(usize),
+        /// A write of entries replaced meanwhile (same index, older term) comes back.
+        WriteReplaced(usize),
+        Truncate(usize),
+        Purge(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec(1usize..1500, 1..4).prop_map(Op::Append),
+            4 => (0usize..6).prop_map(Op::Write),
+            1 => (0usize..6).prop_map(Op::WriteReplaced),
+            1 => (0usize..4).prop_map(Op::Truncate),
+            1 => (0usize..6).prop_map(Op::Purge),
+        ]
+    }
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    proptest! {
+        /// Against a model of the log (each entry written or not): the tail always holds every
+        /// unwritten entry, is consecutive and ends at the log's last entry, counts its bytes,
+        /// keeps to its budget where it may, and answers exactly the log for reads it covers.
+        #[test]
+        fn the_tail_holds_every_unwritten_entry_and_answers_what_it_covers(
+            ops in prop::collection::vec(op(), 1..80),
+            start in 0u64..40,
+        ) {
+            let budget = TailBudget { bytes: 3000, entries: 3 };
+            let mut tail = LogTail::new(budget);
+            // The log: (log id, written), consecutive from `first`.
+            let mut log: Vec<(LogId, bool)> = Vec::new();
+            let mut first = 1u64;
+            let mut term = 1u64;
+            for op in ops {
+                match op {
+                    Op::Append(sizes) => {
+                        for size in sizes {
+                            let index = first + log.len() as u64;
+                            tail.append(entry(term, index), size);
+                            log.push((entry(term, index).log_id, false));
+                        }
+                    }
+                    Op::Write(n) => {
+                        let ids: Vec<LogId> = log
+                            .iter_mut()
+                            .filter(|(_, w)| !*w)
+                            .take(n)
+                            .map(|(id, w)| {
+                                *w = true;
+                                *id
+                            })
+                            .collect();
+                        tail.written(&ids);
+                    }
+                    Op::WriteReplaced(n) => {
+                        let ids: Vec<LogId> = log
+                            .iter()
+                            .filter(|(id, w)| !*w && id.leader_id.term > 1)
+                            .take(n)
+                            .map(|(id, _)| entry(id.leader_id.term - 1, id.index).log_id)
+                            .collect();
+                        tail.written(&ids);
+                    }
+                    Op::Truncate(n) => {
+                        let keep = log.len().saturating_sub(n);
+                        let from = first + keep as u64;
+                        log.truncate(keep);
+                        tail.retain(|i| i < from);
+                        term += 1;
+                    }
+                    Op::Purge(n) => {
+                        let n = n.min(log.len());
+                        let upto = first + n as u64;
+                        log.drain(..n);
+                        first = upto;
+                        tail.retain(|i| i >= upto);
+                    }
+                }
+                let held: Vec<(u64, LogId, bool)> = tail
+                    .entries
+                    .iter()
+                    .map(|(i, (e, _, w))| (*i, e.log_id, *w))
+                    .collect();
+                for (i, (id, written)) in log.iter().enumerate() {
+                    let index = first + i as u64;
+                    prop_assert_eq!(id.index, index);
+                    let here = held.iter().find(|(i, _, _)| *i == index);
+                    if !written {
+                        prop_assert!(here.is_some_and(|(_, h, w)| h == id && !w), "unwritten {index} lost");
+                    }
+                    if let Some((_, h, w)) = here {
+                        prop_assert_eq!(h, id);
+                        prop_assert!(!w || *written, "{index} marked written but is not");
+                    }
+                }
+                if let (Some(f), Some(l)) = (held.first(), held.last()) {
+                    prop_assert_eq!(l.0 - f.0 + 1, held.len() as u64, "not consecutive");
+                    prop_assert_eq!(Some(l.1), log.last().map(|(id, _)| *id), "tail does not end at the log's end");
+                    prop_assert!(f.0 >= first);
+                }
+                prop_assert_eq!(tail.bytes, tail.entries.values().map(|(_, s, _)| s).sum::<usize>());
+                if tail.entries.len() > 1 && (tail.bytes > budget.bytes || tail.entries.len() > budget.entries) {
+                    prop_assert!(!held[0].2, "over budget with a written oldest entry");
+                }
+                if tail.covers(Bound::Included(start)) {
+                    let from_tail: Vec<LogId> = tail
+                        .range((Bound::Included(start), Bound::Unbounded))
+                        .values()
+                        .map(|e| e.log_id)
+                        .collect();
+                    let from_log: Vec<LogId> = log
+                        .iter()
+                        .filter(|(id, _)| id.index >= start)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    prop_assert_eq!(from_tail, from_log);
+                }
+            }
+        }
     }
 }

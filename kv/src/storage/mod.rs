@@ -130,12 +130,13 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     } else {
         wal::Wal::open(files, wal::NODE_SIZES).map_err(|e| OpenError::Log(log_path, e))?
     };
-    open_parts(wal, sm_db, snapshots, IoMode::Threads)
+    open_parts(wal, sm_db, snapshots, IoMode::Threads, log_store::NODE_TAIL)
 }
 
 /// Opens the store on caller-supplied storage (the simulation's crashable in-memory disks):
 /// two for the log files, one for the state machine, with snapshot files under `snapshots`.
-/// The log files grow and compact in small steps here, so that compactions meet crashes.
+/// The log files grow and compact in small steps here, so that compactions meet crashes, and
+/// only a few written entries stay in memory, so that reads go to the files.
 pub fn open_with_backends<L: StorageBackend>(
     log: [L; 2],
     state: impl StorageBackend,
@@ -149,7 +150,7 @@ pub fn open_with_backends<L: StorageBackend>(
     let sm_db = redb::Builder::new()
         .create_with_backend(state)
         .map_err(|e| OpenError::Db(PathBuf::from("state (backend)"), e.into()))?;
-    open_parts(wal, sm_db, snapshots, io)
+    open_parts(wal, sm_db, snapshots, io, log_store::SIMULATION_TAIL)
 }
 
 /// Moves the log, vote and purge point of an older store's `log.redb` into fresh log files
@@ -220,11 +221,12 @@ fn open_parts(
     sm_db: Database,
     snapshots: PathBuf,
     io: IoMode,
+    tail: log_store::TailBudget,
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
     let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
     changes::rebuild_if_missing(&sm_db).map_err(|e| OpenError::Db(PathBuf::from("state"), e))?;
     let sm = StateMachineStore::new(sm_db, snapshots, io);
-    let log = LogStore::new(wal, Arc::downgrade(&sm.db), io, sm.metrics());
+    let log = LogStore::new(wal, Arc::downgrade(&sm.db), io, tail, sm.metrics());
     Ok((log, sm))
 }
 
