@@ -8,9 +8,17 @@
 # entries and commands per entry, and how busy the log flush and the state machine's apply
 # were (their summed time over the run's wall time) with the apply-time histogram. The
 # stage near 100% is the one that bounds throughput. ASPEN_BIN: another build to measure.
+# Needs curl, jq, python3 and GNU time (Debian: apt-get install curl jq python3 time).
 # Nothing leaves 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in curl jq python3; do
+  command -v "$tool" > /dev/null || { echo "bench-pipeline.sh needs $tool" >&2; exit 1; }
+done
+if ! /usr/bin/env time -f '' true 2> /dev/null; then
+  echo "bench-pipeline.sh needs GNU time (the 'time' package), for the load generator's CPU" >&2
+  exit 1
+fi
 NODES=${1:-1}
 TOTAL=${2:-40000}
 CLIENTS=${3:-64}
