@@ -602,6 +602,9 @@ pub struct AuthService {
     changes: std::sync::OnceLock<tokio::sync::watch::Receiver<u64>>,
     /// The value of `changes` the policy in force was loaded at.
     loaded: std::sync::atomic::AtomicU64,
+    /// Held for a whole reload: two overlapping reloads could otherwise leave the older
+    /// scan in force under the newer counter (looking fresh while stale).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl AuthService {
@@ -612,6 +615,7 @@ impl AuthService {
             policy: Default::default(),
             changes: Default::default(),
             loaded: Default::default(),
+            reloading: Default::default(),
         }
     }
 
@@ -816,6 +820,7 @@ fn parse_key(key: &[u8; 32]) -> Result<(), RpcError> {
 impl AuthService {
     /// Reads every `auth/` key and puts the parsed policy in force on this node.
     pub async fn reload_policy(&self) -> Result<(), RpcError> {
+        let _one_at_a_time = self.reloading.lock().await;
         // Read the change counter before the scan: a write landing in between makes the
         // policy look stale, never fresh.
         let seen = self.changes.get().map(|c| *c.borrow());

@@ -876,14 +876,12 @@ impl ProtocolHandler for ClientService {
 impl NodeState {
     /// After a denial: catches up with the leader (a read barrier, coalesced with other
     /// reads) and reloads the policy if an `auth/` write applied since it was loaded.
-    /// Returns whether the policy changed.
-    async fn catch_up_policy(&self) -> Result<bool, RpcError> {
+    async fn catch_up_policy(&self) -> Result<(), RpcError> {
         self.cluster.read_barrier().await?;
-        if !self.auth.is_stale() {
-            return Ok(false);
+        if self.auth.is_stale() {
+            self.auth.reload_policy().await?;
         }
-        self.auth.reload_policy().await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Authorizes one client request (the one place the client protocol checks access),
@@ -921,12 +919,13 @@ impl NodeState {
         match check() {
             // The policy here may lag behind what the cluster committed (a grant made through
             // another member, or entries replayed after a restart): catch up, then decide.
-            Err(denied @ RpcError::PermissionDenied { .. }) => match self.catch_up_policy().await {
+            // Decide again even if nothing was reloaded here: the background reload (an
+            // `auth/` write applied) may have put a newer policy in force meanwhile.
+            Err(RpcError::PermissionDenied { .. }) => match self.catch_up_policy().await {
                 Err(e) => Err(RpcError::Unavailable(format!(
                     "cannot confirm the access policy with the leader ({e}); retry"
                 ))),
-                Ok(false) => Err(denied),
-                Ok(true) => check(),
+                Ok(()) => check(),
             },
             other => other,
         }
