@@ -1,26 +1,20 @@
-//! What each revision changed, in revision order: the index watches read.
+//! What each revision changed, in revision order: the pages watches read.
 //!
-//! `kv_history` is keyed by (key, revision), which serves reads at a past revision but not
-//! "everything that changed in this range since revision R". The `kv_changes` table keys the
-//! same writes by (revision, key), so a watch reads forward from any revision and sees each
-//! revision's events together, in key order, with no gap and no duplicate: the history itself
-//! is the watch's buffer, and a watcher that falls behind only reads further back (until
-//! compaction passes it, which is an explicit error).
-//!
-//! The table is derived from `kv_history`: apply writes both in the same transaction,
-//! compaction trims both, and a store that lacks it (older data directories, an installed
-//! snapshot) rebuilds it from the history ([`rebuild`]). It is not part of snapshots or state
-//! digests.
+//! The key space is stored by (revision, key) (`kv_revisions`), so a watch reads forward from
+//! any revision and sees each revision's events together, in key order, with no gap and no
+//! duplicate: the store itself is the watch's buffer, and a watcher that falls behind only
+//! reads further back (until compaction passes it, which is an explicit error). The previous
+//! value of an event comes through the key index.
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::sync::RwLock;
 
-use super::state_machine::StoredKv;
-use super::{HISTORY, SM_META};
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::key_index::KeyIndex;
+use super::state_machine::{record, StoredKv};
+use super::{REVISIONS, SM_META};
 use crate::api::{ChangesPage, ChangesRequest, Event, EventKind, KeyValue, ReadError, Revision};
 use crate::limits::{MAX_CHANGES_BYTES, MAX_CHANGES_SCANNED};
-
-/// (revision, key) -> (): the keys each revision wrote or deleted.
-pub(crate) const CHANGES: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("kv_changes");
 
 fn meta_revision(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -31,37 +25,6 @@ fn meta_revision(
         Some(v) => postcard::from_bytes(v.value())
             .map_err(|e| redb::Error::Corrupted(format!("undecodable {name}: {e}"))),
     }
-}
-
-/// Rebuilds the index from the history (every record at or above the compaction point).
-pub(crate) fn rebuild(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
-    let compacted = meta_revision(&txn.open_table(SM_META)?, "compacted")?;
-    let mut changes = txn.open_table(CHANGES)?;
-    changes.retain(|_, _| false)?;
-    let history = txn.open_table(HISTORY)?;
-    for item in history.iter()? {
-        let (k, _) = item?;
-        let (key, rev) = k.value();
-        if rev >= compacted {
-            changes.insert((rev, key), ())?;
-        }
-    }
-    Ok(())
-}
-
-/// Rebuilds the index when the history has records and the index has none (a data directory
-/// written before the index existed).
-pub(crate) fn rebuild_if_missing(db: &redb::Database) -> Result<(), redb::Error> {
-    let missing = {
-        let txn = db.begin_read()?;
-        txn.open_table(CHANGES)?.is_empty()? && !txn.open_table(HISTORY)?.is_empty()?
-    };
-    if missing {
-        let txn = db.begin_write()?;
-        rebuild(&txn)?;
-        txn.commit()?;
-    }
-    Ok(())
 }
 
 pub(crate) fn in_range(key: &[u8], start: &[u8], end: Option<&[u8]>) -> bool {
@@ -81,18 +44,26 @@ fn storage(e: impl Into<redb::Error>) -> ReadError {
 }
 
 /// Reads one page of changes (see [`ChangesRequest`] and [`ChangesPage`]).
-pub(crate) fn read(db: &redb::Database, req: &ChangesRequest) -> Result<ChangesPage, ReadError> {
-    read_bounded(db, req, MAX_CHANGES_BYTES, MAX_CHANGES_SCANNED)
+pub(crate) fn read(
+    db: &redb::Database,
+    index: &RwLock<KeyIndex>,
+    req: &ChangesRequest,
+) -> Result<ChangesPage, ReadError> {
+    read_bounded(db, index, req, MAX_CHANGES_BYTES, MAX_CHANGES_SCANNED)
 }
 
 /// [`read`] with the page bounds as arguments (tests use small ones).
 pub(crate) fn read_bounded(
     db: &redb::Database,
+    index: &RwLock<KeyIndex>,
     req: &ChangesRequest,
     max_bytes: usize,
     max_scanned: usize,
 ) -> Result<ChangesPage, ReadError> {
     req.validate()?;
+    // Previous values are looked up in the index while the page is read, under its read lock
+    // taken before the transaction (see `key_index`).
+    let index = index.read().expect("key index lock");
     let txn = db.begin_read().map_err(storage)?;
     let meta = txn.open_table(SM_META).map_err(storage)?;
     let current = meta_revision(&meta, "revision").map_err(storage)?;
@@ -104,8 +75,7 @@ pub(crate) fn read_bounded(
             compacted,
         });
     }
-    let changes = txn.open_table(CHANGES).map_err(storage)?;
-    let history = txn.open_table(HISTORY).map_err(storage)?;
+    let revisions = txn.open_table(REVISIONS).map_err(storage)?;
     let mut page = ChangesPage {
         events: Vec::new(),
         next_from: current + 1,
@@ -125,8 +95,8 @@ pub(crate) fn read_bounded(
     // is over the byte bound (then it ends after a key: a fragment).
     let mut at: Option<Revision> = None;
     let first: (u64, &[u8]) = (from, req.after.as_deref().unwrap_or(&[]));
-    for item in changes.range(first..).map_err(storage)? {
-        let (k, _) = item.map_err(storage)?;
+    for item in revisions.range(first..).map_err(storage)? {
+        let (k, v) = item.map_err(storage)?;
         let (rev, key) = k.value();
         if rev > current {
             break;
@@ -152,10 +122,7 @@ pub(crate) fn read_bounded(
             page.next_after = page.events.last().map(|e| e.kv.key.clone());
             return Ok(page);
         }
-        let record = history.get((key, rev)).map_err(storage)?.ok_or_else(|| {
-            ReadError::Storage(format!("revision {rev} of key {key:?} has no history"))
-        })?;
-        let mut event = match decode(record.value())? {
+        let mut event = match decode(v.value())? {
             Some(stored) => Event {
                 kind: EventKind::Put,
                 kv: stored.into_kv(key.to_vec()),
@@ -175,14 +142,10 @@ pub(crate) fn read_bounded(
             },
         };
         if req.prev_kv {
-            let before = history
-                .range((key, 0u64)..(key, rev))
-                .map_err(storage)?
-                .next_back()
-                .transpose()
-                .map_err(storage)?;
-            if let Some((_, v)) = before {
-                event.prev_kv = decode(v.value())?.map(|p| p.into_kv(key.to_vec()));
+            if let Some(before) = index.before(key, rev).filter(|b| b.live) {
+                event.prev_kv = record(&revisions, before.revision, key)
+                    .map_err(storage)?
+                    .map(|p| p.into_kv(key.to_vec()));
             }
         }
         bytes += super::recent::event_bytes(&event);
@@ -194,24 +157,27 @@ pub(crate) fn read_bounded(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{encode, KV};
+    use crate::storage::encode;
 
-    /// A store whose history holds `writes` (revision, key, value; `None` a delete), written
-    /// straight into the tables as apply would, without the index when `indexed` is false.
+    /// A store holding `writes` (revision, key, value; `None` a delete), written straight
+    /// into the tables as apply would; `legacy`: into the history table of stores before
+    /// `kv_revisions`, then moved as opening such a store does.
     fn store(
         writes: &[(u64, &str, Option<&str>)],
         compacted: u64,
-        indexed: bool,
-    ) -> redb::Database {
+        legacy: bool,
+    ) -> (redb::Database, RwLock<KeyIndex>) {
         let db = redb::Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .unwrap();
         let txn = db.begin_write().unwrap();
-        crate::storage::create_sm_tables(&txn).unwrap();
+        if !legacy {
+            crate::storage::create_sm_tables(&txn).unwrap();
+        }
         {
-            let mut history = txn.open_table(HISTORY).unwrap();
-            let mut changes = txn.open_table(CHANGES).unwrap();
-            let mut kv = txn.open_table(KV).unwrap();
+            let mut revisions = txn.open_table(REVISIONS).unwrap();
+            let mut history =
+                legacy.then(|| txn.open_table(crate::storage::LEGACY_HISTORY).unwrap());
             let mut versions = std::collections::HashMap::new();
             for (rev, key, value) in writes {
                 let record = value.map(|v| {
@@ -227,14 +193,12 @@ mod tests {
                 });
                 if record.is_none() {
                     versions.remove(key);
-                    kv.remove(key.as_bytes()).unwrap();
                 }
-                history
-                    .insert((key.as_bytes(), *rev), encode(&record).as_slice())
-                    .unwrap();
-                if indexed {
-                    changes.insert((*rev, key.as_bytes()), ()).unwrap();
+                match &mut history {
+                    Some(h) => h.insert((key.as_bytes(), *rev), encode(&record).as_slice()),
+                    None => revisions.insert((*rev, key.as_bytes()), encode(&record).as_slice()),
                 }
+                .unwrap();
             }
             let mut meta = txn.open_table(SM_META).unwrap();
             let last = writes.iter().map(|w| w.0).max().unwrap_or(0);
@@ -243,7 +207,11 @@ mod tests {
                 .unwrap();
         }
         txn.commit().unwrap();
-        db
+        if legacy {
+            crate::storage::move_legacy_history(&db).unwrap();
+        }
+        let index = RwLock::new(crate::storage::state_machine::load_index(&db).unwrap());
+        (db, index)
     }
 
     fn all(prefix: &str, from: u64, prev_kv: bool) -> ChangesRequest {
@@ -283,8 +251,8 @@ mod tests {
 
     #[test]
     fn pages_follow_any_bound_without_gap_or_duplicate() {
-        let db = store(WRITES, 0, true);
-        let whole = read(&db, &all("", 1, true)).unwrap();
+        let (db, index) = store(WRITES, 0, false);
+        let whole = read(&db, &index, &all("", 1, true)).unwrap();
         assert_eq!(whole.next_from, 7);
         assert_eq!(whole.events.len(), WRITES.len());
         // Every bound gives the same events, each revision whole unless one revision alone
@@ -294,7 +262,7 @@ mod tests {
                 let mut got = Vec::new();
                 let mut req = all("", 1, true);
                 for _ in 0..100 {
-                    let page = read_bounded(&db, &req, max_bytes, max_scanned).unwrap();
+                    let page = read_bounded(&db, &index, &req, max_bytes, max_scanned).unwrap();
                     got.extend(page.events);
                     if page.next_from == 7 && page.next_after.is_none() {
                         break;
@@ -309,8 +277,8 @@ mod tests {
 
     #[test]
     fn events_are_state_diffs_with_previous_values() {
-        let db = store(WRITES, 0, true);
-        let page = read(&db, &all("", 3, true)).unwrap();
+        let (db, index) = store(WRITES, 0, false);
+        let page = read(&db, &index, &all("", 3, true)).unwrap();
         assert_eq!(
             shape(&page.events),
             [
@@ -339,7 +307,7 @@ mod tests {
             ]
         );
         // Without prev_kv, none; a delete carries only its key and revision.
-        let page = read(&db, &all("a", 1, false)).unwrap();
+        let page = read(&db, &index, &all("a", 1, false)).unwrap();
         assert_eq!(shape(&page.events).len(), 3);
         assert!(page.events.iter().all(|e| e.prev_kv.is_none()));
         assert_eq!(page.events[2].kv.value, Vec::<u8>::new());
@@ -348,41 +316,61 @@ mod tests {
             end: None,
             ..all("c", 1, false)
         };
-        assert_eq!(read(&db, &one).unwrap().events.len(), 2);
+        assert_eq!(read(&db, &index, &one).unwrap().events.len(), 2);
         // From now: nothing yet, and the next page starts after the current revision.
-        let now = read(&db, &all("", 0, false)).unwrap();
+        let now = read(&db, &index, &all("", 0, false)).unwrap();
         assert!(now.events.is_empty());
         assert_eq!((now.next_from, now.revision), (7, 6));
         // A future revision is waited for, not refused.
-        let later = read(&db, &all("", 9, false)).unwrap();
+        let later = read(&db, &index, &all("", 9, false)).unwrap();
         assert_eq!(later.next_from, 9);
     }
 
     #[test]
     fn a_compacted_revision_is_an_explicit_error() {
-        let db = store(WRITES, 4, true);
+        let (db, index) = store(WRITES, 4, false);
         assert_eq!(
-            read(&db, &all("", 3, false)),
+            read(&db, &index, &all("", 3, false)),
             Err(ReadError::Compacted {
                 requested: 3,
                 compacted: 4
             })
         );
-        assert_eq!(read(&db, &all("", 4, false)).unwrap().events.len(), 5);
+        assert_eq!(
+            read(&db, &index, &all("", 4, false)).unwrap().events.len(),
+            5
+        );
     }
 
     #[test]
-    fn the_index_is_rebuilt_from_the_history() {
-        let db = store(WRITES, 2, false);
-        assert!(read(&db, &all("", 2, false)).unwrap().events.is_empty());
-        rebuild_if_missing(&db).unwrap();
-        let rebuilt = read(&db, &all("", 2, false)).unwrap();
-        assert_eq!(
-            rebuilt.events,
-            read(&store(WRITES, 2, true), &all("", 2, false))
-                .unwrap()
-                .events
+    fn a_store_written_before_kv_revisions_is_moved_and_reads_the_same() {
+        let (db, index) = store(WRITES, 2, true);
+        let (want_db, want_index) = store(WRITES, 2, false);
+        for from in [2, 3, 5] {
+            assert_eq!(
+                read(&db, &index, &all("", from, true)).unwrap(),
+                read(&want_db, &want_index, &all("", from, true)).unwrap()
+            );
+        }
+        assert_eq!(*index.read().unwrap(), *want_index.read().unwrap());
+        // The old tables are gone; a second open moves nothing.
+        let txn = db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n == "kv_history" || n == "kv" || n == "kv_changes"),
+            "{names:?}"
         );
-        assert_eq!(rebuilt.events.len(), 7);
+        drop(txn);
+        crate::storage::move_legacy_history(&db).unwrap();
+        assert_eq!(
+            crate::storage::state_machine::load_index(&db).unwrap(),
+            *want_index.read().unwrap()
+        );
     }
 }

@@ -12,8 +12,9 @@
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::state_machine::StoredKv;
-use super::KV;
+use super::key_index::KeyIndex;
+use super::state_machine::record;
+use super::REVISIONS;
 use crate::api::{Key, LeaseId, LeaseRecord, ReadError};
 
 /// lease id -> postcard([`StoredLease`]).
@@ -37,17 +38,22 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<StoredLease, redb::Error> {
         .map_err(|e| redb::Error::Corrupted(format!("undecodable lease: {e}")))
 }
 
-/// Rebuilds `lease_keys` and each lease's key count from the key space.
-pub(crate) fn rebuild_keys(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+/// Rebuilds `lease_keys` and each lease's key count from the key space (`index` indexes
+/// `txn`'s records).
+pub(crate) fn rebuild_keys(
+    txn: &redb::WriteTransaction,
+    index: &KeyIndex,
+) -> Result<(), redb::Error> {
     let mut lease_keys = txn.open_table(LEASE_KEYS)?;
     lease_keys.retain(|_, _| false)?;
     let mut counts = std::collections::BTreeMap::<u64, u64>::new();
-    for item in txn.open_table(KV)?.iter()? {
-        let (k, v) = item?;
-        let stored: StoredKv = postcard::from_bytes(v.value())
-            .map_err(|e| redb::Error::Corrupted(format!("undecodable key-value: {e}")))?;
+    let revisions = txn.open_table(REVISIONS)?;
+    for (key, at) in index.live_at(&[], Some(&[]), u64::MAX, usize::MAX) {
+        let stored = record(&revisions, at, &key)?.ok_or_else(|| {
+            redb::Error::Corrupted(format!("key {key:?} indexed live at a delete"))
+        })?;
         if stored.lease != 0 {
-            lease_keys.insert((stored.lease, k.value()), ())?;
+            lease_keys.insert((stored.lease, key.as_slice()), ())?;
             *counts.entry(stored.lease).or_default() += 1;
         }
     }
@@ -158,7 +164,7 @@ mod tests {
             txn.commit().unwrap();
             let snapshots = dir.path().join("snap");
             std::fs::create_dir_all(&snapshots).unwrap();
-            let sm = StateMachineStore::new(Arc::new(db), snapshots, IoMode::Inline);
+            let sm = StateMachineStore::new(Arc::new(db), snapshots, IoMode::Inline).unwrap();
             Store {
                 sm,
                 index: 0,

@@ -29,9 +29,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::{AnyError, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition, TableHandle,
+};
 
 mod changes;
+mod key_index;
 mod leases;
 mod recent;
 pub use log_store::LogStore;
@@ -48,10 +51,20 @@ const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log")
 const LEGACY_RAFT_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 /// State-machine metadata: "last_applied", "membership", "revision", "compacted" -> postcard.
 pub(crate) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
-/// Current key space: key -> postcard(StoredKv).
-pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
-/// MVCC history: (key, revision) -> postcard(Option<StoredKv>), `None` being a delete.
-pub(crate) const HISTORY: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("kv_history");
+/// The key space by revision: (revision, key) -> postcard(Option<StoredKv>), `None` being a
+/// delete. Only ever grows at its end (and shrinks by compaction); `key_index` finds a key's
+/// records.
+pub(crate) const REVISIONS: TableDefinition<(u64, &[u8]), &[u8]> =
+    TableDefinition::new("kv_revisions");
+/// Stores written before `kv_revisions`: the current key space, key -> postcard(StoredKv)
+/// (dropped when such a store is opened).
+const LEGACY_KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// Theirs too: the history, (key, revision) -> what `kv_revisions` holds (moved there when
+/// such a store is opened).
+pub(crate) const LEGACY_HISTORY: TableDefinition<(&[u8], u64), &[u8]> =
+    TableDefinition::new("kv_history");
+/// Theirs too: (revision, key) -> (), the watch index (dropped when such a store is opened).
+const LEGACY_CHANGES: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("kv_changes");
 /// Idempotency results: (client id, seq) -> postcard(CommandResult).
 pub(crate) const SESSIONS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("sessions");
 /// Per client: every seq below this is acknowledged and forgotten.
@@ -223,9 +236,10 @@ fn open_parts(
     io: IoMode,
     tail: log_store::TailBudget,
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let state_err = |e: redb::Error| OpenError::Db(PathBuf::from("state"), e);
+    move_legacy_history(&sm_db).map_err(state_err)?;
     let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
-    changes::rebuild_if_missing(&sm_db).map_err(|e| OpenError::Db(PathBuf::from("state"), e))?;
-    let sm = StateMachineStore::new(sm_db, snapshots, io);
+    let sm = StateMachineStore::new(sm_db, snapshots, io).map_err(state_err)?;
     let log = LogStore::new(wal, Arc::downgrade(&sm.db), io, tail, sm.metrics());
     Ok((log, sm))
 }
@@ -233,9 +247,7 @@ fn open_parts(
 /// Creates every state-machine table (a no-op for existing ones).
 pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(SM_META)?;
-    txn.open_table(KV)?;
-    txn.open_table(HISTORY)?;
-    txn.open_table(changes::CHANGES)?;
+    txn.open_table(REVISIONS)?;
     txn.open_table(SESSIONS)?;
     txn.open_table(SESSION_FLOORS)?;
     txn.open_table(SESSION_SEEN)?;
@@ -243,6 +255,33 @@ pub(crate) fn create_sm_tables(txn: &redb::WriteTransaction) -> Result<(), redb:
     txn.open_table(SYSTEM)?;
     txn.open_table(leases::LEASES)?;
     txn.open_table(leases::LEASE_KEYS)?;
+    Ok(())
+}
+
+/// Moves a store written before `kv_revisions` to it, in one durable transaction: each
+/// history record keeps its bytes under (revision, key), and the old tables are dropped (the
+/// current key space and the watch index are what the new table and the key index give).
+fn move_legacy_history(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    let legacy = txn
+        .list_tables()?
+        .any(|t| t.name() == LEGACY_HISTORY.name());
+    if !legacy {
+        return Ok(());
+    }
+    {
+        let history = txn.open_table(LEGACY_HISTORY)?;
+        let mut revisions = txn.open_table(REVISIONS)?;
+        for item in history.iter()? {
+            let (k, v) = item?;
+            let (key, revision) = k.value();
+            revisions.insert((revision, key), v.value())?;
+        }
+    }
+    txn.delete_table(LEGACY_HISTORY)?;
+    txn.delete_table(LEGACY_KV)?;
+    txn.delete_table(LEGACY_CHANGES)?;
+    txn.commit()?;
     Ok(())
 }
 

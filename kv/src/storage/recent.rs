@@ -256,7 +256,8 @@ mod tests {
                 super::super::create_sm_tables(&txn).unwrap();
                 txn.commit().unwrap();
                 let mut sm =
-                    StateMachineStore::new(Arc::new(db), dir.path().join("snap"), IoMode::Inline);
+                    StateMachineStore::new(Arc::new(db), dir.path().join("snap"), IoMode::Inline)
+                        .unwrap();
                 for (i, batch) in batches.iter().enumerate() {
                     let commands = batch
                         .iter()
@@ -286,7 +287,7 @@ mod tests {
                                 prev_kv,
                             };
                             let store = super::super::changes::read_bounded(
-                                &sm.db, &req, max_bytes, max_scanned,
+                                &sm.db, &sm.index, &req, max_bytes, max_scanned,
                             )
                             .unwrap();
                             let ring = sm.recent.read_bounded(&req, max_bytes, max_scanned);

@@ -13,14 +13,17 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 use std::task::{Context, Poll};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
+use super::key_index::KeyIndex;
+use super::state_machine::record_bytes;
 use super::{
-    encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META,
+    encode, IoMode, REVISIONS, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN, SM_META,
     SYSTEM,
 };
 use crate::limits::MAX_SNAPSHOT_ROW_BYTES;
@@ -170,8 +173,22 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Writes a snapshot of the state machine as of one read transaction, makes it the current
 /// snapshot, and returns its metadata and path.
-pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf), SnapshotError> {
-    let txn = db.begin_read()?;
+pub(super) fn build(
+    db: &Database,
+    index: &RwLock<KeyIndex>,
+    dir: &Path,
+) -> Result<(SnapshotMeta, PathBuf), SnapshotError> {
+    // Each key's writes as of the transaction (see `key_index` for the lock order).
+    let (txn, history) = {
+        let index = index.read().expect("key index lock");
+        let txn = db.begin_read()?;
+        let revision: u64 = match txn.open_table(SM_META)?.get("revision")? {
+            Some(v) => postcard::from_bytes(v.value())
+                .map_err(|e| SnapshotError::Malformed(format!("state machine revision: {e}")))?,
+            None => 0,
+        };
+        (txn, index.history_at(revision))
+    };
     // Applies commit without fsync. Make everything this read transaction sees durable BEFORE
     // the snapshot exists: a snapshot ahead of the durable state machine would, after a crash,
     // claim entries the state machine no longer has (openraft refuses to start then).
@@ -225,27 +242,33 @@ pub(super) fn build(db: &Database, dir: &Path) -> Result<(SnapshotMeta, PathBuf)
             },
         )?;
     }
-    for item in txn.open_table(KV)?.iter()? {
-        let (k, v) = item?;
-        put(
-            &mut w,
-            SnapshotRow::Kv {
-                key: k.value().to_vec(),
-                value: v.value().to_vec(),
-            },
-        )?;
+    // The rows of earlier stores' key space and history tables, in their order: the current
+    // value of each live key, then every record by (key, revision).
+    let revisions = txn.open_table(REVISIONS)?;
+    for (key, revs) in &history {
+        let newest = revs.last().expect("history_at lists keys with writes");
+        if newest.live {
+            let record = record_bytes(&revisions, newest.revision, key)?;
+            put(
+                &mut w,
+                SnapshotRow::Kv {
+                    key: key.clone(),
+                    value: record[1..].to_vec(),
+                },
+            )?;
+        }
     }
-    for item in txn.open_table(HISTORY)?.iter()? {
-        let (k, v) = item?;
-        let (key, revision) = k.value();
-        put(
-            &mut w,
-            SnapshotRow::History {
-                key: key.to_vec(),
-                revision,
-                value: v.value().to_vec(),
-            },
-        )?;
+    for (key, revs) in &history {
+        for r in revs {
+            put(
+                &mut w,
+                SnapshotRow::History {
+                    key: key.clone(),
+                    revision: r.revision,
+                    value: record_bytes(&revisions, r.revision, key)?,
+                },
+            )?;
+        }
     }
     for item in txn.open_table(SESSIONS)?.iter()? {
         let (k, v) = item?;
@@ -365,6 +388,7 @@ pub(super) fn read_current_meta(
 /// Replaces the whole state machine with the snapshot at `path`, in one durable transaction.
 pub(super) fn install(
     db: &Database,
+    index: &RwLock<KeyIndex>,
     path: &Path,
     meta: &SnapshotMeta,
 ) -> Result<(), SnapshotError> {
@@ -388,8 +412,7 @@ pub(super) fn install(
     txn.set_durability(Durability::Immediate)?;
     {
         let mut sm_meta = txn.open_table(SM_META)?;
-        let mut kv = txn.open_table(KV)?;
-        let mut history = txn.open_table(HISTORY)?;
+        let mut revisions = txn.open_table(REVISIONS)?;
         let mut sessions = txn.open_table(SESSIONS)?;
         let mut floors = txn.open_table(SESSION_FLOORS)?;
         let mut seen = txn.open_table(SESSION_SEEN)?;
@@ -401,8 +424,7 @@ pub(super) fn install(
         seen.retain(|_, _| false)?;
         idle.retain(|_, _| false)?;
         sm_meta.retain(|_, _| false)?;
-        kv.retain(|_, _| false)?;
-        history.retain(|_, _| false)?;
+        revisions.retain(|_, _| false)?;
         sessions.retain(|_, _| false)?;
         floors.retain(|_, _| false)?;
         let mut rows = 1u64;
@@ -416,15 +438,14 @@ pub(super) fn install(
                 SnapshotRow::SmMeta { key, value } => {
                     sm_meta.insert(key.as_str(), value.as_slice())?;
                 }
-                SnapshotRow::Kv { key, value } => {
-                    kv.insert(key.as_slice(), value.as_slice())?;
-                }
+                // The current values follow from the history.
+                SnapshotRow::Kv { .. } => {}
                 SnapshotRow::History {
                     key,
                     revision,
                     value,
                 } => {
-                    history.insert((key.as_slice(), revision), value.as_slice())?;
+                    revisions.insert((revision, key.as_slice()), value.as_slice())?;
                 }
                 SnapshotRow::Session {
                     client_id,
@@ -460,10 +481,12 @@ pub(super) fn install(
         sm_meta.insert("last_applied", encode(&meta.last_log_id).as_slice())?;
         sm_meta.insert("membership", encode(&meta.last_membership).as_slice())?;
     }
-    // The watch index is derived from the history, not shipped.
-    super::changes::rebuild(&txn)?;
-    super::leases::rebuild_keys(&txn)?;
+    // The key index and the lease keys are derived from the history, not shipped.
+    let fresh = KeyIndex::load(&txn.open_table(REVISIONS)?)?;
+    super::leases::rebuild_keys(&txn, &fresh)?;
+    let mut index = index.write().expect("key index lock");
     txn.commit()?;
+    *index = fresh;
     Ok(())
 }
 
@@ -596,17 +619,19 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let db = Database::create(dir.path().join("s.redb")).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(KV).unwrap().insert(b"keep".as_slice(), b"me".as_slice()).unwrap();
+            txn.open_table(REVISIONS).unwrap().insert((1, b"keep".as_slice()), b"me".as_slice()).unwrap();
             txn.commit().unwrap();
+            let index = RwLock::new(KeyIndex::default());
             let path = dir.path().join("in.snap");
             let mut bytes = if with_magic { MAGIC.to_vec() } else { vec![] };
             bytes.extend(&body);
             std::fs::write(&path, &bytes).unwrap();
             let meta = SnapshotMeta::default();
-            prop_assert!(install(&db, &path, &meta).is_err());
+            prop_assert!(install(&db, &index, &path, &meta).is_err());
             // A failed install changes nothing.
+            prop_assert_eq!(&*index.read().unwrap(), &KeyIndex::default());
             let txn = db.begin_read().unwrap();
-            let kept = txn.open_table(KV).unwrap().get(b"keep".as_slice()).unwrap().map(|v| v.value().to_vec());
+            let kept = txn.open_table(REVISIONS).unwrap().get((1, b"keep".as_slice())).unwrap().map(|v| v.value().to_vec());
             prop_assert_eq!(kept, Some(b"me".to_vec()));
             std::fs::write(dir.path().join(CURRENT), &bytes).unwrap();
             prop_assert!(read_current_meta(dir.path()).is_err());
@@ -626,24 +651,34 @@ mod tests {
             version: 1,
             lease: 0,
         };
-        txn.open_table(KV)
+        txn.open_table(REVISIONS)
             .unwrap()
-            .insert(b"k".as_slice(), encode(&stored).as_slice())
+            .insert((1, b"k".as_slice()), encode(&Some(stored)).as_slice())
+            .unwrap();
+        txn.open_table(SM_META)
+            .unwrap()
+            .insert("revision", encode(&1u64).as_slice())
             .unwrap();
         txn.commit().unwrap();
+        let index = RwLock::new(super::super::state_machine::load_index(&db).unwrap());
         let snaps = dir.path().join("snaps");
         std::fs::create_dir_all(&snaps).unwrap();
-        let (meta, path) = build(&db, &snaps).unwrap();
+        let (meta, path) = build(&db, &index, &snaps).unwrap();
         let full = std::fs::read(&path).unwrap();
         // Every strict prefix fails; the whole file installs.
         for cut in [MAGIC.len(), full.len() / 2, full.len() - 1] {
             let p = dir.path().join(format!("cut-{cut}.snap"));
             std::fs::write(&p, &full[..cut]).unwrap();
             assert!(
-                matches!(install(&db, &p, &meta), Err(SnapshotError::Malformed(_))),
+                matches!(
+                    install(&db, &index, &p, &meta),
+                    Err(SnapshotError::Malformed(_))
+                ),
                 "cut at {cut}"
             );
         }
-        install(&db, &path, &meta).unwrap();
+        let before = index.read().unwrap().history_at(u64::MAX);
+        install(&db, &index, &path, &meta).unwrap();
+        assert_eq!(index.read().unwrap().history_at(u64::MAX), before);
     }
 }

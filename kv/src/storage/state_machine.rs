@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
@@ -15,11 +15,12 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::key_index::KeyIndex;
 use super::leases::{self, StoredLease, LEASES, LEASE_KEYS};
 use super::snapshot::{self, SnapshotFile};
 use super::{
-    any, blocking, encode, IoMode, HISTORY, KV, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
-    SESSION_SEEN, SM_META, SYSTEM,
+    any, blocking, encode, IoMode, REVISIONS, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN,
+    SM_META, SYSTEM,
 };
 use crate::api::*;
 use crate::lessor::Lessor;
@@ -31,7 +32,7 @@ use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-/// A key's value and metadata as stored in the `kv` and `kv_history` tables.
+/// A key's value and metadata as stored in `kv_revisions` (as `Some`; `None` is a delete).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredKv {
     pub value: Vec<u8>,
@@ -67,6 +68,8 @@ pub struct StoreStatus {
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub(super) db: Arc<Database>,
+    /// Each key's revisions (see `key_index` for how readers and apply share it).
+    pub(super) index: Arc<RwLock<KeyIndex>>,
     snapshot_dir: PathBuf,
     /// Proposals this node waits for, by [`Batch::proposal`].
     waiters: Arc<std::sync::Mutex<HashMap<u128, oneshot::Sender<Vec<CommandResult>>>>>,
@@ -180,7 +183,12 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(db: Arc<Database>, snapshot_dir: PathBuf, io: IoMode) -> Self {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        snapshot_dir: PathBuf,
+        io: IoMode,
+    ) -> Result<Self, redb::Error> {
+        let index = Arc::new(RwLock::new(load_index(&db)?));
         let revision = current_revision(&db).unwrap_or(0);
         let recent = Arc::new(super::recent::RecentChanges::default());
         recent.reset(revision, compaction_point(&db).unwrap_or(0));
@@ -189,8 +197,9 @@ impl StateMachineStore {
             Ok(all) => lessor.reset(all, tokio::time::Instant::now()),
             Err(e) => tracing::error!("cannot load leases: {e}"),
         }
-        StateMachineStore {
+        Ok(StateMachineStore {
             db,
+            index,
             snapshot_dir,
             waiters: Default::default(),
             io,
@@ -200,7 +209,7 @@ impl StateMachineStore {
             lessor,
             recent,
             metrics: Default::default(),
-        }
+        })
     }
 
     /// The store's metrics (log flushes and applies), for the node to register and serve.
@@ -271,9 +280,9 @@ impl StateMachineStore {
         if let Some(page) = self.recent.read(&req) {
             return Ok(page);
         }
-        let db = self.db.clone();
+        let (db, index) = (self.db.clone(), self.index.clone());
         self.io
-            .run(move || super::changes::read(&db, &req))
+            .run(move || super::changes::read(&db, &index, &req))
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?
     }
@@ -360,9 +369,9 @@ impl StateMachineStore {
     /// reaches the leader's read index first).
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, ReadError> {
         req.validate()?;
-        let db = self.db.clone();
+        let (db, index) = (self.db.clone(), self.index.clone());
         self.io
-            .run(move || range_blocking(&db, &req))
+            .run(move || range_blocking(&db, &index, &req))
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?
     }
@@ -441,10 +450,15 @@ impl StateMachineStore {
     /// transaction. Replicas that applied the same log prefix have equal digests; tests and
     /// operators compare them across nodes.
     pub async fn state_digest(&self) -> Result<StateDigest, ReadError> {
-        let db = self.db.clone();
+        let (db, index) = (self.db.clone(), self.index.clone());
         self.io
             .run(move || -> SmResult<StateDigest> {
-                let txn = db.begin_read()?;
+                let (txn, history) = {
+                    let index = index.read().expect("key index lock");
+                    let txn = db.begin_read()?;
+                    let revision = meta_get(&txn.open_table(SM_META)?, "revision")?.unwrap_or(0);
+                    (txn, index.history_at(revision))
+                };
                 let mut hasher = blake3::Hasher::new();
                 let mut feed = |table: &str, k: &[u8], v: &[u8]| {
                     for part in [table.as_bytes(), k, v] {
@@ -459,17 +473,27 @@ impl StateMachineStore {
                 }
                 let last_applied: Option<LogId> = meta_get(&meta, "last_applied")?.flatten();
                 let revision = meta_get(&meta, "revision")?.unwrap_or(0);
-                let kv = txn.open_table(KV)?;
+                // The same rows in the same order as the key space and history tables of
+                // earlier stores: digests stay comparable across the change of layout.
+                let revisions = txn.open_table(REVISIONS)?;
                 let mut keys = 0;
-                for item in kv.iter()? {
-                    let (k, v) = item?;
-                    feed("kv", k.value(), v.value());
-                    keys += 1;
+                for (key, revs) in &history {
+                    let newest = revs.last().expect("history_at lists keys with writes");
+                    if newest.live {
+                        let record = record_bytes(&revisions, newest.revision, key)?;
+                        feed("kv", key, &record[1..]);
+                        keys += 1;
+                    }
                 }
-                for item in txn.open_table(HISTORY)?.iter()? {
-                    let (k, v) = item?;
-                    let (key, rev) = k.value();
-                    feed("history", &[key, &rev.to_be_bytes()].concat(), v.value());
+                for (key, revs) in &history {
+                    for r in revs {
+                        let record = record_bytes(&revisions, r.revision, key)?;
+                        feed(
+                            "history",
+                            &[key.as_slice(), &r.revision.to_be_bytes()].concat(),
+                            &record,
+                        );
+                    }
                 }
                 for item in txn.open_table(SESSIONS)?.iter()? {
                     let (k, v) = item?;
@@ -513,6 +537,41 @@ impl StateMachineStore {
     }
 }
 
+/// The stored bytes of `key`'s record at `revision`, which the key index names (so it exists:
+/// its absence is corruption).
+pub(super) fn record_bytes(
+    table: &impl ReadableTable<(u64, &'static [u8]), &'static [u8]>,
+    revision: Revision,
+    key: &[u8],
+) -> Result<Vec<u8>, redb::Error> {
+    match table.get((revision, key))? {
+        Some(v) => Ok(v.value().to_vec()),
+        None => Err(redb::Error::Corrupted(format!(
+            "the key index names revision {revision} of key {key:?}, which is not stored"
+        ))),
+    }
+}
+
+/// [`record_bytes`], decoded.
+pub(super) fn record(
+    table: &impl ReadableTable<(u64, &'static [u8]), &'static [u8]>,
+    revision: Revision,
+    key: &[u8],
+) -> Result<Option<StoredKv>, redb::Error> {
+    postcard::from_bytes(&record_bytes(table, revision, key)?).map_err(corrupt)
+}
+
+/// Builds the key index from the store's records.
+pub(super) fn load_index(db: &Database) -> Result<KeyIndex, redb::Error> {
+    let txn = db.begin_read()?;
+    match txn.open_table(REVISIONS) {
+        Ok(table) => KeyIndex::load(&table),
+        // A store not yet written to.
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(KeyIndex::default()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// See [`StateMachineStore::state_digest`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateDigest {
@@ -538,126 +597,63 @@ fn current_revision(db: &Database) -> SmResult<Revision> {
     Ok(meta_get(&meta, "revision")?.unwrap_or(0))
 }
 
-fn range_blocking(db: &Database, req: &RangeRequest) -> Result<RangeResponse, ReadError> {
+fn range_blocking(
+    db: &Database,
+    index: &RwLock<KeyIndex>,
+    req: &RangeRequest,
+) -> Result<RangeResponse, ReadError> {
     let storage = |e: redb::Error| ReadError::Storage(e.to_string());
-    let txn = db.begin_read().map_err(|e| storage(e.into()))?;
-    let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
-    let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
-    let compacted: Revision = meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
-    let revision = if req.revision == 0 {
-        current
-    } else {
-        req.revision
-    };
-    if revision > current {
-        return Err(ReadError::FutureRevision {
-            requested: revision,
-            current,
-        });
-    }
-    if revision < compacted {
-        return Err(ReadError::Compacted {
-            requested: revision,
-            compacted,
-        });
-    }
     let limit = if req.limit == 0 {
         MAX_RANGE_LIMIT
     } else {
         req.limit
     } as usize;
+    // Under the index's read lock: the transaction, and which record holds each key's value
+    // (one more than the limit, to tell whether there is more).
+    let (txn, revision, found) = {
+        let index = index.read().expect("key index lock");
+        let txn = db.begin_read().map_err(|e| storage(e.into()))?;
+        let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
+        let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
+        let compacted: Revision = meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
+        let revision = if req.revision == 0 {
+            current
+        } else {
+            req.revision
+        };
+        if revision > current {
+            return Err(ReadError::FutureRevision {
+                requested: revision,
+                current,
+            });
+        }
+        if revision < compacted {
+            return Err(ReadError::Compacted {
+                requested: revision,
+                compacted,
+            });
+        }
+        let found = index.live_at(&req.start, req.end.as_deref(), revision, limit + 1);
+        (txn, revision, found)
+    };
+    let table = txn.open_table(REVISIONS).map_err(|e| storage(e.into()))?;
     let mut kvs = Vec::new();
     let mut more = false;
     // Bytes of the page so far: a page stops at MAX_RANGE_BYTES (never empty).
     let mut bytes = 0usize;
-    let full = |kvs: &Vec<KeyValue>, bytes: usize, next: usize| {
-        kvs.len() == limit || (!kvs.is_empty() && bytes + next > MAX_RANGE_BYTES)
-    };
-    let start = req.start.as_slice();
-    let end: Option<&[u8]> = req.end.as_deref();
-    if matches!(end, Some(e) if !e.is_empty() && e <= start) {
-        return Ok(RangeResponse {
-            kvs,
-            more,
-            revision,
-        });
-    }
-    if revision == current {
-        let table = txn.open_table(KV).map_err(|e| storage(e.into()))?;
-        match end {
-            None => {
-                if let Some(v) = table.get(start).map_err(|e| storage(e.into()))? {
-                    let stored: StoredKv =
-                        postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
-                    kvs.push(stored.into_kv(start.to_vec()));
-                }
-            }
-            Some(end) => {
-                let iter = if end.is_empty() {
-                    table.range(start..)
-                } else {
-                    table.range(start..end)
-                }
-                .map_err(|e| storage(e.into()))?;
-                for item in iter {
-                    let (k, v) = item.map_err(|e| storage(e.into()))?;
-                    let size = k.value().len() + v.value().len();
-                    if full(&kvs, bytes, size) {
-                        more = true;
-                        break;
-                    }
-                    let stored: StoredKv =
-                        postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
-                    bytes += size;
-                    kvs.push(stored.into_kv(k.value().to_vec()));
-                }
-            }
+    for (key, at) in found {
+        let stored = record(&table, at, &key).map_err(storage)?.ok_or_else(|| {
+            storage(redb::Error::Corrupted(format!(
+                "the key index says key {key:?} lives at revision {at}, which deleted it"
+            )))
+        })?;
+        let size = key.len() + stored.value.len();
+        if kvs.len() == limit || (!kvs.is_empty() && bytes + size > MAX_RANGE_BYTES) {
+            more = true;
+            break;
         }
-    } else {
-        // Historical read: for each key, the newest history record at or below `revision`,
-        // found by seeking (not by scanning the key's older versions).
-        let table = txn.open_table(HISTORY).map_err(|e| storage(e.into()))?;
-        let mut next: Option<Key> = Some(start.to_vec());
-        while let Some(from) = next.take() {
-            // The next key with history, at or after `from`, inside the range.
-            let key: Key = match end {
-                None => from,
-                _ => {
-                    let mut iter = match end {
-                        Some([]) | None => table.range((from.as_slice(), 0u64)..),
-                        Some(e) => table.range((from.as_slice(), 0u64)..(e, 0u64)),
-                    }
-                    .map_err(|e| storage(e.into()))?;
-                    match iter.next() {
-                        None => break,
-                        Some(item) => item.map_err(|e| storage(e.into()))?.0.value().0.to_vec(),
-                    }
-                }
-            };
-            let newest = table
-                .range((key.as_slice(), 0u64)..=(key.as_slice(), revision))
-                .map_err(|e| storage(e.into()))?
-                .next_back();
-            if let Some(item) = newest {
-                let (_, v) = item.map_err(|e| storage(e.into()))?;
-                let record: Option<StoredKv> =
-                    postcard::from_bytes(v.value()).map_err(|e| storage(corrupt(e)))?;
-                if let Some(stored) = record {
-                    let size = key.len() + stored.value.len();
-                    if full(&kvs, bytes, size) {
-                        more = true;
-                        break;
-                    }
-                    bytes += size;
-                    kvs.push(stored.into_kv(key.clone()));
-                }
-            }
-            if end.is_some() {
-                let mut after = key;
-                after.push(0);
-                next = Some(after);
-            }
-        }
+        bytes += size;
+        kvs.push(stored.into_kv(key));
     }
     Ok(RangeResponse {
         kvs,
@@ -717,9 +713,11 @@ fn storage_read(e: redb::StorageError) -> ReadError {
 /// Applies committed batches inside one write transaction. Tables are opened once per
 /// transaction, not per command.
 struct Applier<'t> {
-    kv: redb::Table<'t, &'static [u8], &'static [u8]>,
-    history: redb::Table<'t, (&'static [u8], u64), &'static [u8]>,
-    changes: redb::Table<'t, (u64, &'static [u8]), ()>,
+    revisions: redb::Table<'t, (u64, &'static [u8]), &'static [u8]>,
+    /// Gains each write as it is made (before the commit; see `key_index`).
+    index: &'t RwLock<KeyIndex>,
+    /// What compactions dropped, forgotten by the index as the transaction commits.
+    compacted_records: Vec<(Revision, Key)>,
     sessions: redb::Table<'t, (u64, u64), &'static [u8]>,
     floors: redb::Table<'t, u64, u64>,
     seen: redb::Table<'t, u64, u64>,
@@ -741,6 +739,30 @@ struct Applier<'t> {
 }
 
 impl Applier<'_> {
+    /// The current value of `key`, if it exists.
+    fn current(&self, key: &[u8]) -> SmResult<Option<StoredKv>> {
+        let newest = self
+            .index
+            .read()
+            .expect("key index lock")
+            .at(key, Revision::MAX);
+        match newest {
+            Some(r) if r.live => record(&self.revisions, r.revision, key),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores `key`'s record at `revision` (`None`: deleted) and indexes it.
+    fn write(&mut self, key: &[u8], revision: Revision, stored: Option<&StoredKv>) -> SmResult<()> {
+        self.revisions
+            .insert((revision, key), encode(&stored).as_slice())?;
+        self.index
+            .write()
+            .expect("key index lock")
+            .record(key, revision, stored.is_some());
+        Ok(())
+    }
+
     fn apply_command(&mut self, cmd: &Command) -> SmResult<CommandResult> {
         let Some(s) = cmd.session else {
             return self.apply_op(&cmd.op);
@@ -912,14 +934,7 @@ impl Applier<'_> {
             WriteOp::Txn(txn) => {
                 let mut succeeded = true;
                 for c in &txn.compare {
-                    let current = match self.kv.get(c.key.as_slice())? {
-                        Some(v) => Some(
-                            postcard::from_bytes::<StoredKv>(v.value())
-                                .map_err(corrupt)?
-                                .into_kv(c.key.clone()),
-                        ),
-                        None => None,
-                    };
+                    let current = self.current(&c.key)?.map(|s| s.into_kv(c.key.clone()));
                     if !c.holds(current.as_ref()) {
                         succeeded = false;
                         break;
@@ -1081,38 +1096,18 @@ impl Applier<'_> {
                     }));
                 }
                 // Keep, per key, every record at or above `revision` plus the newest one below
-                // it (unless that one is a delete): reads at >= `revision` stay exact.
-                let mut doomed: Vec<(Key, u64)> = Vec::new();
-                let mut last_below: Option<(Key, u64, bool)> = None; // (key, rev, is_delete)
-                for item in self.history.iter()? {
-                    let (k, v) = item?;
-                    let (key, rev) = k.value();
-                    if let Some((lk, lrev, ldel)) = &last_below {
-                        if lk.as_slice() != key || rev < revision {
-                            // The previous record is superseded (same key, also below) or the
-                            // last below for its key (then only a delete may go).
-                            if lk.as_slice() == key || *ldel {
-                                doomed.push((lk.clone(), *lrev));
-                            }
-                            last_below = None;
-                        }
-                    }
-                    if rev < revision {
-                        let is_delete = v.value() == encode(&None::<StoredKv>).as_slice();
-                        last_below = Some((key.to_vec(), rev, is_delete));
-                    }
+                // it (unless that one is a delete): reads at >= `revision` stay exact. Watches
+                // cannot start below the compaction point, so what remains below it is only
+                // ever read through the index.
+                let doomed = self
+                    .index
+                    .read()
+                    .expect("key index lock")
+                    .compacted_below(revision);
+                for (rev, key) in &doomed {
+                    self.revisions.remove((*rev, key.as_slice()))?;
                 }
-                if let Some((lk, lrev, true)) = last_below {
-                    doomed.push((lk, lrev));
-                }
-                for (k, rev) in &doomed {
-                    self.history.remove((k.as_slice(), *rev))?;
-                }
-                // Watches cannot start below the compaction point.
-                self.changes
-                    .retain_in((0u64, [].as_slice())..(revision, [].as_slice()), |_, _| {
-                        false
-                    })?;
+                self.compacted_records.extend(doomed);
                 self.compacted = revision;
                 Ok(Ok(WriteOutcome::Compact {
                     revision: self.revision,
@@ -1129,10 +1124,7 @@ impl Applier<'_> {
             if !needs_key && options.lease == 0 {
                 continue;
             }
-            let current = match self.kv.get(key.as_slice())? {
-                Some(v) => Some(postcard::from_bytes::<StoredKv>(v.value()).map_err(corrupt)?),
-                None => None,
-            };
+            let current = self.current(key)?;
             if needs_key && current.is_none() {
                 return Ok(Err(ApplyError::KeyNotFound { key: key.to_vec() }));
             }
@@ -1220,10 +1212,7 @@ impl Applier<'_> {
         options: &PutOptions,
         revision: Revision,
     ) -> SmResult<Option<KeyValue>> {
-        let prev: Option<StoredKv> = match self.kv.get(key.as_slice())? {
-            Some(v) => Some(postcard::from_bytes(v.value()).map_err(corrupt)?),
-            None => None,
-        };
+        let prev = self.current(key)?;
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (revision, 1),
@@ -1258,12 +1247,7 @@ impl Applier<'_> {
                 prev_kv: before.clone(),
             },
         ));
-        self.kv.insert(key.as_slice(), encode(&stored).as_slice())?;
-        self.history.insert(
-            (key.as_slice(), revision),
-            encode(&Some(&stored)).as_slice(),
-        )?;
-        self.changes.insert((revision, key.as_slice()), ())?;
+        self.write(key, revision, Some(&stored))?;
         Ok(if prev_kv { before } else { None })
     }
 
@@ -1276,39 +1260,23 @@ impl Applier<'_> {
         prev_kv: bool,
         revision: Revision,
     ) -> SmResult<(u64, Vec<KeyValue>)> {
-        let kv = &mut self.kv;
-        let mut doomed: Vec<(Key, StoredKv)> = Vec::new();
-        let mut collect = |k: &[u8], v: &[u8]| -> SmResult<()> {
-            doomed.push((k.to_vec(), postcard::from_bytes(v).map_err(corrupt)?));
-            Ok(())
-        };
-        match end {
-            None => {
-                if let Some(v) = kv.get(start.as_slice())? {
-                    collect(start, v.value())?;
-                }
-            }
-            Some(e) if !e.is_empty() && e <= start.as_slice() => {}
-            Some(e) => {
-                let iter = if e.is_empty() {
-                    kv.range(start.as_slice()..)?
-                } else {
-                    kv.range(start.as_slice()..e)?
-                };
-                for item in iter {
-                    let (k, v) = item?;
-                    collect(k.value(), v.value())?;
-                }
-            }
+        let live = self.index.read().expect("key index lock").live_at(
+            start,
+            end,
+            Revision::MAX,
+            usize::MAX,
+        );
+        let mut doomed: Vec<(Key, StoredKv)> = Vec::with_capacity(live.len());
+        for (key, at) in live {
+            let stored = record(&self.revisions, at, &key)?.ok_or_else(|| {
+                redb::Error::Corrupted(format!("key {key:?} indexed live at a delete ({at})"))
+            })?;
+            doomed.push((key, stored));
         }
-        let tombstone = encode(&None::<StoredKv>);
         let mut prev = Vec::new();
         let count = doomed.len() as u64;
         for (k, p) in doomed {
-            self.kv.remove(k.as_slice())?;
-            self.history
-                .insert((k.as_slice(), revision), tombstone.as_slice())?;
-            self.changes.insert((revision, k.as_slice()), ())?;
+            self.write(&k, revision, None)?;
             self.attach(p.lease, &k, false)?;
             let before = p.into_kv(k.clone());
             let gone = KeyValue {
@@ -1354,7 +1322,12 @@ struct Applied {
 }
 
 /// Applies `entries` in one transaction.
-fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied> {
+fn apply_entries(
+    db: &Database,
+    index: &RwLock<KeyIndex>,
+    n: u64,
+    entries: Vec<Entry>,
+) -> SmResult<Applied> {
     let started = std::time::Instant::now();
     let count = entries.len();
     let mut txn = db.begin_write()?;
@@ -1368,6 +1341,7 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
     let (revision_before, compacted_after);
     let lease_changes;
     let mut events;
+    let compacted_records;
     {
         let (revision, compacted, lease_grants) = {
             let meta = txn.open_table(SM_META)?;
@@ -1378,9 +1352,9 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
             )
         };
         let mut applier = Applier {
-            kv: txn.open_table(KV)?,
-            history: txn.open_table(HISTORY)?,
-            changes: txn.open_table(super::changes::CHANGES)?,
+            revisions: txn.open_table(REVISIONS)?,
+            index,
+            compacted_records: Vec::new(),
             sessions: txn.open_table(SESSIONS)?,
             floors: txn.open_table(SESSION_FLOORS)?,
             seen: txn.open_table(SESSION_SEEN)?,
@@ -1431,6 +1405,7 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
         compacted_after = compacted;
         lease_changes = std::mem::take(&mut applier.lease_changes);
         events = std::mem::take(&mut applier.events);
+        compacted_records = std::mem::take(&mut applier.compacted_records);
         drop(applier);
         let mut meta = txn.open_table(SM_META)?;
         meta.insert("last_applied", encode(&last_applied).as_slice())?;
@@ -1443,7 +1418,15 @@ fn apply_entries(db: &Database, n: u64, entries: Vec<Entry>) -> SmResult<Applied
             meta.insert("membership", encode(&m).as_slice())?;
         }
     }
-    txn.commit()?;
+    if compacted_records.is_empty() {
+        txn.commit()?;
+    } else {
+        // Readers take the index's read lock before their transaction: none sees the
+        // compacted records gone from the table but still in the index (or the reverse).
+        let mut index = index.write().expect("key index lock");
+        txn.commit()?;
+        index.remove(&compacted_records);
+    }
     tracing::trace!(
         entries = count,
         micros = started.elapsed().as_micros() as u64,
@@ -1517,9 +1500,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .sum::<u64>(),
         );
         let started = std::time::Instant::now();
+        let index = self.index.clone();
         let applied = blocking(self.io, move || {
-            apply_entries(&db, n, entries)
-                .map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+            apply_entries(&db, &index, n, entries).map_err(|e| {
+                // The index may hold writes that never committed: rebuild it from what did.
+                match load_index(&db) {
+                    Ok(fresh) => *index.write().expect("key index lock") = fresh,
+                    Err(e) => tracing::error!("cannot rebuild the key index: {e}"),
+                }
+                StorageIOError::write_state_machine(any(e)).into()
+            })
         })
         .await?;
         let Applied {
@@ -1578,8 +1568,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
         let path = snapshot.path().to_path_buf();
         drop(snapshot);
+        let index = self.index.clone();
         let (revision, compacted, all_leases) = blocking(self.io, move || {
-            snapshot::install(&db, &path, &meta)
+            snapshot::install(&db, &index, &path, &meta)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
             snapshot::make_current(&dir, &path)
                 .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
@@ -1625,10 +1616,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let db = self.db.clone();
+        let (db, index) = (self.db.clone(), self.index.clone());
         let dir = self.snapshot_dir.clone();
         let (meta, path) = blocking(self.io, move || {
-            snapshot::build(&db, &dir)
+            snapshot::build(&db, &index, &dir)
                 .map_err(|e| StorageIOError::write_snapshot(None, any(e)).into())
         })
         .await?;
@@ -1685,7 +1676,8 @@ mod tests {
                 super::super::create_sm_tables(&txn).unwrap();
                 txn.commit().unwrap();
                 let mut sm =
-                    StateMachineStore::new(Arc::new(db), dir.path().join("snap"), IoMode::Inline);
+                    StateMachineStore::new(Arc::new(db), dir.path().join("snap"), IoMode::Inline)
+                        .unwrap();
                 // The model: the whole state after each revision.
                 let mut states: Vec<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> =
                     vec![Default::default()];
@@ -1765,7 +1757,7 @@ mod tests {
     fn a_watch_made_during_an_apply_fires_when_it_lands() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Database::create(dir.path().join("sm.redb")).unwrap());
-        let sm = StateMachineStore::new(db, dir.path().join("snap"), IoMode::Inline);
+        let sm = StateMachineStore::new(db, dir.path().join("snap"), IoMode::Inline).unwrap();
         let early = sm.watch_system_prefix(b"other/");
         // The batch is inspected, then a watch is made, then the batch commits.
         let writes = SystemWrites::of(&[system_put("auth/x")]);
