@@ -172,12 +172,13 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Writes a snapshot of the state machine as of one read transaction, makes it the current
-/// snapshot, and returns its metadata and path.
+/// snapshot, and returns its metadata, path, and the file opened for reading (before it was
+/// made current: a later build may replace the path at any time).
 pub(super) fn build(
     db: &Database,
     index: &RwLock<KeyIndex>,
     dir: &Path,
-) -> Result<(SnapshotMeta, PathBuf), SnapshotError> {
+) -> Result<(SnapshotMeta, PathBuf, std::fs::File), SnapshotError> {
     // Each key's writes as of the transaction (see `key_index` for the lock order).
     let (txn, history) = {
         let index = index.read().expect("key index lock");
@@ -327,6 +328,7 @@ pub(super) fn build(
     let file = w.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     drop(file);
+    let reader = std::fs::File::open(&tmp)?;
     let path = make_current(dir, &tmp)?;
     Ok((
         SnapshotMeta {
@@ -335,6 +337,7 @@ pub(super) fn build(
             snapshot_id,
         },
         path,
+        reader,
     ))
 }
 
@@ -354,35 +357,41 @@ pub(super) fn make_current(dir: &Path, path: &Path) -> std::io::Result<PathBuf> 
     Ok(current)
 }
 
-/// The current snapshot's metadata and path, if there is one.
+/// The current snapshot's metadata and path, with the file opened once, rewound to its start
+/// (the metadata and the bytes then come from the same file even if a build replaces the path
+/// meanwhile), if there is one.
 pub(super) fn read_current_meta(
     dir: &Path,
-) -> Result<Option<(SnapshotMeta, PathBuf)>, SnapshotError> {
+) -> Result<Option<(SnapshotMeta, PathBuf, std::fs::File)>, SnapshotError> {
+    use std::io::{Seek, SeekFrom};
     let path = dir.join(CURRENT);
-    let file = match std::fs::File::open(&path) {
+    let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let mut r = BufReader::new(file);
-    read_magic(&mut r)?;
-    match read_row(&mut r)? {
-        SnapshotRow::Meta {
-            last_applied,
-            membership,
-            snapshot_id,
-        } => Ok(Some((
-            SnapshotMeta {
+    let meta = {
+        let mut r = BufReader::new(&file);
+        read_magic(&mut r)?;
+        match read_row(&mut r)? {
+            SnapshotRow::Meta {
+                last_applied,
+                membership,
+                snapshot_id,
+            } => SnapshotMeta {
                 last_log_id: last_applied,
                 last_membership: membership,
                 snapshot_id,
             },
-            path,
-        ))),
-        _ => Err(SnapshotError::Malformed(
-            "first row is not the metadata".into(),
-        )),
-    }
+            _ => {
+                return Err(SnapshotError::Malformed(
+                    "first row is not the metadata".into(),
+                ))
+            }
+        }
+    };
+    file.seek(SeekFrom::Start(0))?;
+    Ok(Some((meta, path, file)))
 }
 
 /// Replaces the whole state machine with the snapshot at `path`, in one durable transaction.
@@ -518,12 +527,13 @@ impl SnapshotFile {
         Ok(SnapshotFile { path, file })
     }
 
-    pub(super) async fn open(path: PathBuf, io: IoMode) -> std::io::Result<Self> {
+    /// A snapshot file already opened for reading (as `path`).
+    pub(super) fn opened(path: PathBuf, file: std::fs::File, io: IoMode) -> Self {
         let file = match io {
-            IoMode::Threads => FileIo::Pool(tokio::fs::File::open(&path).await?),
-            IoMode::Inline => FileIo::Inline(std::fs::File::open(&path)?),
+            IoMode::Threads => FileIo::Pool(tokio::fs::File::from_std(file)),
+            IoMode::Inline => FileIo::Inline(file),
         };
-        Ok(SnapshotFile { path, file })
+        SnapshotFile { path, file }
     }
 
     /// Flushes and fsyncs a received file before it is read back.
@@ -663,7 +673,7 @@ mod tests {
         let index = RwLock::new(super::super::state_machine::load_index(&db).unwrap());
         let snaps = dir.path().join("snaps");
         std::fs::create_dir_all(&snaps).unwrap();
-        let (meta, path) = build(&db, &index, &snaps).unwrap();
+        let (meta, path, _) = build(&db, &index, &snaps).unwrap();
         let full = std::fs::read(&path).unwrap();
         // Every strict prefix fails; the whole file installs.
         for cut in [MAGIC.len(), full.len() / 2, full.len() - 1] {
@@ -680,5 +690,52 @@ mod tests {
         let before = index.read().unwrap().history_at(u64::MAX);
         install(&db, &index, &path, &meta).unwrap();
         assert_eq!(index.read().unwrap().history_at(u64::MAX), before);
+    }
+
+    /// A snapshot being sent keeps the bytes it was announced with while newer builds replace
+    /// the current file (a follower once received a newer build announced as the older one,
+    /// and refused it, until the test timed out).
+    #[test]
+    fn a_snapshot_keeps_its_bytes_when_a_newer_build_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("s.redb")).unwrap();
+        let index = RwLock::new(KeyIndex::default());
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let applied = |i: u64| {
+            let txn = db.begin_write().unwrap();
+            super::super::create_sm_tables(&txn).unwrap();
+            let id = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), i));
+            txn.open_table(SM_META)
+                .unwrap()
+                .insert("last_applied", encode(&id).as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+            id
+        };
+        let meta_in = |file: &std::fs::File| match read_row(&mut {
+            let mut r = BufReader::new(file);
+            read_magic(&mut r).unwrap();
+            r
+        })
+        .unwrap()
+        {
+            SnapshotRow::Meta { last_applied, .. } => last_applied,
+            _ => panic!("no metadata first"),
+        };
+        let first = applied(1);
+        let (meta, _, built) = build(&db, &index, &snaps).unwrap();
+        assert_eq!(meta.last_log_id, first);
+        let (current, _, opened) = read_current_meta(&snaps).unwrap().unwrap();
+        assert_eq!(current.last_log_id, first);
+        applied(2);
+        build(&db, &index, &snaps).unwrap();
+        // Both handles still read the first build; the path now holds the second.
+        assert_eq!(meta_in(&built), first);
+        assert_eq!(meta_in(&opened), first);
+        assert_eq!(
+            read_current_meta(&snaps).unwrap().unwrap().0.last_log_id,
+            Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2))
+        );
     }
 }

@@ -1601,15 +1601,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await?;
         match found {
             None => Ok(None),
-            Some((meta, path)) => {
-                let file = SnapshotFile::open(path, self.io)
-                    .await
-                    .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
-                Ok(Some(Snapshot {
-                    meta,
-                    snapshot: Box::new(file),
-                }))
-            }
+            Some((meta, path, file)) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(SnapshotFile::opened(path, file, self.io)),
+            })),
         }
     }
 }
@@ -1618,17 +1613,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (db, index) = (self.db.clone(), self.index.clone());
         let dir = self.snapshot_dir.clone();
-        let (meta, path) = blocking(self.io, move || {
+        let (meta, path, file) = blocking(self.io, move || {
             snapshot::build(&db, &index, &dir)
                 .map_err(|e| StorageIOError::write_snapshot(None, any(e)).into())
         })
         .await?;
-        let file = SnapshotFile::open(path, self.io)
-            .await
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        // The file as built: the path may already hold a newer build.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(SnapshotFile::opened(path, file, self.io)),
         })
     }
 }
