@@ -893,6 +893,10 @@ pub struct NodeFigures {
     pub watches: u64,
     /// Where the node serves Prometheus metrics, if it does.
     pub metrics_addr: Option<String>,
+    /// Where the node serves automerge-repo's WebSocket protocol, if it does.
+    pub automerge_repo_addr: Option<String>,
+    /// automerge-repo connections open on the node.
+    pub automerge_repo_connections: u64,
 }
 
 impl ClientRequest {

@@ -31,8 +31,8 @@ pub mod view;
 pub use name::DocName;
 pub use stored::{
     assemble, changes_in, load_saved, parse_change, plan_batch, plan_changes, plan_compaction,
-    plan_create, plan_delete, plan_import, plan_replace, read_doc, Accepted, BatchPlan, ChangePlan,
-    Compaction, Merged, StoredDoc,
+    plan_create, plan_delete, plan_import, plan_replace, read_doc, received_changes, split_chunks,
+    Accepted, BatchPlan, ChangePlan, Compaction, Merged, StoredDoc,
 };
 
 use serde::{Deserialize, Serialize};

@@ -419,6 +419,52 @@ fn take_bytes<'a>(input: &mut &'a [u8], n: u64) -> Option<&'a [u8]> {
     Some(taken)
 }
 
+/// Splits bytes holding Automerge chunks end to end (what Automerge's `load_incremental`
+/// takes, e.g. the changes of an Automerge sync message) into the chunks, each with its type
+/// byte. Every length is checked against the bytes that remain; nothing is copied.
+pub fn split_chunks(bytes: &[u8]) -> Result<Vec<(u8, &[u8])>, DocError> {
+    let invalid = |at: usize, reason: &str| DocError::InvalidChange {
+        index: at,
+        reason: format!("chunk at byte {at}: {reason}"),
+    };
+    let mut chunks = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let chunk = &bytes[at..];
+        let mut rest = chunk
+            .strip_prefix(&CHUNK_MAGIC[..])
+            .ok_or_else(|| invalid(at, "not an Automerge chunk (bad magic bytes)"))?;
+        let (&kind, r) = rest
+            .get(4..)
+            .and_then(|r| r.split_first())
+            .ok_or_else(|| invalid(at, "truncated chunk header"))?;
+        rest = r;
+        let len = take_uleb(&mut rest).ok_or_else(|| invalid(at, "truncated chunk length"))?;
+        take_bytes(&mut rest, len)
+            .ok_or_else(|| invalid(at, "shorter than its declared length"))?;
+        let size = chunk.len() - rest.len();
+        chunks.push((kind, &chunk[..size]));
+        at += size;
+    }
+    Ok(chunks)
+}
+
+/// The changes in chunks received from an untrusted peer (an Automerge sync message's
+/// changes): each change chunk parsed as [`parse_change`] parses it (bounds first), each
+/// document chunk loaded as [`load_saved`] loads it and all its changes taken. CPU work:
+/// callers off the async executor.
+pub fn received_changes(bytes: &[u8]) -> Result<Vec<Change>, DocError> {
+    let mut changes = Vec::new();
+    for (index, (kind, chunk)) in split_chunks(bytes)?.into_iter().enumerate() {
+        if kind == CHUNK_DOCUMENT {
+            changes.extend(load_saved(chunk)?.get_changes(&[]));
+        } else {
+            changes.push(parse_change(index, chunk.to_vec())?);
+        }
+    }
+    Ok(changes)
+}
+
 /// Refuses, before Automerge sees them, bytes that are not exactly one document chunk (what
 /// `save` writes), and a document whose compressed columns inflate past `max` bytes in all:
 /// Automerge inflates columns with an unbounded `read_to_end`. Walks the chunk's layout
@@ -1404,6 +1450,53 @@ mod tests {
         }
     }
 
+    /// A document with `n` changes, each setting one key.
+    fn doc_of(n: usize) -> Automerge {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            let ops = crate::patch::parse(&format!(
+                r#"[{{"op": "set", "path": ["k{i}"], "value": {i}}}]"#
+            ))
+            .unwrap();
+            crate::patch::apply(&mut doc, &ops, None, 0).unwrap();
+        }
+        doc
+    }
+
+    #[test]
+    fn received_chunks_split_into_the_changes_they_hold() {
+        let doc = doc_of(5);
+        let changes: Vec<_> = doc.get_changes(&[]);
+        // Changes end to end, as an Automerge sync message (v2) carries them.
+        let stream: Vec<u8> = changes
+            .iter()
+            .flat_map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let split = split_chunks(&stream).unwrap();
+        assert_eq!(split.len(), 5);
+        let got: Vec<_> = received_changes(&stream)
+            .unwrap()
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        let want: Vec<_> = changes.iter().map(|c| c.hash()).collect();
+        assert_eq!(got, want);
+        // A whole saved document (what a sync message sends a peer that has nothing).
+        let got: Vec<_> = received_changes(&doc.save())
+            .unwrap()
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        assert_eq!(got.len(), 5);
+        assert!(want.iter().all(|h| got.contains(h)));
+        // Cut short, or followed by junk: refused.
+        assert!(split_chunks(&stream[..stream.len() - 1]).is_err());
+        let mut junk = stream.clone();
+        junk.push(0);
+        assert!(split_chunks(&junk).is_err());
+        assert!(split_chunks(&[]).unwrap().is_empty());
+    }
+
     proptest! {
         /// Arbitrary bytes, and a real saved document damaged anywhere, offered as a saved
         /// document: a typed error or a document, never a panic.
@@ -1423,6 +1516,28 @@ mod tests {
             let _ = load_saved(&saved);
             saved.truncate(i);
             let _ = load_saved(&saved);
+        }
+
+        /// Chunks received from a peer, arbitrary or damaged anywhere: changes or a typed
+        /// error, never a panic.
+        #[test]
+        fn received_chunks_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+        ) {
+            let _ = received_changes(&bytes);
+            let doc = doc_of(3);
+            let mut stream: Vec<u8> = doc
+                .get_changes(&[])
+                .iter()
+                .flat_map(|c| c.raw_bytes().to_vec())
+                .collect();
+            let i = at % stream.len();
+            stream[i] ^= byte | 1;
+            let _ = received_changes(&stream);
+            stream.truncate(i);
+            let _ = received_changes(&stream);
         }
 
         /// Whatever a node serves (or a disk returns), assembling it is a document or a

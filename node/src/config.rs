@@ -36,6 +36,9 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     /// A file holding the bearer token scrapers must present to `metrics`.
     pub metrics_token_file: Option<PathBuf>,
+    /// Serve automerge-repo's WebSocket sync protocol on this address (off by default).
+    /// Every connection must present a bearer token (`?token=` in the URL).
+    pub automerge_repo: Option<SocketAddr>,
     /// How often the leader checks (default: a tenth of the retention in periodic mode, at
     /// least 100 ms and at most an hour; 5 minutes in revision mode). Tests only.
     #[serde(skip)]
@@ -240,6 +243,7 @@ impl Default for NodeConfig {
             auto_compaction_every: None,
             metrics: None,
             metrics_token_file: None,
+            automerge_repo: None,
             test_fault: None,
             allow_fault_injection: false,
             join: None,

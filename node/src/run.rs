@@ -47,6 +47,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(f) = args.metrics_token_file {
         config.metrics_token_file = Some(f);
     }
+    if let Some(a) = args.automerge_repo {
+        config.automerge_repo = Some(a);
+    }
     args.dht.apply(&mut config.dht);
     if let Some(n) = args.blob_replicas {
         config.blobs.replicas = n;
@@ -97,12 +100,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let ticket = node.node_ticket();
     let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
     let metrics = node.state.cluster.metrics.serving.get().copied();
+    let repo = node.state.cluster.metrics.repo_serving.get().copied();
     match args.output {
         Output::Json => println!(
             "{}",
             serde_json::json!({ "node_id": format!("{:016x}", node.state.cluster.id), "addrs": addrs,
                                 "ticket": ticket.to_string(), "data_dir": config.data_dir,
-                                "metrics": metrics.map(|a| format!("http://{a}/metrics")) })
+                                "metrics": metrics.map(|a| format!("http://{a}/metrics")),
+                                "automerge_repo": repo.map(|a| format!("ws://{a}/")) })
         ),
         Output::Text => {
             println!(
@@ -114,6 +119,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             println!("data dir: {}", config.data_dir.display());
             if let Some(a) = metrics {
                 println!("metrics: http://{a}/metrics");
+            }
+            if let Some(a) = repo {
+                println!("automerge-repo: ws://{a}/");
             }
         }
     }

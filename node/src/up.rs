@@ -36,6 +36,10 @@ pub struct UpArgs {
     /// where; `aspen node run --metrics`).
     #[arg(long)]
     pub metrics: bool,
+    /// Every node serves automerge-repo's WebSocket protocol on a free loopback port (the
+    /// message lists where; `aspen node run --automerge-repo`).
+    #[arg(long)]
+    pub automerge_repo: bool,
     /// Output format of the "cluster is up" message.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: crate::cli::Output,
@@ -81,6 +85,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .arg(dir);
         if args.metrics {
             cmd.arg("--metrics").arg("127.0.0.1:0");
+        }
+        if args.automerge_repo {
+            cmd.arg("--automerge-repo").arg("127.0.0.1:0");
         }
         if !args.detach {
             cmd.arg("--exit-on-stdin-close").stdin(Stdio::piped());
@@ -159,14 +166,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .await
         .context("the cluster does not answer")?;
     client.close().await;
-    let mut metrics = Vec::new();
-    if args.metrics {
+    let (mut metrics, mut repos) = (Vec::new(), Vec::new());
+    if args.metrics || args.automerge_repo {
         for node in &tickets {
             let c = Client::connect_node(node.clone(), options.clone()).await?;
             let s = retry_while_starting(|| c.status()).await;
             c.close().await;
-            if let Some(addr) = s.context("a node does not answer")?.figures.metrics_addr {
+            let figures = s.context("a node does not answer")?.figures;
+            if let Some(addr) = figures.metrics_addr {
                 metrics.push(format!("http://{addr}/metrics"));
+            }
+            if let Some(addr) = figures.automerge_repo_addr {
+                repos.push(format!("ws://{addr}/"));
             }
         }
     }
@@ -183,12 +194,20 @@ pub async fn up(args: UpArgs) -> Result<()> {
             "identity_file": admin_path,
             "data_dir": args.data_dir,
             "metrics": metrics,
+            "automerge_repo": repos,
         });
         println!("{v}");
     } else {
         print_up_message(&args, &status, &ticket_path, &admin_path);
         if !metrics.is_empty() {
             println!("Metrics (Prometheus): {}", metrics.join(" "));
+            println!();
+        }
+        if !repos.is_empty() {
+            println!(
+                "automerge-repo (WebSocket; add ?token=..., see `aspen auth token issue --bearer`): {}",
+                repos.join(" ")
+            );
             println!();
         }
     }

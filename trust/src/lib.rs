@@ -42,6 +42,6 @@ pub use record::{
     RECORD_SALT, RECORD_VERSION, SIGNED_RECORD_VERSION,
 };
 pub use token::{
-    CapabilityToken, Link, TokenError, VerifiedToken, LINK_VERSION, MAX_CHAIN_LEN, MAX_TOKEN_BYTES,
-    TOKEN_TEXT_PREFIX, TOKEN_VERSION,
+    CapabilityToken, Link, TokenError, VerifiedToken, BEARER_AUDIENCE, LINK_VERSION, MAX_CHAIN_LEN,
+    MAX_TOKEN_BYTES, TOKEN_TEXT_PREFIX, TOKEN_VERSION,
 };

@@ -6,6 +6,12 @@
 //! delegate: issue a narrower token to another key, chained to the one it holds. A chain has at
 //! most [`MAX_CHAIN_LEN`] links (the root and three delegations).
 //!
+//! The one exception is a root token addressed to [`BEARER_AUDIENCE`]: callers that cannot
+//! prove a key (a browser page on the automerge-repo WebSocket listener) present it, and
+//! whoever holds it may use it there. No key can prove to be the bearer audience over QUIC,
+//! so such a token is refused on the client protocol, and it cannot be delegated (nobody can
+//! sign as its audience). Keep such tokens narrow and short-lived.
+//!
 //! What a token allows: the node verifies it ([`CapabilityToken::verify`]), then allows a
 //! request only if the leaf's permissions allow it AND the root issuer's own grants allow it at
 //! that moment. So a token never gives more than its root issuer holds now: taking a grant from
@@ -67,6 +73,9 @@ pub const TOKEN_VERSION: u8 = 1;
 pub const LINK_VERSION: u8 = 1;
 /// What a token's text form starts with.
 pub const TOKEN_TEXT_PREFIX: &str = "aspen-token-v1:";
+/// The audience of a bearer token: 32 zero bytes, which is no key anyone holds the secret of
+/// (and not a usable Ed25519 key: it encodes a point of small order).
+pub const BEARER_AUDIENCE: [u8; 32] = [0; 32];
 
 /// One signed step of a chain: `issuer` hands `permissions` to `audience` for
 /// `[not_before, expires_at)`.

@@ -102,8 +102,13 @@ pub enum TokenCommand {
 #[derive(Args, Debug)]
 pub struct IssueArgs {
     /// The key that may use the token (64 hex digits): it is not a bearer token.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "bearer", conflicts_with = "bearer")]
+    pub to: Option<String>,
+    /// A bearer token instead: whoever holds it may use it, on the automerge-repo WebSocket
+    /// listener only (browser pages cannot prove a key). Keep it narrow (e.g.
+    /// `doc:write:automerge/`) and short-lived; it cannot be delegated (--from).
+    #[arg(long, conflicts_with = "from")]
+    pub bearer: bool,
     /// Permissions it carries (KIND:ACTION:PATTERN), at most what you hold.
     #[arg(long, required = true, num_args = 1..)]
     pub allow: Vec<String>,
@@ -363,7 +368,10 @@ async fn whoami(args: ClientArgs) -> Result<()> {
 
 async fn issue(args: IssueArgs) -> Result<()> {
     let me = load_identity(args.identity.clone()).await?;
-    let audience = parse_key(&args.to)?;
+    let audience = match &args.to {
+        Some(to) => parse_key(to)?,
+        None => aspen_trust::BEARER_AUDIENCE,
+    };
     let ttl = parse_ttl(&args.ttl)?;
     let permissions: Vec<Permission> = args
         .allow
@@ -401,7 +409,7 @@ async fn issue(args: IssueArgs) -> Result<()> {
             json!({
                 "token": token.to_string(),
                 "hash": hex::encode(token.hash()),
-                "to": hex::encode(audience),
+                "to": if args.bearer { "bearer".to_string() } else { hex::encode(audience) },
                 "expires_at": crate::server::auth::chain_expiry(&token),
             })
         ),

@@ -192,6 +192,8 @@ fn print_status(s: &ClusterStatus, output: Output) {
                 "blob_bytes_out": s.figures.blob_bytes_out,
                 "watches": s.figures.watches,
                 "metrics": s.figures.metrics_addr.as_ref().map(|a| format!("http://{a}/metrics")),
+                "automerge_repo": s.figures.automerge_repo_addr.as_ref().map(|a| format!("ws://{a}/")),
+                "automerge_repo_connections": s.figures.automerge_repo_connections,
             },
         });
         println!("{v}");
@@ -240,6 +242,12 @@ fn print_status(s: &ClusterStatus, output: Output) {
     );
     if let Some(a) = &f.metrics_addr {
         println!("  metrics   http://{a}/metrics");
+    }
+    if let Some(a) = &f.automerge_repo_addr {
+        println!(
+            "  automerge-repo ws://{a}/ ({} connections)",
+            f.automerge_repo_connections
+        );
     }
     println!("members:");
     for m in &s.members {

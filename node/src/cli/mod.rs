@@ -174,7 +174,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
     /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot,
-    /// auto_compaction_mode, auto_compaction_retention, metrics, metrics_token_file, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
+    /// auto_compaction_mode, auto_compaction_retention, metrics, metrics_token_file,
+    /// automerge_repo, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
     /// record_validity_secs, and a [blobs] table: replicas, gc_grace_secs, gc_interval_secs).
     /// Flags override it.
     #[arg(long)]
@@ -202,6 +203,14 @@ pub struct RunArgs {
     /// Prometheus' `authorization.credentials_file`).
     #[arg(long, value_name = "FILE", requires = "metrics")]
     pub metrics_token_file: Option<PathBuf>,
+    /// Serve automerge-repo's WebSocket sync protocol at ws://ADDR/ (e.g. 127.0.0.1:3030;
+    /// port 0: any free port, the node prints where), so JavaScript apps using
+    /// @automerge/automerge-repo with its WebSocket adapter sync the cluster's documents.
+    /// Document id X is the Aspen document `automerge/X`. Every connection presents a
+    /// bearer token in the URL (ws://ADDR/?token=aspen-token-v1:...; see `aspen auth token
+    /// issue --bearer`). Plain WebSocket: put TLS in front of a non-loopback address.
+    #[arg(long, value_name = "ADDR")]
+    pub automerge_repo: Option<std::net::SocketAddr>,
     /// Seconds between the leader's automatic compaction checks (tests only).
     #[arg(long, hide = true)]
     pub auto_compaction_every: Option<f64>,

@@ -960,6 +960,13 @@ impl AuthService {
                 "grant what? name a role or a permission".into(),
             ));
         }
+        if key == aspen_trust::BEARER_AUDIENCE {
+            return Err(RpcError::BadRequest(
+                "the zero key stands for bearer-token callers and cannot hold a grant: \
+                 issue a bearer token instead (`aspen auth token issue --bearer`)"
+                    .into(),
+            ));
+        }
         // Roles created through another member just now must be known here.
         self.cluster.read_barrier().await?;
         self.reload_policy().await?;
@@ -1063,6 +1070,12 @@ impl AuthService {
     }
 
     fn present_token(&self, token: &[u8], access: &Access<'_>) -> Result<AuthResponse, RpcError> {
+        if access.key == aspen_trust::BEARER_AUDIENCE {
+            // No one holds that key's secret; a connection claiming it proved nothing.
+            return Err(RpcError::Token(
+                "bearer tokens are accepted only by the automerge-repo listener".into(),
+            ));
+        }
         let presented = verify_token(token, &access.key, &self.policy(), identity_now())?;
         *access.caller().token.lock().expect("token lock") = Some(presented);
         Ok(AuthResponse::Done)

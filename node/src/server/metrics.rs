@@ -114,6 +114,14 @@ pub struct NodeMetrics {
     error_total: AtomicU64,
     /// Where `--metrics` serves, once it does.
     pub serving: std::sync::OnceLock<SocketAddr>,
+    /// automerge-repo WebSocket connections open on this node.
+    pub repo_connections: Gauge,
+    /// automerge-repo upgrades refused (no or bad token, too many connections).
+    pub repo_refused: Counter,
+    /// automerge-repo messages received from apps.
+    pub repo_messages: Counter,
+    /// Where `--automerge-repo` serves, once it does.
+    pub repo_serving: std::sync::OnceLock<SocketAddr>,
 }
 
 impl NodeMetrics {
@@ -147,6 +155,10 @@ impl NodeMetrics {
             request_total: AtomicU64::new(0),
             error_total: AtomicU64::new(0),
             serving: Default::default(),
+            repo_connections: Gauge::default(),
+            repo_refused: Counter::default(),
+            repo_messages: Counter::default(),
+            repo_serving: Default::default(),
         };
         m.register_all(node_id);
         m
@@ -239,6 +251,21 @@ impl NodeMetrics {
             self.errors.clone(),
         );
         r.register("watches", "Watches open on this node", self.watches.clone());
+        r.register(
+            "automerge_repo_connections",
+            "automerge-repo WebSocket connections open on this node",
+            self.repo_connections.clone(),
+        );
+        r.register(
+            "automerge_repo_refused",
+            "automerge-repo WebSocket upgrades refused (no or bad token, too many connections)",
+            self.repo_refused.clone(),
+        );
+        r.register(
+            "automerge_repo_messages",
+            "automerge-repo messages received from apps",
+            self.repo_messages.clone(),
+        );
         r.register(
             "doc_changes_committed",
             "Automerge changes clients committed through this node (doc change requests)",
@@ -369,6 +396,8 @@ impl NodeMetrics {
             blob_bytes_out: self.blob_bytes_out.get(),
             watches: self.watches.get().max(0) as u64,
             metrics_addr: self.serving.get().map(|a| a.to_string()),
+            automerge_repo_addr: self.repo_serving.get().map(|a| a.to_string()),
+            automerge_repo_connections: self.repo_connections.get().max(0) as u64,
         }
     }
 }

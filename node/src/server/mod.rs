@@ -9,6 +9,7 @@
 
 mod admission;
 pub mod auth;
+pub mod automerge_repo;
 pub mod blobs;
 pub mod cluster;
 mod compaction;
@@ -87,6 +88,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    AutomergeRepo(#[from] automerge_repo::RepoListenError),
 }
 
 /// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
@@ -115,6 +118,8 @@ pub struct NodeState {
     pub auth: auth::AuthService,
     /// Whom this node takes Raft traffic from before it is a member.
     admission: Arc<admission::Admission>,
+    /// automerge-repo apps connected to this node (`--automerge-repo`).
+    pub repo: Arc<automerge_repo::RepoHub>,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft, never below what the leader had
@@ -229,6 +234,7 @@ impl RunningNode {
             blobs,
             namespaces: Arc::new(namespaces),
             admission,
+            repo: Arc::new(automerge_repo::RepoHub::new(id)),
         });
         peers.set_node(Arc::downgrade(&state));
         let _ = gate.node.set(Arc::downgrade(&state));
@@ -354,6 +360,23 @@ impl RunningNode {
                 listener,
                 Arc::downgrade(&state),
                 token,
+            )));
+        }
+        if let Some(addr) = config.automerge_repo {
+            let listener = automerge_repo::bind(addr).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| automerge_repo::RepoListenError::Bind(addr, e))?;
+            let _ = state.cluster.metrics.repo_serving.set(bound);
+            tracing::info!(%bound, "serving automerge-repo");
+            tasks.push(tokio::spawn(automerge_repo::serve(
+                listener,
+                Arc::downgrade(&state),
+                state.repo.clone(),
+            )));
+            tasks.push(tokio::spawn(automerge_repo::run_refresh(
+                Arc::downgrade(&state),
+                state.repo.clone(),
             )));
         }
         if let Some(dht) = &dht {

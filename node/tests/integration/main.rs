@@ -6,6 +6,7 @@ mod common;
 
 mod access;
 mod announcements;
+mod automerge_repo;
 mod bad_input;
 mod blobs;
 mod coordination;
