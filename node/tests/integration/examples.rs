@@ -26,11 +26,19 @@ impl Drop for Example {
 
 /// Runs `examples/NAME/run.sh` to completion; returns its standard output.
 fn run_example(name: &str) -> String {
+    run_example_with(name, &[], &[])
+}
+
+/// Runs `examples/NAME/run.sh ARGS...` with more environment to completion; returns its
+/// standard output.
+fn run_example_with(name: &str, args: &[&str], env: &[(&str, &std::path::Path)]) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = tempfile::NamedTempFile::new().unwrap();
     let err = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new("bash")
         .arg(root.join("examples").join(name).join("run.sh"))
+        .args(args)
+        .envs(env.iter().copied())
         .env("ASPEN_BIN", aspen_bin())
         .stdin(Stdio::null())
         .stdout(out.reopen().unwrap())
@@ -108,4 +116,29 @@ fn forge_clones_from_its_own_cluster_and_refuses_a_rewritten_ref() {
     );
     assert!(out.contains("through mirror"), "{out}");
     assert!(out.trim_end().ends_with("forge: OK"), "{out}");
+}
+
+/// The shared-list page in a real headless Chromium: two pages, each syncing through another
+/// member, see each other's items. The screenshots' paths are in the test's output.
+#[test]
+fn shared_list_pages_on_two_members_see_each_others_items() {
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("shared-list");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = run_example_with("shared-list", &["--check"], &[("SCREENSHOT_DIR", &shots)]);
+    println!("{out}");
+    assert!(out.trim_end().ends_with("shared-list: OK"), "{out}");
+    assert!(
+        out.contains(r#"["milk (from member A)","bread (from member B)"]"#),
+        "{out}"
+    );
+    for page in ["a", "b"] {
+        let shot = shots.join(format!("shared-list-{page}.png"));
+        let png = std::fs::read(&shot).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "{} is not a PNG",
+            shot.display()
+        );
+        println!("screenshot: {}", shot.display());
+    }
 }
