@@ -44,7 +44,7 @@ use aspen_repo_protocol::{DocumentId, Message, PeerMetadata, MAX_MESSAGE_BYTES, 
 use automerge::sync::{self, SyncDoc};
 use automerge::Automerge;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -72,6 +72,9 @@ pub const MAX_SHARED_DOCS: usize = 4096;
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one connection before it is closed as not reading.
 pub const OUTBOX_MESSAGES: usize = 1024;
+/// Most messages taken from one connection at once (those already arrived), so that the
+/// changes of consecutive sync messages are committed as one request.
+pub const MAX_MESSAGES_AT_ONCE: usize = 64;
 /// Ephemeral sessions remembered per document (to relay each message once: apps send
 /// relayed messages back). Past it the memory is cleared.
 pub const MAX_EPHEMERAL_SESSIONS: usize = 1024;
@@ -444,6 +447,9 @@ fn upgrade(
     r
 }
 
+/// One `sync` or `request` message's Automerge sync message, and whether it was a `request`.
+type SyncPayload = (Vec<u8>, bool);
+
 /// Why a connection ends with an `error` message.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -576,19 +582,45 @@ impl Connection {
                     ));
                 }
             };
-            match next {
+            let first = match next {
                 None => break None,
                 Some(Err(e)) => break Some(e),
                 Some(Ok(Message::Leave { .. })) => break None,
-                Some(Ok(m)) => {
-                    tracing::trace!(peer = %conn.peer_id, kind = m.kind(), "automerge-repo message");
-                    if let Some(node) = conn.node.upgrade() {
-                        node.cluster.metrics.repo_messages.inc();
+                Some(Ok(m)) => m,
+            };
+            // What else has arrived already (without waiting): consecutive sync messages
+            // for one document are committed together, as one request.
+            let mut batch = vec![first];
+            let mut ended = None;
+            while batch.len() < MAX_MESSAGES_AT_ONCE {
+                match next_message(&mut stream).now_or_never() {
+                    None => break,
+                    Some(None) | Some(Some(Ok(Message::Leave { .. }))) => {
+                        ended = Some(None);
+                        break;
                     }
-                    if let Err(e) = conn.handle(m).await {
-                        break Some(e.to_string());
+                    Some(Some(Err(e))) => {
+                        ended = Some(Some(e));
+                        break;
                     }
+                    Some(Some(Ok(m))) => batch.push(m),
                 }
+            }
+            if let Some(node) = conn.node.upgrade() {
+                node.cluster
+                    .metrics
+                    .repo_messages
+                    .inc_by(batch.len() as u64);
+            }
+            let started = std::time::Instant::now();
+            let n = batch.len();
+            let handled = conn.handle_all(batch).await;
+            tracing::trace!(peer = %conn.peer_id, messages = n, took = ?started.elapsed(), "automerge-repo messages");
+            if let Err(e) = handled {
+                break Some(e.to_string());
+            }
+            if let Some(end) = ended {
+                break end;
             }
         };
         conn.hub.leave(conn.id, &conn.docs);
@@ -600,14 +632,48 @@ impl Connection {
         let _ = writer.await;
     }
 
+    /// Handles messages in order; a run of `sync`/`request` messages for one document is
+    /// handled at once ([`Self::sync`]).
+    async fn handle_all(&mut self, batch: Vec<Message>) -> Result<(), Refusal> {
+        let mut run: Option<(DocumentId, Vec<SyncPayload>)> = None;
+        for m in batch {
+            let (id, data, request) = match m {
+                Message::Sync {
+                    document_id, data, ..
+                } => (document_id, data, false),
+                Message::Request {
+                    document_id, data, ..
+                } => (document_id, data, true),
+                other => {
+                    if let Some((id, messages)) = run.take() {
+                        self.sync(id, messages).await?;
+                    }
+                    self.handle(other).await?;
+                    continue;
+                }
+            };
+            match &mut run {
+                Some((current, messages)) if *current == id => messages.push((data, request)),
+                _ => {
+                    if let Some((id, messages)) = run.take() {
+                        self.sync(id, messages).await?;
+                    }
+                    run = Some((id, vec![(data, request)]));
+                }
+            }
+        }
+        if let Some((id, messages)) = run {
+            self.sync(id, messages).await?;
+        }
+        Ok(())
+    }
+
+    /// Any message but `sync` and `request`.
     async fn handle(&mut self, m: Message) -> Result<(), Refusal> {
         match m {
-            Message::Sync {
-                document_id, data, ..
-            } => self.sync(document_id, data, false).await,
-            Message::Request {
-                document_id, data, ..
-            } => self.sync(document_id, data, true).await,
+            Message::Sync { .. } | Message::Request { .. } => {
+                unreachable!("handle_all handles sync and request")
+            }
             Message::Ephemeral {
                 sender_id,
                 document_id,
@@ -679,37 +745,49 @@ impl Connection {
         }
     }
 
-    /// A `sync` or `request`: commits what it carries that the document lacks, receives it
-    /// into the replica, and answers every connected app. A `request` for a document the
-    /// cluster has not got is answered `doc-unavailable`; a `sync` for one is an app offering
-    /// a new document (its first message carries only heads): the node syncs against an
-    /// empty document, and the changes it then receives create the document.
-    async fn sync(&mut self, id: DocumentId, data: Vec<u8>, request: bool) -> Result<(), Refusal> {
+    /// `sync` and `request` messages for one document, in the order received: commits what
+    /// they carry that the document lacks (together), receives them into the replica, and
+    /// answers every connected app. A `request` for a document the cluster has not got is
+    /// answered `doc-unavailable`; a `sync` for one is an app offering a new document (its
+    /// first message carries only heads): the node syncs against an empty document, and the
+    /// changes it then receives create the document.
+    async fn sync(
+        &mut self,
+        id: DocumentId,
+        messages: Vec<(Vec<u8>, bool)>,
+    ) -> Result<(), Refusal> {
         let node = self.node()?;
         if !self.may_read(&id).await? {
             self.unavailable(&id);
             return Ok(());
         }
+        let offered = messages.iter().any(|(_, request)| !request);
         let doc = self.subscribe(&id)?;
         // Parse off the executor: a sync message may carry a whole document.
         let parse_doc = doc.clone();
-        let (message, new) = tokio::task::spawn_blocking(move || {
-            let message = no_panic(|| sync::Message::decode(&data))?
-                .map_err(|e| format!("not an Automerge sync message: {e}"))?;
+        let (parsed, new) = tokio::task::spawn_blocking(move || {
+            let mut parsed = Vec::with_capacity(messages.len());
             let mut new = Vec::new();
+            let mut seen = HashSet::new();
             let st = parse_doc.state.lock().expect("doc lock");
-            for chunk in message.changes.iter() {
-                for change in aspen_crdt::received_changes(chunk).map_err(|e| e.to_string())? {
-                    let known = st
-                        .replica
-                        .as_ref()
-                        .is_some_and(|r| r.get_change_meta_by_hash(&change.hash()).is_some());
-                    if !known {
-                        new.push(change.raw_bytes().to_vec());
+            for (data, _) in messages {
+                let message = no_panic(|| sync::Message::decode(&data))?
+                    .map_err(|e| format!("not an Automerge sync message: {e}"))?;
+                for chunk in message.changes.iter() {
+                    for change in aspen_crdt::received_changes(chunk).map_err(|e| e.to_string())? {
+                        let hash = change.hash();
+                        let known = st
+                            .replica
+                            .as_ref()
+                            .is_some_and(|r| r.get_change_meta_by_hash(&hash).is_some());
+                        if !known && seen.insert(hash) {
+                            new.push(change.raw_bytes().to_vec());
+                        }
                     }
                 }
+                parsed.push(message);
             }
-            Ok::<_, String>((message, new))
+            Ok::<_, String>((parsed, new))
         })
         .await
         .map_err(|e| Refusal::Protocol(format!("sync task failed: {e}")))?
@@ -738,7 +816,7 @@ impl Connection {
             let loaded = node.docs.with_doc(&doc.name, |d| d.clone()).await?;
             let loaded = match loaded {
                 Some(d) => Some(d),
-                None if !request => Some(Automerge::new()),
+                None if offered => Some(Automerge::new()),
                 None => None,
             };
             let mut st = doc.state.lock().expect("doc lock");
@@ -755,8 +833,10 @@ impl Connection {
                 return Ok(false);
             };
             let peer = peers.get_mut(&conn).expect("subscribed above");
-            no_panic(|| replica.receive_sync_message(&mut peer.sync, message))?
-                .map_err(|e| format!("Automerge refused the sync message: {e}"))?;
+            for message in parsed {
+                no_panic(|| replica.receive_sync_message(&mut peer.sync, message))?
+                    .map_err(|e| format!("Automerge refused the sync message: {e}"))?;
+            }
             fan_out(&hub.peer_id, &doc, &mut st);
             Ok::<_, String>(true)
         })

@@ -1,5 +1,5 @@
 //! `--automerge-repo`: the real JavaScript automerge-repo (2.5.6, with its WebSocket adapter,
-//! from npm; `node/tests/automerge-repo/`, installed here with `npm ci`) against a 3-node
+//! from npm; `node/tests/automerge-repo/`, installed here with `npm install`) against a 3-node
 //! cluster, and raw WebSocket clients for what a well-behaved app never sends.
 
 use std::io::{BufRead, BufReader, Write};
@@ -16,8 +16,11 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::common::*;
 
-/// The JavaScript package's directory, with its dependencies installed (`npm ci`, once per
-/// test process; again only when package-lock.json changed).
+/// The JavaScript package's directory, with its dependencies installed as package-lock.json
+/// pins them (once per test process; again only when the lock file changed). `npm install`,
+/// not `npm ci`: npm 11 leaves the platform packages of an optional native dependency
+/// (cbor-extract, which cbor-x can do without) out of the lock file, and `npm ci` then
+/// refuses it as out of sync.
 fn js_dir() -> PathBuf {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/automerge-repo");
@@ -28,13 +31,13 @@ fn js_dir() -> PathBuf {
         let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         if modified(&stamp).is_none() || modified(&stamp) < modified(&lock) {
             let out = Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
                 .current_dir(&dir)
                 .output()
                 .expect("npm (Node.js) must be installed to run the automerge-repo tests");
             assert!(
                 out.status.success(),
-                "npm ci failed: {}",
+                "npm install failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
