@@ -226,6 +226,44 @@ fn fan_out(hub_peer: &str, doc: &SharedDoc, st: &mut DocState) {
     }
 }
 
+/// Receives sync messages from connection `conn` into the document's replica, then answers:
+/// every connected app if the replica gained changes, else that app only. `false` if the
+/// document does not exist here (no replica).
+fn receive(
+    hub_peer: &str,
+    doc: &SharedDoc,
+    st: &mut DocState,
+    conn: u64,
+    messages: Vec<sync::Message>,
+) -> Result<bool, String> {
+    let DocState { replica, peers, .. } = st;
+    let Some(replica) = replica else {
+        return Ok(false);
+    };
+    let peer = peers
+        .get_mut(&conn)
+        .expect("a connection subscribes before it syncs");
+    let before = replica.get_heads();
+    for message in messages {
+        no_panic(|| replica.receive_sync_message(&mut peer.sync, message))?
+            .map_err(|e| format!("Automerge refused the sync message: {e}"))?;
+    }
+    if replica.get_heads() == before {
+        // Nothing new for the others: answer this app only.
+        if let Some(m) = replica.generate_sync_message(&mut peer.sync) {
+            peer.outbox.message(&Message::Sync {
+                sender_id: hub_peer.to_string(),
+                target_id: peer.peer_id.clone(),
+                document_id: doc.id.clone(),
+                data: m.encode(),
+            });
+        }
+    } else {
+        fan_out(hub_peer, doc, st);
+    }
+    Ok(true)
+}
+
 /// Keeps every replica up to the stored documents: wakes when a document write applies on
 /// this node, and sends connected apps what changed.
 pub async fn run_refresh(node: Weak<NodeState>, hub: Arc<RepoHub>) {
@@ -763,13 +801,16 @@ impl Connection {
         }
         let offered = messages.iter().any(|(_, request)| !request);
         let doc = self.subscribe(&id)?;
-        // Parse off the executor: a sync message may carry a whole document.
+        // Parse off the executor: a sync message may carry a whole document. Messages that
+        // bring nothing new (most are acknowledgements) are received and answered in the
+        // same trip.
         let parse_doc = doc.clone();
-        let (parsed, new) = tokio::task::spawn_blocking(move || {
+        let (hub, conn) = (self.hub.clone(), self.id);
+        let parsed = tokio::task::spawn_blocking(move || {
             let mut parsed = Vec::with_capacity(messages.len());
             let mut new = Vec::new();
             let mut seen = HashSet::new();
-            let st = parse_doc.state.lock().expect("doc lock");
+            let mut st = parse_doc.state.lock().expect("doc lock");
             for (data, _) in messages {
                 let message = no_panic(|| sync::Message::decode(&data))?
                     .map_err(|e| format!("not an Automerge sync message: {e}"))?;
@@ -787,11 +828,18 @@ impl Connection {
                 }
                 parsed.push(message);
             }
-            Ok::<_, String>((parsed, new))
+            if new.is_empty() && st.replica.is_some() {
+                receive(&hub.peer_id, &parse_doc, &mut st, conn, parsed)?;
+                return Ok(None);
+            }
+            Ok::<_, String>(Some((parsed, new)))
         })
         .await
         .map_err(|e| Refusal::Protocol(format!("sync task failed: {e}")))?
         .map_err(Refusal::Protocol)?;
+        let Some((parsed, new)) = parsed else {
+            return Ok(());
+        };
         // In requests within the document service's bounds, dependencies first (as
         // `aspen doc apply` sends a saved document).
         let mut batch = Vec::new();
@@ -825,20 +873,9 @@ impl Connection {
             }
         }
         let hub = self.hub.clone();
-        let conn = self.id;
         let answered = tokio::task::spawn_blocking(move || {
             let mut st = doc.state.lock().expect("doc lock");
-            let DocState { replica, peers, .. } = &mut *st;
-            let Some(replica) = replica else {
-                return Ok(false);
-            };
-            let peer = peers.get_mut(&conn).expect("subscribed above");
-            for message in parsed {
-                no_panic(|| replica.receive_sync_message(&mut peer.sync, message))?
-                    .map_err(|e| format!("Automerge refused the sync message: {e}"))?;
-            }
-            fan_out(&hub.peer_id, &doc, &mut st);
-            Ok::<_, String>(true)
+            receive(&hub.peer_id, &doc, &mut st, conn, parsed)
         })
         .await
         .map_err(|e| Refusal::Protocol(format!("sync task failed: {e}")))?
