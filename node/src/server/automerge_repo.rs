@@ -215,14 +215,20 @@ fn fan_out(hub_peer: &str, doc: &SharedDoc, st: &mut DocState) {
     let DocState { replica, peers, .. } = st;
     let Some(replica) = replica else { return };
     for peer in peers.values_mut() {
-        if let Some(m) = replica.generate_sync_message(&mut peer.sync) {
-            peer.outbox.message(&Message::Sync {
-                sender_id: hub_peer.to_string(),
-                target_id: peer.peer_id.clone(),
-                document_id: doc.id.clone(),
-                data: m.encode(),
-            });
-        }
+        send_lacking(hub_peer, &doc.id, replica, peer);
+    }
+}
+
+/// Sends one connected app what it lacks of `replica`, if anything (Automerge's sync state
+/// for the app knows what it has and what is in flight).
+fn send_lacking(hub_peer: &str, id: &DocumentId, replica: &Automerge, peer: &mut DocPeer) {
+    if let Some(m) = replica.generate_sync_message(&mut peer.sync) {
+        peer.outbox.message(&Message::Sync {
+            sender_id: hub_peer.to_string(),
+            target_id: peer.peer_id.clone(),
+            document_id: id.clone(),
+            data: m.encode(),
+        });
     }
 }
 
@@ -250,14 +256,7 @@ fn receive(
     }
     if replica.get_heads() == before {
         // Nothing new for the others: answer this app only.
-        if let Some(m) = replica.generate_sync_message(&mut peer.sync) {
-            peer.outbox.message(&Message::Sync {
-                sender_id: hub_peer.to_string(),
-                target_id: peer.peer_id.clone(),
-                document_id: doc.id.clone(),
-                data: m.encode(),
-            });
-        }
+        send_lacking(hub_peer, &doc.id, replica, peer);
     } else {
         fan_out(hub_peer, doc, st);
     }

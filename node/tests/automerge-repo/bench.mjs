@@ -15,51 +15,9 @@
 // 100 ms (its DocSynchronizer's throttle: a change waits until 100 ms after the previous
 // send); the latency rounds are 150 ms apart so that they measure the cluster, not that wait.
 
-import { Repo } from "@automerge/automerge-repo"
-import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
+import { connect, stored, until } from "./common.mjs"
 
-const WAIT_MS = Number(process.env.WAIT_MS ?? 300_000)
 const out = (o) => console.log(JSON.stringify(o))
-
-async function connect(name, url) {
-  const adapter = new WebSocketClientAdapter(url, 500)
-  const repo = new Repo({ network: [adapter], peerId: `${name}-${process.pid}` })
-  const server = await new Promise((res) => adapter.once("peer-candidate", res))
-  return { repo, server }
-}
-
-function stored(handle, storageId) {
-  const has = () => {
-    const info = handle.getSyncInfo(storageId)
-    return info && handle.heads().every((h) => info.lastHeads.includes(h))
-  }
-  return new Promise((res) => {
-    const check = () => {
-      if (has()) {
-        handle.off("remote-heads", check)
-        res()
-      }
-    }
-    handle.on("remote-heads", check)
-    check()
-  })
-}
-
-function until(handle, pred) {
-  return new Promise((res, rej) => {
-    const t = setTimeout(() => rej(new Error("timed out")), WAIT_MS)
-    const check = () => {
-      const d = handle.doc()
-      if (d && pred(d)) {
-        clearTimeout(t)
-        handle.off("change", check)
-        res(d)
-      }
-    }
-    handle.on("change", check)
-    check()
-  })
-}
 
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]
 

@@ -13,8 +13,8 @@
 import { Repo } from "@automerge/automerge-repo"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
 import readline from "node:readline"
+import { connect, stored, until, withTimeout } from "./common.mjs"
 
-const WAIT_MS = Number(process.env.WAIT_MS ?? 60_000)
 const out = (o) => console.log(JSON.stringify(o))
 const fail = (error) => {
   out({ ok: false, error: String(error?.stack ?? error) })
@@ -28,68 +28,6 @@ process.on("uncaughtException", (e) => {
   }
   fail(e)
 })
-
-function withTimeout(p, what, ms = WAIT_MS) {
-  let t
-  return Promise.race([
-    p,
-    new Promise((_, rej) => {
-      t = setTimeout(() => rej(new Error(`timed out after ${ms} ms: ${what}`)), ms)
-    }),
-  ]).finally(() => clearTimeout(t))
-}
-
-/// A repo with one adapter per URL; resolves once every server answered the join.
-async function connect(name, ...urls) {
-  const adapters = urls.map((u) => new WebSocketClientAdapter(u, 500))
-  const repo = new Repo({ network: adapters, peerId: `${name}-${process.pid}` })
-  const servers = await withTimeout(
-    Promise.all(adapters.map((a) => new Promise((res) => a.once("peer-candidate", res)))),
-    `${name}: the server's peer message`,
-  )
-  return { repo, adapters, servers }
-}
-
-/// Resolves once the cluster (the server's storage) has the handle's current heads, as the
-/// sync protocol reports them to the app.
-function stored(handle, storageId, what) {
-  const has = () => {
-    const info = handle.getSyncInfo(storageId)
-    const mine = handle.heads()
-    return info && mine.every((h) => info.lastHeads.includes(h))
-  }
-  return withTimeout(
-    new Promise((res) => {
-      const check = () => {
-        if (has()) {
-          handle.off("remote-heads", check)
-          res()
-        }
-      }
-      handle.on("remote-heads", check)
-      check()
-    }),
-    what,
-  )
-}
-
-/// Resolves when `pred(doc)` holds for the handle's document.
-function until(handle, pred, what) {
-  return withTimeout(
-    new Promise((res) => {
-      const check = () => {
-        const doc = handle.doc()
-        if (doc && pred(doc)) {
-          handle.off("change", check)
-          res(doc)
-        }
-      }
-      handle.on("change", check)
-      check()
-    }),
-    what,
-  )
-}
 
 const plain = (v) => (v === undefined ? null : JSON.parse(JSON.stringify(v)))
 const [mode, ...args] = process.argv.slice(2)
