@@ -99,6 +99,9 @@ pub enum TokenCommand {
     },
 }
 
+/// Longest validity of a bearer token: whoever holds one can use it.
+pub const MAX_BEARER_TTL: Duration = Duration::from_secs(30 * 86_400);
+
 #[derive(Args, Debug)]
 pub struct IssueArgs {
     /// The key that may use the token (64 hex digits): it is not a bearer token.
@@ -106,7 +109,8 @@ pub struct IssueArgs {
     pub to: Option<String>,
     /// A bearer token instead: whoever holds it may use it, on the automerge-repo WebSocket
     /// listener only (browser pages cannot prove a key). Keep it narrow (e.g.
-    /// `doc:write:automerge/`) and short-lived; it cannot be delegated (--from).
+    /// `doc:write:automerge/`) and short-lived (at most 30d); it cannot be delegated
+    /// (--from).
     #[arg(long, conflicts_with = "from")]
     pub bearer: bool,
     /// Permissions it carries (KIND:ACTION:PATTERN), at most what you hold.
@@ -373,6 +377,13 @@ async fn issue(args: IssueArgs) -> Result<()> {
         None => aspen_trust::BEARER_AUDIENCE,
     };
     let ttl = parse_ttl(&args.ttl)?;
+    if args.bearer && ttl > MAX_BEARER_TTL {
+        bail!(
+            "a bearer token may be valid for at most {}d (anyone holding it can use it); \
+             issue a shorter one and renew it",
+            MAX_BEARER_TTL.as_secs() / 86_400
+        );
+    }
     let permissions: Vec<Permission> = args
         .allow
         .iter()

@@ -291,6 +291,22 @@ async fn apps_without_a_grant_are_refused() {
         "{}",
         stderr(&out)
     );
+    // Bearer tokens are short-lived: at most 30 days.
+    let out = cli(
+        &[
+            "auth",
+            "token",
+            "issue",
+            "--bearer",
+            "--allow",
+            "doc:read:automerge/",
+            "--ttl",
+            "31d",
+        ],
+        Some(&ticket),
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("at most 30d"), "{}", stderr(&out));
 }
 
 /// A raw WebSocket connection to `addr` with `token`, joined.
