@@ -156,6 +156,10 @@ fn doc_json(ticket: &str, name: &str) -> Option<Value> {
 
 const REPO_ARGS: &[&str] = &["--automerge-repo", "127.0.0.1:0"];
 
+/// The Automerge sync message automerge-repo 2.5.6 sends in a `request` for a document it has
+/// not got (as captured from it).
+const EMPTY_REQUEST: [u8; 10] = [0x42, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x02, 0x84];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn javascript_apps_on_two_members_converge_and_see_changes_made_with_aspen_doc() {
     let root = tempfile::tempdir().unwrap();
@@ -417,11 +421,9 @@ async fn bad_input_ends_only_the_connection_that_sent_it() {
     // A flood of requests for documents that do not exist: each answered unavailable, until
     // the per-connection bound closes the connection.
     let mut ws = joined(addr, &token).await;
-    let empty_request = automerge::sync::Message::decode(&[
-        0x42, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x02, 0x84,
-    ])
-    .unwrap()
-    .encode();
+    let empty_request = automerge::sync::Message::decode(&EMPTY_REQUEST)
+        .unwrap()
+        .encode();
     let limit = aspen_node::server::automerge_repo::MAX_DOCS_PER_CONNECTION;
     for _ in 0..limit + 1 {
         let request = Message::Request {
@@ -472,11 +474,31 @@ async fn bad_input_ends_only_the_connection_that_sent_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
     let root = tempfile::tempdir().unwrap();
-    let nodes = form(root.path(), 1, REPO_ARGS).await;
+    let nodes = form(
+        root.path(),
+        1,
+        &[
+            "--automerge-repo",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
     let ticket = ticket_text(&nodes);
     let addr = repo_addrs(&nodes).await[0];
     let token = bearer(&ticket, "doc:write:automerge/");
     let pid = nodes[0].pid().unwrap();
+    let metrics = {
+        let c = client_of(&nodes[0]).await;
+        let a = crate::metrics::metrics_addr(&c).await;
+        c.close().await;
+        a
+    };
+    let refused_before = crate::metrics::get(
+        &crate::metrics::scrape(metrics, None),
+        "aspen_automerge_repo_refused_total",
+    );
     let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
     let attempts = 500;
     let refused = futures::stream::iter(0..attempts)
@@ -517,7 +539,30 @@ async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
         }
     })
     .await;
-    let _ws = joined(addr, &token).await;
+    let mut ws = joined(addr, &token).await;
+    let request = Message::Request {
+        sender_id: "raw-test".into(),
+        target_id: "x".into(),
+        document_id: DocumentId::from_bytes(&[9; 16]).unwrap(),
+        data: automerge::sync::Message::decode(&EMPTY_REQUEST)
+            .unwrap()
+            .encode(),
+    };
+    ws.send(WsMessage::Binary(request.encode().unwrap().into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(Message::DocUnavailable { .. })
+    ));
+    // The metrics count the refusals, the open connections and the message.
+    let after = crate::metrics::scrape(metrics, None);
+    assert!(
+        crate::metrics::get(&after, "aspen_automerge_repo_refused_total")
+            >= refused_before + attempts as f64
+    );
+    assert!(crate::metrics::get(&after, "aspen_automerge_repo_connections") >= 1.0);
+    assert!(crate::metrics::get(&after, "aspen_automerge_repo_messages_total") >= 1.0);
 }
 
 /// Resident memory of process `pid`, in bytes.
