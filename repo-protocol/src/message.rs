@@ -372,20 +372,15 @@ impl Fields {
         ))
     }
 
-    /// The field, if present and not null or undefined.
+    /// The field, if present and not null or undefined (ciborium reads CBOR `undefined`,
+    /// which cbor-x writes for absent fields, as null).
     fn get(&self, name: &str) -> Option<&Value> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
-            .filter(|v| !v.is_null() && !is_undefined(v))
+            .filter(|v| !v.is_null())
     }
-}
-
-/// ciborium reads CBOR `undefined` (simple value 23) as a simple value it keeps as null or
-/// as a tag-less special; treat both as absent.
-fn is_undefined(v: &Value) -> bool {
-    matches!(v, Value::Null)
 }
 
 struct FieldReader<'a> {

@@ -313,6 +313,55 @@ async fn apps_without_a_grant_are_refused() {
     assert!(stderr(&out).contains("at most 30d"), "{}", stderr(&out));
 }
 
+/// A token that may read but not write: syncing works, and the first change it sends ends the
+/// connection with an `error`, and nothing is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_token_cannot_write() {
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::Transactable;
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, REPO_ARGS).await;
+    let ticket = ticket_text(&nodes);
+    let addr = repo_addrs(&nodes).await[0];
+    let reader = bearer(&ticket, "doc:read:automerge/");
+    let id = DocumentId::from_bytes(&rand::random::<[u8; 16]>()).unwrap();
+    let name = format!("automerge/{id}");
+    let out = cli(&["doc", "create", &name], Some(&ticket));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // An app with its own change syncs with the node until it sends that change.
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "x", 1_i64).unwrap();
+    tx.commit();
+    let mut state = automerge::sync::State::new();
+    let mut ws = joined(addr, &reader).await;
+    let error = loop {
+        if let Some(m) = doc.generate_sync_message(&mut state) {
+            let sync = Message::Sync {
+                sender_id: "raw-test".into(),
+                target_id: "x".into(),
+                document_id: id.clone(),
+                data: m.encode(),
+            };
+            ws.send(WsMessage::Binary(sync.encode().unwrap().into()))
+                .await
+                .unwrap();
+        }
+        match next(&mut ws).await.expect("an answer before the close") {
+            Message::Sync { data, .. } => {
+                let m = automerge::sync::Message::decode(&data).unwrap();
+                doc.receive_sync_message(&mut state, m).unwrap();
+            }
+            Message::Error { message } => break message,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(error.contains("doc:write"), "{error}");
+    let stored = doc_json(&ticket, &name).unwrap();
+    assert!(stored.get("x").is_none(), "{stored}");
+}
+
 /// A raw WebSocket connection to `addr` with `token`, joined.
 async fn joined(
     addr: SocketAddr,
