@@ -6,6 +6,7 @@
 //! store corrupt data), or only the first half of every response is sent and the stream is
 //! then held open (a server that stalls mid-transfer). Real nodes never run them.
 
+use futures::StreamExt;
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh_blobs::protocol::GetRequest;
@@ -46,34 +47,49 @@ impl ProtocolHandler for FaultyProvider {
                 let Some(ranges) = request.ranges.iter_infinite().next() else {
                     return;
                 };
-                let Ok(mut encoded) = store
+                tracing::warn!(hash = %request.hash, ?fault, "test fault: answering a blob request");
+                // Streamed as the store exports it, like the real provider: a fetcher sees
+                // its first bytes at once, however large the blob (buffering 256 MiB first
+                // took longer than the fetcher's stall timeout on a loaded machine).
+                let stream = store
                     .export_bao(request.hash, ranges.clone())
-                    .bao_to_vec()
-                    .await
-                else {
-                    return;
-                };
-                match fault {
-                    Fault::Corrupt => {
-                        // Past the 8-byte size header: a parent hash or leaf byte, either is
-                        // caught.
-                        if encoded.len() > 8 {
-                            let at = 8 + (encoded.len() - 8) / 2;
-                            encoded[at] ^= 0x5a;
+                    .into_byte_stream();
+                tokio::pin!(stream);
+                // The stream starts with the blob's 8-byte size; the fault lands at the byte
+                // about halfway through the encoding (a parent hash or leaf byte: either is
+                // caught by a verifying fetcher).
+                let mut at: Option<u64> = None;
+                let mut sent = 0u64;
+                while let Some(Ok(mut chunk)) = stream.next().await {
+                    if sent == 0 && chunk.len() >= 8 {
+                        let size = u64::from_le_bytes(chunk[..8].try_into().expect("8 bytes"));
+                        at = (size > 0).then_some(8 + size / 2);
+                    }
+                    let len = chunk.len() as u64;
+                    if let Some(at) = at.filter(|at| (sent..sent + len).contains(at)) {
+                        let i = (at - sent) as usize;
+                        match fault {
+                            Fault::Corrupt => {
+                                let mut bytes = bytes::BytesMut::from(&chunk[..]);
+                                bytes[i] ^= 0x5a;
+                                chunk = bytes.freeze();
+                            }
+                            Fault::Stall => {
+                                let _ = send.write_all(&chunk[..i]).await;
+                                // Held open, sending nothing, until the peer gives up or
+                                // this node is killed.
+                                let _ = send.stopped().await;
+                                return;
+                            }
                         }
-                        tracing::warn!(hash = %request.hash, "test fault: sending a corrupted blob");
-                        let _ = send.write_all(&encoded).await;
-                        let _ = send.finish();
-                        let _ = send.stopped().await;
                     }
-                    Fault::Stall => {
-                        tracing::warn!(hash = %request.hash, "test fault: sending half a blob, then stalling");
-                        let _ = send.write_all(&encoded[..encoded.len() / 2]).await;
-                        // Held open, sending nothing, until the peer gives up or this node
-                        // is killed.
-                        let _ = send.stopped().await;
+                    if send.write_chunk(chunk).await.is_err() {
+                        return;
                     }
+                    sent += len;
                 }
+                let _ = send.finish();
+                let _ = send.stopped().await;
             });
         }
         Ok(())

@@ -144,10 +144,14 @@ async fn a_large_blob_reaches_the_replicas_verified_and_corrupt_data_is_fetched_
     nodes[0].kill9();
     nodes[2].restart(None);
     let third = client_of(&nodes[2]).await;
-    wait_until("the third member to detect the corrupt data", || async {
-        let stats = third.blob_stats().await.ok()?;
-        (stats.verify_failures >= 1).then_some(())
-    })
+    wait_until_or_dump(
+        "the third member to detect the corrupt data",
+        &nodes,
+        || async {
+            let stats = third.blob_stats().await.ok()?;
+            (stats.verify_failures >= 1).then_some(())
+        },
+    )
     .await;
     let info = third
         .blob_stat(expected, Consistency::Serializable)
