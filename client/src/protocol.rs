@@ -490,6 +490,8 @@ pub enum KvResponse {
     },
 }
 
+// A status is built and moved once per request: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClusterResponse {
     Done,
@@ -897,6 +899,10 @@ pub struct NodeFigures {
     pub automerge_repo_addr: Option<String>,
     /// automerge-repo connections open on the node.
     pub automerge_repo_connections: u64,
+    /// Where the node serves etcd's v3 gRPC API, if it does.
+    pub etcd_api_addr: Option<String>,
+    /// etcd API connections open on the node.
+    pub etcd_api_connections: u64,
 }
 
 impl ClientRequest {

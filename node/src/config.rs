@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// Serve automerge-repo's WebSocket sync protocol on this address (off by default).
     /// Every connection must present a bearer token (`?token=` in the URL).
     pub automerge_repo: Option<SocketAddr>,
+    /// Serve etcd's v3 gRPC API on this address (off by default). Every call presents a
+    /// bearer token (etcd's `token` metadata; etcdctl `--user NAME:TOKEN`).
+    pub etcd_api: Option<SocketAddr>,
     /// How often the leader checks (default: a tenth of the retention in periodic mode, at
     /// least 100 ms and at most an hour; 5 minutes in revision mode). Tests only.
     #[serde(skip)]
@@ -244,6 +247,7 @@ impl Default for NodeConfig {
             metrics: None,
             metrics_token_file: None,
             automerge_repo: None,
+            etcd_api: None,
             test_fault: None,
             allow_fault_injection: false,
             join: None,

@@ -50,6 +50,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(a) = args.automerge_repo {
         config.automerge_repo = Some(a);
     }
+    if let Some(a) = args.etcd_api {
+        config.etcd_api = Some(a);
+    }
     args.dht.apply(&mut config.dht);
     if let Some(n) = args.blob_replicas {
         config.blobs.replicas = n;
@@ -101,13 +104,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
     let metrics = node.state.cluster.metrics.serving.get().copied();
     let repo = node.state.cluster.metrics.repo_serving.get().copied();
+    let etcd = node.state.cluster.metrics.etcd_serving.get().copied();
     match args.output {
         Output::Json => println!(
             "{}",
             serde_json::json!({ "node_id": format!("{:016x}", node.state.cluster.id), "addrs": addrs,
                                 "ticket": ticket.to_string(), "data_dir": config.data_dir,
                                 "metrics": metrics.map(|a| format!("http://{a}/metrics")),
-                                "automerge_repo": repo.map(|a| format!("ws://{a}/")) })
+                                "automerge_repo": repo.map(|a| format!("ws://{a}/")),
+                                "etcd_api": etcd.map(|a| a.to_string()) })
         ),
         Output::Text => {
             println!(
@@ -122,6 +127,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             if let Some(a) = repo {
                 println!("automerge-repo: ws://{a}/");
+            }
+            if let Some(a) = etcd {
+                println!("etcd API: {a} (etcdctl --endpoints={a} --user NAME:TOKEN)");
             }
         }
     }

@@ -40,6 +40,10 @@ pub struct UpArgs {
     /// message lists where; `aspen node run --automerge-repo`).
     #[arg(long)]
     pub automerge_repo: bool,
+    /// Every node serves etcd's v3 gRPC API on a free loopback port (the message lists
+    /// where; `aspen node run --etcd-api`).
+    #[arg(long)]
+    pub etcd_api: bool,
     /// Output format of the "cluster is up" message.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: crate::cli::Output,
@@ -88,6 +92,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         }
         if args.automerge_repo {
             cmd.arg("--automerge-repo").arg("127.0.0.1:0");
+        }
+        if args.etcd_api {
+            cmd.arg("--etcd-api").arg("127.0.0.1:0");
         }
         if !args.detach {
             cmd.arg("--exit-on-stdin-close").stdin(Stdio::piped());
@@ -166,8 +173,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         .await
         .context("the cluster does not answer")?;
     client.close().await;
-    let (mut metrics, mut repos) = (Vec::new(), Vec::new());
-    if args.metrics || args.automerge_repo {
+    let (mut metrics, mut repos, mut etcds) = (Vec::new(), Vec::new(), Vec::new());
+    if args.metrics || args.automerge_repo || args.etcd_api {
         for node in &tickets {
             let c = Client::connect_node(node.clone(), options.clone()).await?;
             let s = retry_while_starting(|| c.status()).await;
@@ -178,6 +185,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
             }
             if let Some(addr) = figures.automerge_repo_addr {
                 repos.push(format!("ws://{addr}/"));
+            }
+            if let Some(addr) = figures.etcd_api_addr {
+                etcds.push(addr);
             }
         }
     }
@@ -195,6 +205,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             "data_dir": args.data_dir,
             "metrics": metrics,
             "automerge_repo": repos,
+            "etcd_api": etcds,
         });
         println!("{v}");
     } else {
@@ -207,6 +218,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             println!(
                 "automerge-repo (WebSocket; add ?token=..., see `aspen auth token issue --bearer`): {}",
                 repos.join(" ")
+            );
+            println!();
+        }
+        if !etcds.is_empty() {
+            println!(
+                "etcd API (etcdctl --endpoints={} --user aspen:TOKEN, TOKEN from `aspen auth token issue --bearer`)",
+                etcds.join(",")
             );
             println!();
         }

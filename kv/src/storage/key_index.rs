@@ -113,6 +113,17 @@ impl KeyIndex {
             .collect()
     }
 
+    /// How many keys of the range exist at `revision`.
+    pub fn count_live_at(&self, start: &[u8], end: Option<&[u8]>, revision: Revision) -> u64 {
+        let Some(range) = bounds(start, end) else {
+            return 0;
+        };
+        self.keys
+            .range::<[u8], _>(range)
+            .filter(|(_, revs)| newest_at(revs, revision).is_some_and(|r| r.live))
+            .count() as u64
+    }
+
     /// Every key with its writes at or below `revision` (oldest first), in key order.
     pub fn history_at(&self, revision: Revision) -> Vec<(Key, Vec<KeyRevision>)> {
         self.keys
@@ -239,6 +250,11 @@ mod tests {
                 prop_assert_eq!(index.live_at(&[], Some(&[]), revision, usize::MAX), live.clone());
                 prop_assert_eq!(index.live_at(&[1], Some(&[4]), revision, 2),
                     live.iter().filter(|(k, _)| (1..4).contains(&k[0])).take(2).cloned().collect::<Vec<_>>());
+                prop_assert_eq!(index.count_live_at(&[], Some(&[]), revision), live.len() as u64);
+                prop_assert_eq!(index.count_live_at(&[1], Some(&[4]), revision),
+                    live.iter().filter(|(k, _)| (1..4).contains(&k[0])).count() as u64);
+                prop_assert_eq!(index.count_live_at(&[2], None, revision),
+                    live.iter().filter(|(k, _)| k[0] == 2).count() as u64);
             }
         }
     }

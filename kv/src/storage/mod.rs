@@ -78,6 +78,8 @@ pub(crate) const SESSION_IDLE: TableDefinition<(u64, u64), ()> =
 /// served to clients; replicated, snapshotted and digested like every other table.
 pub(crate) const SYSTEM: TableDefinition<&[u8], &[u8]> = TableDefinition::new("system");
 
+/// The state machine's redb file, in the store's directory.
+pub const STATE_FILE: &str = "state.redb";
 /// The log files' names under the store directory.
 const LOG_FILES: [&str; 2] = ["log-0.wal", "log-1.wal"];
 /// The log database of older stores.
@@ -103,7 +105,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
     }
     let snapshots = dir.join("snapshots");
     std::fs::create_dir_all(&snapshots).map_err(io_err(&snapshots))?;
-    let sm_path = dir.join("state.redb");
+    let sm_path = dir.join(STATE_FILE);
     let sm_db = Database::create(&sm_path).map_err(|e| OpenError::Db(sm_path.clone(), e.into()))?;
     let mut files = Vec::new();
     for name in LOG_FILES {

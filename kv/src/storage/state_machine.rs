@@ -345,6 +345,14 @@ impl StateMachineStore {
         }
     }
 
+    /// The state machine's redb file (beside the snapshot directory).
+    pub fn db_path(&self) -> PathBuf {
+        self.snapshot_dir
+            .parent()
+            .unwrap_or(&self.snapshot_dir)
+            .join(super::STATE_FILE)
+    }
+
     /// Revision, compaction point and last applied log id.
     pub async fn status(&self) -> Result<StoreStatus, ReadError> {
         let db = self.db.clone();
@@ -372,6 +380,45 @@ impl StateMachineStore {
         let (db, index) = (self.db.clone(), self.index.clone());
         self.io
             .run(move || range_blocking(&db, &index, &req))
+            .await
+            .map_err(|e| ReadError::Storage(e.to_string()))?
+    }
+
+    /// How many keys of the request's range exist at its revision (0: the current one), and
+    /// that revision. Counts from the in-memory key index: no values are read. The request's
+    /// limit is ignored.
+    pub async fn count(&self, req: RangeRequest) -> Result<(u64, Revision), ReadError> {
+        req.validate()?;
+        let (db, index) = (self.db.clone(), self.index.clone());
+        self.io
+            .run(move || -> Result<(u64, Revision), ReadError> {
+                let storage = |e: redb::Error| ReadError::Storage(e.to_string());
+                let index = index.read().expect("key index lock");
+                let txn = db.begin_read().map_err(|e| storage(e.into()))?;
+                let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
+                let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
+                let compacted: Revision =
+                    meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
+                let revision = if req.revision == 0 {
+                    current
+                } else {
+                    req.revision
+                };
+                if revision > current {
+                    return Err(ReadError::FutureRevision {
+                        requested: revision,
+                        current,
+                    });
+                }
+                if revision < compacted {
+                    return Err(ReadError::Compacted {
+                        requested: revision,
+                        compacted,
+                    });
+                }
+                let count = index.count_live_at(&req.start, req.end.as_deref(), revision);
+                Ok((count, revision))
+            })
             .await
             .map_err(|e| ReadError::Storage(e.to_string()))?
     }

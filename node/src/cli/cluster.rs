@@ -194,6 +194,8 @@ fn print_status(s: &ClusterStatus, output: Output) {
                 "metrics": s.figures.metrics_addr.as_ref().map(|a| format!("http://{a}/metrics")),
                 "automerge_repo": s.figures.automerge_repo_addr.as_ref().map(|a| format!("ws://{a}/")),
                 "automerge_repo_connections": s.figures.automerge_repo_connections,
+                "etcd_api": s.figures.etcd_api_addr,
+                "etcd_api_connections": s.figures.etcd_api_connections,
             },
         });
         println!("{v}");
@@ -248,6 +250,9 @@ fn print_status(s: &ClusterStatus, output: Output) {
             "  automerge-repo ws://{a}/ ({} connections)",
             f.automerge_repo_connections
         );
+    }
+    if let Some(a) = &f.etcd_api_addr {
+        println!("  etcd API  {a} ({} connections)", f.etcd_api_connections);
     }
     println!("members:");
     for m in &s.members {

@@ -175,7 +175,7 @@ pub struct RunArgs {
     pub bind: Option<std::net::SocketAddr>,
     /// TOML config file (keys: data_dir, bind, snapshot_every, keep_log_after_snapshot,
     /// auto_compaction_mode, auto_compaction_retention, metrics, metrics_token_file,
-    /// automerge_repo, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
+    /// automerge_repo, etcd_api, and a [dht] table: enabled, bootstrap, request_timeout_ms, republish_interval_secs,
     /// record_validity_secs, and a [blobs] table: replicas, gc_grace_secs, gc_interval_secs).
     /// Flags override it.
     #[arg(long)]
@@ -211,6 +211,13 @@ pub struct RunArgs {
     /// issue --bearer`). Plain WebSocket: put TLS in front of a non-loopback address.
     #[arg(long, value_name = "ADDR")]
     pub automerge_repo: Option<std::net::SocketAddr>,
+    /// Serve etcd's v3 gRPC API at ADDR (e.g. 127.0.0.1:2379; port 0: any free port, the
+    /// node prints where), so etcdctl and etcd's client libraries use the cluster's key
+    /// space. Every call presents a bearer token: etcdctl --user NAME:TOKEN (any name; the
+    /// token from `aspen auth token issue --bearer`). etcd's revisions are Aspen's plus one.
+    /// Plain gRPC: put TLS in front of a non-loopback address.
+    #[arg(long, value_name = "ADDR")]
+    pub etcd_api: Option<std::net::SocketAddr>,
     /// Seconds between the leader's automatic compaction checks (tests only).
     #[arg(long, hide = true)]
     pub auto_compaction_every: Option<f64>,

@@ -122,6 +122,12 @@ pub struct NodeMetrics {
     pub repo_messages: Counter,
     /// Where `--automerge-repo` serves, once it does.
     pub repo_serving: std::sync::OnceLock<SocketAddr>,
+    /// etcd API connections open on this node.
+    pub etcd_connections: Gauge,
+    /// etcd API connections and requests refused (no or bad token, too many connections).
+    pub etcd_refused: Counter,
+    /// Where `--etcd-api` serves, once it does.
+    pub etcd_serving: std::sync::OnceLock<SocketAddr>,
 }
 
 impl NodeMetrics {
@@ -159,6 +165,9 @@ impl NodeMetrics {
             repo_refused: Counter::default(),
             repo_messages: Counter::default(),
             repo_serving: Default::default(),
+            etcd_connections: Gauge::default(),
+            etcd_refused: Counter::default(),
+            etcd_serving: Default::default(),
         };
         m.register_all(node_id);
         m
@@ -267,6 +276,16 @@ impl NodeMetrics {
             self.repo_messages.clone(),
         );
         r.register(
+            "etcd_connections",
+            "etcd API (gRPC) connections open on this node",
+            self.etcd_connections.clone(),
+        );
+        r.register(
+            "etcd_refused",
+            "etcd API connections and requests refused (no or bad token, too many connections)",
+            self.etcd_refused.clone(),
+        );
+        r.register(
             "doc_changes_committed",
             "Automerge changes clients committed through this node (doc change requests)",
             self.doc_changes.clone(),
@@ -298,16 +317,24 @@ impl NodeMetrics {
 
     /// Records one answered client request.
     pub fn served(&self, op: &'static str, took: Duration, response: &ClientResponse) {
+        let error = match response {
+            ClientResponse::Error(e) => Some(e.kind()),
+            _ => None,
+        };
+        self.answered(op, took, error);
+    }
+
+    /// Records one answered request of any protocol: `error` is the kind of error it was
+    /// answered with, if any.
+    pub fn answered(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
         let labels = OpLabels { op };
         self.requests.get_or_create(&labels).inc();
         self.request_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
         self.request_total.fetch_add(1, Ordering::Relaxed);
-        if let ClientResponse::Error(e) = response {
-            self.errors
-                .get_or_create(&ErrorLabels { op, kind: e.kind() })
-                .inc();
+        if let Some(kind) = error {
+            self.errors.get_or_create(&ErrorLabels { op, kind }).inc();
             self.error_total.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -398,6 +425,8 @@ impl NodeMetrics {
             metrics_addr: self.serving.get().map(|a| a.to_string()),
             automerge_repo_addr: self.repo_serving.get().map(|a| a.to_string()),
             automerge_repo_connections: self.repo_connections.get().max(0) as u64,
+            etcd_api_addr: self.etcd_serving.get().map(|a| a.to_string()),
+            etcd_api_connections: self.etcd_connections.get().max(0) as u64,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod blobs;
 pub mod cluster;
 mod compaction;
 mod docs;
+pub mod etcd;
 mod faulty_blobs;
 mod federation;
 mod gate;
@@ -90,6 +91,8 @@ pub enum StartError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     AutomergeRepo(#[from] automerge_repo::RepoListenError),
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdListenError),
 }
 
 /// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
@@ -378,6 +381,15 @@ impl RunningNode {
                 Arc::downgrade(&state),
                 state.repo.clone(),
             )));
+        }
+        if let Some(addr) = config.etcd_api {
+            let listener = etcd::bind(addr).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| etcd::EtcdListenError::Bind(addr, e))?;
+            let _ = state.cluster.metrics.etcd_serving.set(bound);
+            tracing::info!(%bound, "serving the etcd API");
+            tasks.push(tokio::spawn(etcd::serve(listener, Arc::downgrade(&state))));
         }
         if let Some(dht) = &dht {
             tasks.push(tokio::spawn(federation::mirror::run_announcer(

@@ -13,6 +13,7 @@ mod coordination;
 mod discovery;
 mod docs;
 mod e2e;
+mod etcd_api;
 mod examples;
 mod faults;
 mod federation;

@@ -1,0 +1,73 @@
+//! Generates etcd's v3 API (messages, servers and clients) from etcd's own .proto files.
+//!
+//! The files come from the `etcd-client` crate's sources, which Cargo.lock pins and which are
+//! never compiled (a `cfg(any())` dependency): `cargo metadata` says where Cargo unpacked it.
+//! `protox` compiles them in pure Rust, so no `protoc` is needed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The .proto files compiled, relative to etcd-client's `proto/` directory.
+const PROTOS: [&str; 5] = [
+    "etcd/api/authpb/auth.proto",
+    "etcd/api/mvccpb/kv.proto",
+    "etcd/api/etcdserverpb/rpc.proto",
+    "etcd/server/etcdserver/api/v3lock/v3lockpb/v3lock.proto",
+    "etcd/server/etcdserver/api/v3election/v3electionpb/v3election.proto",
+];
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=Cargo.toml");
+    let root = proto_root();
+    let fds = protox::compile(PROTOS.iter().map(|p| root.join(p)), [&root]).unwrap_or_else(|e| {
+        panic!(
+            "compiling etcd's .proto files under {}: {e}",
+            root.display()
+        )
+    });
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Calls a service does not implement answer "unimplemented" (the node names the
+        // ones it refuses on purpose, with a reason).
+        .generate_default_stubs(true)
+        .compile_fds(fds)
+        .expect("generating the etcd API");
+}
+
+/// etcd-client's `proto/` directory, as unpacked by Cargo.
+fn proto_root() -> PathBuf {
+    let cargo = std::env::var("CARGO").expect("CARGO is set for build scripts");
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
+        .join("Cargo.toml");
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .expect("running cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed (it finds etcd-client's .proto files): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON");
+    let package = meta["packages"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "etcd-client"))
+        .expect("etcd-client is in Cargo.lock (a cfg(any()) dependency of this crate)");
+    let manifest = package["manifest_path"]
+        .as_str()
+        .expect("etcd-client's manifest path");
+    let root = PathBuf::from(manifest)
+        .parent()
+        .expect("a directory")
+        .join("proto");
+    assert!(
+        root.is_dir(),
+        "etcd-client's proto/ directory is missing: {}",
+        root.display()
+    );
+    root
+}

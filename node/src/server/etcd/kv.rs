@@ -1,0 +1,307 @@
+//! etcd's KV service: Range, Put, DeleteRange, Txn and Compact.
+
+use aspen_client::protocol::{ClientRequest, Consistency, KvRequest, KvResponse};
+use aspen_etcd_api::pb::etcdserverpb::{
+    kv_server::Kv, response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    ResponseOp, TxnRequest, TxnResponse,
+};
+use aspen_etcd_api::range::{RangeAnswer, RangePlan};
+use aspen_etcd_api::revision::{self, ReadAt};
+use aspen_etcd_api::txn::{self, Phase, Slot, TxnPlan};
+use aspen_etcd_api::EtcdError;
+use aspen_kv::api::{Command, RangeRequest as StoreRange, Revision, WriteOp, WriteOutcome};
+use aspen_kv::limits::MAX_RANGE_LIMIT;
+
+use super::super::auth::Caller;
+use super::super::NodeState;
+use super::{from_rpc, EtcdApi};
+
+/// The most key and value bytes one range answer carries (etcd has no limit of its own but
+/// gRPC's message size); a larger answer is refused: ask with a limit and page.
+pub const MAX_RANGE_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+#[tonic::async_trait]
+impl Kv for EtcdApi {
+    async fn range(
+        &self,
+        request: tonic::Request<RangeRequest>,
+    ) -> Result<tonic::Response<RangeResponse>, tonic::Status> {
+        self.call("etcd_range", request, |node, caller, req| async move {
+            let plan = RangePlan::new(&req)?;
+            let consistency = if plan.serializable {
+                Consistency::Serializable
+            } else {
+                Consistency::Linearizable
+            };
+            node.etcd_authorize(&range_probe(&plan, consistency), &caller)
+                .await?;
+            if !plan.serializable {
+                node.cluster.read_barrier().await.map_err(from_rpc)?;
+            }
+            let answer = node.etcd_range(&plan, plan.at).await?;
+            let header = node.etcd_header(node.applied_revision()).await;
+            Ok(RangeResponse {
+                header: Some(header),
+                kvs: answer.kvs,
+                more: answer.more,
+                count: answer.count,
+            })
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        request: tonic::Request<PutRequest>,
+    ) -> Result<tonic::Response<PutResponse>, tonic::Status> {
+        self.call("etcd_put", request, |node, caller, req| async move {
+            let outcome = node.etcd_write(&caller, txn::put(&req)?).await?;
+            let header = node.etcd_header(outcome.revision()).await;
+            Ok(txn::put_response(outcome, header))
+        })
+        .await
+    }
+
+    async fn delete_range(
+        &self,
+        request: tonic::Request<DeleteRangeRequest>,
+    ) -> Result<tonic::Response<DeleteRangeResponse>, tonic::Status> {
+        self.call(
+            "etcd_delete_range",
+            request,
+            |node, caller, req| async move {
+                let outcome = node.etcd_write(&caller, txn::delete(&req)?).await?;
+                let header = node.etcd_header(outcome.revision()).await;
+                Ok(txn::delete_response(outcome, header))
+            },
+        )
+        .await
+    }
+
+    async fn txn(
+        &self,
+        request: tonic::Request<TxnRequest>,
+    ) -> Result<tonic::Response<TxnResponse>, tonic::Status> {
+        self.call("etcd_txn", request, |node, caller, req| async move {
+            node.etcd_txn(&caller, &req).await
+        })
+        .await
+    }
+
+    async fn compact(
+        &self,
+        request: tonic::Request<CompactionRequest>,
+    ) -> Result<tonic::Response<CompactionResponse>, tonic::Status> {
+        self.call("etcd_compact", request, |node, caller, req| async move {
+            let revision = revision::compact_from_etcd(req.revision)?;
+            let outcome = node
+                .etcd_write(&caller, WriteOp::Compact { revision })
+                .await?;
+            let header = node.etcd_header(outcome.revision()).await;
+            Ok(CompactionResponse {
+                header: Some(header),
+            })
+        })
+        .await
+    }
+}
+
+/// The Aspen read a range amounts to, for the access check.
+fn range_probe(plan: &RangePlan, consistency: Consistency) -> ClientRequest {
+    ClientRequest::Kv(KvRequest::Range {
+        request: StoreRange {
+            start: plan.start.clone(),
+            end: plan.end.clone(),
+            limit: 0,
+            revision: 0,
+        },
+        consistency,
+    })
+}
+
+impl NodeState {
+    /// Commits one write for `caller` (checked as the Aspen request would be) and returns
+    /// what it did.
+    async fn etcd_write(&self, caller: &Caller, op: WriteOp) -> Result<WriteOutcome, EtcdError> {
+        let request = ClientRequest::Kv(KvRequest::Write {
+            commands: vec![Command { session: None, op }],
+        });
+        self.etcd_authorize(&request, caller).await?;
+        let ClientRequest::Kv(request) = request else {
+            unreachable!("built above")
+        };
+        let access = self.auth.access(
+            caller,
+            self.cluster.member_keys(),
+            super::super::identity::unix_now(),
+        );
+        match self.kv.handle(request, &access).await.map_err(from_rpc)? {
+            KvResponse::Write { mut results } if results.len() == 1 => {
+                Ok(results.pop().expect("one result")?)
+            }
+            other => Err(EtcdError::Internal(format!(
+                "a write was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads what `plan` asks for at `at`, as etcd answers it. Access is the caller's job.
+    async fn etcd_range(&self, plan: &RangePlan, at: ReadAt) -> Result<RangeAnswer, EtcdError> {
+        let sm = &self.cluster.sm;
+        let revision = match at {
+            ReadAt::Current => 0,
+            ReadAt::Store(r) => r,
+            ReadAt::Empty => {
+                // Nothing exists in the empty store, unless it was compacted away.
+                if sm.status().await?.compacted > 0 {
+                    return Err(EtcdError::Compacted);
+                }
+                return Ok(plan.finish(Vec::new(), 0));
+            }
+        };
+        let whole = |revision| StoreRange {
+            start: plan.start.clone(),
+            end: plan.end.clone(),
+            limit: 0,
+            revision,
+        };
+        if plan.count_only {
+            let (count, _) = sm.count(whole(revision)).await?;
+            return Ok(plan.finish(Vec::new(), count));
+        }
+        let wanted = plan.keys_to_read();
+        let mut kvs = Vec::new();
+        let mut bytes = 0usize;
+        let mut page = whole(revision);
+        let complete = loop {
+            let left = wanted.map_or(MAX_RANGE_LIMIT, |w| {
+                (w - kvs.len() as u64).min(MAX_RANGE_LIMIT)
+            });
+            page.limit = left;
+            let read = sm.range(page.clone()).await?;
+            // Every later page reads at the first page's revision.
+            page.revision = read.revision;
+            for kv in read.kvs {
+                bytes += kv.key.len() + kv.value.len();
+                if bytes > MAX_RANGE_ANSWER_BYTES {
+                    return Err(EtcdError::ResourceExhausted(format!(
+                        "the range holds more than {MAX_RANGE_ANSWER_BYTES} bytes: read it in \
+                         pages (a limit, then the next key on)"
+                    )));
+                }
+                kvs.push(kv);
+            }
+            if !read.more {
+                break true;
+            }
+            if wanted.is_some_and(|w| kvs.len() as u64 >= w) {
+                break false;
+            }
+            let Some(last) = kvs.last() else {
+                break true;
+            };
+            let mut next = last.key.clone();
+            next.push(0);
+            page.start = next;
+        };
+        let count = if complete {
+            kvs.len() as u64
+        } else {
+            sm.count(whole(page.revision)).await?.0
+        };
+        Ok(plan.finish(kvs, count))
+    }
+
+    async fn etcd_txn(&self, caller: &Caller, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let plan = TxnPlan::new(req)?;
+        // Every read of either branch is checked before anything is written.
+        for slot in plan.success.iter().chain(&plan.failure) {
+            if let Slot::Range(range, _) = slot {
+                self.etcd_authorize(&range_probe(range, Consistency::Linearizable), caller)
+                    .await?;
+            }
+        }
+        let outcome = self
+            .etcd_write(caller, WriteOp::Txn(plan.txn.clone()))
+            .await?;
+        let WriteOutcome::Txn {
+            revision: at,
+            succeeded,
+            results,
+        } = outcome
+        else {
+            return Err(EtcdError::Internal(format!(
+                "a transaction was answered with {outcome:?}"
+            )));
+        };
+        let changed = results.iter().any(|r| match r {
+            WriteOutcome::Put { .. } => true,
+            WriteOutcome::Delete { deleted, .. } => *deleted > 0,
+            _ => false,
+        });
+        let before: Revision = if changed { at - 1 } else { at };
+        let read_at = |r: Revision| {
+            if r == 0 {
+                ReadAt::Empty
+            } else {
+                ReadAt::Store(r)
+            }
+        };
+        let header = self.etcd_header(at).await;
+        // etcd's operations inside a transaction carry only the revision they saw or wrote.
+        let inner = |revision: Revision| ResponseHeader {
+            revision: revision::to_etcd(revision),
+            ..Default::default()
+        };
+        let slots = if succeeded {
+            &plan.success
+        } else {
+            &plan.failure
+        };
+        let mut responses = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let response = match slot {
+                Slot::Write(i) => {
+                    let result = results.get(*i).cloned().ok_or_else(|| {
+                        EtcdError::Internal(format!("transaction write {i} has no result"))
+                    })?;
+                    match result {
+                        r @ WriteOutcome::Put { .. } => {
+                            response_op::Response::ResponsePut(txn::put_response(r, inner(at)))
+                        }
+                        r => response_op::Response::ResponseDeleteRange(txn::delete_response(
+                            r,
+                            inner(at),
+                        )),
+                    }
+                }
+                Slot::Range(range, phase) => {
+                    let seen = match phase {
+                        Phase::Before => before,
+                        Phase::After => at,
+                    };
+                    let read = match range.at {
+                        ReadAt::Current => read_at(seen),
+                        explicit => explicit,
+                    };
+                    let answer = self.etcd_range(range, read).await?;
+                    response_op::Response::ResponseRange(RangeResponse {
+                        header: Some(inner(seen)),
+                        kvs: answer.kvs,
+                        more: answer.more,
+                        count: answer.count,
+                    })
+                }
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
+        }
+        Ok(TxnResponse {
+            header: Some(header),
+            succeeded,
+            responses,
+        })
+    }
+}
