@@ -8,8 +8,9 @@
 //! - [`EtcdError`]: etcd's error statuses, with the exact codes and messages etcd sends,
 //!   because clients recognise errors by their message text;
 //! - [`revision`]: how etcd's revision numbers map to the store's;
-//! - [`range`] and [`txn`]: the translation of etcd's reads and transactions into the store's
-//!   requests, and of the store's answers back. Pure: no I/O, no clock.
+//! - [`range`], [`txn`] and [`watch`]: the translation of etcd's reads, transactions and
+//!   watches into the store's requests, and of the store's answers back. Pure: no I/O, no
+//!   clock.
 //!
 //! The node serves these (`node/src/server/etcd/`); this crate decides what a request means.
 
@@ -17,6 +18,7 @@ pub mod error;
 pub mod range;
 pub mod revision;
 pub mod txn;
+pub mod watch;
 
 pub use error::EtcdError;
 

@@ -133,7 +133,7 @@ impl Drop for Running {
 
 /// Whether a watch may start: the connection has room, the request is sane, the caller
 /// may read the range.
-async fn admit(
+pub(super) async fn admit(
     state: &NodeState,
     caller: &auth::Caller,
     open: &AtomicUsize,
@@ -187,7 +187,7 @@ async fn send_frame(send: &mut SendStream, id: u64, message: WatchMessage) -> Re
 
 /// One watch: queues `Created`, then pages of events as the store moves (and progress when
 /// asked), until cancelled (its task aborted) or it cannot go on.
-async fn run_watch(
+pub(super) async fn run_watch(
     cluster: ClusterHandle,
     id: u64,
     request: WatchRequest,

@@ -116,9 +116,77 @@ fn etcdctl(
         input.write_all(text.as_bytes()).unwrap();
     }
     drop(input);
+    // Killed if it does not finish (a watch that never ends would hang the test).
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("etcdctl {args:?} did not finish");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let out = child.wait_with_output().unwrap();
     let text = format!("{}{}", stdout(&out), stderr(&out));
     (text, out.status.success())
+}
+
+/// A long-running etcdctl (a watch, a campaign), its standard output read line by line;
+/// killed when dropped.
+struct EtcdctlProc {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EtcdctlProc {
+    fn spawn(endpoint: &str, user: Option<&str>, args: &[&str]) -> EtcdctlProc {
+        use std::io::BufRead;
+        let mut cmd = Command::new(etcd_bin_dir().join("etcdctl"));
+        cmd.args(["--endpoints", endpoint]);
+        if let Some(user) = user {
+            cmd.args(["--user", user]);
+        }
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run etcdctl");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        EtcdctlProc { child, lines }
+    }
+
+    /// Every line up to and including the first that is `last`.
+    fn lines_until(&self, last: &str) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(DEADLINE)
+                .unwrap_or_else(|_| panic!("no line {last:?} after {got:?}"));
+            let done = line == last;
+            got.push(line);
+            if done {
+                return got;
+            }
+        }
+    }
+}
+
+impl Drop for EtcdctlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The parts of etcdctl's output that differ between any two clusters, masked: the cluster
@@ -265,8 +333,53 @@ async fn etcdctl_prints_the_same_against_aspen_as_against_etcd() {
     let endpoint = etcd_addr(&nodes[0]).await;
     let token = bearer(&ticket, &["kv:write:*", "cluster:admin:*"]);
     let user = format!("aspen:{token}");
-    let expected = transcript(&etcd.endpoint, None, SCRIPT);
-    let got = transcript(&endpoint, Some(&user), SCRIPT);
+    // A watch of everything from revision 3 on, running while the script does.
+    let watches = [
+        EtcdctlProc::spawn(
+            &etcd.endpoint,
+            None,
+            &["watch", "--prefix", "", "--rev", "3", "--prev-kv"],
+        ),
+        EtcdctlProc::spawn(
+            &endpoint,
+            Some(&user),
+            &["watch", "--prefix", "", "--rev", "3", "--prev-kv"],
+        ),
+    ];
+    let mut expected = transcript(&etcd.endpoint, None, SCRIPT);
+    let mut got = transcript(&endpoint, Some(&user), SCRIPT);
+    // Each watch saw the same events, up to a last put both make.
+    for ((endpoint, user), watch) in [
+        (etcd.endpoint.as_str(), None),
+        (endpoint.as_str(), Some(user.as_str())),
+    ]
+    .into_iter()
+    .zip(&watches)
+    {
+        let (text, ok) = etcdctl(endpoint, user, &["put", "zz-end", "."], None);
+        assert!(ok, "{text}");
+        let lines = watch.lines_until("zz-end");
+        let out = if user.is_none() {
+            &mut expected
+        } else {
+            &mut got
+        };
+        out.push_str(&format!(
+            "$ etcdctl watch --prefix '' --rev 3 --prev-kv\n{}\n",
+            lines.join("\n")
+        ));
+    }
+    // A watch from a compacted revision is cancelled with etcd's reason.
+    expected.push_str(&transcript(
+        &etcd.endpoint,
+        None,
+        &[("watch foo --rev 2", None)],
+    ));
+    got.push_str(&transcript(
+        &endpoint,
+        Some(&user),
+        &[("watch foo --rev 2", None)],
+    ));
     if got != expected {
         let diff: Vec<String> = expected
             .lines()
@@ -379,4 +492,110 @@ async fn callers_without_a_grant_are_refused() {
     assert!(!ok && text.contains("aspen cluster add"), "{text}");
     let (text, ok) = etcdctl(&endpoint, Some(&admin), &["user", "add", "u:p"], None);
     assert!(!ok && text.contains("aspen auth grant"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_locks_and_elections_work_with_etcdctl() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, ETCD_ARGS).await;
+    let ticket = ticket_text(&nodes);
+    let endpoint = etcd_addr(&nodes[0]).await;
+    let user = format!("aspen:{}", bearer(&ticket, &["kv:write:*"]));
+    let run = |args: &[&str]| {
+        let (text, ok) = etcdctl(&endpoint, Some(&user), args, None);
+        assert!(ok, "etcdctl {args:?}: {text}");
+        normalize(&text)
+    };
+    // A lease: its key, its time to live, a keep-alive, and the revoke that deletes the key.
+    let granted = run(&["lease", "grant", "30"]);
+    let id = granted
+        .split_whitespace()
+        .nth(1)
+        .expect("lease ID granted ...")
+        .to_string();
+    assert_eq!(granted.trim(), format!("lease {id} granted with TTL(30s)"));
+    run(&["put", "leased", "v", "--lease", &id]);
+    let ttl = run(&["lease", "timetolive", &id, "--keys"]);
+    assert!(
+        ttl.contains("granted with TTL(30s)") && ttl.contains("attached keys([leased])"),
+        "{ttl}"
+    );
+    assert!(run(&["lease", "list"]).contains(&id));
+    assert_eq!(
+        run(&["lease", "keep-alive", "--once", &id]).trim(),
+        format!("lease {id} keepalived with TTL(30)")
+    );
+    assert_eq!(
+        run(&["lease", "revoke", &id]).trim(),
+        format!("lease {id} revoked")
+    );
+    assert_eq!(run(&["get", "leased"]), "");
+    assert_eq!(
+        run(&["lease", "timetolive", &id]).trim(),
+        format!("lease {id} already expired")
+    );
+    // A lease nobody keeps alive expires, and its key with it.
+    let granted = run(&["lease", "grant", "2"]);
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    run(&["put", "short", "v", "--lease", &id]);
+    wait_for("the unrenewed lease's key to go", || {
+        run(&["get", "short"]).is_empty().then_some(())
+    });
+
+    // A lock: the second holder runs only after the first released it.
+    let log = root.path().join("lock.log");
+    let holder = |name: &str| {
+        let script = format!(
+            "echo {name} in >> {0}; sleep 0.5; echo {name} out >> {0}",
+            log.display()
+        );
+        EtcdctlProc::spawn(
+            &endpoint,
+            Some(&user),
+            &["lock", "deploys", "--", "sh", "-c", &script],
+        )
+    };
+    let first = holder("first");
+    wait_for("the first holder to hold the lock", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("first in"))
+            .map(|_| ())
+    });
+    let second = holder("second");
+    wait_for("both holders to finish", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.lines().count() == 4)
+            .map(|_| ())
+    });
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "first in\nfirst out\nsecond in\nsecond out\n",
+        "the holders overlapped"
+    );
+    drop((first, second));
+
+    // An election: the campaigner leads, an observer sees it, a second candidate waits.
+    let leader = EtcdctlProc::spawn(&endpoint, Some(&user), &["elect", "pool", "node-a"]);
+    let proposal = leader.lines_until("node-a");
+    assert_eq!(proposal.len(), 2, "{proposal:?}");
+    assert!(proposal[0].starts_with("pool/"), "{proposal:?}");
+    let observer = EtcdctlProc::spawn(&endpoint, Some(&user), &["elect", "--listen", "pool"]);
+    assert_eq!(observer.lines_until("node-a"), proposal);
+    let second = EtcdctlProc::spawn(&endpoint, Some(&user), &["elect", "pool", "node-b"]);
+    drop(leader);
+    // The first leader's process is gone; its lease (60 s by default) is revoked here so
+    // the second candidate need not wait for it to expire.
+    let (lease, _) = etcdctl(
+        &endpoint,
+        Some(&user),
+        &["get", &proposal[0], "-w", "json"],
+        None,
+    );
+    let id: serde_json::Value = serde_json::from_str(lease.trim()).unwrap();
+    let id = format!("{:x}", id["kvs"][0]["lease"].as_i64().unwrap());
+    run(&["lease", "revoke", &id]);
+    let next = second.lines_until("node-b");
+    assert!(next[0].starts_with("pool/"), "{next:?}");
 }

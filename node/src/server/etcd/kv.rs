@@ -123,10 +123,31 @@ fn range_probe(plan: &RangePlan, consistency: Consistency) -> ClientRequest {
 impl NodeState {
     /// Commits one write for `caller` (checked as the Aspen request would be) and returns
     /// what it did.
-    async fn etcd_write(&self, caller: &Caller, op: WriteOp) -> Result<WriteOutcome, EtcdError> {
-        let request = ClientRequest::Kv(KvRequest::Write {
+    pub(super) async fn etcd_write(
+        &self,
+        caller: &Caller,
+        op: WriteOp,
+    ) -> Result<WriteOutcome, EtcdError> {
+        let request = KvRequest::Write {
             commands: vec![Command { session: None, op }],
-        });
+        };
+        match self.etcd_kv(caller, request).await? {
+            KvResponse::Write { mut results } if results.len() == 1 => {
+                Ok(results.pop().expect("one result")?)
+            }
+            other => Err(EtcdError::Internal(format!(
+                "a write was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Serves one key-value request for `caller`, checked as on the Aspen protocol.
+    pub(super) async fn etcd_kv(
+        &self,
+        caller: &Caller,
+        request: KvRequest,
+    ) -> Result<KvResponse, EtcdError> {
+        let request = ClientRequest::Kv(request);
         self.etcd_authorize(&request, caller).await?;
         let ClientRequest::Kv(request) = request else {
             unreachable!("built above")
@@ -136,14 +157,7 @@ impl NodeState {
             self.cluster.member_keys(),
             super::super::identity::unix_now(),
         );
-        match self.kv.handle(request, &access).await.map_err(from_rpc)? {
-            KvResponse::Write { mut results } if results.len() == 1 => {
-                Ok(results.pop().expect("one result")?)
-            }
-            other => Err(EtcdError::Internal(format!(
-                "a write was answered with {other:?}"
-            ))),
-        }
+        self.kv.handle(request, &access).await.map_err(from_rpc)
     }
 
     /// Reads what `plan` asks for at `at`, as etcd answers it. Access is the caller's job.

@@ -4,7 +4,8 @@
 //! Each etcd request becomes the Aspen request it means ([`aspen_etcd_api`] decides how) and
 //! goes through the same checks as on the Aspen protocol: the caller's grants, the store's
 //! limits, Raft for writes and a read barrier for linearizable reads. The services:
-//! KV (`kv.rs`), Cluster, Maintenance and Auth (`cluster.rs`).
+//! KV (`kv.rs`), Watch (`watch.rs`), Lease (`lease.rs`), Cluster, Maintenance and Auth
+//! (`cluster.rs`).
 //!
 //! Who calls: etcd clients cannot prove an iroh key, so a caller presents an Aspen bearer
 //! token (`aspen auth token issue --bearer`). etcd's own flow carries it: the client calls
@@ -18,6 +19,8 @@
 
 mod cluster;
 mod kv;
+mod lease;
+mod watch;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -67,7 +70,8 @@ pub struct EtcdApi {
 pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
     use aspen_etcd_api::pb::etcdserverpb::{
         auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-        maintenance_server::MaintenanceServer,
+        lease_server::LeaseServer, maintenance_server::MaintenanceServer,
+        watch_server::WatchServer,
     };
     let Some(metrics) = node.upgrade().map(|n| n.cluster.metrics.clone()) else {
         return;
@@ -112,6 +116,8 @@ pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_service(WatchServer::new(api.clone()))
+        .add_service(LeaseServer::new(api.clone()))
         .add_service(ClusterServer::new(api.clone()))
         .add_service(MaintenanceServer::new(api.clone()))
         .add_service(AuthServer::new(api.clone()))
