@@ -7,8 +7,8 @@
 //! most [`MAX_CHAIN_LEN`] links (the root and three delegations).
 //!
 //! The one exception is a root token addressed to [`BEARER_AUDIENCE`]: callers that cannot
-//! prove a key (a browser page on the automerge-repo WebSocket listener) present it, and
-//! whoever holds it may use it there. No key can prove to be the bearer audience over QUIC,
+//! prove a key (a browser page on the automerge-repo WebSocket listener, an etcd client on
+//! the etcd API) present it, and whoever holds it may use it there. No key can prove to be the bearer audience over QUIC,
 //! so such a token is refused on the client protocol, and it cannot be delegated (nobody can
 //! sign as its audience). Keep such tokens narrow and short-lived.
 //!

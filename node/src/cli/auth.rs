@@ -108,9 +108,9 @@ pub struct IssueArgs {
     #[arg(long, required_unless_present = "bearer", conflicts_with = "bearer")]
     pub to: Option<String>,
     /// A bearer token instead: whoever holds it may use it, on the automerge-repo WebSocket
-    /// listener only (browser pages cannot prove a key). Keep it narrow (e.g.
-    /// `doc:write:automerge/`) and short-lived (at most 30d); it cannot be delegated
-    /// (--from).
+    /// listener and the etcd API only (browser pages and etcd clients cannot prove a key).
+    /// Keep it narrow (e.g. `doc:write:automerge/`, `kv:write:app/`) and short-lived (at
+    /// most 30d); it cannot be delegated (--from).
     #[arg(long, conflicts_with = "from")]
     pub bearer: bool,
     /// Permissions it carries (KIND:ACTION:PATTERN), at most what you hold.

@@ -614,29 +614,6 @@ async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
     assert!(crate::metrics::get(&after, "aspen_automerge_repo_messages_total") >= 1.0);
 }
 
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
-/// CPU time (user + system) of process `pid` so far, in milliseconds (reported, not
-/// asserted).
-fn process_cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
-    // utime and stime: fields 14 and 15 of stat, 12 and 13 after the command name.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    ticks * 1000 / hz
-}
-
 /// Writes a CBOR map of text to text (enough for hand-made bad messages).
 fn ciborium_like_map(out: &mut Vec<u8>, entries: &[(&str, &str)]) {
     out.push(0xa0 | entries.len() as u8);

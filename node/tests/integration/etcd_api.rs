@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
+use futures::StreamExt;
+
 use crate::common::*;
 
 /// Where etcd and etcdctl are (installed once per test process).
@@ -598,4 +600,88 @@ async fn leases_locks_and_elections_work_with_etcdctl() {
     run(&["lease", "revoke", &id]);
     let next = second.lines_until("node-b");
     assert!(next[0].starts_with("pool/"), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
+    use aspen_etcd_api::pb::etcdserverpb::{kv_client::KvClient, RangeRequest};
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(
+        root.path(),
+        1,
+        &["--etcd-api", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+    )
+    .await;
+    let ticket = ticket_text(&nodes);
+    let endpoint = etcd_addr(&nodes[0]).await;
+    let pid = nodes[0].pid().unwrap();
+    let metrics = {
+        let c = client_of(&nodes[0]).await;
+        let a = crate::metrics::metrics_addr(&c).await;
+        c.close().await;
+        a
+    };
+    let refused_before = crate::metrics::get(
+        &crate::metrics::scrape(metrics, None),
+        "aspen_etcd_refused_total",
+    );
+    let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
+    // Each caller on a connection of its own, 16 at a time, with no token.
+    let attempts = 500;
+    let url = format!("http://{endpoint}");
+    let refused = futures::stream::iter(0..attempts)
+        .map(|_| {
+            let url = url.clone();
+            async move {
+                let mut kv = KvClient::connect(url).await.unwrap();
+                let answer = kv
+                    .range(RangeRequest {
+                        key: b"k".to_vec(),
+                        ..Default::default()
+                    })
+                    .await;
+                matches!(answer, Err(s) if s.message() == "etcdserver: user name is empty")
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|refused| futures::future::ready(*refused))
+        .count()
+        .await;
+    assert_eq!(refused, attempts);
+    // Idle sockets, and sockets that send garbage instead of HTTP/2.
+    let mut idle = Vec::new();
+    for i in 0..400 {
+        let mut s = tokio::net::TcpStream::connect(&endpoint).await.unwrap();
+        if i % 2 == 0 {
+            use tokio::io::AsyncWriteExt;
+            let _ = s
+                .write_all(b"GET / HTTP/1.0\r\n\r\nnot http/2 at all")
+                .await;
+        }
+        idle.push(s);
+    }
+    let growth = rss(pid).saturating_sub(rss_before);
+    eprintln!(
+        "{attempts} refused calls and 400 idle or garbage sockets: node RSS +{} KiB, CPU {} ms",
+        growth >> 10,
+        process_cpu_ms(pid) - cpu_before
+    );
+    assert!(growth < 64 << 20, "the node grew by {} MiB", growth >> 20);
+    drop(idle);
+    let samples = crate::metrics::scrape(metrics, None);
+    assert!(
+        crate::metrics::get(&samples, "aspen_etcd_refused_total") - refused_before
+            >= attempts as f64
+    );
+    // Every connection closed again, and a caller with a token is served.
+    wait_until("the flood's connections to close", || async {
+        let c = client_of(&nodes[0]).await;
+        let open = c.status().await.ok()?.figures.etcd_api_connections;
+        c.close().await;
+        (open == 0).then_some(())
+    })
+    .await;
+    let user = format!("aspen:{}", bearer(&ticket, &["kv:read:*"]));
+    let (text, ok) = etcdctl(&endpoint, Some(&user), &["get", "k"], None);
+    assert!(ok, "{text}");
 }
