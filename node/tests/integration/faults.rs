@@ -10,7 +10,9 @@
 //! history of the range, rebuilt from reads at every revision: no gap, no duplicate, no
 //! reordering, across every resume the faults force. A lease kept alive throughout keeps its
 //! keys through every fault; once its keep-alives stop, the keys go exactly once, no earlier
-//! than its TTL after the last acknowledged keep-alive was sent. A negative control runs the same workload against nodes with a
+//! than its TTL after the last acknowledged keep-alive was sent. Half the clients speak
+//! etcd's v3 API (gRPC, `--etcd-api`) to one member each, as an etcd client given one
+//! endpoint does, so the history also covers that front end. A negative control runs the same workload against nodes with a
 //! deliberate bug (linearizable reads served without ReadIndex) and the checker must catch it.
 //!
 //! Reproduce or extend a run (see TESTING.md):
@@ -26,6 +28,10 @@ use crate::common::*;
 use aspen_check::{check, History, Op, OpMix, Outcome, Recorder};
 use aspen_client::{
     Client, ClientOptions, ClusterTicket, Consistency, NetFaults, WatchRequest, WatchUpdate,
+};
+use aspen_etcd_api::pb::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, Compare as PbCompare, DeleteRangeRequest, PutRequest,
+    RangeRequest as PbRange, RequestOp, TxnRequest,
 };
 use aspen_kv::api::{prefix_end, EventKind, RangeRequest, Txn};
 use futures::StreamExt;
@@ -69,6 +75,170 @@ async fn client_preferring(nodes: &[NodeProc], first: usize) -> Client {
 }
 
 /// Clients running random single-key operations and recording them.
+/// Where each member serves the etcd API, and the token its clients present.
+struct EtcdApis {
+    addrs: Vec<String>,
+    token: String,
+}
+
+/// A client of one member's etcd API. It has no failover (an etcd client given one
+/// endpoint has none): while that member is down its requests fail.
+struct EtcdKv {
+    kv: KvClient<tonic::transport::Channel>,
+    token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl EtcdKv {
+    fn new(addr: &str, token: &str) -> EtcdKv {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        EtcdKv {
+            kv: KvClient::new(channel),
+            token: token.parse().unwrap(),
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert("token", self.token.clone());
+        r
+    }
+
+    /// Waits until the member serves a linearizable read again (which changes nothing, and
+    /// is not recorded), or the workload stops: a client of a member that is down, cut off
+    /// or removed would otherwise fail as fast as it can ask, and every failed write is an
+    /// operation of unknown outcome for the checker.
+    async fn wait_until_answering(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            let probe = PbRange {
+                key: b"lin/".to_vec(),
+                ..Default::default()
+            };
+            if self.kv.range(self.request(probe)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `op` through etcd's KV service.
+    async fn run(&mut self, op: Op) -> Result<Outcome, tonic::Status> {
+        let range = |key: Vec<u8>, range_end: Vec<u8>| PbRange {
+            key,
+            range_end,
+            ..Default::default()
+        };
+        let value_is = |(key, value): (Vec<u8>, Option<Vec<u8>>)| match value {
+            Some(v) => PbCompare {
+                key,
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Value as i32,
+                target_union: Some(compare::TargetUnion::Value(v)),
+                range_end: vec![],
+            },
+            // Absent: version 0.
+            None => PbCompare {
+                key,
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Version as i32,
+                target_union: Some(compare::TargetUnion::Version(0)),
+                range_end: vec![],
+            },
+        };
+        let write = |(key, value): (Vec<u8>, Option<Vec<u8>>)| RequestOp {
+            request: Some(match value {
+                Some(value) => request_op::Request::RequestPut(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                }),
+                None => request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key,
+                    ..Default::default()
+                }),
+            }),
+        };
+        Ok(match op {
+            Op::Get { key } => {
+                let r = self.kv.range(self.request(range(key, vec![]))).await?;
+                Outcome::Get(r.into_inner().kvs.pop().map(|kv| kv.value))
+            }
+            Op::Put { key, value } => {
+                self.kv
+                    .put(self.request(PutRequest {
+                        key,
+                        value,
+                        ..Default::default()
+                    }))
+                    .await?;
+                Outcome::Put
+            }
+            Op::Delete { key } => {
+                let r = self
+                    .kv
+                    .delete_range(self.request(DeleteRangeRequest {
+                        key,
+                        ..Default::default()
+                    }))
+                    .await?;
+                Outcome::Delete {
+                    existed: r.into_inner().deleted > 0,
+                }
+            }
+            Op::Range { start, end } => {
+                let end = match end {
+                    None => vec![],
+                    Some(e) if e.is_empty() => vec![0],
+                    Some(e) => e,
+                };
+                let r = self.kv.range(self.request(range(start, end))).await?;
+                Outcome::Range(
+                    r.into_inner()
+                        .kvs
+                        .into_iter()
+                        .map(|kv| (kv.key, kv.value))
+                        .collect(),
+                )
+            }
+            Op::Txn {
+                compare,
+                success,
+                failure,
+            } => {
+                let txn = TxnRequest {
+                    compare: compare.into_iter().map(value_is).collect(),
+                    success: success.into_iter().map(write).collect(),
+                    failure: failure.into_iter().map(write).collect(),
+                };
+                let r = self.kv.txn(self.request(txn)).await?;
+                Outcome::Txn {
+                    succeeded: r.into_inner().succeeded,
+                }
+            }
+            Op::Cas { key, expect, new } => {
+                let txn = TxnRequest {
+                    compare: vec![value_is((key.clone(), expect))],
+                    success: vec![write((key, Some(new)))],
+                    failure: vec![],
+                };
+                let r = self.kv.txn(self.request(txn)).await?;
+                Outcome::Cas {
+                    swapped: r.into_inner().succeeded,
+                }
+            }
+        })
+    }
+}
+
+/// Who a workload client talks through.
+enum Caller {
+    Aspen(Client),
+    Etcd(EtcdKv),
+}
+
 struct Workload {
     stop: Arc<AtomicBool>,
     /// Operations that returned (with a result, not unknown).
@@ -78,13 +248,19 @@ struct Workload {
 }
 
 impl Workload {
-    async fn start(nodes: &[NodeProc], seed: u64) -> Workload {
+    /// Starts the clients: with `etcd`, every other one speaks the etcd API to one member.
+    async fn start(nodes: &[NodeProc], seed: u64, etcd: Option<&EtcdApis>) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let completed = Arc::new(AtomicU64::new(0));
         let recorder = Arc::new(Recorder::new());
         let mut tasks = Vec::new();
         for id in 0..CLIENTS {
-            let client = client_preferring(nodes, id).await;
+            let client = match etcd {
+                Some(e) if id % 2 == 1 => {
+                    Caller::Etcd(EtcdKv::new(&e.addrs[id % e.addrs.len()], &e.token))
+                }
+                _ => Caller::Aspen(client_preferring(nodes, id).await),
+            };
             let rng = StdRng::seed_from_u64(seed.wrapping_mul(1000) + id as u64);
             tasks.push(tokio::spawn(run_client(
                 id as u64,
@@ -124,7 +300,7 @@ impl Workload {
 
 async fn run_client(
     id: u64,
-    client: Client,
+    mut caller: Caller,
     mut rng: StdRng,
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
@@ -140,6 +316,27 @@ async fn run_client(
         let is_write = op.is_write();
         let pending = recorder.invoke(id, op.clone());
         let op_done = op.clone();
+        let client = match &mut caller {
+            Caller::Aspen(client) => client,
+            Caller::Etcd(etcd) => {
+                match etcd.run(op).await {
+                    Ok(outcome) => {
+                        mix.observe(&op_done, &outcome);
+                        recorder.ok(pending, outcome);
+                        completed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => {
+                        if is_write {
+                            recorder.unknown(pending);
+                        } else {
+                            recorder.failed(pending);
+                        }
+                        etcd.wait_until_answering(&stop).await;
+                    }
+                }
+                continue;
+            }
+        };
         let result =
             match op {
                 Op::Get { key } => client
@@ -190,7 +387,9 @@ async fn run_client(
             Err(_) => recorder.failed(pending),
         }
     }
-    client.close().await;
+    if let Caller::Aspen(client) = caller {
+        client.close().await;
+    }
 }
 
 /// One watch event: (revision, key, kind, value).
@@ -560,7 +759,20 @@ async fn histories_stay_linearizable_under_faults() {
     let rounds = env_u64("ASPEN_FAULT_ROUNDS", ALL_FAULTS.len() as u64);
     let mut rng = StdRng::seed_from_u64(seed);
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = form(root.path(), 3, &["--unsafe-allow-fault-injection"]).await;
+    // Each member serves the etcd API on a port of its own, kept across restarts.
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes = form_each(root.path(), 3, |i| {
+        vec![
+            "--unsafe-allow-fault-injection".into(),
+            "--etcd-api".into(),
+            format!("127.0.0.1:{}", ports[i]),
+        ]
+    })
+    .await;
+    let etcd = EtcdApis {
+        addrs: ports.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
+        token: bearer(&ticket_text(&nodes), &["kv:write:lin/"]),
+    };
     let admin = client_for(&nodes.iter().collect::<Vec<_>>()).await;
     let start = admin
         .put(b"start".to_vec(), b"".to_vec())
@@ -569,7 +781,7 @@ async fn histories_stay_linearizable_under_faults() {
         .revision;
     let watchers = Watchers::start(&nodes, start + 1).await;
     let lease = KeptLease::start(&nodes).await;
-    let workload = Workload::start(&nodes, seed).await;
+    let workload = Workload::start(&nodes, seed, Some(&etcd)).await;
     workload.progress(OPS_PER_STEP, "before any fault").await;
 
     let all: Vec<usize> = (0..nodes.len()).collect();
@@ -665,6 +877,13 @@ async fn histories_stay_linearizable_under_faults() {
         lease.assert_kept(&admin).await;
     }
     let history = workload.stop().await;
+    let through_etcd = history
+        .operations
+        .iter()
+        .filter(|o| o.client % 2 == 1 && o.returned.is_some())
+        .count();
+    eprintln!("{through_etcd} operations completed through the etcd API");
+    assert!(through_etcd > 0, "no operation went through the etcd API");
     assert_linearizable(&history, seed);
     assert_replicas_identical(&nodes).await;
     let end = admin
@@ -688,7 +907,7 @@ async fn negative_control_stale_reads_are_caught() {
     let seed = seed();
     let root = tempfile::tempdir().unwrap();
     let nodes = form(root.path(), 3, &["--unsafe-test-fault", "stale-reads"]).await;
-    let workload = Workload::start(&nodes, seed).await;
+    let workload = Workload::start(&nodes, seed, None).await;
     let caught = wait_until("the checker to find a stale read", || async {
         workload.progress(200, "under the stale-read bug").await;
         let report = check(&workload.recorder.history());

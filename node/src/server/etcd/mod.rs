@@ -5,7 +5,7 @@
 //! goes through the same checks as on the Aspen protocol: the caller's grants, the store's
 //! limits, Raft for writes and a read barrier for linearizable reads. The services:
 //! KV (`kv.rs`), Watch (`watch.rs`), Lease (`lease.rs`), Cluster, Maintenance and Auth
-//! (`cluster.rs`).
+//! (`cluster.rs`), Lock and Election (`coordination.rs`).
 //!
 //! Who calls: etcd clients cannot prove an iroh key, so a caller presents an Aspen bearer
 //! token (`aspen auth token issue --bearer`). etcd's own flow carries it: the client calls
@@ -18,6 +18,7 @@
 //! answers of at most [`kv::MAX_RANGE_ANSWER_BYTES`].
 
 mod cluster;
+mod coordination;
 mod kv;
 mod lease;
 mod watch;
@@ -73,6 +74,8 @@ pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
         lease_server::LeaseServer, maintenance_server::MaintenanceServer,
         watch_server::WatchServer,
     };
+    use aspen_etcd_api::pb::v3electionpb::election_server::ElectionServer;
+    use aspen_etcd_api::pb::v3lockpb::lock_server::LockServer;
     let Some(metrics) = node.upgrade().map(|n| n.cluster.metrics.clone()) else {
         return;
     };
@@ -121,6 +124,8 @@ pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
         .add_service(ClusterServer::new(api.clone()))
         .add_service(MaintenanceServer::new(api.clone()))
         .add_service(AuthServer::new(api.clone()))
+        .add_service(LockServer::new(api.clone()))
+        .add_service(ElectionServer::new(api.clone()))
         .serve_with_incoming(incoming)
         .await;
     if let Err(e) = result {

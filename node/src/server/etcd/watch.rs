@@ -279,9 +279,8 @@ async fn respond(
         ),
         WatchMessage::Canceled(why) => {
             let (compact_revision, reason) = match why {
-                WatchCanceled::Compacted { compacted, .. } => {
-                    (to_etcd(compacted), EtcdError::Compacted.to_string())
-                }
+                // etcd says why with the compaction revision alone (no reason text).
+                WatchCanceled::Compacted { compacted, .. } => (to_etcd(compacted), String::new()),
                 other => (0, other.to_string()),
             };
             (

@@ -406,8 +406,21 @@ pub async fn client_of(node: &NodeProc) -> Client {
 
 /// Starts `n` nodes and forms a cluster with the SDK.
 pub async fn form(root: &Path, n: usize, args: &[&str]) -> Vec<NodeProc> {
+    form_each(root, n, |_| args.iter().map(|a| a.to_string()).collect()).await
+}
+
+/// Like [`form`], with each node's own arguments (`args(i)` for node `i`).
+pub async fn form_each(
+    root: &Path,
+    n: usize,
+    args: impl Fn(usize) -> Vec<String>,
+) -> Vec<NodeProc> {
     let nodes: Vec<NodeProc> = (0..n)
-        .map(|i| NodeProc::start(&root.join(format!("n{i}")), args))
+        .map(|i| {
+            let args = args(i);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            NodeProc::start(&root.join(format!("n{i}")), &args)
+        })
         .collect();
     let first = client_of(&nodes[0]).await;
     first
@@ -640,4 +653,24 @@ pub fn process_cpu_ms(pid: u32) -> u64 {
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     ticks * 1000 / hz
+}
+
+/// A bearer token from the admin, carrying each of `allow`.
+pub fn bearer(ticket: &str, allow: &[&str]) -> String {
+    let mut args = vec!["auth", "token", "issue", "--bearer", "--ttl", "1h"];
+    for a in allow {
+        args.extend(["--allow", a]);
+    }
+    let out = cli(&args, Some(ticket));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// A port the OS had free a moment ago (etcd cannot report a port it picked itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
