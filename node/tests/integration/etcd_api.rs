@@ -463,6 +463,37 @@ async fn callers_without_a_grant_are_refused() {
         text.trim().is_empty(),
         "the refused transaction wrote: {text}"
     );
+    // A revoked token is refused from then on, though it was used (and verified) before, on
+    // a connection that keeps presenting it.
+    {
+        use aspen_etcd_api::pb::etcdserverpb::{kv_client::KvClient, RangeRequest};
+        let revoked = bearer(&ticket, &["kv:read:*"]);
+        let mut kv = KvClient::connect(format!("http://{endpoint}"))
+            .await
+            .unwrap();
+        let get = |token: &str| {
+            let mut r = tonic::Request::new(RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            });
+            r.metadata_mut().insert("token", token.parse().unwrap());
+            r
+        };
+        kv.range(get(&revoked)).await.unwrap();
+        let out = cli(&["auth", "token", "revoke", &revoked], Some(&ticket));
+        assert!(out.status.success(), "{}", stderr(&out));
+        wait_until("the revoked token to be refused", || {
+            let mut kv = kv.clone();
+            let request = get(&revoked);
+            async move {
+                match kv.range(request).await {
+                    Err(s) if s.message() == "etcdserver: permission denied" => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+    }
     // Membership and users are Aspen's own.
     let admin = format!("aspen:{}", bearer(&ticket, &["cluster:admin:*"]));
     let (text, ok) = etcdctl(

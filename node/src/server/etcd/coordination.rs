@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status};
 use super::super::auth::Caller;
 use super::super::watch::WATCH_SEND_TIMEOUT;
 use super::super::NodeState;
-use super::{caller, from_rpc, EtcdApi};
+use super::{from_rpc, EtcdApi};
 
 /// The most contenders of one name the node reads to find who is first.
 const MAX_CONTENDERS: u64 = MAX_RANGE_LIMIT;
@@ -297,7 +297,7 @@ impl Election for EtcdApi {
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderAnswers>, Status> {
         let node = self.node()?;
-        let caller = match caller(&node, request.metadata()) {
+        let caller = match self.caller(&node, request.metadata()) {
             Ok(c) => c,
             Err(e) => {
                 node.cluster.metrics.etcd_refused.inc();

@@ -18,7 +18,7 @@ use aspen_kv::limits::{MAX_LEASES, MIN_LEASE_TTL_SECS};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{caller, EtcdApi};
+use super::EtcdApi;
 
 /// Keep-alives one stream may have waiting for their answer (a client sends one every third
 /// of the TTL; more in flight means a client that does not read its answers).
@@ -98,7 +98,7 @@ impl Lease for EtcdApi {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveAnswers>, Status> {
         let node = self.node()?;
-        let caller = match caller(&node, request.metadata()) {
+        let caller = match self.caller(&node, request.metadata()) {
             Ok(c) => std::sync::Arc::new(c),
             Err(e) => {
                 node.cluster.metrics.etcd_refused.inc();

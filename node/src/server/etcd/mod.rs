@@ -65,7 +65,19 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, EtcdListenError> {
 #[derive(Clone)]
 pub struct EtcdApi {
     node: Weak<NodeState>,
+    tokens: Arc<TokenCache>,
 }
+
+/// The most verified tokens remembered (the cache is emptied when it is full).
+const MAX_CACHED_TOKENS: usize = 4096;
+
+/// Tokens already verified (signature chain, bearer audience), by their text: etcd clients
+/// present the token on every call, and checking an Ed25519 chain each time would cost more
+/// than most calls. Expiry and revocation are checked on every call anyway, as for tokens on
+/// the Aspen protocol (`auth::Access`), so a cached token that expired or was revoked is
+/// refused all the same.
+#[derive(Default)]
+struct TokenCache(std::sync::Mutex<std::collections::HashMap<String, super::auth::PresentedToken>>);
 
 /// Serves the etcd API on `listener` until the node stops.
 pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
@@ -79,7 +91,10 @@ pub async fn serve(listener: TcpListener, node: Weak<NodeState>) {
     let Some(metrics) = node.upgrade().map(|n| n.cluster.metrics.clone()) else {
         return;
     };
-    let api = EtcdApi { node };
+    let api = EtcdApi {
+        node,
+        tokens: Arc::default(),
+    };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let incoming = futures::stream::unfold(
         (listener, slots, metrics),
@@ -210,7 +225,7 @@ impl EtcdApi {
     {
         let started = Instant::now();
         let node = self.node()?;
-        let result = match caller(&node, request.metadata()) {
+        let result = match self.caller(&node, request.metadata()) {
             Ok(caller) => f(node.clone(), caller, request.into_inner()).await,
             Err(e) => {
                 node.cluster.metrics.etcd_refused.inc();
@@ -240,9 +255,23 @@ fn error_kind(e: &EtcdError) -> &'static str {
     }
 }
 
-/// The caller of one call: the bearer token in its `token` metadata (or `authorization`,
-/// with or without `Bearer `), as etcd reads it.
-fn caller(node: &NodeState, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, EtcdError> {
+impl EtcdApi {
+    /// The caller of one call: the bearer token in its `token` metadata (or
+    /// `authorization`, with or without `Bearer `), as etcd reads it.
+    fn caller(
+        &self,
+        node: &NodeState,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Caller, EtcdError> {
+        caller(node, metadata, &self.tokens)
+    }
+}
+
+fn caller(
+    node: &NodeState,
+    metadata: &tonic::metadata::MetadataMap,
+    tokens: &TokenCache,
+) -> Result<Caller, EtcdError> {
     let text = metadata
         .get("token")
         .or_else(|| metadata.get("authorization"))
@@ -252,7 +281,24 @@ fn caller(node: &NodeState, metadata: &tonic::metadata::MetadataMap) -> Result<C
     let Some(text) = text.filter(|t| !t.is_empty()) else {
         return Err(EtcdError::UserEmpty);
     };
-    let token = verify_bearer(node, text).map_err(|_| EtcdError::InvalidAuthToken)?;
+    let cached = tokens
+        .0
+        .lock()
+        .expect("token cache lock")
+        .get(text)
+        .cloned();
+    let token = match cached {
+        Some(t) => t,
+        None => {
+            let t = verify_bearer(node, text).map_err(|_| EtcdError::InvalidAuthToken)?;
+            let mut cache = tokens.0.lock().expect("token cache lock");
+            if cache.len() >= MAX_CACHED_TOKENS {
+                cache.clear();
+            }
+            cache.insert(text.to_string(), t.clone());
+            t
+        }
+    };
     let caller = Caller::new(aspen_trust::BEARER_AUDIENCE);
     *caller.token.lock().expect("token lock") = Some(token);
     Ok(caller)

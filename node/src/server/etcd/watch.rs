@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::super::auth::Caller;
 use super::super::watch::{admit, run_watch, WATCH_SEND_TIMEOUT};
 use super::super::NodeState;
-use super::{caller, from_rpc, EtcdApi};
+use super::{from_rpc, EtcdApi};
 
 /// The responses of one watch stream.
 type WatchAnswers = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
@@ -45,7 +45,7 @@ impl Watch for EtcdApi {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchAnswers>, Status> {
         let node = self.node()?;
-        let caller = match caller(&node, request.metadata()) {
+        let caller = match self.caller(&node, request.metadata()) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 node.cluster.metrics.etcd_refused.inc();
