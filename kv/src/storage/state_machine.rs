@@ -395,27 +395,7 @@ impl StateMachineStore {
                 let storage = |e: redb::Error| ReadError::Storage(e.to_string());
                 let index = index.read().expect("key index lock");
                 let txn = db.begin_read().map_err(|e| storage(e.into()))?;
-                let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
-                let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
-                let compacted: Revision =
-                    meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
-                let revision = if req.revision == 0 {
-                    current
-                } else {
-                    req.revision
-                };
-                if revision > current {
-                    return Err(ReadError::FutureRevision {
-                        requested: revision,
-                        current,
-                    });
-                }
-                if revision < compacted {
-                    return Err(ReadError::Compacted {
-                        requested: revision,
-                        compacted,
-                    });
-                }
+                let revision = read_point(&txn, req.revision)?;
                 let count = index.count_live_at(&req.start, req.end.as_deref(), revision);
                 Ok((count, revision))
             })
@@ -644,6 +624,29 @@ fn current_revision(db: &Database) -> SmResult<Revision> {
     Ok(meta_get(&meta, "revision")?.unwrap_or(0))
 }
 
+/// The revision a read asks for (0: the current one) in the read transaction `txn`, if it is
+/// readable: not above the current revision, not below the compaction point.
+fn read_point(txn: &redb::ReadTransaction, requested: Revision) -> Result<Revision, ReadError> {
+    let storage = |e: redb::Error| ReadError::Storage(e.to_string());
+    let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
+    let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
+    let compacted: Revision = meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
+    let revision = if requested == 0 { current } else { requested };
+    if revision > current {
+        return Err(ReadError::FutureRevision {
+            requested: revision,
+            current,
+        });
+    }
+    if revision < compacted {
+        return Err(ReadError::Compacted {
+            requested: revision,
+            compacted,
+        });
+    }
+    Ok(revision)
+}
+
 fn range_blocking(
     db: &Database,
     index: &RwLock<KeyIndex>,
@@ -660,26 +663,7 @@ fn range_blocking(
     let (txn, revision, found) = {
         let index = index.read().expect("key index lock");
         let txn = db.begin_read().map_err(|e| storage(e.into()))?;
-        let meta = txn.open_table(SM_META).map_err(|e| storage(e.into()))?;
-        let current: Revision = meta_get(&meta, "revision").map_err(storage)?.unwrap_or(0);
-        let compacted: Revision = meta_get(&meta, "compacted").map_err(storage)?.unwrap_or(0);
-        let revision = if req.revision == 0 {
-            current
-        } else {
-            req.revision
-        };
-        if revision > current {
-            return Err(ReadError::FutureRevision {
-                requested: revision,
-                current,
-            });
-        }
-        if revision < compacted {
-            return Err(ReadError::Compacted {
-                requested: revision,
-                compacted,
-            });
-        }
+        let revision = read_point(&txn, req.revision)?;
         let found = index.live_at(&req.start, req.end.as_deref(), revision, limit + 1);
         (txn, revision, found)
     };

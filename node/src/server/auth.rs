@@ -696,6 +696,15 @@ pub fn verify_token(
     Ok(PresentedToken { verified })
 }
 
+/// Verifies a bearer token given as text (the listeners for callers that cannot prove a key:
+/// automerge-repo, the etcd API): its chain, that its audience is [`aspen_trust::BEARER_AUDIENCE`],
+/// its expiry and the policy's revocations.
+pub fn verify_bearer(text: &str, policy: &Policy, now: u64) -> Result<PresentedToken, String> {
+    let token: CapabilityToken = text.parse().map_err(|e| format!("token: {e}"))?;
+    verify_token(&token.encode(), &aspen_trust::BEARER_AUDIENCE, policy, now)
+        .map_err(|e| e.to_string())
+}
+
 /// Checks a grant request's roles and permissions, returning the permissions parsed.
 pub fn check_grant_parts(
     policy: &Policy,

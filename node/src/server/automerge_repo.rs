@@ -387,14 +387,7 @@ fn presented_token(
                 .into(),
         );
     };
-    let token: aspen_trust::CapabilityToken = text.parse().map_err(|e| format!("token: {e}"))?;
-    super::auth::verify_token(
-        &token.encode(),
-        &aspen_trust::BEARER_AUDIENCE,
-        &node.auth.policy(),
-        super::identity::unix_now(),
-    )
-    .map_err(|e| e.to_string())
+    super::auth::verify_bearer(&text, &node.auth.policy(), super::identity::unix_now())
 }
 
 /// Answers one HTTP request: a WebSocket upgrade with a valid token becomes a connection.
