@@ -404,6 +404,27 @@ async fn callers_without_a_grant_are_refused() {
         !ok && text.contains("etcdserver: user name is empty"),
         "{text}"
     );
+    // Without a token, the streaming and coordination services refuse too.
+    {
+        use aspen_etcd_api::pb::etcdserverpb::{
+            lease_client::LeaseClient, watch_client::WatchClient, LeaseGrantRequest, WatchRequest,
+        };
+        use aspen_etcd_api::pb::v3lockpb::{lock_client::LockClient, LockRequest};
+        let url = format!("http://{endpoint}");
+        let empty = |s: tonic::Status| s.message() == "etcdserver: user name is empty";
+        let mut watch = WatchClient::connect(url.clone()).await.unwrap();
+        let requests = futures::stream::iter([WatchRequest::default()]);
+        assert!(watch.watch(requests).await.is_err_and(empty));
+        let mut lease = LeaseClient::connect(url.clone()).await.unwrap();
+        let grant = LeaseGrantRequest { ttl: 10, id: 0 };
+        assert!(lease.lease_grant(grant).await.is_err_and(empty));
+        let mut lock = LockClient::connect(url).await.unwrap();
+        let request = LockRequest {
+            name: b"l".to_vec(),
+            lease: 1,
+        };
+        assert!(lock.lock(request).await.is_err_and(empty));
+    }
     // A token that is not one, and a token addressed to a key (not a bearer token).
     refused(
         Some("aspen:garbage"),

@@ -117,6 +117,12 @@ impl NodeState {
         .await?;
         self.cluster.read_barrier().await.map_err(from_rpc)?;
         let read = self.cluster.sm.range(request).await?;
+        if read.more {
+            // The oldest contender might be among those not read: refuse rather than guess.
+            return Err(EtcdError::ResourceExhausted(format!(
+                "more than {MAX_CONTENDERS} contenders for this name"
+            )));
+        }
         let mut kvs = read.kvs;
         kvs.sort_by_key(|kv| kv.create_revision);
         Ok((kvs, read.revision))
