@@ -11,9 +11,16 @@
 //!   the certificate in that introduction names the cluster it then expects, so later
 //!   leaders of the same cluster can introduce themselves without the secret.
 //!
+//! The cluster an introduction with the secret named is written to `DATA_DIR/joining.cluster`
+//! (fsynced) before the introduction is answered. A node killed after `aspen cluster add`
+//! made it a member but before any log entry reached its disk would otherwise come back
+//! expecting nobody, refuse every member's introduction, and leave the cluster one voter short
+//! for good.
+//!
 //! Once the node applies a membership that includes it, membership alone decides (see
 //! `Peers::serve`).
 
+use std::path::Path;
 use std::sync::Mutex;
 
 use aspen_trust::{ClusterKey, NodeCertificate};
@@ -21,6 +28,71 @@ use aspen_trust::{ClusterKey, NodeCertificate};
 /// Most callers an uninitialized node remembers as introduced (a cluster has at most 7
 /// members; leaders may change a few times while the node catches up).
 pub const MAX_INTRODUCED: usize = 32;
+
+/// File in the data directory naming the cluster an operator's introduction vouched for.
+pub const JOINING_FILE: &str = "joining.cluster";
+
+/// Why the joining file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JoiningFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} does not hold a cluster key: {why}")]
+    Format { path: String, why: String },
+}
+
+/// The cluster a previous run was introduced to with the bootstrap secret, if any.
+/// Blocking: call it off the executor.
+pub fn load_joining(dir: &Path) -> Result<Option<ClusterKey>, JoiningFileError> {
+    let path = dir.join(JOINING_FILE);
+    let shown = || path.display().to_string();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            text.trim()
+                .parse()
+                .map(Some)
+                .map_err(
+                    |e: aspen_trust::ClusterKeyParseError| JoiningFileError::Format {
+                        path: shown(),
+                        why: e.to_string(),
+                    },
+                )
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(JoiningFileError::Read {
+            path: shown(),
+            source,
+        }),
+    }
+}
+
+/// Records `cluster` as the one this node joins (write, fsync, rename, fsync the directory).
+/// Blocking: call it off the executor.
+pub fn save_joining(dir: &Path, cluster: &ClusterKey) -> Result<(), JoiningFileError> {
+    use std::io::Write;
+    let path = dir.join(JOINING_FILE);
+    let tmp = dir.join(format!("{JOINING_FILE}.tmp"));
+    let write = |source| JoiningFileError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::File::create(&tmp).map_err(write)?;
+    file.write_all(format!("{cluster}\n").as_bytes())
+        .map_err(write)?;
+    file.sync_all().map_err(write)?;
+    std::fs::rename(&tmp, &path).map_err(write)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write)
+}
 
 /// Why an introduction was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,6 +123,8 @@ struct State {
 pub struct Admission {
     bootstrap_secret: [u8; 32],
     state: Mutex<State>,
+    /// Where [`JOINING_FILE`] is kept (none in unit tests).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Admission {
@@ -61,7 +135,19 @@ impl Admission {
                 expected: join,
                 introduced: Vec::new(),
             }),
+            dir: None,
         }
+    }
+
+    /// Keeps the vouched-for cluster in `dir` (see [`save_joining`]).
+    pub fn persisted_in(mut self, dir: std::path::PathBuf) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// The directory [`JOINING_FILE`] is kept in.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Whether `secret` is this node's bootstrap secret (constant time).
@@ -167,6 +253,25 @@ mod tests {
             Err(IntroduceError::Certificate(_))
         ));
         assert!(!a.is_introduced(&stranger));
+    }
+
+    #[test]
+    fn the_vouched_cluster_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_joining(dir.path()).unwrap(), None);
+        let cluster = ClusterSecretKey::generate();
+        save_joining(dir.path(), &cluster.public()).unwrap();
+        let loaded = load_joining(dir.path()).unwrap();
+        assert_eq!(loaded, Some(cluster.public()));
+        // The restarted node takes a member of that cluster without the secret again.
+        let a = Admission::new([7; 32], loaded);
+        a.introduce(&[1; 32], &cert(&cluster, [1; 32]), None, 10)
+            .unwrap();
+        std::fs::write(dir.path().join(JOINING_FILE), "not a key").unwrap();
+        assert!(matches!(
+            load_joining(dir.path()),
+            Err(JoiningFileError::Format { .. })
+        ));
     }
 
     #[test]

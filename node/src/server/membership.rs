@@ -15,6 +15,9 @@ use openraft::ChangeMembers;
 use super::identity::unix_now;
 use super::peers::PeerError;
 use super::raft_protocol::{RaftRequest, RaftResponse};
+
+/// Longest `cluster add` waits for a new member to receive the log before it becomes a voter.
+const LEARNER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(60);
 use super::{auth, NodeState, LEADER_CALL_TIMEOUT};
 
 /// How often a leader tries to introduce its cluster to a node it is adding.
@@ -149,11 +152,38 @@ impl NodeState {
             self.introduce_to(&member, secret).await?;
         }
         // Catch the new node up as a learner first, so it never slows down the quorum.
-        self.cluster
+        let added = self
+            .cluster
             .raft
             .add_learner(id, member, true)
             .await
             .map_err(|e| self.membership_error(e))?;
+        // openraft's blocking add returns once the learner is within its lag threshold
+        // (5,000 entries), which a young cluster always is, even before the learner holds
+        // anything: wait until it holds the entry that added it.
+        let target = added.log_id.index;
+        self.cluster
+            .raft
+            .wait(Some(LEARNER_CATCH_UP))
+            .metrics(
+                |m| {
+                    m.replication.as_ref().is_none_or(|r| {
+                        r.get(&id)
+                            .copied()
+                            .flatten()
+                            .is_some_and(|l| l.index >= target)
+                    })
+                },
+                "the new member to hold the log",
+            )
+            .await
+            .map_err(|e| {
+                RpcError::Unavailable(format!(
+                    "node {id:016x} was added as a learner but did not receive the log within \
+                     {LEARNER_CATCH_UP:?} ({e}); run the same `aspen cluster add` again to \
+                     finish once it is reachable"
+                ))
+            })?;
         let voters: BTreeSet<NodeId> = self
             .cluster
             .membership()

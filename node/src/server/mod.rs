@@ -93,6 +93,8 @@ pub enum StartError {
     AutomergeRepo(#[from] automerge_repo::RepoListenError),
     #[error(transparent)]
     Etcd(#[from] etcd::EtcdListenError),
+    #[error(transparent)]
+    Joining(#[from] admission::JoiningFileError),
 }
 
 /// A node: the cluster handle and one handler per client service (kv, cluster, doc, blob,
@@ -224,7 +226,18 @@ impl RunningNode {
         )
         .await
         .map_err(StartError::Blobs)?;
-        let admission = Arc::new(admission::Admission::new(bootstrap_secret, config.join));
+        let joining = match config.join {
+            Some(key) => Some(key),
+            None => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || admission::load_joining(&dir))
+                    .await
+                    .map_err(|e| StartError::Raft(e.to_string()))??
+            }
+        };
+        let admission = Arc::new(
+            admission::Admission::new(bootstrap_secret, joining).persisted_in(dir.clone()),
+        );
         let state = Arc::new(NodeState {
             kv: kv::KvService::new(cluster.clone()),
             docs: docs::DocService::new(cluster.clone()),
@@ -598,6 +611,25 @@ impl NodeState {
                 identity::unix_now(),
             ) {
                 Ok(cluster) => {
+                    if let (Some(_), Some(dir)) = (secret, self.admission.dir()) {
+                        // Durable before the introducer goes on to make this node a member.
+                        let dir = dir.to_path_buf();
+                        let saved = tokio::task::spawn_blocking(move || {
+                            admission::save_joining(&dir, &cluster)
+                        })
+                        .await;
+                        let failure = match saved {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(e) = failure {
+                            tracing::error!("cannot record the cluster being joined: {e}");
+                            return RaftResponse::Refused(format!(
+                                "introduction not recorded: {e}"
+                            ));
+                        }
+                    }
                     tracing::info!(peer = %remote.fmt_short(), %cluster, "introduced: taking raft traffic from this cluster");
                     RaftResponse::Introduced
                 }

@@ -222,6 +222,9 @@ where
             return v;
         }
         if start.elapsed() >= DEADLINE {
+            // CI shows the start and end of a failure's output: the cause first, then short
+            // tails without openraft's per-retry replication noise.
+            eprintln!("timed out waiting for {what}; the nodes' logs end:");
             for n in nodes {
                 let log = n.log();
                 // For chasing a rare failure: whole logs, not just their tails.
@@ -231,8 +234,15 @@ where
                         &log,
                     );
                 }
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- {:016x} (last 40 lines of its log)", n.node_id());
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| {
+                        !l.contains("replication_handler") && !l.contains("membership_log_id")
+                    })
+                    .take(15)
+                    .collect();
+                eprintln!("--- {:016x} (last 15 lines of its log)", n.node_id());
                 for line in tail.into_iter().rev() {
                     eprintln!("{line}");
                 }
