@@ -917,7 +917,7 @@ impl ClientRequest {
                         WriteOp::Put { .. } | WriteOp::PutWith { .. } => "kv_put",
                         WriteOp::Delete { .. } => "kv_delete",
                         WriteOp::Compact { .. } => "kv_compact",
-                        WriteOp::Txn(_) => "kv_txn",
+                        WriteOp::Txn(_) | WriteOp::TxnTree(_) => "kv_txn",
                         WriteOp::LeaseGrant { .. } => "lease_grant",
                         WriteOp::LeaseRevoke { .. } => "lease_revoke",
                         WriteOp::System(_)

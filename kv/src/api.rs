@@ -91,6 +91,8 @@ pub enum WriteOp {
         prev_kv: bool,
         options: PutOptions,
     },
+    /// A transaction with nested transactions, as etcd allows (see [`TxnTree`]).
+    TxnTree(TxnTree),
 }
 
 /// etcd's put options.
@@ -311,6 +313,21 @@ pub enum TxnOp {
         prev_kv: bool,
         options: PutOptions,
     },
+    /// Runs node `i` of the enclosing [`TxnTree`] here (only inside a tree).
+    Nested(u32),
+}
+
+/// A transaction whose branches may hold transactions, flattened so that decoding it never
+/// recurses: `nodes[0]` is the outer transaction, and [`TxnOp::Nested`]`(i)` in a branch of
+/// node `j` runs node `i` there. Every node but the first is named exactly once, by a node
+/// before it (`j < i`), so the nodes form a tree.
+///
+/// As in etcd, every comparison on the path taken is evaluated against the state before the
+/// transaction, and all the writes of that path happen at one revision. No two writes that
+/// could run together may touch the same key ([`LimitError::TxnWritesOverlap`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TxnTree {
+    pub nodes: Vec<Txn>,
 }
 
 impl TxnOp {
@@ -320,6 +337,7 @@ impl TxnOp {
                 key.len() + value.len()
             }
             TxnOp::Delete { start, end, .. } => start.len() + end.as_ref().map_or(0, Vec::len),
+            TxnOp::Nested(_) => 4,
         }
     }
 
@@ -336,6 +354,7 @@ impl TxnOp {
                 options.validate(value)
             }
             TxnOp::Delete { start, end, .. } => check_delete(start, end.as_deref()),
+            TxnOp::Nested(_) => Ok(()),
         }
     }
 
@@ -361,9 +380,26 @@ impl TxnOp {
                 end: Some(e),
                 ..
             } => (e.as_slice() > start.as_slice()).then(|| (start.as_slice(), Some(e.clone()))),
+            TxnOp::Nested(_) => None,
         }
     }
 }
+
+/// The first key two groups of spans both write, if any.
+fn overlap(a: &[Span<'_>], b: &[Span<'_>]) -> Option<Key> {
+    let below = |s: &[u8], e: &Option<Vec<u8>>| e.as_ref().is_none_or(|e| s < e.as_slice());
+    for (s1, e1) in a {
+        for (s2, e2) in b {
+            if below(s1, e2) && below(s2, e1) {
+                return Some((*s1).max(*s2).to_vec());
+            }
+        }
+    }
+    None
+}
+
+/// Keys written, as `[start, end)` (`None` end: unbounded).
+type Span<'a> = (&'a [u8], Option<Vec<u8>>);
 
 impl Compare {
     /// Whether the comparison holds for the key's current state (`None`: absent).
@@ -391,6 +427,27 @@ impl Compare {
 }
 
 impl Txn {
+    fn payload_bytes(&self) -> usize {
+        let compares: usize = self
+            .compare
+            .iter()
+            .map(|c| {
+                c.key.len()
+                    + match &c.target {
+                        CompareTarget::Value(v) => v.len(),
+                        _ => 8,
+                    }
+            })
+            .sum();
+        let ops: usize = self
+            .success
+            .iter()
+            .chain(&self.failure)
+            .map(TxnOp::payload_bytes)
+            .sum();
+        compares + ops
+    }
+
     /// A compare-and-swap: set `key` to `new` if its value is `expect` (`None`: absent).
     pub fn compare_and_swap(key: Key, expect: Option<Vec<u8>>, new: Vec<u8>) -> Txn {
         let target = match expect {
@@ -454,6 +511,30 @@ impl Txn {
     }
 
     fn validate(&self) -> Result<(), LimitError> {
+        self.validate_ops()?;
+        if self
+            .success
+            .iter()
+            .chain(&self.failure)
+            .any(|op| matches!(op, TxnOp::Nested(_)))
+        {
+            return Err(LimitError::BadTxnTree(
+                "a nested transaction outside a transaction tree".into(),
+            ));
+        }
+        for branch in [&self.success, &self.failure] {
+            let groups: Vec<Vec<Span<'_>>> = branch
+                .iter()
+                .filter_map(TxnOp::span)
+                .map(|s| vec![s])
+                .collect();
+            check_disjoint(&groups)?;
+        }
+        Ok(())
+    }
+
+    /// The checks of one transaction on its own: sizes, keys and values.
+    fn validate_ops(&self) -> Result<(), LimitError> {
         let len = self.compare.len() + self.success.len().max(self.failure.len());
         if len > MAX_TXN_OPS {
             return Err(LimitError::TooManyTxnOps {
@@ -467,22 +548,97 @@ impl Txn {
                 check_value(v)?;
             }
         }
-        for branch in [&self.success, &self.failure] {
-            for op in branch {
-                op.validate()?;
+        for op in self.success.iter().chain(&self.failure) {
+            op.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses groups of writes that could run together and touch a common key.
+fn check_disjoint(groups: &[Vec<Span<'_>>]) -> Result<(), LimitError> {
+    for (i, a) in groups.iter().enumerate() {
+        for b in &groups[i + 1..] {
+            if let Some(key) = overlap(a, b) {
+                return Err(LimitError::TxnWritesOverlap { key });
             }
-            let spans: Vec<_> = branch.iter().filter_map(TxnOp::span).collect();
-            for (i, (s1, e1)) in spans.iter().enumerate() {
-                for (s2, e2) in &spans[i + 1..] {
-                    let below =
-                        |s: &[u8], e: &Option<Vec<u8>>| e.as_ref().is_none_or(|e| s < e.as_slice());
-                    if below(s1, e2) && below(s2, e1) {
-                        return Err(LimitError::TxnWritesOverlap {
-                            key: s1.max(s2).to_vec(),
-                        });
+        }
+    }
+    Ok(())
+}
+
+impl TxnTree {
+    /// Checks every node, the tree's shape, its total size, and that no two writes which
+    /// could run together touch the same key.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        let n = self.nodes.len();
+        if n == 0 {
+            return Err(LimitError::BadTxnTree(
+                "a transaction tree has no nodes".into(),
+            ));
+        }
+        if n > MAX_TXN_OPS {
+            return Err(LimitError::TooManyTxnOps {
+                len: n,
+                max: MAX_TXN_OPS,
+            });
+        }
+        let total: usize = self
+            .nodes
+            .iter()
+            .map(|t| t.compare.len() + t.success.len() + t.failure.len())
+            .sum();
+        if total > MAX_TXN_TREE_OPS {
+            return Err(LimitError::TooManyTxnOps {
+                len: total,
+                max: MAX_TXN_TREE_OPS,
+            });
+        }
+        let mut named = vec![false; n];
+        for (j, node) in self.nodes.iter().enumerate() {
+            node.validate_ops()?;
+            for op in node.success.iter().chain(&node.failure) {
+                if let TxnOp::Nested(i) = op {
+                    let i = *i as usize;
+                    if i <= j || i >= n {
+                        return Err(LimitError::BadTxnTree(format!(
+                            "node {j} names node {i}: only a later node of the {n} exists \
+                             for it"
+                        )));
+                    }
+                    if std::mem::replace(&mut named[i], true) {
+                        return Err(LimitError::BadTxnTree(format!("node {i} is named twice")));
                     }
                 }
             }
+        }
+        if let Some(i) = named.iter().skip(1).position(|x| !x) {
+            return Err(LimitError::BadTxnTree(format!(
+                "node {} is never named",
+                i + 1
+            )));
+        }
+        // Bottom up (children come after their parents): the keys each node could write,
+        // whichever branches run, checked branch by branch.
+        let mut possible: Vec<Vec<Span<'_>>> = vec![Vec::new(); n];
+        for j in (0..n).rev() {
+            let node = &self.nodes[j];
+            let mut all = Vec::new();
+            for branch in [&node.success, &node.failure] {
+                let mut groups: Vec<Vec<Span<'_>>> = Vec::with_capacity(branch.len());
+                for op in branch {
+                    match op {
+                        TxnOp::Nested(i) => groups.push(std::mem::take(&mut possible[*i as usize])),
+                        op => groups.extend(op.span().map(|s| vec![s])),
+                    }
+                }
+                check_disjoint(&groups)?;
+                // Both branches' children were taken above; keep their spans for the parent.
+                for g in groups {
+                    all.extend(g);
+                }
+            }
+            possible[j] = all;
         }
         Ok(())
     }
@@ -508,27 +664,9 @@ impl WriteOp {
                         .and_then(|e| e.as_ref())
                         .map_or(0, Vec::len)
             }
-            WriteOp::Txn(t) => {
-                let compares: usize = t
-                    .compare
-                    .iter()
-                    .map(|c| {
-                        c.key.len()
-                            + match &c.target {
-                                CompareTarget::Value(v) => v.len(),
-                                _ => 8,
-                            }
-                    })
-                    .sum();
-                let ops: usize = t
-                    .success
-                    .iter()
-                    .chain(&t.failure)
-                    .map(TxnOp::payload_bytes)
-                    .sum();
-                compares + ops
-            }
+            WriteOp::Txn(t) => t.payload_bytes(),
             WriteOp::SystemTxn(t) => t.payload_bytes(),
+            WriteOp::TxnTree(t) => t.nodes.iter().map(Txn::payload_bytes).sum(),
         }
     }
 
@@ -555,6 +693,7 @@ impl WriteOp {
                 check_lease_id(*id, false)
             }
             WriteOp::Txn(t) => t.validate(),
+            WriteOp::TxnTree(t) => t.validate(),
             WriteOp::SystemTxn(t) => t.validate(),
             WriteOp::System(w) => {
                 check_key(&w.key)?;
@@ -647,6 +786,8 @@ pub enum LimitError {
     LeaseTtlOutOfRange { ttl_secs: u64, min: u64, max: u64 },
     #[error("{0}")]
     InvalidPutOptions(String),
+    #[error("malformed transaction tree: {0}")]
+    BadTxnTree(String),
 }
 
 /// A key and its metadata, as stored at some revision.
@@ -680,7 +821,8 @@ pub enum WriteOutcome {
         revision: Revision,
     },
     /// `succeeded`: whether the comparisons held (and `success` ran, else `failure`).
-    /// `results`: one outcome per write of the branch that ran, each `Put` or `Delete`.
+    /// `results`: one outcome per write of the branch that ran, each `Put` or `Delete`, or
+    /// (in a [`WriteOp::TxnTree`]) a nested `Txn`.
     Txn {
         revision: Revision,
         succeeded: bool,
@@ -957,6 +1099,130 @@ pub enum ReadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Random small trees: ops are puts or deletes of one of four keys; each node after the
+    /// first is placed in a branch of an earlier one. Sometimes one more (malformed) nested
+    /// reference is added.
+    fn arb_tree() -> impl Strategy<Value = TxnTree> {
+        let op = prop_oneof![
+            (0u8..4).prop_map(|k| TxnOp::Put {
+                key: vec![b'a' + k],
+                value: vec![],
+                prev_kv: false
+            }),
+            (0u8..4).prop_map(|k| TxnOp::Delete {
+                start: vec![b'a' + k],
+                end: None,
+                prev_kv: false
+            }),
+        ];
+        let node = (
+            proptest::collection::vec(op.clone(), 0..3),
+            proptest::collection::vec(op, 0..3),
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+        );
+        (
+            proptest::collection::vec(node, 0..6),
+            proptest::option::weighted(0.2, (0u32..7, any::<prop::sample::Index>())),
+        )
+            .prop_map(|(specs, extra)| {
+                let mut nodes: Vec<Txn> = specs
+                    .iter()
+                    .map(|(success, failure, _, _)| Txn {
+                        compare: vec![],
+                        success: success.clone(),
+                        failure: failure.clone(),
+                    })
+                    .collect();
+                for (i, (_, _, parent, on_success)) in specs.iter().enumerate().skip(1) {
+                    let parent = &mut nodes[parent.index(i)];
+                    let branch = if *on_success {
+                        &mut parent.success
+                    } else {
+                        &mut parent.failure
+                    };
+                    branch.push(TxnOp::Nested(i as u32));
+                }
+                if let (Some((target, at)), false) = (extra, nodes.is_empty()) {
+                    let j = at.index(nodes.len());
+                    nodes[j].failure.push(TxnOp::Nested(target));
+                }
+                TxnTree { nodes }
+            })
+    }
+
+    /// Every path through a well-formed tree (each node that runs picks either branch): the
+    /// keys each path writes, in order.
+    fn paths(tree: &TxnTree, j: usize) -> Vec<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for branch in [&tree.nodes[j].success, &tree.nodes[j].failure] {
+            let mut partial: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+            for op in branch {
+                let extensions: Vec<Vec<Vec<u8>>> = match op {
+                    TxnOp::Nested(i) => paths(tree, *i as usize),
+                    TxnOp::Put { key, .. } => vec![vec![key.clone()]],
+                    TxnOp::Delete { start, .. } => vec![vec![start.clone()]],
+                    TxnOp::PutWith { key, .. } => vec![vec![key.clone()]],
+                };
+                partial = partial
+                    .iter()
+                    .flat_map(|p| {
+                        extensions.iter().map(move |e| {
+                            let mut p = p.clone();
+                            p.extend(e.iter().cloned());
+                            p
+                        })
+                    })
+                    .collect();
+            }
+            out.extend(partial);
+        }
+        out
+    }
+
+    /// The tree's shape, checked the slow way: node 0 is the root, each other node is named
+    /// exactly once by an earlier node.
+    fn well_formed(tree: &TxnTree) -> bool {
+        let n = tree.nodes.len();
+        let mut named = vec![0; n];
+        for (j, node) in tree.nodes.iter().enumerate() {
+            for op in node.success.iter().chain(&node.failure) {
+                if let TxnOp::Nested(i) = op {
+                    let i = *i as usize;
+                    if i <= j || i >= n {
+                        return false;
+                    }
+                    named[i] += 1;
+                }
+            }
+        }
+        n > 0 && named.iter().skip(1).all(|c| *c == 1)
+    }
+
+    proptest! {
+        /// A tree is refused exactly when it is malformed or some path through it writes one
+        /// key twice (found by listing every path).
+        #[test]
+        fn txn_trees_are_refused_exactly_when_a_path_writes_a_key_twice(tree in arb_tree()) {
+            let verdict = tree.validate();
+            if !well_formed(&tree) {
+                prop_assert!(matches!(verdict, Err(LimitError::BadTxnTree(_))), "{:?}", verdict);
+                return Ok(());
+            }
+            let twice = paths(&tree, 0).iter().any(|p| {
+                let mut keys = p.clone();
+                keys.sort();
+                keys.windows(2).any(|w| w[0] == w[1])
+            });
+            if twice {
+                prop_assert!(matches!(verdict, Err(LimitError::TxnWritesOverlap { .. })), "{:?}", verdict);
+            } else {
+                prop_assert_eq!(verdict, Ok(()));
+            }
+        }
+    }
 
     #[test]
     fn prefix_end_increments_last_byte() {

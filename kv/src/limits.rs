@@ -29,6 +29,8 @@ pub const SESSION_IDLE_EXPIRY_MS: u64 = 24 * 60 * 60 * 1000;
 pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
 /// Most operations in one transaction: its comparisons plus the larger of its two branches.
 pub const MAX_TXN_OPS: usize = 128;
+/// Most comparisons and operations in all the nodes of one transaction tree together.
+pub const MAX_TXN_TREE_OPS: usize = 1024;
 /// Largest encoded row in a snapshot file.
 pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;
 /// Most requirements plus writes in one system transaction.

@@ -934,6 +934,144 @@ async fn transactions_compare_then_apply_one_branch_at_one_revision() {
     ));
 }
 
+/// Nested transactions, as etcd runs them: every comparison on the path sees the state
+/// before the transaction, the path's writes share one revision, and writes that could run
+/// together may not touch one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_transactions_take_one_path_at_one_revision() {
+    let mut c = Cluster::new(10_000);
+    c.form(&[1, 2, 3]).await;
+    let r1 = c.put("a", "1").await;
+    let is = |key: &str, v: &str| Compare {
+        key: key.into(),
+        target: CompareTarget::Value(v.into()),
+        op: CompareOp::Equal,
+    };
+    let put = |k: &str, v: &str| TxnOp::Put {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: true,
+    };
+    let node = |compare: Vec<Compare>, success: Vec<TxnOp>, failure: Vec<TxnOp>| Txn {
+        compare,
+        success,
+        failure,
+    };
+    // Outer: a == 1, so put a = 2 and run node 1, whose own a == 1 still holds (it sees the
+    // state before the transaction): b is put, c is not; node 2 (the failure side) never runs.
+    let tree = |nodes| WriteOp::TxnTree(TxnTree { nodes });
+    let out = c
+        .write(vec![tree(vec![
+            node(
+                vec![is("a", "1")],
+                vec![put("a", "2"), TxnOp::Nested(1)],
+                vec![TxnOp::Nested(2)],
+            ),
+            node(
+                vec![is("a", "1")],
+                vec![put("b", "x"), TxnOp::Nested(3)],
+                vec![put("c", "y")],
+            ),
+            node(vec![], vec![put("f", "1")], vec![]),
+            node(
+                vec![is("b", "x")],
+                vec![put("d", "no")],
+                vec![put("d", "yes")],
+            ),
+        ])])
+        .await;
+    let Ok(WriteOutcome::Txn {
+        revision,
+        succeeded: true,
+        results,
+    }) = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*revision, r1 + 1, "one revision for the whole path");
+    let [WriteOutcome::Put {
+        prev: Some(prev), ..
+    }, WriteOutcome::Txn {
+        succeeded: true,
+        results: inner,
+        ..
+    }] = results.as_slice()
+    else {
+        panic!("{results:?}")
+    };
+    assert_eq!(prev.value, b"1");
+    // Node 3 compared b before the transaction wrote it: absent, so its failure ran.
+    assert!(
+        matches!(inner.as_slice(), [WriteOutcome::Put { prev: None, .. }, WriteOutcome::Txn { succeeded: false, results: deepest, .. }] if deepest.len() == 1),
+        "{inner:?}"
+    );
+    c.converge().await;
+    for n in c.nodes.values() {
+        let get = |k: &str| {
+            let sm = n.sm.clone();
+            let k = k.as_bytes().to_vec();
+            async move {
+                sm.get(k, 0)
+                    .await
+                    .unwrap()
+                    .map(|kv| (kv.value, kv.mod_revision))
+            }
+        };
+        assert_eq!(get("a").await, Some((b"2".to_vec(), *revision)));
+        assert_eq!(get("b").await, Some((b"x".to_vec(), *revision)));
+        assert_eq!(get("d").await, Some((b"yes".to_vec(), *revision)));
+        assert_eq!(get("c").await, None);
+        assert_eq!(get("f").await, None);
+    }
+
+    // The same key in both branches of one nested transaction is fine (only one runs); in a
+    // branch and in a nested transaction that could run with it, it is refused.
+    let both_sides = tree(vec![
+        node(vec![], vec![TxnOp::Nested(1)], vec![]),
+        node(vec![is("a", "2")], vec![put("k", "1")], vec![put("k", "2")]),
+    ]);
+    assert!(matches!(
+        c.write(vec![both_sides]).await[0],
+        Ok(WriteOutcome::Txn {
+            succeeded: true,
+            ..
+        })
+    ));
+    let clash = tree(vec![
+        node(vec![], vec![put("k", "0"), TxnOp::Nested(1)], vec![]),
+        node(vec![], vec![], vec![put("k", "2")]),
+    ]);
+    assert_eq!(
+        c.write(vec![clash]).await[0],
+        Err(ApplyError::Limit(LimitError::TxnWritesOverlap {
+            key: b"k".to_vec()
+        }))
+    );
+    for bad in [
+        vec![],
+        vec![node(vec![], vec![TxnOp::Nested(0)], vec![])],
+        vec![node(vec![], vec![], vec![]), node(vec![], vec![], vec![])],
+        vec![
+            node(vec![], vec![TxnOp::Nested(1)], vec![TxnOp::Nested(1)]),
+            node(vec![], vec![], vec![]),
+        ],
+    ] {
+        assert!(
+            matches!(
+                c.write(vec![tree(bad.clone())]).await[0],
+                Err(ApplyError::Limit(LimitError::BadTxnTree(_)))
+            ),
+            "{bad:?}"
+        );
+    }
+    // A nested transaction outside a tree names nothing.
+    let plain = WriteOp::Txn(node(vec![], vec![TxnOp::Nested(1)], vec![]));
+    assert!(matches!(
+        c.write(vec![plain]).await[0],
+        Err(ApplyError::Limit(LimitError::BadTxnTree(_)))
+    ));
+}
+
 /// System transactions: all-or-nothing on their requirements; prefix deletes stay inside the
 /// prefix; every replica ends with the same system keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

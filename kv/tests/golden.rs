@@ -118,6 +118,34 @@ fn txn_encoding_is_stable() {
 }
 
 #[test]
+fn txn_tree_encoding_is_stable() {
+    let op = WriteOp::TxnTree(TxnTree {
+        nodes: vec![
+            Txn {
+                compare: vec![],
+                success: vec![TxnOp::Nested(1)],
+                failure: vec![],
+            },
+            Txn {
+                compare: vec![],
+                success: vec![TxnOp::Put {
+                    key: b"k".to_vec(),
+                    value: b"w".to_vec(),
+                    prev_kv: false,
+                }],
+                failure: vec![],
+            },
+        ],
+    });
+    assert_eq!(
+        bytes(&op),
+        [10, 2, 0, 1, 3, 1, 0, 0, 1, 0, 1, b'k', 1, b'w', 0, 0]
+    );
+    let refused = LimitError::BadTxnTree("x".into());
+    assert_eq!(bytes(&refused), [11, 1, b'x']);
+}
+
+#[test]
 fn system_write_encoding_is_stable() {
     let op = WriteOp::System(SystemWrite {
         key: b"k".to_vec(),

@@ -962,94 +962,8 @@ impl Applier<'_> {
                     prev,
                 }))
             }
-            WriteOp::Txn(txn) => {
-                let mut succeeded = true;
-                for c in &txn.compare {
-                    let current = self.current(&c.key)?.map(|s| s.into_kv(c.key.clone()));
-                    if !c.holds(current.as_ref()) {
-                        succeeded = false;
-                        break;
-                    }
-                }
-                let branch = if succeeded {
-                    &txn.success
-                } else {
-                    &txn.failure
-                };
-                // Leases are checked for the whole branch first: it applies entirely or not.
-                let puts: Vec<(&Key, &PutOptions)> = branch
-                    .iter()
-                    .filter_map(|op| match op {
-                        TxnOp::PutWith { key, options, .. } => Some((key, options)),
-                        _ => None,
-                    })
-                    .collect();
-                if let Err(e) = self.check_puts(&puts)? {
-                    return Ok(Err(e));
-                }
-                // The branch's writes touch distinct keys (checked by `validate`), so they
-                // all happen at one revision, in any order.
-                let revision = self.revision + 1;
-                let mut changed = false;
-                // Per write: `Some(deleted)` for a delete, `None` for a put; previous values.
-                let mut done: Vec<(Option<u64>, Vec<KeyValue>)> = Vec::with_capacity(branch.len());
-                for op in branch {
-                    match op {
-                        TxnOp::Put {
-                            key,
-                            value,
-                            prev_kv,
-                        } => {
-                            let prev = self.put(key, value, *prev_kv, &NO_PUT_OPTIONS, revision)?;
-                            changed = true;
-                            done.push((None, prev.into_iter().collect()));
-                        }
-                        TxnOp::PutWith {
-                            key,
-                            value,
-                            prev_kv,
-                            options,
-                        } => {
-                            let prev = self.put(key, value, *prev_kv, options, revision)?;
-                            changed = true;
-                            done.push((None, prev.into_iter().collect()));
-                        }
-                        TxnOp::Delete {
-                            start,
-                            end,
-                            prev_kv,
-                        } => {
-                            let (deleted, prev) =
-                                self.delete(start, end.as_deref(), *prev_kv, revision)?;
-                            changed |= deleted > 0;
-                            done.push((Some(deleted), prev));
-                        }
-                    }
-                }
-                if changed {
-                    self.revision = revision;
-                }
-                let revision = self.revision;
-                let results = done
-                    .into_iter()
-                    .map(|(deleted, mut prev)| match deleted {
-                        None => WriteOutcome::Put {
-                            revision,
-                            prev: prev.pop(),
-                        },
-                        Some(deleted) => WriteOutcome::Delete {
-                            revision,
-                            deleted,
-                            prev,
-                        },
-                    })
-                    .collect();
-                Ok(Ok(WriteOutcome::Txn {
-                    revision,
-                    succeeded,
-                    results,
-                }))
-            }
+            WriteOp::Txn(txn) => self.apply_txn(std::slice::from_ref(txn)),
+            WriteOp::TxnTree(tree) => self.apply_txn(&tree.nodes),
             WriteOp::System(w) => {
                 let current = self
                     .system
@@ -1148,6 +1062,133 @@ impl Applier<'_> {
     }
     /// Checks puts with options before any of them is applied: the keys exist where an
     /// option keeps their value or lease, the leases exist and have room.
+    /// Applies a transaction given as the nodes of a [`aspen_kv::api::TxnTree`] (a plain
+    /// transaction is a tree of one node). Validated by the caller.
+    fn apply_txn(&mut self, nodes: &[Txn]) -> SmResult<CommandResult> {
+        // The path, as etcd takes it: every comparison on it sees the state before the
+        // transaction. A child comes after its parent, so one pass finds every node that runs.
+        let mut taken: Vec<Option<bool>> = vec![None; nodes.len()];
+        taken[0] = Some(true);
+        for (j, node) in nodes.iter().enumerate() {
+            if taken[j].is_none() {
+                continue;
+            }
+            let mut succeeded = true;
+            for c in &node.compare {
+                let current = self.current(&c.key)?.map(|s| s.into_kv(c.key.clone()));
+                if !c.holds(current.as_ref()) {
+                    succeeded = false;
+                    break;
+                }
+            }
+            taken[j] = Some(succeeded);
+            for op in branch_of(node, succeeded) {
+                if let TxnOp::Nested(i) = op {
+                    taken[*i as usize] = Some(true);
+                }
+            }
+        }
+        let running = || {
+            nodes
+                .iter()
+                .zip(&taken)
+                .filter_map(|(node, t)| t.map(|succeeded| branch_of(node, succeeded)))
+        };
+        // Leases are checked for the whole path first: it applies entirely or not.
+        let puts: Vec<(&Key, &PutOptions)> = running()
+            .flatten()
+            .filter_map(|op| match op {
+                TxnOp::PutWith { key, options, .. } => Some((key, options)),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = self.check_puts(&puts)? {
+            return Ok(Err(e));
+        }
+        // The path's writes touch distinct keys (checked by `validate`), so they all happen
+        // at one revision, in any order.
+        let revision = self.revision + 1;
+        let mut changed = false;
+        // Per node that ran, per write of its branch: `Some(deleted)` for a delete, `None`
+        // for a put; previous values. Nested transactions get an empty slot.
+        let mut done: Vec<Vec<(Option<u64>, Vec<KeyValue>)>> = vec![Vec::new(); nodes.len()];
+        for (j, node) in nodes.iter().enumerate() {
+            let Some(succeeded) = taken[j] else {
+                continue;
+            };
+            for op in branch_of(node, succeeded) {
+                let result = match op {
+                    TxnOp::Put {
+                        key,
+                        value,
+                        prev_kv,
+                    } => {
+                        let prev = self.put(key, value, *prev_kv, &NO_PUT_OPTIONS, revision)?;
+                        changed = true;
+                        (None, prev.into_iter().collect())
+                    }
+                    TxnOp::PutWith {
+                        key,
+                        value,
+                        prev_kv,
+                        options,
+                    } => {
+                        let prev = self.put(key, value, *prev_kv, options, revision)?;
+                        changed = true;
+                        (None, prev.into_iter().collect())
+                    }
+                    TxnOp::Delete {
+                        start,
+                        end,
+                        prev_kv,
+                    } => {
+                        let (deleted, prev) =
+                            self.delete(start, end.as_deref(), *prev_kv, revision)?;
+                        changed |= deleted > 0;
+                        (Some(deleted), prev)
+                    }
+                    TxnOp::Nested(_) => (None, Vec::new()),
+                };
+                done[j].push(result);
+            }
+        }
+        if changed {
+            self.revision = revision;
+        }
+        let revision = self.revision;
+        // Outcomes bottom up: a child's is complete before its parent's takes it.
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; nodes.len()];
+        for j in (0..nodes.len()).rev() {
+            let Some(succeeded) = taken[j] else {
+                continue;
+            };
+            let branch = branch_of(&nodes[j], succeeded);
+            let mut results = Vec::with_capacity(branch.len());
+            for (op, (deleted, mut prev)) in branch.iter().zip(std::mem::take(&mut done[j])) {
+                results.push(match (op, deleted) {
+                    (TxnOp::Nested(i), _) => outcomes[*i as usize]
+                        .take()
+                        .expect("a nested node that ran"),
+                    (_, None) => WriteOutcome::Put {
+                        revision,
+                        prev: prev.pop(),
+                    },
+                    (_, Some(deleted)) => WriteOutcome::Delete {
+                        revision,
+                        deleted,
+                        prev,
+                    },
+                });
+            }
+            outcomes[j] = Some(WriteOutcome::Txn {
+                revision,
+                succeeded,
+                results,
+            });
+        }
+        Ok(Ok(outcomes[0].take().expect("the outer transaction ran")))
+    }
+
     fn check_puts(&self, puts: &[(&Key, &PutOptions)]) -> SmResult<Result<(), ApplyError>> {
         let mut added: HashMap<LeaseId, u64> = HashMap::new();
         for (key, options) in puts {
@@ -1654,6 +1695,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(SnapshotFile::opened(path, file, self.io)),
         })
+    }
+}
+
+/// The branch of `txn` that runs when its comparisons `succeeded` (or not).
+fn branch_of(txn: &Txn, succeeded: bool) -> &[TxnOp] {
+    if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
     }
 }
 

@@ -290,27 +290,38 @@ fn command_needs(command: &Command, out: &mut Vec<Need>) {
             end.clone(),
         )),
         WriteOp::Compact { .. } => out.push(cluster(Action::Admin)),
-        WriteOp::Txn(txn) => {
-            for c in &txn.compare {
-                out.push(Need::One(Kind::Kv, Action::Read, c.key.clone()));
-            }
-            for op in txn.success.iter().chain(&txn.failure) {
-                match op {
-                    TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => {
-                        out.push(Need::One(Kind::Kv, Action::Write, key.clone()))
-                    }
-                    TxnOp::Delete { start, end, .. } => out.push(Need::Range(
-                        Kind::Kv,
-                        Action::Write,
-                        start.clone(),
-                        end.clone(),
-                    )),
-                }
+        WriteOp::Txn(txn) => txn_needs(txn, out),
+        // Every node of the tree, whichever branches run (as for a plain transaction).
+        WriteOp::TxnTree(tree) => {
+            for txn in &tree.nodes {
+                txn_needs(txn, out);
             }
         }
         // Refused from clients anyway (the client service checks); members only.
         WriteOp::System(_) | WriteOp::SystemTxn(SystemTxn { .. }) | WriteOp::LeaseExpire { .. } => {
             out.push(cluster(Action::Admin))
+        }
+    }
+}
+
+/// A transaction reads the keys it compares and writes those of both branches.
+fn txn_needs(txn: &aspen_kv::api::Txn, out: &mut Vec<Need>) {
+    for c in &txn.compare {
+        out.push(Need::One(Kind::Kv, Action::Read, c.key.clone()));
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => {
+                out.push(Need::One(Kind::Kv, Action::Write, key.clone()))
+            }
+            TxnOp::Delete { start, end, .. } => out.push(Need::Range(
+                Kind::Kv,
+                Action::Write,
+                start.clone(),
+                end.clone(),
+            )),
+            // Its own node is checked on its own.
+            TxnOp::Nested(_) => {}
         }
     }
 }
