@@ -1,26 +1,33 @@
 //! etcd's writes and transactions as the store's commands.
 //!
 //! Puts, deletes and the writes of a transaction map one to one onto the store's. A
-//! transaction's compares map too, with revisions renumbered (see [`crate::revision`]). The
-//! reads inside a transaction do not go through the log: the node reads them at the
-//! transaction's revision once it is applied. Since a transaction's writes all happen at one
-//! revision R, a read placed before every write of its branch sees the state at R - 1 (or R if
-//! the writes changed nothing), and one placed after every write sees R. A read between two
-//! writes would need the state halfway through the transaction, which the store does not
-//! keep: such a transaction is refused before anything is written.
+//! transaction's compares map too, with revisions renumbered (see [`crate::revision`]), and
+//! nested transactions become the nodes of a [`TxnTree`], which the store runs as etcd does:
+//! every comparison on the path sees the state before the transaction, and the path's writes
+//! happen at one revision R.
+//!
+//! The reads inside a transaction do not go through the log: the node reads them once the
+//! transaction is applied, in the order etcd runs the path's operations. A read before every
+//! write of the path sees the state at R - 1 (or R if the writes changed nothing), one after
+//! every write sees R. A read between two writes sees R - 1 with what the writes before it
+//! made of their keys laid over it: since no two writes of a path touch one key, each of
+//! those keys is as it is at R, and every other key as at R - 1 ([`overlay`]).
 
 use aspen_kv::api::{
-    Compare, CompareOp, CompareTarget, Key, PutOptions, Txn, TxnOp, WriteOp, WriteOutcome,
+    Compare, CompareOp, CompareTarget, Key, KeyValue, PutOptions, Revision, Txn, TxnOp, TxnTree,
+    WriteOp, WriteOutcome,
 };
 use aspen_kv::limits::MAX_TXN_OPS;
 
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget as PbTarget, TargetUnion};
 use crate::pb::etcdserverpb::request_op::Request;
+use crate::pb::etcdserverpb::response_op::Response;
 use crate::pb::etcdserverpb::{
     Compare as PbCompare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
-    RequestOp, ResponseHeader, TxnRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use crate::range::{key_range, to_pb, RangePlan};
+use crate::range::{key_range, to_pb, RangeAnswer, RangePlan};
+use crate::revision;
 use crate::EtcdError;
 
 /// The store's put for etcd's put request.
@@ -97,131 +104,381 @@ pub fn delete_response(outcome: WriteOutcome, header: ResponseHeader) -> DeleteR
     }
 }
 
-/// Where a read inside a transaction branch looks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Before every write of the branch: the state the transaction started from.
-    Before,
-    /// After every write of the branch: the transaction's own revision.
-    After,
-}
-
 /// One operation of a branch, in etcd's order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Slot {
-    /// The store write at this index of the branch.
-    Write(usize),
+    /// The store operation at this index of the branch: a write, or a nested transaction.
+    Op(usize),
     /// A read, answered after the transaction is applied.
-    Range(Box<RangePlan>, Phase),
+    Range(Box<RangePlan>),
+}
+
+/// Where etcd's operations of one transaction (a node of the tree) went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSlots {
+    pub success: Vec<Slot>,
+    pub failure: Vec<Slot>,
 }
 
 /// A transaction as the store runs it, and where each of etcd's operations went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnPlan {
-    pub txn: Txn,
-    pub success: Vec<Slot>,
-    pub failure: Vec<Slot>,
+    /// `tree.nodes[0]` is the request itself; nested transactions follow their parents.
+    pub tree: TxnTree,
+    /// Per node of `tree`.
+    pub slots: Vec<NodeSlots>,
+}
+
+/// The state a read inside a transaction sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadState {
+    /// The state the transaction started from.
+    Before,
+    /// The transaction's revision: every write of the path came before the read.
+    After,
+    /// The state before, with the keys these writes (`[start, end)`, `None` end: unbounded)
+    /// touched as they are at the transaction's revision: see [`overlay`].
+    Between(Vec<(Key, Option<Key>)>),
+}
+
+/// A read of the path the transaction took, in etcd's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakenRead<'a> {
+    pub plan: &'a RangePlan,
+    pub state: ReadState,
+    /// Whether a write before it changed the store: etcd's header then names the
+    /// transaction's revision, else the one it started from.
+    pub after_a_change: bool,
 }
 
 impl TxnPlan {
     pub fn new(req: &TxnRequest) -> Result<TxnPlan, EtcdError> {
+        let mut plan = TxnPlan {
+            tree: TxnTree { nodes: Vec::new() },
+            slots: Vec::new(),
+        };
+        plan.add(req)?;
+        Ok(plan)
+    }
+
+    /// Adds `req` and its nested transactions (each after its parent); returns its index.
+    /// Recursion is bounded by the decoder's nesting limit and by [`MAX_TXN_OPS`] nodes.
+    fn add(&mut self, req: &TxnRequest) -> Result<u32, EtcdError> {
         if [req.compare.len(), req.success.len(), req.failure.len()]
             .iter()
             .any(|n| *n > MAX_TXN_OPS)
+            || self.tree.nodes.len() >= MAX_TXN_OPS
         {
             return Err(EtcdError::TooManyOps);
         }
+        let index = self.tree.nodes.len();
         let compare = req
             .compare
             .iter()
             .map(compare)
             .collect::<Result<Vec<_>, _>>()?;
-        let (success, success_slots) = branch(&req.success)?;
-        let (failure, failure_slots) = branch(&req.failure)?;
-        Ok(TxnPlan {
-            txn: Txn {
-                compare,
-                success,
-                failure,
-            },
-            success: success_slots,
-            failure: failure_slots,
+        self.tree.nodes.push(Txn {
+            compare,
+            success: Vec::new(),
+            failure: Vec::new(),
+        });
+        self.slots.push(NodeSlots::default());
+        let success = self.branch(&req.success)?;
+        let failure = self.branch(&req.failure)?;
+        self.tree.nodes[index].success = success.0;
+        self.tree.nodes[index].failure = failure.0;
+        self.slots[index] = NodeSlots {
+            success: success.1,
+            failure: failure.1,
+        };
+        Ok(index as u32)
+    }
+
+    fn branch(&mut self, ops: &[RequestOp]) -> Result<(Vec<TxnOp>, Vec<Slot>), EtcdError> {
+        let mut store_ops = Vec::new();
+        let mut slots = Vec::new();
+        for op in ops {
+            let store_op = match &op.request {
+                Some(Request::RequestPut(p)) => {
+                    let (key, value, prev_kv, options) = put_parts(p)?;
+                    TxnOp::PutWith {
+                        key,
+                        value,
+                        prev_kv,
+                        options,
+                    }
+                }
+                Some(Request::RequestDeleteRange(d)) => {
+                    let WriteOp::Delete {
+                        start,
+                        end,
+                        prev_kv,
+                    } = delete(d)?
+                    else {
+                        unreachable!("delete() makes a delete")
+                    };
+                    TxnOp::Delete {
+                        start,
+                        end,
+                        prev_kv,
+                    }
+                }
+                Some(Request::RequestTxn(t)) => TxnOp::Nested(self.add(t)?),
+                Some(Request::RequestRange(r)) => {
+                    slots.push(Slot::Range(Box::new(RangePlan::new(r)?)));
+                    continue;
+                }
+                None => {
+                    return Err(EtcdError::InvalidArgument(
+                        "a transaction operation names no request".into(),
+                    ))
+                }
+            };
+            slots.push(Slot::Op(store_ops.len()));
+            store_ops.push(store_op);
+        }
+        Ok((store_ops, slots))
+    }
+
+    /// The store's command: a plain transaction unless there are nested ones.
+    pub fn write_op(&self) -> WriteOp {
+        match self.tree.nodes.as_slice() {
+            [one] => WriteOp::Txn(one.clone()),
+            _ => WriteOp::TxnTree(self.tree.clone()),
+        }
+    }
+
+    /// Whether no node writes (the transaction only compares and reads).
+    pub fn read_only(&self) -> bool {
+        self.tree.nodes.iter().all(|n| {
+            n.success
+                .iter()
+                .chain(&n.failure)
+                .all(|op| matches!(op, TxnOp::Nested(_)))
         })
     }
 
-    /// Whether neither branch writes (the transaction only compares and reads).
-    pub fn read_only(&self) -> bool {
-        self.txn.success.is_empty() && self.txn.failure.is_empty()
+    /// Every read of every branch (for the access check, before anything is written).
+    pub fn all_reads(&self) -> impl Iterator<Item = &RangePlan> {
+        self.slots
+            .iter()
+            .flat_map(|n| n.success.iter().chain(&n.failure))
+            .filter_map(|s| match s {
+                Slot::Range(r) => Some(&**r),
+                Slot::Op(_) => None,
+            })
+    }
+
+    /// The reads of the path the store took (its `outcome`), in etcd's order, and the
+    /// state each one sees.
+    pub fn taken_reads(&self, outcome: &WriteOutcome) -> Result<Vec<TakenRead<'_>>, EtcdError> {
+        let mut walk = Walk::default();
+        self.walk(0, outcome, &mut walk)?;
+        let total = walk.writes.len();
+        Ok(walk
+            .reads
+            .into_iter()
+            .map(|(plan, writes_before, after_a_change)| TakenRead {
+                plan,
+                state: if writes_before == 0 {
+                    ReadState::Before
+                } else if writes_before == total {
+                    ReadState::After
+                } else {
+                    ReadState::Between(walk.writes[..writes_before].to_vec())
+                },
+                after_a_change,
+            })
+            .collect())
+    }
+
+    fn walk<'a>(
+        &'a self,
+        node: usize,
+        outcome: &WriteOutcome,
+        walk: &mut Walk<'a>,
+    ) -> Result<(), EtcdError> {
+        let (succeeded, results) = txn_outcome(outcome)?;
+        let (ops, slots) = self.branch_taken(node, succeeded);
+        for slot in slots {
+            match slot {
+                Slot::Range(plan) => walk.reads.push((plan, walk.writes.len(), walk.changed)),
+                Slot::Op(k) => {
+                    let result = results.get(*k).ok_or_else(|| missing(*k))?;
+                    match &ops[*k] {
+                        TxnOp::Nested(i) => self.walk(*i as usize, result, walk)?,
+                        TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => {
+                            walk.writes.push((key.clone(), Some(next_key(key))));
+                            walk.changed = true;
+                        }
+                        TxnOp::Delete { start, end, .. } => {
+                            let end = match end {
+                                None => Some(next_key(start)),
+                                Some(e) if e.is_empty() => None,
+                                Some(e) => Some(e.clone()),
+                            };
+                            walk.writes.push((start.clone(), end));
+                            walk.changed |= matches!(result, WriteOutcome::Delete { deleted, .. } if *deleted > 0);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn branch_taken(&self, node: usize, succeeded: bool) -> (&[TxnOp], &[Slot]) {
+        let (txn, slots) = (&self.tree.nodes[node], &self.slots[node]);
+        if succeeded {
+            (&txn.success, &slots.success)
+        } else {
+            (&txn.failure, &slots.failure)
+        }
+    }
+
+    /// etcd's answer (without its outer header) from the store's `outcome` and the answers
+    /// to [`Self::taken_reads`], in that order. `before` is the revision the transaction
+    /// started from.
+    pub fn response(
+        &self,
+        outcome: &WriteOutcome,
+        before: Revision,
+        answers: Vec<RangeAnswer>,
+    ) -> Result<TxnResponse, EtcdError> {
+        let at = outcome.revision();
+        let mut answers = answers.into_iter();
+        let mut changed = false;
+        let response = self.respond(0, outcome, before, at, &mut answers, &mut changed)?;
+        if answers.next().is_some() {
+            return Err(EtcdError::Internal(
+                "more read answers than the transaction's reads".into(),
+            ));
+        }
+        Ok(response)
+    }
+
+    fn respond(
+        &self,
+        node: usize,
+        outcome: &WriteOutcome,
+        before: Revision,
+        at: Revision,
+        answers: &mut std::vec::IntoIter<RangeAnswer>,
+        changed: &mut bool,
+    ) -> Result<TxnResponse, EtcdError> {
+        // etcd's operations inside a transaction carry only the revision they saw or wrote.
+        let inner = |revision: Revision| ResponseHeader {
+            revision: revision::to_etcd(revision),
+            ..Default::default()
+        };
+        let (succeeded, results) = txn_outcome(outcome)?;
+        let (ops, slots) = self.branch_taken(node, succeeded);
+        let mut responses = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let response = match slot {
+                Slot::Range(_) => {
+                    let answer = answers.next().ok_or_else(|| {
+                        EtcdError::Internal("fewer read answers than reads".into())
+                    })?;
+                    Response::ResponseRange(RangeResponse {
+                        header: Some(inner(if *changed { at } else { before })),
+                        kvs: answer.kvs,
+                        more: answer.more,
+                        count: answer.count,
+                    })
+                }
+                Slot::Op(k) => {
+                    let result = results.get(*k).ok_or_else(|| missing(*k))?;
+                    match (&ops[*k], result) {
+                        (TxnOp::Nested(i), r) => Response::ResponseTxn(self.respond(
+                            *i as usize,
+                            r,
+                            before,
+                            at,
+                            answers,
+                            changed,
+                        )?),
+                        (_, r @ WriteOutcome::Put { .. }) => {
+                            *changed = true;
+                            Response::ResponsePut(put_response(r.clone(), inner(at)))
+                        }
+                        (_, r @ WriteOutcome::Delete { deleted, .. }) => {
+                            // etcd names the new revision only if something was deleted.
+                            let seen = if *deleted > 0 { at } else { before };
+                            *changed |= *deleted > 0;
+                            Response::ResponseDeleteRange(delete_response(r.clone(), inner(seen)))
+                        }
+                        (op, r) => {
+                            return Err(EtcdError::Internal(format!(
+                                "{op:?} was answered with {r:?}"
+                            )))
+                        }
+                    }
+                }
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
+        }
+        Ok(TxnResponse {
+            header: (node > 0).then(ResponseHeader::default),
+            succeeded,
+            responses,
+        })
     }
 }
 
-fn branch(ops: &[RequestOp]) -> Result<(Vec<TxnOp>, Vec<Slot>), EtcdError> {
-    let writes_total = ops
-        .iter()
-        .filter(|o| {
-            matches!(
-                o.request,
-                Some(Request::RequestPut(_) | Request::RequestDeleteRange(_))
-            )
-        })
-        .count();
-    let mut writes = Vec::new();
-    let mut slots = Vec::new();
-    for op in ops {
-        match &op.request {
-            Some(Request::RequestPut(p)) => {
-                let (key, value, prev_kv, options) = put_parts(p)?;
-                slots.push(Slot::Write(writes.len()));
-                writes.push(TxnOp::PutWith {
-                    key,
-                    value,
-                    prev_kv,
-                    options,
-                });
-            }
-            Some(Request::RequestDeleteRange(d)) => {
-                let WriteOp::Delete {
-                    start,
-                    end,
-                    prev_kv,
-                } = delete(d)?
-                else {
-                    unreachable!("delete() makes a delete")
-                };
-                slots.push(Slot::Write(writes.len()));
-                writes.push(TxnOp::Delete {
-                    start,
-                    end,
-                    prev_kv,
-                });
-            }
-            Some(Request::RequestRange(r)) => {
-                let phase = if writes.is_empty() {
-                    Phase::Before
-                } else if writes.len() == writes_total {
-                    Phase::After
-                } else {
-                    return Err(EtcdError::Unsupported(
-                        "a read between two writes of a transaction is not supported: put the \
-                         reads before or after the writes"
-                            .into(),
-                    ));
-                };
-                slots.push(Slot::Range(Box::new(RangePlan::new(r)?), phase));
-            }
-            Some(Request::RequestTxn(_)) => {
-                return Err(EtcdError::Unsupported(
-                    "nested transactions are not supported".into(),
-                ))
-            }
-            None => {
-                return Err(EtcdError::InvalidArgument(
-                    "a transaction operation names no request".into(),
-                ))
-            }
-        }
+/// What a walk of the path taken found: the writes in order, and per read the number of
+/// writes before it and whether one of them changed the store.
+#[derive(Default)]
+struct Walk<'a> {
+    writes: Vec<(Key, Option<Key>)>,
+    reads: Vec<(&'a RangePlan, usize, bool)>,
+    changed: bool,
+}
+
+fn txn_outcome(outcome: &WriteOutcome) -> Result<(bool, &[WriteOutcome]), EtcdError> {
+    match outcome {
+        WriteOutcome::Txn {
+            succeeded, results, ..
+        } => Ok((*succeeded, results)),
+        other => Err(EtcdError::Internal(format!(
+            "a transaction was answered with {other:?}"
+        ))),
     }
-    Ok((writes, slots))
+}
+
+fn missing(k: usize) -> EtcdError {
+    EtcdError::Internal(format!("transaction operation {k} has no result"))
+}
+
+/// The smallest key after `key`.
+fn next_key(key: &[u8]) -> Key {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+/// The state halfway through a transaction, from the state before it (`pre`) and at its
+/// revision (`post`), both in key order over the range read: keys inside `written` as in
+/// `post`, every other key as in `pre`. Exact because no two writes of a path share a key.
+pub fn overlay(
+    pre: Vec<KeyValue>,
+    post: Vec<KeyValue>,
+    written: &[(Key, Option<Key>)],
+) -> Vec<KeyValue> {
+    let covered = |key: &[u8]| {
+        written.iter().any(|(start, end)| {
+            key >= start.as_slice() && end.as_ref().is_none_or(|e| key < e.as_slice())
+        })
+    };
+    let mut out: Vec<KeyValue> = pre
+        .into_iter()
+        .filter(|kv| !covered(&kv.key))
+        .chain(post.into_iter().filter(|kv| covered(&kv.key)))
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
 }
 
 /// The store's comparison for etcd's.
@@ -390,33 +647,195 @@ mod tests {
         }
     }
 
+    fn txn(compare: Vec<PbCompare>, success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp {
+            request: Some(Request::RequestTxn(TxnRequest {
+                compare,
+                success,
+                failure,
+            })),
+        }
+    }
+
+    fn put_out(revision: Revision) -> WriteOutcome {
+        WriteOutcome::Put {
+            revision,
+            prev: None,
+        }
+    }
+
     #[test]
-    fn reads_go_before_or_after_the_writes() {
+    fn nested_transactions_become_nodes_after_their_parents() {
         let plan = TxnPlan::new(&TxnRequest {
             compare: vec![],
-            success: vec![range("a"), put("b"), put("c"), range("d")],
+            success: vec![
+                range("a"),
+                put("b"),
+                txn(vec![], vec![put("c"), range("d")], vec![range("e")]),
+                range("f"),
+                put("g"),
+            ],
+            failure: vec![txn(vec![], vec![], vec![])],
+        })
+        .unwrap();
+        assert_eq!(plan.tree.nodes.len(), 3);
+        let root = &plan.tree.nodes[0];
+        assert!(matches!(root.success[1], TxnOp::Nested(1)));
+        assert!(matches!(root.failure[0], TxnOp::Nested(2)));
+        assert_eq!(
+            plan.slots[0].success[3],
+            Slot::Range(Box::new(
+                RangePlan::new(&RangeRequest {
+                    key: b"f".to_vec(),
+                    ..Default::default()
+                })
+                .unwrap()
+            ))
+        );
+        assert_eq!(plan.slots[0].success[4], Slot::Op(2));
+        assert!(matches!(plan.write_op(), WriteOp::TxnTree(_)));
+        assert!(!plan.read_only());
+        assert_eq!(plan.all_reads().count(), 4);
+        assert_eq!(plan.write_op().validate(), Ok(()));
+
+        // Success path: read a, put b, [put c, read d], read f, put g.
+        let outcome = WriteOutcome::Txn {
+            revision: 9,
+            succeeded: true,
+            results: vec![
+                put_out(9),
+                WriteOutcome::Txn {
+                    revision: 9,
+                    succeeded: true,
+                    results: vec![put_out(9)],
+                },
+                put_out(9),
+            ],
+        };
+        let reads = plan.taken_reads(&outcome).unwrap();
+        let states: Vec<&ReadState> = reads.iter().map(|r| &r.state).collect();
+        let k = |s: &str| (s.as_bytes().to_vec(), Some(next_key(s.as_bytes())));
+        assert_eq!(
+            states,
+            [
+                &ReadState::Before,
+                &ReadState::Between(vec![k("b"), k("c")]),
+                &ReadState::Between(vec![k("b"), k("c")]),
+            ]
+        );
+        assert!(!reads[0].after_a_change && reads[1].after_a_change);
+        let answer = |n: i64| RangeAnswer {
+            count: n,
+            ..Default::default()
+        };
+        let response = plan
+            .response(&outcome, 8, vec![answer(1), answer(2), answer(3)])
+            .unwrap();
+        assert!(response.succeeded && response.header.is_none());
+        let Some(Response::ResponseTxn(nested)) = &response.responses[2].response else {
+            panic!("{response:?}")
+        };
+        assert!(nested.header.is_some());
+        let Some(Response::ResponseRange(d)) = &nested.responses[1].response else {
+            panic!("{nested:?}")
+        };
+        assert_eq!((d.count, d.header.as_ref().unwrap().revision), (2, 10));
+        assert!(plan.response(&outcome, 8, vec![answer(1)]).is_err());
+
+        // Failure path: an empty nested transaction, no reads.
+        let failed = WriteOutcome::Txn {
+            revision: 8,
+            succeeded: false,
+            results: vec![WriteOutcome::Txn {
+                revision: 8,
+                succeeded: true,
+                results: vec![],
+            }],
+        };
+        assert!(plan.taken_reads(&failed).unwrap().is_empty());
+        let too_deep = (0..=MAX_TXN_OPS).fold(TxnRequest::default(), |inner, _| TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Request::RequestTxn(inner)),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(TxnPlan::new(&too_deep), Err(EtcdError::TooManyOps));
+    }
+
+    #[test]
+    fn reads_before_and_after_every_write() {
+        let plan = TxnPlan::new(&TxnRequest {
+            compare: vec![],
+            success: vec![range("a"), put("b"), range("d")],
             failure: vec![range("a")],
         })
         .unwrap();
-        assert!(matches!(plan.success[0], Slot::Range(_, Phase::Before)));
-        assert_eq!(plan.success[1], Slot::Write(0));
-        assert_eq!(plan.success[2], Slot::Write(1));
-        assert!(matches!(plan.success[3], Slot::Range(_, Phase::After)));
-        assert!(matches!(plan.failure[0], Slot::Range(_, Phase::Before)));
-        assert_eq!(plan.txn.success.len(), 2);
-        assert!(!plan.read_only());
-        let between = TxnPlan::new(&TxnRequest {
-            compare: vec![],
-            success: vec![put("b"), range("a"), put("c")],
-            failure: vec![],
-        });
-        assert!(matches!(between, Err(EtcdError::Unsupported(_))));
+        assert!(matches!(plan.write_op(), WriteOp::Txn(_)));
+        let outcome = WriteOutcome::Txn {
+            revision: 4,
+            succeeded: true,
+            results: vec![put_out(4)],
+        };
+        let states: Vec<ReadState> = plan
+            .taken_reads(&outcome)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.state)
+            .collect();
+        assert_eq!(states, [ReadState::Before, ReadState::After]);
         let too_many = TxnPlan::new(&TxnRequest {
             compare: vec![],
             success: (0..=MAX_TXN_OPS).map(|i| put(&format!("k{i}"))).collect(),
             failure: vec![],
         });
         assert_eq!(too_many, Err(EtcdError::TooManyOps));
+    }
+
+    /// Keys `a`..`f` as the store holds them: value and revisions per key.
+    fn arb_state() -> impl Strategy<Value = std::collections::BTreeMap<u8, u8>> {
+        proptest::collection::btree_map(0u8..6, any::<u8>(), 0..6)
+    }
+
+    fn kv_of(k: u8, v: u8, revision: u64) -> KeyValue {
+        KeyValue {
+            key: vec![b'a' + k],
+            value: vec![v],
+            create_revision: 1,
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    proptest! {
+        /// Halfway through a transaction, the overlay of the states before and after it is
+        /// exactly the state the writes so far made (writes touch distinct keys).
+        #[test]
+        fn the_overlay_is_the_state_halfway(
+            pre in arb_state(),
+            writes in proptest::collection::vec((0u8..6, proptest::option::of(any::<u8>())), 0..6),
+            cut in 0usize..7,
+        ) {
+            let mut seen = std::collections::BTreeSet::new();
+            let writes: Vec<_> = writes.into_iter().filter(|(k, _)| seen.insert(*k)).collect();
+            let cut = cut.min(writes.len());
+            let apply = |upto: usize| {
+                let mut state: std::collections::BTreeMap<u8, (u8, u64)> =
+                    pre.iter().map(|(k, v)| (*k, (*v, 1))).collect();
+                for (k, v) in &writes[..upto] {
+                    match v {
+                        Some(v) => state.insert(*k, (*v, 2)),
+                        None => state.remove(k),
+                    };
+                }
+                state.into_iter().map(|(k, (v, r))| kv_of(k, v, r)).collect::<Vec<_>>()
+            };
+            let spans: Vec<(Key, Option<Key>)> = writes[..cut]
+                .iter()
+                .map(|(k, _)| (vec![b'a' + k], Some(next_key(&[b'a' + k]))))
+                .collect();
+            prop_assert_eq!(overlay(apply(0), apply(writes.len()), &spans), apply(cut));
+        }
     }
 
     #[test]

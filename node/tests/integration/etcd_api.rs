@@ -740,6 +740,45 @@ fn kv_line(kv: &etcd_client::KeyValue) -> String {
     )
 }
 
+/// A transaction's answer, nested ones included, with each operation's header revision.
+fn txn_line(r: &etcd_client::TxnResponse) -> String {
+    use etcd_client::TxnOpResponse;
+    let rev = |h: Option<&etcd_client::ResponseHeader>| h.map_or(-1, |h| h.revision());
+    let ops: Vec<String> = r
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Put(p) => {
+                format!(
+                    "put@{} prev {:?}",
+                    rev(p.header()),
+                    p.prev_key().map(kv_line)
+                )
+            }
+            TxnOpResponse::Get(g) => format!(
+                "get@{} {:?} count {} more {}",
+                rev(g.header()),
+                g.kvs().iter().map(kv_line).collect::<Vec<_>>(),
+                g.count(),
+                g.more()
+            ),
+            TxnOpResponse::Delete(d) => format!(
+                "del@{} {} {:?}",
+                rev(d.header()),
+                d.deleted(),
+                d.prev_kvs().iter().map(kv_line).collect::<Vec<_>>()
+            ),
+            TxnOpResponse::Txn(t) => format!("txn@{} {}", rev(t.header()), txn_line(&t)),
+        })
+        .collect();
+    format!(
+        "@{} succeeded {} [{}]",
+        rev(r.header()),
+        r.succeeded(),
+        ops.join("; ")
+    )
+}
+
 /// Drives a cluster through the Rust `etcd-client` crate, from empty, and writes down what
 /// it answers (lease ids, which differ between any two clusters, left out).
 async fn drive_with_etcd_client(client: &mut etcd_client::Client) -> Vec<String> {
@@ -812,6 +851,61 @@ async fn drive_with_etcd_client(client: &mut etcd_client::Client) -> Vec<String>
         })
         .collect();
     out.push(format!("txn: succeeded {} gets {gets:?}", r.succeeded()));
+    // Nested transactions and reads between writes: each read sees the writes before it,
+    // every comparison the state before the transaction; a delete of nothing keeps the old
+    // revision in its header.
+    let prefix = || Some(GetOptions::new().with_prefix());
+    let nested = Txn::new()
+        .when([Compare::version("n1", CompareOp::Equal, 0)])
+        .and_then([
+            TxnOp::put("n2", "two", Some(PutOptions::new().with_prev_key())),
+            TxnOp::get(
+                "n",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend),
+                ),
+            ),
+        ])
+        .or_else([TxnOp::put("n3", "three", None)]);
+    let txn = Txn::new()
+        .when([Compare::value("a", CompareOp::Equal, "2")])
+        .and_then([
+            TxnOp::get("n", prefix()),
+            TxnOp::delete("nothing", None),
+            TxnOp::get("n", prefix()),
+            TxnOp::put("n1", "one", None),
+            TxnOp::get("n", prefix()),
+            TxnOp::txn(nested),
+            TxnOp::delete("a", Some(DeleteOptions::new().with_prev_key())),
+            TxnOp::get(
+                "",
+                Some(GetOptions::new().with_all_keys().with_count_only()),
+            ),
+            TxnOp::put("n4", "four", None),
+            TxnOp::get("n", prefix()),
+        ]);
+    let r = client.txn(txn).await.unwrap();
+    out.push(format!("nested txn: {}", txn_line(&r)));
+    // The outer comparison fails now (a is gone): the failure branch's nested transaction
+    // runs, its reads before and after its write.
+    let txn = Txn::new()
+        .when([Compare::value("a", CompareOp::Equal, "2")])
+        .or_else([TxnOp::txn(
+            Txn::new()
+                .when([Compare::create_revision("n1", CompareOp::Greater, 0)])
+                .and_then([
+                    TxnOp::get("n1", None),
+                    TxnOp::delete(
+                        "n",
+                        Some(DeleteOptions::new().with_prefix().with_prev_key()),
+                    ),
+                    TxnOp::get("n", Some(GetOptions::new().with_prefix().with_count_only())),
+                ]),
+        )]);
+    let r = client.txn(txn).await.unwrap();
+    out.push(format!("failing txn, nested: {}", txn_line(&r)));
     let r = client
         .delete(
             "b",
@@ -1012,6 +1106,9 @@ async fn the_rust_etcd_client_gets_the_same_answers_from_aspen_as_from_etcd() {
         .unwrap();
     let expected = drive_with_etcd_client(&mut real).await;
     let got = drive_with_etcd_client(&mut aspen).await;
+    if std::env::var_os("ASPEN_SHOW_TRANSCRIPT").is_some() {
+        eprintln!("{}", expected.join("\n"));
+    }
     assert_eq!(got, expected, "etcd-client got other answers from Aspen");
     // What differs by design: the version, and who the members are.
     let status = aspen.status().await.unwrap();

@@ -2,15 +2,16 @@
 
 use aspen_client::protocol::{ClientRequest, Consistency, KvRequest, KvResponse};
 use aspen_etcd_api::pb::etcdserverpb::{
-    kv_server::Kv, response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
-    ResponseOp, TxnRequest, TxnResponse,
+    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use aspen_etcd_api::range::{RangeAnswer, RangePlan};
 use aspen_etcd_api::revision::{self, ReadAt};
-use aspen_etcd_api::txn::{self, Phase, Slot, TxnPlan};
+use aspen_etcd_api::txn::{self, ReadState, TxnPlan};
 use aspen_etcd_api::EtcdError;
-use aspen_kv::api::{Command, RangeRequest as StoreRange, Revision, WriteOp, WriteOutcome};
+use aspen_kv::api::{
+    Command, KeyValue, RangeRequest as StoreRange, Revision, WriteOp, WriteOutcome,
+};
 use aspen_kv::limits::MAX_RANGE_LIMIT;
 
 use super::super::auth::Caller;
@@ -185,15 +186,38 @@ impl NodeState {
             return Ok(plan.finish(Vec::new(), count));
         }
         let wanted = plan.keys_to_read();
+        let (kvs, complete, read_at) = self.etcd_read_keys(plan, revision, wanted).await?;
+        let count = if complete {
+            kvs.len() as u64
+        } else {
+            sm.count(whole(read_at)).await?.0
+        };
+        Ok(plan.finish(kvs, count))
+    }
+
+    /// The first `wanted` keys (all: `None`) of `plan`'s range at `revision` (0: current),
+    /// in key order, bounded like any range answer; whether that is the whole range, and the
+    /// revision read.
+    async fn etcd_read_keys(
+        &self,
+        plan: &RangePlan,
+        revision: Revision,
+        wanted: Option<u64>,
+    ) -> Result<(Vec<KeyValue>, bool, Revision), EtcdError> {
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
-        let mut page = whole(revision);
+        let mut page = StoreRange {
+            start: plan.start.clone(),
+            end: plan.end.clone(),
+            limit: 0,
+            revision,
+        };
         let complete = loop {
             let left = wanted.map_or(MAX_RANGE_LIMIT, |w| {
                 (w - kvs.len() as u64).min(MAX_RANGE_LIMIT)
             });
             page.limit = left;
-            let read = sm.range(page.clone()).await?;
+            let read = self.cluster.sm.range(page.clone()).await?;
             // Every later page reads at the first page's revision.
             page.revision = read.revision;
             for kv in read.kvs {
@@ -219,41 +243,21 @@ impl NodeState {
             next.push(0);
             page.start = next;
         };
-        let count = if complete {
-            kvs.len() as u64
-        } else {
-            sm.count(whole(page.revision)).await?.0
-        };
-        Ok(plan.finish(kvs, count))
+        Ok((kvs, complete, page.revision))
     }
 
     async fn etcd_txn(&self, caller: &Caller, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
         let plan = TxnPlan::new(req)?;
-        // Every read of either branch is checked before anything is written.
-        for slot in plan.success.iter().chain(&plan.failure) {
-            if let Slot::Range(range, _) = slot {
-                self.etcd_authorize(&range_probe(range, Consistency::Linearizable), caller)
-                    .await?;
-            }
+        // Every read of every branch is checked before anything is written.
+        for range in plan.all_reads() {
+            self.etcd_authorize(&range_probe(range, Consistency::Linearizable), caller)
+                .await?;
         }
-        let outcome = self
-            .etcd_write(caller, WriteOp::Txn(plan.txn.clone()))
-            .await?;
-        let WriteOutcome::Txn {
-            revision: at,
-            succeeded,
-            results,
-        } = outcome
-        else {
-            return Err(EtcdError::Internal(format!(
-                "a transaction was answered with {outcome:?}"
-            )));
-        };
-        let changed = results.iter().any(|r| match r {
-            WriteOutcome::Put { .. } => true,
-            WriteOutcome::Delete { deleted, .. } => *deleted > 0,
-            _ => false,
-        });
+        let outcome = self.etcd_write(caller, plan.write_op()).await?;
+        let at = outcome.revision();
+        let reads = plan.taken_reads(&outcome)?;
+        let mut changed = false;
+        changed_anything(&outcome, &mut changed);
         let before: Revision = if changed { at - 1 } else { at };
         let read_at = |r: Revision| {
             if r == 0 {
@@ -262,60 +266,55 @@ impl NodeState {
                 ReadAt::Store(r)
             }
         };
-        let header = self.etcd_header(at).await;
-        // etcd's operations inside a transaction carry only the revision they saw or wrote.
-        let inner = |revision: Revision| ResponseHeader {
-            revision: revision::to_etcd(revision),
-            ..Default::default()
-        };
-        let slots = if succeeded {
-            &plan.success
-        } else {
-            &plan.failure
-        };
-        let mut responses = Vec::with_capacity(slots.len());
-        for slot in slots {
-            let response = match slot {
-                Slot::Write(i) => {
-                    let result = results.get(*i).cloned().ok_or_else(|| {
-                        EtcdError::Internal(format!("transaction write {i} has no result"))
-                    })?;
-                    match result {
-                        r @ WriteOutcome::Put { .. } => {
-                            response_op::Response::ResponsePut(txn::put_response(r, inner(at)))
-                        }
-                        r => response_op::Response::ResponseDeleteRange(txn::delete_response(
-                            r,
-                            inner(at),
-                        )),
-                    }
+        let mut answers = Vec::with_capacity(reads.len());
+        for read in &reads {
+            let range = read.plan;
+            let answer = match (&range.at, &read.state) {
+                (ReadAt::Current, ReadState::Before) => {
+                    self.etcd_range(range, read_at(before)).await?
                 }
-                Slot::Range(range, phase) => {
-                    let seen = match phase {
-                        Phase::Before => before,
-                        Phase::After => at,
-                    };
-                    let read = match range.at {
-                        ReadAt::Current => read_at(seen),
-                        explicit => explicit,
-                    };
-                    let answer = self.etcd_range(range, read).await?;
-                    response_op::Response::ResponseRange(RangeResponse {
-                        header: Some(inner(seen)),
-                        kvs: answer.kvs,
-                        more: answer.more,
-                        count: answer.count,
-                    })
+                (ReadAt::Current, ReadState::After) => self.etcd_range(range, read_at(at)).await?,
+                (ReadAt::Current, ReadState::Between(written)) => {
+                    let pre = self.etcd_read_all(range, read_at(before)).await?;
+                    let post = self.etcd_read_all(range, read_at(at)).await?;
+                    let halfway = txn::overlay(pre, post, written);
+                    let count = halfway.len() as u64;
+                    range.finish(halfway, count)
                 }
+                (explicit, _) => self.etcd_range(range, *explicit).await?,
             };
-            responses.push(ResponseOp {
-                response: Some(response),
-            });
+            answers.push(answer);
         }
-        Ok(TxnResponse {
-            header: Some(header),
-            succeeded,
-            responses,
-        })
+        let mut response = plan.response(&outcome, before, answers)?;
+        response.header = Some(self.etcd_header(at).await);
+        Ok(response)
+    }
+
+    /// Every key of `plan`'s range at `at`, in key order (bounded like any range answer).
+    async fn etcd_read_all(
+        &self,
+        plan: &RangePlan,
+        at: ReadAt,
+    ) -> Result<Vec<KeyValue>, EtcdError> {
+        let revision = match at {
+            ReadAt::Empty => return Ok(Vec::new()),
+            ReadAt::Current => 0,
+            ReadAt::Store(r) => r,
+        };
+        Ok(self.etcd_read_keys(plan, revision, None).await?.0)
+    }
+}
+
+/// Whether any write of a transaction's outcome changed the store.
+fn changed_anything(outcome: &WriteOutcome, any: &mut bool) {
+    match outcome {
+        WriteOutcome::Put { .. } => *any = true,
+        WriteOutcome::Delete { deleted, .. } => *any |= *deleted > 0,
+        WriteOutcome::Txn { results, .. } => {
+            for r in results {
+                changed_anything(r, any);
+            }
+        }
+        _ => {}
     }
 }
