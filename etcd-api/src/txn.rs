@@ -4,7 +4,8 @@
 //! transaction's compares map too, with revisions renumbered (see [`crate::revision`]), and
 //! nested transactions become the nodes of a [`TxnTree`], which the store runs as etcd does:
 //! every comparison on the path sees the state before the transaction, and the path's writes
-//! happen at one revision R.
+//! happen at one revision R. A comparison with a range end becomes a [`CompareRange`] of the
+//! tree.
 //!
 //! The reads inside a transaction do not go through the log: the node reads them once the
 //! transaction is applied, in the order etcd runs the path's operations. A read before every
@@ -14,8 +15,8 @@
 //! those keys is as it is at R, and every other key as at R - 1 ([`overlay`]).
 
 use aspen_kv::api::{
-    Compare, CompareOp, CompareTarget, Key, KeyValue, PutOptions, Revision, Txn, TxnOp, TxnTree,
-    WriteOp, WriteOutcome,
+    Compare, CompareOp, CompareRange, CompareTarget, Key, KeyValue, PutOptions, Revision, Txn,
+    TxnOp, TxnTree, WriteOp, WriteOutcome,
 };
 use aspen_kv::limits::MAX_TXN_OPS;
 
@@ -154,7 +155,7 @@ pub struct TakenRead<'a> {
 impl TxnPlan {
     pub fn new(req: &TxnRequest) -> Result<TxnPlan, EtcdError> {
         let mut plan = TxnPlan {
-            tree: TxnTree { nodes: Vec::new() },
+            tree: TxnTree::default(),
             slots: Vec::new(),
         };
         plan.add(req)?;
@@ -172,11 +173,19 @@ impl TxnPlan {
             return Err(EtcdError::TooManyOps);
         }
         let index = self.tree.nodes.len();
-        let compare = req
-            .compare
-            .iter()
-            .map(compare)
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut compares = Vec::with_capacity(req.compare.len());
+        for (i, c) in req.compare.iter().enumerate() {
+            let (c, end) = compare(c)?;
+            if let Some(end) = end {
+                self.tree.ranges.push(CompareRange {
+                    node: index as u32,
+                    compare: i as u32,
+                    end,
+                });
+            }
+            compares.push(c);
+        }
+        let compare = compares;
         self.tree.nodes.push(Txn {
             compare,
             success: Vec::new(),
@@ -240,10 +249,11 @@ impl TxnPlan {
         Ok((store_ops, slots))
     }
 
-    /// The store's command: a plain transaction unless there are nested ones.
+    /// The store's command: a plain transaction unless there are nested ones or
+    /// comparisons over key ranges.
     pub fn write_op(&self) -> WriteOp {
-        match self.tree.nodes.as_slice() {
-            [one] => WriteOp::Txn(one.clone()),
+        match (self.tree.nodes.as_slice(), self.tree.ranges.is_empty()) {
+            ([one], true) => WriteOp::Txn(one.clone()),
             _ => WriteOp::TxnTree(self.tree.clone()),
         }
     }
@@ -481,16 +491,16 @@ pub fn overlay(
     out
 }
 
-/// The store's comparison for etcd's.
-pub fn compare(c: &PbCompare) -> Result<Compare, EtcdError> {
-    if !c.range_end.is_empty() {
-        return Err(EtcdError::Unsupported(
-            "a comparison over a key range is not supported: compare single keys".into(),
-        ));
-    }
+/// The store's comparison for etcd's, and the end of its key range if it has one (empty:
+/// every key from its key on).
+pub fn compare(c: &PbCompare) -> Result<(Compare, Option<Key>), EtcdError> {
     if c.key.is_empty() {
         return Err(EtcdError::EmptyKey);
     }
+    let end = match key_range(&c.key, &c.range_end) {
+        (_, None) => None,
+        (_, Some(end)) => Some(end),
+    };
     let result = CompareResult::try_from(c.result)
         .map_err(|_| EtcdError::InvalidArgument(format!("unknown compare result {}", c.result)))?;
     let op = match result {
@@ -556,11 +566,14 @@ pub fn compare(c: &PbCompare) -> Result<Compare, EtcdError> {
             (op, CompareTarget::Lease(n))
         }
     };
-    Ok(Compare {
-        key: c.key.clone(),
-        target,
-        op,
-    })
+    Ok((
+        Compare {
+            key: c.key.clone(),
+            target,
+            op,
+        },
+        end,
+    ))
 }
 
 /// A store value no key ever reaches: `x == NEVER` is never true, `x != NEVER` always.

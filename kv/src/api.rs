@@ -325,9 +325,23 @@ pub enum TxnOp {
 /// As in etcd, every comparison on the path taken is evaluated against the state before the
 /// transaction, and all the writes of that path happen at one revision. No two writes that
 /// could run together may touch the same key ([`LimitError::TxnWritesOverlap`]).
+///
+/// A comparison named in `ranges` holds for a range of keys rather than its one key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct TxnTree {
     pub nodes: Vec<Txn>,
+    pub ranges: Vec<CompareRange>,
+}
+
+/// Widens comparison `compare` of node `node` of a [`TxnTree`] to the keys `[key, end)`
+/// (`end` empty: every key from `key` on), as etcd's comparisons with a range end: it holds
+/// when it holds for every key of the range that exists, or, if none does, for an absent key.
+/// At most [`MAX_COMPARE_RANGE_KEYS`] keys may exist in the range when it is evaluated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompareRange {
+    pub node: u32,
+    pub compare: u32,
+    pub end: Key,
 }
 
 impl TxnOp {
@@ -618,6 +632,31 @@ impl TxnTree {
                 i + 1
             )));
         }
+        let mut ranged = std::collections::BTreeSet::new();
+        for r in &self.ranges {
+            let exists = self
+                .nodes
+                .get(r.node as usize)
+                .is_some_and(|t| (r.compare as usize) < t.compare.len());
+            if !exists {
+                return Err(LimitError::BadTxnTree(format!(
+                    "a key range for comparison {} of node {}, which does not exist",
+                    r.compare, r.node
+                )));
+            }
+            if !ranged.insert((r.node, r.compare)) {
+                return Err(LimitError::BadTxnTree(format!(
+                    "two key ranges for comparison {} of node {}",
+                    r.compare, r.node
+                )));
+            }
+            if r.end.len() > MAX_KEY_BYTES {
+                return Err(LimitError::KeyTooLarge {
+                    len: r.end.len(),
+                    max: MAX_KEY_BYTES,
+                });
+            }
+        }
         // Bottom up (children come after their parents): the keys each node could write,
         // whichever branches run, checked branch by branch.
         let mut possible: Vec<Vec<Span<'_>>> = vec![Vec::new(); n];
@@ -666,7 +705,10 @@ impl WriteOp {
             }
             WriteOp::Txn(t) => t.payload_bytes(),
             WriteOp::SystemTxn(t) => t.payload_bytes(),
-            WriteOp::TxnTree(t) => t.nodes.iter().map(Txn::payload_bytes).sum(),
+            WriteOp::TxnTree(t) => {
+                t.nodes.iter().map(Txn::payload_bytes).sum::<usize>()
+                    + t.ranges.iter().map(|r| r.end.len() + 8).sum::<usize>()
+            }
         }
     }
 
@@ -788,6 +830,8 @@ pub enum LimitError {
     InvalidPutOptions(String),
     #[error("malformed transaction tree: {0}")]
     BadTxnTree(String),
+    #[error("a comparison's key range holds more than {max} keys")]
+    CompareRangeTooLarge { max: usize },
 }
 
 /// A key and its metadata, as stored at some revision.
@@ -1149,7 +1193,10 @@ mod tests {
                     let j = at.index(nodes.len());
                     nodes[j].failure.push(TxnOp::Nested(target));
                 }
-                TxnTree { nodes }
+                TxnTree {
+                    nodes,
+                    ranges: vec![],
+                }
             })
     }
 

@@ -31,6 +31,9 @@ pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
 pub const MAX_TXN_OPS: usize = 128;
 /// Most comparisons and operations in all the nodes of one transaction tree together.
 pub const MAX_TXN_TREE_OPS: usize = 1024;
+/// Most keys that may exist in a comparison's key range when a transaction is applied (each
+/// is read; a larger range is refused, the same way on every replica).
+pub const MAX_COMPARE_RANGE_KEYS: usize = 10_000;
 /// Largest encoded row in a snapshot file.
 pub const MAX_SNAPSHOT_ROW_BYTES: usize = MAX_KEY_BYTES + MAX_VALUE_BYTES + 1024;
 /// Most requirements plus writes in one system transaction.

@@ -959,7 +959,12 @@ async fn nested_transactions_take_one_path_at_one_revision() {
     };
     // Outer: a == 1, so put a = 2 and run node 1, whose own a == 1 still holds (it sees the
     // state before the transaction): b is put, c is not; node 2 (the failure side) never runs.
-    let tree = |nodes| WriteOp::TxnTree(TxnTree { nodes });
+    let tree = |nodes| {
+        WriteOp::TxnTree(TxnTree {
+            nodes,
+            ranges: vec![],
+        })
+    };
     let out = c
         .write(vec![tree(vec![
             node(
@@ -1064,6 +1069,57 @@ async fn nested_transactions_take_one_path_at_one_revision() {
             "{bad:?}"
         );
     }
+    // Comparisons over key ranges: every existing key must match; none existing compares
+    // as an absent key (so a value comparison fails, a version 0 one holds).
+    for (k, v) in [("r/1", "x"), ("r/2", "x"), ("r/3", "y")] {
+        c.put(k, v).await;
+    }
+    let ranged = |key: &str, end: &str, target: CompareTarget| {
+        WriteOp::TxnTree(TxnTree {
+            nodes: vec![node(
+                vec![Compare {
+                    key: key.into(),
+                    target,
+                    op: CompareOp::Equal,
+                }],
+                vec![],
+                vec![],
+            )],
+            ranges: vec![CompareRange {
+                node: 0,
+                compare: 0,
+                end: end.into(),
+            }],
+        })
+    };
+    let value = |v: &str| CompareTarget::Value(v.into());
+    for (key, end, target, expected) in [
+        ("r/", "r/3", value("x"), true),
+        ("r/", "r0", value("x"), false),
+        ("r/", "", value("x"), false),
+        ("s/", "s0", value("x"), false),
+        ("s/", "s0", CompareTarget::Version(0), true),
+        ("r/", "r0", CompareTarget::Version(1), true),
+    ] {
+        let out = c.write(vec![ranged(key, end, target.clone())]).await;
+        assert!(
+            matches!(&out[0], Ok(WriteOutcome::Txn { succeeded, .. }) if *succeeded == expected),
+            "[{key}, {end}) {target:?}: {out:?}"
+        );
+    }
+    let dangling = WriteOp::TxnTree(TxnTree {
+        nodes: vec![node(vec![], vec![], vec![])],
+        ranges: vec![CompareRange {
+            node: 0,
+            compare: 0,
+            end: vec![],
+        }],
+    });
+    assert!(matches!(
+        c.write(vec![dangling]).await[0],
+        Err(ApplyError::Limit(LimitError::BadTxnTree(_)))
+    ));
+
     // A nested transaction outside a tree names nothing.
     let plain = WriteOp::Txn(node(vec![], vec![TxnOp::Nested(1)], vec![]));
     assert!(matches!(

@@ -136,11 +136,17 @@ fn txn_tree_encoding_is_stable() {
                 failure: vec![],
             },
         ],
+        ranges: vec![CompareRange {
+            node: 1,
+            compare: 2,
+            end: b"z".to_vec(),
+        }],
     });
     assert_eq!(
         bytes(&op),
-        [10, 2, 0, 1, 3, 1, 0, 0, 1, 0, 1, b'k', 1, b'w', 0, 0]
+        [10, 2, 0, 1, 3, 1, 0, 0, 1, 0, 1, b'k', 1, b'w', 0, 0, 1, 1, 2, 1, b'z']
     );
+    assert_eq!(bytes(&LimitError::CompareRangeTooLarge { max: 5 }), [12, 5]);
     let refused = LimitError::BadTxnTree("x".into());
     assert_eq!(bytes(&refused), [11, 1, b'x']);
 }

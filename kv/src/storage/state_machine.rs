@@ -25,8 +25,8 @@ use super::{
 use crate::api::*;
 use crate::lessor::Lessor;
 use crate::limits::{
-    MAX_BATCH_COMMANDS, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_RANGE_BYTES, MAX_RANGE_LIMIT,
-    MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
+    MAX_BATCH_COMMANDS, MAX_COMPARE_RANGE_KEYS, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_RANGE_BYTES,
+    MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
 };
 use crate::raft_types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -962,8 +962,8 @@ impl Applier<'_> {
                     prev,
                 }))
             }
-            WriteOp::Txn(txn) => self.apply_txn(std::slice::from_ref(txn)),
-            WriteOp::TxnTree(tree) => self.apply_txn(&tree.nodes),
+            WriteOp::Txn(txn) => self.apply_txn(std::slice::from_ref(txn), &[]),
+            WriteOp::TxnTree(tree) => self.apply_txn(&tree.nodes, &tree.ranges),
             WriteOp::System(w) => {
                 let current = self
                     .system
@@ -1064,7 +1064,13 @@ impl Applier<'_> {
     /// option keeps their value or lease, the leases exist and have room.
     /// Applies a transaction given as the nodes of a [`aspen_kv::api::TxnTree`] (a plain
     /// transaction is a tree of one node). Validated by the caller.
-    fn apply_txn(&mut self, nodes: &[Txn]) -> SmResult<CommandResult> {
+    fn apply_txn(&mut self, nodes: &[Txn], ranges: &[CompareRange]) -> SmResult<CommandResult> {
+        let range_end = |node: usize, compare: usize| {
+            ranges
+                .iter()
+                .find(|r| r.node as usize == node && r.compare as usize == compare)
+                .map(|r| r.end.as_slice())
+        };
         // The path, as etcd takes it: every comparison on it sees the state before the
         // transaction. A child comes after its parent, so one pass finds every node that runs.
         let mut taken: Vec<Option<bool>> = vec![None; nodes.len()];
@@ -1074,9 +1080,18 @@ impl Applier<'_> {
                 continue;
             }
             let mut succeeded = true;
-            for c in &node.compare {
-                let current = self.current(&c.key)?.map(|s| s.into_kv(c.key.clone()));
-                if !c.holds(current.as_ref()) {
+            for (ci, c) in node.compare.iter().enumerate() {
+                let holds = match range_end(j, ci) {
+                    None => {
+                        let current = self.current(&c.key)?.map(|s| s.into_kv(c.key.clone()));
+                        c.holds(current.as_ref())
+                    }
+                    Some(end) => match self.range_holds(c, end)? {
+                        Ok(holds) => holds,
+                        Err(e) => return Ok(Err(e)),
+                    },
+                };
+                if !holds {
                     succeeded = false;
                     break;
                 }
@@ -1187,6 +1202,35 @@ impl Applier<'_> {
             });
         }
         Ok(Ok(outcomes[0].take().expect("the outer transaction ran")))
+    }
+
+    /// Whether `c` holds for every key of `[c.key, end)` that exists now (for an absent key
+    /// if none does), as etcd evaluates a comparison with a range end.
+    fn range_holds(&self, c: &Compare, end: &[u8]) -> SmResult<Result<bool, ApplyError>> {
+        let live = self.index.read().expect("key index lock").live_at(
+            &c.key,
+            Some(end),
+            Revision::MAX,
+            MAX_COMPARE_RANGE_KEYS + 1,
+        );
+        if live.len() > MAX_COMPARE_RANGE_KEYS {
+            return Ok(Err(LimitError::CompareRangeTooLarge {
+                max: MAX_COMPARE_RANGE_KEYS,
+            }
+            .into()));
+        }
+        if live.is_empty() {
+            return Ok(Ok(c.holds(None)));
+        }
+        for (key, at) in live {
+            let stored = record(&self.revisions, at, &key)?.ok_or_else(|| {
+                redb::Error::Corrupted(format!("key {key:?} indexed live at a comparison ({at})"))
+            })?;
+            if !c.holds(Some(&stored.into_kv(key))) {
+                return Ok(Ok(false));
+            }
+        }
+        Ok(Ok(true))
     }
 
     fn check_puts(&self, puts: &[(&Key, &PutOptions)]) -> SmResult<Result<(), ApplyError>> {

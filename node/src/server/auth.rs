@@ -296,6 +296,21 @@ fn command_needs(command: &Command, out: &mut Vec<Need>) {
             for txn in &tree.nodes {
                 txn_needs(txn, out);
             }
+            // A comparison over a key range reads the whole range.
+            for r in &tree.ranges {
+                if let Some(c) = tree
+                    .nodes
+                    .get(r.node as usize)
+                    .and_then(|t| t.compare.get(r.compare as usize))
+                {
+                    out.push(Need::Range(
+                        Kind::Kv,
+                        Action::Read,
+                        c.key.clone(),
+                        Some(r.end.clone()),
+                    ));
+                }
+            }
         }
         // Refused from clients anyway (the client service checks); members only.
         WriteOp::System(_) | WriteOp::SystemTxn(SystemTxn { .. }) | WriteOp::LeaseExpire { .. } => {

@@ -906,6 +906,48 @@ async fn drive_with_etcd_client(client: &mut etcd_client::Client) -> Vec<String>
         )]);
     let r = client.txn(txn).await.unwrap();
     out.push(format!("failing txn, nested: {}", txn_line(&r)));
+    // Comparisons over key ranges: every key of the range, or an absent key if none exists.
+    for (k, v) in [("r/1", "x"), ("r/2", "x"), ("r/3", "y")] {
+        client.put(k, v, None).await.unwrap();
+    }
+    let cases = [
+        (
+            "r/1..r/3 = x",
+            Compare::value("r/1", CompareOp::Equal, "x").with_range("r/3"),
+        ),
+        (
+            "r/ = x",
+            Compare::value("r/", CompareOp::Equal, "x").with_prefix(),
+        ),
+        (
+            "r/ version > 0",
+            Compare::version("r/", CompareOp::Greater, 0).with_prefix(),
+        ),
+        (
+            "s/ = x",
+            Compare::value("s/", CompareOp::Equal, "x").with_prefix(),
+        ),
+        (
+            "s/ version = 0",
+            Compare::version("s/", CompareOp::Equal, 0).with_prefix(),
+        ),
+        (
+            "r/ mod < 100",
+            Compare::mod_revision("r/", CompareOp::Less, 100).with_prefix(),
+        ),
+        (
+            "all from r/2 created > 1",
+            Compare::create_revision("r/2", CompareOp::Greater, 1).with_range("\0"),
+        ),
+    ];
+    for (what, compare) in cases {
+        let txn = Txn::new().when([compare]).and_then([TxnOp::get(
+            "r/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )]);
+        let r = client.txn(txn).await.unwrap();
+        out.push(format!("range compare {what}: {}", txn_line(&r)));
+    }
     let r = client
         .delete(
             "b",
