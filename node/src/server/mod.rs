@@ -403,6 +403,10 @@ impl RunningNode {
             let _ = state.cluster.metrics.etcd_serving.set(bound);
             tracing::info!(%bound, "serving the etcd API");
             tasks.push(tokio::spawn(etcd::serve(listener, Arc::downgrade(&state))));
+            tasks.push(tokio::spawn(etcd::publish_addr(
+                Arc::downgrade(&state),
+                bound,
+            )));
         }
         if let Some(dht) = &dht {
             tasks.push(tokio::spawn(federation::mirror::run_announcer(

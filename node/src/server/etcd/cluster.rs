@@ -13,10 +13,59 @@ use aspen_etcd_api::pb::etcdserverpb::{
 use aspen_etcd_api::EtcdError;
 use tonic::{Request, Response, Status};
 
+use super::super::NodeState;
 use super::{verify_bearer, EtcdApi};
 
 /// The etcd API version Aspen answers to (`etcdctl endpoint status` shows it).
 pub const ETCD_API_VERSION: &str = "3.5.0";
+
+/// System keys `etcd/addr/<node id, 16 hex digits>`: the address each member serves the etcd
+/// API on, so that any member's member list names every member's client URL (etcd clients
+/// find the other endpoints there).
+const ADDR_PREFIX: &str = "etcd/addr/";
+
+fn addr_key(id: aspen_kv::NodeId) -> Vec<u8> {
+    format!("{ADDR_PREFIX}{id:016x}").into_bytes()
+}
+
+/// Records this member's etcd API address in the replicated system key space, retrying until
+/// the node is a member of a cluster with a leader; then returns. Runs once per start (a
+/// restart on another port records the new address).
+pub async fn publish_addr(node: std::sync::Weak<NodeState>, addr: std::net::SocketAddr) {
+    use aspen_kv::api::{Command, SystemWrite, WriteOp};
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        let Some(state) = node.upgrade() else {
+            return;
+        };
+        let key = addr_key(state.cluster.id);
+        let wanted = addr.to_string().into_bytes();
+        let ready = state.is_initialized() && state.cluster.leader().is_some();
+        if ready {
+            match state.cluster.sm.system_get(key.clone()).await {
+                Ok(Some(current)) if current == wanted => return,
+                Ok(_) => {
+                    let write = Command {
+                        session: None,
+                        op: WriteOp::System(SystemWrite {
+                            key,
+                            expect: None,
+                            new: Some(wanted),
+                        }),
+                    };
+                    match state.cluster.propose(vec![write]).await {
+                        Ok(_) => return,
+                        Err(e) => tracing::debug!("etcd API: recording this member's address: {e}"),
+                    }
+                }
+                Err(e) => tracing::debug!("etcd API: reading this member's address: {e}"),
+            }
+        }
+        drop(state);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
 
 fn membership_refused() -> Status {
     EtcdError::Unsupported(
@@ -45,28 +94,30 @@ impl Cluster for EtcdApi {
             request,
             |node, _caller, _req| async move {
                 let own = node.cluster.metrics.etcd_serving.get().copied();
-                let members = node
-                    .cluster
-                    .membership()
-                    .membership()
-                    .nodes()
-                    .map(|(id, m)| Member {
+                let membership = node.cluster.membership();
+                let mut members = Vec::new();
+                for (id, m) in membership.membership().nodes() {
+                    // This member's own address as it serves now; the others' as recorded.
+                    let client = match own.filter(|_| *id == node.cluster.id) {
+                        Some(a) => Some(a.to_string()),
+                        None => node
+                            .cluster
+                            .sm
+                            .system_get(addr_key(*id))
+                            .await
+                            .map_err(|e| EtcdError::Internal(e.to_string()))?
+                            .map(|a| String::from_utf8_lossy(&a).into_owned()),
+                    };
+                    members.push(Member {
                         id: *id,
                         name: format!("{id:016x}"),
                         peer_ur_ls: m.addrs.iter().map(|a| format!("quic://{a}")).collect(),
-                        // Only this member's etcd address is known here.
-                        client_ur_ls: own
-                            .filter(|_| *id == node.cluster.id)
+                        client_ur_ls: client
                             .map(|a| vec![format!("http://{a}")])
                             .unwrap_or_default(),
-                        is_learner: !node
-                            .cluster
-                            .membership()
-                            .membership()
-                            .voter_ids()
-                            .any(|v| v == *id),
-                    })
-                    .collect();
+                        is_learner: !membership.membership().voter_ids().any(|v| v == *id),
+                    });
+                }
                 Ok(MemberListResponse {
                     header: Some(node.etcd_header(node.applied_revision()).await),
                     members,

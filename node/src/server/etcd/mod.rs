@@ -23,6 +23,8 @@ mod kv;
 mod lease;
 mod watch;
 
+pub use cluster::publish_addr;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
