@@ -116,6 +116,9 @@ impl From<LimitError> for EtcdError {
             }
             LimitError::TooManyTxnOps { .. } => EtcdError::TooManyOps,
             LimitError::TxnWritesOverlap { .. } => EtcdError::DuplicateKey,
+            e @ LimitError::CompareRangeTooLarge { .. } => {
+                EtcdError::ResourceExhausted(e.to_string())
+            }
             LimitError::LeaseTtlOutOfRange { ttl_secs, max, .. } if ttl_secs > max => {
                 EtcdError::LeaseTtlTooLarge
             }

@@ -268,6 +268,81 @@ impl TxnPlan {
         })
     }
 
+    /// Whether etcd would serve this transaction from the member's own state, without a read
+    /// barrier: every operation of both outer branches is a serializable read (etcd's
+    /// `isTxnSerializable`, which does not look into nested transactions).
+    pub fn serializable(&self) -> bool {
+        let root = &self.slots[0];
+        root.success
+            .iter()
+            .chain(&root.failure)
+            .all(|s| matches!(s, Slot::Range(r) if r.serializable))
+    }
+
+    /// The comparisons of node `node`, each with the end of its key range if it has one.
+    pub fn compares(&self, node: usize) -> impl Iterator<Item = (&Compare, Option<&[u8]>)> {
+        self.tree.nodes[node]
+            .compare
+            .iter()
+            .enumerate()
+            .map(move |(i, c)| {
+                let end = self
+                    .tree
+                    .ranges
+                    .iter()
+                    .find(|r| r.node as usize == node && r.compare as usize == i)
+                    .map(|r| r.end.as_slice());
+                (c, end)
+            })
+    }
+
+    /// The nested transactions (node indexes) that node `node`'s branch runs.
+    pub fn nested_in(&self, node: usize, succeeded: bool) -> impl Iterator<Item = usize> + '_ {
+        self.branch_taken(node, succeeded)
+            .0
+            .iter()
+            .filter_map(|op| match op {
+                TxnOp::Nested(i) => Some(*i as usize),
+                _ => None,
+            })
+    }
+
+    /// The store's outcome of a transaction that writes nothing ([`Self::read_only`]), from
+    /// the branch each node took (`None`: it did not run), as the store would answer it.
+    pub fn read_only_outcome(
+        &self,
+        revision: Revision,
+        taken: &[Option<bool>],
+    ) -> Result<WriteOutcome, EtcdError> {
+        let n = self.tree.nodes.len();
+        if taken.len() != n || !self.read_only() {
+            return Err(EtcdError::Internal(
+                "a read-only outcome for another transaction".into(),
+            ));
+        }
+        // Bottom up: children come after their parents.
+        let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; n];
+        for j in (0..n).rev() {
+            let Some(succeeded) = taken[j] else {
+                continue;
+            };
+            let mut results = Vec::new();
+            for i in self.nested_in(j, succeeded) {
+                results.push(outcomes[i].take().ok_or_else(|| {
+                    EtcdError::Internal(format!("nested transaction {i} did not run"))
+                })?);
+            }
+            outcomes[j] = Some(WriteOutcome::Txn {
+                revision,
+                succeeded,
+                results,
+            });
+        }
+        outcomes[0]
+            .take()
+            .ok_or_else(|| EtcdError::Internal("the outer transaction did not run".into()))
+    }
+
     /// Every read of every branch (for the access check, before anything is written).
     pub fn all_reads(&self) -> impl Iterator<Item = &RangePlan> {
         self.slots

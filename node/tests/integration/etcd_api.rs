@@ -577,6 +577,30 @@ async fn every_member_serves_and_lists_every_members_address() {
         assert!(ok, "{text}");
         assert_eq!(text.trim(), "v");
     }
+    // A transaction that only compares and reads is answered without the log, as etcd
+    // answers one: five of them apply nothing (through the log each would apply a command).
+    let applied = || async {
+        let c = client_of(&nodes[2]).await;
+        let figures = c.status().await.unwrap().figures;
+        c.close().await;
+        figures.applied_commands
+    };
+    let before = applied().await;
+    for _ in 0..5 {
+        let (text, ok) = etcdctl(
+            &endpoints[2],
+            Some(&user),
+            &["txn"],
+            Some("value(\"shared\") = \"v\"\n\nget shared\n\nget nothing\n\n"),
+        );
+        assert!(ok, "{text}");
+        assert_eq!(normalize(&text).trim(), "SUCCESS\n\nshared\nv", "{text}");
+    }
+    let after = applied().await;
+    assert!(
+        after - before < 5,
+        "read-only transactions went through the log ({before} -> {after} commands)"
+    );
     // etcdctl given every endpoint finds each healthy. (`--cluster`, which reads the member
     // list without credentials as etcd allows, is refused: Aspen answers no caller without a
     // token.)

@@ -10,9 +10,10 @@ use aspen_etcd_api::revision::{self, ReadAt};
 use aspen_etcd_api::txn::{self, ReadState, TxnPlan};
 use aspen_etcd_api::EtcdError;
 use aspen_kv::api::{
-    Command, KeyValue, RangeRequest as StoreRange, Revision, WriteOp, WriteOutcome,
+    Command, Compare, KeyValue, LimitError, RangeRequest as StoreRange, Revision, WriteOp,
+    WriteOutcome,
 };
-use aspen_kv::limits::MAX_RANGE_LIMIT;
+use aspen_kv::limits::{MAX_COMPARE_RANGE_KEYS, MAX_RANGE_LIMIT};
 
 use super::super::auth::Caller;
 use super::super::NodeState;
@@ -186,7 +187,7 @@ impl NodeState {
             return Ok(plan.finish(Vec::new(), count));
         }
         let wanted = plan.keys_to_read();
-        let (kvs, complete, read_at) = self.etcd_read_keys(plan, revision, wanted).await?;
+        let (kvs, complete, read_at) = self.etcd_read_keys(&whole(revision), wanted).await?;
         let count = if complete {
             kvs.len() as u64
         } else {
@@ -200,18 +201,12 @@ impl NodeState {
     /// revision read.
     async fn etcd_read_keys(
         &self,
-        plan: &RangePlan,
-        revision: Revision,
+        range: &StoreRange,
         wanted: Option<u64>,
     ) -> Result<(Vec<KeyValue>, bool, Revision), EtcdError> {
         let mut kvs = Vec::new();
         let mut bytes = 0usize;
-        let mut page = StoreRange {
-            start: plan.start.clone(),
-            end: plan.end.clone(),
-            limit: 0,
-            revision,
-        };
+        let mut page = range.clone();
         let complete = loop {
             let left = wanted.map_or(MAX_RANGE_LIMIT, |w| {
                 (w - kvs.len() as u64).min(MAX_RANGE_LIMIT)
@@ -253,6 +248,9 @@ impl NodeState {
             self.etcd_authorize(&range_probe(range, Consistency::Linearizable), caller)
                 .await?;
         }
+        if plan.read_only() {
+            return self.etcd_read_only_txn(caller, &plan).await;
+        }
         let outcome = self.etcd_write(caller, plan.write_op()).await?;
         let at = outcome.revision();
         let reads = plan.taken_reads(&outcome)?;
@@ -290,6 +288,93 @@ impl NodeState {
         Ok(response)
     }
 
+    /// A transaction that only compares and reads, served as etcd serves one: after a read
+    /// barrier (none if etcd would serve it serializably), every comparison and read at one
+    /// revision, and nothing through the log.
+    async fn etcd_read_only_txn(
+        &self,
+        caller: &Caller,
+        plan: &TxnPlan,
+    ) -> Result<TxnResponse, EtcdError> {
+        // The comparisons need the access they need through the log.
+        let as_write = ClientRequest::Kv(KvRequest::Write {
+            commands: vec![Command {
+                session: None,
+                op: plan.write_op(),
+            }],
+        });
+        self.etcd_authorize(&as_write, caller).await?;
+        if !plan.serializable() {
+            self.cluster.read_barrier().await.map_err(from_rpc)?;
+        }
+        let at = self.applied_revision();
+        // The path, as the store would take it: a child comes after its parent.
+        let mut taken: Vec<Option<bool>> = vec![None; plan.tree.nodes.len()];
+        taken[0] = Some(true);
+        for j in 0..taken.len() {
+            if taken[j].is_none() {
+                continue;
+            }
+            let mut succeeded = true;
+            for (c, end) in plan.compares(j) {
+                if !self.etcd_compare_holds(c, end, at).await? {
+                    succeeded = false;
+                    break;
+                }
+            }
+            taken[j] = Some(succeeded);
+            for i in plan.nested_in(j, succeeded) {
+                taken[i] = Some(true);
+            }
+        }
+        let outcome = plan.read_only_outcome(at, &taken)?;
+        let mut answers = Vec::new();
+        for read in plan.taken_reads(&outcome)? {
+            let range = read.plan;
+            let where_ = match range.at {
+                ReadAt::Current if at == 0 => ReadAt::Empty,
+                ReadAt::Current => ReadAt::Store(at),
+                explicit => explicit,
+            };
+            answers.push(self.etcd_range(range, where_).await?);
+        }
+        let mut response = plan.response(&outcome, at, answers)?;
+        response.header = Some(self.etcd_header(at).await);
+        Ok(response)
+    }
+
+    /// Whether comparison `c` holds at `revision`: for its key, or, with a range `end`, for
+    /// every key of `[key, end)` then (an absent key if none), as the store evaluates it.
+    async fn etcd_compare_holds(
+        &self,
+        c: &Compare,
+        end: Option<&[u8]>,
+        revision: Revision,
+    ) -> Result<bool, EtcdError> {
+        if revision == 0 {
+            return Ok(c.holds(None));
+        }
+        let range = StoreRange {
+            start: c.key.clone(),
+            end: end.map(<[u8]>::to_vec),
+            limit: 0,
+            revision,
+        };
+        let (kvs, _, _) = self
+            .etcd_read_keys(&range, Some(MAX_COMPARE_RANGE_KEYS as u64 + 1))
+            .await?;
+        if kvs.len() > MAX_COMPARE_RANGE_KEYS {
+            return Err(LimitError::CompareRangeTooLarge {
+                max: MAX_COMPARE_RANGE_KEYS,
+            }
+            .into());
+        }
+        if kvs.is_empty() {
+            return Ok(c.holds(None));
+        }
+        Ok(kvs.iter().all(|kv| c.holds(Some(kv))))
+    }
+
     /// Every key of `plan`'s range at `at`, in key order (bounded like any range answer).
     async fn etcd_read_all(
         &self,
@@ -301,7 +386,13 @@ impl NodeState {
             ReadAt::Current => 0,
             ReadAt::Store(r) => r,
         };
-        Ok(self.etcd_read_keys(plan, revision, None).await?.0)
+        let range = StoreRange {
+            start: plan.start.clone(),
+            end: plan.end.clone(),
+            limit: 0,
+            revision,
+        };
+        Ok(self.etcd_read_keys(&range, None).await?.0)
     }
 }
 
