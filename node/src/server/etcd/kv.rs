@@ -253,10 +253,21 @@ impl NodeState {
         }
         let outcome = self.etcd_write(caller, plan.write_op()).await?;
         let at = outcome.revision();
-        let reads = plan.taken_reads(&outcome)?;
         let mut changed = false;
         changed_anything(&outcome, &mut changed);
         let before: Revision = if changed { at - 1 } else { at };
+        self.etcd_txn_answer(&plan, &outcome, before).await
+    }
+
+    /// etcd's answer to a transaction the store ran (`outcome`; `before`: the revision it
+    /// started from): the reads of the path taken, each at the state it sees.
+    async fn etcd_txn_answer(
+        &self,
+        plan: &TxnPlan,
+        outcome: &WriteOutcome,
+        before: Revision,
+    ) -> Result<TxnResponse, EtcdError> {
+        let at = outcome.revision();
         let read_at = |r: Revision| {
             if r == 0 {
                 ReadAt::Empty
@@ -264,6 +275,7 @@ impl NodeState {
                 ReadAt::Store(r)
             }
         };
+        let reads = plan.taken_reads(outcome)?;
         let mut answers = Vec::with_capacity(reads.len());
         for read in &reads {
             let range = read.plan;
@@ -283,7 +295,7 @@ impl NodeState {
             };
             answers.push(answer);
         }
-        let mut response = plan.response(&outcome, before, answers)?;
+        let mut response = plan.response(outcome, before, answers)?;
         response.header = Some(self.etcd_header(at).await);
         Ok(response)
     }
@@ -328,19 +340,7 @@ impl NodeState {
             }
         }
         let outcome = plan.read_only_outcome(at, &taken)?;
-        let mut answers = Vec::new();
-        for read in plan.taken_reads(&outcome)? {
-            let range = read.plan;
-            let where_ = match range.at {
-                ReadAt::Current if at == 0 => ReadAt::Empty,
-                ReadAt::Current => ReadAt::Store(at),
-                explicit => explicit,
-            };
-            answers.push(self.etcd_range(range, where_).await?);
-        }
-        let mut response = plan.response(&outcome, at, answers)?;
-        response.header = Some(self.etcd_header(at).await);
-        Ok(response)
+        self.etcd_txn_answer(plan, &outcome, at).await
     }
 
     /// Whether comparison `c` holds at `revision`: for its key, or, with a range `end`, for
