@@ -11,8 +11,9 @@
 //! transaction is applied, in the order etcd runs the path's operations. A read before every
 //! write of the path sees the state at R - 1 (or R if the writes changed nothing), one after
 //! every write sees R. A read between two writes sees R - 1 with what the writes before it
-//! made of their keys laid over it: since no two writes of a path touch one key, each of
-//! those keys is as it is at R, and every other key as at R - 1 ([`overlay`]).
+//! made of their keys laid over it: a put key is written by no other write of the path, and
+//! deletes are idempotent, so each of those keys is as it is at R, and every other key as at
+//! R - 1 ([`overlay`]).
 
 use aspen_kv::api::{
     Compare, CompareOp, CompareRange, CompareTarget, Key, KeyValue, PutOptions, Revision, Txn,
@@ -488,9 +489,10 @@ impl TxnPlan {
                             Response::ResponsePut(put_response(r.clone(), inner(at)))
                         }
                         (_, r @ WriteOutcome::Delete { deleted, .. }) => {
-                            // etcd names the new revision only if something was deleted.
-                            let seen = if *deleted > 0 { at } else { before };
+                            // etcd names the new revision once this or an earlier write
+                            // changed something.
                             *changed |= *deleted > 0;
+                            let seen = if *changed { at } else { before };
                             Response::ResponseDeleteRange(delete_response(r.clone(), inner(seen)))
                         }
                         (op, r) => {
@@ -546,7 +548,8 @@ fn next_key(key: &[u8]) -> Key {
 
 /// The state halfway through a transaction, from the state before it (`pre`) and at its
 /// revision (`post`), both in key order over the range read: keys inside `written` as in
-/// `post`, every other key as in `pre`. Exact because no two writes of a path share a key.
+/// `post`, every other key as in `pre`. Exact because a put key is written by no other write
+/// of the path and deletes are idempotent.
 pub fn overlay(
     pre: Vec<KeyValue>,
     post: Vec<KeyValue>,

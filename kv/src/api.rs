@@ -255,8 +255,10 @@ impl SystemTxn {
 
 /// An etcd-style transaction: compare, then one branch of writes, all at one store revision.
 ///
-/// The writes of a branch may not touch the same key twice (they would need two revisions);
-/// such a transaction is refused with [`LimitError::TxnWritesOverlap`].
+/// A write of a branch may not put a key that another write of the branch puts or deletes
+/// (that would need two revisions); such a transaction is refused with
+/// [`LimitError::TxnWritesOverlap`]. Two deletes may overlap, as in etcd: the later one
+/// deletes only what is left.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Txn {
     pub compare: Vec<Compare>,
@@ -324,7 +326,8 @@ pub enum TxnOp {
 ///
 /// As in etcd, every comparison on the path taken is evaluated against the state before the
 /// transaction, and all the writes of that path happen at one revision. No two writes that
-/// could run together may touch the same key ([`LimitError::TxnWritesOverlap`]).
+/// could run together may put a key another one puts or deletes
+/// ([`LimitError::TxnWritesOverlap`]; two deletes may overlap).
 ///
 /// A comparison named in `ranges` holds for a range of keys rather than its one key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -372,39 +375,42 @@ impl TxnOp {
         }
     }
 
-    /// The keys written, as `[start, end)`; `None` end: unbounded. Empty ranges give `None`.
-    fn span(&self) -> Option<(&[u8], Option<Vec<u8>>)> {
+    /// The keys written, as `[start, end)` (`None` end: unbounded) and whether it is a put.
+    /// Empty ranges give `None`.
+    fn span(&self) -> Option<Span<'_>> {
         let just = |k: &[u8]| {
             let mut next = k.to_vec();
             next.push(0);
             Some(next)
         };
         match self {
-            TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => Some((key, just(key))),
+            TxnOp::Put { key, .. } | TxnOp::PutWith { key, .. } => Some((key, just(key), true)),
             TxnOp::Delete {
                 start, end: None, ..
-            } => Some((start, just(start))),
+            } => Some((start, just(start), false)),
             TxnOp::Delete {
                 start,
                 end: Some(e),
                 ..
-            } if e.is_empty() => Some((start, None)),
+            } if e.is_empty() => Some((start, None, false)),
             TxnOp::Delete {
                 start,
                 end: Some(e),
                 ..
-            } => (e.as_slice() > start.as_slice()).then(|| (start.as_slice(), Some(e.clone()))),
+            } => (e.as_slice() > start.as_slice())
+                .then(|| (start.as_slice(), Some(e.clone()), false)),
             TxnOp::Nested(_) => None,
         }
     }
 }
 
-/// The first key two groups of spans both write, if any.
+/// The first key two groups of writes both write, if any. Two deletes may overlap (as in
+/// etcd): the later one deletes only what is left, at the same revision.
 fn overlap(a: &[Span<'_>], b: &[Span<'_>]) -> Option<Key> {
     let below = |s: &[u8], e: &Option<Vec<u8>>| e.as_ref().is_none_or(|e| s < e.as_slice());
-    for (s1, e1) in a {
-        for (s2, e2) in b {
-            if below(s1, e2) && below(s2, e1) {
+    for (s1, e1, put1) in a {
+        for (s2, e2, put2) in b {
+            if (*put1 || *put2) && below(s1, e2) && below(s2, e1) {
                 return Some((*s1).max(*s2).to_vec());
             }
         }
@@ -412,8 +418,8 @@ fn overlap(a: &[Span<'_>], b: &[Span<'_>]) -> Option<Key> {
     None
 }
 
-/// Keys written, as `[start, end)` (`None` end: unbounded).
-type Span<'a> = (&'a [u8], Option<Vec<u8>>);
+/// Keys written, as `[start, end)` (`None` end: unbounded), and whether by a put.
+type Span<'a> = (&'a [u8], Option<Vec<u8>>, bool);
 
 impl Compare {
     /// Whether the comparison holds for the key's current state (`None`: absent).
@@ -569,7 +575,7 @@ impl Txn {
     }
 }
 
-/// Refuses groups of writes that could run together and touch a common key.
+/// Refuses groups of writes that could run together when one puts a key another writes.
 fn check_disjoint(groups: &[Vec<Span<'_>>]) -> Result<(), LimitError> {
     for (i, a) in groups.iter().enumerate() {
         for b in &groups[i + 1..] {
@@ -582,8 +588,8 @@ fn check_disjoint(groups: &[Vec<Span<'_>>]) -> Result<(), LimitError> {
 }
 
 impl TxnTree {
-    /// Checks every node, the tree's shape, its total size, and that no two writes which
-    /// could run together touch the same key.
+    /// Checks every node, the tree's shape, its total size, and that no write puts a key
+    /// another write that could run with it puts or deletes.
     pub fn validate(&self) -> Result<(), LimitError> {
         let n = self.nodes.len();
         if n == 0 {
@@ -818,7 +824,7 @@ pub enum LimitError {
         "transaction has {len} operations (comparisons plus the larger branch), the limit is {max}"
     )]
     TooManyTxnOps { len: usize, max: usize },
-    #[error("a transaction branch writes key {key:?} more than once")]
+    #[error("a transaction puts key {key:?} and writes it again")]
     TxnWritesOverlap { key: Key },
     #[error("system transaction carries {len} bytes, the limit is {max}")]
     SystemTxnTooLarge { len: usize, max: usize },
@@ -1202,16 +1208,16 @@ mod tests {
 
     /// Every path through a well-formed tree (each node that runs picks either branch): the
     /// keys each path writes, in order.
-    fn paths(tree: &TxnTree, j: usize) -> Vec<Vec<Vec<u8>>> {
+    fn paths(tree: &TxnTree, j: usize) -> Vec<Vec<(Vec<u8>, bool)>> {
         let mut out = Vec::new();
         for branch in [&tree.nodes[j].success, &tree.nodes[j].failure] {
-            let mut partial: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+            let mut partial: Vec<Vec<(Vec<u8>, bool)>> = vec![Vec::new()];
             for op in branch {
-                let extensions: Vec<Vec<Vec<u8>>> = match op {
+                let extensions: Vec<Vec<(Vec<u8>, bool)>> = match op {
                     TxnOp::Nested(i) => paths(tree, *i as usize),
-                    TxnOp::Put { key, .. } => vec![vec![key.clone()]],
-                    TxnOp::Delete { start, .. } => vec![vec![start.clone()]],
-                    TxnOp::PutWith { key, .. } => vec![vec![key.clone()]],
+                    TxnOp::Put { key, .. } => vec![vec![(key.clone(), true)]],
+                    TxnOp::Delete { start, .. } => vec![vec![(start.clone(), false)]],
+                    TxnOp::PutWith { key, .. } => vec![vec![(key.clone(), true)]],
                 };
                 partial = partial
                     .iter()
@@ -1249,19 +1255,20 @@ mod tests {
     }
 
     proptest! {
-        /// A tree is refused exactly when it is malformed or some path through it writes one
-        /// key twice (found by listing every path).
+        /// A tree is refused exactly when it is malformed or some path through it puts a key
+        /// and writes it again (found by listing every path).
         #[test]
-        fn txn_trees_are_refused_exactly_when_a_path_writes_a_key_twice(tree in arb_tree()) {
+        fn txn_trees_are_refused_exactly_when_a_path_puts_a_key_it_writes_again(tree in arb_tree()) {
             let verdict = tree.validate();
             if !well_formed(&tree) {
                 prop_assert!(matches!(verdict, Err(LimitError::BadTxnTree(_))), "{:?}", verdict);
                 return Ok(());
             }
+            // A key put, and written again on the same path (two deletes may share a key).
             let twice = paths(&tree, 0).iter().any(|p| {
-                let mut keys = p.clone();
-                keys.sort();
-                keys.windows(2).any(|w| w[0] == w[1])
+                p.iter().enumerate().any(|(i, (k1, put1))| {
+                    p[i + 1..].iter().any(|(k2, put2)| k1 == k2 && (*put1 || *put2))
+                })
             });
             if twice {
                 prop_assert!(matches!(verdict, Err(LimitError::TxnWritesOverlap { .. })), "{:?}", verdict);

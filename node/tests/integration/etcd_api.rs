@@ -1030,6 +1030,22 @@ async fn drive_with_etcd_client(client: &mut etcd_client::Client) -> Vec<String>
         let r = client.txn(txn).await.unwrap();
         out.push(format!("range compare {what}: {}", txn_line(&r)));
     }
+    // Deletes may overlap (a later one deletes what is left), in a branch and across a
+    // nested transaction; a read between them sees what the first left.
+    let txn = Txn::new().and_then([
+        TxnOp::delete(
+            "r/",
+            Some(DeleteOptions::new().with_range("r/3").with_prev_key()),
+        ),
+        TxnOp::get("r/", Some(GetOptions::new().with_prefix())),
+        TxnOp::delete(
+            "r/",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        ),
+        TxnOp::txn(Txn::new().and_then([TxnOp::delete("r/2", None)])),
+    ]);
+    let r = client.txn(txn).await.unwrap();
+    out.push(format!("overlapping deletes: {}", txn_line(&r)));
     let r = client
         .delete(
             "b",
