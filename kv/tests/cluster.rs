@@ -1107,6 +1107,41 @@ async fn nested_transactions_take_one_path_at_one_revision() {
             "[{key}, {end}) {target:?}: {out:?}"
         );
     }
+    // A range holding more keys than a comparison may read is refused, on every replica.
+    for chunk in (0..=limits::MAX_COMPARE_RANGE_KEYS)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+    {
+        let puts = chunk
+            .iter()
+            .map(|i| WriteOp::Put {
+                key: format!("big/{i:05}").into_bytes(),
+                value: vec![],
+                prev_kv: false,
+            })
+            .collect();
+        assert!(c.write(puts).await.iter().all(Result::is_ok));
+    }
+    let big = || ranged("big/", "big0", CompareTarget::Version(1));
+    assert_eq!(
+        c.write(vec![big()]).await[0],
+        Err(ApplyError::Limit(LimitError::CompareRangeTooLarge {
+            max: limits::MAX_COMPARE_RANGE_KEYS
+        }))
+    );
+    c.write(vec![WriteOp::Delete {
+        start: b"big/00000".to_vec(),
+        end: None,
+        prev_kv: false,
+    }])
+    .await;
+    assert!(matches!(
+        c.write(vec![big()]).await[0],
+        Ok(WriteOutcome::Txn {
+            succeeded: true,
+            ..
+        })
+    ));
     let dangling = WriteOp::TxnTree(TxnTree {
         nodes: vec![node(vec![], vec![], vec![])],
         ranges: vec![CompareRange {
