@@ -882,6 +882,137 @@ mod tests {
         assert_eq!(too_many, Err(EtcdError::TooManyOps));
     }
 
+    /// Random transaction requests, nested up to three deep, with puts, deletes and reads of
+    /// a few keys (some empty, some with range ends), and compares with and without ranges.
+    fn arb_request() -> impl Strategy<Value = TxnRequest> {
+        let key = prop_oneof![1 => Just(Vec::new()), 19 => (0u8..4).prop_map(|k| vec![b'a' + k])];
+        let end = prop_oneof![Just(Vec::new()), Just(vec![0]), Just(b"c".to_vec())];
+        let leaf = prop_oneof![
+            (key.clone(), any::<bool>()).prop_map(|(key, prev_kv)| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key,
+                    value: b"v".to_vec(),
+                    prev_kv,
+                    ..Default::default()
+                }))
+            }),
+            (key.clone(), end.clone()).prop_map(|(key, range_end)| RequestOp {
+                request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                    key,
+                    range_end,
+                    ..Default::default()
+                }))
+            }),
+            (key.clone(), end.clone(), 0i64..3).prop_map(|(key, range_end, limit)| RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key,
+                    range_end,
+                    limit,
+                    ..Default::default()
+                }))
+            }),
+        ];
+        let leaf = prop_oneof![30 => leaf, 1 => Just(RequestOp { request: None })];
+        let target = prop_oneof![19 => 0i32..5, 1 => -1i32..7];
+        let result = prop_oneof![19 => 0i32..4, 1 => -1i32..6];
+        let compare =
+            (key, end, target, result).prop_map(|(key, range_end, target, result)| PbCompare {
+                key,
+                range_end,
+                target,
+                result,
+                target_union: Some(TargetUnion::Version(1)),
+            });
+        let txn = |ops: BoxedStrategy<RequestOp>| {
+            (
+                proptest::collection::vec(compare.clone(), 0..3),
+                proptest::collection::vec(ops.clone(), 0..4),
+                proptest::collection::vec(ops, 0..3),
+            )
+                .prop_map(|(compare, success, failure)| TxnRequest {
+                    compare,
+                    success,
+                    failure,
+                })
+        };
+        let nested = |inner: BoxedStrategy<TxnRequest>| {
+            prop_oneof![
+                3 => leaf.clone(),
+                1 => inner.prop_map(|t| RequestOp {
+                    request: Some(Request::RequestTxn(t))
+                }),
+            ]
+            .boxed()
+        };
+        let depth1 = txn(leaf.clone().boxed()).boxed();
+        let depth2 = txn(nested(depth1)).boxed();
+        txn(nested(depth2))
+    }
+
+    /// What the store would answer for `plan` if node `j`'s comparisons came out `flags[j]`.
+    fn outcome_of(plan: &TxnPlan, node: usize, flags: &[bool], revision: Revision) -> WriteOutcome {
+        let succeeded = flags[node];
+        let (ops, _) = plan.branch_taken(node, succeeded);
+        let results = ops
+            .iter()
+            .map(|op| match op {
+                TxnOp::Nested(i) => outcome_of(plan, *i as usize, flags, revision),
+                TxnOp::Delete { .. } => WriteOutcome::Delete {
+                    revision,
+                    deleted: 1,
+                    prev: vec![],
+                },
+                _ => WriteOutcome::Put {
+                    revision,
+                    prev: None,
+                },
+            })
+            .collect();
+        WriteOutcome::Txn {
+            revision,
+            succeeded,
+            results,
+        }
+    }
+
+    proptest! {
+        /// Any request is planned or refused with a typed error; a plan's command validates
+        /// or is refused by the store's limits; for every path the store could take, the
+        /// reads are listed and the answer has one response per operation of each branch
+        /// taken; an answer that does not fit the plan is an error, not a panic.
+        #[test]
+        fn any_request_is_planned_and_answered_without_panicking(
+            req in arb_request(),
+            flags in proptest::collection::vec(any::<bool>(), 16),
+            junk in 0u64..3,
+        ) {
+            let Ok(plan) = TxnPlan::new(&req) else {
+                return Ok(());
+            };
+            prop_assert!(plan.tree.nodes.len() <= flags.len());
+            let _ = plan.write_op().validate();
+            let outcome = outcome_of(&plan, 0, &flags, 7);
+            let reads = plan.taken_reads(&outcome).unwrap();
+            let answers = vec![RangeAnswer::default(); reads.len()];
+            let response = plan.response(&outcome, 6, answers).unwrap();
+            let root = if flags[0] { &req.success } else { &req.failure };
+            prop_assert_eq!(response.responses.len(), root.len());
+            prop_assert_eq!(response.succeeded, flags[0]);
+            // Answers from another transaction, or too few reads: errors.
+            let wrong = match junk {
+                0 => WriteOutcome::Compact { revision: 7 },
+                1 => WriteOutcome::Txn { revision: 7, succeeded: flags[0], results: vec![] },
+                _ => outcome.clone(),
+            };
+            let _ = plan.taken_reads(&wrong);
+            let _ = plan.response(&wrong, 6, vec![]);
+            if plan.read_only() {
+                let taken: Vec<Option<bool>> = flags[..plan.tree.nodes.len()].iter().map(|f| Some(*f)).collect();
+                let _ = plan.read_only_outcome(7, &taken);
+            }
+        }
+    }
+
     /// Keys `a`..`f` as the store holds them: value and revisions per key.
     fn arb_state() -> impl Strategy<Value = std::collections::BTreeMap<u8, u8>> {
         proptest::collection::btree_map(0u8..6, any::<u8>(), 0..6)
