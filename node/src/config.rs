@@ -229,6 +229,10 @@ pub enum TestFault {
     /// Watches: a watch reopened from a revision (a resume) starts one revision later,
     /// skipping that revision's events.
     WatchSkipOnResume,
+    /// Membership: a node that belongs to no cluster yet exits (as if killed) when the first
+    /// log entries reach it, before storing them: the moment between `cluster add`'s
+    /// introduction and the new member's first entry.
+    CrashBeforeFirstEntry,
 }
 
 impl Default for NodeConfig {

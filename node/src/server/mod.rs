@@ -655,6 +655,14 @@ impl NodeState {
         }
         match request {
             RaftRequest::Introduce { .. } => RaftResponse::Introduced,
+            RaftRequest::AppendEntries(rpc)
+                if !initialized
+                    && !rpc.entries.is_empty()
+                    && self.cluster.test_fault == Some(TestFault::CrashBeforeFirstEntry) =>
+            {
+                tracing::warn!("test fault: exiting before storing the first log entries");
+                std::process::exit(137)
+            }
             RaftRequest::AppendEntries(rpc) => {
                 RaftResponse::AppendEntries(self.cluster.raft.append_entries(rpc).await)
             }

@@ -229,6 +229,52 @@ async fn lagging_and_new_nodes_catch_up_by_snapshot() {
     drop(nodes);
 }
 
+/// A node killed after `cluster add` introduced it but before its first log entry reached
+/// its disk comes back still expecting its cluster (it was once locked out for good), and
+/// `cluster add` finishes once it holds the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_before_its_first_log_entry_rejoins() {
+    let root = tempfile::tempdir().unwrap();
+    let first = NodeProc::start(&root.path().join("n0"), &[]);
+    let mut joining = NodeProc::start(
+        &root.path().join("n1"),
+        &["--unsafe-test-fault", "crash-before-first-entry"],
+    );
+    let client = client_of(&first).await;
+    client
+        .init_cluster(String::new(), bootstrap_secret(&first.dir))
+        .await
+        .unwrap();
+    client.put(b"before".to_vec(), b"1".to_vec()).await.unwrap();
+    let add = tokio::spawn({
+        let client = client_of(&first).await;
+        let ticket = joining.ticket.clone();
+        let secret = bootstrap_secret(&joining.dir);
+        async move { client.add_member(ticket, secret).await }
+    });
+    wait_until("the new member to crash before its first entry", || {
+        let exited = joining.try_exit();
+        async move { exited.map(|_| ()) }
+    })
+    .await;
+    joining.restart(Some(&[]));
+    add.await
+        .unwrap()
+        .expect("cluster add finishes once the restarted member holds the log");
+    let status = client.status().await.unwrap();
+    assert!(
+        status
+            .members
+            .iter()
+            .any(|m| m.node_id == joining.node_id() && m.voter),
+        "{status:?}"
+    );
+    let mut acked = BTreeSet::new();
+    acked.insert("before".to_string());
+    assert_all_present(&joining, "", &acked).await;
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_kill9_keeps_every_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
