@@ -141,12 +141,25 @@ impl NodeState {
             endpoint_id: node.endpoint_id,
             addrs: node.addrs,
         };
+        // One change at a time: a client that gave up waiting retries, and its retry must
+        // find the first attempt's result rather than a change in progress.
+        let _one_at_a_time = self.membership_changes.lock().await;
         if let Some(existing) = self.cluster.members().get(&id) {
             if existing.endpoint_id != member.endpoint_id {
                 return Err(RpcError::Membership(format!(
                     "node id {id:016x} is taken by another key"
                 )));
             }
+        }
+        if self
+            .cluster
+            .membership()
+            .membership()
+            .voter_ids()
+            .any(|v| v == id)
+        {
+            // Added already (a retry of an add that finished).
+            return Ok(ClusterResponse::Done);
         }
         if !self.cluster.members().contains_key(&id) {
             self.introduce_to(&member, secret).await?;
@@ -201,6 +214,7 @@ impl NodeState {
 
     async fn remove_member(&self, node_id: NodeId) -> Result<ClusterResponse, RpcError> {
         self.cluster.require_leader()?;
+        let _one_at_a_time = self.membership_changes.lock().await;
         let membership = self.cluster.membership();
         let membership = membership.membership();
         if membership.get_node(&node_id).is_none() {

@@ -125,6 +125,9 @@ pub struct NodeState {
     admission: Arc<admission::Admission>,
     /// automerge-repo apps connected to this node (`--automerge-repo`).
     pub repo: Arc<automerge_repo::RepoHub>,
+    /// Held while this node changes the membership: a client's retry of a slow
+    /// `cluster add` waits for the first attempt instead of colliding with it.
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 /// One leadership confirmation (ReadIndex) through openraft, never below what the leader had
@@ -251,6 +254,7 @@ impl RunningNode {
             namespaces: Arc::new(namespaces),
             admission,
             repo: Arc::new(automerge_repo::RepoHub::new(id)),
+            membership_changes: Default::default(),
         });
         peers.set_node(Arc::downgrade(&state));
         let _ = gate.node.set(Arc::downgrade(&state));
