@@ -42,10 +42,11 @@ fn main() {
         // Plain text when logging to a file (e.g. node.log under `aspen up`).
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(async_workers());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -88,4 +89,17 @@ fn main() {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
+}
+
+/// Async worker threads: one fewer than the machine's cores, at least one.
+///
+/// The node's storage work (redb applies, the log's writes and syncs) runs on threads of its
+/// own, which want the remaining core; on a 2-core machine a second async worker mostly adds
+/// cross-thread wake-ups (sequential puts 13% slower at one node, BENCHMARKS.md).
+/// `TOKIO_WORKER_THREADS` overrides this.
+fn async_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .max(1)
 }
