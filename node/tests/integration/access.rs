@@ -10,7 +10,9 @@ use aspen_client::protocol::{
     AuthRequest, ClientRequest, ClientResponse, ClusterRequest, RpcError, CLIENT_ALPN,
 };
 use aspen_client::{Client, ClientError, ClientOptions, Consistency};
-use aspen_kv::api::{RangeRequest, Txn};
+use aspen_kv::api::{
+    Compare, CompareOp, CompareRange, CompareTarget, RangeRequest, Txn, TxnOp, TxnTree, WriteOp,
+};
 use aspen_trust::{CapabilityToken, NodeKey, Permission};
 
 /// A fresh identity: its secret and its public key.
@@ -28,6 +30,58 @@ fn denied<T: std::fmt::Debug>(r: Result<T, ClientError>, what: &str) -> String {
 
 fn perms(list: &[&str]) -> Vec<Permission> {
     list.iter().map(|p| p.parse().unwrap()).collect()
+}
+
+fn put_op(key: &[u8]) -> TxnOp {
+    TxnOp::Put {
+        key: key.to_vec(),
+        value: b"t".to_vec(),
+        prev_kv: false,
+    }
+}
+
+fn version_is_zero(key: &[u8]) -> Compare {
+    Compare {
+        key: key.to_vec(),
+        target: CompareTarget::Version(0),
+        op: CompareOp::Equal,
+    }
+}
+
+/// A transaction tree: the outer transaction puts `outer` and runs a nested one that puts
+/// `inner` (both on success; no comparisons).
+fn nested_puts(outer: &[u8], inner: &[u8]) -> WriteOp {
+    WriteOp::TxnTree(TxnTree {
+        nodes: vec![
+            Txn {
+                compare: vec![],
+                success: vec![put_op(outer), TxnOp::Nested(1)],
+                failure: vec![],
+            },
+            Txn {
+                compare: vec![],
+                success: vec![put_op(inner)],
+                failure: vec![],
+            },
+        ],
+        ranges: vec![],
+    })
+}
+
+/// A read-only transaction tree whose one comparison covers `[start, end)`.
+fn range_compare(start: &[u8], end: &[u8]) -> WriteOp {
+    WriteOp::TxnTree(TxnTree {
+        nodes: vec![Txn {
+            compare: vec![version_is_zero(start)],
+            success: vec![],
+            failure: vec![],
+        }],
+        ranges: vec![CompareRange {
+            node: 0,
+            compare: 0,
+            end: end.to_vec(),
+        }],
+    })
 }
 
 fn now() -> u64 {
@@ -91,6 +145,14 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
             .compare_and_swap(b"secret/k".to_vec(), Some(b"v".to_vec()), b"w".to_vec())
             .await,
         "cas",
+    );
+    denied(
+        stranger.write(nested_puts(b"x", b"y")).await,
+        "nested transaction",
+    );
+    denied(
+        stranger.write(range_compare(b"secret/", b"secret0")).await,
+        "range comparison",
     );
     denied(stranger.compact(1).await, "compact");
     denied(stranger.status().await, "status");
@@ -327,6 +389,16 @@ async fn grants_roles_and_tokens_allow_exactly_what_they_say() {
         w.put(b"other".to_vec(), b"1".to_vec()).await,
         "outside the role",
     );
+    // A nested transaction is checked node by node: a write outside the role anywhere in the
+    // tree refuses the whole of it, and nothing is written; inside, it runs.
+    let needed = denied(
+        w.write(nested_puts(b"app/n1", b"other")).await,
+        "a nested write outside the role",
+    );
+    assert!(needed.contains("kv:write:other"), "{needed}");
+    assert!(admin.get(b"app/n1".to_vec()).await.unwrap().is_none());
+    w.write(nested_puts(b"app/n1", b"app/n2")).await.unwrap();
+    assert!(admin.get(b"app/n2".to_vec()).await.unwrap().is_some());
     let listing = admin.auth_list().await.unwrap();
     assert!(listing.roles.iter().any(|r| r.name == "app-writer"));
     assert!(listing
@@ -379,7 +451,8 @@ async fn grants_roles_and_tokens_allow_exactly_what_they_say() {
             .unwrap()
             .kvs
             .len(),
-        2
+        4,
+        "app/a, app/w and the nested transaction's app/n1, app/n2"
     );
     // Nothing outside app/: a get, a range whose end leaves the prefix, a transaction
     // comparing a key outside it, a write, a delete-range.
@@ -407,6 +480,32 @@ async fn grants_roles_and_tokens_allow_exactly_what_they_say() {
         "token txn",
     );
     denied(t.put(b"app/a".to_vec(), b"9".to_vec()).await, "token write");
+    // Comparisons over a key range read the whole range: within the prefix it is answered,
+    // past it refused; a nested transaction's write is refused to a read-only token.
+    t.write(range_compare(b"app/", b"app0")).await.unwrap();
+    denied(
+        t.write(range_compare(b"app/", b"apq")).await,
+        "token range comparison past the prefix",
+    );
+    denied(
+        t.write(WriteOp::TxnTree(TxnTree {
+            nodes: vec![
+                Txn {
+                    compare: vec![version_is_zero(b"app/a")],
+                    success: vec![],
+                    failure: vec![TxnOp::Nested(1)],
+                },
+                Txn {
+                    compare: vec![],
+                    success: vec![put_op(b"app/z")],
+                    failure: vec![],
+                },
+            ],
+            ranges: vec![],
+        }))
+        .await,
+        "token nested write",
+    );
     denied(
         t.delete_range(b"app/".to_vec(), Some(b"app0".to_vec()), false)
             .await,

@@ -484,6 +484,79 @@ async fn callers_without_a_grant_are_refused() {
         text.trim().is_empty(),
         "the refused transaction wrote: {text}"
     );
+    // Nested transactions and comparisons over key ranges are checked whole too.
+    {
+        use aspen_etcd_api::pb::etcdserverpb::compare::{
+            CompareResult, CompareTarget, TargetUnion,
+        };
+        use aspen_etcd_api::pb::etcdserverpb::request_op::Request;
+        use aspen_etcd_api::pb::etcdserverpb::{
+            kv_client::KvClient, Compare, PutRequest, RequestOp, TxnRequest,
+        };
+        let mut kv = KvClient::connect(format!("http://{endpoint}"))
+            .await
+            .unwrap();
+        let as_user = |token: &str, txn: TxnRequest| {
+            let mut r = tonic::Request::new(txn);
+            r.metadata_mut().insert("token", token.parse().unwrap());
+            r
+        };
+        let token_of = |user: &str| user.strip_prefix("aspen:").unwrap().to_string();
+        let put = |key: &str| RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: b"t".to_vec(),
+                ..Default::default()
+            })),
+        };
+        // The writer's outer put is inside app/, its nested one outside: nothing is written.
+        let nested = TxnRequest {
+            success: vec![
+                put("app/n1"),
+                RequestOp {
+                    request: Some(Request::RequestTxn(TxnRequest {
+                        success: vec![put("other")],
+                        ..Default::default()
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        let status = kv
+            .txn(as_user(&token_of(&writer), nested))
+            .await
+            .unwrap_err();
+        assert_eq!(status.message(), "etcdserver: permission denied");
+        let (text, _) = etcdctl(&endpoint, Some(&writer), &["get", "app/n1"], None);
+        assert!(
+            text.trim().is_empty(),
+            "the refused nested txn wrote: {text}"
+        );
+        // A comparison over [app/, end): the reader may read it up to app0, not past it.
+        let compare_range = |end: &str| TxnRequest {
+            compare: vec![Compare {
+                key: b"app/".to_vec(),
+                range_end: end.as_bytes().to_vec(),
+                result: CompareResult::Greater as i32,
+                target: CompareTarget::Version as i32,
+                target_union: Some(TargetUnion::Version(0)),
+            }],
+            ..Default::default()
+        };
+        let reader_token = token_of(&reader);
+        let within = kv
+            .txn(as_user(&reader_token, compare_range("app0")))
+            .await
+            .unwrap();
+        // No key under app/ exists (every write above was refused): etcd compares an absent
+        // key, whose version 0 is not greater than 0.
+        assert!(!within.into_inner().succeeded);
+        let status = kv
+            .txn(as_user(&reader_token, compare_range("apq")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.message(), "etcdserver: permission denied");
+    }
     // A revoked token is refused from then on, though it was used (and verified) before, on
     // a connection that keeps presenting it.
     {
