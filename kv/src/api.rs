@@ -876,6 +876,7 @@ pub enum WriteOutcome {
     Txn {
         revision: Revision,
         succeeded: bool,
+        #[serde(deserialize_with = "outcome_depth::deserialize")]
         results: Vec<WriteOutcome>,
     },
     /// `written`: whether `expect` held (and `new` was written). `current`: the key's value
@@ -957,6 +958,55 @@ pub enum ApplyError {
 
 /// The result of one command in a batch.
 pub type CommandResult = Result<WriteOutcome, ApplyError>;
+
+/// Bounds how deep a [`WriteOutcome::Txn`] nests while it is decoded (the answer to a
+/// transaction tree comes from the network): deeper than [`MAX_OUTCOME_DEPTH`] is a decode
+/// error, not a stack overflow. The depth is counted per thread, as decoding never yields.
+mod outcome_depth {
+    use std::cell::Cell;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    use super::WriteOutcome;
+    use crate::limits::MAX_OUTCOME_DEPTH;
+
+    thread_local! {
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// One level of nesting being decoded; leaving it (also on an error) counts it off.
+    struct Level;
+
+    impl Level {
+        fn enter() -> Option<Level> {
+            DEPTH.with(|depth| {
+                let next = depth.get() + 1;
+                (next <= MAX_OUTCOME_DEPTH).then(|| {
+                    depth.set(next);
+                    Level
+                })
+            })
+        }
+    }
+
+    impl Drop for Level {
+        fn drop(&mut self) {
+            DEPTH.with(|depth| depth.set(depth.get() - 1));
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        decoder: D,
+    ) -> Result<Vec<WriteOutcome>, D::Error> {
+        let _level = Level::enter().ok_or_else(|| {
+            D::Error::custom(format!(
+                "a transaction outcome nests deeper than {MAX_OUTCOME_DEPTH} levels"
+            ))
+        })?;
+        Vec::<WriteOutcome>::deserialize(decoder)
+    }
+}
 
 /// The state machine's response to one batch: one result per command, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -1310,5 +1360,95 @@ mod tests {
             prev_kv: false,
         };
         assert_eq!(op.validate(), Err(LimitError::EmptyKey));
+    }
+
+    /// The encoding of a transaction outcome nested `depth` deep (each level's one result is
+    /// the next level), written directly: building such a value and dropping it would recurse
+    /// as deep as decoding it does.
+    fn nested_outcome_bytes(depth: usize) -> Vec<u8> {
+        let leaf = postcard::to_allocvec(&WriteOutcome::Txn {
+            revision: 1,
+            succeeded: true,
+            results: vec![],
+        })
+        .unwrap();
+        // The last byte is the empty result list's length; one result instead: 1.
+        assert_eq!(leaf.last(), Some(&0));
+        let mut level = leaf[..leaf.len() - 1].to_vec();
+        level.push(1);
+        let mut bytes = level.repeat(depth - 1);
+        bytes.extend_from_slice(&leaf);
+        bytes
+    }
+
+    fn nested_outcome(depth: usize) -> WriteOutcome {
+        let mut outcome = WriteOutcome::Txn {
+            revision: 1,
+            succeeded: true,
+            results: vec![],
+        };
+        for _ in 1..depth {
+            outcome = WriteOutcome::Txn {
+                revision: 1,
+                succeeded: true,
+                results: vec![outcome],
+            };
+        }
+        outcome
+    }
+
+    #[test]
+    fn a_transaction_outcome_nested_too_deep_is_a_decode_error_not_a_stack_overflow() {
+        let deepest = nested_outcome_bytes(MAX_OUTCOME_DEPTH);
+        assert_eq!(
+            postcard::from_bytes::<WriteOutcome>(&deepest).unwrap(),
+            nested_outcome(MAX_OUTCOME_DEPTH)
+        );
+        assert!(
+            postcard::from_bytes::<WriteOutcome>(&nested_outcome_bytes(MAX_OUTCOME_DEPTH + 1))
+                .is_err()
+        );
+        // A million levels: with no limit this overflows the test thread's stack (an abort).
+        let hostile = nested_outcome_bytes(1_000_000);
+        let result: CommandResult = Ok(WriteOutcome::Txn {
+            revision: 1,
+            succeeded: true,
+            results: vec![],
+        });
+        assert!(postcard::from_bytes::<WriteOutcome>(&hostile).is_err());
+        // Inside a larger answer too, and the count is back to zero afterwards.
+        let mut batch = postcard::to_allocvec(&BatchResponse {
+            results: vec![result.clone()],
+        })
+        .unwrap();
+        let at = batch.len() - postcard::to_allocvec(&result).unwrap().len();
+        batch.truncate(at);
+        batch.push(0); // Ok
+        batch.extend_from_slice(&hostile);
+        assert!(postcard::from_bytes::<BatchResponse>(&batch).is_err());
+        assert_eq!(
+            postcard::from_bytes::<WriteOutcome>(&deepest).unwrap(),
+            nested_outcome(MAX_OUTCOME_DEPTH)
+        );
+    }
+
+    proptest! {
+        /// Outcomes of any depth up to a little past the limit: those within it come back
+        /// exactly, deeper ones are refused; garbage after any prefix never panics.
+        #[test]
+        fn outcomes_decode_exactly_up_to_the_depth_limit(
+            depth in 1usize..MAX_OUTCOME_DEPTH + 8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let bytes = nested_outcome_bytes(depth);
+            let decoded = postcard::from_bytes::<WriteOutcome>(&bytes);
+            if depth <= MAX_OUTCOME_DEPTH {
+                prop_assert_eq!(decoded.unwrap(), nested_outcome(depth));
+            } else {
+                prop_assert!(decoded.is_err());
+            }
+            let cut = cut.index(bytes.len());
+            prop_assert!(postcard::from_bytes::<WriteOutcome>(&bytes[..cut]).is_err());
+        }
     }
 }

@@ -31,6 +31,10 @@ pub const MAX_SESSION_EXPIRIES_PER_BATCH: usize = 64;
 pub const MAX_TXN_OPS: usize = 128;
 /// Most comparisons and operations in all the nodes of one transaction tree together.
 pub const MAX_TXN_TREE_OPS: usize = 1024;
+/// Deepest nesting of a transaction's outcome that decodes. A tree has at most
+/// [`MAX_TXN_OPS`] nodes, so no true outcome nests deeper; postcard has no recursion limit of
+/// its own, and an answer nested a million deep would overflow the decoder's stack.
+pub const MAX_OUTCOME_DEPTH: usize = MAX_TXN_OPS;
 /// Most keys that may exist in a comparison's key range when a transaction is applied (each
 /// is read; a larger range is refused, the same way on every replica).
 pub const MAX_COMPARE_RANGE_KEYS: usize = 10_000;
