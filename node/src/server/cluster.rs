@@ -149,7 +149,7 @@ impl ClusterHandle {
         if leader == self.id {
             return Err(RpcError::Unavailable("leadership changing; retry".into()));
         }
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         let leader_changed = async move {
             loop {
                 if metrics.changed().await.is_err() {

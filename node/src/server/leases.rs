@@ -21,6 +21,8 @@ use super::ClusterHandle;
 /// deadline passed (a batch at a time).
 pub async fn run_clock(cluster: ClusterHandle) {
     let lessor = cluster.sm.lessor();
+    // All metrics, not just the server's: a lease granted since the last look may be due
+    // before anything the clock waits for, and an apply is what tells it so.
     let mut metrics = cluster.raft.metrics();
     // The term this node leads in, as far as the clock knows.
     let mut leading: Option<u64> = None;

@@ -725,13 +725,14 @@ impl NodeState {
 
 /// Keeps `cluster.ticket` equal to the current membership while this node is a member.
 async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
-    let mut metrics = state.cluster.raft.metrics();
+    // Server metrics: woken by membership and role changes, not by every apply.
+    let mut metrics = state.cluster.raft.server_metrics();
     let mut written = String::new();
     let mut seen = None;
     loop {
         let membership = metrics.borrow_and_update().membership_config.clone();
         let m = membership.membership();
-        // Metrics change on every apply; the membership rarely does.
+        // The role or leader can change without the membership.
         if seen != Some(*membership.log_id()) && m.get_node(&state.cluster.id).is_some() {
             seen = Some(*membership.log_id());
             let mut ids: Vec<NodeId> = m.voter_ids().collect();

@@ -31,7 +31,8 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// Runs until the node stops.
 pub async fn run(state: Arc<NodeState>, dht: Option<ClusterDht>, timing: PublishTiming) {
-    let mut metrics = state.cluster.raft.metrics();
+    // Leader and membership only: server metrics (not woken by every apply).
+    let mut metrics = state.cluster.raft.server_metrics();
     let mut tick = tokio::time::interval(timing.republish_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(SignedRecord, ClusterRecord)> = None;
