@@ -62,6 +62,9 @@ struct State {
 #[derive(Default)]
 pub struct Lessor {
     state: std::sync::Mutex<State>,
+    /// Signalled when the first deadline may have moved earlier (a grant while leading, a
+    /// reset): the expiry loop sleeps until [`Lessor::next_check`] and must look again.
+    sooner: tokio::sync::Notify,
 }
 
 fn deadline(now: Instant, ttl: Duration) -> Instant {
@@ -110,8 +113,20 @@ impl Lessor {
         if leader {
             let at = deadline(now, ttl);
             s.leases.get_mut(&id).expect("inserted").deadline = Some(at);
+            let first = s.queue.first().map(|(first, _)| *first);
             s.schedule(id, Some(at));
+            drop(s);
+            if first.is_none_or(|first| at < first) {
+                // A permit is kept if nobody waits yet: the loop's next wait returns at once.
+                self.sooner.notify_one();
+            }
         }
+    }
+
+    /// Completes when a deadline earlier than the last [`Self::next_check`] may exist (see
+    /// the field); a notification given before the wait began is not lost.
+    pub async fn due_sooner(&self) {
+        self.sooner.notified().await
     }
 
     /// Apply removed a lease (revoked or expired).
@@ -134,6 +149,7 @@ impl Lessor {
         }
         if leader {
             self.promote(now);
+            self.sooner.notify_one();
         }
     }
 
@@ -315,6 +331,41 @@ mod tests {
         assert_eq!(l.remaining(1, t0 + secs(3)), None);
         assert_eq!(l.remaining(2, t0 + secs(3)), Some(secs(5)));
         assert_eq!(l.expired(t0 + secs(8), 10), vec![(2, 9)]);
+    }
+
+    /// Whether `due_sooner` completes at once (polled once, never waited on).
+    async fn signalled(l: &Lessor) -> bool {
+        tokio::time::timeout(Duration::ZERO, l.due_sooner())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_lease_due_before_the_others_wakes_the_expiry_loop() {
+        let l = Lessor::default();
+        let t0 = Instant::now();
+        // Not leading: no deadlines, nothing to wake for.
+        l.granted(1, 10, 1, t0);
+        assert!(!signalled(&l).await);
+        l.promote(t0);
+        assert!(!signalled(&l).await, "the loop promotes; it knows");
+        // Later than lease 1's deadline: the loop's sleep is still right.
+        l.granted(2, 20, 2, t0);
+        assert!(!signalled(&l).await);
+        // Earlier: the loop must look again, once.
+        l.granted(3, 5, 3, t0);
+        assert!(signalled(&l).await);
+        assert!(!signalled(&l).await);
+        // The first lease of an empty clock, and a reset while leading.
+        let empty = Lessor::default();
+        empty.promote(t0);
+        empty.granted(9, 60, 9, t0);
+        assert!(signalled(&empty).await);
+        l.reset(vec![(4, 5, 4)], t0);
+        assert!(signalled(&l).await);
+        l.demote();
+        l.granted(5, 1, 5, t0);
+        assert!(!signalled(&l).await);
     }
 
     #[test]

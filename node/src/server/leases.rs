@@ -21,9 +21,9 @@ use super::ClusterHandle;
 /// deadline passed (a batch at a time).
 pub async fn run_clock(cluster: ClusterHandle) {
     let lessor = cluster.sm.lessor();
-    // All metrics, not just the server's: a lease granted since the last look may be due
-    // before anything the clock waits for, and an apply is what tells it so.
-    let mut metrics = cluster.raft.metrics();
+    // Server metrics change only with the vote, role, leader or membership (not on every
+    // apply); a lease granted meanwhile that is due first wakes the clock through the lessor.
+    let mut metrics = cluster.raft.server_metrics();
     // The term this node leads in, as far as the clock knows.
     let mut leading: Option<u64> = None;
     loop {
@@ -31,7 +31,7 @@ pub async fn run_clock(cluster: ClusterHandle) {
             let m = metrics.borrow_and_update();
             (
                 m.current_leader == Some(cluster.id) && m.state.is_leader(),
-                m.current_term,
+                m.vote.leader_id().get_term(),
             )
         };
         match (leader, leading) {
@@ -55,6 +55,7 @@ pub async fn run_clock(cluster: ClusterHandle) {
                     return;
                 }
             }
+            () = lessor.due_sooner() => {}
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 let due = lessor.expired(Instant::now(), MAX_EXPIRIES_PER_BATCH);
                 if !due.is_empty() {
