@@ -64,6 +64,8 @@ pub const CLUSTER_TICKET_FILE: &str = "cluster.ticket";
 const LEADER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node checks that the membership records its current addresses.
 const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How soon a failed write of `cluster.ticket` is tried again.
+const TICKET_RETRY: Duration = Duration::from_secs(2);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -730,6 +732,7 @@ async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
     let mut written = String::new();
     let mut seen = None;
     loop {
+        let mut failed = false;
         let membership = metrics.borrow_and_update().membership_config.clone();
         let m = membership.membership();
         // The role or leader can change without the membership.
@@ -747,13 +750,17 @@ async fn keep_cluster_ticket(state: Arc<NodeState>, dir: PathBuf) {
                 match write_atomically(dir.join(CLUSTER_TICKET_FILE), ticket.clone()).await {
                     Ok(()) => written = ticket,
                     Err(e) => {
-                        seen = None; // Try again on the next change.
+                        seen = None; // Try again on the next change, or after a pause.
+                        failed = true;
                         tracing::warn!("{e}")
                     }
                 }
             }
         }
-        if metrics.changed().await.is_err() {
+        // A failed write is tried again after a pause: server metrics may not change again
+        // for a long time.
+        let pause = if failed { TICKET_RETRY } else { Duration::MAX };
+        if let Ok(Err(_)) = tokio::time::timeout(pause, metrics.changed()).await {
             return;
         }
     }
