@@ -42,6 +42,9 @@ pub struct NodeConfig {
     /// Serve etcd's v3 gRPC API on this address (off by default). Every call presents a
     /// bearer token (etcd's `token` metadata; etcdctl `--user NAME:TOKEN`).
     pub etcd_api: Option<SocketAddr>,
+    /// Microseconds the async worker keeps spinning after each request instead of parking
+    /// (0: off; at most 10,000). See `aspen node run --help`.
+    pub busy_poll_us: u64,
     /// How often the leader checks (default: a tenth of the retention in periodic mode, at
     /// least 100 ms and at most an hour; 5 minutes in revision mode). Tests only.
     #[serde(skip)]
@@ -252,6 +255,7 @@ impl Default for NodeConfig {
             metrics_token_file: None,
             automerge_repo: None,
             etcd_api: None,
+            busy_poll_us: crate::busy_poll::DEFAULT_WINDOW.as_micros() as u64,
             test_fault: None,
             allow_fault_injection: false,
             join: None,
@@ -274,6 +278,8 @@ pub enum ConfigError {
     Blobs(String),
     #[error("federation: {0}")]
     Federation(String),
+    #[error("busy_poll_us is {0}; at most {max} (microseconds)", max = crate::busy_poll::MAX_WINDOW.as_micros())]
+    BusyPoll(u64),
     #[error("auto compaction retention {0:?}: {1}")]
     AutoCompaction(String, &'static str),
 }
@@ -379,6 +385,9 @@ impl NodeConfig {
         if self.snapshot_every == 0 {
             return Err(ConfigError::SnapshotEvery);
         }
+        if u128::from(self.busy_poll_us) > crate::busy_poll::MAX_WINDOW.as_micros() {
+            return Err(ConfigError::BusyPoll(self.busy_poll_us));
+        }
         self.blobs.validate()?;
         self.federation.validate()?;
         self.auto_compaction()?;
@@ -389,6 +398,20 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_poll_window_is_bounded() {
+        let with = |us| NodeConfig {
+            busy_poll_us: us,
+            ..NodeConfig::default()
+        };
+        assert_eq!(NodeConfig::default().busy_poll_us, 300);
+        with(0).validate().expect("0 turns it off");
+        with(10_000).validate().expect("the largest window");
+        let e = with(10_001).validate().unwrap_err();
+        assert!(matches!(e, ConfigError::BusyPoll(10_001)), "{e}");
+        assert!(e.to_string().contains("at most 10000"), "{e}");
+    }
 
     #[test]
     fn auto_compaction_settings_parse_like_etcd() {

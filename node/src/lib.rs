@@ -1,6 +1,7 @@
 //! The `aspen` node and CLI. See ARCHITECTURE.md for the map.
 
 pub mod bench;
+pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod keyfile;

@@ -53,6 +53,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(a) = args.etcd_api {
         config.etcd_api = Some(a);
     }
+    if let Some(us) = args.busy_poll_us {
+        config.busy_poll_us = us;
+    }
     args.dht.apply(&mut config.dht);
     if let Some(n) = args.blob_replicas {
         config.blobs.replicas = n;
@@ -99,6 +102,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config.allow_fault_injection = true;
     }
     config.validate()?;
+    if crate::busy_poll::start(Duration::from_micros(config.busy_poll_us)) {
+        tracing::debug!(
+            window_us = config.busy_poll_us,
+            "busy polling after requests"
+        );
+    }
     let node = RunningNode::start(&config).await?;
     let ticket = node.node_ticket();
     let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();

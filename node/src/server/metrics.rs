@@ -286,6 +286,17 @@ impl NodeMetrics {
             self.etcd_refused.clone(),
         );
         r.register(
+            "busy_poll_windows",
+            "Times the async worker started spinning after a request (--busy-poll-us; 0 without)",
+            crate::busy_poll::WINDOWS.clone(),
+        );
+        r.register_with_unit(
+            "busy_poll_spin",
+            "Time the async worker spent spinning instead of sleeping (counted as each window closes)",
+            Unit::Seconds,
+            crate::busy_poll::SPIN_SECONDS.clone(),
+        );
+        r.register(
             "doc_changes_committed",
             "Automerge changes clients committed through this node (doc change requests)",
             self.doc_changes.clone(),

@@ -987,11 +987,16 @@ impl NodeState {
             Ok(h) => h,
             Err(e) => return ClientResponse::Error(e),
         };
+        crate::busy_poll::touch();
         let access = self
             .auth
             .access(caller, self.cluster.member_keys(), identity::unix_now());
-        self.handle_client(request, &access, blob_hashes, recv)
-            .await
+        let response = self
+            .handle_client(request, &access, blob_hashes, recv)
+            .await;
+        // The caller's next request is likely on its way.
+        crate::busy_poll::touch();
+        response
     }
 
     /// Checks that `caller` may make `request` (catching up with the leader's policy once

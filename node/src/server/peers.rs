@@ -276,9 +276,17 @@ impl Peers {
                         return;
                     }
                 };
+                let busy = max_frame == MAX_RAFT_FRAME && request.is_busy_work();
+                if busy {
+                    crate::busy_poll::touch();
+                }
                 let response = node.handle_raft(remote, request).await;
                 if let Err(e) = write_frame(&mut send, &response, MAX_RAFT_FRAME).await {
                     tracing::debug!(peer = %remote.fmt_short(), "cannot answer raft request: {e}");
+                }
+                if busy {
+                    // The member's next message (the next entries) is likely on its way.
+                    crate::busy_poll::touch();
                 }
                 let _ = send.finish();
             });
@@ -445,9 +453,18 @@ impl Peers {
                 .await
                 .map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            read_frame::<RaftResponse>(&mut recv, MAX_RAFT_FRAME)
+            // A member's answer is on its way: stay awake for it.
+            let busy = request.is_busy_work();
+            if busy {
+                crate::busy_poll::touch();
+            }
+            let answer = read_frame::<RaftResponse>(&mut recv, MAX_RAFT_FRAME)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            if busy {
+                crate::busy_poll::touch();
+            }
+            answer
         };
         match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {

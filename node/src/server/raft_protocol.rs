@@ -49,6 +49,15 @@ pub enum RaftRequest {
     Lease(LeaderLeaseCall),
 }
 
+impl RaftRequest {
+    /// Whether this message is worth keeping the worker awake for (busy polling): anything
+    /// but a heartbeat (AppendEntries without entries), which an idle cluster sends every
+    /// 100 ms.
+    pub fn is_busy_work(&self) -> bool {
+        !matches!(self, RaftRequest::AppendEntries(r) if r.entries.is_empty())
+    }
+}
+
 /// What a follower asks the leader's lease clock on a client's behalf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaderLeaseCall {
@@ -121,6 +130,26 @@ mod tests {
             postcard::to_allocvec(&RaftResponse::Lease(Ok(9))).unwrap(),
             [9, 0, 9]
         );
+    }
+
+    #[test]
+    fn heartbeats_do_not_keep_the_worker_awake() {
+        let append = |entries| {
+            RaftRequest::AppendEntries(AppendEntriesRequest {
+                vote: openraft::Vote::new(3, 1),
+                prev_log_id: None,
+                entries,
+                leader_commit: None,
+            })
+        };
+        assert!(!append(vec![]).is_busy_work(), "a heartbeat");
+        let entry = aspen_kv::raft_types::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 1),
+            payload: openraft::EntryPayload::Blank,
+        };
+        assert!(append(vec![entry]).is_busy_work(), "entries to store");
+        assert!(RaftRequest::ReadIndex.is_busy_work());
+        assert!(RaftRequest::Forward(vec![]).is_busy_work());
     }
 
     proptest! {

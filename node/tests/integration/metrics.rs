@@ -282,3 +282,88 @@ async fn metrics_need_the_token_and_bound_what_a_flood_costs() {
     assert!(s.contains("aspen_requests_total{op=\"kv_put\"} 10"), "{s}");
     client.close().await;
 }
+
+/// Busy polling (`--busy-poll-us`, on by default): a real node opens the spinning window for
+/// an authorized caller's requests only, never while idle or for a stranger's refused
+/// requests (a cheap packet must not buy a core's time); `--busy-poll-us 0` never spins, and
+/// a window over the limit is refused with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_follows_authorized_requests_only() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(&root.path().join("on"), 1, &["--metrics", "127.0.0.1:0"]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let addr = metrics_addr(&client).await;
+    let windows = |s: &Samples| get(s, "aspen_busy_poll_windows_total");
+    let spun = |s: &Samples| get(s, "aspen_busy_poll_spin_seconds_total");
+
+    // Idle: nothing opens the window.
+    let idle = scrape(addr, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(windows(&scrape(addr, None)), windows(&idle), "an idle node");
+
+    // A stranger's requests are all refused, and open nothing.
+    let stranger = Client::connect_with(nodes[0].cluster_ticket().unwrap(), stranger_options())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let put = stranger.put(format!("bp/{i}").into_bytes(), b"v".to_vec());
+        assert!(put.await.is_err(), "a stranger's put was accepted");
+    }
+    stranger.close().await;
+    let before = scrape(addr, None);
+    assert_eq!(
+        windows(&before),
+        windows(&idle),
+        "a stranger's refused requests"
+    );
+
+    // The admin's puts do, and the time spent spinning is counted as each window closes.
+    for i in 0..5 {
+        client
+            .put(format!("bp/{i}").into_bytes(), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let after = wait_until("the spinning to be counted", || async {
+        let s = scrape(addr, None);
+        (spun(&s) > spun(&before)).then_some(s)
+    })
+    .await;
+    assert!(windows(&after) > windows(&before), "{after:?}");
+    client.close().await;
+
+    // Off: puts, and no window.
+    let off = form(
+        &root.path().join("off"),
+        1,
+        &["--metrics", "127.0.0.1:0", "--busy-poll-us", "0"],
+    )
+    .await;
+    let client = client_for(&off.iter().collect::<Vec<_>>()).await;
+    let addr = metrics_addr(&client).await;
+    for i in 0..5 {
+        client
+            .put(format!("bp/{i}").into_bytes(), b"v".to_vec())
+            .await
+            .unwrap();
+    }
+    let s = scrape(addr, None);
+    assert_eq!((windows(&s), spun(&s)), (0.0, 0.0));
+    client.close().await;
+
+    // Too long a window: refused before the node starts.
+    let dir = root.path().join("bad");
+    let out = cli(
+        &[
+            "node",
+            "run",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--busy-poll-us",
+            "10001",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at most 10000"), "{}", stderr(&out));
+}

@@ -228,7 +228,12 @@ impl EtcdApi {
         let started = Instant::now();
         let node = self.node()?;
         let result = match self.caller(&node, request.metadata()) {
-            Ok(caller) => f(node.clone(), caller, request.into_inner()).await,
+            Ok(caller) => {
+                crate::busy_poll::touch();
+                let result = f(node.clone(), caller, request.into_inner()).await;
+                crate::busy_poll::touch();
+                result
+            }
             Err(e) => {
                 node.cluster.metrics.etcd_refused.inc();
                 Err(e)
