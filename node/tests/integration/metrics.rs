@@ -290,9 +290,21 @@ async fn metrics_need_the_token_and_bound_what_a_flood_costs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_polling_follows_authorized_requests_only() {
     let root = tempfile::tempdir().unwrap();
-    let nodes = form(&root.path().join("on"), 1, &["--metrics", "127.0.0.1:0"]).await;
+    let nodes = form(
+        &root.path().join("on"),
+        1,
+        &["--metrics", "127.0.0.1:0", "--etcd-api", "127.0.0.1:0"],
+    )
+    .await;
     let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
     let addr = metrics_addr(&client).await;
+    let etcd = client
+        .status()
+        .await
+        .unwrap()
+        .figures
+        .etcd_api_addr
+        .unwrap();
     let windows = |s: &Samples| get(s, "aspen_busy_poll_windows_total");
     let spun = |s: &Samples| get(s, "aspen_busy_poll_spin_seconds_total");
 
@@ -310,6 +322,25 @@ async fn busy_polling_follows_authorized_requests_only() {
         assert!(put.await.is_err(), "a stranger's put was accepted");
     }
     stranger.close().await;
+    // Nor do etcd API calls without a token or with a bad one.
+    {
+        use aspen_etcd_api::pb::etcdserverpb::{kv_client::KvClient, RangeRequest};
+        let mut kv = KvClient::connect(format!("http://{etcd}")).await.unwrap();
+        for (token, code) in [
+            (None, tonic::Code::InvalidArgument),
+            (Some("aspen-token-v1:garbage"), tonic::Code::Unauthenticated),
+        ] {
+            let mut request = tonic::Request::new(RangeRequest {
+                key: b"bp/0".to_vec(),
+                ..Default::default()
+            });
+            if let Some(t) = token {
+                request.metadata_mut().insert("token", t.parse().unwrap());
+            }
+            let refused = kv.range(request).await.unwrap_err();
+            assert_eq!(refused.code(), code, "{refused:?}");
+        }
+    }
     let before = scrape(addr, None);
     assert_eq!(
         windows(&before),
