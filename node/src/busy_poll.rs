@@ -11,9 +11,10 @@
 //! What it costs: while the window is open, one worker thread spins (a task that yields
 //! again and again; each turn also polls the I/O driver, so nothing waits for it). Each
 //! request served for an authorized caller (client protocol, etcd API) and each Raft message
-//! to or from a member opens the window for [`BusyPoll::window`] more; an idle node never
-//! spins, and a stranger's refused requests never open it (a cheap packet must not buy a
-//! core's time). A busy node spins for at most the window after its last request.
+//! with entries to or from a member opens the window for [`BusyPoll::window`] more; an idle
+//! node never spins (heartbeats do not count), and a stranger's refused requests never open
+//! it (a cheap packet must not buy a core's time). A busy node spins for at most the window
+//! after its last request. [`WINDOWS`] and [`SPIN_SECONDS`] show what it costs.
 //!
 //! One spinner per process keeps one worker awake: with more workers, a task woken from
 //! another thread may still wake a parked worker. On a single core there is no spinner (the
