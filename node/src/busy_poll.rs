@@ -153,17 +153,21 @@ mod tests {
         poll.extend();
         assert!(poll.is_open(), "open right after a request");
         // The spinner takes the permit the first extension stored and keeps yielding while
-        // the window is open, so other tasks on this one-thread runtime still run.
+        // the window is open, so this task (on the same one-thread runtime) still runs, and
+        // the timer below still fires: a spinner that never yielded would hang the test.
+        let spun_before = SPIN_SECONDS.get();
         let spinner = tokio::spawn(poll.clone().spin());
-        let mut turns = 0u32;
-        while poll.is_open() {
-            tokio::task::yield_now().await;
-            turns += 1;
-        }
-        assert!(turns > 0, "this task ran while the spinner spun");
-        // Closed: the spinner sleeps, and this timer (the I/O and time drivers) still fires.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(!poll.is_open());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(!poll.is_open(), "closed once the window passed");
+        // Closed: the spinner counts the time it spun and goes to sleep.
+        let counted = async {
+            while SPIN_SECONDS.get() <= spun_before {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), counted)
+            .await
+            .expect("the spinner never counted its spinning (it never saw the window close)");
         poll.extend();
         assert!(
             poll.is_open(),

@@ -349,12 +349,7 @@ async fn busy_polling_follows_authorized_requests_only() {
     );
 
     // The admin's puts do, and the time spent spinning is counted as each window closes.
-    for i in 0..5 {
-        client
-            .put(format!("bp/{i}").into_bytes(), b"v".to_vec())
-            .await
-            .unwrap();
-    }
+    five_puts(&client).await;
     let after = wait_until("the spinning to be counted", || async {
         let s = scrape(addr, None);
         (spun(&s) > spun(&before)).then_some(s)
@@ -372,12 +367,7 @@ async fn busy_polling_follows_authorized_requests_only() {
     .await;
     let client = client_for(&off.iter().collect::<Vec<_>>()).await;
     let addr = metrics_addr(&client).await;
-    for i in 0..5 {
-        client
-            .put(format!("bp/{i}").into_bytes(), b"v".to_vec())
-            .await
-            .unwrap();
-    }
+    five_puts(&client).await;
     let s = scrape(addr, None);
     assert_eq!((windows(&s), spun(&s)), (0.0, 0.0));
     client.close().await;
@@ -397,4 +387,12 @@ async fn busy_polling_follows_authorized_requests_only() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("at most 10000"), "{}", stderr(&out));
+}
+
+/// Five puts by `client` (an admin), each answered.
+async fn five_puts(client: &Client) {
+    for i in 0..5 {
+        let key = format!("bp/{i}").into_bytes();
+        client.put(key, b"v".to_vec()).await.unwrap();
+    }
 }
