@@ -222,7 +222,8 @@ pub struct RunArgs {
     /// authorized caller or a member, instead of sleeping in the kernel (default 300; 0:
     /// off; at most 10000). Waking a sleeping thread costs tens of microseconds on a virtual
     /// machine, several times per write: spinning cuts a lone put's latency by about a
-    /// quarter, for one core kept busy while requests keep coming. An idle node never spins.
+    /// quarter, for one core kept busy while requests keep coming. An idle node never spins,
+    /// and the spinner stops for a second whenever it had to wait for a CPU (busy cores).
     #[arg(long, value_name = "MICROSECONDS", env = "ASPEN_BUSY_POLL_US")]
     pub busy_poll_us: Option<u64>,
     /// Seconds between the leader's automatic compaction checks (tests only).

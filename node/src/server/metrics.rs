@@ -297,6 +297,11 @@ impl NodeMetrics {
             crate::busy_poll::SPIN_SECONDS.clone(),
         );
         r.register(
+            "busy_poll_backoffs",
+            "Times the spinner found the cores busy with other threads and stopped spinning for a second",
+            crate::busy_poll::BACKOFFS.clone(),
+        );
+        r.register(
             "doc_changes_committed",
             "Automerge changes clients committed through this node (doc change requests)",
             self.doc_changes.clone(),
