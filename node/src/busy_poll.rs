@@ -10,11 +10,12 @@
 //!
 //! What it costs: while the window is open, one worker thread spins (a task that yields
 //! again and again; each turn also polls the I/O driver, so nothing waits for it). Each
-//! request served for an authorized caller (client protocol, etcd API) and each Raft message
-//! with entries to or from a member opens the window for [`BusyPoll::window`] more; an idle
-//! node never spins (heartbeats do not count), and a stranger's refused requests never open
-//! it (a cheap packet must not buy a core's time). A busy node spins for at most the window
-//! after its last request. [`WINDOWS`] and [`SPIN_SECONDS`] show what it costs.
+//! request served for an authorized caller (client protocol, etcd API, automerge-repo sync
+//! messages) and each Raft message with entries to or from a member opens the window for
+//! [`BusyPoll::window`] more; an idle node never spins (heartbeats do not count), and a
+//! stranger's refused requests never open it (a cheap packet must not buy a core's time). A
+//! busy node spins for at most the window after its last request. [`WINDOWS`] and
+//! [`SPIN_SECONDS`] show what it costs.
 //!
 //! A spinner must never hold a CPU another thread needs. A spinning worker is runnable all
 //! the time, so on a machine whose cores are all busy (a build, another service) the

@@ -769,7 +769,11 @@ impl Connection {
         });
         let node = self.node()?;
         match retry_transient(|| node.authorize(&request, &self.caller)).await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                // Authorized: worth keeping the worker awake for (see `busy_poll`).
+                crate::busy_poll::touch();
+                Ok(true)
+            }
             Err(RpcError::PermissionDenied { .. }) => Ok(false),
             Err(e) => Err(e.into()),
         }
@@ -875,6 +879,7 @@ impl Connection {
         if !answered {
             self.unavailable(&id);
         }
+        crate::busy_poll::touch();
         Ok(())
     }
 

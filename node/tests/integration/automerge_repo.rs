@@ -350,6 +350,80 @@ async fn a_read_only_token_cannot_write() {
     assert!(stored.get("x").is_none(), "{stored}");
 }
 
+/// Busy polling (see `node/src/busy_poll.rs`): an app's sync messages open the spinning
+/// window once they are authorized; a connection without a token, and a token without a grant
+/// for the document, open none.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_polling_follows_authorized_sync_messages_only() {
+    use crate::metrics::{get, metrics_addr, scrape, Samples};
+    use automerge::sync::SyncDoc;
+    let root = tempfile::tempdir().unwrap();
+    let args = [REPO_ARGS, &["--metrics", "127.0.0.1:0"]].concat();
+    let nodes = form(root.path(), 1, &args).await;
+    let ticket = ticket_text(&nodes);
+    let addr = repo_addrs(&nodes).await[0];
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let metrics = metrics_addr(&client).await;
+    let windows = |s: &Samples| get(s, "aspen_busy_poll_windows_total");
+    let id = DocumentId::from_bytes(&rand::random::<[u8; 16]>()).unwrap();
+    let name = format!("automerge/{id}");
+    let out = cli(&["doc", "create", &name], Some(&ticket));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A sync message from an empty document: a fresh sync state always has one to send.
+    let sync = || Message::Sync {
+        sender_id: "raw-test".into(),
+        target_id: "x".into(),
+        document_id: id.clone(),
+        data: automerge::Automerge::new()
+            .generate_sync_message(&mut automerge::sync::State::new())
+            .expect("a first sync message")
+            .encode(),
+    };
+    let before = scrape(metrics, None);
+
+    // No token: the upgrade is refused.
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await;
+    assert!(refused.is_err(), "an upgrade without a token was accepted");
+    // A token for other documents: joined, and its sync is answered `doc-unavailable`.
+    let mut ws = joined(addr, &bearer(&ticket, &["doc:read:elsewhere/"])).await;
+    ws.send(WsMessage::Binary(sync().encode().unwrap().into()))
+        .await
+        .unwrap();
+    match next(&mut ws).await {
+        Some(Message::DocUnavailable { .. }) => {}
+        other => panic!("expected doc-unavailable, got {other:?}"),
+    }
+    assert_eq!(
+        windows(&scrape(metrics, None)),
+        windows(&before),
+        "refused sync messages"
+    );
+
+    // A reader's sync messages do. (Sent again until then, each on a new connection, which
+    // the node always answers: on a loaded machine the spinner may be backing off for a
+    // second, and then nothing opens the window.)
+    let reader = bearer(&ticket, &["doc:read:automerge/"]);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let mut ws = joined(addr, &reader).await;
+        ws.send(WsMessage::Binary(sync().encode().unwrap().into()))
+            .await
+            .unwrap();
+        match next(&mut ws).await {
+            Some(Message::Sync { .. }) => {}
+            other => panic!("expected sync, got {other:?}"),
+        }
+        if windows(&scrape(metrics, None)) > windows(&before) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "authorized sync messages never opened the window"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A raw WebSocket connection to `addr` with `token`, joined.
 async fn joined(
     addr: SocketAddr,
