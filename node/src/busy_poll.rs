@@ -267,6 +267,27 @@ mod tests {
         spinner.abort();
     }
 
+    /// The first CPU the calling thread may run on (machines and containers need not
+    /// offer CPU 0).
+    #[cfg(target_os = "linux")]
+    fn first_allowed_cpu() -> usize {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it and
+        // CPU_ISSET only reads it, within its size.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let rc = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+            assert_eq!(
+                rc,
+                0,
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+                .expect("a thread may run on some CPU")
+        }
+    }
+
     /// Pins the calling thread to one CPU.
     #[cfg(target_os = "linux")]
     fn pin_to_cpu(cpu: usize) {
@@ -290,18 +311,19 @@ mod tests {
     fn the_spinner_backs_off_when_another_thread_wants_its_cpu() {
         // A busy thread and the spinner's runtime on the same CPU: each time the spinner
         // gives the CPU up, it waits for the busy thread's time slice.
+        let cpu = first_allowed_cpu();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hog = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                pin_to_cpu(0);
+                pin_to_cpu(cpu);
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
             })
         };
-        let tested = std::thread::spawn(|| {
-            pin_to_cpu(0);
+        let tested = std::thread::spawn(move || {
+            pin_to_cpu(cpu);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
