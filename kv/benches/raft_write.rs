@@ -1,6 +1,7 @@
 //! `cargo bench -p aspen-kv`: the write path without a network.
 //!
-//! Measures (1) one durable and one non-durable redb commit, (2) sequential single-command
+//! Measures (1) one durable and one non-durable redb commit, the blocking pool's round trip,
+//! and the state machine's apply by itself (one put per entry), (2) sequential single-command
 //! writes through a one-node openraft over the real redb store, and (3) write throughput with
 //! concurrent writers at several entry sizes (commands per Raft entry). Compare (3) with
 //! `aspen bench put` to see what the network and request handling add.
@@ -22,6 +23,54 @@ fn summary(mut ms: Vec<f64>) -> String {
         ms[ms.len() / 2],
         ms[ms.len() * 99 / 100]
     )
+}
+
+/// The state machine's apply by itself (no log, no Raft): one put per entry, as a lone
+/// sequential client produces them, with and without an idempotency session. Includes the
+/// trip to the blocking pool the node pays.
+async fn apply_alone(dir: &std::path::Path) {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    let (_log, mut sm) = aspen_kv::open(dir).expect("store");
+    let mut ms = Vec::new();
+    for _ in 0..5000 {
+        let t = Instant::now();
+        tokio::task::spawn_blocking(|| ()).await.expect("pool");
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!("blocking pool, empty round trip:           {}", summary(ms));
+    let mut index = 0;
+    for sessions in [false, true] {
+        let mut ms = Vec::new();
+        for i in 0..5000u64 {
+            index += 1;
+            let mut command = put(format!("apply/{:05}", i % 10_000));
+            if sessions {
+                command.session = Some(Session {
+                    client_id: 7,
+                    seq: i,
+                    acked_below: i,
+                });
+            }
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(Batch {
+                    proposed_at_ms: 1_000_000 + i,
+                    proposal: 0,
+                    commands: vec![command],
+                }),
+            };
+            let t = Instant::now();
+            sm.apply(vec![entry]).await.expect("apply");
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let label = if sessions {
+            "with session"
+        } else {
+            "no session"
+        };
+        println!("apply alone, 1 put/entry, {label}:    {}", summary(ms));
+    }
 }
 
 fn put(key: String) -> Command {
@@ -59,6 +108,8 @@ async fn main() {
             summary(ms)
         );
     }
+
+    apply_alone(&dir.path().join("apply")).await;
 
     let router = MemRouter::new();
     let (log, sm) = aspen_kv::open(&dir.path().join("node")).expect("store");
