@@ -928,8 +928,17 @@ impl ProtocolHandler for ClientService {
                         // as it is created.
                         match state.authorize(&request, &caller).await {
                             Ok(_) => {
-                                watch::serve_watches(state.clone(), caller, watches, send, recv)
-                                    .await;
+                                // On the watch thread; stopped if this task is dropped.
+                                let mut serving = watch::AbortOnDrop(watch::spawn_watch_task(
+                                    watch::serve_watches(
+                                        state.clone(),
+                                        caller,
+                                        watches,
+                                        send,
+                                        recv,
+                                    ),
+                                ));
+                                let _ = (&mut serving.0).await;
                                 return;
                             }
                             Err(e) => ("kv_watches", ClientResponse::Error(e)),

@@ -200,7 +200,7 @@ async fn start(
         .map_err(from_rpc)?;
     open.fetch_add(1, Ordering::Relaxed);
     node.cluster.metrics.watches.inc();
-    let task = tokio::spawn(run_watch(
+    let task = super::super::watch::spawn_watch_task(run_watch(
         node.cluster.clone(),
         id as u64,
         request,
