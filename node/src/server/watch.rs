@@ -12,7 +12,7 @@
 //! ([`spawn_watch_task`]). The node keeps one async worker fewer than the cores, so that a
 //! lone write's hand-offs stay on one thread; on that worker, fanning each change out to a
 //! thousand watchers competed with the writes that make the changes (about 90,000 events/s
-//! on two cores, against 240,000 with a second worker and 340,000-460,000 with this thread).
+//! on two cores, against 240,000 with a second worker and 275,000-464,000 with this thread).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
