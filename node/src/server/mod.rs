@@ -929,16 +929,16 @@ impl ProtocolHandler for ClientService {
                         match state.authorize(&request, &caller).await {
                             Ok(_) => {
                                 // On the watch thread; stopped if this task is dropped.
-                                let mut serving = watch::AbortOnDrop(watch::spawn_watch_task(
-                                    watch::serve_watches(
+                                let serving = watch::AbortOnDropHandle::new(
+                                    watch::spawn_watch_task(watch::serve_watches(
                                         state.clone(),
                                         caller,
                                         watches,
                                         send,
                                         recv,
-                                    ),
-                                ));
-                                let _ = (&mut serving.0).await;
+                                    )),
+                                );
+                                let _ = serving.await;
                                 return;
                             }
                             Err(e) => ("kv_watches", ClientResponse::Error(e)),

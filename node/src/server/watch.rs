@@ -27,6 +27,7 @@ use aspen_client::protocol::{
 use aspen_kv::api::{ChangesRequest, ReadError};
 use iroh::endpoint::{RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
+pub(super) use tokio_util::task::AbortOnDropHandle;
 
 use super::{auth, ClusterHandle, NodeState};
 
@@ -64,7 +65,8 @@ fn watch_runtime() -> Option<&'static tokio::runtime::Handle> {
 }
 
 /// Runs `task` on the watch thread. The caller keeps the handle and aborts the task when it
-/// is done with it (so nothing outlives the runtime that serves the connection).
+/// is done with it (so nothing outlives the runtime that serves the connection): hold it in
+/// an [`AbortOnDropHandle`].
 pub(super) fn spawn_watch_task<F>(task: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: std::future::Future + Send + 'static,
@@ -73,15 +75,6 @@ where
     match watch_runtime() {
         Some(runtime) => runtime.spawn(task),
         None => tokio::spawn(task),
-    }
-}
-
-/// Aborts its task when dropped.
-pub(super) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -346,7 +339,7 @@ mod tests {
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let guard = {
             let held = held.clone();
-            AbortOnDrop(spawn_watch_task(async move {
+            AbortOnDropHandle::new(spawn_watch_task(async move {
                 let thread = std::thread::current().name().map(str::to_owned);
                 let _ = started_tx.send(thread);
                 let _held = held;

@@ -35,7 +35,7 @@ use iroh::{EndpointAddr, EndpointId};
 use iroh_gossip::api::{Event, GossipSender};
 use iroh_gossip::net::Gossip;
 use iroh_gossip::proto::TopicId;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::follower::{accepted_manifest, list_follows, FollowId, Pulls};
 use crate::config::TestFault;
@@ -63,16 +63,7 @@ struct Announcing {
     /// The manifest announced last (test fault: replayed).
     previous: Option<Vec<u8>>,
     /// Drains the topic's events (a receiver that is not read lags and is dropped).
-    _drain: DropAbort,
-}
-
-/// Aborts its task when dropped.
-struct DropAbort(JoinHandle<()>);
-
-impl Drop for DropAbort {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _drain: AbortOnDropHandle<()>,
 }
 
 async fn join(
@@ -176,7 +167,7 @@ pub async fn run_origin(
                         sender,
                         last: None,
                         previous: None,
-                        _drain: DropAbort(drain),
+                        _drain: AbortOnDropHandle::new(drain),
                     },
                 );
             }
@@ -329,7 +320,7 @@ pub async fn run_follower(state: Arc<NodeState>, gossip: Gossip, pulls: Arc<Pull
                         neighbors,
                         sender,
                         announced: None,
-                        _task: DropAbort(task),
+                        _task: AbortOnDropHandle::new(task),
                     },
                 );
             }
@@ -412,7 +403,7 @@ struct Listening {
     sender: GossipSender,
     /// The hash of the accepted manifest announced last as a mirror.
     announced: Option<[u8; 32]>,
-    _task: DropAbort,
+    _task: AbortOnDropHandle<()>,
 }
 
 /// Acts on one topic's announcements: checked, then rate-limited, then a pull now.
