@@ -88,7 +88,7 @@ measure() {
   echo "$result"
 }
 
-measure "watch-latency W=1 P=200"     "p50_ms p99_ms max_ms" watch-latency --watchers 1 --puts 200 --interval-ms 20
-measure "watch-latency W=1000 P=100"  "p50_ms p99_ms max_ms" watch-latency --watchers 1000 --puts 100 --interval-ms 20
+measure "watch-latency W=1 P=200"     "p50_ms p99_ms max_ms put_p50_ms" watch-latency --watchers 1 --puts 200 --interval-ms 20
+measure "watch-latency W=1000 P=100"  "p50_ms p99_ms max_ms put_p50_ms" watch-latency --watchers 1000 --puts 100 --interval-ms 20
 measure "watch-throughput W=1000 P=2000" "events_per_s puts_per_s" watch-throughput --watchers 1000 --puts 2000
 measure "lease-keepalive C=64 10s"    "keepalives_per_s" lease-keepalive --clients 64 --seconds 10

@@ -2,7 +2,8 @@
 //!
 //! - `watch-latency`: W watchers of one key on one connection; one writer puts a 256-byte
 //!   value every `--interval-ms`; a sample is the time from just before a put was sent to
-//!   a watcher receiving its event (one per watcher and put).
+//!   a watcher receiving its event (one per watcher and put); the put's own round trip p50
+//!   too (an idle node's put, against the back-to-back puts of `bench put`).
 //! - `watch-throughput`: the same watchers; the writer puts as fast as it can (one at a
 //!   time); events delivered per second, from the first put to the last event received.
 //! - `lease-keepalive`: C tasks on one connection, each keeping its own lease alive with
@@ -140,13 +141,17 @@ pub async fn bench_watch(args: WatchBenchArgs, throughput: bool) -> Result<()> {
     let started = Instant::now();
     let mut next = tokio::time::Instant::now();
     let mut revision = 0;
+    let mut put_ms = Vec::new();
     for _ in 0..args.puts {
         tokio::time::sleep_until(next).await;
         next += interval;
         let t0 = Instant::now();
         revision = writer.put(KEY.to_vec(), value.clone()).await?.revision;
+        put_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         sent.insert(revision, t0);
     }
+    put_ms.sort_by(|a, b| a.total_cmp(b));
+    let put_p50 = pct(&put_ms, 0.5);
     let put_secs = started.elapsed().as_secs_f64();
     last.store(revision, Ordering::SeqCst);
     let mut samples = Vec::new();
@@ -172,7 +177,7 @@ pub async fn bench_watch(args: WatchBenchArgs, throughput: bool) -> Result<()> {
             "{}",
             json!({ "bench": if throughput { "watch-throughput" } else { "watch-latency" },
                     "watchers": args.watchers, "puts": args.puts, "events": events,
-                    "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                    "p50_ms": p50, "p99_ms": p99, "max_ms": max, "put_p50_ms": put_p50,
                     "events_per_sec": events_per_sec, "puts_per_sec": puts_per_sec })
         ),
         Output::Text => {
@@ -183,6 +188,7 @@ pub async fn bench_watch(args: WatchBenchArgs, throughput: bool) -> Result<()> {
             println!("  put-to-event p50  {p50:.3} ms");
             println!("  put-to-event p99  {p99:.3} ms");
             println!("  put-to-event max  {max:.3} ms");
+            println!("  put p50           {put_p50:.3} ms (the put's own round trip)");
             println!("  events/s          {events_per_sec:.0}");
             println!("  puts/s            {puts_per_sec:.0}");
         }
