@@ -140,7 +140,11 @@ async fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Put(args) => kv_load(endpoints, true, args).await,
         Cmd::Get(args) => kv_load(endpoints, false, args).await,
-        Cmd::WatchLatency { watchers, puts, interval_ms } => {
+        Cmd::WatchLatency {
+            watchers,
+            puts,
+            interval_ms,
+        } => {
             let client = connect(endpoints).await?;
             watch_latency(client, watchers, puts, Duration::from_millis(interval_ms)).await
         }
@@ -163,9 +167,7 @@ struct Endpoints {
 async fn connect(endpoints: &Endpoints) -> Result<Client> {
     let options = match &endpoints.user {
         Some(user) => {
-            let (name, password) = user
-                .split_once(':')
-                .context("--user takes NAME:PASSWORD")?;
+            let (name, password) = user.split_once(':').context("--user takes NAME:PASSWORD")?;
             Some(etcd_client::ConnectOptions::new().with_user(name, password))
         }
         None => None,
@@ -339,10 +341,18 @@ async fn collect(
 /// One put of a 256-byte value; returns the revision it created.
 async fn put(client: &mut Client, value: &[u8]) -> Result<i64> {
     let resp = client.put(WATCH_KEY, value.to_vec(), None).await?;
-    Ok(resp.header().context("put response without header")?.revision())
+    Ok(resp
+        .header()
+        .context("put response without header")?
+        .revision())
 }
 
-async fn watch_latency(client: Client, watchers: usize, puts: usize, interval: Duration) -> Result<()> {
+async fn watch_latency(
+    client: Client,
+    watchers: usize,
+    puts: usize,
+    interval: Duration,
+) -> Result<()> {
     let streams = create_watchers(&client, watchers).await?;
     let handles = spawn_receivers(streams, puts);
 
@@ -429,7 +439,10 @@ async fn lease_keepalive(client: Client, clients: usize, run_for: Duration) -> R
                 let mut acked = 0u64;
                 while Instant::now() < deadline {
                     keeper.keep_alive().await?;
-                    let resp = stream.message().await?.context("keep-alive stream closed")?;
+                    let resp = stream
+                        .message()
+                        .await?
+                        .context("keep-alive stream closed")?;
                     ensure!(resp.ttl() > 0, "lease {id} expired");
                     acked += 1;
                 }
