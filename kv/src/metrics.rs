@@ -1,4 +1,6 @@
-//! What the store measures about itself: log flushes and applies.
+//! What the store measures about itself: log flushes and applies, and how long each waits
+//! for the thread that runs it (on a lone write those wake-ups are a measurable part of its
+//! latency; under load, the queue behind the work in progress).
 //!
 //! The figures are Prometheus metrics (the `prometheus-client` crate), kept per store (several
 //! nodes may share one process in tests) and registered by the node that serves them. They
@@ -17,6 +19,12 @@ fn disk_seconds() -> Histogram {
     Histogram::new(exponential_buckets(50e-6, 2.0, 16))
 }
 
+/// Latency buckets for waiting on another thread (a wake-up, or work queued ahead): 5 µs to
+/// ~80 ms, doubling.
+fn wait_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(5e-6, 2.0, 15))
+}
+
 /// Count buckets for "how many per batch": 1 to 1,024, doubling.
 pub fn batch_sizes() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 11))
@@ -29,8 +37,15 @@ pub struct StorageMetrics {
     pub log_flush_seconds: Histogram,
     /// Appends (openraft append calls) one durable log commit covered.
     pub log_flush_appends: Histogram,
-    /// Duration of one state-machine apply transaction (one or more entries).
+    /// From an append handed to the log writer thread to the start of the commit that
+    /// covers it: the thread's wake-up, or the commit in progress ahead of it.
+    pub log_queue_seconds: Histogram,
+    /// Duration of one state-machine apply (one transaction, one or more entries), as the
+    /// state machine task sees it: from handing it to the blocking pool to its result, so
+    /// the pool's wake-up ([`Self::apply_queue_seconds`]) included.
     pub apply_seconds: Histogram,
+    /// From an apply handed to the blocking pool to a pool thread starting it.
+    pub apply_queue_seconds: Histogram,
     /// Log entries applied to the state machine.
     pub applied_entries: Counter,
     /// Client commands applied (the commands inside applied entries).
@@ -45,7 +60,9 @@ impl Default for StorageMetrics {
         StorageMetrics {
             log_flush_seconds: disk_seconds(),
             log_flush_appends: batch_sizes(),
+            log_queue_seconds: wait_seconds(),
             apply_seconds: disk_seconds(),
+            apply_queue_seconds: wait_seconds(),
             applied_entries: Counter::default(),
             applied_commands: Counter::default(),
             log_flushes: AtomicU64::new(0),
@@ -62,6 +79,11 @@ impl StorageMetrics {
         self.log_flushes.fetch_add(1, Ordering::Relaxed);
         self.log_flush_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Records how long one append waited for the log writer to start its commit.
+    pub fn log_queued(&self, waited: std::time::Duration) {
+        self.log_queue_seconds.observe(waited.as_secs_f64());
     }
 
     /// Durable log commits so far and their mean duration in milliseconds.
@@ -92,10 +114,24 @@ impl StorageMetrics {
             self.log_flush_appends.clone(),
         );
         registry.register_with_unit(
+            "raft_log_queue",
+            "Time an append waits for the log writer thread to start the commit covering it \
+             (its wake-up, or a commit in progress)",
+            Unit::Seconds,
+            self.log_queue_seconds.clone(),
+        );
+        registry.register_with_unit(
             "state_machine_apply",
-            "Duration of one state machine apply transaction",
+            "Duration of one state machine apply (one transaction), from handing it to the \
+             blocking pool to its result",
             Unit::Seconds,
             self.apply_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "state_machine_apply_queue",
+            "Time an apply waits for a blocking-pool thread to start it",
+            Unit::Seconds,
+            self.apply_queue_seconds.clone(),
         );
         registry.register(
             "state_machine_applied_entries",

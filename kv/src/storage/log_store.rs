@@ -62,6 +62,8 @@ enum Job {
     Append {
         entries: Vec<(LogId, Vec<u8>)>,
         done: LogFlushed<TypeConfig>,
+        /// When it was handed to the writer (for the writer's queue-wait figure).
+        queued: std::time::Instant,
     },
     /// Any other durable change, run in order with appends.
     Other {
@@ -237,9 +239,16 @@ impl LogStore {
             None => {
                 let mut wal = self.wal.lock().expect("wal lock");
                 match job {
-                    Job::Append { entries, done } => {
-                        commit_appends(&mut wal, &self.tail, &self.metrics, vec![(entries, done)])
-                    }
+                    Job::Append {
+                        entries,
+                        done,
+                        queued,
+                    } => commit_appends(
+                        &mut wal,
+                        &self.tail,
+                        &self.metrics,
+                        vec![(entries, done, queued)],
+                    ),
                     Job::Other { op, done } => run_other(&mut wal, op, done),
                 }
                 Ok(())
@@ -261,7 +270,11 @@ impl LogStore {
     }
 }
 
-type Group = Vec<(Vec<(LogId, Vec<u8>)>, LogFlushed<TypeConfig>)>;
+type Group = Vec<(
+    Vec<(LogId, Vec<u8>)>,
+    LogFlushed<TypeConfig>,
+    std::time::Instant,
+)>;
 
 fn write_loop(
     wal: &Weak<Mutex<Wal>>,
@@ -274,12 +287,20 @@ fn write_loop(
         let mut wal = wal.lock().expect("wal lock");
         match first {
             Job::Other { op, done } => run_other(&mut wal, op, done),
-            Job::Append { entries, done } => {
-                let mut group = vec![(entries, done)];
+            Job::Append {
+                entries,
+                done,
+                queued,
+            } => {
+                let mut group = vec![(entries, done, queued)];
                 let mut next_other = None;
                 while group.len() < MAX_GROUP_COMMIT {
                     match jobs.try_recv() {
-                        Ok(Job::Append { entries, done }) => group.push((entries, done)),
+                        Ok(Job::Append {
+                            entries,
+                            done,
+                            queued,
+                        }) => group.push((entries, done, queued)),
                         Ok(other) => {
                             next_other = Some(other);
                             break;
@@ -304,9 +325,12 @@ fn run_other(wal: &mut Wal, op: DurableOp, done: oneshot::Sender<Result<(), Stri
 /// Writes a group of appends and syncs once, then tells openraft.
 fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetrics, group: Group) {
     let started = std::time::Instant::now();
+    for (_, _, queued) in &group {
+        metrics.log_queued(started.saturating_duration_since(*queued));
+    }
     let entries: Vec<(LogId, &[u8])> = group
         .iter()
-        .flat_map(|(entries, _)| entries.iter().map(|(id, b)| (*id, b.as_slice())))
+        .flat_map(|(entries, _, _)| entries.iter().map(|(id, b)| (*id, b.as_slice())))
         .collect();
     let written = wal.append(&entries);
     if written.is_ok() {
@@ -322,7 +346,7 @@ fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetric
         micros = took.as_micros() as u64,
         "log group commit"
     );
-    for (_, done) in group {
+    for (_, done, _) in group {
         match &r {
             Ok(()) => done.log_io_completed(Ok(())),
             Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
@@ -435,6 +459,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.submit(Job::Append {
             entries: encoded,
             done: callback,
+            queued: std::time::Instant::now(),
         })
         .map_err(write_err)
     }

@@ -1617,7 +1617,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         let started = std::time::Instant::now();
         let index = self.index.clone();
+        let metrics = self.metrics.clone();
         let applied = blocking(self.io, move || {
+            metrics
+                .apply_queue_seconds
+                .observe(started.elapsed().as_secs_f64());
             apply_entries(&db, &index, n, entries).map_err(|e| {
                 // The index may hold writes that never committed: rebuild it from what did.
                 match load_index(&db) {

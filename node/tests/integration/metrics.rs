@@ -96,7 +96,9 @@ async fn metrics_name_the_series_and_move_with_requests() {
         "aspen_raft_log_flush_seconds_count",
         "aspen_raft_log_flush_seconds_bucket{le=\"+Inf\"}",
         "aspen_raft_log_flush_appends_count",
+        "aspen_raft_log_queue_seconds_count",
         "aspen_state_machine_apply_seconds_count",
+        "aspen_state_machine_apply_queue_seconds_count",
         "aspen_state_machine_applied_commands_total",
         "aspen_kv_revision",
         "aspen_watches",
@@ -152,6 +154,9 @@ async fn metrics_name_the_series_and_move_with_requests() {
     assert!(moved("aspen_raft_applied_index") >= 20.0);
     assert!(moved("aspen_kv_revision") >= 20.0);
     assert!(moved("aspen_raft_log_flush_seconds_count") >= 20.0);
+    // Each write's append waited for the log writer, and its apply for a pool thread.
+    assert!(moved("aspen_raft_log_queue_seconds_count") >= 20.0);
+    assert!(moved("aspen_state_machine_apply_queue_seconds_count") >= 20.0);
     assert!(moved("aspen_raft_proposal_commands_count") >= 20.0);
     assert!(moved("aspen_state_machine_applied_commands_total") >= 20.0);
     // 20 writes and the stranger's refused one.
