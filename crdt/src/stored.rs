@@ -531,7 +531,7 @@ pub fn check_saved_document(bytes: &[u8], max: usize) -> Result<(), DocError> {
     Ok(())
 }
 
-/// Loads a saved document received from elsewhere: [`check_saved_document`] first, then
+/// Loads a saved document received from elsewhere: `check_saved_document` first, then
 /// Automerge (its panics caught). CPU work: callers off the async executor.
 pub fn load_saved(bytes: &[u8]) -> Result<Automerge, DocError> {
     check_saved_document(bytes, crate::limits::MAX_DOC_INFLATED_BYTES)?;

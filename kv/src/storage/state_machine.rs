@@ -290,7 +290,7 @@ impl StateMachineStore {
     /// A receiver whose value changes after every applied batch (and every installed
     /// snapshot) that may have written a system key under `prefix`, so a node's background
     /// loop can react to replicated state at once instead of polling. Wakes can be spurious
-    /// (a conditional write that did not apply). Panics past [`MAX_SYSTEM_WATCHES`]: watches
+    /// (a conditional write that did not apply). Panics past `MAX_SYSTEM_WATCHES` (16): watches
     /// are made once per node loop, not per request.
     pub fn watch_system_prefix(&self, prefix: &[u8]) -> tokio::sync::watch::Receiver<u64> {
         let mut watches = self.system_watches.lock().expect("watches lock");

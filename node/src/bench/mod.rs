@@ -1,5 +1,5 @@
 //! `aspen bench`: a load generator shaped like etcd's `benchmark` tool, plus transfer
-//! throughput (blobs, and raw iroh QUIC as the baseline) in [`transfer`].
+//! throughput (blobs, and raw iroh QUIC as the baseline) in `transfer`.
 
 mod federation;
 mod transfer;

@@ -368,7 +368,7 @@ impl NodeState {
             .collect()
     }
 
-    /// Connection-level check for iroh's protocols (see [`PeerGate`]).
+    /// Connection-level check for iroh's protocols (see `PeerGate`).
     pub fn peer_may_connect(&self, peer: &EndpointId, alpn: &[u8]) -> bool {
         if self.is_raft_peer(peer) {
             return true;

@@ -15,7 +15,7 @@
 //!
 //! Bounds: [`MAX_CONNECTIONS`] connections (more are closed at once), [`MAX_STREAMS`]
 //! concurrent calls per connection, requests of at most [`MAX_REQUEST_BYTES`], and range
-//! answers of at most [`kv::MAX_RANGE_ANSWER_BYTES`].
+//! answers of at most `kv::MAX_RANGE_ANSWER_BYTES`.
 
 mod cluster;
 mod coordination;
