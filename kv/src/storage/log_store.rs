@@ -31,6 +31,19 @@ use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const PURGE_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Benchmarks only: how much longer every group commit of the log writer thread takes
+/// (`ASPEN_UNSAFE_SLOW_DISK_MS`), to stand for a disk whose flush is slow (an SD card, a
+/// network volume) on a machine whose own disk is fast. Read once; unset, nothing changes.
+static SLOW_DISK: std::sync::LazyLock<Option<std::time::Duration>> =
+    std::sync::LazyLock::new(|| {
+        let ms: u64 = std::env::var("ASPEN_UNSAFE_SLOW_DISK_MS")
+            .ok()?
+            .parse()
+            .ok()?;
+        tracing::warn!("ASPEN_UNSAFE_SLOW_DISK_MS: every log flush takes {ms} ms longer");
+        Some(std::time::Duration::from_millis(ms))
+    });
+
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
 
@@ -339,6 +352,9 @@ fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetric
         tail.write().expect("log tail lock").written(&ids);
     }
     let r = written.and_then(|()| wal.sync());
+    if let Some(delay) = *SLOW_DISK {
+        std::thread::sleep(delay);
+    }
     let took = started.elapsed();
     metrics.log_flushed(group.len(), took);
     tracing::trace!(
