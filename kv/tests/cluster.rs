@@ -1,5 +1,6 @@
 //! Multi-node tests of the store over the in-memory network, with real redb files.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,7 +62,7 @@ impl Cluster {
         )
         .await
         .unwrap();
-        self.router.register(id, raft.clone());
+        self.router.register(id, raft.clone(), sm.clone());
         self.nodes.insert(id, Node { raft, sm });
     }
 
@@ -84,7 +85,7 @@ impl Cluster {
             let views: Vec<Option<NodeId>> = self
                 .nodes
                 .values()
-                .map(|n| n.raft.metrics().borrow().current_leader)
+                .map(|n| n.raft.metrics().borrow_watched().current_leader)
                 .collect();
             let known: Vec<NodeId> = views.iter().flatten().copied().collect();
             if let Some(l) = known.first() {
@@ -92,7 +93,7 @@ impl Cluster {
                 let self_view = self
                     .nodes
                     .get(l)
-                    .map(|n| n.raft.metrics().borrow().state.is_leader());
+                    .map(|n| n.raft.metrics().borrow_watched().state.is_leader());
                 if agreed && self_view == Some(true) {
                     return *l;
                 }
@@ -124,10 +125,19 @@ impl Cluster {
     async fn add(&mut self, id: NodeId) {
         let leader = self.leader().await;
         let raft = &self.nodes[&leader].raft;
+        // openraft refuses a membership change while the last one is uncommitted (a new
+        // leader's initial membership included).
+        let mut metrics = raft.metrics();
+        while {
+            let m = metrics.borrow_watched();
+            m.committed_membership_config.log_id() != m.membership_config.log_id()
+        } {
+            metrics.changed().await.unwrap();
+        }
         raft.add_learner(id, member(id), true).await.unwrap();
         let voters: std::collections::BTreeSet<NodeId> = raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .voter_ids()
@@ -173,7 +183,7 @@ impl Cluster {
         let target = self.nodes[&leader]
             .raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .last_log_index
             .unwrap();
         for node in self.nodes.values() {
