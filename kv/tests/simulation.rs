@@ -5,7 +5,9 @@
 //! duplicates and partitions), the disks ([`SimDisk`]: a crash loses every unsynced write),
 //! and time (a single-threaded tokio runtime with a paused clock, so seconds of cluster time
 //! pass in milliseconds and timers fire in a reproducible order). Storage runs inline
-//! ([`IoMode::Inline`]) so no thread escapes the runtime.
+//! ([`IoMode::Inline`]) so no thread escapes the runtime; the log's group commit runs on a
+//! task 1 ms (simulated) after the append, so openraft works on while a flush is pending.
+//! openraft's own random draws come from a source seeded per run (`raft_runtime`).
 //!
 //! Each seed drives clients doing gets, puts, deletes and compare-and-swaps on a few keys while
 //! a nemesis crashes and restarts nodes (also with the power cut in the middle of a commit)

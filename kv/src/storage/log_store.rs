@@ -285,11 +285,14 @@ enum Writer {
 /// followers' acknowledgements), as on a node, and a crash in this window loses the appends.
 const SIMULATED_FLUSH: std::time::Duration = std::time::Duration::from_millis(1);
 
-type Group = Vec<(
+/// One append in a group commit: its encoded entries, the callback, when it was queued.
+type QueuedAppend = (
     Vec<(LogId, Vec<u8>)>,
     IOFlushed<TypeConfig>,
     std::time::Instant,
-)>;
+);
+
+type Group = Vec<QueuedAppend>;
 
 fn write_loop(
     wal: &Weak<Mutex<Wal>>,
@@ -307,22 +310,8 @@ fn write_loop(
                 done,
                 queued,
             } => {
-                let mut group = vec![(entries, done, queued)];
-                let mut next_other = None;
-                while group.len() < MAX_GROUP_COMMIT {
-                    match jobs.try_recv() {
-                        Ok(Job::Append {
-                            entries,
-                            done,
-                            queued,
-                        }) => group.push((entries, done, queued)),
-                        Ok(other) => {
-                            next_other = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let (group, next_other) =
+                    take_group((entries, done, queued), || jobs.try_recv().ok());
                 commit_appends(&mut wal, tail, metrics, group);
                 if let Some(Job::Other { op, done }) = next_other {
                     run_other(&mut wal, op, done);
@@ -330,6 +319,24 @@ fn write_loop(
             }
         }
     }
+}
+
+/// A group commit: `first` and the appends queued right behind it (from `next`, which
+/// returns `None` once the queue is empty), up to [`MAX_GROUP_COMMIT`]; and the other job
+/// that ended it, to run right after.
+fn take_group(first: QueuedAppend, mut next: impl FnMut() -> Option<Job>) -> (Group, Option<Job>) {
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP_COMMIT {
+        match next() {
+            Some(Job::Append {
+                entries,
+                done,
+                queued,
+            }) => group.push((entries, done, queued)),
+            other => return (group, other),
+        }
+    }
+    (group, None)
 }
 
 /// The simulation's writer: [`write_loop`] as a task, each group commit [`SIMULATED_FLUSH`]
@@ -361,21 +368,8 @@ async fn write_task(
                 queued,
             } => {
                 tokio::time::sleep(SIMULATED_FLUSH).await;
-                let mut group = vec![(entries, done, queued)];
-                while group.len() < MAX_GROUP_COMMIT {
-                    match jobs.try_recv() {
-                        Ok(Job::Append {
-                            entries,
-                            done,
-                            queued,
-                        }) => group.push((entries, done, queued)),
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let group;
+                (group, next) = take_group((entries, done, queued), || jobs.try_recv().ok());
                 let Some(wal) = wal.upgrade() else { return };
                 let mut wal = wal.lock().expect("wal lock");
                 commit_appends(&mut wal, &tail, &metrics, group);

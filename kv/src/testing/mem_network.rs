@@ -6,8 +6,9 @@
 //! delivered twice, or have its response lost; all drawn from one seeded RNG, so a run on a
 //! single-threaded runtime with paused time replays exactly.
 //!
-//! Failures are reported as `NetworkError`, never `Unreachable`: openraft backs off from
-//! unreachable nodes with an unseeded `select!`, which would make simulations diverge.
+//! Failures are reported as `NetworkError`, never `Unreachable` (openraft retries the former
+//! at once and backs off from the latter). A snapshot travels as bytes and is written into a
+//! file of the receiver's, as a stream over a real network would be.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
