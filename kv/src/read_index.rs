@@ -1,8 +1,9 @@
 //! Linearizable read points (ReadIndex) that stay safe across a leader's restart.
 //!
-//! openraft 0.9 restores a node whose persisted vote is its own committed vote as leader at
-//! startup, with its commit index unknown (it is not persisted), and then offers
-//! max(committed, first log id of its term) as the read index: possibly below entries that
+//! openraft restores a node whose persisted vote is its own committed vote as leader at
+//! startup, with its commit index unknown (Aspen does not persist it), and then offers
+//! max(committed, first log id of its leadership) as the read index (0.9 did; 0.10 offers the
+//! same, and a leadership restored at startup keeps its old first log id): possibly below entries that
 //! were committed, and acknowledged to clients, before the restart. A read at that index can
 //! miss acknowledged writes. (Seen as a node denying its admin after a full-cluster restart
 //! because its access policy had not been replayed yet; and as simulation seed 5893, while

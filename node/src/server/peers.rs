@@ -532,15 +532,20 @@ fn approx_entry_bytes(entry: &aspen_kv::raft_types::Entry) -> usize {
 /// How many of `entries`, from the first, fit one AppendEntries (at least one: a single
 /// entry always fits a frame).
 fn entries_that_fit(entries: &[aspen_kv::raft_types::Entry]) -> usize {
-    let mut bytes = 0;
-    let fit = entries
-        .iter()
-        .take_while(|e| {
-            bytes += approx_entry_bytes(e);
-            bytes <= APPEND_BUDGET
+    prefix_within(entries.iter().map(approx_entry_bytes), APPEND_BUDGET)
+}
+
+/// How many of the first `sizes` add up to at most `budget`; at least one if there is one.
+fn prefix_within(sizes: impl ExactSizeIterator<Item = usize>, budget: usize) -> usize {
+    let any = sizes.len().min(1);
+    let mut total = 0;
+    let fit = sizes
+        .take_while(|size| {
+            total += size;
+            total <= budget
         })
         .count();
-    fit.max(1)
+    fit.max(any)
 }
 
 /// A reader whose every read must complete within `limit` (a stalled sender fails the read
@@ -647,7 +652,10 @@ impl PeerLink {
             .await
             .map_err(|e| failed(&e))?;
         let conn = self.peers.connection(&self.member).await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
+        let (mut send, mut recv) =
+            within(async { conn.open_bi().await.map_err(|e| e.to_string()) })
+                .await
+                .map_err(|e| failed(&e))?;
         let header = RaftRequest::InstallSnapshot { vote, meta, bytes };
         within(async {
             write_frame(&mut send, &header, MAX_RAFT_FRAME)
@@ -771,5 +779,38 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
                 }
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[test]
+    fn appends_are_cut_to_what_fits_a_frame() {
+        assert_eq!(prefix_within([10, 10, 10].into_iter(), 30), 3);
+        assert_eq!(prefix_within([10, 10, 10].into_iter(), 25), 2);
+        assert_eq!(
+            prefix_within([40, 1].into_iter(), 30),
+            1,
+            "one entry always goes"
+        );
+        assert_eq!(prefix_within(std::iter::empty(), 30), 0, "a heartbeat");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_snapshot_body_fails_instead_of_waiting_forever() {
+        let (mut sender, mut stream) = tokio::io::duplex(64);
+        sender.write_all(b"abc").await.unwrap();
+        let mut body = ReadTimeout::new(&mut stream, Duration::from_millis(50));
+        let mut buf = [0u8; 3];
+        body.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"abc");
+        // The sender stays connected but sends nothing more.
+        let err = body.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(sender);
     }
 }
