@@ -499,8 +499,9 @@ pub(super) fn install(
     Ok(())
 }
 
-/// A snapshot file being written (received) or read (sent). openraft reads and writes it in
-/// chunks; the path lets `install_snapshot` move a received file into place.
+/// A snapshot file being written (received) or read (sent). openraft hands it whole to the
+/// network, which streams its bytes; the path lets `install_snapshot` move a received file
+/// into place.
 pub struct SnapshotFile {
     path: PathBuf,
     file: FileIo,
