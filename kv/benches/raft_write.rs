@@ -29,7 +29,8 @@ fn summary(mut ms: Vec<f64>) -> String {
 /// sequential client produces them, with and without an idempotency session. Includes the
 /// trip to the blocking pool the node pays.
 async fn apply_alone(dir: &std::path::Path) {
-    use aspen_kv::raft_types::{Entry, EntryPayload};
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
     let (_log, mut sm) = aspen_kv::open(dir).expect("store");
     let mut ms = Vec::new();
     for _ in 0..5000 {
@@ -52,7 +53,7 @@ async fn apply_alone(dir: &std::path::Path) {
                 });
             }
             let entry = Entry {
-                log_id: aspen_kv::raft_types::log_id(1, 1, index),
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
                 payload: EntryPayload::Normal(Batch {
                     proposed_at_ms: 1_000_000 + i,
                     proposal: 0,
@@ -60,7 +61,7 @@ async fn apply_alone(dir: &std::path::Path) {
                 }),
             };
             let t = Instant::now();
-            sm.apply_committed(vec![entry]).await.expect("apply");
+            sm.apply(vec![entry]).await.expect("apply");
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let label = if sessions {
@@ -117,11 +118,11 @@ async fn main() {
         aspen_kv::raft_config(1_000_000, 1000),
         router.network(1),
         log,
-        sm.clone(),
+        sm,
     )
     .await
     .expect("raft");
-    router.register(1, raft.clone(), sm);
+    router.register(1, raft.clone());
     raft.initialize(BTreeMap::from([(1, Member::default())]))
         .await
         .expect("init");

@@ -16,7 +16,6 @@ pub mod api;
 pub mod lessor;
 pub mod limits;
 pub mod metrics;
-pub mod raft_runtime;
 pub mod raft_types;
 pub mod read_index;
 pub mod storage;

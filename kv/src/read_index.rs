@@ -1,9 +1,8 @@
 //! Linearizable read points (ReadIndex) that stay safe across a leader's restart.
 //!
-//! openraft restores a node whose persisted vote is its own committed vote as leader at
-//! startup, with its commit index unknown (Aspen does not persist it), and then offers
-//! max(committed, first log id of its leadership) as the read index (0.9 did; 0.10 offers the
-//! same, and a leadership restored at startup keeps its old first log id): possibly below entries that
+//! openraft 0.9 restores a node whose persisted vote is its own committed vote as leader at
+//! startup, with its commit index unknown (it is not persisted), and then offers
+//! max(committed, first log id of its term) as the read index: possibly below entries that
 //! were committed, and acknowledged to clients, before the restart. A read at that index can
 //! miss acknowledged writes. (Seen as a node denying its admin after a full-cluster restart
 //! because its access policy had not been replayed yet; and as simulation seed 5893, while
@@ -20,14 +19,12 @@
 
 use std::sync::Mutex;
 
-use openraft::async_runtime::WatchReceiver;
-use openraft::error::{LinearizableReadError, RaftError};
-use openraft::ReadPolicy;
+use openraft::error::{CheckIsLeaderError, RaftError};
 
-use crate::raft_types::{Raft, TypeConfig, Vote};
+use crate::raft_types::{Member, NodeId, Raft, Vote};
 
 /// What confirming a read point can fail with (openraft's own error).
-pub type ReadIndexError = RaftError<TypeConfig, LinearizableReadError<TypeConfig>>;
+pub type ReadIndexError = RaftError<NodeId, CheckIsLeaderError<NodeId, Member>>;
 
 /// Read points of one Raft instance (make a new one when the node restarts).
 pub struct ReadIndex {
@@ -48,11 +45,11 @@ impl ReadIndex {
     /// a linearizable read must wait to have applied: openraft's read index, raised to the
     /// floor of this leadership.
     pub async fn confirm(&self) -> Result<Option<u64>, ReadIndexError> {
-        let (read, _applied) = self.raft.get_read_log_id(ReadPolicy::ReadIndex).await?;
+        let (read, _applied) = self.raft.get_read_log_id().await?;
         // Read after the core answered, so at least its state at startup is reported.
         let (vote, last) = {
             let m = self.raft.metrics();
-            let m = m.borrow_watched();
+            let m = m.borrow();
             (m.vote, m.last_log_index)
         };
         let floor = {
@@ -65,6 +62,6 @@ impl ReadIndex {
                 }
             }
         };
-        Ok(Some(read.index()).max(floor))
+        Ok(read.map(|l| l.index).max(floor))
     }
 }
