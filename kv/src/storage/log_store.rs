@@ -34,15 +34,38 @@ const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// Benchmarks only: how much longer every group commit of the log writer thread takes
 /// (`ASPEN_UNSAFE_SLOW_DISK_MS`), to stand for a disk whose flush is slow (an SD card, a
 /// network volume) on a machine whose own disk is fast. Read once; unset, nothing changes.
+/// Never applied inline (the simulation), where it would stall the runtime.
 static SLOW_DISK: std::sync::LazyLock<Option<std::time::Duration>> =
     std::sync::LazyLock::new(|| {
-        let ms: u64 = std::env::var("ASPEN_UNSAFE_SLOW_DISK_MS")
-            .ok()?
-            .parse()
-            .ok()?;
-        tracing::warn!("ASPEN_UNSAFE_SLOW_DISK_MS: every log flush takes {ms} ms longer");
-        Some(std::time::Duration::from_millis(ms))
+        match slow_disk_from(std::env::var("ASPEN_UNSAFE_SLOW_DISK_MS").ok().as_deref()) {
+            Ok(Some(d)) => {
+                tracing::warn!("ASPEN_UNSAFE_SLOW_DISK_MS: every log flush takes {d:?} longer");
+                Some(d)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!("ASPEN_UNSAFE_SLOW_DISK_MS ignored: {e}");
+                None
+            }
+        }
     });
+
+/// Longest extra flush time `ASPEN_UNSAFE_SLOW_DISK_MS` may ask for.
+const MAX_SLOW_DISK_MS: u64 = 10_000;
+
+fn slow_disk_from(value: Option<&str>) -> Result<Option<std::time::Duration>, String> {
+    let Some(value) = value else { return Ok(None) };
+    let ms: u64 = value
+        .trim()
+        .parse()
+        .map_err(|e| format!("{value:?} is not a number of milliseconds: {e}"))?;
+    if ms > MAX_SLOW_DISK_MS {
+        return Err(format!(
+            "{ms} ms is over the limit of {MAX_SLOW_DISK_MS} ms"
+        ));
+    }
+    Ok((ms > 0).then(|| std::time::Duration::from_millis(ms)))
+}
 
 /// Most queued appends one group commit takes.
 const MAX_GROUP_COMMIT: usize = 256;
@@ -261,6 +284,7 @@ impl LogStore {
                         &self.tail,
                         &self.metrics,
                         vec![(entries, done, queued)],
+                        false,
                     ),
                     Job::Other { op, done } => run_other(&mut wal, op, done),
                 }
@@ -321,7 +345,7 @@ fn write_loop(
                         Err(_) => break,
                     }
                 }
-                commit_appends(&mut wal, tail, metrics, group);
+                commit_appends(&mut wal, tail, metrics, group, true);
                 if let Some(Job::Other { op, done }) = next_other {
                     run_other(&mut wal, op, done);
                 }
@@ -336,7 +360,13 @@ fn run_other(wal: &mut Wal, op: DurableOp, done: oneshot::Sender<Result<(), Stri
 }
 
 /// Writes a group of appends and syncs once, then tells openraft.
-fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetrics, group: Group) {
+fn commit_appends(
+    wal: &mut Wal,
+    tail: &RwLock<LogTail>,
+    metrics: &StorageMetrics,
+    group: Group,
+    on_writer_thread: bool,
+) {
     let started = std::time::Instant::now();
     for (_, _, queued) in &group {
         metrics.log_queued(started.saturating_duration_since(*queued));
@@ -352,8 +382,10 @@ fn commit_appends(wal: &mut Wal, tail: &RwLock<LogTail>, metrics: &StorageMetric
         tail.write().expect("log tail lock").written(&ids);
     }
     let r = written.and_then(|()| wal.sync());
-    if let Some(delay) = *SLOW_DISK {
-        std::thread::sleep(delay);
+    if on_writer_thread {
+        if let Some(delay) = *SLOW_DISK {
+            std::thread::sleep(delay);
+        }
     }
     let took = started.elapsed();
     metrics.log_flushed(group.len(), took);
@@ -549,6 +581,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_slow_disk_switch_takes_milliseconds_and_refuses_the_rest() {
+        use std::time::Duration;
+        assert_eq!(slow_disk_from(None), Ok(None));
+        assert_eq!(slow_disk_from(Some("0")), Ok(None));
+        assert_eq!(
+            slow_disk_from(Some(" 2 ")),
+            Ok(Some(Duration::from_millis(2)))
+        );
+        assert!(slow_disk_from(Some("2ms"))
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(slow_disk_from(Some("10001")).unwrap_err().contains("limit"));
+    }
 
     #[derive(Clone, Debug)]
     enum Op {
