@@ -29,8 +29,7 @@ fn summary(mut ms: Vec<f64>) -> String {
 /// sequential client produces them, with and without an idempotency session. Includes the
 /// trip to the blocking pool the node pays.
 async fn apply_alone(dir: &std::path::Path) {
-    use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use aspen_kv::raft_types::{Entry, EntryPayload};
     let (_log, mut sm) = aspen_kv::open(dir).expect("store");
     let mut ms = Vec::new();
     for _ in 0..5000 {
@@ -53,7 +52,7 @@ async fn apply_alone(dir: &std::path::Path) {
                 });
             }
             let entry = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                log_id: aspen_kv::raft_types::log_id(1, 1, index),
                 payload: EntryPayload::Normal(Batch {
                     proposed_at_ms: 1_000_000 + i,
                     proposal: 0,
@@ -61,7 +60,7 @@ async fn apply_alone(dir: &std::path::Path) {
                 }),
             };
             let t = Instant::now();
-            sm.apply(vec![entry]).await.expect("apply");
+            sm.apply_committed(vec![entry]).await.expect("apply");
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let label = if sessions {
@@ -118,11 +117,11 @@ async fn main() {
         aspen_kv::raft_config(1_000_000, 1000),
         router.network(1),
         log,
-        sm,
+        sm.clone(),
     )
     .await
     .expect("raft");
-    router.register(1, raft.clone());
+    router.register(1, raft.clone(), sm);
     raft.initialize(BTreeMap::from([(1, Member::default())]))
         .await
         .expect("init");

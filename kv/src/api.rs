@@ -30,6 +30,14 @@ pub struct Batch {
     pub commands: Vec<Command>,
 }
 
+/// openraft logs entries by their `Display` form: a batch shows its size, never its keys or
+/// values (which may be secrets).
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "batch of {} command(s)", self.commands.len())
+    }
+}
+
 /// One client write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {

@@ -16,6 +16,7 @@ pub mod api;
 pub mod lessor;
 pub mod limits;
 pub mod metrics;
+pub mod raft_runtime;
 pub mod raft_types;
 pub mod read_index;
 pub mod storage;

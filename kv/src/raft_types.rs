@@ -37,16 +37,29 @@ openraft::declare_raft_types!(
         R = BatchResponse,
         NodeId = NodeId,
         Node = Member,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotFile,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::raft_runtime::AspenRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
-pub type Snapshot = openraft::Snapshot<TypeConfig>;
-pub type StorageError = openraft::StorageError<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
+pub type Raft = openraft::Raft<TypeConfig, crate::StateMachineStore>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type CommittedLeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type EntryPayload = openraft::type_config::alias::EntryPayloadOf<TypeConfig>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+pub type StorageError = openraft::StorageError<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Membership = openraft::Membership<NodeId, Member>;
+
+/// A log id from its term and index (Aspen's leader ids are `(term, node)`; the node part
+/// of a committed leader id is the leader that proposed the entry).
+pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
+    openraft::LogId {
+        leader_id: CommittedLeaderId {
+            term,
+            node_id: node,
+        },
+        index,
+    }
+}

@@ -1,8 +1,9 @@
 //! Linearizable read points (ReadIndex) that stay safe across a leader's restart.
 //!
-//! openraft 0.9 restores a node whose persisted vote is its own committed vote as leader at
-//! startup, with its commit index unknown (it is not persisted), and then offers
-//! max(committed, first log id of its term) as the read index: possibly below entries that
+//! openraft restores a node whose persisted vote is its own committed vote as leader at
+//! startup, with its commit index unknown (Aspen does not persist it), and then offers
+//! max(committed, first log id of its leadership) as the read index (0.9 did; 0.10 offers the
+//! same, and a leadership restored at startup keeps its old first log id): possibly below entries that
 //! were committed, and acknowledged to clients, before the restart. A read at that index can
 //! miss acknowledged writes. (Seen as a node denying its admin after a full-cluster restart
 //! because its access policy had not been replayed yet; and as simulation seed 5893, while
@@ -19,12 +20,14 @@
 
 use std::sync::Mutex;
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{LinearizableReadError, RaftError};
+use openraft::ReadPolicy;
 
-use crate::raft_types::{Member, NodeId, Raft, Vote};
+use crate::raft_types::{Raft, TypeConfig, Vote};
 
 /// What confirming a read point can fail with (openraft's own error).
-pub type ReadIndexError = RaftError<NodeId, CheckIsLeaderError<NodeId, Member>>;
+pub type ReadIndexError = RaftError<TypeConfig, LinearizableReadError<TypeConfig>>;
 
 /// Read points of one Raft instance (make a new one when the node restarts).
 pub struct ReadIndex {
@@ -45,11 +48,11 @@ impl ReadIndex {
     /// a linearizable read must wait to have applied: openraft's read index, raised to the
     /// floor of this leadership.
     pub async fn confirm(&self) -> Result<Option<u64>, ReadIndexError> {
-        let (read, _applied) = self.raft.get_read_log_id().await?;
+        let (read, _applied) = self.raft.get_read_log_id(ReadPolicy::ReadIndex).await?;
         // Read after the core answered, so at least its state at startup is reported.
         let (vote, last) = {
             let m = self.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             (m.vote, m.last_log_index)
         };
         let floor = {
@@ -62,6 +65,6 @@ impl ReadIndex {
                 }
             }
         };
-        Ok(read.map(|l| l.index).max(floor))
+        Ok(Some(read.index()).max(floor))
     }
 }

@@ -5,11 +5,10 @@
 //! and a `(key, revision)` history): the digest reads the same rows in the same order from the
 //! new layout. A change to it means every replica's digest changes: say so in the commit.
 
-use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, EntryPayload};
+use openraft::EntryPayload;
 
 use aspen_kv::api::*;
-use aspen_kv::raft_types::{Entry, LogId};
+use aspen_kv::raft_types::Entry;
 
 fn put(key: &str, value: &str) -> WriteOp {
     WriteOp::Put {
@@ -152,7 +151,7 @@ async fn the_digest_of_a_fixed_history_is_pinned() {
     let (_log, mut sm) = aspen_kv::open(dir.path()).unwrap();
     for (i, commands) in history().into_iter().enumerate() {
         let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+            log_id: aspen_kv::raft_types::log_id(1, 1, i as u64 + 1),
             payload: EntryPayload::Normal(Batch {
                 proposed_at_ms: 1_000_000 + i as u64,
                 proposal: 0,
@@ -162,7 +161,7 @@ async fn the_digest_of_a_fixed_history_is_pinned() {
                     .collect(),
             }),
         };
-        let responses = sm.apply(vec![entry]).await.unwrap();
+        let responses = sm.apply_committed(vec![entry]).await.unwrap();
         for r in &responses[0].results {
             assert!(r.is_ok(), "batch {i}: {r:?}");
         }

@@ -5,7 +5,9 @@
 //! duplicates and partitions), the disks ([`SimDisk`]: a crash loses every unsynced write),
 //! and time (a single-threaded tokio runtime with a paused clock, so seconds of cluster time
 //! pass in milliseconds and timers fire in a reproducible order). Storage runs inline
-//! ([`IoMode::Inline`]) so no thread escapes the runtime.
+//! ([`IoMode::Inline`]) so no thread escapes the runtime; the log's group commit runs on a
+//! task 1 ms (simulated) after the append, so openraft works on while a flush is pending.
+//! openraft's own random draws come from a source seeded per run (`raft_runtime`).
 //!
 //! Each seed drives clients doing gets, puts, deletes and compare-and-swaps on a few keys while
 //! a nemesis crashes and restarts nodes (also with the power cut in the middle of a commit)
@@ -26,6 +28,7 @@
 //! ASPEN_SIM_SEED=1234 cargo test -p aspen-kv --test simulation -- --nocapture  # one seed
 //! ```
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,7 +119,7 @@ impl World {
         )
         .await
         .unwrap_or_else(|e| panic!("node {id} cannot start: {e}"));
-        self.router.register(id, raft.clone());
+        self.router.register(id, raft.clone(), sm.clone());
         let generation = self.starts.fetch_add(1, Ordering::SeqCst);
         let running = Running {
             reads: Arc::new(aspen_kv::ReadIndex::new(raft.clone())),
@@ -158,7 +161,7 @@ impl World {
         }
         let asked = up[rng.random_range(0..up.len())];
         let node = self.node(asked)?;
-        let leader = node.raft.metrics().borrow().current_leader;
+        let leader = node.raft.metrics().borrow_watched().current_leader;
         Some(leader.unwrap_or(asked))
     }
 }
@@ -221,7 +224,7 @@ async fn linearizable(node: &Running) -> bool {
     let mut metrics = node.raft.metrics();
     let applied = async move {
         loop {
-            if metrics.borrow().last_applied.map(|l| l.index) >= index {
+            if metrics.borrow_watched().last_applied.map(|l| l.index) >= index {
                 return true;
             }
             if metrics.changed().await.is_err() {
@@ -794,7 +797,7 @@ async fn heal_and_converge(world: &World) -> Vec<StateDigest> {
         let nodes: Vec<Running> = world.up.lock().unwrap().values().cloned().collect();
         let leaders: Vec<Option<NodeId>> = nodes
             .iter()
-            .map(|n| n.raft.metrics().borrow().current_leader)
+            .map(|n| n.raft.metrics().borrow_watched().current_leader)
             .collect();
         if let Some(Some(l)) = leaders.first() {
             if leaders.iter().all(|x| *x == Some(*l)) {
@@ -803,11 +806,17 @@ async fn heal_and_converge(world: &World) -> Vec<StateDigest> {
                     .unwrap()
                     .raft
                     .metrics()
-                    .borrow()
+                    .borrow_watched()
                     .last_log_index;
                 let applied: Vec<_> = nodes
                     .iter()
-                    .map(|n| n.raft.metrics().borrow().last_applied.map(|l| l.index))
+                    .map(|n| {
+                        n.raft
+                            .metrics()
+                            .borrow_watched()
+                            .last_applied
+                            .map(|l| l.index)
+                    })
                     .collect();
                 if applied.iter().all(|a| *a == target) {
                     let mut digests = Vec::new();
@@ -841,10 +850,10 @@ async fn simulate(seed: u64, bug: Option<Bug>) -> RunSummary {
         .map(|id| {
             let mut c = (*aspen_kv::raft_config(snapshot_every, keep)).clone();
             c.heartbeat_interval = 50;
-            // openraft draws the election timeout from an unseeded RNG in [min, max): a range
-            // of one makes it deterministic; the seed spreads the nodes apart instead.
+            // openraft draws each election timeout from [min, max) through the seeded source
+            // `run_scenario` installs; the seed also spreads the nodes' ranges apart.
             c.election_timeout_min = 300 + 100 * id + rng.random_range(0..100);
-            c.election_timeout_max = c.election_timeout_min + 1;
+            c.election_timeout_max = c.election_timeout_min + 100;
             (id, Arc::new(c.validate().unwrap()))
         })
         .collect();
@@ -1086,6 +1095,8 @@ fn run_scenario(seed: u64, bug: Option<Bug>) -> RunSummary {
     #[cfg(tokio_unstable)]
     rt.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
     let rt = rt.build().unwrap();
+    // openraft's own draws (election timeouts, its tick's phase) come from the seed too.
+    aspen_kv::raft_runtime::seed_raft_rng(seed.rotate_left(32));
     rt.block_on(simulate(seed, bug))
 }
 

@@ -146,7 +146,7 @@ mod tests {
 
     use crate::api::*;
     use crate::limits::MAX_KEYS_PER_LEASE;
-    use crate::raft_types::{Entry, LogId};
+    use crate::raft_types::Entry;
     use crate::{IoMode, StateMachineStore};
 
     struct Store {
@@ -184,19 +184,20 @@ mod tests {
             let membership = openraft::Membership::new(
                 vec![std::collections::BTreeSet::from([1u64])],
                 std::collections::BTreeMap::from([(1u64, member)]),
-            );
+            )
+            .expect("a valid membership");
             let entry = Entry {
-                log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), s.index),
+                log_id: crate::raft_types::log_id(1, 1, s.index),
                 payload: EntryPayload::Membership(membership),
             };
-            s.sm.apply(vec![entry]).await.unwrap();
+            s.sm.apply_committed(vec![entry]).await.unwrap();
             s
         }
 
         async fn apply(&mut self, ops: Vec<WriteOp>) -> Vec<CommandResult> {
             self.index += 1;
             let entry = Entry {
-                log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), self.index),
+                log_id: crate::raft_types::log_id(1, 1, self.index),
                 payload: EntryPayload::Normal(Batch {
                     proposed_at_ms: 0,
                     proposal: 0,
@@ -206,7 +207,7 @@ mod tests {
                         .collect(),
                 }),
             };
-            let mut out = self.sm.apply(vec![entry]).await.unwrap();
+            let mut out = self.sm.apply_committed(vec![entry]).await.unwrap();
             out.pop().unwrap().results
         }
 

@@ -1,6 +1,7 @@
 //! The Raft log and vote, in the log's own files (see `wal`).
 //!
-//! All log writes go through one dedicated writer thread, in order. `append` makes the entries
+//! All log writes go through one dedicated writer thread, in order (in the simulation, a task
+//! on its one thread). `append` makes the entries
 //! readable at once (the in-memory [`LogTail`]), queues them and returns; the writer drains
 //! everything queued, writes it as records and syncs once (one `fdatasync` for many appends:
 //! group commit), then signals openraft that those entries are durable. openraft's core never
@@ -17,15 +18,15 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, RaftLogReader, StorageIOError};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::RaftLogReader;
 use redb::{Database, Durability, ReadableDatabase};
 use tokio::sync::oneshot;
 
 use super::wal::{Wal, WalError, WalReader};
-use super::{any, blocking, encode, IoMode};
+use super::{blocking, encode, io_error, IoMode};
 use crate::metrics::StorageMetrics;
-use crate::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::raft_types::{Entry, LogId, TypeConfig, Vote};
 
 /// How long a purge waits for the state machine to apply what it purges (see `purge`).
 const PURGE_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -34,7 +35,7 @@ const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// Benchmarks only: how much longer every group commit of the log writer thread takes
 /// (`ASPEN_UNSAFE_SLOW_DISK_MS`), to stand for a disk whose flush is slow (an SD card, a
 /// network volume) on a machine whose own disk is fast. Read once; unset, nothing changes.
-/// Never applied inline (the simulation), where it would stall the runtime.
+/// Never applied by the simulation's writer (a task on its one thread, which it would stall).
 static SLOW_DISK: std::sync::LazyLock<Option<std::time::Duration>> =
     std::sync::LazyLock::new(|| {
         match slow_disk_from(std::env::var("ASPEN_UNSAFE_SLOW_DISK_MS").ok().as_deref()) {
@@ -97,7 +98,7 @@ type DurableOp = Box<dyn FnOnce(&mut Wal) -> Result<(), WalError> + Send>;
 enum Job {
     Append {
         entries: Vec<(LogId, Vec<u8>)>,
-        done: LogFlushed<TypeConfig>,
+        done: IOFlushed<TypeConfig>,
         /// When it was handed to the writer (for the writer's queue-wait figure).
         queued: std::time::Instant,
     },
@@ -218,18 +219,17 @@ impl LogTail {
 /// The log store. Cheap to clone; clones share the files, the log tail and the writer thread.
 #[derive(Clone)]
 pub struct LogStore {
-    /// The writing side; only the writer thread (or, inline, the caller) locks it.
-    wal: Arc<Mutex<Wal>>,
+    /// The writing side, kept open while any handle lives (the writer holds it weakly and
+    /// is the only one that locks it).
+    _wal: Arc<Mutex<Wal>>,
     reader: WalReader,
     /// The state machine's database, made durable before every purge.
     sm_db: Weak<Database>,
     /// The newest entries, among them every one not yet written.
     tail: Arc<RwLock<LogTail>>,
-    /// The writer thread's queue; `None` in [`IoMode::Inline`], where jobs run on the caller.
-    writer: Option<mpsc::Sender<Job>>,
+    /// Where jobs go.
+    writer: Writer,
     io: IoMode,
-    /// Log flush figures.
-    metrics: Arc<StorageMetrics>,
 }
 
 impl LogStore {
@@ -243,54 +243,42 @@ impl LogStore {
         let reader = wal.reader();
         let wal = Arc::new(Mutex::new(wal));
         let tail = Arc::new(RwLock::new(LogTail::new(tail)));
+        // The writer holds the files weakly: they close when the last store handle drops,
+        // even if the writer has not noticed yet.
+        let (wal2, tail2, metrics2) = (Arc::downgrade(&wal), tail.clone(), metrics.clone());
         let writer = match io {
-            IoMode::Inline => None,
+            IoMode::Inline => {
+                let (writer, jobs) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(write_task(wal2, tail2, metrics2, jobs));
+                Writer::Task(writer)
+            }
             IoMode::Threads => {
                 let (writer, jobs) = mpsc::channel();
-                // The thread holds the files weakly: they close when the last store handle
-                // drops, even if the thread has not noticed yet.
-                let (wal2, tail2, metrics2) = (Arc::downgrade(&wal), tail.clone(), metrics.clone());
                 std::thread::Builder::new()
                     .name("aspen-log-writer".into())
                     .spawn(move || write_loop(&wal2, &tail2, &metrics2, jobs))
                     .expect("spawn the log writer thread");
-                Some(writer)
+                Writer::Thread(writer)
             }
         };
         LogStore {
-            wal,
+            _wal: wal,
             reader,
             sm_db,
             tail,
             writer,
             io,
-            metrics,
         }
     }
 
-    /// Queues `job` for the writer thread, or runs it now in [`IoMode::Inline`].
+    /// Queues `job` for the writer.
     fn submit(&self, job: Job) -> Result<(), String> {
-        match &self.writer {
-            Some(w) => w.send(job).map_err(|_| "log writer stopped".to_string()),
-            None => {
-                let mut wal = self.wal.lock().expect("wal lock");
-                match job {
-                    Job::Append {
-                        entries,
-                        done,
-                        queued,
-                    } => commit_appends(
-                        &mut wal,
-                        &self.tail,
-                        &self.metrics,
-                        vec![(entries, done, queued)],
-                        false,
-                    ),
-                    Job::Other { op, done } => run_other(&mut wal, op, done),
-                }
-                Ok(())
-            }
-        }
+        let sent = match &self.writer {
+            Writer::Thread(w) => w.send(job).is_ok(),
+            Writer::Task(w) => w.send(job).is_ok(),
+        };
+        sent.then_some(())
+            .ok_or_else(|| "log writer stopped".to_string())
     }
 
     /// Runs `op` durably, after every write queued before it.
@@ -307,11 +295,27 @@ impl LogStore {
     }
 }
 
-type Group = Vec<(
+/// Where log jobs go: the writer thread ([`IoMode::Threads`]), or a task on the runtime
+/// ([`IoMode::Inline`]: the simulation, where no thread may escape its single thread).
+#[derive(Clone)]
+enum Writer {
+    Thread(mpsc::Sender<Job>),
+    Task(tokio::sync::mpsc::UnboundedSender<Job>),
+}
+
+/// How long after its first append a simulated group commit runs (simulated time): the
+/// stand-in for a disk's write and sync. openraft carries on meanwhile (replicating, counting
+/// followers' acknowledgements), as on a node, and a crash in this window loses the appends.
+const SIMULATED_FLUSH: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// One append in a group commit: its encoded entries, the callback, when it was queued.
+type QueuedAppend = (
     Vec<(LogId, Vec<u8>)>,
-    LogFlushed<TypeConfig>,
+    IOFlushed<TypeConfig>,
     std::time::Instant,
-)>;
+);
+
+type Group = Vec<QueuedAppend>;
 
 fn write_loop(
     wal: &Weak<Mutex<Wal>>,
@@ -329,26 +333,69 @@ fn write_loop(
                 done,
                 queued,
             } => {
-                let mut group = vec![(entries, done, queued)];
-                let mut next_other = None;
-                while group.len() < MAX_GROUP_COMMIT {
-                    match jobs.try_recv() {
-                        Ok(Job::Append {
-                            entries,
-                            done,
-                            queued,
-                        }) => group.push((entries, done, queued)),
-                        Ok(other) => {
-                            next_other = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let (group, next_other) =
+                    take_group((entries, done, queued), || jobs.try_recv().ok());
                 commit_appends(&mut wal, tail, metrics, group, true);
                 if let Some(Job::Other { op, done }) = next_other {
                     run_other(&mut wal, op, done);
                 }
+            }
+        }
+    }
+}
+
+/// A group commit: `first` and the appends queued right behind it (from `next`, which
+/// returns `None` once the queue is empty), up to [`MAX_GROUP_COMMIT`]; and the other job
+/// that ended it, to run right after.
+fn take_group(first: QueuedAppend, mut next: impl FnMut() -> Option<Job>) -> (Group, Option<Job>) {
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP_COMMIT {
+        match next() {
+            Some(Job::Append {
+                entries,
+                done,
+                queued,
+            }) => group.push((entries, done, queued)),
+            other => return (group, other),
+        }
+    }
+    (group, None)
+}
+
+/// The simulation's writer: [`write_loop`] as a task, each group commit [`SIMULATED_FLUSH`]
+/// after its first append.
+async fn write_task(
+    wal: Weak<Mutex<Wal>>,
+    tail: Arc<RwLock<LogTail>>,
+    metrics: Arc<StorageMetrics>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        match job {
+            Job::Other { op, done } => {
+                let Some(wal) = wal.upgrade() else { return };
+                let mut wal = wal.lock().expect("wal lock");
+                run_other(&mut wal, op, done);
+            }
+            Job::Append {
+                entries,
+                done,
+                queued,
+            } => {
+                tokio::time::sleep(SIMULATED_FLUSH).await;
+                let group;
+                (group, next) = take_group((entries, done, queued), || jobs.try_recv().ok());
+                let Some(wal) = wal.upgrade() else { return };
+                let mut wal = wal.lock().expect("wal lock");
+                commit_appends(&mut wal, &tail, &metrics, group, false);
             }
         }
     }
@@ -396,8 +443,8 @@ fn commit_appends(
     );
     for (_, done, _) in group {
         match &r {
-            Ok(()) => done.log_io_completed(Ok(())),
-            Err(e) => done.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+            Ok(()) => done.io_completed(Ok(())),
+            Err(e) => done.io_completed(Err(std::io::Error::other(e.to_string()))),
         }
     }
 }
@@ -414,15 +461,15 @@ fn applied_index(sm_db: &Database) -> Result<Option<u64>, redb::Error> {
     Ok(applied.map(|l| l.index))
 }
 
-fn write_err(e: String) -> StorageError {
-    StorageIOError::write_logs(AnyError::error(e)).into()
+fn write_err(e: String) -> std::io::Error {
+    io_error("write the Raft log", e)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> std::io::Result<Vec<Entry>> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
         // The tail first (see the module docs for why this order never misses an entry).
@@ -438,13 +485,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let written = blocking(self.io, move || {
             let raw = reader
                 .read_range((start, end))
-                .map_err(|e| StorageIOError::read_logs(any(e)))?;
+                .map_err(|e| io_error("read the Raft log", e))?;
             raw.into_iter()
                 .map(|(_, bytes)| {
                     postcard::from_bytes::<Entry>(&bytes)
-                        .map_err(|e| StorageIOError::read_logs(any(e)).into())
+                        .map_err(|e| io_error("decode a Raft log entry", e))
                 })
-                .collect::<Result<Vec<Entry>, StorageError>>()
+                .collect::<std::io::Result<Vec<Entry>>>()
         })
         .await?;
         for entry in written {
@@ -452,12 +499,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(found.into_values().collect())
     }
+
+    async fn read_vote(&mut self) -> std::io::Result<Option<Vote>> {
+        Ok(self.reader.vote())
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
         let tail_last = self.tail.read().expect("log tail lock").last();
         let last_purged = self.reader.purged();
         let last_log_id = tail_last.max(self.reader.last()).or(last_purged);
@@ -471,29 +522,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let vote = *vote;
         self.durable(move |wal| wal.save_vote(&vote))
             .await
-            .map_err(|e| StorageIOError::write_vote(AnyError::error(e)).into())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        Ok(self.reader.vote())
+            .map_err(|e| io_error("save the vote", e))
     }
 
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         if entries.is_empty() {
-            callback.log_io_completed(Ok(()));
+            callback.io_completed(Ok(()));
             return Ok(());
         }
         let encoded: Vec<(LogId, Vec<u8>)> =
@@ -512,8 +559,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .map_err(write_err)
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let index = log_id.index;
+    async fn truncate_after(&mut self, last: Option<LogId>) -> std::io::Result<()> {
+        // Everything after `last` goes: from its successor on (all of it when `None`).
+        let index = last.map_or(0, |l| l.index + 1);
         self.tail
             .write()
             .expect("log tail lock")
@@ -523,7 +571,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(write_err)
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
         // Never purge past state that is not durable. openraft asks to purge up to a
         // snapshot, and right after it *receives* one it does so while the state machine task
         // may still be installing it: purging then, and crashing before the install is
@@ -535,19 +583,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             loop {
                 let db = sm_db.clone();
                 let applied = blocking(self.io, move || {
-                    applied_index(&db)
-                        .map_err(|e| StorageIOError::read_state_machine(any(e)).into())
+                    applied_index(&db).map_err(|e| io_error("read the state machine", e))
                 })
                 .await?;
                 if applied.is_some_and(|a| a >= log_id.index) {
                     break;
                 }
                 if started.elapsed() > PURGE_WAIT_LIMIT {
-                    return Err(StorageIOError::write_logs(AnyError::error(format!(
-                        "cannot purge the log up to {}: the state machine applied only {applied:?}",
-                        log_id.index
-                    )))
-                    .into());
+                    return Err(io_error(
+                        "purge the Raft log",
+                        format!(
+                            "cannot purge up to {}: the state machine applied only {applied:?}",
+                            log_id.index
+                        ),
+                    ));
                 }
                 tokio::time::sleep(PURGE_POLL).await;
             }
@@ -559,7 +608,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     txn.commit()?;
                     Ok(())
                 };
-                commit().map_err(|e| StorageIOError::write_state_machine(any(e)).into())
+                commit().map_err(|e| io_error("make the state machine durable", e))
             })
             .await?;
         }
@@ -577,7 +626,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 #[cfg(test)]
 mod tests {
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use openraft::EntryPayload;
     use proptest::prelude::*;
 
     use super::*;
@@ -621,7 +670,7 @@ mod tests {
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            log_id: crate::raft_types::log_id(term, 1, index),
             payload: EntryPayload::Blank,
         }
     }

@@ -28,7 +28,6 @@ mod wal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use openraft::{AnyError, StorageIOError};
 use redb::{
     Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition, TableHandle,
 };
@@ -42,7 +41,7 @@ pub use snapshot::SnapshotFile;
 pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};
 pub use wal::WalError;
 
-use crate::raft_types::{LogId, StorageError, Vote};
+use crate::raft_types::{LogId, Vote};
 
 /// The Raft log of stores written before the log had files of its own: index ->
 /// postcard(Entry), in `log.redb` (read once, to move it).
@@ -338,20 +337,19 @@ impl IoMode {
 }
 
 /// Runs redb work on the blocking pool (or inline, see [`IoMode`]).
-pub(crate) async fn blocking<T, F>(io: IoMode, f: F) -> Result<T, StorageError>
+pub(crate) async fn blocking<T, F>(io: IoMode, f: F) -> std::io::Result<T>
 where
     T: Send + 'static,
-    F: FnOnce() -> Result<T, StorageError> + Send + 'static,
+    F: FnOnce() -> std::io::Result<T> + Send + 'static,
 {
-    io.run(f).await.map_err(|e| {
-        StorageError::from(StorageIOError::write(AnyError::error(format!(
-            "storage task failed: {e}"
-        ))))
-    })?
+    io.run(f)
+        .await
+        .map_err(|e| io_error("storage task failed", e))?
 }
 
-pub(crate) fn any(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
+/// A storage failure as openraft takes it: an `io::Error` that says what was being done.
+pub(crate) fn io_error(doing: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{doing}: {e}"))
 }
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -368,7 +366,7 @@ mod tests {
 
     fn entry(index: u64) -> Entry {
         Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), index),
+            log_id: crate::raft_types::log_id(3, 1, index),
             payload: openraft::EntryPayload::Blank,
         }
     }

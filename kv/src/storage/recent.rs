@@ -187,12 +187,11 @@ impl RecentChanges {
 mod tests {
     use std::sync::Arc;
 
-    use openraft::storage::RaftStateMachine;
     use openraft::EntryPayload;
     use proptest::prelude::*;
 
     use crate::api::*;
-    use crate::raft_types::{Entry, LogId};
+    use crate::raft_types::Entry;
     use crate::{IoMode, StateMachineStore};
 
     /// One write of the generated workloads.
@@ -264,14 +263,14 @@ mod tests {
                         .map(|(k, a, b, v)| Command { session: None, op: op(*k, *a, *b, *v) })
                         .collect();
                     let entry = Entry {
-                        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i as u64 + 1),
+                        log_id: crate::raft_types::log_id(1, 1, i as u64 + 1),
                         payload: EntryPayload::Normal(Batch {
                             proposed_at_ms: 0,
                             proposal: 0,
                             commands,
                         }),
                     };
-                    sm.apply(vec![entry]).await.unwrap();
+                    sm.apply_committed(vec![entry]).await.unwrap();
                 }
                 let current = sm.status().await.unwrap().revision;
                 let ranges: [(&[u8], Option<&[u8]>); 4] =

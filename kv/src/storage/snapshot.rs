@@ -230,7 +230,7 @@ pub(super) fn build(
         SnapshotRow::Meta {
             last_applied,
             membership: membership.clone(),
-            snapshot_id: snapshot_id.clone(),
+            snapshot_id,
         },
     )?;
     for item in meta_table.iter()? {
@@ -334,7 +334,6 @@ pub(super) fn build(
         SnapshotMeta {
             last_log_id: last_applied,
             last_membership: membership,
-            snapshot_id,
         },
         path,
         reader,
@@ -377,11 +376,12 @@ pub(super) fn read_current_meta(
             SnapshotRow::Meta {
                 last_applied,
                 membership,
-                snapshot_id,
+                // Written for the file's sake (it names the content); openraft 0.10 no longer
+                // keeps an id in a snapshot's metadata.
+                snapshot_id: _,
             } => SnapshotMeta {
                 last_log_id: last_applied,
                 last_membership: membership,
-                snapshot_id,
             },
             _ => {
                 return Err(SnapshotError::Malformed(
@@ -499,8 +499,9 @@ pub(super) fn install(
     Ok(())
 }
 
-/// A snapshot file being written (received) or read (sent). openraft reads and writes it in
-/// chunks; the path lets `install_snapshot` move a received file into place.
+/// A snapshot file being written (received) or read (sent). openraft hands it whole to the
+/// network, which streams its bytes; the path lets `install_snapshot` move a received file
+/// into place.
 pub struct SnapshotFile {
     path: PathBuf,
     file: FileIo,
@@ -705,7 +706,7 @@ mod tests {
         let applied = |i: u64| {
             let txn = db.begin_write().unwrap();
             super::super::create_sm_tables(&txn).unwrap();
-            let id = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), i));
+            let id = Some(crate::raft_types::log_id(1, 1, i));
             txn.open_table(SM_META)
                 .unwrap()
                 .insert("last_applied", encode(&id).as_slice())
@@ -735,7 +736,7 @@ mod tests {
         assert_eq!(meta_in(&opened), first);
         assert_eq!(
             read_current_meta(&snaps).unwrap().unwrap().0.last_log_id,
-            Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 2))
+            Some(crate::raft_types::log_id(1, 1, 2))
         );
     }
 }

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use openraft::storage::RaftStateMachine;
-use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use futures::TryStreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -19,8 +20,8 @@ use super::key_index::KeyIndex;
 use super::leases::{self, StoredLease, LEASES, LEASE_KEYS};
 use super::snapshot::{self, SnapshotFile};
 use super::{
-    any, blocking, encode, IoMode, REVISIONS, SESSIONS, SESSION_FLOORS, SESSION_IDLE, SESSION_SEEN,
-    SM_META, SYSTEM,
+    blocking, encode, io_error, IoMode, REVISIONS, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
+    SESSION_SEEN, SM_META, SYSTEM,
 };
 use crate::api::*;
 use crate::lessor::Lessor;
@@ -28,9 +29,7 @@ use crate::limits::{
     MAX_BATCH_COMMANDS, MAX_COMPARE_RANGE_KEYS, MAX_KEYS_PER_LEASE, MAX_LEASES, MAX_RANGE_BYTES,
     MAX_RANGE_LIMIT, MAX_SESSION_EXPIRIES_PER_BATCH, MAX_SESSION_WINDOW, SESSION_IDLE_EXPIRY_MS,
 };
-use crate::raft_types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
-};
+use crate::raft_types::{Entry, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// A key's value and metadata as stored in `kv_revisions` (as `Some`; `None` is a delete).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +182,89 @@ fn corrupt(e: postcard::Error) -> redb::Error {
 }
 
 impl StateMachineStore {
+    /// Applies committed entries, in order, in one transaction, and returns each entry's
+    /// response. What openraft's `apply` runs; tests and benchmarks call it directly.
+    pub async fn apply_committed(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> std::io::Result<Vec<BatchResponse>> {
+        let proposals: Vec<(u128, usize)> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match &e.payload {
+                EntryPayload::Normal(b) if b.proposal != 0 => Some((b.proposal, i)),
+                _ => None,
+            })
+            .collect();
+        let db = self.db.clone();
+        let n = self
+            .applies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let writes = SystemWrites::of(&entries);
+        let (entry_count, command_count) = (
+            entries.len() as u64,
+            entries
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(b) => b.commands.len() as u64,
+                    _ => 0,
+                })
+                .sum::<u64>(),
+        );
+        let started = std::time::Instant::now();
+        let index = self.index.clone();
+        let metrics = self.metrics.clone();
+        let applied = blocking(self.io, move || {
+            metrics
+                .apply_queue_seconds
+                .observe(started.elapsed().as_secs_f64());
+            apply_entries(&db, &index, n, entries).map_err(|e| {
+                // The index may hold writes that never committed: rebuild it from what did.
+                match load_index(&db) {
+                    Ok(fresh) => *index.write().expect("key index lock") = fresh,
+                    Err(e) => tracing::error!("cannot rebuild the key index: {e}"),
+                }
+                io_error("apply to the state machine", e)
+            })
+        })
+        .await?;
+        let Applied {
+            responses,
+            revision_before,
+            revision,
+            compacted,
+            lease_changes,
+            revisions,
+        } = applied;
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.applied_entries.inc_by(entry_count);
+        self.metrics.applied_commands.inc_by(command_count);
+        self.recent
+            .applied(revision_before, revision, compacted, revisions);
+        if !writes.is_empty() {
+            self.notify_system_watches(Some(&writes));
+        }
+        if !lease_changes.is_empty() {
+            self.tell_lessor(lease_changes);
+        }
+        self.publish_revision(revision);
+        // Committed and readable now: tell local proposers without waiting for openraft.
+        if !proposals.is_empty() {
+            self.notify_applied(&proposals, &responses);
+        }
+        Ok(responses)
+    }
+
+    /// A new file to receive a snapshot into, in this store's snapshot directory. The network
+    /// fills it, then hands it to [`openraft::Raft::install_full_snapshot`].
+    pub async fn begin_receiving_snapshot(&self) -> std::io::Result<SnapshotFile> {
+        SnapshotFile::create_receiving(&self.snapshot_dir, self.io)
+            .await
+            .map_err(|e| io_error("create a snapshot file", e))
+    }
+
     pub(crate) fn new(
         db: Arc<Database>,
         snapshot_dir: PathBuf,
@@ -1568,9 +1650,10 @@ fn apply_entries(
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotFile;
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         let db = self.db.clone();
         blocking(self.io, move || {
             let r: SmResult<_> = (|| {
@@ -1581,102 +1664,40 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     meta_get(&meta, "membership")?.unwrap_or_default();
                 Ok((applied, membership))
             })();
-            r.map_err(|e| StorageIOError::read_state_machine(any(e)).into())
+            r.map_err(|e| io_error("read the state machine", e))
         })
         .await
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResponse>, StorageError>
+    async fn apply<Strm>(&mut self, entries: Strm) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
+        Strm: futures::Stream<Item = std::io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let proposals: Vec<(u128, usize)> = entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| match &e.payload {
-                EntryPayload::Normal(b) if b.proposal != 0 => Some((b.proposal, i)),
-                _ => None,
-            })
-            .collect();
-        let db = self.db.clone();
-        let n = self
-            .applies
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let writes = SystemWrites::of(&entries);
-        let (entry_count, command_count) = (
-            entries.len() as u64,
-            entries
-                .iter()
-                .map(|e| match &e.payload {
-                    EntryPayload::Normal(b) => b.commands.len() as u64,
-                    _ => 0,
-                })
-                .sum::<u64>(),
-        );
-        let started = std::time::Instant::now();
-        let index = self.index.clone();
-        let metrics = self.metrics.clone();
-        let applied = blocking(self.io, move || {
-            metrics
-                .apply_queue_seconds
-                .observe(started.elapsed().as_secs_f64());
-            apply_entries(&db, &index, n, entries).map_err(|e| {
-                // The index may hold writes that never committed: rebuild it from what did.
-                match load_index(&db) {
-                    Ok(fresh) => *index.write().expect("key index lock") = fresh,
-                    Err(e) => tracing::error!("cannot rebuild the key index: {e}"),
-                }
-                StorageIOError::write_state_machine(any(e)).into()
-            })
-        })
-        .await?;
-        let Applied {
-            responses,
-            revision_before,
-            revision,
-            compacted,
-            lease_changes,
-            revisions,
-        } = applied;
-        self.metrics
-            .apply_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.applied_entries.inc_by(entry_count);
-        self.metrics.applied_commands.inc_by(command_count);
-        self.recent
-            .applied(revision_before, revision, compacted, revisions);
-        if !writes.is_empty() {
-            self.notify_system_watches(Some(&writes));
+        // openraft hands over the committed range as a stream read from the log (ready at
+        // once: the newest entries are in the log tail); apply it as one transaction.
+        let (entries, responders): (Vec<Entry>, Vec<_>) =
+            entries.try_collect::<Vec<_>>().await?.into_iter().unzip();
+        let responses = self.apply_committed(entries).await?;
+        debug_assert_eq!(responses.len(), responders.len());
+        for (response, responder) in responses.into_iter().zip(responders) {
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
         }
-        if !lease_changes.is_empty() {
-            self.tell_lessor(lease_changes);
-        }
-        self.publish_revision(revision);
-        // Committed and readable now: tell local proposers without waiting for openraft.
-        if !proposals.is_empty() {
-            self.notify_applied(&proposals, &responses);
-        }
-        Ok(responses)
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
-        let file = SnapshotFile::create_receiving(&self.snapshot_dir, self.io)
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
-        Ok(Box::new(file))
-    }
-
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<SnapshotFile>,
-    ) -> Result<(), StorageError> {
+        snapshot: SnapshotFile,
+    ) -> std::io::Result<()> {
         let db = self.db.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
@@ -1685,15 +1706,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot
             .finish()
             .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
+            .map_err(|e| io_error(&format!("install snapshot {sig:?}"), e))?;
         let path = snapshot.path().to_path_buf();
         drop(snapshot);
         let index = self.index.clone();
         let (revision, compacted, all_leases) = blocking(self.io, move || {
-            snapshot::install(&db, &index, &path, &meta)
-                .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
-            snapshot::make_current(&dir, &path)
-                .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?;
+            let failed =
+                |e: &dyn std::fmt::Display| io_error(&format!("install snapshot {sig:?}"), e);
+            snapshot::install(&db, &index, &path, &meta).map_err(|e| failed(&e))?;
+            snapshot::make_current(&dir, &path).map_err(|e| failed(&e))?;
             let read = || {
                 Ok::<_, redb::Error>((
                     current_revision(&db)?,
@@ -1701,7 +1722,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     leases::all(&db)?,
                 ))
             };
-            read().map_err(|e| StorageIOError::write_snapshot(Some(sig), any(e)).into())
+            read().map_err(|e| failed(&e))
         })
         .await?;
         self.recent.reset(revision, compacted);
@@ -1712,36 +1733,36 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
         let dir = self.snapshot_dir.clone();
         let found = blocking(self.io, move || {
-            snapshot::read_current_meta(&dir)
-                .map_err(|e| StorageIOError::read_snapshot(None, any(e)).into())
+            snapshot::read_current_meta(&dir).map_err(|e| io_error("read the current snapshot", e))
         })
         .await?;
         match found {
             None => Ok(None),
             Some((meta, path, file)) => Ok(Some(Snapshot {
                 meta,
-                snapshot: Box::new(SnapshotFile::opened(path, file, self.io)),
+                snapshot: SnapshotFile::opened(path, file, self.io),
             })),
         }
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         let (db, index) = (self.db.clone(), self.index.clone());
         let dir = self.snapshot_dir.clone();
         let (meta, path, file) = blocking(self.io, move || {
-            snapshot::build(&db, &index, &dir)
-                .map_err(|e| StorageIOError::write_snapshot(None, any(e)).into())
+            snapshot::build(&db, &index, &dir).map_err(|e| io_error("build a snapshot", e))
         })
         .await?;
         // The file as built: the path may already hold a newer build.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotFile::opened(path, file, self.io)),
+            snapshot: SnapshotFile::opened(path, file, self.io),
         })
     }
 }
@@ -1761,7 +1782,7 @@ mod tests {
 
     fn system_put(key: &str) -> Entry {
         Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            log_id: crate::raft_types::log_id(1, 1, 1),
             payload: EntryPayload::Normal(Batch {
                 proposed_at_ms: 0,
                 proposal: 0,
@@ -1789,7 +1810,6 @@ mod tests {
             writes in proptest::collection::vec((0u8..6, proptest::option::of(0u8..4)), 1..40),
             limit in 0u64..4,
         ) {
-            use openraft::storage::RaftStateMachine;
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
@@ -1818,14 +1838,14 @@ mod tests {
                         },
                     };
                     let entry = Entry {
-                        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i as u64 + 1),
+                        log_id: crate::raft_types::log_id(1, 1, i as u64 + 1),
                         payload: EntryPayload::Normal(Batch {
                             proposed_at_ms: 0,
                             proposal: 0,
                             commands: vec![Command { session: None, op }],
                         }),
                     };
-                    sm.apply(vec![entry]).await.unwrap();
+                    sm.apply_committed(vec![entry]).await.unwrap();
                     let mut next = states.last().unwrap().clone();
                     let changed = match v {
                         Some(v) => {

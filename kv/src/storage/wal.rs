@@ -593,7 +593,7 @@ mod tests {
     }
 
     fn log_id(term: u64, index: u64) -> LogId {
-        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+        crate::raft_types::log_id(term, 1, index)
     }
 
     fn entry_bytes(id: LogId) -> Vec<u8> {

@@ -6,24 +6,27 @@
 //! delivered twice, or have its response lost; all drawn from one seeded RNG, so a run on a
 //! single-threaded runtime with paused time replays exactly.
 //!
-//! Failures are reported as `NetworkError`, never `Unreachable`: openraft backs off from
-//! unreachable nodes with an unseeded `select!`, which would make simulations diverge.
+//! Failures are reported as `NetworkError`, never `Unreachable` (openraft retries the former
+//! at once and backs off from the latter). A snapshot travels as bytes and is written into a
+//! file of the receiver's, as a stream over a real network would be.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::RaftNetworkV2;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::raft_types::{Member, NodeId, Raft, TypeConfig};
+use crate::raft_types::{Member, NodeId, Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::storage::SnapshotFile;
+use crate::StateMachineStore;
 
 /// Message faults of a simulated network. Probabilities are per message, in `[0, 1]`.
 #[derive(Clone, Debug, Default)]
@@ -41,7 +44,9 @@ pub struct NetFaults {
 
 #[derive(Default)]
 struct RouterState {
-    nodes: BTreeMap<NodeId, Raft>,
+    /// Each node's Raft and state machine (a snapshot sent to it is received into a file of
+    /// its state machine's).
+    nodes: BTreeMap<NodeId, (Raft, StateMachineStore)>,
     /// Nodes cut off from everyone.
     isolated: BTreeSet<NodeId>,
     /// Directed links that are cut: (from, to).
@@ -63,7 +68,7 @@ pub struct MemRouter {
     state: Arc<Mutex<RouterState>>,
 }
 
-fn network_error<E: std::error::Error>(msg: String) -> RPCError<NodeId, Member, E> {
+fn network_error(msg: String) -> RPCError<TypeConfig> {
     let e = std::io::Error::new(std::io::ErrorKind::ConnectionReset, msg);
     RPCError::Network(NetworkError::new(&e))
 }
@@ -93,12 +98,12 @@ impl MemRouter {
         }
     }
 
-    pub fn register(&self, id: NodeId, raft: Raft) {
-        self.lock().nodes.insert(id, raft);
+    pub fn register(&self, id: NodeId, raft: Raft, sm: StateMachineStore) {
+        self.lock().nodes.insert(id, (raft, sm));
     }
 
     pub fn unregister(&self, id: NodeId) -> Option<Raft> {
-        self.lock().nodes.remove(&id)
+        self.lock().nodes.remove(&id).map(|(raft, _)| raft)
     }
 
     /// Cuts `id` off from every other node (both directions) until [`Self::heal`].
@@ -164,11 +169,11 @@ impl MemRouter {
         }
     }
 
-    fn route<E: std::error::Error>(
+    fn route(
         &self,
         source: NodeId,
         target: NodeId,
-    ) -> Result<Raft, RPCError<NodeId, Member, E>> {
+    ) -> Result<(Raft, StateMachineStore), RPCError<TypeConfig>> {
         let state = self.lock();
         if state.isolated.contains(&source)
             || state.isolated.contains(&target)
@@ -177,48 +182,50 @@ impl MemRouter {
             return Err(network_error(format!("partitioned: {source} -> {target}")));
         }
         match state.nodes.get(&target) {
-            Some(raft) => Ok(raft.clone()),
+            Some(node) => Ok(node.clone()),
             None => Err(network_error(format!("node {target} is down"))),
         }
     }
 
     /// Delivers one RPC from `source` to `target` according to the network's faults.
+    /// The target's failures (it is shutting down) also come back as network errors: the
+    /// sender retries, as it would over a real network.
     async fn call<Req, Resp, E, F, Fut>(
         &self,
         source: NodeId,
         target: NodeId,
         req: Req,
         deliver: F,
-    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Clone + Send + 'static,
         Resp: Send + 'static,
-        E: std::error::Error + Send + 'static,
-        F: Fn(Raft, Req) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Resp, RaftError<NodeId, E>>> + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: Fn((Raft, StateMachineStore), Req) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Resp, E>> + Send + 'static,
     {
         let fate = self.fate();
         if !fate.delay.is_zero() {
             tokio::time::sleep(fate.delay).await;
         }
-        let raft = self.route(source, target)?;
+        let node = self.route(source, target)?;
         if fate.drop_request {
             return Err(network_error("request lost".into()));
         }
         if let Some(extra) = fate.duplicate {
             let (router, copy) = (self.clone(), req.clone());
-            let deliver_copy = deliver(raft.clone(), copy);
+            let deliver_copy = deliver(node.clone(), copy);
             tokio::spawn(async move {
                 tokio::time::sleep(extra).await;
                 // The copy, too, only crosses an intact link.
-                if router.route::<E>(source, target).is_ok() {
+                if router.route(source, target).is_ok() {
                     let _ = deliver_copy.await;
                 }
             });
         }
-        let resp = deliver(raft, req)
+        let resp = deliver(node, req)
             .await
-            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))?;
+            .map_err(|e| network_error(format!("node {target} failed: {e}")))?;
         if fate.drop_response {
             return Err(network_error("response lost".into()));
         }
@@ -251,43 +258,83 @@ pub struct MemConnection {
     target: NodeId,
 }
 
-impl RaftNetwork<TypeConfig> for MemConnection {
+impl RaftNetworkV2<TypeConfig> for MemConnection {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.router
-            .call(self.source, self.target, rpc, |raft, rpc| async move {
+            .call(self.source, self.target, rpc, |(raft, _), rpc| async move {
                 raft.append_entries(rpc).await
-            })
-            .await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.router
-            .call(self.source, self.target, rpc, |raft, rpc| async move {
-                raft.install_snapshot(rpc).await
             })
             .await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.router
-            .call(self.source, self.target, rpc, |raft, rpc| async move {
+            .call(self.source, self.target, rpc, |(raft, _), rpc| async move {
                 raft.vote(rpc).await
             })
             .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // The snapshot travels as bytes (simulation snapshots are small); the receiver writes
+        // them into a file of its own, as a stream over a real network would.
+        let Snapshot {
+            meta,
+            snapshot: mut from,
+        } = snapshot;
+        let mut bytes = Vec::new();
+        {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            let read = async {
+                from.seek(std::io::SeekFrom::Start(0)).await?;
+                from.read_to_end(&mut bytes).await
+            };
+            read.await.map_err(|e| {
+                StreamingError::StorageError(openraft::StorageError::from_io_error(
+                    openraft::ErrorSubject::Snapshot(Some(meta.signature())),
+                    openraft::ErrorVerb::Read,
+                    e,
+                ))
+            })?;
+        }
+        let deliver =
+            |(raft, sm): (Raft, StateMachineStore),
+             (vote, meta, bytes): (Vote, SnapshotMeta, Arc<Vec<u8>>)| async move {
+                let received = async {
+                    use tokio::io::AsyncWriteExt;
+                    let mut to = sm.begin_receiving_snapshot().await?;
+                    to.write_all(&bytes).await?;
+                    Ok::<_, std::io::Error>(to)
+                };
+                let to = received.await.map_err(|e| e.to_string())?;
+                raft.install_full_snapshot(vote, Snapshot { meta, snapshot: to })
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+        Ok(self
+            .router
+            .call(
+                self.source,
+                self.target,
+                (vote, meta, Arc::new(bytes)),
+                deliver,
+            )
+            .await?)
     }
 }

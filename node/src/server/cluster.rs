@@ -3,6 +3,7 @@
 //! linearizable read points (ReadIndex). Services reach Raft only through this handle;
 //! membership changes are the cluster service's (`membership.rs`).
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -13,8 +14,8 @@ use aspen_kv::api::{
 };
 use aspen_kv::lessor::RenewError;
 use aspen_kv::limits::MAX_BATCH_COMMANDS;
+use aspen_kv::raft_types::StoredMembership;
 use aspen_kv::{Member, NodeId, Raft, StateMachineStore};
-use openraft::StoredMembership;
 
 use super::peers::Peers;
 use super::proposer::{ProposeError, Proposer};
@@ -73,8 +74,12 @@ impl ClusterHandle {
     }
 
     /// The membership as this node last applied it.
-    pub fn membership(&self) -> Arc<StoredMembership<NodeId, Member>> {
-        self.raft.metrics().borrow().membership_config.clone()
+    pub fn membership(&self) -> Arc<StoredMembership> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone()
     }
 
     pub fn node_ticket(&self) -> NodeTicket {
@@ -104,7 +109,7 @@ impl ClusterHandle {
     pub fn leader(&self) -> Option<(NodeId, Member)> {
         let (id, membership) = {
             let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
+            let metrics = metrics.borrow_watched();
             (metrics.current_leader?, metrics.membership_config.clone())
         };
         let member = membership.membership().get_node(&id)?.clone();
@@ -118,7 +123,7 @@ impl ClusterHandle {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.raft.metrics().borrow_watched().current_leader == Some(self.id)
     }
 
     /// Proposes writes through the leader: locally if we lead, else forwarded once.
@@ -155,7 +160,7 @@ impl ClusterHandle {
                 if metrics.changed().await.is_err() {
                     return std::future::pending().await;
                 }
-                if metrics.borrow().current_leader != Some(leader) {
+                if metrics.borrow_watched().current_leader != Some(leader) {
                     return;
                 }
             }
@@ -200,7 +205,12 @@ impl ClusterHandle {
     /// Waits until this node applied `index`.
     async fn wait_applied(&self, index: Option<u64>) -> Result<(), RpcError> {
         // Usually applied already: skip openraft's waiter (it clones metrics per check).
-        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        let applied = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map(|l| l.index);
         if let Some(index) = index.filter(|i| applied < Some(*i)) {
             self.raft
                 .wait(Some(LEADER_CALL_TIMEOUT))
@@ -223,10 +233,10 @@ impl ClusterHandle {
     }
 
     pub async fn status(&self) -> Result<ClusterStatus, RpcError> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics().borrow_watched().clone();
         let committed = self
             .raft
-            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .with_raft_state(|st| st.local_committed().map(|l| l.index))
             .await
             .unwrap_or(None);
         let store = self.sm.status().await?;

@@ -11,6 +11,7 @@ use aspen_client::protocol::{
 use aspen_kv::api::{ApplyError, Command, LeaseId, WriteOp};
 use aspen_kv::limits::{MAX_EXPIRIES_PER_BATCH, MAX_LEASE_ID};
 use aspen_trust::{Action, Kind};
+use openraft::async_runtime::WatchReceiver;
 use tokio::time::Instant;
 
 use super::auth::{Access, Need};
@@ -31,7 +32,7 @@ pub async fn run_clock(cluster: ClusterHandle) {
             let m = metrics.borrow_and_update();
             (
                 m.current_leader == Some(cluster.id) && m.state.is_leader(),
-                m.vote.leader_id().get_term(),
+                m.vote.leader_id().term,
             )
         };
         match (leader, leading) {

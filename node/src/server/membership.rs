@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aspen_client::protocol::{ClusterRequest, ClusterResponse, NetFaults, RpcError};
 use aspen_client::NodeTicket;
-use aspen_kv::{Member, NodeId};
+use aspen_kv::{Member, NodeId, TypeConfig};
 use iroh::EndpointId;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
@@ -165,6 +165,7 @@ impl NodeState {
             self.introduce_to(&member, secret).await?;
         }
         // Catch the new node up as a learner first, so it never slows down the quorum.
+        self.previous_change_committed().await?;
         let added = self
             .cluster
             .raft
@@ -226,6 +227,7 @@ impl NodeState {
         if voters.is_empty() {
             return Err(RpcError::BadRequest("cannot remove the last voter".into()));
         }
+        self.previous_change_committed().await?;
         let change = if membership.voter_ids().any(|v| v == node_id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
         } else {
@@ -239,10 +241,36 @@ impl NodeState {
         Ok(ClusterResponse::Done)
     }
 
-    fn membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> RpcError {
+    /// Waits (at most [`LEADER_CALL_TIMEOUT`]) until the leader's latest membership is
+    /// committed: openraft refuses a change while the previous one is not (after a leader
+    /// change, its first membership entry is committed with its first entries).
+    async fn previous_change_committed(&self) -> Result<(), RpcError> {
+        self.cluster
+            .raft
+            .wait(Some(LEADER_CALL_TIMEOUT))
+            .metrics(
+                |m| m.committed_membership_config.log_id() == m.membership_config.log_id(),
+                "the previous membership change to commit",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                RpcError::Unavailable(format!(
+                    "the previous membership change is not committed yet ({e}); try again"
+                ))
+            })
+    }
+
+    fn membership_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> RpcError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.cluster.not_leader(),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                RpcError::Membership(e.to_string())
+            }
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(e)) => RpcError::Unavailable(
+                format!("the change was discarded by a leader change ({e}); try again"),
+            ),
+            RaftError::APIError(ClientWriteError::PreconditionFailed(e)) => {
                 RpcError::Membership(e.to_string())
             }
             RaftError::Fatal(e) => RpcError::Unavailable(format!("raft stopped: {e}")),

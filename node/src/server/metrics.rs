@@ -12,6 +12,7 @@
 //! connections at once (more are closed at once), each for at most
 //! [`METRICS_CONNECTION_LIMIT`], and answers nothing but `GET /metrics`.
 
+use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -358,10 +359,10 @@ impl NodeMetrics {
     /// Reads Raft's and the store's state into the gauges (before each scrape).
     async fn refresh(&self, node: &NodeState) {
         let cluster = &node.cluster;
-        let m = cluster.raft.metrics().borrow().clone();
+        let m = cluster.raft.metrics().borrow_watched().clone();
         let committed = cluster
             .raft
-            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .with_raft_state(|st| st.local_committed().map(|l| l.index))
             .await
             .unwrap_or(None);
         let index = |i: Option<u64>| i.map_or(-1, |i| i as i64);
@@ -387,7 +388,9 @@ impl NodeMetrics {
         self.voters.set(voters as i64);
         self.learners.set(members.saturating_sub(voters) as i64);
         self.millis_since_quorum_ack
-            .set(m.millis_since_quorum_ack.map_or(-1, |ms| ms as i64));
+            .set(m.last_quorum_acked.as_ref().map_or(-1, |at| {
+                openraft::Instant::elapsed(&**at).as_millis() as i64
+            }));
         if let Ok(store) = cluster.sm.status().await {
             self.revision.set(store.revision as i64);
             self.compacted_revision.set(store.compacted as i64);

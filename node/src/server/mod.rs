@@ -2,9 +2,9 @@
 //!
 //! ```text
 //!  clients ──aspen/client/1──▶ ClientService ─┬─ writes ──▶ Proposer (batching) ──▶ Raft (leader)
-//!                                            │             └─ or Forward ──▶ leader over aspen/raft/1
+//!                                            │             └─ or Forward ──▶ leader over aspen/raft/2
 //!                                            └─ reads ───▶ read barrier (ReadIndex) ──▶ state machine
-//!  members ─aspen/raft/1──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
+//!  members ─aspen/raft/2──▶ Peers (one connection per peer, both directions) ──▶ Raft RPCs
 //! ```
 
 mod admission;
@@ -31,6 +31,7 @@ pub mod raft_protocol;
 mod read_index;
 mod watch;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ use aspen_kv::{Member, NodeId, Raft};
 use iroh::endpoint::Connection;
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointId, SecretKey};
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::error::{LinearizableReadError, RaftError};
 use openraft::ChangeMembers;
 
 use crate::config::{NodeConfig, TestFault};
@@ -137,10 +138,10 @@ pub struct NodeState {
 async fn confirm_read_index(reads: &aspen_kv::ReadIndex) -> Result<Option<u64>, RpcError> {
     match reads.confirm().await {
         Ok(index) => Ok(index),
-        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
             Err(RpcError::NotLeader { leader: None })
         }
-        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
+        Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e))) => Err(
             RpcError::Unavailable(format!("leader cannot reach a quorum: {e}")),
         ),
         Err(RaftError::Fatal(e)) => Err(RpcError::Unavailable(format!("raft stopped: {e}"))),
@@ -597,6 +598,55 @@ impl NodeState {
         initialized
     }
 
+    /// Receives a snapshot from member `remote`: the `bytes` bytes that follow its header on
+    /// `body`, into a new file of the state machine's, then installs it through openraft.
+    /// The file is removed unless it was installed.
+    pub async fn receive_snapshot(
+        &self,
+        remote: EndpointId,
+        vote: aspen_kv::raft_types::Vote,
+        meta: aspen_kv::raft_types::SnapshotMeta,
+        bytes: u64,
+        body: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> RaftResponse {
+        use tokio::io::AsyncReadExt;
+        if !self.is_raft_peer(&remote) {
+            return RaftResponse::Refused(format!(
+                "{} is not a member of this cluster",
+                remote.fmt_short()
+            ));
+        }
+        let mut file = match self.cluster.sm.begin_receiving_snapshot().await {
+            Ok(file) => file,
+            Err(e) => return RaftResponse::InstallSnapshot(Err(e.to_string())),
+        };
+        let path = file.path().to_path_buf();
+        let copied = tokio::io::copy(&mut body.take(bytes), &mut file).await;
+        let result = match copied {
+            Ok(n) if n == bytes => self
+                .cluster
+                .raft
+                .install_full_snapshot(
+                    vote,
+                    aspen_kv::raft_types::Snapshot {
+                        meta,
+                        snapshot: file,
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Ok(n) => Err(format!("the snapshot ended after {n} of {bytes} bytes")),
+            Err(e) => Err(format!("receiving the snapshot: {e}")),
+        };
+        // Installed, the file was moved into place; otherwise it is of no use.
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+        RaftResponse::InstallSnapshot(result)
+    }
+
     /// Serves one node-to-node request from `remote` (`Peers::serve` has checked that it is
     /// a member or introduced, or that this is an `Introduce` from a stranger to a node that
     /// belongs to no cluster).
@@ -669,12 +719,20 @@ impl NodeState {
                 tracing::warn!("test fault: exiting before storing the first log entries");
                 std::process::exit(137)
             }
-            RaftRequest::AppendEntries(rpc) => {
-                RaftResponse::AppendEntries(self.cluster.raft.append_entries(rpc).await)
+            RaftRequest::AppendEntries(rpc) => RaftResponse::AppendEntries(
+                self.cluster
+                    .raft
+                    .append_entries(rpc)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            RaftRequest::Vote(rpc) => {
+                RaftResponse::Vote(self.cluster.raft.vote(rpc).await.map_err(|e| e.to_string()))
             }
-            RaftRequest::Vote(rpc) => RaftResponse::Vote(self.cluster.raft.vote(rpc).await),
-            RaftRequest::InstallSnapshot(rpc) => {
-                RaftResponse::InstallSnapshot(self.cluster.raft.install_snapshot(rpc).await)
+            RaftRequest::InstallSnapshot { .. } => {
+                // `Peers::serve` hands a snapshot, which comes with its bytes, to
+                // `receive_snapshot`; this is a header without them.
+                RaftResponse::Refused("a snapshot header without its bytes".into())
             }
             RaftRequest::Forward(commands) => {
                 RaftResponse::Forward(match ClusterHandle::validate(&commands, false) {
@@ -806,7 +864,7 @@ async fn announce_address(state: Arc<NodeState>) {
     }
 }
 
-/// `aspen/raft/1`: adopts member connections into the pool.
+/// `aspen/raft/2`: adopts member connections into the pool.
 #[derive(Debug)]
 struct RaftService {
     peers: Arc<Peers>,

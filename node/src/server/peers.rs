@@ -12,17 +12,17 @@ use std::time::Duration;
 use aspen_client::ticket::node_id_of;
 use aspen_client::wire::{read_frame, write_frame};
 use aspen_client::NetFaults;
+use aspen_kv::raft_types::{Snapshot, Vote};
+use aspen_kv::storage::SnapshotFile;
 use aspen_kv::{Member, NodeId, TypeConfig};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::RaftNetworkV2;
 
 use super::raft_protocol::{
     RaftRequest, RaftResponse, MAX_INTRODUCE_FRAME, MAX_RAFT_FRAME, RAFT_ALPN,
@@ -280,7 +280,16 @@ impl Peers {
                 if busy {
                     crate::busy_poll::touch();
                 }
-                let response = node.handle_raft(remote, request).await;
+                let response = match request {
+                    RaftRequest::InstallSnapshot { vote, meta, bytes } => {
+                        // The snapshot's bytes follow on this stream, as fast as the leader
+                        // sends them; each read waits at most the request timeout.
+                        let mut body = ReadTimeout::new(&mut recv, super::REQUEST_READ_TIMEOUT);
+                        node.receive_snapshot(remote, vote, meta, bytes, &mut body)
+                            .await
+                    }
+                    request => node.handle_raft(remote, request).await,
+                };
                 if let Err(e) = write_frame(&mut send, &response, MAX_RAFT_FRAME).await {
                     tracing::debug!(peer = %remote.fmt_short(), "cannot answer raft request: {e}");
                 }
@@ -500,8 +509,12 @@ impl Peers {
 /// encoding's overhead).
 const APPEND_BUDGET: usize = MAX_RAFT_FRAME / 2;
 
+/// How much of a snapshot is sent per write; each write must make progress within
+/// [`DEFAULT_RPC_TIMEOUT`].
+const SNAPSHOT_WRITE: usize = 1024 * 1024;
+
 /// Roughly how many bytes an entry takes on the wire.
-fn approx_entry_bytes(entry: &openraft::Entry<TypeConfig>) -> usize {
+fn approx_entry_bytes(entry: &aspen_kv::raft_types::Entry) -> usize {
     const OVERHEAD: usize = 64;
     match &entry.payload {
         openraft::EntryPayload::Normal(batch) => {
@@ -513,6 +526,69 @@ fn approx_entry_bytes(entry: &openraft::Entry<TypeConfig>) -> usize {
                     .sum::<usize>()
         }
         _ => 4 * 1024,
+    }
+}
+
+/// How many of `entries`, from the first, fit one AppendEntries (at least one: a single
+/// entry always fits a frame).
+fn entries_that_fit(entries: &[aspen_kv::raft_types::Entry]) -> usize {
+    prefix_within(entries.iter().map(approx_entry_bytes), APPEND_BUDGET)
+}
+
+/// How many of the first `sizes` add up to at most `budget`; at least one if there is one.
+fn prefix_within(sizes: impl ExactSizeIterator<Item = usize>, budget: usize) -> usize {
+    let any = sizes.len().min(1);
+    let mut total = 0;
+    let fit = sizes
+        .take_while(|size| {
+            total += size;
+            total <= budget
+        })
+        .count();
+    fit.max(any)
+}
+
+/// A reader whose every read must complete within `limit` (a stalled sender fails the read
+/// instead of holding the stream forever).
+struct ReadTimeout<'a, R> {
+    inner: &'a mut R,
+    limit: Duration,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a, R> ReadTimeout<'a, R> {
+    fn new(inner: &'a mut R, limit: Duration) -> Self {
+        ReadTimeout {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ReadTimeout<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let std::task::Poll::Ready(r) = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf) {
+            this.deadline = None;
+            return std::task::Poll::Ready(r);
+        }
+        let limit = this.limit;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no data for {limit:?}"),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -542,79 +618,199 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    async fn rpc<E: std::error::Error>(
+    async fn rpc(
         &self,
         request: RaftRequest,
         option: &RPCOption,
-    ) -> Result<RaftResponse, RPCError<NodeId, Member, E>> {
+    ) -> Result<RaftResponse, RPCError<TypeConfig>> {
         let timeout = option.hard_ttl().min(DEFAULT_RPC_TIMEOUT);
         self.peers
             .call(&self.member, &request, timeout)
             .await
-            .map_err(|e| match e {
-                PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
-                PeerError::Failed(..) | PeerError::Refused(..) => {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })
+            .map_err(rpc_error)
+    }
+
+    /// Streams `snapshot` to the member: the header frame, then the file's bytes, on one
+    /// stream; the member installs it and answers.
+    async fn send_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+    ) -> Result<SnapshotResponse<TypeConfig>, PeerError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let name = hex::encode(&self.member.endpoint_id[..8]);
+        let failed = |e: &dyn std::fmt::Display| PeerError::Failed(name.clone(), e.to_string());
+        let Snapshot {
+            meta,
+            snapshot: mut file,
+        } = snapshot;
+        let bytes = file
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .map_err(|e| failed(&e))?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| failed(&e))?;
+        let conn = self.peers.connection(&self.member).await?;
+        let (mut send, mut recv) =
+            within(async { conn.open_bi().await.map_err(|e| e.to_string()) })
+                .await
+                .map_err(|e| failed(&e))?;
+        let header = RaftRequest::InstallSnapshot { vote, meta, bytes };
+        within(async {
+            write_frame(&mut send, &header, MAX_RAFT_FRAME)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| failed(&e))?;
+        let mut buf = vec![0u8; SNAPSHOT_WRITE];
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = file.read(&mut buf).await.map_err(|e| failed(&e))?;
+            if n == 0 {
+                return Err(failed(&format!(
+                    "the snapshot file ended after {sent} of {bytes} bytes"
+                )));
+            }
+            let chunk = &buf[..n.min((bytes - sent) as usize)];
+            within(async { send.write_all(chunk).await.map_err(|e| e.to_string()) })
+                .await
+                .map_err(|e| failed(&e))?;
+            sent += chunk.len() as u64;
+        }
+        send.finish().map_err(|e| failed(&e))?;
+        // Installing can take a while on the member (a large state machine).
+        let answer = tokio::time::timeout(
+            DEFAULT_RPC_TIMEOUT * 6,
+            read_frame::<RaftResponse>(&mut recv, MAX_RAFT_FRAME),
+        )
+        .await
+        .map_err(|_| failed(&"no answer to the snapshot"))?
+        .map_err(|e| failed(&e))?;
+        match answer {
+            RaftResponse::InstallSnapshot(Ok(r)) => Ok(r),
+            RaftResponse::InstallSnapshot(Err(e)) => Err(failed(&e)),
+            RaftResponse::Refused(why) => Err(PeerError::Refused(name, why)),
+            other => Err(failed(&format!("unexpected response {other:?}"))),
+        }
     }
 }
 
-fn unexpected<E: std::error::Error>(r: RaftResponse) -> RPCError<NodeId, Member, E> {
+/// `step`, failed unless it completes within [`DEFAULT_RPC_TIMEOUT`].
+async fn within<T>(
+    step: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(DEFAULT_RPC_TIMEOUT, step)
+        .await
+        .unwrap_or_else(|_| Err(format!("no progress within {DEFAULT_RPC_TIMEOUT:?}")))
+}
+
+fn rpc_error(e: PeerError) -> RPCError<TypeConfig> {
+    match e {
+        PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+        PeerError::Failed(..) | PeerError::Refused(..) => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+/// A member that answered but could not take the request (it is shutting down, say): a
+/// network failure to openraft, which retries.
+fn remote_failure(target: NodeId, why: String) -> RPCError<TypeConfig> {
+    let e = std::io::Error::other(format!("member {target}: {why}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+fn unexpected(r: RaftResponse) -> RPCError<TypeConfig> {
     let e = std::io::Error::other(format!("unexpected response {r:?}"));
     RPCError::Network(NetworkError::new(&e))
 }
 
-impl RaftNetwork<TypeConfig> for PeerLink {
+impl RaftNetworkV2<TypeConfig> for PeerLink {
+    type SnapshotData = SnapshotFile;
+
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
-        // Entries are bounded one by one, but many at once could exceed a frame: ask
-        // openraft to send fewer (it retries with at most the hinted number) instead of
-        // failing the same oversized frame forever.
-        let bytes: usize = rpc.entries.iter().map(approx_entry_bytes).sum();
-        if bytes > APPEND_BUDGET && rpc.entries.len() > 1 {
-            let fit = (rpc.entries.len() * APPEND_BUDGET / bytes).max(1);
-            return Err(RPCError::PayloadTooLarge(
-                openraft::error::PayloadTooLarge::new_entries_hint(fit as u64),
-            ));
-        }
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Entries are bounded one by one, but many at once could exceed a frame: send those
+        // that fit and report them as a partial success (openraft sends the rest next).
+        let fit = entries_that_fit(&rpc.entries);
+        let partial = (fit < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(fit);
+            rpc.entries.last().map(|e| e.log_id)
+        });
         match self.rpc(RaftRequest::AppendEntries(rpc), &option).await? {
-            RaftResponse::AppendEntries(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        match self.rpc(RaftRequest::InstallSnapshot(rpc), &option).await? {
-            RaftResponse::InstallSnapshot(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftResponse::AppendEntries(Ok(AppendEntriesResponse::Success)) => Ok(match partial {
+                Some(last) => AppendEntriesResponse::PartialSuccess(last),
+                None => AppendEntriesResponse::Success,
+            }),
+            RaftResponse::AppendEntries(Ok(r)) => Ok(r),
+            RaftResponse::AppendEntries(Err(e)) => Err(remote_failure(self.target, e)),
             other => Err(unexpected(other)),
         }
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         match self.rpc(RaftRequest::Vote(rpc), &option).await? {
-            RaftResponse::Vote(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            RaftResponse::Vote(Ok(r)) => Ok(r),
+            RaftResponse::Vote(Err(e)) => Err(remote_failure(self.target, e)),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.send_snapshot(vote, snapshot) => sent.map_err(|e| match e {
+                PeerError::Unreachable(..) => StreamingError::Unreachable(Unreachable::new(&e)),
+                PeerError::Failed(..) | PeerError::Refused(..) => {
+                    StreamingError::Network(NetworkError::new(&e))
+                }
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[test]
+    fn appends_are_cut_to_what_fits_a_frame() {
+        assert_eq!(prefix_within([10, 10, 10].into_iter(), 30), 3);
+        assert_eq!(prefix_within([10, 10, 10].into_iter(), 25), 2);
+        assert_eq!(
+            prefix_within([40, 1].into_iter(), 30),
+            1,
+            "one entry always goes"
+        );
+        assert_eq!(prefix_within(std::iter::empty(), 30), 0, "a heartbeat");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_snapshot_body_fails_instead_of_waiting_forever() {
+        let (mut sender, mut stream) = tokio::io::duplex(64);
+        sender.write_all(b"abc").await.unwrap();
+        let mut body = ReadTimeout::new(&mut stream, Duration::from_millis(50));
+        let mut buf = [0u8; 3];
+        body.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"abc");
+        // The sender stays connected but sends nothing more.
+        let err = body.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(sender);
     }
 }

@@ -138,13 +138,18 @@ async fn run(
         // comes later (its core waits for the next append's fsync first) or reports failure.
         let mut applied = sm.watch_proposal(proposal);
         // Submitted in order from this one task; only the wait for the result is spawned.
+        let (responder, _committed, rx) = openraft::impls::ProgressResponder::new();
         let submitted = raft
-            .client_write_ff(Batch {
-                proposed_at_ms: now_ms(),
-                proposal,
-                commands,
-            })
-            .await;
+            .client_write_ff(
+                Batch {
+                    proposed_at_ms: now_ms(),
+                    proposal,
+                    commands,
+                },
+                Some(responder),
+            )
+            .await
+            .map(|()| rx);
         let sm = sm.clone();
         tokio::spawn(async move {
             let outcome = match submitted {

@@ -7,6 +7,7 @@
 //! Each record published is also written to the system key space through Raft, so a new
 //! leader continues from the last seq and any member can report it.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ pub async fn run(state: Arc<NodeState>, dht: Option<ClusterDht>, timing: Publish
             _ = async { tokio::time::sleep_until(retry.expect("guarded")).await }, if retry.is_some() => true,
         };
         let (membership, leader) = {
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             (
                 m.membership_config.log_id().map(|l| l.index),
                 m.current_leader == Some(state.cluster.id),

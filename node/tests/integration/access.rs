@@ -271,7 +271,7 @@ async fn a_key_without_a_grant_is_refused_everywhere_and_the_node_keeps_serving(
     for n in &nodes {
         let reply = raw_exchange_as(
             n,
-            b"aspen/raft/1",
+            b"aspen/raft/2",
             b"\x00\x00\x00\x01\x04",
             Some(stranger_secret),
         )
@@ -697,7 +697,7 @@ async fn an_uninitialized_node_cannot_be_captured_and_admin_can_be_recovered() {
     // Raft traffic from an unintroduced caller is not served.
     let reply = raw_exchange_as(
         &lone,
-        b"aspen/raft/1",
+        b"aspen/raft/2",
         b"\x00\x00\x00\x01\x04",
         Some(secret),
     )
@@ -953,7 +953,7 @@ async fn idle_callers_declaring_huge_frames_stay_cheap() {
     // closed unread (Raft); whatever stays open is held too.
     let mut others = Vec::new();
     for alpn in [
-        b"aspen/raft/1".as_slice(),
+        b"aspen/raft/2".as_slice(),
         iroh_blobs::ALPN,
         iroh_docs::ALPN,
         iroh_gossip::ALPN,

@@ -75,8 +75,8 @@ async fn bad_input_is_refused_with_typed_errors_and_the_node_keeps_serving() {
         matches!(&response, ClientResponse::Error(RpcError::BadRequest(m)) if m.contains("exceeds")),
         "{response:?}"
     );
-    let _ = raw_exchange(node, b"aspen/raft/1", b"\xff\xff\xff\xff garbage").await;
-    let _ = raw_exchange(node, b"aspen/raft/1", b"\x00\x00\x00\x02\x07\x07").await;
+    let _ = raw_exchange(node, b"aspen/raft/2", b"\xff\xff\xff\xff garbage").await;
+    let _ = raw_exchange(node, b"aspen/raft/2", b"\x00\x00\x00\x02\x07\x07").await;
     let _ = raw_exchange(node, CLIENT_ALPN, b"").await;
 
     // Malformed tickets and node ids.

@@ -11,6 +11,7 @@ use aspen_etcd_api::pb::etcdserverpb::{
     StatusRequest, StatusResponse,
 };
 use aspen_etcd_api::EtcdError;
+use openraft::async_runtime::WatchReceiver;
 use tonic::{Request, Response, Status};
 
 use super::super::NodeState;
@@ -163,7 +164,7 @@ impl Maintenance for EtcdApi {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         self.call("etcd_status", request, |node, _caller, _req| async move {
-            let metrics = node.cluster.raft.metrics().borrow().clone();
+            let metrics = node.cluster.raft.metrics().borrow_watched().clone();
             let voter = node
                 .cluster
                 .membership()

@@ -25,6 +25,7 @@ mod watch;
 
 pub use cluster::publish_addr;
 
+use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -359,7 +360,7 @@ impl NodeState {
             cluster_id,
             member_id: self.cluster.id,
             revision: revision::to_etcd(revision),
-            raft_term: self.cluster.raft.metrics().borrow().current_term,
+            raft_term: self.cluster.raft.metrics().borrow_watched().current_term,
         }
     }
 
