@@ -52,6 +52,11 @@ pub fn raft_config(
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: keep_after_snapshot,
         snapshot_max_chunk_size: 1024 * 1024,
+        // A restarted leader runs an election (a new term) instead of resuming its old term.
+        // Resuming is unsafe here: a leader replicates entries before its own flush, so a
+        // crash can lose entries followers hold, and resuming the term would reuse their log
+        // ids for different entries (simulation seed 16662).
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     std::sync::Arc::new(
