@@ -1,14 +1,15 @@
 //! Linearizable read points (ReadIndex) that stay safe across a leader's restart.
 //!
-//! openraft restores a node whose persisted vote is its own committed vote as leader at
-//! startup, with its commit index unknown (Aspen does not persist it), and then offers
-//! max(committed, first log id of its leadership) as the read index (0.9 did; 0.10 offers the
-//! same, and a leadership restored at startup keeps its old first log id): possibly below entries that
-//! were committed, and acknowledged to clients, before the restart. A read at that index can
-//! miss acknowledged writes. (Seen as a node denying its admin after a full-cluster restart
-//! because its access policy had not been replayed yet; and as simulation seed 5893, while
-//! the simulation still read at openraft's own read point, returning a key as absent after
-//! a leader came back with its committed vote.)
+//! openraft 0.9 restored a node whose persisted vote is its own committed vote as leader at
+//! startup, with its commit index unknown (Aspen does not persist it), and then offered
+//! max(committed, first log id of its leadership) as the read index: possibly below entries
+//! that were committed, and acknowledged to clients, before the restart. A read at that index
+//! could miss acknowledged writes. (Seen as a node denying its admin after a full-cluster
+//! restart because its access policy had not been replayed yet; and as simulation seed 5893,
+//! while the simulation still read at openraft's own read point, returning a key as absent
+//! after a leader came back with its committed vote.) openraft 0.10 does the same unless told
+//! not to; Aspen tells it not to (`raft_config`: a restarted leader runs an election), for a
+//! worse reason (seed 16662), and keeps this floor as a second line.
 //!
 //! So a [`ReadIndex`] never hands out an index below the leader's last log index as of its
 //! first read under the current vote: every entry in a leader's log is committed while it
