@@ -22,6 +22,12 @@ use super::proposer::{ProposeError, Proposer};
 use super::raft_protocol::{LeaderLeaseCall, RaftRequest, RaftResponse};
 use super::read_index::ReadIndexBatcher;
 use super::{ticket_of, LEADER_CALL_TIMEOUT};
+
+/// How long a request that finds no leader waits for an election to produce one: three of the
+/// longest election timeouts (`aspen_kv::raft_config`), enough for a restarted node (which
+/// runs an election before it leads) or a cluster whose leader just died, short enough that a
+/// client of a cluster without a quorum hears so soon.
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 use crate::config::TestFault;
 
 /// See the module docs. Cheap to clone.
@@ -126,8 +132,32 @@ impl ClusterHandle {
         self.raft.metrics().borrow_watched().current_leader == Some(self.id)
     }
 
+    /// Waits (at most [`ELECTION_WAIT`]) until this node knows a leader: a request that
+    /// arrives during an election (a restarted node runs one before it leads) is served when
+    /// the election ends instead of being refused at once. Returns at once when a leader is
+    /// known or when this node is in no cluster (nothing will elect one), and after the wait
+    /// whatever the outcome (the caller reports "no leader").
+    async fn wait_for_leader(&self) {
+        if self.leader().is_some() || !self.is_member() {
+            return;
+        }
+        let mut metrics = self.raft.server_metrics();
+        let known = async {
+            loop {
+                if metrics.borrow_watched().current_leader.is_some() {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(ELECTION_WAIT, known).await;
+    }
+
     /// Proposes writes through the leader: locally if we lead, else forwarded once.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, RpcError> {
+        self.wait_for_leader().await;
         if self.is_leader() {
             match self.proposer.propose(commands.clone()).await {
                 Err(ProposeError::NotLeader(_)) => {} // Lost leadership meanwhile: forward below.
@@ -181,6 +211,7 @@ impl ClusterHandle {
         if self.test_fault == Some(TestFault::StaleReads) {
             return Ok(());
         }
+        self.wait_for_leader().await;
         if self.is_leader() {
             return self.leader_barrier().await;
         }
@@ -322,6 +353,7 @@ impl ClusterHandle {
     }
 
     async fn leader_lease_call(&self, call: LeaderLeaseCall) -> Result<u64, RpcError> {
+        self.wait_for_leader().await;
         if self.is_leader() {
             return self.lease_call_here(call).await;
         }

@@ -298,6 +298,42 @@ async fn single_node_kill9_keeps_every_acknowledged_write() {
     client.close().await;
 }
 
+/// A restarted node runs an election before it leads (it may have lost entries it had
+/// already replicated, so it must not resume its old term), and after a whole cluster
+/// restarts nobody leads for an election timeout or more. Requests that arrive meanwhile wait
+/// for the election instead of being refused: here a blob upload, which the client does not
+/// retry (its body is a stream), sent the moment the restarted cluster answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_during_an_election_wait_for_its_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    client.put(b"before".to_vec(), b"1".to_vec()).await.unwrap();
+    client.close().await;
+    for node in nodes.iter_mut() {
+        node.kill9();
+    }
+    for node in nodes.iter_mut() {
+        node.restart(None);
+    }
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let file = root.path().join("blob");
+    std::fs::write(&file, b"sent during the election").unwrap();
+    let added = client
+        .blob_add_file(&file, Some("during/election"), |_| {})
+        .await
+        .expect("a blob upload sent during the election");
+    let got = client.get(b"before".to_vec()).await.unwrap();
+    assert_eq!(got.map(|kv| kv.value), Some(b"1".to_vec()));
+    let out = root.path().join("out");
+    client
+        .blob_get_to_file(added.hash, &out, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), b"sent during the election");
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_restarted_on_new_addresses_rejoin() {
     let root = tempfile::tempdir().unwrap();
