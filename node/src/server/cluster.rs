@@ -23,12 +23,13 @@ use super::raft_protocol::{LeaderLeaseCall, RaftRequest, RaftResponse};
 use super::read_index::ReadIndexBatcher;
 use super::{ticket_of, LEADER_CALL_TIMEOUT};
 
+use crate::config::TestFault;
+
 /// How long a request that finds no leader waits for an election to produce one: three of the
 /// longest election timeouts (`aspen_kv::raft_config`), enough for a restarted node (which
 /// runs an election before it leads) or a cluster whose leader just died, short enough that a
 /// client of a cluster without a quorum hears so soon.
 const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-use crate::config::TestFault;
 
 /// See the module docs. Cheap to clone.
 #[derive(Clone)]
@@ -138,7 +139,15 @@ impl ClusterHandle {
     /// known or when this node is in no cluster (nothing will elect one), and after the wait
     /// whatever the outcome (the caller reports "no leader").
     async fn wait_for_leader(&self) {
-        if self.leader().is_some() || !self.is_member() {
+        // The common case costs one read of the metrics (no membership lookup).
+        if self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .current_leader
+            .is_some()
+            || !self.is_member()
+        {
             return;
         }
         let mut metrics = self.raft.server_metrics();
