@@ -31,6 +31,13 @@ use crate::config::TestFault;
 /// client of a cluster without a quorum hears so soon.
 const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Most requests from callers not known to be allowed (a denial being confirmed, a federation
+/// export check) that wait for an election at once, node-wide; more fail at once with "no
+/// leader". Such a wait is what a legitimate caller needs after a full-cluster restart (its
+/// grant is not replayed until a leader commits), but anyone can set one off: this bounds
+/// what a flood of strangers during an election holds.
+pub const MAX_STRANGER_ELECTION_WAITS: usize = 64;
+
 /// See the module docs. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterHandle {
@@ -47,6 +54,9 @@ pub struct ClusterHandle {
     pub test_fault: Option<TestFault>,
     /// What the node measures (served by `--metrics`).
     pub metrics: Arc<super::metrics::NodeMetrics>,
+    /// Election waits left for callers not known to be allowed
+    /// ([`MAX_STRANGER_ELECTION_WAITS`]).
+    stranger_waits: Arc<tokio::sync::Semaphore>,
 }
 
 impl ClusterHandle {
@@ -77,6 +87,7 @@ impl ClusterHandle {
             reads,
             test_fault,
             metrics,
+            stranger_waits: Arc::new(tokio::sync::Semaphore::new(MAX_STRANGER_ELECTION_WAITS)),
         }
     }
 
@@ -150,6 +161,8 @@ impl ClusterHandle {
         {
             return;
         }
+        self.metrics.election_waits.inc();
+        let _waiting = WaitingGauge::enter(&self.metrics.election_waiting);
         let mut metrics = self.raft.server_metrics();
         let known = async {
             loop {
@@ -215,12 +228,30 @@ impl ClusterHandle {
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the
-    /// call began (ReadIndex through the leader).
+    /// call began (ReadIndex through the leader). During an election, waits for it first
+    /// (at most [`ELECTION_WAIT`]).
     pub async fn read_barrier(&self) -> Result<(), RpcError> {
+        self.wait_for_leader().await;
+        self.read_barrier_now().await
+    }
+
+    /// [`Self::read_barrier`] for a caller not known to be allowed (a denial being confirmed,
+    /// a federation export check): waits for an election only while fewer than
+    /// [`MAX_STRANGER_ELECTION_WAITS`] such callers wait, so a flood of strangers during an
+    /// election holds a bounded number of tasks; the rest hear "no leader" at once.
+    pub async fn read_barrier_for_stranger(&self) -> Result<(), RpcError> {
+        if let Ok(_slot) = self.stranger_waits.try_acquire() {
+            self.wait_for_leader().await;
+        }
+        self.read_barrier_now().await
+    }
+
+    /// [`Self::read_barrier`] without waiting for an election: with no leader known, fails
+    /// at once.
+    async fn read_barrier_now(&self) -> Result<(), RpcError> {
         if self.test_fault == Some(TestFault::StaleReads) {
             return Ok(());
         }
-        self.wait_for_leader().await;
         if self.is_leader() {
             return self.leader_barrier().await;
         }
@@ -441,5 +472,21 @@ impl ClusterHandle {
                 "no result for a system transaction".into(),
             )),
         }
+    }
+}
+
+/// Counts a request in a gauge while it waits (also when its future is dropped).
+struct WaitingGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> WaitingGauge<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        WaitingGauge(gauge)
+    }
+}
+
+impl Drop for WaitingGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

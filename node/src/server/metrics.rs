@@ -93,6 +93,10 @@ pub struct NodeMetrics {
     pub watches: Gauge,
     /// Bytes of blobs received (client uploads and fetches from other nodes).
     pub blob_bytes_in: Counter,
+    /// Requests that found no leader and waited for an election.
+    pub election_waits: Counter,
+    /// Requests waiting for an election now.
+    pub election_waiting: Gauge,
     /// Bytes sent on iroh-blobs connections this node served.
     pub blob_bytes_out: Counter,
     // Read from openraft and the store at each scrape.
@@ -144,6 +148,8 @@ impl NodeMetrics {
             doc_changes: Counter::default(),
             watches: Gauge::default(),
             blob_bytes_in: Counter::default(),
+            election_waits: Counter::default(),
+            election_waiting: Gauge::default(),
             blob_bytes_out: Counter::default(),
             term: Gauge::default(),
             is_leader: Gauge::default(),
@@ -261,6 +267,16 @@ impl NodeMetrics {
             self.errors.clone(),
         );
         r.register("watches", "Watches open on this node", self.watches.clone());
+        r.register(
+            "election_waits",
+            "Requests that found no leader and waited for an election (at most 3 s each)",
+            self.election_waits.clone(),
+        );
+        r.register(
+            "election_waiting",
+            "Requests waiting for an election now",
+            self.election_waiting.clone(),
+        );
         r.register(
             "automerge_repo_connections",
             "automerge-repo WebSocket connections open on this node",

@@ -1034,8 +1034,10 @@ impl ProtocolHandler for ClientService {
 impl NodeState {
     /// After a denial: catches up with the leader (a read barrier, coalesced with other
     /// reads) and reloads the policy if an `auth/` write applied since it was loaded.
+    /// Strangers are denied here, so its wait for an election is bounded node-wide
+    /// ([`cluster::ClusterHandle::read_barrier_for_stranger`]).
     async fn catch_up_policy(&self) -> Result<(), RpcError> {
-        self.cluster.read_barrier().await?;
+        self.cluster.read_barrier_for_stranger().await?;
         if self.auth.is_stale() {
             self.auth.reload_policy().await?;
         }

@@ -1107,3 +1107,112 @@ async fn an_iroh_docs_reader_syncs_only_the_namespaces_it_may_read() {
     assert!(got.outcome.num_recv >= 1, "{got:?}");
     admin.close().await;
 }
+
+/// During an election a request waits for the new leader (up to 3 s), a stranger's denial
+/// too (a member's grant may not be replayed yet after a restart), but at most
+/// `MAX_STRANGER_ELECTION_WAITS` denials wait at once node-wide: a flood of strangers against
+/// a node whose cluster cannot elect a leader holds a bounded number of tasks, is refused,
+/// and costs the node little; a member's read still waits and is served after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_waiting_for_an_election_are_bounded() {
+    use aspen_node::server::cluster::MAX_STRANGER_ELECTION_WAITS;
+    use futures::StreamExt;
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &["--metrics", "127.0.0.1:0"]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    let leader = client.status().await.unwrap().leader.unwrap();
+    client.close().await;
+    // Keep one follower; with the other two gone its cluster cannot elect a leader.
+    let keep = nodes.iter().position(|n| n.node_id() != leader).unwrap();
+    let kept = client_of(&nodes[keep]).await;
+    let metrics = crate::metrics::metrics_addr(&kept).await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            node.kill9();
+        }
+    }
+    wait_until("the kept follower to know no leader", || async {
+        let status = kept.status().await.ok()?;
+        status.leader.is_none().then_some(())
+    })
+    .await;
+    let series = |name: &str| crate::metrics::get(&crate::metrics::scrape(metrics, None), name);
+    let waits_before = series("aspen_election_waits_total");
+    let pid = nodes[keep].pid().unwrap();
+    let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
+    // Twice as many strangers at once as may wait, each on its own key.
+    let (strangers, at_once) = (256, 2 * MAX_STRANGER_ELECTION_WAITS);
+    let get = ClientRequest::Kv(aspen_client::KvRequest::Range {
+        request: RangeRequest::key(b"k".to_vec()),
+        consistency: Consistency::Linearizable,
+    });
+    let kept_node = &nodes[keep];
+    let flood = futures::stream::iter(0..strangers)
+        .map(|_| raw_request(kept_node, fresh().0, &get))
+        .buffer_unordered(at_once)
+        .collect::<Vec<ClientResponse>>();
+    let mut flood = Box::pin(flood);
+    let mut most_waiting = 0.0f64;
+    let answers = loop {
+        tokio::select! {
+            answers = &mut flood => break answers,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                let waiting = tokio::task::spawn_blocking(move || {
+                    crate::metrics::get(&crate::metrics::scrape(metrics, None), "aspen_election_waiting")
+                })
+                .await
+                .unwrap();
+                most_waiting = most_waiting.max(waiting);
+            }
+        }
+    };
+    drop(flood);
+    for answer in &answers {
+        // Denied, or the denial could not be confirmed with a leader: never served.
+        assert!(
+            matches!(
+                answer,
+                ClientResponse::Error(RpcError::PermissionDenied { .. })
+            ) || matches!(answer, ClientResponse::Error(RpcError::Unavailable(m))
+                    if m.contains("cannot confirm the access policy")),
+            "{answer:?}"
+        );
+    }
+    let waited = series("aspen_election_waits_total") - waits_before;
+    let growth = rss(pid).saturating_sub(rss_before);
+    eprintln!(
+        "{strangers} strangers, {at_once} at once, during an election: {waited} waited, at most \
+         {most_waiting} at a time seen; node RSS +{} KiB, CPU {} ms",
+        growth >> 10,
+        process_cpu_ms(pid) - cpu_before
+    );
+    // The first arrivals found free slots; nobody past the bound waited.
+    assert!(waited >= MAX_STRANGER_ELECTION_WAITS as f64, "{waited}");
+    assert!(
+        most_waiting <= MAX_STRANGER_ELECTION_WAITS as f64,
+        "{most_waiting}"
+    );
+    assert!(growth < 64 << 20, "the node grew by {} MiB", growth >> 20);
+    // A member's client waits too: its read is served once the cluster is back.
+    let waits_after = series("aspen_election_waits_total");
+    let read = tokio::spawn(async move {
+        let got = kept.get(b"k".to_vec()).await;
+        kept.close().await;
+        got
+    });
+    wait_until("the member's read to wait for the election", || async {
+        (series("aspen_election_waits_total") > waits_after).then_some(())
+    })
+    .await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            node.restart(None);
+        }
+    }
+    let got = read
+        .await
+        .unwrap()
+        .expect("the member's read after the election");
+    assert_eq!(got.map(|kv| kv.value), Some(b"v".to_vec()));
+}

@@ -102,6 +102,8 @@ async fn metrics_name_the_series_and_move_with_requests() {
         "aspen_state_machine_applied_commands_total",
         "aspen_kv_revision",
         "aspen_watches",
+        "aspen_election_waits_total",
+        "aspen_election_waiting",
         "aspen_doc_changes_committed_total",
         "aspen_blob_received_bytes_total",
         "aspen_blob_sent_bytes_total",

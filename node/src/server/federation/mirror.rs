@@ -100,7 +100,8 @@ pub(super) async fn serve(
     }
 }
 
-/// The copy of `origin`'s `resource` this cluster mirrors to `caller`, after a read barrier.
+/// The copy of `origin`'s `resource` this cluster mirrors to `caller`, after a read barrier
+/// (a stranger's, as in `origin::check_export`).
 async fn mirrored_copy(
     state: &NodeState,
     caller: &ClusterKey,
@@ -112,7 +113,7 @@ async fn mirrored_copy(
         .map_err(|e| FedError::BadRequest(e.to_string()))?;
     state
         .cluster
-        .read_barrier()
+        .read_barrier_for_stranger()
         .await
         .map_err(|e| FedError::Unavailable(e.to_string()))?;
     let not_mirrored = || FedError::NotExported {

@@ -189,7 +189,8 @@ async fn serve(state: &NodeState, caller: &ClusterKey, call: FedCall) -> FedRepl
     served.unwrap_or_else(FedReply::Error)
 }
 
-/// Exported to `caller`? Decided after a read barrier (an unexport on any member counts).
+/// Exported to `caller`? Decided after a read barrier (an unexport on any member counts),
+/// whose wait for an election is bounded node-wide: any cluster can call this.
 async fn check_export(
     state: &NodeState,
     caller: &ClusterKey,
@@ -198,7 +199,11 @@ async fn check_export(
     resource
         .check()
         .map_err(|e| FedError::BadRequest(e.to_string()))?;
-    state.cluster.read_barrier().await.map_err(unavailable)?;
+    state
+        .cluster
+        .read_barrier_for_stranger()
+        .await
+        .map_err(unavailable)?;
     let stored = state
         .cluster
         .sm
