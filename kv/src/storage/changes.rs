@@ -8,9 +8,10 @@
 
 use std::sync::RwLock;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::key_index::KeyIndex;
+use super::state_db::StateDb;
 use super::state_machine::{record, StoredKv};
 use super::{REVISIONS, SM_META};
 use crate::api::{ChangesPage, ChangesRequest, Event, EventKind, KeyValue, ReadError, Revision};
@@ -45,7 +46,7 @@ fn storage(e: impl Into<redb::Error>) -> ReadError {
 
 /// Reads one page of changes (see [`ChangesRequest`] and [`ChangesPage`]).
 pub(crate) fn read(
-    db: &redb::Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     req: &ChangesRequest,
 ) -> Result<ChangesPage, ReadError> {
@@ -54,7 +55,7 @@ pub(crate) fn read(
 
 /// [`read`] with the page bounds as arguments (tests use small ones).
 pub(crate) fn read_bounded(
-    db: &redb::Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     req: &ChangesRequest,
     max_bytes: usize,
@@ -166,10 +167,12 @@ mod tests {
         writes: &[(u64, &str, Option<&str>)],
         compacted: u64,
         legacy: bool,
-    ) -> (redb::Database, RwLock<KeyIndex>) {
-        let db = redb::Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .unwrap();
+    ) -> (StateDb, RwLock<KeyIndex>) {
+        let db = StateDb::new(
+            redb::Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .unwrap(),
+        );
         let txn = db.begin_write().unwrap();
         if !legacy {
             crate::storage::create_sm_tables(&txn).unwrap();
@@ -208,7 +211,7 @@ mod tests {
         }
         txn.commit().unwrap();
         if legacy {
-            crate::storage::move_legacy_history(&db).unwrap();
+            crate::storage::move_legacy_history(db.database()).unwrap();
         }
         let index = RwLock::new(crate::storage::state_machine::load_index(&db).unwrap());
         (db, index)
@@ -367,7 +370,7 @@ mod tests {
             "{names:?}"
         );
         drop(txn);
-        crate::storage::move_legacy_history(&db).unwrap();
+        crate::storage::move_legacy_history(db.database()).unwrap();
         assert_eq!(
             crate::storage::state_machine::load_index(&db).unwrap(),
             *want_index.read().unwrap()

@@ -9,7 +9,9 @@
 //! both in one transaction, and an installed snapshot rebuilds it ([`rebuild_keys`]); it is
 //! not part of snapshots or state digests. `leases` is shipped in snapshots and digested.
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::state_db::StateDb;
 use serde::{Deserialize, Serialize};
 
 use super::key_index::KeyIndex;
@@ -71,7 +73,7 @@ pub(crate) fn rebuild_keys(
 }
 
 /// Every lease: (id, time to live, grant number). What the leader's deadlines start from.
-pub(crate) fn all(db: &redb::Database) -> Result<Vec<(LeaseId, u64, u64)>, redb::Error> {
+pub(crate) fn all(db: &StateDb) -> Result<Vec<(LeaseId, u64, u64)>, redb::Error> {
     let txn = db.begin_read()?;
     let leases = txn.open_table(LEASES)?;
     let mut all = Vec::with_capacity(leases.len()? as usize);
@@ -85,7 +87,7 @@ pub(crate) fn all(db: &redb::Database) -> Result<Vec<(LeaseId, u64, u64)>, redb:
 
 /// One lease, with its keys when `keys` (at most [`crate::limits::MAX_KEYS_PER_LEASE`]).
 pub(crate) fn read(
-    db: &redb::Database,
+    db: &StateDb,
     id: LeaseId,
     keys: bool,
 ) -> Result<Option<LeaseRecord>, ReadError> {
@@ -118,7 +120,7 @@ pub(crate) fn read(
 
 /// Lease ids from `after` on (exclusive), at most `limit`; and whether more remain.
 pub(crate) fn list(
-    db: &redb::Database,
+    db: &StateDb,
     after: LeaseId,
     limit: usize,
 ) -> Result<(Vec<LeaseId>, bool), ReadError> {
@@ -158,7 +160,9 @@ mod tests {
     impl Store {
         fn new() -> Store {
             let dir = tempfile::tempdir().unwrap();
-            let db = redb::Database::create(dir.path().join("sm.redb")).unwrap();
+            let db = crate::storage::state_db::StateDb::new(
+                redb::Database::create(dir.path().join("sm.redb")).unwrap(),
+            );
             let txn = db.begin_write().unwrap();
             super::super::create_sm_tables(&txn).unwrap();
             txn.commit().unwrap();

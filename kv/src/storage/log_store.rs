@@ -20,9 +20,10 @@ use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::RaftLogReader;
-use redb::{Database, Durability, ReadableDatabase};
+use redb::Durability;
 use tokio::sync::oneshot;
 
+use super::state_db::StateDb;
 use super::wal::{Wal, WalError, WalReader};
 use super::{blocking, encode, io_error, IoMode};
 use crate::metrics::StorageMetrics;
@@ -224,7 +225,7 @@ pub struct LogStore {
     _wal: Arc<Mutex<Wal>>,
     reader: WalReader,
     /// The state machine's database, made durable before every purge.
-    sm_db: Weak<Database>,
+    sm_db: Weak<StateDb>,
     /// The newest entries, among them every one not yet written.
     tail: Arc<RwLock<LogTail>>,
     /// Where jobs go.
@@ -235,7 +236,7 @@ pub struct LogStore {
 impl LogStore {
     pub(crate) fn new(
         wal: Wal,
-        sm_db: Weak<Database>,
+        sm_db: Weak<StateDb>,
         io: IoMode,
         tail: TailBudget,
         metrics: Arc<StorageMetrics>,
@@ -450,7 +451,7 @@ fn commit_appends(
 }
 
 /// The state machine's last applied index, as committed (durably or not) in its database.
-fn applied_index(sm_db: &Database) -> Result<Option<u64>, redb::Error> {
+fn applied_index(sm_db: &StateDb) -> Result<Option<u64>, redb::Error> {
     let txn = sm_db.begin_read()?;
     let meta = txn.open_table(super::SM_META)?;
     let Some(bytes) = meta.get("last_applied")? else {

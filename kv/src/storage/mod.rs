@@ -22,6 +22,7 @@
 
 mod log_store;
 mod snapshot;
+mod state_db;
 mod state_machine;
 mod wal;
 
@@ -239,7 +240,11 @@ fn open_parts(
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
     let state_err = |e: redb::Error| OpenError::Db(PathBuf::from("state"), e);
     move_legacy_history(&sm_db).map_err(state_err)?;
-    let sm_db = create_tables(sm_db, "state", create_sm_tables)?;
+    let sm_db = Arc::new(state_db::StateDb::new(create_tables(
+        sm_db,
+        "state",
+        create_sm_tables,
+    )?));
     let sm = StateMachineStore::new(sm_db, snapshots, io).map_err(state_err)?;
     let log = LogStore::new(wal, Arc::downgrade(&sm.db), io, tail, sm.metrics());
     Ok((log, sm))
@@ -291,12 +296,12 @@ fn create_tables(
     db: Database,
     name: &str,
     tables: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-) -> Result<Arc<Database>, OpenError> {
+) -> Result<Database, OpenError> {
     let err = |e: redb::Error| OpenError::Db(PathBuf::from(name), e);
     let txn = db.begin_write().map_err(|e| err(e.into()))?;
     tables(&txn).map_err(err)?;
     txn.commit().map_err(|e| err(e.into()))?;
-    Ok(Arc::new(db))
+    Ok(db)
 }
 
 /// Why the store could not be opened.

@@ -250,7 +250,9 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
-                let db = redb::Database::create(dir.path().join("sm.redb")).unwrap();
+                let db = crate::storage::state_db::StateDb::new(
+                    redb::Database::create(dir.path().join("sm.redb")).unwrap(),
+                );
                 let txn = db.begin_write().unwrap();
                 super::super::create_sm_tables(&txn).unwrap();
                 txn.commit().unwrap();

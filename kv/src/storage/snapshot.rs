@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::task::{Context, Poll};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableTable};
+
+use super::state_db::StateDb;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
@@ -175,7 +177,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// snapshot, and returns its metadata, path, and the file opened for reading (before it was
 /// made current: a later build may replace the path at any time).
 pub(super) fn build(
-    db: &Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     dir: &Path,
 ) -> Result<(SnapshotMeta, PathBuf, std::fs::File), SnapshotError> {
@@ -396,7 +398,7 @@ pub(super) fn read_current_meta(
 
 /// Replaces the whole state machine with the snapshot at `path`, in one durable transaction.
 pub(super) fn install(
-    db: &Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     path: &Path,
     meta: &SnapshotMeta,
@@ -628,7 +630,7 @@ mod tests {
             with_magic in any::<bool>(),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let db = Database::create(dir.path().join("s.redb")).unwrap();
+            let db = StateDb::new(redb::Database::create(dir.path().join("s.redb")).unwrap());
             let txn = db.begin_write().unwrap();
             txn.open_table(REVISIONS).unwrap().insert((1, b"keep".as_slice()), b"me".as_slice()).unwrap();
             txn.commit().unwrap();
@@ -652,7 +654,7 @@ mod tests {
     #[test]
     fn truncated_snapshot_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("s.redb")).unwrap();
+        let db = StateDb::new(redb::Database::create(dir.path().join("s.redb")).unwrap());
         let txn = db.begin_write().unwrap();
         super::super::create_sm_tables(&txn).unwrap();
         let stored = super::super::state_machine::StoredKv {
@@ -699,7 +701,7 @@ mod tests {
     #[test]
     fn a_snapshot_keeps_its_bytes_when_a_newer_build_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("s.redb")).unwrap();
+        let db = StateDb::new(redb::Database::create(dir.path().join("s.redb")).unwrap());
         let index = RwLock::new(KeyIndex::default());
         let snaps = dir.path().join("snaps");
         std::fs::create_dir_all(&snaps).unwrap();

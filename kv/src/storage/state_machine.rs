@@ -3,7 +3,7 @@
 //!
 //! Apply is deterministic: it reads only the entry (including the leader's timestamp) and the
 //! tables, never a clock or an RNG. Applies commit with `Durability::None` (see the module docs
-//! of `storage` for why that is safe).
+//! of `storage` for why that is safe), and answer just before they commit (see `state_db`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,13 +12,14 @@ use std::sync::{Arc, RwLock};
 use futures::TryStreamExt;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Durability, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::key_index::KeyIndex;
 use super::leases::{self, StoredLease, LEASES, LEASE_KEYS};
 use super::snapshot::{self, SnapshotFile};
+use super::state_db::StateDb;
 use super::{
     blocking, encode, io_error, IoMode, REVISIONS, SESSIONS, SESSION_FLOORS, SESSION_IDLE,
     SESSION_SEEN, SM_META, SYSTEM,
@@ -66,7 +67,7 @@ pub struct StoreStatus {
 /// for reads.
 #[derive(Clone)]
 pub struct StateMachineStore {
-    pub(super) db: Arc<Database>,
+    pub(super) db: Arc<StateDb>,
     /// Each key's revisions (see `key_index` for how readers and apply share it).
     pub(super) index: Arc<RwLock<KeyIndex>>,
     snapshot_dir: PathBuf,
@@ -214,11 +215,15 @@ impl StateMachineStore {
         let started = std::time::Instant::now();
         let index = self.index.clone();
         let metrics = self.metrics.clone();
+        let store = self.clone();
+        // Told before the commit, on the apply's thread (see `StateDb`): proposers hear
+        // back, and watchers, the lessor and system-key watches learn what changed.
+        let answer = move |applied: &mut Applied| store.publish(applied, &writes, &proposals);
         let applied = blocking(self.io, move || {
             metrics
                 .apply_queue_seconds
                 .observe(started.elapsed().as_secs_f64());
-            apply_entries(&db, &index, n, entries).map_err(|e| {
+            apply_entries(&db, &index, n, entries, answer).map_err(|e| {
                 // The index may hold writes that never committed: rebuild it from what did.
                 match load_index(&db) {
                     Ok(fresh) => *index.write().expect("key index lock") = fresh,
@@ -228,33 +233,36 @@ impl StateMachineStore {
             })
         })
         .await?;
-        let Applied {
-            responses,
-            revision_before,
-            revision,
-            compacted,
-            lease_changes,
-            revisions,
-        } = applied;
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.applied_entries.inc_by(entry_count);
         self.metrics.applied_commands.inc_by(command_count);
-        self.recent
-            .applied(revision_before, revision, compacted, revisions);
+        Ok(applied.responses)
+    }
+
+    /// Makes an apply's effects known, in the order readers rely on: the recent changes
+    /// before the revision that wakes watchers; system-key watches and the lessor; then the
+    /// local proposers (not waiting for openraft). Runs just before the apply's commit, with
+    /// read transactions held off until it has committed (`StateDb::answer_then_commit`).
+    fn publish(&self, applied: &mut Applied, writes: &SystemWrites, proposals: &[(u128, usize)]) {
+        self.recent.applied(
+            applied.revision_before,
+            applied.revision,
+            applied.compacted,
+            std::mem::take(&mut applied.revisions),
+        );
         if !writes.is_empty() {
-            self.notify_system_watches(Some(&writes));
+            self.notify_system_watches(Some(writes));
         }
+        let lease_changes = std::mem::take(&mut applied.lease_changes);
         if !lease_changes.is_empty() {
             self.tell_lessor(lease_changes);
         }
-        self.publish_revision(revision);
-        // Committed and readable now: tell local proposers without waiting for openraft.
+        self.publish_revision(applied.revision);
         if !proposals.is_empty() {
-            self.notify_applied(&proposals, &responses);
+            self.notify_applied(proposals, &applied.responses);
         }
-        Ok(responses)
     }
 
     /// A new file to receive a snapshot into, in this store's snapshot directory. The network
@@ -266,7 +274,7 @@ impl StateMachineStore {
     }
 
     pub(crate) fn new(
-        db: Arc<Database>,
+        db: Arc<StateDb>,
         snapshot_dir: PathBuf,
         io: IoMode,
     ) -> Result<Self, redb::Error> {
@@ -400,7 +408,7 @@ impl StateMachineStore {
     }
 
     /// Resolves with the results of the batch with this proposal id once it is applied (and
-    /// so committed and visible to reads on this node). Dropped unanswered if the batch is
+    /// so committed, and visible to every read on this node that begins after). Dropped unanswered if the batch is
     /// never applied; call [`Self::forget_proposal`] when no longer interested.
     pub fn watch_proposal(&self, proposal: u128) -> oneshot::Receiver<Vec<CommandResult>> {
         let (tx, rx) = oneshot::channel();
@@ -671,7 +679,7 @@ pub(super) fn record(
 }
 
 /// Builds the key index from the store's records.
-pub(super) fn load_index(db: &Database) -> Result<KeyIndex, redb::Error> {
+pub(super) fn load_index(db: &StateDb) -> Result<KeyIndex, redb::Error> {
     let txn = db.begin_read()?;
     match txn.open_table(REVISIONS) {
         Ok(table) => KeyIndex::load(&table),
@@ -693,14 +701,14 @@ pub struct StateDigest {
 }
 
 /// The store's compaction point.
-fn compaction_point(db: &Database) -> SmResult<Revision> {
+fn compaction_point(db: &StateDb) -> SmResult<Revision> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(SM_META)?;
     Ok(meta_get(&meta, "compacted")?.unwrap_or(0))
 }
 
 /// The store's current revision (a small read; redb reads never wait for writers).
-fn current_revision(db: &Database) -> SmResult<Revision> {
+fn current_revision(db: &StateDb) -> SmResult<Revision> {
     let txn = db.begin_read()?;
     let meta = txn.open_table(SM_META)?;
     Ok(meta_get(&meta, "revision")?.unwrap_or(0))
@@ -730,7 +738,7 @@ fn read_point(txn: &redb::ReadTransaction, requested: Revision) -> Result<Revisi
 }
 
 fn range_blocking(
-    db: &Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     req: &RangeRequest,
 ) -> Result<RangeResponse, ReadError> {
@@ -1519,12 +1527,14 @@ struct Applied {
     revisions: Vec<(Revision, Vec<Event>)>,
 }
 
-/// Applies `entries` in one transaction.
+/// Applies `entries` in one transaction; calls `answer` with what they did just before the
+/// commit (see [`StateDb::answer_then_commit`]).
 fn apply_entries(
-    db: &Database,
+    db: &StateDb,
     index: &RwLock<KeyIndex>,
     n: u64,
     entries: Vec<Entry>,
+    answer: impl FnOnce(&mut Applied),
 ) -> SmResult<Applied> {
     let started = std::time::Instant::now();
     let count = entries.len();
@@ -1616,20 +1626,6 @@ fn apply_entries(
             meta.insert("membership", encode(&m).as_slice())?;
         }
     }
-    if compacted_records.is_empty() {
-        txn.commit()?;
-    } else {
-        // Readers take the index's read lock before their transaction: none sees the
-        // compacted records gone from the table but still in the index (or the reverse).
-        let mut index = index.write().expect("key index lock");
-        txn.commit()?;
-        index.remove(&compacted_records);
-    }
-    tracing::trace!(
-        entries = count,
-        micros = started.elapsed().as_micros() as u64,
-        "applied"
-    );
     // Group by revision, each revision's events in key order (as the store pages them).
     events.sort_by(|a, b| (a.0, &a.1.kv.key).cmp(&(b.0, &b.1.kv.key)));
     let mut revisions: Vec<(Revision, Vec<Event>)> = Vec::new();
@@ -1639,14 +1635,29 @@ fn apply_entries(
             _ => revisions.push((revision, vec![event])),
         }
     }
-    Ok(Applied {
+    let mut applied = Applied {
         responses,
         revision_before,
         revision: revision_after,
         compacted: compacted_after,
         lease_changes,
         revisions,
-    })
+    };
+    if compacted_records.is_empty() {
+        db.answer_then_commit(txn, || answer(&mut applied))?;
+    } else {
+        // Readers take the index's read lock before their transaction: none sees the
+        // compacted records gone from the table but still in the index (or the reverse).
+        let mut index = index.write().expect("key index lock");
+        db.answer_then_commit(txn, || answer(&mut applied))?;
+        index.remove(&compacted_records);
+    }
+    tracing::trace!(
+        entries = count,
+        micros = started.elapsed().as_micros() as u64,
+        "applied"
+    );
+    Ok(applied)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -1813,7 +1824,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
-                let db = Database::create(dir.path().join("sm.redb")).unwrap();
+                let db = StateDb::new(redb::Database::create(dir.path().join("sm.redb")).unwrap());
                 let txn = db.begin_write().unwrap();
                 super::super::create_sm_tables(&txn).unwrap();
                 txn.commit().unwrap();
@@ -1898,7 +1909,9 @@ mod tests {
     #[test]
     fn a_watch_made_during_an_apply_fires_when_it_lands() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("sm.redb")).unwrap());
+        let db = Arc::new(StateDb::new(
+            redb::Database::create(dir.path().join("sm.redb")).unwrap(),
+        ));
         let sm = StateMachineStore::new(db, dir.path().join("snap"), IoMode::Inline).unwrap();
         let early = sm.watch_system_prefix(b"other/");
         // The batch is inspected, then a watch is made, then the batch commits.

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::common::*;
-use aspen_client::{Client, ClusterTicket};
+use aspen_client::{Client, ClusterTicket, Consistency};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_forms_a_cluster_that_serves_through_any_node() {
@@ -331,6 +331,31 @@ async fn requests_sent_during_an_election_wait_for_its_leader() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), b"sent during the election");
+    client.close().await;
+}
+
+/// The node that answers a write has it in its store for every read that follows, a
+/// serializable one too (no read barrier): an apply answers before its redb commit, and
+/// reads wait for that commit (`StateDb`). Every 32nd apply commits with an fsync, so without
+/// the wait, reads here would miss writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answering_node_reads_its_own_writes_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let nodes = form(root.path(), 1, &[]).await;
+    let client = client_of(&nodes[0]).await;
+    for i in 0..300u32 {
+        let key = format!("ryw/{i}").into_bytes();
+        let put = client
+            .put(key.clone(), i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+        let read = client
+            .get_with(key, 0, Consistency::Serializable)
+            .await
+            .unwrap()
+            .expect("a write the node answered is in its store");
+        assert_eq!(read.mod_revision, put.revision, "write {i}");
+    }
     client.close().await;
 }
 
