@@ -1,7 +1,8 @@
 //! `cargo bench -p aspen-kv`: the write path without a network.
 //!
 //! Measures (1) one durable and one non-durable redb commit, the blocking pool's round trip,
-//! and the state machine's apply by itself (one put per entry), (2) sequential single-command
+//! and the state machine's apply by itself (one put per entry; to its end, and to its answer,
+//! which comes before the commit), (2) sequential single-command
 //! writes through a one-node openraft over the real redb store, and (3) write throughput with
 //! concurrent writers at several entry sizes (commands per Raft entry). Compare (3) with
 //! `aspen bench put` to see what the network and request handling add.
@@ -40,7 +41,7 @@ async fn apply_alone(dir: &std::path::Path) {
     println!("blocking pool, empty round trip:           {}", summary(ms));
     let mut index = 0;
     for sessions in [false, true] {
-        let mut ms = Vec::new();
+        let (mut ms, mut answered) = (Vec::new(), Vec::new());
         for i in 0..5000u64 {
             index += 1;
             let mut command = put(format!("apply/{:05}", i % 10_000));
@@ -55,13 +56,20 @@ async fn apply_alone(dir: &std::path::Path) {
                 log_id: aspen_kv::raft_types::log_id(1, 1, index),
                 payload: EntryPayload::Normal(Batch {
                     proposed_at_ms: 1_000_000 + i,
-                    proposal: 0,
+                    proposal: u128::from(index),
                     commands: vec![command],
                 }),
             };
+            let answer = sm.watch_proposal(u128::from(index));
             let t = Instant::now();
-            sm.apply_committed(vec![entry]).await.expect("apply");
+            let answer = async {
+                answer.await.expect("answered");
+                t.elapsed()
+            };
+            let (applied, answer) = tokio::join!(sm.apply_committed(vec![entry]), answer);
+            applied.expect("apply");
             ms.push(t.elapsed().as_secs_f64() * 1e3);
+            answered.push(answer.as_secs_f64() * 1e3);
         }
         let label = if sessions {
             "with session"
@@ -69,6 +77,10 @@ async fn apply_alone(dir: &std::path::Path) {
             "no session"
         };
         println!("apply alone, 1 put/entry, {label}:    {}", summary(ms));
+        println!(
+            "  ... until the proposer is answered:     {}",
+            summary(answered)
+        );
     }
 }
 

@@ -839,13 +839,15 @@ struct Applier<'t> {
     index: &'t RwLock<KeyIndex>,
     /// What compactions dropped, forgotten by the index as the transaction commits.
     compacted_records: Vec<(Revision, Key)>,
-    sessions: redb::Table<'t, (u64, u64), &'static [u8]>,
-    floors: redb::Table<'t, u64, u64>,
-    seen: redb::Table<'t, u64, u64>,
     idle: redb::Table<'t, (u64, u64), ()>,
-    system: redb::Table<'t, &'static [u8], &'static [u8]>,
-    leases: redb::Table<'t, u64, &'static [u8]>,
-    lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
+    /// Opened when a command first needs them (writes without a session, which etcd's API
+    /// sends, need none of these).
+    sessions: LazyTable<'t, (u64, u64), &'static [u8]>,
+    floors: LazyTable<'t, u64, u64>,
+    seen: LazyTable<'t, u64, u64>,
+    system: LazyTable<'t, &'static [u8], &'static [u8]>,
+    leases: LazyTable<'t, u64, &'static [u8]>,
+    lease_keys: LazyTable<'t, (u64, &'static [u8]), ()>,
     revision: Revision,
     compacted: Revision,
     /// Leases granted so far (numbers each grant).
@@ -857,6 +859,34 @@ struct Applier<'t> {
     events: Vec<(Revision, Event)>,
     /// The leader's timestamp of the batch being applied (never a local clock).
     now_ms: u64,
+}
+
+/// A table of the apply's transaction, opened on first use (opening one costs: redb checks its
+/// stored definition).
+struct LazyTable<'t, K: redb::Key + 'static, V: redb::Value + 'static> {
+    txn: &'t redb::WriteTransaction,
+    definition: redb::TableDefinition<'static, K, V>,
+    table: Option<redb::Table<'t, K, V>>,
+}
+
+impl<'t, K: redb::Key + 'static, V: redb::Value + 'static> LazyTable<'t, K, V> {
+    fn new(
+        txn: &'t redb::WriteTransaction,
+        definition: redb::TableDefinition<'static, K, V>,
+    ) -> Self {
+        LazyTable {
+            txn,
+            definition,
+            table: None,
+        }
+    }
+
+    fn open(&mut self) -> SmResult<&mut redb::Table<'t, K, V>> {
+        if self.table.is_none() {
+            self.table = Some(self.txn.open_table(self.definition)?);
+        }
+        Ok(self.table.as_mut().expect("opened above"))
+    }
 }
 
 impl Applier<'_> {
@@ -891,15 +921,16 @@ impl Applier<'_> {
         self.touch(s.client_id)?;
         let mut floor = self
             .floors
+            .open()?
             .get(s.client_id)?
             .map(|v| v.value())
             .unwrap_or(0);
         if s.acked_below > floor {
-            self.sessions.retain_in(
+            self.sessions.open()?.retain_in(
                 (s.client_id, floor)..(s.client_id, s.acked_below),
                 |_, _| false,
             )?;
-            self.floors.insert(s.client_id, s.acked_below)?;
+            self.floors.open()?.insert(s.client_id, s.acked_below)?;
             floor = s.acked_below;
         }
         if s.seq < floor {
@@ -908,7 +939,7 @@ impl Applier<'_> {
                 seq: s.seq,
             }));
         }
-        if let Some(prev) = self.sessions.get((s.client_id, s.seq))? {
+        if let Some(prev) = self.sessions.open()?.get((s.client_id, s.seq))? {
             // A retry of a request that was already applied: answer as the first time.
             return postcard::from_bytes(prev.value()).map_err(corrupt);
         }
@@ -920,13 +951,14 @@ impl Applier<'_> {
         }
         let result = self.apply_op(&cmd.op)?;
         self.sessions
+            .open()?
             .insert((s.client_id, s.seq), encode(&result).as_slice())?;
         Ok(result)
     }
 
     /// Records that `client` was active at `now_ms` (coarsely: at most one write per second).
     fn touch(&mut self, client: u64) -> SmResult<()> {
-        let old = self.seen.get(client)?.map(|v| v.value());
+        let old = self.seen.open()?.get(client)?.map(|v| v.value());
         if old.is_some_and(|o| self.now_ms < o.saturating_add(1000)) {
             return Ok(());
         }
@@ -934,7 +966,7 @@ impl Applier<'_> {
             self.idle.remove((o, client))?;
         }
         self.idle.insert((self.now_ms, client), ())?;
-        self.seen.insert(client, self.now_ms)?;
+        self.seen.open()?.insert(client, self.now_ms)?;
         Ok(())
     }
 
@@ -950,9 +982,10 @@ impl Applier<'_> {
         }
         for (ms, client) in doomed {
             self.idle.remove((ms, client))?;
-            self.seen.remove(client)?;
-            self.floors.remove(client)?;
+            self.seen.open()?.remove(client)?;
+            self.floors.open()?.remove(client)?;
             self.sessions
+                .open()?
                 .retain_in((client, 0)..=(client, u64::MAX), |_, _| false)?;
         }
         Ok(())
@@ -988,10 +1021,10 @@ impl Applier<'_> {
                 Ok(Ok(WriteOutcome::Put { revision, prev }))
             }
             WriteOp::LeaseGrant { id, ttl_secs } => {
-                if self.leases.get(*id)?.is_some() {
+                if self.leases.open()?.get(*id)?.is_some() {
                     return Ok(Err(ApplyError::LeaseExists { id: *id }));
                 }
-                if self.leases.len()? >= MAX_LEASES {
+                if self.leases.open()?.len()? >= MAX_LEASES {
                     return Ok(Err(ApplyError::TooManyLeases { max: MAX_LEASES }));
                 }
                 self.lease_grants += 1;
@@ -1001,7 +1034,7 @@ impl Applier<'_> {
                     grant,
                     keys: 0,
                 };
-                self.leases.insert(*id, encode(&lease).as_slice())?;
+                self.leases.open()?.insert(*id, encode(&lease).as_slice())?;
                 self.lease_changes.push(LeaseChange::Granted {
                     id: *id,
                     ttl_secs: *ttl_secs,
@@ -1015,13 +1048,13 @@ impl Applier<'_> {
                 }))
             }
             WriteOp::LeaseRevoke { id } => {
-                if self.leases.get(*id)?.is_none() {
+                if self.leases.open()?.get(*id)?.is_none() {
                     return Ok(Err(ApplyError::LeaseNotFound { id: *id }));
                 }
                 self.end_lease(*id)
             }
             WriteOp::LeaseExpire { id, grant } => {
-                let current = match self.leases.get(*id)? {
+                let current = match self.leases.open()?.get(*id)? {
                     Some(v) => Some(leases::decode(v.value())?.grant),
                     None => None,
                 };
@@ -1057,16 +1090,17 @@ impl Applier<'_> {
             WriteOp::System(w) => {
                 let current = self
                     .system
+                    .open()?
                     .get(w.key.as_slice())?
                     .map(|v| v.value().to_vec());
                 let written = w.expect.as_ref().is_none_or(|e| *e == current);
                 let current = if written {
                     match &w.new {
                         Some(v) => {
-                            self.system.insert(w.key.as_slice(), v.as_slice())?;
+                            self.system.open()?.insert(w.key.as_slice(), v.as_slice())?;
                         }
                         None => {
-                            self.system.remove(w.key.as_slice())?;
+                            self.system.open()?.remove(w.key.as_slice())?;
                         }
                     }
                     w.new.clone()
@@ -1082,7 +1116,7 @@ impl Applier<'_> {
             WriteOp::SystemTxn(t) => {
                 let mut applied = true;
                 for (key, expect) in &t.require {
-                    let current = self.system.get(key.as_slice())?;
+                    let current = self.system.open()?.get(key.as_slice())?;
                     if current.as_ref().map(|v| v.value()) != expect.as_deref() {
                         applied = false;
                         break;
@@ -1092,17 +1126,22 @@ impl Applier<'_> {
                     for op in &t.writes {
                         match op {
                             SystemOp::Put { key, value } => {
-                                self.system.insert(key.as_slice(), value.as_slice())?;
+                                self.system
+                                    .open()?
+                                    .insert(key.as_slice(), value.as_slice())?;
                             }
                             SystemOp::Delete { key } => {
-                                self.system.remove(key.as_slice())?;
+                                self.system.open()?.remove(key.as_slice())?;
                             }
                             SystemOp::DeletePrefix { prefix } => {
                                 let end = prefix_end(prefix);
                                 if end.is_empty() {
-                                    self.system.retain_in(prefix.as_slice().., |_, _| false)?;
+                                    self.system
+                                        .open()?
+                                        .retain_in(prefix.as_slice().., |_, _| false)?;
                                 } else {
                                     self.system
+                                        .open()?
                                         .retain_in(prefix.as_slice()..end.as_slice(), |_, _| {
                                             false
                                         })?;
@@ -1323,7 +1362,7 @@ impl Applier<'_> {
         Ok(Ok(true))
     }
 
-    fn check_puts(&self, puts: &[(&Key, &PutOptions)]) -> SmResult<Result<(), ApplyError>> {
+    fn check_puts(&mut self, puts: &[(&Key, &PutOptions)]) -> SmResult<Result<(), ApplyError>> {
         let mut added: HashMap<LeaseId, u64> = HashMap::new();
         for (key, options) in puts {
             let needs_key = options.ignore_value || options.ignore_lease;
@@ -1338,7 +1377,7 @@ impl Applier<'_> {
             if options.ignore_lease || lease == 0 || current.is_some_and(|c| c.lease == lease) {
                 continue;
             }
-            let Some(stored) = self.leases.get(lease)? else {
+            let Some(stored) = self.leases.open()?.get(lease)? else {
                 return Ok(Err(ApplyError::LeaseNotFound { id: lease }));
             };
             let keys = leases::decode(stored.value())?.keys;
@@ -1361,11 +1400,11 @@ impl Applier<'_> {
             return Ok(());
         }
         if attach {
-            self.lease_keys.insert((lease, key), ())?;
+            self.lease_keys.open()?.insert((lease, key), ())?;
         } else {
-            self.lease_keys.remove((lease, key))?;
+            self.lease_keys.open()?.remove((lease, key))?;
         }
-        let stored = match self.leases.get(lease)? {
+        let stored = match self.leases.open()?.get(lease)? {
             Some(v) => Some(leases::decode(v.value())?),
             None => None,
         };
@@ -1376,7 +1415,9 @@ impl Applier<'_> {
             } else {
                 stored.keys.saturating_sub(1)
             };
-            self.leases.insert(lease, encode(&stored).as_slice())?;
+            self.leases
+                .open()?
+                .insert(lease, encode(&stored).as_slice())?;
         }
         Ok(())
     }
@@ -1387,11 +1428,12 @@ impl Applier<'_> {
         let mut keys: Vec<Key> = Vec::new();
         for item in self
             .lease_keys
+            .open()?
             .range((id, [].as_slice())..(id + 1, [].as_slice()))?
         {
             keys.push(item?.0.value().1.to_vec());
         }
-        self.leases.remove(id)?;
+        self.leases.open()?.remove(id)?;
         self.lease_changes.push(LeaseChange::Removed(id));
         let revision = self.revision + 1;
         let mut deleted = 0;
@@ -1563,13 +1605,13 @@ fn apply_entries(
             revisions: txn.open_table(REVISIONS)?,
             index,
             compacted_records: Vec::new(),
-            sessions: txn.open_table(SESSIONS)?,
-            floors: txn.open_table(SESSION_FLOORS)?,
-            seen: txn.open_table(SESSION_SEEN)?,
             idle: txn.open_table(SESSION_IDLE)?,
-            system: txn.open_table(SYSTEM)?,
-            leases: txn.open_table(LEASES)?,
-            lease_keys: txn.open_table(LEASE_KEYS)?,
+            sessions: LazyTable::new(&txn, SESSIONS),
+            floors: LazyTable::new(&txn, SESSION_FLOORS),
+            seen: LazyTable::new(&txn, SESSION_SEEN),
+            system: LazyTable::new(&txn, SYSTEM),
+            leases: LazyTable::new(&txn, LEASES),
+            lease_keys: LazyTable::new(&txn, LEASE_KEYS),
             revision,
             compacted,
             lease_grants,
