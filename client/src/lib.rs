@@ -1095,6 +1095,10 @@ impl Client {
         self.inner.preferred.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Asks `node` first from now on (a member named it the leader). Its addresses come from
+    /// that member's view of the membership, which may be older than the client's (a leader
+    /// that moved since): they are added to the ones the client knows, never put in their
+    /// place, so a stale hint cannot cost the client a working address.
     fn prefer(&self, node: NodeTicket) {
         let mut members = self.inner.members.lock().expect("lock");
         let index = match members
@@ -1102,7 +1106,7 @@ impl Client {
             .position(|m| m.endpoint_id == node.endpoint_id)
         {
             Some(i) => {
-                members[i] = node;
+                merge_addrs(&mut members[i], node);
                 i
             }
             None => {
@@ -1112,6 +1116,20 @@ impl Client {
         };
         self.inner.preferred.store(index, Ordering::Relaxed);
     }
+}
+
+/// Adds `hint`'s addresses to `known`'s (the same member), the hint's first, at most
+/// [`ticket::MAX_ADDRS_PER_NODE`] in all.
+fn merge_addrs(known: &mut NodeTicket, hint: NodeTicket) {
+    debug_assert_eq!(known.endpoint_id, hint.endpoint_id);
+    let mut addrs = hint.addrs;
+    for addr in known.addrs.drain(..) {
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    addrs.truncate(ticket::MAX_ADDRS_PER_NODE);
+    known.addrs = addrs;
 }
 
 /// Whether sending `request` twice (to two members) is harmless: reads, writes carrying an
@@ -1176,4 +1194,31 @@ fn unix_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(addrs: &[&str]) -> NodeTicket {
+        NodeTicket {
+            endpoint_id: [7; 32],
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    /// A leader hint from a member with an older view of the membership keeps the address
+    /// the client already has, and puts the hint's first.
+    #[test]
+    fn a_stale_leader_hint_keeps_the_known_address() {
+        let mut known = ticket(&["127.0.0.1:2000"]);
+        merge_addrs(&mut known, ticket(&["127.0.0.1:1000"]));
+        assert_eq!(known, ticket(&["127.0.0.1:1000", "127.0.0.1:2000"]));
+        merge_addrs(&mut known, ticket(&["127.0.0.1:2000"]));
+        assert_eq!(known, ticket(&["127.0.0.1:2000", "127.0.0.1:1000"]));
+        let many: Vec<String> = (0..20).map(|i| format!("127.0.0.1:{}", 3000 + i)).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        merge_addrs(&mut known, ticket(&many));
+        assert_eq!(known.addrs.len(), ticket::MAX_ADDRS_PER_NODE);
+    }
 }

@@ -1216,3 +1216,80 @@ async fn strangers_waiting_for_an_election_are_bounded() {
         .expect("the member's read after the election");
     assert_eq!(got.map(|kv| kv.value), Some(b"v".to_vec()));
 }
+
+/// The other side of an election: a leader that lost its quorum. A stranger's denial asks it
+/// for a read index, which openraft refuses once no quorum has answered within the leader's
+/// lease; so a flood of strangers is refused (none waits for an election: a leader is known),
+/// within bounded time and memory, and the node serves members again once the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_at_a_leader_without_a_quorum_are_refused() {
+    use futures::StreamExt;
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &["--metrics", "127.0.0.1:0"]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    let leader = client.status().await.unwrap().leader.unwrap();
+    client.close().await;
+    let keep = nodes.iter().position(|n| n.node_id() == leader).unwrap();
+    let kept = client_of(&nodes[keep]).await;
+    let metrics = crate::metrics::metrics_addr(&kept).await;
+    kept.close().await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            node.kill9();
+        }
+    }
+    let series = |name: &str| crate::metrics::get(&crate::metrics::scrape(metrics, None), name);
+    let waits_before = series("aspen_election_waits_total");
+    let pid = nodes[keep].pid().unwrap();
+    let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
+    let started = std::time::Instant::now();
+    let (strangers, at_once) = (256, 128);
+    let get = ClientRequest::Kv(aspen_client::KvRequest::Range {
+        request: RangeRequest::key(b"k".to_vec()),
+        consistency: Consistency::Linearizable,
+    });
+    let kept_node = &nodes[keep];
+    let answers: Vec<ClientResponse> = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures::stream::iter(0..strangers)
+            .map(|_| raw_request(kept_node, fresh().0, &get))
+            .buffer_unordered(at_once)
+            .collect(),
+    )
+    .await
+    .expect("every stranger answered");
+    for answer in &answers {
+        assert!(
+            matches!(
+                answer,
+                ClientResponse::Error(RpcError::PermissionDenied { .. })
+            ) || matches!(answer, ClientResponse::Error(RpcError::Unavailable(m))
+                    if m.contains("cannot confirm the access policy")),
+            "{answer:?}"
+        );
+    }
+    let growth = rss(pid).saturating_sub(rss_before);
+    eprintln!(
+        "{strangers} strangers, {at_once} at once, at a leader without a quorum: answered in \
+         {:?}; node RSS +{} KiB, CPU {} ms",
+        started.elapsed(),
+        growth >> 10,
+        process_cpu_ms(pid) - cpu_before
+    );
+    assert!(growth < 64 << 20, "the node grew by {} MiB", growth >> 20);
+    assert_eq!(
+        series("aspen_election_waits_total"),
+        waits_before,
+        "a leader is known: nobody waits for an election"
+    );
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            node.restart(None);
+        }
+    }
+    let member = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let got = member.get(b"k".to_vec()).await.unwrap();
+    assert_eq!(got.map(|kv| kv.value), Some(b"v".to_vec()));
+    member.close().await;
+}

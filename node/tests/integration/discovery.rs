@@ -310,13 +310,16 @@ async fn clusters_are_found_by_key_followed_when_they_move_and_cached_for_offlin
         .await
         .unwrap();
     let client = client_for(&a.iter().collect::<Vec<_>>()).await;
-    client
+    let added = client
         .add_member(
             inspector.node_ticket(),
             bootstrap_secret(&root.path().join("inspector")),
         )
-        .await
-        .unwrap();
+        .await;
+    if let Err(e) = added {
+        dump_logs(&format!("adding a member to the moved cluster: {e}"), &a);
+        panic!("adding a member to the moved cluster: {e}");
+    }
     client.close().await;
     let secret = wait_until("the cluster secret to reach the new member", || async {
         inspector

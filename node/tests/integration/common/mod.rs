@@ -222,34 +222,38 @@ where
             return v;
         }
         if start.elapsed() >= DEADLINE {
-            // CI shows the start and end of a failure's output: the cause first, then short
-            // tails without openraft's per-retry replication noise.
-            eprintln!("timed out waiting for {what}; the nodes' logs end:");
-            for n in nodes {
-                let log = n.log();
-                // For chasing a rare failure: whole logs, not just their tails.
-                if let Ok(d) = std::env::var("ASPEN_TEST_LOG_DIR") {
-                    let _ = std::fs::write(
-                        format!("{d}/{}-{:016x}.log", std::process::id(), n.node_id()),
-                        &log,
-                    );
-                }
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .filter(|l| {
-                        !l.contains("replication_handler") && !l.contains("membership_log_id")
-                    })
-                    .take(15)
-                    .collect();
-                eprintln!("--- {:016x} (last 15 lines of its log)", n.node_id());
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
+            dump_logs(&format!("timed out waiting for {what}"), nodes);
             panic!("timed out waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Prints why a test is failing, then the end of each node's log (and, with
+/// `ASPEN_TEST_LOG_DIR`, writes the whole logs there).
+pub fn dump_logs(why: &str, nodes: &[NodeProc]) {
+    // CI shows the start and end of a failure's output: the cause first, then short
+    // tails without openraft's per-retry replication noise.
+    eprintln!("{why}; the nodes' logs end:");
+    for n in nodes {
+        let log = n.log();
+        // For chasing a rare failure: whole logs, not just their tails.
+        if let Ok(d) = std::env::var("ASPEN_TEST_LOG_DIR") {
+            let _ = std::fs::write(
+                format!("{d}/{}-{:016x}.log", std::process::id(), n.node_id()),
+                &log,
+            );
+        }
+        let tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .filter(|l| !l.contains("replication_handler") && !l.contains("membership_log_id"))
+            .take(15)
+            .collect();
+        eprintln!("--- {:016x} (last 15 lines of its log)", n.node_id());
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
     }
 }
 
