@@ -1108,6 +1108,54 @@ async fn an_iroh_docs_reader_syncs_only_the_namespaces_it_may_read() {
     admin.close().await;
 }
 
+/// A 3-node cluster holding `k` = `v`, reduced to one member: the leader (`keep_leader`) or a
+/// follower; the other two are killed. Returns the nodes, the kept one's index, and where it
+/// serves metrics.
+async fn one_member_left(
+    root: &std::path::Path,
+    keep_leader: bool,
+) -> (Vec<NodeProc>, usize, std::net::SocketAddr) {
+    let mut nodes = form(root, 3, &["--metrics", "127.0.0.1:0"]).await;
+    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    let leader = client.status().await.unwrap().leader.unwrap();
+    client.close().await;
+    let keep = nodes
+        .iter()
+        .position(|n| (n.node_id() == leader) == keep_leader)
+        .unwrap();
+    let kept = client_of(&nodes[keep]).await;
+    let metrics = crate::metrics::metrics_addr(&kept).await;
+    kept.close().await;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i != keep {
+            node.kill9();
+        }
+    }
+    (nodes, keep, metrics)
+}
+
+/// A linearizable read of `k`, as a stranger sends it.
+fn stranger_read() -> ClientRequest {
+    ClientRequest::Kv(aspen_client::KvRequest::Range {
+        request: RangeRequest::key(b"k".to_vec()),
+        consistency: Consistency::Linearizable,
+    })
+}
+
+/// A stranger's answer: denied, or the denial could not be confirmed with a leader; never
+/// served.
+fn assert_refused(answer: &ClientResponse) {
+    assert!(
+        matches!(
+            answer,
+            ClientResponse::Error(RpcError::PermissionDenied { .. })
+        ) || matches!(answer, ClientResponse::Error(RpcError::Unavailable(m))
+                if m.contains("cannot confirm the access policy")),
+        "{answer:?}"
+    );
+}
+
 /// During an election a request waits for the new leader (up to 3 s), a stranger's denial
 /// too (a member's grant may not be replayed yet after a restart), but at most
 /// `MAX_STRANGER_ELECTION_WAITS` denials wait at once node-wide: a flood of strangers against
@@ -1118,20 +1166,9 @@ async fn strangers_waiting_for_an_election_are_bounded() {
     use aspen_node::server::cluster::MAX_STRANGER_ELECTION_WAITS;
     use futures::StreamExt;
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = form(root.path(), 3, &["--metrics", "127.0.0.1:0"]).await;
-    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
-    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
-    let leader = client.status().await.unwrap().leader.unwrap();
-    client.close().await;
-    // Keep one follower; with the other two gone its cluster cannot elect a leader.
-    let keep = nodes.iter().position(|n| n.node_id() != leader).unwrap();
+    // One follower left: its cluster cannot elect a leader.
+    let (mut nodes, keep, metrics) = one_member_left(root.path(), false).await;
     let kept = client_of(&nodes[keep]).await;
-    let metrics = crate::metrics::metrics_addr(&kept).await;
-    for (i, node) in nodes.iter_mut().enumerate() {
-        if i != keep {
-            node.kill9();
-        }
-    }
     wait_until("the kept follower to know no leader", || async {
         let status = kept.status().await.ok()?;
         status.leader.is_none().then_some(())
@@ -1143,10 +1180,7 @@ async fn strangers_waiting_for_an_election_are_bounded() {
     let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
     // Twice as many strangers at once as may wait, each on its own key.
     let (strangers, at_once) = (256, 2 * MAX_STRANGER_ELECTION_WAITS);
-    let get = ClientRequest::Kv(aspen_client::KvRequest::Range {
-        request: RangeRequest::key(b"k".to_vec()),
-        consistency: Consistency::Linearizable,
-    });
+    let get = stranger_read();
     let kept_node = &nodes[keep];
     let flood = futures::stream::iter(0..strangers)
         .map(|_| raw_request(kept_node, fresh().0, &get))
@@ -1168,17 +1202,7 @@ async fn strangers_waiting_for_an_election_are_bounded() {
         }
     };
     drop(flood);
-    for answer in &answers {
-        // Denied, or the denial could not be confirmed with a leader: never served.
-        assert!(
-            matches!(
-                answer,
-                ClientResponse::Error(RpcError::PermissionDenied { .. })
-            ) || matches!(answer, ClientResponse::Error(RpcError::Unavailable(m))
-                    if m.contains("cannot confirm the access policy")),
-            "{answer:?}"
-        );
-    }
+    answers.iter().for_each(assert_refused);
     let waited = series("aspen_election_waits_total") - waits_before;
     let growth = rss(pid).saturating_sub(rss_before);
     eprintln!(
@@ -1225,30 +1249,14 @@ async fn strangers_waiting_for_an_election_are_bounded() {
 async fn strangers_at_a_leader_without_a_quorum_are_refused() {
     use futures::StreamExt;
     let root = tempfile::tempdir().unwrap();
-    let mut nodes = form(root.path(), 3, &["--metrics", "127.0.0.1:0"]).await;
-    let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
-    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
-    let leader = client.status().await.unwrap().leader.unwrap();
-    client.close().await;
-    let keep = nodes.iter().position(|n| n.node_id() == leader).unwrap();
-    let kept = client_of(&nodes[keep]).await;
-    let metrics = crate::metrics::metrics_addr(&kept).await;
-    kept.close().await;
-    for (i, node) in nodes.iter_mut().enumerate() {
-        if i != keep {
-            node.kill9();
-        }
-    }
+    let (mut nodes, keep, metrics) = one_member_left(root.path(), true).await;
     let series = |name: &str| crate::metrics::get(&crate::metrics::scrape(metrics, None), name);
     let waits_before = series("aspen_election_waits_total");
     let pid = nodes[keep].pid().unwrap();
     let (rss_before, cpu_before) = (rss(pid), process_cpu_ms(pid));
     let started = std::time::Instant::now();
     let (strangers, at_once) = (256, 128);
-    let get = ClientRequest::Kv(aspen_client::KvRequest::Range {
-        request: RangeRequest::key(b"k".to_vec()),
-        consistency: Consistency::Linearizable,
-    });
+    let get = stranger_read();
     let kept_node = &nodes[keep];
     let answers: Vec<ClientResponse> = tokio::time::timeout(
         Duration::from_secs(120),
@@ -1259,16 +1267,7 @@ async fn strangers_at_a_leader_without_a_quorum_are_refused() {
     )
     .await
     .expect("every stranger answered");
-    for answer in &answers {
-        assert!(
-            matches!(
-                answer,
-                ClientResponse::Error(RpcError::PermissionDenied { .. })
-            ) || matches!(answer, ClientResponse::Error(RpcError::Unavailable(m))
-                    if m.contains("cannot confirm the access policy")),
-            "{answer:?}"
-        );
-    }
+    answers.iter().for_each(assert_refused);
     let growth = rss(pid).saturating_sub(rss_before);
     eprintln!(
         "{strangers} strangers, {at_once} at once, at a leader without a quorum: answered in \
