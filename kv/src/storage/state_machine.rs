@@ -408,8 +408,9 @@ impl StateMachineStore {
     }
 
     /// Resolves with the results of the batch with this proposal id once it is applied (and
-    /// so committed, and visible to every read on this node that begins after). Dropped unanswered if the batch is
-    /// never applied; call [`Self::forget_proposal`] when no longer interested.
+    /// so committed, and visible to every read on this node that begins after). Dropped
+    /// unanswered if the batch is never applied; call [`Self::forget_proposal`] when no
+    /// longer interested.
     pub fn watch_proposal(&self, proposal: u128) -> oneshot::Receiver<Vec<CommandResult>> {
         let (tx, rx) = oneshot::channel();
         self.waiters
