@@ -10,6 +10,10 @@
 # per run (`aspen bench -o json`: p50_ms, p99_ms, requests_per_sec, ...). Used for "The
 # apply answers before its commit" (BENCHMARKS.md).
 set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 OLD_BIN NEW_BIN [NODES] [CLUSTERS]" >&2
+  exit 2
+fi
 OLD=$1
 NEW=$2
 NODES=${3:-1}

@@ -70,7 +70,8 @@ pub struct StateMachineStore {
     pub(super) db: Arc<StateDb>,
     /// Each key's revisions (see `key_index` for how readers and apply share it).
     pub(super) index: Arc<RwLock<KeyIndex>>,
-    snapshot_dir: PathBuf,
+    /// Shared, not copied: the store is cloned for every apply.
+    snapshot_dir: Arc<std::path::Path>,
     /// Proposals this node waits for, by [`Batch::proposal`].
     waiters: Arc<std::sync::Mutex<HashMap<u128, oneshot::Sender<Vec<CommandResult>>>>>,
     io: IoMode,
@@ -290,7 +291,7 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             db,
             index,
-            snapshot_dir,
+            snapshot_dir: snapshot_dir.into(),
             waiters: Default::default(),
             io,
             applies: Default::default(),
@@ -440,7 +441,7 @@ impl StateMachineStore {
     pub fn db_path(&self) -> PathBuf {
         self.snapshot_dir
             .parent()
-            .unwrap_or(&self.snapshot_dir)
+            .unwrap_or(&*self.snapshot_dir)
             .join(super::STATE_FILE)
     }
 
