@@ -27,8 +27,8 @@ pub use metrics::StorageMetrics;
 pub use raft_types::{Member, NodeId, Raft, TypeConfig};
 pub use read_index::{ReadIndex, ReadIndexError};
 pub use storage::{
-    open, open_with_backends, IoMode, LogStore, StateDigest, StateMachineStore, StoreStatus,
-    SystemView,
+    open, open_with_backends, set_activity_hook, IoMode, LogStore, StateDigest, StateMachineStore,
+    StoreStatus, SystemView,
 };
 
 /// The openraft configuration Aspen runs with, validated.

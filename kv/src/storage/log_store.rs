@@ -436,6 +436,10 @@ fn commit_appends(
         }
     }
     let took = started.elapsed();
+    if r.is_ok() {
+        // openraft commits and applies these next.
+        super::activity::progressed();
+    }
     metrics.log_flushed(group.len(), took);
     tracing::trace!(
         appends = group.len(),

@@ -20,6 +20,7 @@
 //! redb and the log files are synchronous: their work runs on tokio's blocking pool or the
 //! log writer thread, never on an executor thread.
 
+mod activity;
 mod log_store;
 mod snapshot;
 mod state_db;
@@ -37,6 +38,7 @@ mod changes;
 mod key_index;
 mod leases;
 mod recent;
+pub use activity::set_activity_hook;
 pub use log_store::LogStore;
 pub use snapshot::SnapshotFile;
 pub use state_machine::{StateDigest, StateMachineStore, StoreStatus, SystemView};

@@ -221,6 +221,8 @@ impl StateMachineStore {
         // back, and watchers, the lessor and system-key watches learn what changed.
         let answer = move |applied: &mut Applied| store.publish(applied, &writes, &proposals);
         let applied = blocking(self.io, move || {
+            // Its proposers are answered at the end of this.
+            super::activity::progressed();
             metrics
                 .apply_queue_seconds
                 .observe(started.elapsed().as_secs_f64());
