@@ -847,7 +847,11 @@ impl Client {
                 Some((target, outcome)) = inflight.next() => {
                     asked.retain(|k| *k != target.endpoint_id);
                     match outcome {
-                        Ok(ClientResponse::Error(RpcError::NotLeader { leader: Some(leader) })) => {
+                        // A hint naming the member that answered is no hint (a node that
+                        // does not lead must never name itself): ask another member instead.
+                        Ok(ClientResponse::Error(RpcError::NotLeader { leader: Some(leader) }))
+                            if leader.endpoint_id != target.endpoint_id =>
+                        {
                             self.prefer(leader);
                             last = format!("node {:016x} is not the leader", target.node_id());
                         }

@@ -59,6 +59,19 @@ pub struct ClusterHandle {
     stranger_waits: Arc<tokio::sync::Semaphore>,
 }
 
+/// The leader as this node knows it. openraft reports the node its last committed vote names
+/// (`current_leader`), also when that is this node and it does not lead: a restarted leader
+/// keeps its committed vote but, with leader restore off (`aspen_kv::raft_config`), leads
+/// again only after winning an election. Counting it as the leader then would have it refuse
+/// writes and membership changes while naming itself as the leader to ask, and a client
+/// would ask it again and again; so this node counts only while it actually leads.
+pub fn known_leader(current_leader: Option<NodeId>, leads: bool, me: NodeId) -> Option<NodeId> {
+    match current_leader {
+        Some(l) if l == me && !leads => None,
+        other => other,
+    }
+}
+
 impl ClusterHandle {
     pub(super) fn new(
         id: NodeId,
@@ -128,7 +141,10 @@ impl ClusterHandle {
         let (id, membership) = {
             let metrics = self.raft.metrics();
             let metrics = metrics.borrow_watched();
-            (metrics.current_leader?, metrics.membership_config.clone())
+            (
+                known_leader(metrics.current_leader, metrics.state.is_leader(), self.id)?,
+                metrics.membership_config.clone(),
+            )
         };
         let member = membership.membership().get_node(&id)?.clone();
         Some((id, member))
@@ -141,7 +157,9 @@ impl ClusterHandle {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow_watched().current_leader == Some(self.id)
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.current_leader == Some(self.id) && metrics.state.is_leader()
     }
 
     /// Waits (at most [`ELECTION_WAIT`]) until this node knows a leader: a request that
@@ -151,14 +169,10 @@ impl ClusterHandle {
     /// whatever the outcome (the caller reports "no leader").
     async fn wait_for_leader(&self) {
         // The common case costs one read of the metrics (no membership lookup).
-        if self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .current_leader
-            .is_some()
-            || !self.is_member()
-        {
+        let knows = |m: &openraft::metrics::RaftServerMetrics<aspen_kv::TypeConfig>| {
+            known_leader(m.current_leader, m.state.is_leader(), self.id).is_some()
+        };
+        if knows(&self.raft.server_metrics().borrow_watched()) || !self.is_member() {
             return;
         }
         self.metrics.election_waits.inc();
@@ -166,7 +180,7 @@ impl ClusterHandle {
         let mut metrics = self.raft.server_metrics();
         let known = async {
             loop {
-                if metrics.borrow_watched().current_leader.is_some() {
+                if knows(&metrics.borrow_watched()) {
                     return;
                 }
                 if metrics.changed().await.is_err() {
@@ -324,7 +338,7 @@ impl ClusterHandle {
         Ok(ClusterStatus {
             node_id: self.id,
             initialized: !members.is_empty(),
-            leader: metrics.current_leader,
+            leader: known_leader(metrics.current_leader, metrics.state.is_leader(), self.id),
             term: metrics.current_term,
             commit_index: committed,
             applied_index: metrics.last_applied.map(|l| l.index),
@@ -488,5 +502,20 @@ impl<'a> WaitingGauge<'a> {
 impl Drop for WaitingGauge<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_leader;
+
+    /// A node whose last committed vote names itself counts as the leader only while it
+    /// leads; any other node named is the leader as far as this node knows.
+    #[test]
+    fn a_restarted_leader_that_does_not_lead_names_no_leader() {
+        assert_eq!(known_leader(Some(1), false, 1), None);
+        assert_eq!(known_leader(Some(1), true, 1), Some(1));
+        assert_eq!(known_leader(Some(2), false, 1), Some(2));
+        assert_eq!(known_leader(None, false, 1), None);
     }
 }

@@ -383,10 +383,11 @@ impl NodeMetrics {
             .unwrap_or(None);
         let index = |i: Option<u64>| i.map_or(-1, |i| i as i64);
         self.term.set(m.current_term as i64);
-        self.is_leader
-            .set(i64::from(m.current_leader == Some(cluster.id)));
+        let leader =
+            super::cluster::known_leader(m.current_leader, m.state.is_leader(), cluster.id);
+        self.is_leader.set(i64::from(leader == Some(cluster.id)));
         self.leader.clear();
-        if let Some(l) = m.current_leader {
+        if let Some(l) = leader {
             self.leader
                 .get_or_create(&NodeLabel {
                     node: format!("{l:016x}"),

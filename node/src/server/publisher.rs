@@ -57,7 +57,7 @@ pub async fn run(state: Arc<NodeState>, dht: Option<ClusterDht>, timing: Publish
             let m = metrics.borrow_watched();
             (
                 m.membership_config.log_id().map(|l| l.index),
-                m.current_leader == Some(state.cluster.id),
+                m.current_leader == Some(state.cluster.id) && m.state.is_leader(),
             )
         };
         if !leader {

@@ -180,7 +180,12 @@ impl Maintenance for EtcdApi {
                 version: ETCD_API_VERSION.into(),
                 db_size,
                 db_size_in_use: db_size,
-                leader: metrics.current_leader.unwrap_or(0),
+                leader: crate::server::cluster::known_leader(
+                    metrics.current_leader,
+                    metrics.state.is_leader(),
+                    node.cluster.id,
+                )
+                .unwrap_or(0),
                 raft_index: metrics.last_log_index.unwrap_or(0),
                 raft_term: metrics.current_term,
                 raft_applied_index: metrics.last_applied.map_or(0, |l| l.index),
