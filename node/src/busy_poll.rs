@@ -19,8 +19,7 @@
 //! before the apply's answer arrives (BENCHMARKS.md, "Busy polling follows a write through
 //! the store": a sequential put's p50 about 33 µs lower at one node, measured in one cluster
 //! with the hook switched on and off; no change shown at three). An idle node never spins
-//! (heartbeats do not
-//! count: they flush nothing), and a
+//! (heartbeats do not count: they flush nothing), and a
 //! stranger's refused requests never open it (a cheap packet must not buy a core's time). A
 //! busy node spins for at most the window after its last request. [`WINDOWS`] and
 //! [`SPIN_SECONDS`] show what it costs.
@@ -46,9 +45,9 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
-/// The default window: long enough to cover the gap between two steps of a write (request,
-/// log flush, apply, answer each open it again), or between an answer and a sequential
-/// client's next request.
+/// The default window: long enough to cover the gap between two steps of a write (the
+/// request and the answer open it; the log flush and the apply's start keep it open), or
+/// between an answer and a sequential client's next request.
 pub const DEFAULT_WINDOW: Duration = Duration::from_micros(300);
 /// The longest window `--busy-poll-us` accepts.
 pub const MAX_WINDOW: Duration = Duration::from_millis(10);
