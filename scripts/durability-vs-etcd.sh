@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Does a put wait for its log's fdatasync? Aspen's and etcd 3.5.1's, one node each.
+# Does a put wait for its log's fdatasync? Aspen's and etcd's, one node each.
 #
 #   scripts/durability-vs-etcd.sh [DELAY_MS]      (default 300)
 #
-# Starts a single-member etcd 3.5.1 (scripts/install-etcd.sh) and `aspen up --nodes 1`
-# (127.0.0.1, free ports, temporary data dirs), then, for each, attaches strace to the
-# server and makes every fdatasync it calls return DELAY_MS late (`strace -e inject=fdatasync:
+# Starts a single-member etcd (scripts/install-etcd.sh: PyPI's 3.5.1, or Debian's 3.4.23 with
+# ETCD_FROM=debian) and `aspen up --nodes 1` (127.0.0.1, free ports, temporary data dirs),
+# then, for each, attaches strace to the server and makes every fdatasync it calls return DELAY_MS late (`strace -e inject=fdatasync:
 # delay_exit=...`), and times 5 puts, each a fresh CLI process (`etcdctl put`, `aspen kv put`)
 # with a pause between them so each starts with the server idle, and 5 serializable gets (no
 # sync: what the process and the round trip cost). Only the log's syncs are delayed (etcd's
 # WAL file, Aspen's active log file; strace -P). A put that waits for its log to reach the
 # disk takes at least DELAY_MS; one that answers before the sync does not.
 #
-# Why it matters: BENCHMARKS.md compares sequential put latency with etcd 3.5.1, whose single
-# member applies and answers a put while its WAL sync is still running (etcd issue #14370),
-# so a one-node etcd put's latency does not include its fdatasync, and Aspen's does.
+# Why it matters: BENCHMARKS.md compares sequential put latency with etcd. A single etcd
+# 3.5.1 member applies and answers a put while its WAL sync is still running (etcd issue
+# #14370), so its one-node put latency does not include its fdatasync, and Aspen's does;
+# Debian's etcd 3.4.23 waits for the sync (seen with this script), the like-for-like reference.
 #
 # Needs strace (ptrace allowed). ASPEN_BIN: the aspen binary (default: a release build).
 set -euo pipefail
