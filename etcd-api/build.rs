@@ -2,7 +2,10 @@
 //!
 //! The files come from the `etcd-client` crate's sources, which Cargo.lock pins and which are
 //! never compiled (a `cfg(any())` dependency): `cargo metadata` says where Cargo unpacked it.
-//! `protox` compiles them in pure Rust, so no `protoc` is needed.
+//! `protoc` parses them: the one `.cargo/config.toml` points `PROTOC` at (`scripts/protoc`, the
+//! binary of the pinned protoc-bin-vendored crate), so nothing has to be installed. The same
+//! protoc builds `etcd-client` itself for the tests; a pure-Rust parser (protox) cost a clean
+//! build ~55 s of CPU for its own dependencies.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,21 +22,23 @@ const PROTOS: [&str; 5] = [
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=Cargo.toml");
+    println!("cargo:rerun-if-env-changed=PROTOC");
     let root = proto_root();
-    let fds = protox::compile(PROTOS.iter().map(|p| root.join(p)), [&root]).unwrap_or_else(|e| {
-        panic!(
-            "compiling etcd's .proto files under {}: {e}",
-            root.display()
-        )
-    });
+    let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         // Calls a service does not implement answer "unimplemented" (the node names the
         // ones it refuses on purpose, with a reason).
         .generate_default_stubs(true)
-        .compile_fds(fds)
-        .expect("generating the etcd API");
+        .compile_protos(&files, &[root.clone()])
+        .unwrap_or_else(|e| {
+            panic!(
+                "compiling etcd's .proto files under {} with protoc (PROTOC={:?}): {e}",
+                root.display(),
+                std::env::var("PROTOC").ok()
+            )
+        });
 }
 
 /// etcd-client's `proto/` directory, as unpacked by Cargo.
