@@ -31,7 +31,7 @@ fn main() {
         // Calls a service does not implement answer "unimplemented" (the node names the
         // ones it refuses on purpose, with a reason).
         .generate_default_stubs(true)
-        .compile_protos(&files, &[root.clone()])
+        .compile_protos(&files, std::slice::from_ref(&root))
         .unwrap_or_else(|e| {
             panic!(
                 "compiling etcd's .proto files under {} with protoc (PROTOC={:?}): {e}",

@@ -45,7 +45,8 @@ async fn member(
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let Ok(request) = read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
+                    let Ok(request) =
+                        read_frame::<ClientRequest>(&mut recv, MAX_CLIENT_FRAME).await
                     else {
                         return;
                     };
