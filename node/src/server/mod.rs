@@ -547,19 +547,16 @@ fn ticket_of(member: &Member) -> NodeTicket {
 }
 
 impl NodeState {
-    /// Serves one client request from a caller whose access [`auth::Access::check`] has
-    /// already checked against what the request needs: each service's handler answers its
-    /// own requests; listings are filtered per item afterwards.
+    /// Serves one client request from a caller whose access [`NodeState::authorize`] has
+    /// already checked against what the request needs (blobs named by hash included): each
+    /// service's handler answers its own requests; listings are filtered per item
+    /// afterwards.
     pub async fn handle_client(
         &self,
         request: ClientRequest,
         access: &auth::Access<'_>,
-        blob_hashes: Vec<[u8; 32]>,
         recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        if let Err(e) = self.blobs.check_readable(access, &blob_hashes).await {
-            return ClientResponse::Error(e);
-        }
         let result = match request {
             ClientRequest::Kv(r) => self.kv.handle(r, access).await.map(ClientResponse::Kv),
             ClientRequest::Cluster(r) => self
@@ -1052,45 +1049,46 @@ impl NodeState {
         caller: &auth::Caller,
         recv: iroh::endpoint::RecvStream,
     ) -> ClientResponse {
-        let blob_hashes = match self.authorize(&request, caller).await {
-            Ok(h) => h,
-            Err(e) => return ClientResponse::Error(e),
-        };
+        if let Err(e) = self.authorize(&request, caller).await {
+            return ClientResponse::Error(e);
+        }
         crate::busy_poll::touch();
         let access = self
             .auth
             .access(caller, self.cluster.member_keys(), identity::unix_now());
-        let response = self
-            .handle_client(request, &access, blob_hashes, recv)
-            .await;
+        let response = self.handle_client(request, &access, recv).await;
         // The caller's next request is likely on its way.
         crate::busy_poll::touch();
         response
     }
 
-    /// Checks that `caller` may make `request` (catching up with the leader's policy once
-    /// before refusing); returns the blob hashes the request names.
+    /// Checks that `caller` may make `request`, catching up with the leader's policy once
+    /// before refusing. Blobs named by hash are readable through some tag that names them,
+    /// which the blob index (replicated state too) decides.
     async fn authorize(
         &self,
         request: &ClientRequest,
         caller: &auth::Caller,
-    ) -> Result<Vec<[u8; 32]>, RpcError> {
+    ) -> Result<(), RpcError> {
         let needs = auth::needs(request);
-        let check = || {
-            self.auth
-                .access(caller, self.cluster.member_keys(), identity::unix_now())
-                .check(&needs)
+        let decide = || async {
+            let access = self
+                .auth
+                .access(caller, self.cluster.member_keys(), identity::unix_now());
+            let blob_hashes = access.check(&needs)?;
+            self.blobs.check_readable(&access, &blob_hashes).await
         };
-        match check() {
-            // The policy here may lag behind what the cluster committed (a grant made through
-            // another member, or entries replayed after a restart): catch up, then decide.
-            // Decide again even if nothing was reloaded here: the background reload (an
-            // `auth/` write applied) may have put a newer policy in force meanwhile.
+        match decide().await {
+            // The policy and the blob index here may lag behind what the cluster committed
+            // (a grant or a tag made through another member, or entries replayed after a
+            // restart): catch up, then decide. Decide again even if nothing was reloaded
+            // here: the background reload (an `auth/` write applied) may have put a newer
+            // policy in force meanwhile.
             Err(RpcError::PermissionDenied { .. }) => match self.catch_up_policy().await {
                 Err(e) => Err(RpcError::Unavailable(format!(
                     "cannot confirm the access policy with the leader ({e}); retry"
                 ))),
-                Ok(()) => check(),
+                Ok(()) => decide().await,
             },
             other => other,
         }

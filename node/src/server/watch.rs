@@ -197,7 +197,7 @@ pub(super) async fn admit(
     changes_of(request).validate()?;
     // Authorized like a read of its range.
     let as_read = ClientRequest::Kv(KvRequest::Watch(request.clone()));
-    state.authorize(&as_read, caller).await.map(|_| ())
+    state.authorize(&as_read, caller).await
 }
 
 fn changes_of(request: &WatchRequest) -> ChangesRequest {

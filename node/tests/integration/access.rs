@@ -1292,3 +1292,74 @@ async fn strangers_at_a_leader_without_a_quorum_are_refused() {
     assert_eq!(got.map(|kv| kv.value), Some(b"v".to_vec()));
     member.close().await;
 }
+
+/// A member whose copy of the blob index lags (restarted while the rest of its cluster is
+/// frozen, after a tag was made without it) must not refuse a reader whose right to a blob
+/// comes through that tag: a blob named by hash is refused only once the member has caught up
+/// with a leader, and while it cannot, it says so (retryable), not "permission denied". Once
+/// the cluster is back, the same member serves the same request. (Before the fix, the
+/// catch-up covered the policy's own checks but not the blob index's, and a restarted member
+/// refused an admin's `blob get` in the blob test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_member_confirms_a_blob_denial_with_a_leader() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = form(root.path(), 3, &[]).await;
+    let admin = client_for(&nodes.iter().collect::<Vec<_>>()).await;
+    let (secret, key) = fresh();
+    admin
+        .auth_grant(key, vec![], vec!["blob:read:pics/*".into()])
+        .await
+        .unwrap();
+    nodes[2].kill9();
+    let file = root.path().join("cat.bin");
+    std::fs::write(&file, b"a cat, tagged while the third member was down").unwrap();
+    let added = admin
+        .blob_add_file(&file, Some("pics/cat"), |_| {})
+        .await
+        .unwrap();
+    admin.close().await;
+
+    // The other two frozen: the restarted member cannot learn of the tag, nor reach a leader.
+    nodes[0].pause();
+    nodes[1].pause();
+    nodes[2].restart(None);
+    let stat = ClientRequest::Blob(aspen_client::BlobRequest::Stat {
+        hash: added.hash,
+        consistency: Consistency::Serializable,
+    });
+    let answer = raw_request(&nodes[2], secret, &stat).await;
+    assert!(
+        matches!(&answer, ClientResponse::Error(RpcError::Unavailable(m))
+            if m.contains("cannot confirm the access policy")),
+        "a member that cannot reach a leader must not deny on its own: {answer:?}"
+    );
+
+    nodes[0].resume();
+    nodes[1].resume();
+    wait_until_or_dump(
+        "the caught-up member to serve the tag's reader",
+        &nodes,
+        || {
+            let stat = stat.clone();
+            let node = &nodes[2];
+            async move {
+                match raw_request(node, secret, &stat).await {
+                    ClientResponse::Blob(aspen_client::BlobResponse::Info(info)) => Some(info),
+                    ClientResponse::Error(RpcError::Unavailable(_)) => None,
+                    other => panic!("expected the blob's info or 'retry', got {other:?}"),
+                }
+            }
+        },
+    )
+    .await;
+    // A key with no grant is still refused there, now that it has caught up.
+    let (stranger, _) = fresh();
+    let refused = raw_request(&nodes[2], stranger, &stat).await;
+    assert!(
+        matches!(
+            refused,
+            ClientResponse::Error(RpcError::PermissionDenied { .. })
+        ),
+        "{refused:?}"
+    );
+}

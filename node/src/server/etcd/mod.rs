@@ -341,10 +341,7 @@ impl NodeState {
         request: &ClientRequest,
         caller: &Caller,
     ) -> Result<(), EtcdError> {
-        self.authorize(request, caller)
-            .await
-            .map(|_| ())
-            .map_err(from_rpc)
+        self.authorize(request, caller).await.map_err(from_rpc)
     }
 
     /// etcd's response header: the cluster, this member, the store's revision (etcd's
