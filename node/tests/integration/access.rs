@@ -1310,7 +1310,15 @@ async fn a_lagging_member_confirms_a_blob_denial_with_a_leader() {
         .auth_grant(key, vec![], vec!["blob:read:pics/*".into()])
         .await
         .unwrap();
-    nodes[2].kill9();
+    // A follower lags: no election follows its loss, so the upload below never waits for one.
+    let leader = admin.status().await.unwrap().leader.unwrap();
+    admin.close().await;
+    let lagging = nodes.iter().position(|n| n.node_id() != leader).unwrap();
+    let others: Vec<usize> = (0..nodes.len()).filter(|i| *i != lagging).collect();
+    nodes[lagging].kill9();
+    // Uploaded through the other two only (an upload streams its body: it is not retried on
+    // another member, so it must not pick the dead one).
+    let admin = client_for(&others.iter().map(|i| &nodes[*i]).collect::<Vec<_>>()).await;
     let file = root.path().join("cat.bin");
     std::fs::write(&file, b"a cat, tagged while the third member was down").unwrap();
     let added = admin
@@ -1320,28 +1328,30 @@ async fn a_lagging_member_confirms_a_blob_denial_with_a_leader() {
     admin.close().await;
 
     // The other two frozen: the restarted member cannot learn of the tag, nor reach a leader.
-    nodes[0].pause();
-    nodes[1].pause();
-    nodes[2].restart(None);
+    for i in &others {
+        nodes[*i].pause();
+    }
+    nodes[lagging].restart(None);
     let stat = ClientRequest::Blob(aspen_client::BlobRequest::Stat {
         hash: added.hash,
         consistency: Consistency::Serializable,
     });
-    let answer = raw_request(&nodes[2], secret, &stat).await;
+    let answer = raw_request(&nodes[lagging], secret, &stat).await;
     assert!(
         matches!(&answer, ClientResponse::Error(RpcError::Unavailable(m))
             if m.contains("cannot confirm the access policy")),
         "a member that cannot reach a leader must not deny on its own: {answer:?}"
     );
 
-    nodes[0].resume();
-    nodes[1].resume();
+    for i in &others {
+        nodes[*i].resume();
+    }
     wait_until_or_dump(
         "the caught-up member to serve the tag's reader",
         &nodes,
         || {
             let stat = stat.clone();
-            let node = &nodes[2];
+            let node = &nodes[lagging];
             async move {
                 match raw_request(node, secret, &stat).await {
                     ClientResponse::Blob(aspen_client::BlobResponse::Info(info)) => Some(info),
@@ -1354,7 +1364,7 @@ async fn a_lagging_member_confirms_a_blob_denial_with_a_leader() {
     .await;
     // A key with no grant is still refused there, now that it has caught up.
     let (stranger, _) = fresh();
-    let refused = raw_request(&nodes[2], stranger, &stat).await;
+    let refused = raw_request(&nodes[lagging], stranger, &stat).await;
     assert!(
         matches!(
             refused,
