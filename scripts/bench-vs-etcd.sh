@@ -170,7 +170,7 @@ CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
 HEADER=(
   "machine: nproc=$(nproc), cpu \"$CPU\", $(free -g | awk '/^Mem:/ {print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg) at start"
   "etcd: $("$ETCD" --version | head -1) ($("$ETCD" --version | sed -n 's/^Go Version: //p')), bench/etcd-load (etcd-client $(sed -n '/^name = "etcd-client"$/{n;s/^version = "\(.*\)"/\1/p}' "$CRATE/Cargo.lock"))"
-  "aspen: $("$ASPEN" --version), commit $(git describe --always --dirty), load through ${ASPEN_VIA:-aspen bench, the Aspen protocol}"
+  "aspen: $("$ASPEN" --version), ${ASPEN_BIN:+the binary $ASPEN_BIN (built $(date -u -r "$ASPEN_BIN" '+%F %T UTC')); the tree is at }commit $(git describe --always --dirty), load through ${ASPEN_VIA:-aspen bench, the Aspen protocol}"
   "TOTAL=$TOTAL, $RUNS runs per system and row, interleaved; data dirs in $(dirname "$WORK")"
 )
 printf '%s\n' "${HEADER[@]}"
