@@ -9,8 +9,9 @@
 # tests compare Aspen's answers with its etcd 3.5.1 and its etcdctl. It is also the only etcd
 # 3.5 installable here, and a one-member etcd 3.5.1 answers a put before its WAL fdatasync
 # (etcd issue #14370, fixed in later 3.5 releases; scripts/durability-vs-etcd.sh shows it).
-# ETCD_FROM=debian takes Debian bookworm's etcd-server and etcd-client 3.4.23 instead, whose
-# one member waits for the sync: the durable reference for one-node write latency. Its two
+# ETCD_FROM=debian takes the machine's Debian release's etcd-server and etcd-client instead
+# (3.4.23 on bookworm, whose one member waits for the sync: the durable reference for
+# one-node write latency; the benchmarks print the version they ran). Its two
 # packages are downloaded with `apt-get download` and unpacked into target/etcd-debian (no
 # root, no service started). Safe to run concurrently: a lock file serialises installs.
 set -euo pipefail
