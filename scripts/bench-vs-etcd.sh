@@ -13,7 +13,9 @@
 #
 # etcd comes from scripts/install-etcd.sh: PyPI's etcd 3.5.1 by default, Debian's etcd 3.4.23
 # with ETCD_FROM=debian; bench/etcd-load is built as in scripts/bench-etcd.sh. ASPEN_BIN: measure another aspen build instead of building;
-# RUNS: runs per system and row (default 3). ASPEN_VIA=etcd-api: drive Aspen through its etcd
+# RUNS: runs per system and row (default 3). ROWS=latency: instead of the rows under load,
+# sequential puts, serializable gets and linearizable gets (one request at a time), to see
+# which part of a lone put differs. ASPEN_VIA=etcd-api: drive Aspen through its etcd
 # API (`--etcd-api`, a bearer token as etcd's password) with bench/etcd-load too, so one load
 # generator and one protocol measure both.
 #
@@ -29,18 +31,29 @@ TOTAL=${1:-50000}
 RUNS=${RUNS:-3}   # runs per system and row
 KEYS=10000
 # Rows: label | flags common to both load generators.
-ROWS=(
-  "sequential put|put --clients 1 --conns 1 --total 2000 --key-space $KEYS --val-size 256"
-  "put, 64 clients|put --clients 64 --conns 4 --total $TOTAL --key-space $KEYS --val-size 256"
-  "put, 256 clients|put --clients 256 --conns 8 --total $TOTAL --key-space $KEYS --val-size 256"
-  "linearizable get, 64 clients|get --clients 64 --conns 4 --total $TOTAL --key-space $KEYS"
-)
+case ${ROWS:-load} in
+  load) ROWS=(
+    "sequential put|put --clients 1 --conns 1 --total 2000 --key-space $KEYS --val-size 256"
+    "put, 64 clients|put --clients 64 --conns 4 --total $TOTAL --key-space $KEYS --val-size 256"
+    "put, 256 clients|put --clients 256 --conns 8 --total $TOTAL --key-space $KEYS --val-size 256"
+    "linearizable get, 64 clients|get --clients 64 --conns 4 --total $TOTAL --key-space $KEYS"
+  ) ;;
+  # One request at a time, three kinds: what a lone put costs besides a round trip to the
+  # member (serializable get: the client's round trip alone) and besides a round of the
+  # leader with its followers (linearizable get: a read index, no disk).
+  latency) ROWS=(
+    "sequential put|put --clients 1 --conns 1 --total 3000 --key-space $KEYS --val-size 256"
+    "sequential serializable get|get --serializable --clients 1 --conns 1 --total 3000 --key-space $KEYS"
+    "sequential linearizable get|get --clients 1 --conns 1 --total 3000 --key-space $KEYS"
+  ) ;;
+  *) echo "ROWS must be load or latency, not '$ROWS'" >&2; exit 2 ;;
+esac
 FILL="put --clients 64 --conns 4 --total $KEYS --key-space $KEYS --val-size 256"
 
 # --- etcd (PyPI's 3.5.1 or Debian's 3.4.23), and the etcd load driver (as scripts/bench-etcd.sh) -------------
-VENV=$ROOT/target/etcd-venv
 ETCD_BIN_DIR=$("$ROOT/scripts/install-etcd.sh")
-PY=$VENV/bin/python
+# The machine's Python for two small helpers (PyPI's etcd brings a venv, Debian's does not).
+PY=python3
 ETCD=$ETCD_BIN_DIR/etcd
 ETCDCTL=$ETCD_BIN_DIR/etcdctl
 

@@ -1240,12 +1240,18 @@ fn negative_control_lying_disks_are_caught() {
 /// Seed 16662 found this: a leader replicates entries before its own flush, so a crash can
 /// lose entries its followers hold; had it resumed its term on restart, it would have given
 /// their log ids to different entries, and the followers (which keep an entry whose log id
-/// they already have) applied a different history. The seed passes as the cluster is
-/// configured (a restarted leader runs an election), and fails with leader restore on.
+/// they already have) applied a different history. Since requests to a member may overlap
+/// (`aspen_kv::append_stream`) the timings differ and seed 66 shows it (found by scanning
+/// seeds 0-5999 with the bug on; 3430 is the next): it passes as the cluster is configured
+/// (a restarted leader runs an election), and fails with leader restore on, the replicas'
+/// states differing once healed (or a watcher seeing another history).
 #[test]
 fn negative_control_a_restarted_leader_resuming_its_term_is_caught() {
-    run_seed(16662);
-    let caught = first_failure_with(Bug::LeaderRestore, [16662])
+    run_seed(66);
+    let caught = first_failure_with(Bug::LeaderRestore, [66])
         .expect("a restarted leader reusing log ids went unnoticed");
-    assert!(caught.contains("watcher"), "{caught}");
+    assert!(
+        caught.contains("replicas differ") || caught.contains("watcher"),
+        "{caught}"
+    );
 }
