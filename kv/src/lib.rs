@@ -13,7 +13,6 @@
 #![allow(clippy::result_large_err)]
 
 pub mod api;
-pub mod append_stream;
 pub mod lessor;
 pub mod limits;
 pub mod metrics;

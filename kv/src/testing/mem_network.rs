@@ -15,7 +15,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -25,7 +24,6 @@ use openraft::RaftNetworkV2;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::append_stream::{stream_append_overlapping, AppendAnswer};
 use crate::raft_types::{Member, NodeId, Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::storage::SnapshotFile;
 use crate::StateMachineStore;
@@ -254,7 +252,6 @@ impl RaftNetworkFactory<TypeConfig> for MemNetwork {
 }
 
 /// A "connection" from one in-memory node to another.
-#[derive(Clone)]
 pub struct MemConnection {
     router: MemRouter,
     source: NodeId,
@@ -274,27 +271,6 @@ impl RaftNetworkV2<TypeConfig> for MemConnection {
                 raft.append_entries(rpc).await
             })
             .await
-    }
-
-    /// As the node's network sends them ([`crate::append_stream`]), so the simulation's
-    /// delays reorder what a node's requests in flight can.
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        _option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendAnswer>, RPCError<TypeConfig>>>
-    where
-        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        let link = self.clone();
-        let answers = stream_append_overlapping(input, move |rpc| {
-            let mut link = link.clone();
-            async move {
-                link.append_entries(rpc, RPCOption::new(Duration::from_secs(1)))
-                    .await
-            }
-        });
-        Box::pin(async move { Ok(Box::pin(answers) as BoxStream<'s, AppendAnswer>) })
     }
 
     async fn vote(

@@ -12,13 +12,11 @@ use std::time::Duration;
 use aspen_client::ticket::node_id_of;
 use aspen_client::wire::{read_frame, write_frame};
 use aspen_client::NetFaults;
-use aspen_kv::append_stream::{stream_append_overlapping, AppendAnswer};
 use aspen_kv::raft_types::{Snapshot, Vote};
 use aspen_kv::storage::SnapshotFile;
 use aspen_kv::{Member, NodeId, TypeConfig};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr, EndpointId};
-use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -613,7 +611,6 @@ impl RaftNetworkFactory<TypeConfig> for RaftNetworkOverIroh {
 }
 
 /// Raft RPCs to one member.
-#[derive(Clone)]
 pub struct PeerLink {
     peers: Arc<Peers>,
     target: NodeId,
@@ -621,29 +618,6 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    async fn append(
-        &self,
-        mut rpc: AppendEntriesRequest<TypeConfig>,
-        option: &RPCOption,
-    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // Entries are bounded one by one, but many at once could exceed a frame: send those
-        // that fit and report them as a partial success (openraft sends the rest next).
-        let fit = entries_that_fit(&rpc.entries);
-        let partial = (fit < rpc.entries.len()).then(|| {
-            rpc.entries.truncate(fit);
-            rpc.entries.last().map(|e| e.log_id)
-        });
-        match self.rpc(RaftRequest::AppendEntries(rpc), option).await? {
-            RaftResponse::AppendEntries(Ok(AppendEntriesResponse::Success)) => Ok(match partial {
-                Some(last) => AppendEntriesResponse::PartialSuccess(last),
-                None => AppendEntriesResponse::Success,
-            }),
-            RaftResponse::AppendEntries(Ok(r)) => Ok(r),
-            RaftResponse::AppendEntries(Err(e)) => Err(remote_failure(self.target, e)),
-            other => Err(unexpected(other)),
-        }
-    }
-
     async fn rpc(
         &self,
         request: RaftRequest,
@@ -756,28 +730,25 @@ impl RaftNetworkV2<TypeConfig> for PeerLink {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.append(rpc, &option).await
-    }
-
-    /// A commit does not wait for the answer to the one before it
-    /// ([`aspen_kv::append_stream`]).
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, AppendAnswer>, RPCError<TypeConfig>>>
-    where
-        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-    {
-        let link = self.clone();
-        let answers = stream_append_overlapping(input, move |rpc| {
-            let (link, option) = (link.clone(), option.clone());
-            async move { link.append(rpc, &option).await }
+        // Entries are bounded one by one, but many at once could exceed a frame: send those
+        // that fit and report them as a partial success (openraft sends the rest next).
+        let fit = entries_that_fit(&rpc.entries);
+        let partial = (fit < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(fit);
+            rpc.entries.last().map(|e| e.log_id)
         });
-        Box::pin(async move { Ok(Box::pin(answers) as BoxStream<'s, AppendAnswer>) })
+        match self.rpc(RaftRequest::AppendEntries(rpc), &option).await? {
+            RaftResponse::AppendEntries(Ok(AppendEntriesResponse::Success)) => Ok(match partial {
+                Some(last) => AppendEntriesResponse::PartialSuccess(last),
+                None => AppendEntriesResponse::Success,
+            }),
+            RaftResponse::AppendEntries(Ok(r)) => Ok(r),
+            RaftResponse::AppendEntries(Err(e)) => Err(remote_failure(self.target, e)),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn vote(
