@@ -45,8 +45,8 @@ TOKEN=$("$ASPEN" auth token issue --bearer --allow doc:write:automerge/ --ttl 12
 echo "building the page..."
 cd "$ROOT/examples/shared-list"
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  # (npm install, not npm ci: see node/tests/integration/automerge_repo.rs)
-  npm install --no-audit --no-fund --loglevel=error
+  # (npm install --no-save, not npm ci: see node/tests/integration/automerge_repo.rs)
+  npm install --no-save --no-audit --no-fund --loglevel=error
 fi
 npm run -s build
 node serve.mjs 0 > "$DIR/serve.out" &

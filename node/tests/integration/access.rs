@@ -1118,7 +1118,7 @@ async fn one_member_left(
     let mut nodes = form(root, 3, &["--metrics", "127.0.0.1:0"]).await;
     let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
     client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
-    let leader = client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&client).await;
     client.close().await;
     let keep = nodes
         .iter()
@@ -1311,7 +1311,7 @@ async fn a_lagging_member_confirms_a_blob_denial_with_a_leader() {
         .await
         .unwrap();
     // A follower lags: no election follows its loss, so the upload below never waits for one.
-    let leader = admin.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&admin).await;
     admin.close().await;
     let lagging = nodes.iter().position(|n| n.node_id() != leader).unwrap();
     let others: Vec<usize> = (0..nodes.len()).filter(|i| *i != lagging).collect();

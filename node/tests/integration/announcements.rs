@@ -380,7 +380,7 @@ async fn a_follower_that_reached_another_member_hears_the_leader() {
         .unwrap();
     // B knows only a member that is not the leader (A's members all run the same code; the
     // leader is the one that announces).
-    let leader = a_client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&a_client).await;
     let other = a.iter().find(|n| n.node_id() != leader).unwrap();
     b_client
         .fed_follow(

@@ -20,7 +20,8 @@ use crate::common::*;
 /// pins them (once per test process; again only when the lock file changed). `npm install`,
 /// not `npm ci`: npm 11 leaves the platform packages of an optional native dependency
 /// (cbor-extract, which cbor-x can do without) out of the lock file, and `npm ci` then
-/// refuses it as out of sync.
+/// refuses it as out of sync. `--no-save`: otherwise `npm install` writes those packages
+/// back into the lock file, and running the tests would change a tracked file.
 fn js_dir() -> PathBuf {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/automerge-repo");
@@ -31,7 +32,13 @@ fn js_dir() -> PathBuf {
         let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         if modified(&stamp).is_none() || modified(&stamp) < modified(&lock) {
             let out = Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+                .args([
+                    "install",
+                    "--no-save",
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                ])
                 .current_dir(&dir)
                 .output()
                 .expect("npm (Node.js) must be installed to run the automerge-repo tests");

@@ -78,7 +78,7 @@ async fn lock_holders_never_overlap_by_their_fencing_tokens() {
         async move { (held.lock().unwrap().len() >= 4).then_some(()) }
     })
     .await;
-    let leader = client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&client).await;
     let victim = nodes.iter_mut().find(|n| n.node_id() == leader).unwrap();
     victim.kill9();
     for c in contenders {

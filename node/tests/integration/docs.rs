@@ -142,7 +142,7 @@ async fn concurrent_edits_converge_across_compaction_restart_and_snapshot_instal
 
     // A follower is killed; edits continue through the other two; it restarts and catches up
     // (its log was purged behind snapshots, so through a snapshot install).
-    let leader = client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&client).await;
     let down = nodes.iter().position(|n| n.node_id() != leader).unwrap();
     nodes[down].kill9();
     let up: Vec<&NodeProc> = nodes

@@ -164,12 +164,12 @@ async fn leader_kill9_during_concurrent_writes_loses_no_acknowledged_write() {
     let writers = Writers::start(vec![client.clone(); 8], "w/");
     writers.wait_for_more(100).await;
 
-    let leader = client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&client).await;
     let idx = nodes.iter().position(|n| n.node_id() == leader).unwrap();
     nodes[idx].kill9();
     // A new leader serves writes.
     writers.wait_for_more(200).await;
-    let new_leader = client.status().await.unwrap().leader.unwrap();
+    let new_leader = leader_named_by(&client).await;
     assert_ne!(new_leader, leader);
     let acked = writers.stop().await;
 
@@ -190,7 +190,7 @@ async fn lagging_and_new_nodes_catch_up_by_snapshot() {
     let args = ["--snapshot-every", "20", "--keep-log-after-snapshot", "0"];
     let mut nodes = form(root.path(), 3, &args).await;
     let client = client_for(&nodes.iter().collect::<Vec<_>>()).await;
-    let leader = client.status().await.unwrap().leader.unwrap();
+    let leader = leader_named_by(&client).await;
     let lagging = nodes.iter().position(|n| n.node_id() != leader).unwrap();
     nodes[lagging].kill9();
     let mut acked = BTreeSet::new();
@@ -372,7 +372,7 @@ async fn members_restarted_on_new_addresses_rejoin() {
             .put(before.clone().into_bytes(), b"move".to_vec())
             .await
             .unwrap();
-        let leader = client.status().await.unwrap().leader.unwrap();
+        let leader = leader_named_by(&client).await;
         let mover = nodes
             .iter()
             .position(|n| (n.node_id() == leader) == move_leader)

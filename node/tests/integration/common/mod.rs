@@ -266,6 +266,15 @@ where
     wait_until_or_dump(what, &[], f).await
 }
 
+/// The leader a member names, waiting while the member that answers knows none (between
+/// elections, or just restarted).
+pub async fn leader_named_by(client: &Client) -> aspen_kv::NodeId {
+    wait_until("a member to name a leader", || async {
+        client.status().await.ok()?.leader
+    })
+    .await
+}
+
 /// A local Mainline DHT: 8 nodes on loopback (nothing reaches the internet); the bootstrap
 /// list to pass as `--dht-bootstrap`.
 pub fn testnet() -> (mainline::Testnet, String) {
