@@ -47,7 +47,8 @@ const STUCK: u32 = 504;
 pub struct Peers {
     endpoint: Endpoint,
     /// Keyed by the member's key as bytes: a call finds its connection without turning
-    /// the bytes into an [`EndpointId`] (a curve point decompression, ~20 µs, each time).
+    /// the bytes into an [`EndpointId`] (a curve point decompression each time: 1.8% of a
+    /// leader's CPU under sequential puts, BENCHMARKS.md).
     conns: Mutex<HashMap<[u8; 32], Connection>>,
     /// Per peer: the pooled connection (stable id) and when it last answered a call (or was
     /// pooled). A pooled connection that times out after answering nothing for
