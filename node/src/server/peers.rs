@@ -810,6 +810,76 @@ mod tests {
         assert_eq!(prefix_within(std::iter::empty(), 30), 0, "a heartbeat");
     }
 
+    /// Calls to a member reuse one pooled connection (found by the key's bytes), a closed
+    /// one is replaced by a fresh dial, and a key that is not a curve point is a typed error.
+    #[tokio::test]
+    async fn calls_reuse_the_pooled_connection_and_redial_once_it_closes() {
+        let local = "127.0.0.1:0".parse().unwrap();
+        let member_ep =
+            aspen_client::endpoint::offline_builder(local, None, vec![RAFT_ALPN.to_vec()])
+                .unwrap()
+                .bind()
+                .await
+                .unwrap();
+        // Accepts every connection and keeps it open.
+        let accepting = member_ep.clone();
+        let acceptor = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(conn) = incoming.await {
+                    held.push(conn);
+                }
+            }
+        });
+        let caller = aspen_client::endpoint::offline_builder(local, None, vec![])
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        let peers = Peers::new(caller.clone());
+        let member = Member {
+            endpoint_id: *member_ep.id().as_bytes(),
+            addrs: member_ep.bound_sockets(),
+        };
+        let first = peers.connection(&member).await.unwrap();
+        let again = peers.connection(&member).await.unwrap();
+        assert_eq!(
+            first.stable_id(),
+            again.stable_id(),
+            "the pooled connection"
+        );
+        assert_eq!(peers.conns.lock().unwrap().len(), 1);
+
+        first.close(0u32.into(), b"test");
+        let fresh = peers.connection(&member).await.unwrap();
+        assert_ne!(
+            first.stable_id(),
+            fresh.stable_id(),
+            "a closed one is replaced"
+        );
+        assert_eq!(
+            peers.connection(&member).await.unwrap().stable_id(),
+            fresh.stable_id()
+        );
+
+        // Not every 32 bytes are a public key: such a member is unreachable, not a panic.
+        let bad = (0..=u8::MAX)
+            .map(|b| [b; 32])
+            .find(|k| EndpointId::from_bytes(k).is_err())
+            .expect("some byte pattern is not a curve point");
+        let stranger = Member {
+            endpoint_id: bad,
+            addrs: member.addrs.clone(),
+        };
+        match peers.connection(&stranger).await {
+            Err(PeerError::Unreachable(..)) => {}
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+        caller.close().await;
+        member_ep.close().await;
+        acceptor.abort();
+    }
+
     #[tokio::test]
     async fn a_stalled_snapshot_body_fails_instead_of_waiting_forever() {
         let (mut sender, mut stream) = tokio::io::duplex(64);
